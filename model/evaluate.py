@@ -1,0 +1,575 @@
+"""Evaluate meterwatch against baselines on real smart-meter data with injected anomalies.
+
+``meterwatch evaluate --data PATH --out DIR`` (``main(argv)``):
+
+1. Load the readings and side tables (``model.loaders.load_dataset``; a directory in the
+   Low Carbon London layout, or one readings file).
+2. Split by time: train on days before ``--calib-start`` (default 2013-09-01), calibrate
+   thresholds on ``--calib-start .. --test-start`` (September), test on the rest (Oct-Dec).
+3. Inject anomalies (``model.inject``) into a random ``--rate`` share of the test days, all
+   types equally likely; days the injection does not change (an outage on a vacant house)
+   stay labelled normal. Natural oddities in the data stay unlabelled ("normal").
+4. Score the same test days with every method; thresholds are calibrated on the
+   calibration month for ``--far`` false alarms (the reference AE uses its own rule,
+   mean + 2.5 sigma of its training errors):
+
+   * ``meterwatch``: ``train_detector`` with ``TrainConfig()``, replayed day by day with
+     per-household state, as the stream runs it;
+   * ``profile``: per-household, per-half-hour z-score against the training period
+     (day score = mean squared z);
+   * ``iforest``: scikit-learn IsolationForest on the 48 readings of a day;
+   * ``reference``: the case study's AE (48 + 15 -> 32 -> 8 -> 2), MSE on per-slot
+     standardised kWh, no per-household normalisation.
+5. Write ``RESULTS.md``, ``results.json`` and PNGs (PR curves, loss curves, an alert
+   gallery) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.detector import SIGNAL_NAMES, DayScores, Detector
+from model.features import ContextTables, ModelInputs, context_features
+from model.inject import ANOMALY_TYPES, InjectionConfig, inject, random_labels
+from model.loaders import Readings, load_dataset, parse_day
+from model.network import ModelConfig
+from model.training import (
+    History,
+    TrainConfig,
+    fit_autoencoder,
+    set_seeds,
+    trailing_levels,
+    train_detector,
+)
+
+log = logging.getLogger(__name__)
+
+METHODS = ("meterwatch", "profile", "iforest", "reference")
+
+
+@dataclass
+class Split:
+    """Row indices of the three periods and the labelled, injected test readings."""
+
+    data: Readings
+    tables: ContextTables
+    train: np.ndarray
+    calib: np.ndarray
+    test: np.ndarray
+    test_kwh: np.ndarray  # float32 (T, 48) test days with anomalies injected
+    labels: np.ndarray  # int8 (T,) index into ANOMALY_TYPES
+
+    def kwh_all(self) -> np.ndarray:
+        """All rows, test rows replaced by their injected version."""
+        kwh = self.data.kwh.copy()
+        kwh[self.test] = self.test_kwh
+        return kwh
+
+
+@dataclass
+class MethodResult:
+    name: str
+    test_score: np.ndarray  # (T,) higher = more anomalous
+    threshold: float
+    calib_score: np.ndarray  # (C,)
+    history: History | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def make_split(data: Readings, tables: ContextTables, calib_start: int, test_start: int,
+               rate: float, seed: int, injection: InjectionConfig | None = None) -> Split:
+    rng = np.random.default_rng(seed)
+    train = np.flatnonzero(data.day < calib_start)
+    calib = np.flatnonzero((data.day >= calib_start) & (data.day < test_start))
+    test = np.flatnonzero(data.day >= test_start)
+    assert len(train) and len(calib) and len(test), (len(train), len(calib), len(test))
+    labels = random_labels(len(test), rate, rng)
+    clean = data.kwh[test]
+    injected = inject(clean, labels, rng, injection)
+    with np.errstate(invalid="ignore"):
+        changed = (np.abs(np.nan_to_num(injected) - np.nan_to_num(clean)) > 1e-3).any(axis=1)
+    n_noop = int(((labels > 0) & ~changed).sum())
+    if n_noop:
+        log.info("%d injected days were left unchanged (e.g. outage on zeros): label 0", n_noop)
+    labels = np.where(changed, labels, 0).astype(np.int8)
+    return Split(data, tables, train, calib, test, injected, labels)
+
+
+# ---------------------------------------------------------------------------- methods
+
+
+def run_meterwatch(split: Split, config: TrainConfig, calib_start: int) -> tuple[
+        MethodResult, Detector, DayScores]:
+    d = split.data
+    fit = np.concatenate([split.train, split.calib])
+    cfg = replace(config, calibration_start_day=calib_start)
+    det = train_detector(d.kwh[fit], d.day[fit], [d.household_ids[i] for i in fit],
+                         split.tables, cfg)
+    scores, _ = det.replay(split.kwh_all(), d.day, d.household_ids, split.tables)
+    hist = History(**det.info["history"])
+    return (MethodResult("meterwatch", scores.score[split.test], det.threshold,
+                         scores.model_score[split.calib], hist),
+            det, scores.take(split.test))
+
+
+def run_profile(split: Split, far: float) -> MethodResult:
+    """Per-household per-slot z-scores against the training period."""
+    d = split.data
+    ids = np.asarray(d.household_ids)
+    train_ids = ids[split.train]
+    pop_mu = np.nanmean(d.kwh[split.train], axis=0)
+    pop_sd = np.nanstd(d.kwh[split.train], axis=0)
+    stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for h in np.unique(ids):
+        k = d.kwh[split.train[train_ids == h]]
+        if len(k) >= 7:
+            stats[h] = (np.nanmean(k, axis=0), np.nanstd(k, axis=0))
+
+    def score(rows: np.ndarray, kwh: np.ndarray) -> np.ndarray:
+        mu = np.stack([stats.get(h, (pop_mu, pop_sd))[0] for h in ids[rows]])
+        sd = np.stack([stats.get(h, (pop_mu, pop_sd))[1] for h in ids[rows]])
+        z = (kwh - mu) / np.maximum(sd, 0.01)
+        with np.errstate(invalid="ignore"):
+            out = np.nanmean(z**2, axis=1)
+        return np.nan_to_num(out, nan=0.0)
+
+    calib = score(split.calib, d.kwh[split.calib])
+    return MethodResult("profile", score(split.test, split.test_kwh),
+                        float(np.quantile(calib, 1 - far)), calib)
+
+
+def run_iforest(split: Split, far: float, seed: int) -> MethodResult:
+    from sklearn.ensemble import IsolationForest
+
+    d = split.data
+
+    def vec(kwh: np.ndarray) -> np.ndarray:
+        return np.nan_to_num(kwh, nan=0.0)
+
+    forest = IsolationForest(n_estimators=200, random_state=seed, n_jobs=1)
+    forest.fit(vec(d.kwh[split.train]))
+    calib = -forest.score_samples(vec(d.kwh[split.calib]))
+    return MethodResult("iforest", -forest.score_samples(vec(split.test_kwh)),
+                        float(np.quantile(calib, 1 - far)), calib)
+
+
+def run_reference(split: Split, seed: int) -> MethodResult:
+    """The case study's AE: per-slot standardised kWh + context, MSE, mean + 2.5 sigma."""
+    d = split.data
+    kwh_all = split.kwh_all()
+    filled = np.where(np.isfinite(kwh_all), kwh_all, np.nanmean(d.kwh[split.train], axis=0))
+    mu = filled[split.train].mean(axis=0)
+    sd = filled[split.train].std(axis=0) + 1e-6
+    x = ((filled - mu) / sd).astype(np.float32)
+    level = trailing_levels(d.kwh, d.day, d.household_ids, TrainConfig().scoring)
+    ctx = context_features(d.day, d.household_ids, level, split.tables)
+
+    def inputs(rows: np.ndarray) -> ModelInputs:
+        n = len(rows)
+        return ModelInputs(x=x[rows], x_shape=x[rows], context=ctx[rows],
+                           scale=np.ones(n, np.float32), observed=np.ones((n, 48), bool),
+                           filled=filled[rows], day_mean=np.ones(n, np.float32))
+
+    rng = np.random.default_rng(seed)
+    val = rng.random(len(split.train)) < 0.1
+    cfg = TrainConfig(model=ModelConfig.reference(), loss="mse", seed=seed, device="cpu")
+    model, hist = fit_autoencoder(inputs(split.train[~val]), inputs(split.train[val]), cfg,
+                                  torch.device("cpu"))
+
+    def mse(rows: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            rec = model(torch.from_numpy(x[rows]), torch.from_numpy(ctx[rows])).numpy()
+        return ((x[rows] - rec) ** 2).mean(axis=1)
+
+    train_err = mse(split.train)
+    threshold = float(train_err.mean() + 2.5 * train_err.std())
+    return MethodResult("reference", mse(split.test), threshold, mse(split.calib), hist)
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def metrics(labels: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, Any]:
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+    y = labels > 0
+    s = np.nan_to_num(score, nan=-np.inf)
+    s = np.where(np.isfinite(s), s, np.finfo(np.float32).min)
+    alert = s >= threshold
+    tp, fp = int((alert & y).sum()), int((alert & ~y).sum())
+    fn = int((~alert & y).sum())
+    precision = tp / max(tp + fp, 1)
+    recall = tp / max(tp + fn, 1)
+    fpr, tpr, _ = roc_curve(y, s)
+    out: dict[str, Any] = {
+        "roc_auc": float(roc_auc_score(y, s)),
+        "pr_auc": float(average_precision_score(y, s)),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / max(precision + recall, 1e-12),
+        "false_alarm_rate": fp / max(int((~y).sum()), 1),
+        "recall_at_1pct_far": float(tpr[fpr <= 0.01].max(initial=0.0)),
+        "threshold": float(threshold),
+        "per_type_recall": {},
+        "per_type_recall_at_1pct_far": {},
+    }
+    cut = float(np.min(s[~y][np.argsort(-s[~y])[: max(int(0.01 * (~y).sum()), 1)]]))
+    for k, name in enumerate(ANOMALY_TYPES[1:], start=1):
+        m = labels == k
+        if m.any():
+            out["per_type_recall"][name] = float(alert[m].mean())
+            out["per_type_recall_at_1pct_far"][name] = float((s[m] > cut).mean())
+    return out
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pr(results: Sequence[MethodResult], labels: np.ndarray, path: Path) -> None:
+    from sklearn.metrics import precision_recall_curve
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    y = labels > 0
+    for r in results:
+        s = np.nan_to_num(r.test_score, nan=-1e30)
+        p, rc, _ = precision_recall_curve(y, s)
+        ax.plot(rc, p, label=r.name)
+    ax.axhline(y.mean(), color="grey", linestyle=":", label="chance")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("Precision-recall on the test period (injected anomalies)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_losses(results: Sequence[MethodResult], path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, r in zip(axes, [r for r in results if r.history is not None], strict=False):
+        h = r.history
+        assert h is not None
+        ax.plot(h.epoch, h.train_loss, label="train")
+        ax.plot(h.epoch, h.val_loss, label="validation")
+        ax.set_yscale("log")
+        ax.set_title(f"{r.name} loss")
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_gallery(split: Split, scores: DayScores, threshold: float, path: Path,
+                 n: int = 8) -> None:
+    """Observed vs expected for the top alert of each anomaly type (and top false alarm)."""
+    plt = _plt()
+    picks: list[tuple[str, int]] = []
+    for k, name in enumerate(ANOMALY_TYPES):
+        m = np.flatnonzero((split.labels == k) & scores.is_alert)
+        if len(m):
+            picks.append((name if k else "false alarm", int(m[np.argmax(scores.score[m])])))
+    picks = picks[:n]
+    cols = 2
+    rows = max(1, (len(picks) + 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(12, 2.6 * rows), squeeze=False)
+    hours = np.arange(48) / 2
+    for ax, (name, i) in zip(axes.ravel(), picks, strict=False):
+        row = split.test[i]
+        obs, exp = split.test_kwh[i], scores.expected[i]
+        se = scores.slot_error[i]
+        flagged = se >= np.sort(se)[-4] if se.max() > 0 else np.zeros(48, bool)
+        ax.step(hours, obs, where="post", label="observed", color="C0")
+        ax.step(hours, exp, where="post", label="expected", color="C1", linestyle="--")
+        for h in hours[flagged]:
+            ax.axvspan(h, h + 0.5, color="red", alpha=0.15)
+        date = dt.date(1970, 1, 1) + dt.timedelta(days=int(split.data.day[row]))
+        ax.set_title(f"{name}: {split.data.household_ids[row]} {date}  score "
+                     f"{scores.score[i]:.1f} (threshold {threshold:.1f}) "
+                     f"[{', '.join(scores.signal_names(i))}]", fontsize=8)
+        ax.set_ylabel("kWh")
+    for ax in axes.ravel()[len(picks):]:
+        ax.axis("off")
+    axes.ravel()[0].legend(fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("hour of day (red: half-hours with the largest errors)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3f}"
+
+
+def write_report(out: Path, summary: dict[str, Any]) -> None:
+    m = summary["metrics"]
+    lines = [
+        "# meterwatch evaluation on real smart-meter data",
+        "",
+        f"- date: {summary['date']}",
+        f"- command: `{summary['command']}`",
+        f"- machine: {summary['machine']}",
+        f"- data: {summary['data']} ({summary['households']} households, "
+        f"{summary['rows']} household-days)",
+        f"- periods: train {summary['periods']['train']}, calibrate "
+        f"{summary['periods']['calib']}, test {summary['periods']['test']}",
+        f"- test days: {summary['test_days']}, injected anomalies: {summary['anomalies']} "
+        f"({summary['rate']:.0%} of test days, types equally likely, seed {summary['seed']})",
+        f"- target false-alarm rate for calibration: {summary['far']:.1%}",
+        f"- wall time: {summary['seconds']:.0f} s",
+        "",
+        "## Overall",
+        "",
+        "| method | ROC-AUC | PR-AUC | recall @ 1% FAR | precision | recall | F1 | "
+        "false alarms (clean days) | threshold |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in m.items():
+        lines.append(
+            f"| {name} | {_fmt(r['roc_auc'])} | {_fmt(r['pr_auc'])} | "
+            f"{_fmt(r['recall_at_1pct_far'])} | {_fmt(r['precision'])} | "
+            f"{_fmt(r['recall'])} | {_fmt(r['f1'])} | {r['false_alarm_rate']:.2%} | "
+            f"{r['threshold']:.3g} |")
+    types = list(next(iter(m.values()))["per_type_recall"])
+    for key, title in (("per_type_recall", "Recall per anomaly type at each method's "
+                                            "calibrated threshold"),
+                       ("per_type_recall_at_1pct_far", "Recall per anomaly type at 1% "
+                                                       "false alarms on clean test days")):
+        lines += ["", f"## {title}", "",
+                  "| method | " + " | ".join(types) + " |",
+                  "| --- |" + " --- |" * len(types)]
+        for name, r in m.items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(r[key][t]) for t in types) + " |")
+    lines += ["", "Anomalies per type in the test set: " + ", ".join(
+        f"{t} {n}" for t, n in summary["type_counts"].items()), ""]
+    lines += ["## Targets", ""] + [f"- {t}" for t in summary["targets"]]
+    lines += ["", "## Figures", "", "- `pr_curves.png`: precision-recall of all methods",
+              "- `loss_curves.png`: training and validation loss (meterwatch, reference)",
+              "- `alert_gallery.png`: meterwatch's top alert per anomaly type and its top "
+              "false alarm; observed vs expected kWh, red = the half-hours with the "
+              "largest errors", ""]
+    if summary.get("notes"):
+        lines += ["## Notes", ""] + summary["notes"] + [""]
+    (out / "RESULTS.md").write_text("\n".join(lines))
+
+
+def check_targets(m: dict[str, Any]) -> list[str]:
+    mw = m["meterwatch"]
+    others = {k: v for k, v in m.items() if k != "meterwatch"}
+    out = []
+
+    def say(ok: bool, text: str) -> None:
+        out.append(f"{'met' if ok else 'MISSED'}: {text}")
+
+    best_pr = max(v["pr_auc"] for v in others.values())
+    say(mw["pr_auc"] > best_pr, f"PR-AUC above every baseline ({mw['pr_auc']:.3f} vs best "
+                                f"baseline {best_pr:.3f})")
+    best_r = max(v["recall_at_1pct_far"] for v in others.values())
+    say(mw["recall_at_1pct_far"] > best_r, f"recall at 1% FAR above every baseline "
+        f"({mw['recall_at_1pct_far']:.3f} vs {best_r:.3f})")
+    say(mw["pr_auc"] >= 0.6, f"PR-AUC >= 0.6 ({mw['pr_auc']:.3f})")
+    say(mw["recall_at_1pct_far"] >= 0.6,
+        f"recall >= 0.6 at <= 1% FAR ({mw['recall_at_1pct_far']:.3f})")
+    low = {t: r for t, r in mw["per_type_recall_at_1pct_far"].items() if r < 0.3}
+    say(not low, "no anomaly type below 0.3 recall at 1% FAR" + (f" (below: {low})"
+                                                                 if low else ""))
+    return out
+
+
+# Why a type can stay below target; printed in the report only for types that do.
+_WHY = {
+    "time_shift": "a day moved by 3-5 hours has a normal level and a plausible shape; only "
+                  "the household's own schedule betrays it (the `timing` statistic), and "
+                  "real schedules vary day to day",
+    "evening_drop": "cutting 16:00-22:00 to 20% removes a third of a typical day's use, "
+                    "which real households also do when out for an evening",
+    "spike": "real households draw 1-3 kWh in a half-hour (showers, ovens), so a single "
+             "extra 2 kWh half-hour is often within their normal peaks",
+    "erratic": "some real households are as erratic as the injected noise",
+    "level_down": "households away on holiday run at baseload on normal days too",
+    "outage": "households that often read zero for hours (vacant, or a routine the "
+              "fault-rate mute learnt) are not alerted for zero runs",
+    "stuck": "households whose data-quality rules fire routinely are muted",
+    "level_up": "a 5x day of a near-empty house is still small",
+}
+
+
+def _notes(summary: dict[str, Any]) -> list[str]:
+    m = summary["metrics"].get("meterwatch")
+    if m is None:
+        return []
+    out = [
+        f"- Thresholds are calibrated on the calibration period for {summary['far']:.1%} "
+        f"false alarms; on the clean test days meterwatch's threshold gives "
+        f"{m['false_alarm_rate']:.2%}. A gap means the periods differ in how noisy "
+        "households are (e.g. summer holidays make September noisier than Oct-Dec); "
+        "the threshold-free columns (ROC-AUC, PR-AUC, recall at 1% FAR) do not depend "
+        "on it.",
+        "- 'Clean' test days are real, unlabelled days: natural faults and oddities on "
+        "them count as false alarms for every method. meterwatch signals on clean test "
+        f"days: {summary.get('clean_day_signals', {})}.",
+        "- The reference AE uses its own threshold rule (mean + 2.5 sigma of training "
+        "errors), as in the case study.",
+    ]
+    for t, r in m["per_type_recall_at_1pct_far"].items():
+        if r < 0.3:
+            out.append(f"- {t}: recall {r:.2f} at 1% FAR, below the 0.3 target: "
+                       f"{_WHY.get(t, 'see the gallery')}.")
+    return out
+
+
+def _machine() -> str:
+    import psutil
+
+    return (f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, "
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}, "
+            f"threads {torch.get_num_threads()}, Python {platform.python_version()}")
+
+
+def run(
+    data_path: str | os.PathLike[str],
+    out: Path | None,
+    *,
+    calib_start: int,
+    test_start: int,
+    rate: float = 0.1,
+    far: float = 0.01,
+    seed: int = 0,
+    config: TrainConfig | None = None,
+    methods: Sequence[str] = METHODS,
+    command: str = "",
+) -> dict[str, Any]:
+    """The whole evaluation; returns the summary (also written to ``out`` when given)."""
+    t0 = time.monotonic()
+    set_seeds(seed)
+    data, sides = load_dataset(data_path)
+    tables = ContextTables.from_files(household_csv=sides["household"],
+                                      weather_csv=sides["weather"],
+                                      holidays_csv=sides["holidays"])
+    split = make_split(data, tables, calib_start, test_start, rate, seed)
+    config = config or TrainConfig(seed=seed, target_far=far)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        config = replace(config, plot_path=None)
+
+    results: list[MethodResult] = []
+    mw_scores: DayScores | None = None
+    mw_threshold = 0.0
+    for name in methods:
+        t = time.monotonic()
+        if name == "meterwatch":
+            res, det, mw_scores = run_meterwatch(split, config, calib_start)
+            mw_threshold = det.threshold
+            if out is not None:
+                det.save(out / "meterwatch.pt")
+        elif name == "profile":
+            res = run_profile(split, far)
+        elif name == "iforest":
+            res = run_iforest(split, far, seed)
+        elif name == "reference":
+            res = run_reference(split, seed)
+        else:
+            raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+        log.info("%s done in %.1fs", name, time.monotonic() - t)
+        results.append(res)
+
+    m = {r.name: metrics(split.labels, r.test_score, r.threshold) for r in results}
+    days = split.data.day
+
+    def span(rows: np.ndarray) -> str:
+        a = dt.date(1970, 1, 1) + dt.timedelta(days=int(days[rows].min()))
+        b = dt.date(1970, 1, 1) + dt.timedelta(days=int(days[rows].max()))
+        return f"{a} .. {b}"
+
+    summary: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command,
+        "machine": _machine(),
+        "data": str(data_path),
+        "households": len(set(data.household_ids)),
+        "rows": len(data),
+        "periods": {"train": span(split.train), "calib": span(split.calib),
+                    "test": span(split.test)},
+        "test_days": len(split.test),
+        "anomalies": int((split.labels > 0).sum()),
+        "type_counts": {t: int((split.labels == k).sum())
+                        for k, t in enumerate(ANOMALY_TYPES) if k},
+        "rate": rate, "far": far, "seed": seed,
+        "metrics": m,
+        "targets": check_targets(m) if "meterwatch" in m and len(m) > 1 else [],
+        "seconds": time.monotonic() - t0,
+    }
+    if mw_scores is not None:
+        fired = mw_scores.signals[split.labels == 0]
+        summary["clean_day_signals"] = {
+            s: int(((fired >> b) & 1).sum()) for b, s in enumerate(SIGNAL_NAMES)}
+    if out is not None:
+        plot_pr(results, split.labels, out / "pr_curves.png")
+        plot_losses(results, out / "loss_curves.png")
+        if mw_scores is not None:
+            plot_gallery(split, mw_scores, mw_threshold, out / "alert_gallery.png")
+        summary["seconds"] = time.monotonic() - t0
+        summary["notes"] = _notes(summary)
+        (out / "results.json").write_text(json.dumps(summary, indent=2))
+        write_report(out, summary)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``meterwatch evaluate --data PATH --out DIR [...]``."""
+    p = argparse.ArgumentParser(prog="meterwatch evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="LCL directory or readings file")
+    p.add_argument("--out", required=True, type=Path, help="directory for the report")
+    p.add_argument("--calib-start", default="2013-09-01", help="first calibration day")
+    p.add_argument("--test-start", default="2013-10-01", help="first test day")
+    p.add_argument("--rate", type=float, default=0.1, help="share of test days injected")
+    p.add_argument("--far", type=float, default=0.01, help="target false-alarm rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                                                   "%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "meterwatch evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
+    summary = run(args.data, args.out, calib_start=parse_day(args.calib_start),
+                  test_start=parse_day(args.test_start), rate=args.rate, far=args.far,
+                  seed=args.seed, methods=args.methods.split(","), command=command)
+    for line in summary["targets"]:
+        print(line)
+    print(f"report: {args.out / 'RESULTS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

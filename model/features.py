@@ -1,0 +1,262 @@
+"""Context features and model inputs: the one code path shared by training and the stream.
+
+``context_features`` turns (day, household, recent level) into ``N_CONTEXT`` numbers:
+
+====================  =====================================================================
+``dow_sin/dow_cos``   day of week on the unit circle (Monday = 0)
+``weekend``           1 on Saturday and Sunday
+``holiday``           1 on a bank holiday (``ContextTables.holidays``)
+``season_sin/cos``    day of year on the unit circle
+``acorn_*``           one-hot ACORN group (Affluent, Comfortable, Adversity); all 0 = unknown
+``tariff``            +1 dynamic time-of-use, -1 standard, 0 unknown
+``temp_max/min``      daily temperature, (t - 12 °C) / 8 °C; 0 when unknown
+``weather_missing``   1 when the day has no weather
+``log_level``         log(level / 0.2 kWh); 0 when unknown
+``level_missing``     1 when the household's recent level is unknown (new household)
+====================  =====================================================================
+
+``model_inputs`` imputes missing half-hours and maps kWh into the model's space: readings are
+divided by the household's recent level (households differ ~10x, shapes much less) and
+compressed with ``log1p`` (kettles and showers make heavy upper tails). The encoder may
+see the day relative to its own mean instead (``ModelConfig.shape_input``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+N_SLOTS = 48
+FEATURE_NAMES: tuple[str, ...] = (
+    "dow_sin", "dow_cos", "weekend", "holiday", "season_sin", "season_cos",
+    "acorn_affluent", "acorn_comfortable", "acorn_adversity", "tariff",
+    "temp_max", "temp_min", "weather_missing", "log_level", "level_missing",
+)
+N_CONTEXT = len(FEATURE_NAMES)
+
+ACORN_GROUPS = ("Affluent", "Comfortable", "Adversity")
+TARIFFS = {"Std": -1.0, "ToU": 1.0}
+LEVEL_REF = 0.2  # kWh per half-hour of a typical household; log_level is relative to it
+MIN_SCALE = 0.01  # kWh per half-hour; below this a house is empty and shapes mean nothing
+TEMP_REF, TEMP_SCALE = 12.0, 8.0  # °C, London's mean and spread of daily temperatures
+
+
+@dataclass(frozen=True, eq=False)
+class ContextTables:
+    """Side information for ``context_features``; every part is optional.
+
+    Parameters
+    ----------
+    acorn_group, tariff
+        ``household_id -> "Affluent" | "Comfortable" | "Adversity"`` and ``-> "Std" | "ToU"``;
+        anything else or absent means unknown.
+    weather_day, temp_max, temp_min
+        Daily weather, ``weather_day`` sorted int32 days since 1970-01-01, temperatures °C.
+    holidays
+        Sorted int32 days that are bank holidays.
+    """
+
+    acorn_group: Mapping[str, str] = field(default_factory=dict)
+    tariff: Mapping[str, str] = field(default_factory=dict)
+    weather_day: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    temp_max: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    temp_min: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    holidays: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+
+    def __post_init__(self) -> None:
+        n = len(self.weather_day)
+        assert len(self.temp_max) == n and len(self.temp_min) == n, (
+            n, len(self.temp_max), len(self.temp_min))
+        assert n < 2 or bool(np.all(np.diff(self.weather_day) > 0)), "weather_day not sorted"
+
+    @classmethod
+    def empty(cls) -> ContextTables:
+        """No side information: every household and day is 'unknown'."""
+        return cls()
+
+    @classmethod
+    def from_files(
+        cls,
+        household_csv: str | os.PathLike[str] | None = None,
+        weather_csv: str | os.PathLike[str] | None = None,
+        holidays_csv: str | os.PathLike[str] | None = None,
+    ) -> ContextTables:
+        """Read the Low Carbon London side tables (plain or ``.gz``); any may be None."""
+        from model import loaders
+
+        kw: dict[str, object] = {}
+        if household_csv is not None:
+            kw["acorn_group"], kw["tariff"] = loaders.read_household_info(household_csv)
+        if weather_csv is not None:
+            kw["weather_day"], kw["temp_max"], kw["temp_min"] = loaders.read_daily_weather(
+                weather_csv)
+        if holidays_csv is not None:
+            kw["holidays"] = loaders.read_bank_holidays(holidays_csv)
+        return cls(**kw)  # type: ignore[arg-type]
+
+
+def context_features(
+    day: np.ndarray,
+    household_ids: Sequence[str],
+    level: np.ndarray,
+    tables: ContextTables | None = None,
+) -> np.ndarray:
+    """Context vectors of N household-days.
+
+    Parameters
+    ----------
+    day
+        (N,) int days since 1970-01-01 (local calendar date).
+    household_ids
+        N household ids.
+    level
+        (N,) float recent mean kWh per half-hour of the household; NaN = unknown.
+    tables
+        Side information; None means ``ContextTables.empty()``.
+
+    Returns
+    -------
+    np.ndarray
+        float32 (N, N_CONTEXT), columns named by ``FEATURE_NAMES``.
+
+    Examples
+    --------
+    >>> f = context_features(np.array([19723]), ["MAC000002"], np.array([np.nan]))
+    >>> f.shape, dict(zip(FEATURE_NAMES, f[0].round(2)))["level_missing"]
+    ((1, 15), np.float32(1.0))
+    """
+    tables = tables if tables is not None else ContextTables.empty()
+    day = np.asarray(day).astype(np.int64, copy=False)
+    level = np.asarray(level, dtype=np.float32)
+    n = len(day)
+    assert day.shape == (n,) and level.shape == (n,) and len(household_ids) == n, (
+        day.shape, level.shape, len(household_ids))
+    out = np.zeros((n, N_CONTEXT), dtype=np.float32)
+
+    dow = (day + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
+    out[:, 0] = np.sin(2 * np.pi * dow / 7)
+    out[:, 1] = np.cos(2 * np.pi * dow / 7)
+    out[:, 2] = dow >= 5
+    out[:, 3] = np.isin(day, tables.holidays)
+    dates = day.astype("datetime64[D]")
+    doy = (dates - dates.astype("datetime64[Y]")).astype(np.int64)
+    out[:, 4] = np.sin(2 * np.pi * doy / 365.25)
+    out[:, 5] = np.cos(2 * np.pi * doy / 365.25)
+
+    if tables.acorn_group:
+        index = {g: i for i, g in enumerate(ACORN_GROUPS)}
+        g = np.array([index.get(tables.acorn_group.get(h, ""), -1) for h in household_ids],
+                     dtype=np.int64)
+        known = g >= 0
+        out[np.flatnonzero(known), 6 + g[known]] = 1.0
+    if tables.tariff:
+        out[:, 9] = [TARIFFS.get(tables.tariff.get(h, ""), 0.0) for h in household_ids]
+
+    if len(tables.weather_day):
+        i = np.clip(np.searchsorted(tables.weather_day, day), 0, len(tables.weather_day) - 1)
+        tmax, tmin = tables.temp_max[i], tables.temp_min[i]
+        ok = (tables.weather_day[i] == day) & np.isfinite(tmax) & np.isfinite(tmin)
+        out[:, 10] = np.where(ok, (tmax - TEMP_REF) / TEMP_SCALE, 0.0)
+        out[:, 11] = np.where(ok, (tmin - TEMP_REF) / TEMP_SCALE, 0.0)
+        out[:, 12] = ~ok
+    else:
+        out[:, 12] = 1.0
+
+    known = np.isfinite(level) & (level > 0)
+    safe = np.where(known, np.maximum(level, MIN_SCALE), LEVEL_REF)
+    out[:, 13] = np.where(known, np.log(safe / LEVEL_REF), 0.0)
+    out[:, 14] = ~known
+    return out
+
+
+# ---------------------------------------------------------------------------- model space
+
+
+def to_model_space(kwh: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """kWh (N, 48) and per-row scale (N,) -> model inputs ``log1p(kwh / scale)``."""
+    return np.log1p(np.maximum(kwh, 0.0) / scale[:, None]).astype(np.float32)
+
+
+def from_model_space(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Inverse of ``to_model_space`` (negative outputs clipped to 0 kWh)."""
+    return (np.expm1(np.maximum(x, 0.0)) * scale[:, None]).astype(np.float32)
+
+
+def impute(kwh: np.ndarray, observed: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Fill unobserved slots by linear interpolation between the nearest observed slots of the
+    same day (the nearest one at the day's edges); days with nothing observed get
+    ``fallback`` (N,) everywhere. Returns a new float32 (N, 48) array."""
+    n, s = kwh.shape
+    idx = np.broadcast_to(np.arange(s), (n, s))
+    prev = np.maximum.accumulate(np.where(observed, idx, -1), axis=1)  # last observed <= i
+    nxt = np.minimum.accumulate(np.where(observed, idx, s)[:, ::-1], axis=1)[:, ::-1]
+    has_prev, has_next = prev >= 0, nxt < s
+    rows = np.arange(n)[:, None]
+    v_prev = kwh[rows, np.clip(prev, 0, s - 1)]
+    v_next = kwh[rows, np.clip(nxt, 0, s - 1)]
+    span = np.maximum(nxt - prev, 1)
+    w = (idx - prev) / span
+    interp = np.where(has_prev & has_next, v_prev + w * (v_next - v_prev),
+                      np.where(has_prev, v_prev, v_next))
+    filled = np.where(observed, kwh, interp)
+    filled = np.where(observed.any(axis=1, keepdims=True), filled, fallback[:, None])
+    return filled.astype(np.float32)
+
+
+@dataclass
+class ModelInputs:
+    """What the network sees for N household-days, and what is needed to read its output."""
+
+    x: np.ndarray  # float32 (N, 48) readings in model space (relative to scale): the target
+    x_shape: np.ndarray  # float32 (N, 48) readings relative to the day's own mean
+    context: np.ndarray  # float32 (N, N_CONTEXT)
+    scale: np.ndarray  # float32 (N,) kWh per half-hour that x is relative to
+    observed: np.ndarray  # bool (N, 48) slot had a usable reading
+    filled: np.ndarray  # float32 (N, 48) kWh, unusable slots imputed
+    day_mean: np.ndarray  # float32 (N,) mean of the usable readings; NaN when none
+
+
+def model_inputs(
+    kwh: np.ndarray,
+    day: np.ndarray,
+    household_ids: Sequence[str],
+    level: np.ndarray,
+    tables: ContextTables | None,
+    max_kwh: float,
+) -> ModelInputs:
+    """Impute, normalise by level and build context: the only way readings reach the network.
+
+    A slot is usable when it is finite and within ``[0, max_kwh]``. The scale is the
+    household's recent ``level`` when known, else the day's own mean (a new household: its
+    shape can still be judged, its level cannot), floored at ``MIN_SCALE``.
+    """
+    kwh = np.asarray(kwh, dtype=np.float32)
+    n = len(kwh)
+    assert kwh.shape == (n, N_SLOTS), f"kwh must be (N, {N_SLOTS}), got {kwh.shape}"
+    with np.errstate(invalid="ignore"):
+        observed = np.isfinite(kwh) & (kwh >= 0) & (kwh <= max_kwh)
+    n_obs = observed.sum(axis=1)
+    total = np.where(observed, kwh, 0.0).sum(axis=1, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        day_mean = np.where(n_obs > 0, total / np.maximum(n_obs, 1), np.nan).astype(np.float32)
+    level = np.asarray(level, dtype=np.float32)
+    known = np.isfinite(level) & (level > 0)
+    scale = np.where(known, level, np.where(np.isfinite(day_mean), day_mean, LEVEL_REF))
+    scale = np.maximum(scale, MIN_SCALE).astype(np.float32)
+    filled = impute(np.where(observed, kwh, 0.0), observed, scale)
+    own = np.maximum(filled.mean(axis=1), MIN_SCALE).astype(np.float32)
+    return ModelInputs(
+        x=to_model_space(filled, scale),
+        x_shape=to_model_space(filled, own),
+        context=context_features(day, household_ids, np.where(known, level, np.nan), tables),
+        scale=scale,
+        observed=observed,
+        filled=filled,
+        day_mean=day_mean,
+    )

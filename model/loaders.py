@@ -1,0 +1,432 @@
+"""Readers for the Low Carbon London smart-meter layouts and their side tables.
+
+Every reader takes a path (plain or ``.gz``; readings also from a ``.tar.gz`` of CSVs) and
+returns numpy arrays; nothing is copied anywhere. Quirks handled: padded values
+(`` 0.219 ``), CRLF line endings (also a ``\\r`` inside a quoted field), ``Null`` readings,
+duplicate rows (the last one wins), missing half-hours (NaN). Input that cannot be
+used raises ``LoadError`` naming the file and line.
+
+Readings layouts (all give ``Readings(household_ids, day, kwh)``, one row per
+household-day, ``kwh`` float32 (M, 48) with NaN where a half-hour is missing):
+
+* London Datastore: ``LCLid,stdorToU,DateTime,KWH/hh (per half hour) `` (trailing space),
+  ``DateTime`` like ``2012-10-12 00:30:00.0000000``, missing values written ``Null``;
+* Kaggle half-hourly: ``LCLid,tstp,energy(kWh/hh)``, one CSV or a ``.tar.gz`` of many;
+* Kaggle hhblock: ``LCLid,day,hh_0,...,hh_47``.
+
+Side tables: ``read_household_info`` (``LCLid,stdorToU,Acorn,Acorn_grouped,file``),
+``read_daily_weather`` (``time,temperatureMax,temperatureMin,...``),
+``read_bank_holidays`` (``Bank holidays,Type``).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import gzip
+import io
+import logging
+import os
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+N_SLOTS = 48
+_EPOCH = dt.date(1970, 1, 1)
+
+
+class LoadError(ValueError):
+    """An input file that cannot be used; the message names the file and line."""
+
+    def __init__(self, path: str | os.PathLike[str], line: int | None, why: str) -> None:
+        where = f"{os.fspath(path)}:{line}" if line is not None else os.fspath(path)
+        super().__init__(f"{where}: {why}")
+        self.path, self.line, self.why = os.fspath(path), line, why
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _open_text(path: str | os.PathLike[str]) -> IO[str]:
+    """Open a plain or gzipped text file for ``csv`` (universal newlines off)."""
+    p = Path(path)
+    if not p.exists():
+        raise LoadError(p, None, "no such file")
+    if p.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(p, "rb"), encoding="utf-8-sig", newline="")
+    return open(p, encoding="utf-8-sig", newline="")
+
+
+def _clean(row: list[str]) -> list[str]:
+    return [f.strip().strip("\r\n").strip() for f in row]
+
+
+def _header_index(header: list[str], path: str | os.PathLike[str], *names: str) -> list[int]:
+    """Column positions of ``names`` (case-insensitive, spaces ignored)."""
+    norm = [h.strip().lower().replace(" ", "") for h in header]
+    out = []
+    for name in names:
+        key = name.lower().replace(" ", "")
+        if key not in norm:
+            raise LoadError(path, 1, f"missing column {name!r}; header is {header!r}")
+        out.append(norm.index(key))
+    return out
+
+
+def date_to_day(d: dt.date) -> int:
+    """Days since 1970-01-01 of a calendar date."""
+    return (d - _EPOCH).days
+
+
+def parse_day(text: str) -> int:
+    """``YYYY-MM-DD`` (anything after the date is ignored) -> days since 1970-01-01."""
+    s = text.strip()
+    return date_to_day(dt.date(int(s[0:4]), int(s[5:7]), int(s[8:10])))
+
+
+# ---------------------------------------------------------------------------- side tables
+
+
+def read_household_info(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """``LCLid -> Acorn_grouped`` and ``LCLid -> stdorToU`` from the household file."""
+    groups: dict[str, str] = {}
+    tariffs: dict[str, str] = {}
+    with _open_text(path) as f:
+        reader = csv.reader(f)
+        header = _clean(next(reader, []))
+        i_id, i_tariff = _header_index(header, path, "LCLid", "stdorToU")
+        i_group = _header_index(header, path, "Acorn_grouped")[0]
+        for line, raw in enumerate(reader, start=2):
+            row = _clean(raw)
+            if not any(row):
+                continue
+            if len(row) <= max(i_id, i_tariff, i_group):
+                raise LoadError(path, line, f"expected {len(header)} fields, got {raw!r}")
+            groups[row[i_id]] = row[i_group]
+            tariffs[row[i_id]] = row[i_tariff]
+    return groups, tariffs
+
+
+def read_daily_weather(
+    path: str | os.PathLike[str],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(day int32, temperatureMax float32, temperatureMin float32), sorted by day."""
+    days: dict[int, tuple[float, float]] = {}
+    with _open_text(path) as f:
+        reader = csv.reader(f)
+        header = _clean(next(reader, []))
+        i_time, i_max, i_min = _header_index(header, path, "time", "temperatureMax",
+                                             "temperatureMin")
+        for line, raw in enumerate(reader, start=2):
+            row = _clean(raw)
+            if not any(row):
+                continue
+            try:
+                day = parse_day(row[i_time])
+                tmax = float(row[i_max]) if row[i_max] else float("nan")
+                tmin = float(row[i_min]) if row[i_min] else float("nan")
+            except (ValueError, IndexError) as e:
+                raise LoadError(path, line, f"bad weather row {raw!r}: {e}") from None
+            days[day] = (tmax, tmin)
+    order = sorted(days)
+    return (np.array(order, dtype=np.int32),
+            np.array([days[d][0] for d in order], dtype=np.float32),
+            np.array([days[d][1] for d in order], dtype=np.float32))
+
+
+def read_bank_holidays(path: str | os.PathLike[str]) -> np.ndarray:
+    """Sorted int32 days of the bank holidays."""
+    out = set()
+    with _open_text(path) as f:
+        reader = csv.reader(f)
+        header = _clean(next(reader, []))
+        (i_day,) = _header_index(header, path, "Bank holidays")
+        for line, raw in enumerate(reader, start=2):
+            row = _clean(raw)
+            if not any(row):
+                continue
+            try:
+                out.add(parse_day(row[i_day]))
+            except (ValueError, IndexError) as e:
+                raise LoadError(path, line, f"bad holiday row {raw!r}: {e}") from None
+    return np.array(sorted(out), dtype=np.int32)
+
+
+# ---------------------------------------------------------------------------- readings
+
+
+@dataclass
+class Readings:
+    """M household-days, sorted by household then day."""
+
+    household_ids: list[str]  # (M,)
+    day: np.ndarray  # int32 (M,) days since 1970-01-01
+    kwh: np.ndarray  # float32 (M, 48), NaN where missing
+
+    def __len__(self) -> int:
+        return len(self.day)
+
+    def take(self, idx: np.ndarray) -> Readings:
+        return Readings([self.household_ids[i] for i in idx], self.day[idx], self.kwh[idx])
+
+
+class _Progress:
+    """A plain stderr progress line (a byte count of the input), at most once a second."""
+
+    def __init__(self, name: str, total: int | None, enabled: bool | None) -> None:
+        self.name, self.total = name, total
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.last = 0.0
+        self.t0 = time.monotonic()
+
+    def update(self, done: int, rows: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self.last < 1.0):
+            return
+        self.last = now
+        pct = f"{100 * done / self.total:5.1f}% " if self.total else ""
+        rate = rows / max(now - self.t0, 1e-9)
+        sys.stderr.write(f"\r{self.name}: {pct}{done / 1e6:,.0f} MB, {rows:,} rows "
+                         f"({rate:,.0f}/s)")
+        if force:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+class _Accumulator:
+    """Collects (household, day, slot, kWh) into (M, 48) blocks; bounded by the output size."""
+
+    BLOCK = 65536
+
+    def __init__(self, households: set[str] | None, start: int | None, end: int | None):
+        self.households, self.start, self.end = households, start, end
+        self.hh_index: dict[str, int] = {}
+        self.row_of: dict[int, int] = {}  # hh_index * 2**20 + (day + 2**19) -> row
+        self.blocks: list[np.ndarray] = []
+        self.keys: list[int] = []
+        self.n = 0
+
+    def wanted(self, hh: str, day: int) -> bool:
+        if self.households is not None and hh not in self.households:
+            return False
+        return not ((self.start is not None and day < self.start)
+                    or (self.end is not None and day >= self.end))
+
+    def row(self, hh: str, day: int) -> np.ndarray:
+        h = self.hh_index.setdefault(hh, len(self.hh_index))
+        key = (h << 20) + day + (1 << 19)
+        r = self.row_of.get(key)
+        if r is None:
+            r = self.row_of[key] = self.n
+            self.keys.append(key)
+            if r % self.BLOCK == 0:
+                self.blocks.append(np.full((self.BLOCK, N_SLOTS), np.nan, dtype=np.float32))
+            self.n += 1
+        return self.blocks[r // self.BLOCK][r % self.BLOCK]
+
+    def result(self) -> Readings:
+        kwh = (np.concatenate(self.blocks)[: self.n] if self.blocks
+               else np.zeros((0, N_SLOTS), np.float32))
+        keys = np.array(self.keys, dtype=np.int64)
+        hh, day = keys >> 20, (keys & ((1 << 20) - 1)) - (1 << 19)
+        names = np.array(sorted(self.hh_index, key=self.hh_index.__getitem__), dtype=object)
+        order = np.lexsort((day, names[hh].astype(str))) if len(keys) else np.zeros(0, int)
+        return Readings([str(names[h]) for h in hh[order]], day[order].astype(np.int32),
+                        kwh[order])
+
+
+def _parse_value(text: str) -> float:
+    t = text.strip()
+    if not t or t.lower() in ("null", "nan", "na"):
+        return float("nan")
+    return float(t)
+
+
+class _DayCache(dict[str, int]):
+    def __missing__(self, key: str) -> int:
+        value = self[key] = parse_day(key)
+        return value
+
+
+def _read_long(
+    lines: Iterable[str], path: str, acc: _Accumulator, progress: _Progress,
+    tell: Callable[[], int],
+) -> int:
+    """Rows ``LCLid,[stdorToU,]timestamp,kWh`` (the header is the first line). Returns rows."""
+    it = iter(lines)
+    header = [h.strip() for h in next(it, "").strip("\ufeff\r\n").split(",")]
+    norm = [h.lower().replace(" ", "") for h in header]
+    try:
+        i_id = norm.index("lclid")
+        i_ts = next(i for i, h in enumerate(norm) if h in ("tstp", "datetime"))
+        i_v = next(i for i, h in enumerate(norm) if h.startswith(("energy", "kwh")))
+    except (ValueError, StopIteration):
+        raise LoadError(path, 1, f"not a half-hourly readings header: {header!r}") from None
+    width = len(header)
+    days = _DayCache()
+    rows = 0
+    line_no = 1
+    for line_no, line in enumerate(it, start=2):
+        parts = line.rstrip("\r\n").split(",")
+        if len(parts) != width:
+            if not line.strip():
+                continue
+            raise LoadError(path, line_no, f"expected {width} fields, got {line.strip()!r}")
+        hh, ts = parts[i_id].strip(), parts[i_ts].strip()
+        try:
+            day = days[ts[:10]]
+            slot = int(ts[11:13]) * 2 + int(ts[14:16]) // 30
+            value = _parse_value(parts[i_v])
+        except (ValueError, IndexError):
+            raise LoadError(path, line_no, f"bad reading {line.strip()!r}") from None
+        if not 0 <= slot < N_SLOTS:
+            raise LoadError(path, line_no, f"bad time of day in {ts!r}")
+        if acc.wanted(hh, day):
+            acc.row(hh, day)[slot] = value
+        rows += 1
+        if rows & 0xFFFF == 0:
+            progress.update(tell(), acc.n)
+    return rows
+
+
+def _read_hhblock(lines: Iterable[str], path: str, acc: _Accumulator) -> int:
+    it = iter(lines)
+    header = [h.strip() for h in next(it, "").strip("\ufeff\r\n").split(",")]
+    norm = [h.lower() for h in header]
+    try:
+        i_id, i_day = norm.index("lclid"), norm.index("day")
+        i_slots = [norm.index(f"hh_{k}") for k in range(N_SLOTS)]
+    except ValueError:
+        raise LoadError(path, 1, f"not an hhblock header: {header!r}") from None
+    rows = 0
+    for line_no, line in enumerate(it, start=2):
+        parts = line.rstrip("\r\n").split(",")
+        if len(parts) != len(header):
+            if not line.strip():
+                continue
+            raise LoadError(path, line_no, f"expected {len(header)} fields, got "
+                                           f"{line.strip()[:80]!r}")
+        try:
+            hh, day = parts[i_id].strip(), parse_day(parts[i_day])
+            values = [_parse_value(parts[i]) for i in i_slots]
+        except (ValueError, IndexError):
+            raise LoadError(path, line_no, f"bad row {line.strip()[:80]!r}") from None
+        if acc.wanted(hh, day):
+            acc.row(hh, day)[:] = values
+        rows += 1
+    return rows
+
+
+def _dispatch(lines: Iterator[str], path: str, acc: _Accumulator, progress: _Progress,
+              tell: Callable[[], int]) -> int:
+    first = next(lines, "")
+    rest = _chain(first, lines)
+    if "hh_0" in first.replace(" ", "").lower().split(","):
+        return _read_hhblock(rest, path, acc)
+    return _read_long(rest, path, acc, progress, tell)
+
+
+def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
+    yield first
+    yield from rest
+
+
+def read_readings(
+    path: str | os.PathLike[str],
+    *,
+    households: Iterable[str] | None = None,
+    start_day: int | None = None,
+    end_day: int | None = None,
+    progress: bool | None = None,
+) -> Readings:
+    """Read half-hourly readings in any supported layout (detected from the header).
+
+    Parameters
+    ----------
+    path
+        A ``.csv``, ``.csv.gz``, or ``.tar.gz``/``.tgz`` of CSVs (read as a stream).
+    households
+        Keep only these household ids.
+    start_day, end_day
+        Keep days in ``[start_day, end_day)`` (days since 1970-01-01).
+    progress
+        Write a progress line to stderr (default: when stderr is a terminal).
+
+    Returns
+    -------
+    Readings
+        Sorted by household and day; a half-hour without a reading is NaN, duplicates keep
+        the last value. Memory grows with the output, not the file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise LoadError(p, None, "no such file")
+    acc = _Accumulator(set(households) if households is not None else None, start_day, end_day)
+    prog = _Progress(p.name, p.stat().st_size, progress)
+    rows = 0
+    if p.name.endswith((".tar.gz", ".tgz", ".tar")):
+        raw = open(p, "rb")
+        with raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
+            for member in tar:
+                if not member.isfile() or not member.name.lower().endswith((".csv", ".csv.gz")):
+                    continue
+                f = tar.extractfile(member)
+                assert f is not None, member.name
+                stream: IO[bytes] = (gzip.GzipFile(fileobj=f)  # type: ignore[assignment]
+                                     if member.name.endswith(".gz") else f)
+                text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+                rows += _dispatch(iter(text), f"{p}:{member.name}", acc, prog, raw.tell)
+    else:
+        raw = open(p, "rb")
+        with raw:
+            stream = gzip.GzipFile(fileobj=raw) if p.suffix == ".gz" else raw  # type: ignore
+            text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+            rows += _dispatch(iter(text), str(p), acc, prog, raw.tell)
+    prog.update(prog.total or 0, acc.n, force=True)
+    out = acc.result()
+    log.info("read %s: %d rows -> %d household-days of %d households", p, rows, len(out),
+             len(set(out.household_ids)))
+    return out
+
+
+_SIDE_FILES = {
+    "household": ("household_information.csv", "informations_households.csv"),
+    "weather": ("weather_daily_darksky.csv",),
+    "holidays": ("uk_bank_holidays.csv",),
+}
+_READINGS_FILES = ("readings.tar.gz", "halfhourly_dataset.tar.gz", "halfhourly_dataset.zip",
+                   "hhblock_dataset.tar.gz", "readings.csv", "readings.csv.gz",
+                   "CC_LCL-FullData.csv")
+
+
+def find_side_file(directory: Path, kind: str) -> Path | None:
+    for name in _SIDE_FILES[kind]:
+        for candidate in (directory / name, directory / f"{name}.gz"):
+            if candidate.exists():
+                return candidate
+    return None
+
+
+def load_dataset(
+    path: str | os.PathLike[str], **kwargs: object
+) -> tuple[Readings, dict[str, Path | None]]:
+    """Readings from a file, or from a directory in the Low Carbon London layout (readings plus
+    optional side tables, see ``find_side_file``). Returns the readings and the side-table
+    paths found (``household``, ``weather``, ``holidays``; None where absent)."""
+    p = Path(path)
+    sides: dict[str, Path | None] = {k: None for k in _SIDE_FILES}
+    if p.is_dir():
+        sides = {k: find_side_file(p, k) for k in _SIDE_FILES}
+        found = [p / n for n in _READINGS_FILES if (p / n).exists()]
+        if not found:
+            raise LoadError(p, None, f"no readings file; expected one of {_READINGS_FILES}")
+        p = found[0]
+    return read_readings(p, **kwargs), sides  # type: ignore[arg-type]

@@ -1,0 +1,207 @@
+"""Detector contract: shapes, purity, determinism, persistence, detection quality."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from model import (
+    ANOMALY_TYPES,
+    SIGNAL_NAMES,
+    DayScores,
+    Detector,
+    HouseholdState,
+    SyntheticConfig,
+    TrainConfig,
+    generate,
+    train_detector,
+)
+from model.inject import inject
+
+HISTORY_DAYS = 28
+
+
+@pytest.fixture(scope="module")
+def data():
+    return generate(SyntheticConfig(n_households=200, n_days=HISTORY_DAYS + 14,
+                                    anomaly_rate=0.0, seed=11))
+
+
+@pytest.fixture(scope="module")
+def detector(data) -> Detector:
+    torch.set_num_threads(2)
+    ids, day, kwh, _ = data.long(slice(0, HISTORY_DAYS))
+    return train_detector(kwh, day, ids, data.tables, TrainConfig(target_far=0.01, seed=0,
+                                                                   device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def warm(detector, data):
+    """States after the history, and the test days (household-major)."""
+    ids, day, kwh, _ = data.long(slice(0, HISTORY_DAYS))
+    _, states = detector.replay(kwh, day, ids, data.tables)
+    return HouseholdState.concat(states[h] for h in data.household_ids)
+
+
+def _test_day(data, d: int):
+    kwh = data.kwh[:, HISTORY_DAYS + d]  # (H, 48)
+    day = np.full(len(kwh), data.days[HISTORY_DAYS + d], np.int32)
+    return kwh, day, data.household_ids
+
+
+def test_shapes_and_dtypes(detector, data, warm) -> None:
+    kwh, day, ids = _test_day(data, 0)
+    out = detector.score(kwh, day, ids, warm, data.tables)
+    n = len(kwh)
+    assert isinstance(out, DayScores) and len(out) == n
+    for name, dtype in [("score", np.float32), ("raw_error", np.float32),
+                        ("is_alert", np.bool_), ("signals", np.uint8)]:
+        arr = getattr(out, name)
+        assert arr.shape == (n,) and arr.dtype == dtype, (name, arr.shape, arr.dtype)
+    assert out.expected.shape == (n, 48) and out.expected.dtype == np.float32
+    assert out.stat_z.shape == (n, 4) and out.stats.shape == (n, 4)
+    assert out.model_score.shape == (n,)
+    assert out.slot_error.shape == (n, 48) and (out.slot_error >= 0).all()
+    np.testing.assert_allclose(out.slot_error.sum(axis=1), out.raw_error, rtol=1e-4)
+    assert (out.expected >= 0).all()
+    assert len(out.state) == n and (out.state.count == warm.count + 1).all()
+    assert SIGNAL_NAMES[0] == "model"
+    assert detector.version.startswith("meterwatch-ae-")
+
+
+def test_pure_and_deterministic(detector, data, warm) -> None:
+    kwh, day, ids = _test_day(data, 1)
+    kwh = kwh.copy()
+    kwh[0, :5] = np.nan
+    copies = (kwh.copy(), day.copy(), list(ids), warm.copy())
+    a = detector.score(kwh, day, ids, warm, data.tables)
+    b = detector.score(kwh, day, ids, warm, data.tables)
+    for name in ("score", "raw_error", "expected", "slot_error", "signals", "is_alert"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    np.testing.assert_array_equal(kwh, copies[0])
+    np.testing.assert_array_equal(day, copies[1])
+    assert list(ids) == copies[2]
+    for f in ("level", "err_mean", "err_var", "count"):
+        np.testing.assert_array_equal(getattr(warm, f), getattr(copies[3], f))
+
+
+def test_chunking_does_not_change_scores(detector, data, warm) -> None:
+    kwh, day, ids = _test_day(data, 2)
+    a = detector.score(kwh, day, ids, warm, data.tables)
+    small = Detector.from_checkpoint(detector.checkpoint(), device="cpu")
+    small.chunk_size = 7
+    b = small.score(kwh, day, ids, warm, data.tables)
+    np.testing.assert_allclose(a.score, b.score, rtol=1e-5, atol=1e-5)
+
+
+def test_save_load_round_trip(detector, data, warm, tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    detector.save(path)
+    torch.load(path, weights_only=True)  # only safe types inside
+    loaded = Detector.load(path, device="cpu")
+    assert loaded.version == detector.version and loaded.threshold == detector.threshold
+    kwh, day, ids = _test_day(data, 3)
+    a = detector.score(kwh, day, ids, warm, data.tables)
+    b = loaded.score(kwh, day, ids, warm, data.tables)
+    np.testing.assert_array_equal(a.score, b.score)
+    np.testing.assert_array_equal(a.expected, b.expected)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_close(detector, data, warm, dtype: str) -> None:
+    kwh, day, ids = _test_day(data, 4)
+    ref = detector.score(kwh, day, ids, warm, data.tables)
+    low = Detector.from_checkpoint(detector.checkpoint(), device="cpu", dtype=dtype)
+    out = low.score(kwh, day, ids, warm, data.tables)
+    assert np.corrcoef(ref.score, out.score)[0, 1] > 0.95
+
+
+def test_missing_readings(detector, data, warm) -> None:
+    kwh, day, ids = _test_day(data, 5)
+    kwh = kwh[:3].copy()
+    kwh[0, 10:14] = np.nan
+    kwh[1, :] = np.nan
+    out = detector.score(kwh, day[:3], ids[:3], warm.take([0, 1, 2]), data.tables)
+    missing = 1 << SIGNAL_NAMES.index("missing")
+    assert out.imputed[0, 10:14].all() and out.imputed[0].sum() == 4
+    assert np.isfinite(out.score[0]) and out.slot_error[0, 10:14].sum() == 0
+    assert out.signals[0] & missing and out.signals[1] & missing
+    assert np.isnan(out.score[1]) and not out.is_alert[1]
+    assert out.state.count[1] == warm.count[1]  # an empty day teaches nothing
+    assert np.isfinite(out.expected).all()
+
+
+def test_new_households(detector, data) -> None:
+    kwh, day, ids = _test_day(data, 6)
+    out = detector.score(kwh, day, ids, HouseholdState.empty(len(kwh)), data.tables)
+    assert np.isfinite(out.score).all()
+    assert out.is_alert.mean() < 0.1
+    assert np.isfinite(out.state.level[~out.is_alert]).all()
+
+
+def test_quality_rules(detector, data, warm) -> None:
+    kwh, day, ids = _test_day(data, 7)
+    kwh = kwh[:3].copy()
+    kwh[0, 10:22] = 0.0  # 6-hour outage
+    kwh[1, 20:32] = 0.5  # stuck register
+    kwh[2, 40] = 50.0  # impossible
+    out = detector.score(kwh, day[:3], ids[:3], warm.take([0, 1, 2]), data.tables)
+    assert out.is_alert.all()
+    assert [out.signal_names(i)[-1] if out.signal_names(i)[0] == "model" else
+            out.signal_names(i)[0] for i in range(3)] == ["zero_run", "flat_run", "impossible"]
+
+
+def _evaluate(detector, data, warm, label: str, seed: int):
+    """Inject ``label`` into 10% of the test days; (recall, false-alarm rate, ROC-AUC)."""
+    rng = np.random.default_rng(seed)
+    code = ANOMALY_TYPES.index(label)
+    state, y_all, s_all, a_all = warm, [], [], []
+    for d in range(14):
+        kwh, day, ids = _test_day(data, d)
+        labels = np.where(rng.random(len(kwh)) < 0.1, code, 0)
+        out = detector.score(inject(kwh, labels, rng), day, ids, state, data.tables)
+        state = out.state
+        y_all.append(labels > 0)
+        s_all.append(out.score)
+        a_all.append(out.is_alert)
+    y, s, a = (np.concatenate(v) for v in (y_all, s_all, a_all))
+    return a[y].mean(), a[~y].mean(), roc_auc_score(y, s)
+
+
+@pytest.mark.parametrize("label", ["level_up", "outage"])
+def test_gross_anomalies_detected(detector, data, warm, label: str) -> None:
+    recall, far, _auc = _evaluate(detector, data, warm, label, seed=5)
+    assert recall >= 0.9 and far <= 0.02, (label, recall, far)
+
+
+def test_beats_chance_on_mixed_anomalies(detector, data, warm) -> None:
+    ids, day, kwh, _ = data.long(slice(HISTORY_DAYS, None))
+    rng = np.random.default_rng(0)
+    labels = np.where(rng.random(len(kwh)) < 0.1, rng.integers(1, len(ANOMALY_TYPES),
+                                                                len(kwh)), 0)
+    _, states = detector.replay(data.long(slice(0, HISTORY_DAYS))[2],
+                                data.long(slice(0, HISTORY_DAYS))[1],
+                                data.long(slice(0, HISTORY_DAYS))[0], data.tables)
+    out, _ = detector.replay(inject(kwh, labels, rng), day, ids, data.tables, states)
+    assert roc_auc_score(labels > 0, out.score) > 0.75
+
+
+def test_state_rows_round_trip(warm) -> None:
+    rows = [warm.row(i) for i in range(3)] + [None]
+    back = HouseholdState.from_rows(rows)
+    np.testing.assert_array_equal(back.level[:3], warm.level[:3])
+    assert np.isnan(back.level[3]) and back.count[3] == 0
+
+
+def test_routine_faults_are_muted(detector, data, warm) -> None:
+    kwh, day, ids = _test_day(data, 8)
+    kwh = kwh[:2].copy()
+    kwh[:, 10:22] = 0.0  # the same outage in two households ...
+    state = warm.take([0, 1])
+    state.fault_rate[1] = 0.5  # ... one of which has them all the time
+    state.count[1] = 60
+    out = detector.score(kwh, day[:2], ids[:2], state, data.tables)
+    assert out.signal_names(0)[-1] == "zero_run" and "zero_run" in out.signal_names(1)
+    assert out.score[0] >= detector.scoring.rule_bonus and out.score[1] < 50

@@ -1,0 +1,73 @@
+"""Context features, imputation and the side tables."""
+
+import datetime as dt
+import gzip
+from pathlib import Path
+
+import numpy as np
+
+from model import N_CONTEXT, ContextTables, context_features
+from model.features import FEATURE_NAMES, impute, model_inputs
+
+
+def _day(y: int, m: int, d: int) -> int:
+    return (dt.date(y, m, d) - dt.date(1970, 1, 1)).days
+
+
+def test_calendar_and_unknowns() -> None:
+    days = np.array([_day(2013, 1, 7), _day(2013, 1, 12), _day(2013, 12, 25)], np.int32)
+    f = context_features(days, ["a", "b", "c"], np.array([0.2, np.nan, 2.0], np.float32),
+                         ContextTables.empty())
+    col = {n: f[:, i] for i, n in enumerate(FEATURE_NAMES)}
+    assert f.shape == (3, N_CONTEXT) and f.dtype == np.float32
+    np.testing.assert_allclose(col["dow_cos"][0], 1.0)  # Monday
+    assert col["weekend"].tolist() == [0, 1, 0]
+    assert col["holiday"].tolist() == [0, 0, 0]  # no table, no holidays
+    assert col["level_missing"].tolist() == [0, 1, 0]
+    np.testing.assert_allclose(col["log_level"], [0.0, 0.0, np.log(10.0)], rtol=1e-6)
+    assert col["weather_missing"].tolist() == [1, 1, 1]
+    assert (f[:, 6:10] == 0).all()  # unknown household
+
+
+def test_tables_from_files(tmp_path: Path) -> None:
+    hh = tmp_path / "household_information.csv.gz"
+    with gzip.open(hh, "wt", newline="") as f:
+        f.write('LCLid,stdorToU,Acorn,Acorn_grouped,file\r\n'
+                'MAC000002,Std,ACORN-A,Affluent,"block_0\r"\n'
+                'MAC000003,ToU,ACORN-U,ACORN-U,block_0\r\n')
+    weather = tmp_path / "weather.csv"
+    weather.write_text('temperatureMax,time,temperatureMin\n'
+                       '20.0,"2013-06-01 00:00:00",12.0\n')
+    hol = tmp_path / "hol.csv"
+    hol.write_text('"Bank holidays",Type\n2013-12-25,"Christmas Day"\n')
+    t = ContextTables.from_files(household_csv=hh, weather_csv=weather, holidays_csv=hol)
+    days = np.array([_day(2013, 6, 1), _day(2013, 12, 25)], np.int32)
+    f = context_features(days, ["MAC000002", "MAC000003"], np.full(2, 0.2, np.float32), t)
+    col = {n: f[:, i] for i, n in enumerate(FEATURE_NAMES)}
+    assert col["acorn_affluent"].tolist() == [1, 0]
+    assert col["tariff"].tolist() == [-1, 1]
+    assert col["holiday"].tolist() == [0, 1]
+    assert col["weather_missing"].tolist() == [0, 1]
+    np.testing.assert_allclose(col["temp_max"][0], (20 - 12) / 8)
+
+
+def test_impute_interpolates() -> None:
+    kwh = np.array([[np.nan, 1.0, np.nan, 3.0] + [1.0] * 44, [np.nan] * 48], np.float32)
+    obs = np.isfinite(kwh)
+    out = impute(np.nan_to_num(kwh), obs, np.array([9.0, 0.5], np.float32))
+    assert out[0, 0] == 1.0 and out[0, 2] == 2.0
+    assert (out[1] == 0.5).all()
+
+
+def test_model_inputs_handles_bad_values() -> None:
+    kwh = np.full((2, 48), 0.2, np.float32)
+    kwh[0, 3] = np.nan
+    kwh[1, 5] = -1.0
+    kwh[1, 6] = np.inf
+    before = kwh.copy()
+    inp = model_inputs(kwh, np.zeros(2, np.int32), ["a", "b"], np.full(2, np.nan, np.float32),
+                       None, max_kwh=12.0)
+    np.testing.assert_array_equal(kwh, before)
+    assert np.isfinite(inp.x).all() and np.isfinite(inp.x_shape).all()
+    assert inp.observed.sum() == 96 - 3
+    np.testing.assert_allclose(inp.scale, 0.2)

@@ -1,0 +1,114 @@
+"""Loaders on tiny generated files in every supported layout (no real data needed)."""
+
+import gzip
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.loaders import (
+    LoadError,
+    load_dataset,
+    parse_day,
+    read_bank_holidays,
+    read_daily_weather,
+    read_household_info,
+    read_readings,
+)
+
+D0 = parse_day("2013-01-01")
+
+
+def _check(r, n_households: int = 2) -> None:
+    assert len(set(r.household_ids)) == n_households
+    assert r.kwh.dtype == np.float32 and r.kwh.shape == (len(r.day), 48)
+    assert r.day.dtype == np.int32
+    assert r.household_ids == sorted(r.household_ids)
+
+
+def test_london_datastore(tmp_path: Path) -> None:
+    p = tmp_path / "CC_LCL-FullData.csv"
+    p.write_text(
+        "LCLid,stdorToU,DateTime,KWH/hh (per half hour) \r\n"
+        "MAC000002,Std,2013-01-01 00:00:00.0000000, 0.219 \r\n"
+        "MAC000002,Std,2013-01-01 00:30:00.0000000,Null\r\n"
+        "MAC000002,Std,2013-01-01 23:30:00.0000000,0.5\r\n"
+        "MAC000002,Std,2013-01-01 23:30:00.0000000,0.6\r\n"  # duplicate: last wins
+        "MAC000003,ToU,2013-01-02 12:00:00.0000000,1.25\r\n")
+    r = read_readings(p, progress=False)
+    _check(r)
+    assert r.day.tolist() == [D0, D0 + 1]
+    np.testing.assert_allclose(r.kwh[0, [0, 47]], [0.219, 0.6], rtol=1e-6)
+    assert np.isnan(r.kwh[0, 1]) and np.isnan(r.kwh[0, 2:47]).all()
+    assert r.kwh[1, 24] == 1.25
+
+
+def test_kaggle_halfhourly_csv_and_tar(tmp_path: Path) -> None:
+    def body(hh: str) -> bytes:
+        rows = [f"{hh},2013-01-01 {i // 2:02d}:{30 * (i % 2):02d}:00, {i / 100:.3f} "
+                for i in range(48)]
+        return ("LCLid,tstp,energy(kWh/hh)\n" + "\n".join(rows) + "\n").encode()
+
+    single = tmp_path / "block_0.csv.gz"
+    single.write_bytes(gzip.compress(body("MAC000002") + body("MAC000003").split(b"\n", 1)[1]))
+    r = read_readings(single, progress=False)
+    _check(r)
+    np.testing.assert_allclose(r.kwh[1], np.arange(48) / 100, atol=1e-6)
+
+    tgz = tmp_path / "readings.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        for hh in ("MAC000003", "MAC000002"):
+            data = body(hh)
+            info = tarfile.TarInfo(f"readings/{hh}.csv")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    r2 = read_readings(tgz, households={"MAC000002"}, progress=False)
+    assert r2.household_ids == ["MAC000002"]
+    np.testing.assert_allclose(r2.kwh[0], np.arange(48) / 100, atol=1e-6)
+
+
+def test_hhblock(tmp_path: Path) -> None:
+    p = tmp_path / "block_0.csv"
+    header = "LCLid,day," + ",".join(f"hh_{i}" for i in range(48))
+    row = "MAC000002,2013-01-03," + ",".join(["0.1"] * 47 + [""])
+    p.write_text(f"{header}\n{row}\n")
+    r = read_readings(p, progress=False)
+    _check(r, 1)
+    assert r.day[0] == D0 + 2 and np.isnan(r.kwh[0, 47]) and r.kwh[0, 0] == np.float32(0.1)
+
+
+def test_bad_input_names_file_and_line(tmp_path: Path) -> None:
+    p = tmp_path / "bad.csv"
+    p.write_text("LCLid,tstp,energy(kWh/hh)\nMAC000002,2013-01-01 00:00:00,0.1\n"
+                 "MAC000002,yesterday,0.2\n")
+    with pytest.raises(LoadError, match=r"bad\.csv:3"):
+        read_readings(p, progress=False)
+    q = tmp_path / "nothing.csv"
+    q.write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(LoadError, match=r"nothing\.csv:1"):
+        read_readings(q, progress=False)
+    with pytest.raises(LoadError, match="no such file"):
+        read_readings(tmp_path / "missing.csv")
+
+
+def test_side_tables_and_directory(tmp_path: Path) -> None:
+    (tmp_path / "household_information.csv").write_bytes(
+        b"LCLid,stdorToU,Acorn,Acorn_grouped,file\r\nMAC000002,Std,ACORN-A,Affluent,"
+        b"\"block_0\r\"\nMAC000003,ToU,ACORN-U,ACORN-U,block_0\r\n")
+    (tmp_path / "weather_daily_darksky.csv").write_text(
+        "temperatureMax,time,temperatureMin\n5.5,2013-01-02 00:00:00,1.0\n"
+        "4.0,2013-01-01 00:00:00,\n")
+    with gzip.open(tmp_path / "uk_bank_holidays.csv.gz", "wt") as f:
+        f.write('"Bank holidays",Type\n2013-01-01,"New Year"\n')
+    (tmp_path / "readings.csv").write_text(
+        "LCLid,tstp,energy(kWh/hh)\nMAC000002,2013-01-01 00:00:00, 0.1 \n")
+    groups, tariffs = read_household_info(tmp_path / "household_information.csv")
+    assert groups == {"MAC000002": "Affluent", "MAC000003": "ACORN-U"}
+    assert tariffs["MAC000003"] == "ToU"
+    wd, tmax, tmin = read_daily_weather(tmp_path / "weather_daily_darksky.csv")
+    assert wd.tolist() == [D0, D0 + 1] and tmax.tolist() == [4.0, 5.5] and np.isnan(tmin[0])
+    assert read_bank_holidays(tmp_path / "uk_bank_holidays.csv.gz").tolist() == [D0]
+    r, sides = load_dataset(tmp_path)
+    assert len(r) == 1 and all(v is not None for v in sides.values())
