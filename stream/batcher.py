@@ -1,0 +1,120 @@
+"""Dynamic batching of closed household-days for the model.
+
+A batch leaves when it reaches the current target size or when its oldest day has waited
+``max_delay``. The target adapts to load: it follows the number of days that arrive while one
+batch is being scored (so a busy stream gets big batches and a quiet one gets small,
+low-latency ones), and it is capped by ``max_size`` and by the memory cap that the scorer
+measures. The queue is bounded: ``backlog`` is what the consumer compares with
+``queue_max_days`` to pause its partitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from stream.assembler import ClosedDays
+
+
+@dataclass
+class Pending:
+    """Closed days of one partition waiting for the model."""
+
+    partition: int
+    days: ClosedDays
+    enqueued: float  # time.monotonic()
+
+
+class DynamicBatcher:
+    """Collects ``Pending`` chunks into batches (see the module docstring)."""
+
+    def __init__(self, *, max_size: int, max_delay_s: float, min_size: int = 1) -> None:
+        self.max_size = max_size
+        self.max_delay_s = max_delay_s
+        self.min_size = min_size
+        self.target = min_size
+        self.cap = max_size  # lowered by the scorer on memory pressure
+        self._queue: deque[Pending] = deque()
+        self._backlog = 0
+        self._arrived_since_take = 0
+        self._event = asyncio.Event()
+
+    @property
+    def backlog(self) -> int:
+        return self._backlog
+
+    def put(self, partition: int, days: ClosedDays) -> None:
+        if len(days) == 0:
+            return
+        self._queue.append(Pending(partition, days, time.monotonic()))
+        self._backlog += len(days)
+        self._arrived_since_take += len(days)
+        self._event.set()
+
+    def pending_partitions(self) -> set[int]:
+        return {p.partition for p in self._queue}
+
+    def min_offset(self, partition: int) -> int | None:
+        offs = [int(p.days.first_offset.min()) for p in self._queue if p.partition == partition]
+        return min(offs) if offs else None
+
+    async def next_batch(self) -> list[Pending]:
+        """Wait for the next batch (never empty)."""
+        while True:
+            if not self._queue:
+                self._event.clear()
+                await self._event.wait()
+                continue
+            limit = min(self.target, self.cap)
+            wait = self._queue[0].enqueued + self.max_delay_s - time.monotonic()
+            if self._backlog >= limit or wait <= 0:
+                return self.take(min(self.max_size, self.cap))
+            self._event.clear()
+            try:
+                await asyncio.wait_for(self._event.wait(), timeout=wait)
+            except asyncio.TimeoutError:
+                pass
+
+    def take(self, limit: int, partitions: set[int] | None = None) -> list[Pending]:
+        """Up to ``limit`` days from the head of the queue (whole chunks, split if needed)."""
+        out: list[Pending] = []
+        n = 0
+        keep: deque[Pending] = deque()
+        while self._queue and n < limit:
+            p = self._queue.popleft()
+            if partitions is not None and p.partition not in partitions:
+                keep.append(p)
+                continue
+            room = limit - n
+            if len(p.days) > room:
+                head = p.days.select(_first(len(p.days), room))
+                tail = p.days.select(~_first(len(p.days), room))
+                self._queue.appendleft(Pending(p.partition, tail, p.enqueued))
+                p = Pending(p.partition, head, p.enqueued)
+            out.append(p)
+            n += len(p.days)
+        self._queue.extendleft(reversed(keep))
+        self._backlog -= n
+        # adapt: next target ~ what arrived while the last batch was being formed and scored
+        arrived = self._arrived_since_take
+        self._arrived_since_take = 0
+        self.target = max(self.min_size, min(self.max_size, self.cap, arrived))
+        return out
+
+    def drop(self, partitions: set[int]) -> int:
+        """Forget the pending days of revoked partitions; returns how many."""
+        kept = deque(p for p in self._queue if p.partition not in partitions)
+        dropped = self._backlog - sum(len(p.days) for p in kept)
+        self._queue = kept
+        self._backlog -= dropped
+        return dropped
+
+
+def _first(n: int, k: int):  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    m = np.zeros(n, dtype=bool)
+    m[:k] = True
+    return m

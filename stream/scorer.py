@@ -1,0 +1,148 @@
+"""Scoring closed days with the detector, off the event loop.
+
+The detector (``model.Detector``) is loaded once and stays resident on its device (GPU when
+CUDA is available, else CPU). Every batch runs in one dedicated worker thread, so the event
+loop keeps fetching and heartbeating while the model works (aiokafka issue #678: CPU work on
+the loop starves heartbeats). Torch releases the GIL inside its kernels.
+
+A household that has two days in one batch is scored in *waves*: its second day sees the
+household state updated by its first, exactly as if the days had come in separate batches.
+Scores therefore do not depend on how days were grouped into batches.
+
+A CUDA out-of-memory error halves the batch and retries, and lowers the batch cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import psutil
+import torch
+
+from model import ContextTables, Detector, HouseholdState
+from stream.timegrid import SLOTS
+
+log = logging.getLogger(__name__)
+
+STATE_FIELDS = tuple(f.name for f in dataclasses.fields(HouseholdState))
+#: Rough bytes of device memory one household-day needs during inference (inputs, context,
+#: activations, outputs, in float32), with headroom; used to cap batch sizes.
+_BYTES_PER_DAY = 16 * 1024
+
+
+@dataclass
+class Scored:
+    """Model output for a batch of days, in input order."""
+
+    score: np.ndarray  # float32
+    is_alert: np.ndarray  # bool
+    expected: np.ndarray  # float32 (n, 48) kWh
+    slot_error: np.ndarray  # float32 (n, 48)
+    signals: np.ndarray  # uint8 bitmask, names in Detector's SIGNAL_NAMES
+    state: dict[str, np.ndarray]  # household state after each day
+    seconds: float  # wall time of the model calls
+
+
+class Scorer:
+    """Runs ``Detector.score`` in a worker thread, in waves, splitting on OOM."""
+
+    def __init__(self, detector: Detector, tables: ContextTables | None = None) -> None:
+        self.detector = detector
+        self.tables = tables
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meterwatch-score")
+        self.memory_cap = self._memory_cap()
+
+    def _memory_cap(self) -> int:
+        """Largest batch the device's free memory allows (half of it, as a margin)."""
+        if self.detector.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.detector.device)
+        else:
+            free = psutil.virtual_memory().available
+        return max(256, int(free * 0.5 // _BYTES_PER_DAY))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def score(self, kwh: np.ndarray, day: np.ndarray, household_ids: list[str],
+                    keys: np.ndarray, state: dict[str, np.ndarray]) -> Scored:
+        """Score days; ``keys`` identify households (equal key = same household)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._score_sync, kwh, day,
+                                          household_ids, keys, state)
+
+    def _score_sync(self, kwh: np.ndarray, day: np.ndarray, household_ids: list[str],
+                    keys: np.ndarray, state: dict[str, np.ndarray]) -> Scored:
+        t0 = time.perf_counter()
+        n = len(day)
+        # Order each household's days by date; wave w holds every household's w-th day.
+        order = np.lexsort((day, keys))
+        sk = keys[order]
+        starts = np.r_[True, sk[1:] != sk[:-1]]
+        group_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = np.arange(n) - group_start
+        nxt = np.full(n, -1, dtype=np.int64)  # the same household's next day, if in this batch
+        nxt[order[:-1][~starts[1:]]] = order[1:][~starts[1:]]
+
+        cur = {k: v.copy() for k, v in state.items()}
+        out_state = {k: np.empty_like(v) for k, v in state.items()}
+        score = np.empty(n, np.float32)
+        alert = np.empty(n, bool)
+        expected = np.empty((n, SLOTS), np.float32)
+        slot_err = np.empty((n, SLOTS), np.float32)
+        signals = np.zeros(n, np.uint8)
+        for w in range(int(rank.max()) + 1 if n else 0):
+            idx = np.flatnonzero(rank == w)
+            st = HouseholdState(**{k: cur[k][idx] for k in STATE_FIELDS})
+            res = self._score_split(kwh[idx], day[idx], [household_ids[i] for i in idx], st)
+            score[idx] = res.score
+            alert[idx] = res.is_alert
+            expected[idx] = res.expected
+            slot_err[idx] = res.slot_error
+            signals[idx] = res.signals
+            follow = nxt[idx]
+            has = follow >= 0
+            for k in STATE_FIELDS:
+                new = getattr(res.state, k)
+                out_state[k][idx] = new
+                cur[k][follow[has]] = new[has]
+        return Scored(score, alert, expected, slot_err, signals, out_state,
+                      time.perf_counter() - t0)
+
+    def _score_split(self, kwh: np.ndarray, day: np.ndarray, ids: list[str],
+                     st: HouseholdState):  # type: ignore[no-untyped-def]
+        try:
+            return self.detector.score(kwh, day, ids, st, self.tables)
+        except torch.cuda.OutOfMemoryError:
+            if len(day) <= 1:
+                raise
+            half = len(day) // 2
+            self.memory_cap = max(1, min(self.memory_cap, half))
+            log.warning("CUDA out of memory at batch %d: splitting, cap now %d", len(day),
+                        self.memory_cap)
+            torch.cuda.empty_cache()
+            a = self._score_split(kwh[:half], day[:half], ids[:half], st.take(np.arange(half)))
+            b = self._score_split(kwh[half:], day[half:], ids[half:],
+                                  st.take(np.arange(half, len(day))))
+            return _concat_scores(a, b)
+
+
+def _concat_scores(a, b):  # type: ignore[no-untyped-def]
+    """Join two ``DayScores`` of consecutive halves."""
+    fields = {}
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, np.ndarray):
+            fields[f.name] = np.concatenate([x, y])
+        elif isinstance(x, HouseholdState):
+            fields[f.name] = HouseholdState(**{k: np.concatenate([getattr(x, k), getattr(y, k)])
+                                               for k in STATE_FIELDS})
+        else:
+            fields[f.name] = x
+    return type(a)(**fields)

@@ -1,0 +1,635 @@
+"""The meterwatch service: one consumer-group member, from readings to alerts.
+
+Stages, one module each: ``stream.parse`` (records → columns) → ``stream.assembler`` (columns →
+closed household-days) → ``stream.batcher`` (days → model batches) → ``stream.scorer`` (batches →
+scores, in a worker thread) → ``stream.alerts`` (scores → documents) → ``stream.outputs``
+(documents → Kafka) → offsets committed here.
+
+Delivery protocol (what is written when, and why nothing is lost or doubled)
+-----------------------------------------------------------------------------
+Every record about input partition ``p`` goes to partition ``p`` of each output topic, and a
+partition has one owner at a time, so each output partition has a single writer.
+
+For each batch of closed days, in this order:
+
+1. publish one **day score** per day to ``scores`` (the ledger; it carries the alert and
+   data-quality payloads and the household state after the day) and wait for the acks;
+2. publish the **alerts** and **data-quality** records and wait;
+3. publish the **household state** records (compacted ``state`` topic) and wait.
+
+Every ``commit_interval_s``, for each owned partition:
+
+4. compute the safe offset ``C``: the lowest offset still needed by an open day, a day
+   waiting in the batcher or a day being scored/published, or the fetch position when none
+   is. Offsets never pass a reading whose day has not been emitted;
+5. publish a **mark** ``{offset: C, ends: X}`` to the state topic, where ``X`` are the output
+   end offsets at the moment the record at ``C`` was consumed (every output about a day that
+   has a reading at ``C`` or later lies at or after ``X``); wait;
+6. commit ``C`` to the consumer group (for lag tooling and as a fallback).
+
+Recovery, when a partition is assigned (after a crash, a rebalance or a restart):
+
+a. read the state partition to its end: household states, closed-day bitmaps, the mark;
+b. read ``scores`` from ``X``: those days are closed; their states (newer ``seq``) win;
+c. read ``alerts`` and ``data-quality`` from their ``X``; republish any alert or data-quality
+   record that a day score promised but that is missing (a crash between steps 1 and 2);
+d. seek the input to ``C`` and replay: open days are rebuilt; readings of closed days are
+   dropped as late, so no day is scored twice and no alert is published twice.
+
+A crash at any point leaves either nothing of a day (it is replayed and scored), or its day
+score (its side records are completed in c.), or everything (it is skipped). Highwater marks
+come from fetch responses (Tansu under-reports ListOffsets). Zombie fencing (a member that
+lost its partitions but still writes) needs Kafka transactions, which the embedded broker
+lacks; the rebalance listener below makes a member stop writing before it lets go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaConnectionError, KafkaError
+from prometheus_client import CollectorRegistry
+
+from model import SIGNAL_NAMES, ContextTables, Detector
+from stream.alerts import build_documents
+from stream.assembler import INCOMPLETE, ClosedDays, DayAssembler
+from stream.batcher import DynamicBatcher, Pending
+from stream.broker import create_topics
+from stream.config import Settings
+from stream.metrics import Metrics, create_metrics
+from stream.outputs import (
+    MARK_KEY,
+    OutputPublisher,
+    OutRecord,
+    dead_letter_record,
+    json_record,
+    output_topics,
+)
+from stream.parse import parse_records
+from stream.recovery import read_to_end
+from stream.scorer import STATE_FIELDS, Scorer
+from stream.timegrid import TimeGrid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PartitionWork:
+    """What this member holds for one owned input partition."""
+
+    partition: int
+    assembler: DayAssembler
+    position: int  # next input offset to consume
+    #: (input position before a fetch, output end offsets then), oldest first
+    snapshots: deque[tuple[int, dict[str, int]]] = field(default_factory=deque)
+    inflight: dict[int, int] = field(default_factory=dict)  # batch id -> lowest offset
+    committed: int = -1
+
+
+class Service:
+    """Start with ``await start()`` (or ``async with``), stop with ``await stop()``."""
+
+    def __init__(self, settings: Settings, *, detector: Detector | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.metrics: Metrics = create_metrics(registry)
+        self.grid = TimeGrid(settings.timezone)
+        self.detector = detector
+        self.tables: ContextTables | None = None
+        self.scorer: Scorer | None = None
+        self.batcher = DynamicBatcher(max_size=settings.batch_max_size,
+                                      max_delay_s=settings.batch_max_delay_ms / 1000)
+        self.publisher = OutputPublisher(settings)
+        self.consumer: AIOKafkaConsumer | None = None
+        self.parts: dict[int, PartitionWork] = {}
+        self._process_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self.failed: BaseException | None = None
+        self._stopped = asyncio.Event()
+        self._kafka_ready = False
+        self._joined = False
+        self._paused = False
+        self._batch_ids = itertools.count()
+        #: recent end-to-end latencies in seconds (for summaries and benchmarks)
+        self.latencies: deque[float] = deque(maxlen=200_000)
+        self.http = None
+        from stream.http import HttpServer
+
+        self.http = HttpServer(self.metrics.registry, self.readiness, settings.metrics_host,
+                               settings.metrics_port)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def __aenter__(self) -> Service:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def metrics_port(self) -> int:
+        assert self.http is not None
+        return self.http.port
+
+    def readiness(self) -> dict[str, bool]:
+        return {"model_loaded": self.scorer is not None, "broker_reachable": self._kafka_ready,
+                "partitions_assigned": self._joined}
+
+    async def start(self) -> None:
+        """Serve probes, load the model, connect (retrying until the broker answers)."""
+        assert self.http is not None
+        await self.http.start()
+        loop = asyncio.get_running_loop()
+        if self.detector is None:
+            if self.settings.model_path is None:
+                raise ValueError("no model: pass --model-path (train one with meterwatch train)")
+            self.detector = await loop.run_in_executor(None, lambda: Detector.load(
+                self.settings.model_path, device=self.settings.device,
+                dtype=self.settings.precision))
+        s = self.settings
+        if s.household_info or s.weather or s.holidays:
+            self.tables = ContextTables.from_files(household_csv=s.household_info,
+                                                   weather_csv=s.weather, holidays_csv=s.holidays)
+        self.scorer = Scorer(self.detector, self.tables)
+        self.batcher.cap = min(self.batcher.max_size, self.scorer.memory_cap)
+        self.metrics.model_info.info({"version": self.detector.version,
+                                      "device": str(self.detector.device),
+                                      "threshold": f"{self.detector.threshold:.6g}"})
+        await self._connect()
+        self._tasks = [asyncio.create_task(self._consume_loop(), name="meterwatch-consume"),
+                       asyncio.create_task(self._score_loop(), name="meterwatch-score"),
+                       asyncio.create_task(self._commit_loop(), name="meterwatch-commit")]
+        for t in self._tasks:
+            t.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """A stage that dies takes the service down (loudly) rather than stalling it."""
+        if task.cancelled() or self._stopping.is_set():
+            return
+        exc = task.exception()
+        log.critical("%s failed: %r; stopping the service", task.get_name(), exc,
+                     exc_info=exc)
+        self.failed = exc or RuntimeError(f"{task.get_name()} ended")
+        self._stopping.set()
+
+    async def _connect(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self._connect_once()
+                self._kafka_ready = True
+                return
+            except (KafkaConnectionError, KafkaError, OSError) as exc:
+                await self.publisher.stop()
+                if self.consumer is not None:
+                    with contextlib.suppress(Exception):
+                        await self.consumer.stop()
+                    self.consumer = None
+                log.warning("broker not reachable (%r); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.broker_retry_max_s)
+
+    async def _connect_once(self) -> None:
+        s = self.settings
+        if s.create_topics:
+            topics = {t: s.topic_partitions for t in (s.input_topic, *output_topics(s),
+                                                      s.dead_letter_topic, s.state_topic)}
+            await create_topics(s.bootstrap_servers, topics, compacted=(s.state_topic,),
+                                **{k: v for k, v in s.kafka_options().items()
+                                   if k != "bootstrap_servers"})
+        await self.publisher.start()
+        self.consumer = AIOKafkaConsumer(
+            **s.kafka_options(), group_id=s.group_id, enable_auto_commit=False,
+            auto_offset_reset="earliest", max_poll_records=s.fetch_max_records,
+            fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
+            isolation_level="read_committed", session_timeout_ms=20_000,
+            heartbeat_interval_ms=2_000, max_poll_interval_ms=300_000)
+        await self.consumer.start()
+        self.consumer.subscribe([s.input_topic], listener=_Listener(self))
+
+    async def stop(self) -> None:
+        """Graceful: stop fetching, flush and publish pending days, commit, leave the group.
+
+        Bounded by ``shutdown_timeout_s``; safe to call twice.
+        """
+        if self._stopped.is_set():
+            return
+        self._stopping.set()
+        t0 = time.monotonic()
+        try:
+            await asyncio.wait_for(self._shutdown(), self.settings.shutdown_timeout_s)
+        except asyncio.TimeoutError:
+            log.error("graceful shutdown exceeded %.0f s; stopping hard (replay covers it)",
+                      self.settings.shutdown_timeout_s)
+        finally:
+            for t in self._tasks:
+                t.cancel()
+            for t in self._tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            if self.consumer is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.consumer.stop(), 10)
+            await self.publisher.stop()
+            if self.scorer is not None:
+                self.scorer.close()
+            if self.http is not None:
+                await self.http.stop()
+            self._stopped.set()
+            log.info("stopped in %.2f s", time.monotonic() - t0)
+
+    async def _shutdown(self) -> None:
+        # Step 1: stop fetching (the consume loop checks _stopping); let it finish its batch.
+        if self._tasks:
+            consume = self._tasks[0]
+            consume.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await consume
+        # Step 2: flush every pending batch, publish, commit; then leaving the group (in
+        # consumer.stop) triggers no second settle since nothing is left.
+        if self.consumer is not None and self.parts:
+            await self._settle(set(self.parts), drop=False)
+
+    async def run_until_signalled(self) -> None:
+        """Run until SIGTERM/SIGINT; a second signal exits at once."""
+        loop = asyncio.get_running_loop()
+        hits = 0
+
+        def on_signal() -> None:
+            nonlocal hits
+            hits += 1
+            if hits > 1:
+                log.error("second signal: exiting now")
+                raise SystemExit(1)
+            log.info("signal received: shutting down gracefully")
+            self._stopping.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        await self._stopping.wait()
+        await self.stop()
+
+    # -- consume ---------------------------------------------------------------------------
+    async def _consume_loop(self) -> None:
+        assert self.consumer is not None
+        m = self.metrics
+        s = self.settings
+        while not self._stopping.is_set():
+            try:
+                data = await self.consumer.getmany(timeout_ms=200,
+                                                   max_records=s.fetch_max_records)
+            except KafkaError as exc:
+                log.warning("fetch failed: %r", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for tp, recs in data.items():
+                work = self.parts.get(tp.partition)
+                if not recs:
+                    continue
+                if work is None:  # not recovered (or already revoked): never drop, rewind
+                    with contextlib.suppress(Exception):
+                        self.consumer.seek(tp, recs[0].offset)
+                    continue
+                await self._ingest(tp, work, recs)
+            for tp in self.consumer.assignment():
+                hw = self.consumer.highwater(tp)
+                work = self.parts.get(tp.partition)
+                if hw is not None and work is not None:
+                    m.consumer_lag.labels(tp.topic, str(tp.partition)).set(
+                        max(0, hw - work.position))
+            m.open_days.set(sum(w.assembler.open_days for w in self.parts.values()))
+            if not self._paused and self.batcher.backlog > s.queue_max_days:
+                self.consumer.pause(*self.consumer.assignment())
+                self._paused = True
+                m.paused_partitions.set(len(self.consumer.assignment()))
+                log.info("backpressure: %d days queued, partitions paused", self.batcher.backlog)
+
+    async def _ingest(self, tp: TopicPartition, work: PartitionWork, recs: list) -> None:  # type: ignore[type-arg]
+        m = self.metrics
+        values = [r.value for r in recs]
+        offsets = np.fromiter((r.offset for r in recs), dtype=np.int64, count=len(recs))
+        stamps = np.fromiter((r.timestamp for r in recs), dtype=np.int64, count=len(recs))
+        parsed = parse_records(values, now_s=time.time(), max_future_s=self.settings.max_future_s)
+        m.records.inc(len(recs))
+        if parsed.rejections:
+            dead = []
+            for rej in parsed.rejections:
+                r = recs[rej.index]
+                m.invalid_readings.labels(rej.reason).inc()
+                m.dead_letters.labels(rej.reason).inc()
+                dead.append(dead_letter_record(
+                    self.settings, reason=rej.reason, detail=rej.detail, topic=tp.topic,
+                    partition=tp.partition, offset=r.offset, key=r.key, value=r.value,
+                    timestamp_ms=r.timestamp))
+            await self.publisher.send_all(dead)  # acked before the offset can be committed
+        work.snapshots.append((int(offsets[0]), self._ends(tp.partition)))
+        res = work.assembler.add(parsed, offsets, stamps)
+        work.position = int(offsets[-1]) + 1
+        m.readings.inc(res.accepted)
+        m.duplicate_readings.inc(res.duplicates)
+        m.late_readings.inc(res.late)
+        if len(res.closed):
+            self._count_closed(res.closed)
+            self.batcher.put(tp.partition, res.closed)
+
+    def _count_closed(self, closed: ClosedDays) -> None:
+        status = closed.status
+        self.metrics.days_completed.inc(int((status == 0).sum()))
+        self.metrics.days_imputed.inc(int((status == 1).sum()))
+        self.metrics.days_incomplete.inc(int((status == INCOMPLETE).sum()))
+
+    def _ends(self, partition: int) -> dict[str, int]:
+        return {t: self.publisher.ends.get((t, partition), 0)
+                for t in output_topics(self.settings)}
+
+    # -- score and publish -----------------------------------------------------------------
+    async def _score_loop(self) -> None:
+        while True:
+            batch = await self.batcher.next_batch()
+            async with self._process_lock:
+                await self._process(batch)
+            if self._paused and self.batcher.backlog < self.settings.queue_max_days // 2:
+                assert self.consumer is not None
+                self.consumer.resume(*(tp for tp in self.consumer.assignment()
+                                       if tp.partition in self.parts))
+                self._paused = False
+                self.metrics.paused_partitions.set(0)
+
+    async def _process(self, batch: list[Pending]) -> None:
+        """Score a batch, publish its outputs (steps 1-3 of the protocol)."""
+        assert self.scorer is not None and self.detector is not None
+        m = self.metrics
+        bid = next(self._batch_ids)
+        batch = [p for p in batch if p.partition in self.parts]
+        for p in batch:
+            inflight = self.parts[p.partition].inflight
+            low = int(p.days.first_offset.min())
+            inflight[bid] = min(inflight.get(bid, low), low)
+        try:
+            now = time.monotonic()
+            scoreable = [p.days.select(p.days.status != INCOMPLETE) for p in batch]
+            n = sum(len(d) for d in scoreable)
+            scored = None
+            if n:
+                for p, d in zip(batch, scoreable, strict=True):
+                    if len(d):
+                        m.queue_wait.observe(now - p.enqueued)
+                kwh = np.concatenate([d.kwh for d in scoreable])
+                day = np.concatenate([d.day for d in scoreable])
+                ids = [h for d in scoreable for h in d.household_ids]
+                keys = np.concatenate([(np.int64(p.partition) << 32) + d.household_index
+                                       for p, d in zip(batch, scoreable, strict=True)])
+                state = {k: np.concatenate([
+                    self.parts[p.partition].assembler.households.state_column(k)[d.household_index]
+                    for p, d in zip(batch, scoreable, strict=True)]) for k in STATE_FIELDS}
+                scored = await self.scorer.score(kwh, day, ids, keys, state)
+                m.batch_size.observe(n)
+                m.inferences.inc(n)
+                m.executions.inc()
+                m.inference_seconds.observe(scored.seconds)
+            records: list[list[OutRecord]] = [[], [], []]  # steps 1, 2, 3
+            row = 0
+            for p, d in zip(batch, scoreable, strict=True):
+                self._collect(p, d, scored, row, records)
+                row += len(d)
+            for step in records:
+                await self.publisher.send_all(step)
+            done = time.time() * 1000
+            for p in batch:
+                for ts in p.days.last_ts_ms[p.days.status != INCOMPLETE].tolist():
+                    lat = max(0.0, (done - ts) / 1000)
+                    m.end_to_end_latency.observe(lat)
+                    self.latencies.append(lat)
+        finally:
+            for w in self.parts.values():
+                w.inflight.pop(bid, None)
+
+    def _collect(self, p: Pending, scoreable: ClosedDays, scored, row: int,  # type: ignore[no-untyped-def]
+                 records: list[list[OutRecord]]) -> None:
+        """Write back household state and build the output records of one chunk."""
+        s = self.settings
+        assert self.detector is not None
+        work = self.parts[p.partition]
+        households = work.assembler.households
+        part = None
+        if scored is not None and len(scoreable):
+            sl = slice(row, row + len(scoreable))
+            part = _slice_scored(scored, sl)
+            for k in STATE_FIELDS:
+                households.state_column(k)[scoreable.household_index] = part.state[k]
+        # scored rows first (they align with ``part``), then the incomplete ones
+        days = ClosedDays.concat([p.days.select(p.days.status != INCOMPLETE),
+                                  p.days.select(p.days.status == INCOMPLETE)])
+        docs = build_documents(days, part, days.seq, threshold=self.detector.threshold,
+                               model_version=self.detector.version,
+                               signal_names=SIGNAL_NAMES, grid=self.grid,
+                               top_slots=s.top_slots)
+        partition = p.partition
+        for doc in docs:
+            records[0].append(json_record(s.scores_topic, partition, doc.household_id,
+                                          doc.day_score))
+            if doc.alert is not None:
+                records[1].append(json_record(s.alerts_topic, partition, doc.household_id,
+                                              doc.alert))
+                self.metrics.alerts.inc()
+            if doc.data_quality is not None:
+                records[1].append(json_record(s.data_quality_topic, partition,
+                                              doc.household_id, doc.data_quality))
+        self.metrics.days_scored.inc(len(scoreable))
+        for h in np.unique(p.days.household_index).tolist():
+            records[2].append(json_record(s.state_topic, partition, households.ids[h],
+                                          households.snapshot(h)))
+
+    # -- commit ----------------------------------------------------------------------------
+    async def _commit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.commit_interval_s)
+            try:
+                await self._commit(set(self.parts))
+            except KafkaError as exc:
+                log.warning("commit failed (will retry): %r", exc)
+
+    async def _commit(self, partitions: set[int]) -> None:
+        """Steps 4-6 of the protocol for the given owned partitions."""
+        assert self.consumer is not None
+        s = self.settings
+        marks: list[OutRecord] = []
+        offsets: dict[TopicPartition, int] = {}
+        for p in partitions:
+            work = self.parts.get(p)
+            if work is None:
+                continue
+            candidates = [work.position, work.assembler.low_offset(),
+                          self.batcher.min_offset(p), *work.inflight.values()]
+            c = min(x for x in candidates if x is not None)
+            # the output ends when the record at c was consumed
+            ends = self._ends(p)
+            while work.snapshots and work.snapshots[0][0] <= c:
+                if len(work.snapshots) > 1 and work.snapshots[1][0] <= c:
+                    work.snapshots.popleft()
+                    continue
+                ends = work.snapshots[0][1]
+                break
+            if c == work.committed:
+                continue
+            marks.append(json_record(s.state_topic, p, None,
+                                     {"offset": c, "ends": ends}))
+            marks[-1] = OutRecord(marks[-1].topic, p, MARK_KEY, marks[-1].value)
+            offsets[TopicPartition(s.input_topic, p)] = c
+        if not offsets:
+            return
+        t0 = time.perf_counter()
+        await self.publisher.send_all(marks)
+        await self.consumer.commit(offsets)
+        self.metrics.commit_latency.observe(time.perf_counter() - t0)
+        for tp, c in offsets.items():
+            if tp.partition in self.parts:
+                self.parts[tp.partition].committed = c
+
+    # -- rebalance -------------------------------------------------------------------------
+    async def _settle(self, partitions: set[int], *, drop: bool = True) -> None:
+        """Before partitions leave: score and publish their pending days, commit, forget."""
+        mine = partitions & set(self.parts)
+        if not mine:
+            return
+        async with self._process_lock:
+            while True:
+                batch = self.batcher.take(self.batcher.max_size, partitions=mine)
+                if not batch:
+                    break
+                await self._process(batch)
+        await self._commit(mine)
+        if drop:
+            for p in mine:
+                self.parts.pop(p, None)
+            self.metrics.partitions_assigned.set(len(self.parts))
+
+    async def _recover(self, partitions: set[int]) -> None:
+        """Rebuild owned partitions from the state and output topics (recovery a-d)."""
+        assert self.consumer is not None
+        s = self.settings
+        t0 = time.perf_counter()
+        new = sorted(partitions - set(self.parts))
+        if not new:
+            return
+        state_recs = await read_to_end(s, {(s.state_topic, p): 0 for p in new})
+        works: dict[int, PartitionWork] = {}
+        marks: dict[int, dict] = {}
+        for p in new:
+            asm = DayAssembler(self.grid, grace_s=s.grace_s, max_imputed=s.max_imputed_slots)
+            latest: dict[bytes, bytes] = {}
+            for r in state_recs[(s.state_topic, p)].records:
+                if r.key == MARK_KEY:
+                    marks[p] = orjson.loads(r.value)
+                elif r.key is not None and not r.key.startswith(b"__") and r.value is not None:
+                    latest[r.key] = r.value
+            for key, value in latest.items():
+                asm.households.restore(key.decode(), orjson.loads(value))
+            works[p] = PartitionWork(p, asm, 0)
+        # b./c.: outputs since the marks
+        starts = {}
+        for p in new:
+            ends = marks.get(p, {}).get("ends", {})
+            for t in output_topics(s):
+                starts[(t, p)] = int(ends.get(t, 0))
+        outs = await read_to_end(s, starts)
+        republish: list[OutRecord] = []
+        for p in new:
+            hh = works[p].assembler.households
+            promised: dict[tuple[str, str], dict] = {}
+            for r in outs[(s.scores_topic, p)].records:
+                doc = orjson.loads(r.value)
+                hh.restore_day(doc)
+                if doc.get("alert"):
+                    promised[(s.alerts_topic, doc["household_id"] + doc["date"])] = doc["alert"]
+                if doc["status"] != "scored":
+                    promised[(s.data_quality_topic, doc["household_id"] + doc["date"])] = {
+                        "schema_version": 1, "household_id": doc["household_id"],
+                        "date": doc["date"],
+                        "kind": "incomplete_day" if doc["status"] == "incomplete"
+                        else "imputed_day", "readings": doc["readings"],
+                        "expected_readings": doc["expected_readings"],
+                        "missing_slots": doc["missing_slots"]}
+            present = set()
+            for t in (s.alerts_topic, s.data_quality_topic):
+                for r in outs[(t, p)].records:
+                    d = orjson.loads(r.value)
+                    present.add((t, d["household_id"] + d["date"]))
+            for (t, k), doc in promised.items():
+                if (t, k) not in present:
+                    republish.append(json_record(t, p, doc["household_id"], doc))
+            for t in output_topics(s):
+                self.publisher.ends[(t, p)] = outs[(t, p)].end
+        if republish:
+            log.warning("recovery: republishing %d alert/data-quality records", len(republish))
+            await self.publisher.send_all(republish)
+        # d.: seek and replay
+        committed = {}
+        for p in new:
+            tp = TopicPartition(s.input_topic, p)
+            if p in marks:
+                start = int(marks[p]["offset"])
+            else:
+                c = await self.consumer.committed(tp)
+                start = c if c is not None and c >= 0 else -1
+            if start >= 0:
+                self.consumer.seek(tp, start)
+            else:
+                await self.consumer.seek_to_beginning(tp)
+                start = await self.consumer.position(tp)
+            works[p].position = start
+            works[p].committed = start
+            committed[p] = start
+        self.parts.update(works)
+        self.metrics.partitions_assigned.set(len(self.parts))
+        log.info("recovered partitions %s in %.2f s (start offsets %s, %d republished)", new,
+                 time.perf_counter() - t0, committed, len(republish))
+
+
+class _Listener(ConsumerRebalanceListener):
+    """Settles revoked partitions before the group moves on; recovers assigned ones."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        svc = self.service
+        svc.metrics.rebalances.inc()
+        parts = {tp.partition for tp in revoked}
+        try:
+            await svc._settle(parts)
+        except Exception:  # noqa: BLE001 - never let a settle failure wedge the group
+            log.exception("settling revoked partitions failed; the new owner replays them")
+            for p in parts:
+                svc.parts.pop(p, None)
+            svc.batcher.drop(parts)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        svc = self.service
+        assert svc.consumer is not None
+        # Nothing is fetched for a partition until its state is rebuilt and it is positioned.
+        svc.consumer.pause(*assigned)
+        await svc._recover({tp.partition for tp in assigned})
+        if not svc._paused:
+            svc.consumer.resume(*assigned)
+        svc._joined = True
+        svc.metrics.ready.set(1 if all(svc.readiness().values()) else 0)
+
+
+def _slice_scored(scored, sl: slice):  # type: ignore[no-untyped-def]
+    from stream.scorer import Scored
+
+    return Scored(scored.score[sl], scored.is_alert[sl], scored.expected[sl],
+                  scored.slot_error[sl], scored.signals[sl],
+                  {k: v[sl] for k, v in scored.state.items()}, scored.seconds)

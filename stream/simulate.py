@@ -1,0 +1,121 @@
+"""Producing meter readings to Kafka: synthetic households, as the field sends them.
+
+Readings are keyed by household id (so a household stays on one partition), produced day by
+day, shuffled within each day, a share of them batched as JSON arrays, optionally with
+malformed records mixed in (each with the reason it is malformed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from aiokafka import AIOKafkaProducer
+
+from model import SyntheticData
+
+log = logging.getLogger(__name__)
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+#: Malformed records and the dead-letter reason each must produce.
+MALFORMED = (
+    (b"this is not json", "not_json"),
+    (b'{"household_id": "X1", "ts": "2013-01-01T00:30:00Z"}', "missing_field"),
+    (b'{"household_id": "X1", "ts": "2013-01-01T00:30:00Z", "kwh": -1.5}', "bad_kwh"),
+    (b'{"household_id": "X1", "ts": "yesterday at noon", "kwh": 0.4}', "bad_timestamp"),
+    (b'{"household_id": "X1", "ts": "2013-01-01T00:10:00Z", "kwh": 0.4}', "not_half_hour"),
+    (b'{"household_id": 17, "ts": "2013-01-01T00:30:00Z", "kwh": 0.4}', "bad_household"),
+    (b'[1, 2, 3]', "bad_shape"),
+)
+
+
+def ts_text(epoch_s: int) -> str:
+    return (_EPOCH + dt.timedelta(seconds=int(epoch_s))).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def reading_json(household_id: str, epoch_s: int, kwh: float) -> bytes:
+    return (f'{{"household_id":"{household_id}","ts":"{ts_text(epoch_s)}",'
+            f'"kwh":{kwh:.4f}}}').encode()
+
+
+@dataclass
+class ProduceStats:
+    records: int = 0
+    readings: int = 0
+    malformed: int = 0
+    seconds: float = 0.0
+    #: (household_id, day) -> wall time its last reading was acknowledged
+    last_sent: dict[tuple[str, int], float] = field(default_factory=dict)
+
+
+def day_records(data: SyntheticData, d: int, rng: np.random.Generator, *,
+                array_fraction: float = 0.1) -> Iterator[tuple[bytes, bytes, list[int]]]:
+    """(key, value, household rows) records for day index ``d``, shuffled."""
+    day = int(data.days[d])
+    h_n = len(data.household_ids)
+    order = rng.permutation(h_n * 48)
+    as_array = rng.random(h_n) < array_fraction
+    arrays: dict[int, list[bytes]] = {}
+    for k in order.tolist():
+        h, s = divmod(k, 48)
+        hid = data.household_ids[h]
+        v = float(data.kwh[h, d, s])
+        if np.isnan(v):
+            continue  # a missing reading is simply never sent
+        js = reading_json(hid, day * 86400 + s * 1800, v)
+        if as_array[h]:
+            arrays.setdefault(h, []).append(js)
+            if len(arrays[h]) == 12:  # four arrays of 12 readings per day
+                yield hid.encode(), b"[" + b",".join(arrays.pop(h)) + b"]", [h] * 12
+        else:
+            yield hid.encode(), js, [h]
+    for h, items in arrays.items():
+        yield data.household_ids[h].encode(), b"[" + b",".join(items) + b"]", [h] * len(items)
+
+
+async def produce_synthetic(bootstrap_servers: str, topic: str, data: SyntheticData, *,
+                            days: range | None = None, malformed_every: int = 0,
+                            array_fraction: float = 0.1, seed: int = 0,
+                            producer: AIOKafkaProducer | None = None,
+                            **client: object) -> ProduceStats:
+    """Produce ``data`` (day by day) and wait for every acknowledgement."""
+    rng = np.random.default_rng(seed)
+    own = producer is None
+    if producer is None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all",
+                                    linger_ms=5, max_batch_size=1 << 20, **client)
+        await producer.start()
+    stats = ProduceStats()
+    t0 = time.perf_counter()
+    try:
+        for d in days if days is not None else range(len(data.days)):
+            futures = []
+            keys = []
+            for i, (key, value, rows) in enumerate(day_records(data, d, rng,
+                                                               array_fraction=array_fraction)):
+                futures.append(await producer.send(topic, value, key=key))
+                keys.append(key)
+                stats.records += 1
+                stats.readings += len(rows)
+                if malformed_every and i % malformed_every == malformed_every - 1:
+                    bad, _ = MALFORMED[(i // malformed_every) % len(MALFORMED)]
+                    futures.append(await producer.send(topic, bad, key=key))
+                    keys.append(None)
+                    stats.records += 1
+                    stats.malformed += 1
+            await asyncio.gather(*futures)
+            now = time.time()
+            day = int(data.days[d])
+            for hid in data.household_ids:
+                stats.last_sent[(hid, day)] = now
+    finally:
+        if own:
+            await producer.stop()
+    stats.seconds = time.perf_counter() - t0
+    return stats
