@@ -25,6 +25,7 @@ class Pending:
     partition: int
     days: ClosedDays
     enqueued: float  # time.monotonic()
+    owner: object = None  # the partition state the days came from (stale after a revoke)
 
 
 class DynamicBatcher:
@@ -45,10 +46,10 @@ class DynamicBatcher:
     def backlog(self) -> int:
         return self._backlog
 
-    def put(self, partition: int, days: ClosedDays) -> None:
+    def put(self, partition: int, days: ClosedDays, owner: object = None) -> None:
         if len(days) == 0:
             return
-        self._queue.append(Pending(partition, days, time.monotonic()))
+        self._queue.append(Pending(partition, days, time.monotonic(), owner))
         self._backlog += len(days)
         self._arrived_since_take += len(days)
         self._event.set()
@@ -91,8 +92,8 @@ class DynamicBatcher:
             if len(p.days) > room:
                 head = p.days.select(_first(len(p.days), room))
                 tail = p.days.select(~_first(len(p.days), room))
-                self._queue.appendleft(Pending(p.partition, tail, p.enqueued))
-                p = Pending(p.partition, head, p.enqueued)
+                self._queue.appendleft(Pending(p.partition, tail, p.enqueued, p.owner))
+                p = Pending(p.partition, head, p.enqueued, p.owner)
             out.append(p)
             n += len(p.days)
         self._queue.extendleft(reversed(keep))

@@ -78,6 +78,7 @@ async def _demo(opts: DemoOptions, broker: Broker, t_start: float) -> int:
                         create_topics=True)
     service = Service(settings, detector=detector)
     await service.start()
+    await service.wait_ready()
     print(f"service running: metrics at http://127.0.0.1:{service.metrics_port}/metrics")
     stream_days = range(opts.history_days, opts.history_days + opts.stream_days)
     expected_days = opts.households * opts.stream_days

@@ -183,6 +183,14 @@ class Service:
         self.failed = exc or RuntimeError(f"{task.get_name()} ended")
         self._stopping.set()
 
+    async def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Until /readyz would answer 200 (group joined, partitions recovered)."""
+        deadline = time.monotonic() + timeout_s
+        while not all(self.readiness().values()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not ready after {timeout_s:.0f} s: {self.readiness()}")
+            await asyncio.sleep(0.05)
+
     async def _connect(self) -> None:
         delay = 0.2
         while True:
@@ -213,8 +221,9 @@ class Service:
             **s.kafka_options(), group_id=s.group_id, enable_auto_commit=False,
             auto_offset_reset="earliest", max_poll_records=s.fetch_max_records,
             fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
-            isolation_level="read_committed", session_timeout_ms=20_000,
-            heartbeat_interval_ms=2_000, max_poll_interval_ms=300_000)
+            isolation_level="read_committed", session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=max(500, s.session_timeout_ms // 4),
+            max_poll_interval_ms=300_000)
         await self.consumer.start()
         self.consumer.subscribe([s.input_topic], listener=_Listener(self))
 
@@ -333,6 +342,8 @@ class Service:
                     partition=tp.partition, offset=r.offset, key=r.key, value=r.value,
                     timestamp_ms=r.timestamp))
             await self.publisher.send_all(dead)  # acked before the offset can be committed
+            if self.parts.get(tp.partition) is not work:
+                return  # revoked while we waited: the new owner replays these records
         work.snapshots.append((int(offsets[0]), self._ends(tp.partition)))
         res = work.assembler.add(parsed, offsets, stamps)
         work.position = int(offsets[-1]) + 1
@@ -341,7 +352,7 @@ class Service:
         m.late_readings.inc(res.late)
         if len(res.closed):
             self._count_closed(res.closed)
-            self.batcher.put(tp.partition, res.closed)
+            self.batcher.put(tp.partition, res.closed, owner=work)
 
     def _count_closed(self, closed: ClosedDays) -> None:
         status = closed.status
@@ -371,7 +382,8 @@ class Service:
         assert self.scorer is not None and self.detector is not None
         m = self.metrics
         bid = next(self._batch_ids)
-        batch = [p for p in batch if p.partition in self.parts]
+        # days of a partition revoked since they closed are the new owner's to replay
+        batch = [p for p in batch if self.parts.get(p.partition) is p.owner]
         for p in batch:
             inflight = self.parts[p.partition].inflight
             low = int(p.days.first_offset.min())
