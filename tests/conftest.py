@@ -97,7 +97,7 @@ async def read_topic(settings: Settings, topic: str, *, min_records: int = 0,
                 for r in recs:
                     doc = orjson.loads(r.value)
                     doc.update(_partition=r.partition, _offset=r.offset,
-                               _key=r.key.decode() if r.key else None)
+                               _key=r.key.decode(errors="replace") if r.key else None)
                     out.append(doc)
             if n:
                 quiet_since = time.monotonic()
