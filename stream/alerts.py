@@ -122,7 +122,7 @@ def _span(slots: list[int]) -> str:
     if not slots:
         return "none"
     runs, start, prev = [], slots[0], slots[0]
-    for s in slots[1:] + [None]:  # type: ignore[list-item]
+    for s in [*slots[1:], None]:
         if s is not None and s == prev + 1:
             prev = s
             continue

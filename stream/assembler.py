@@ -24,11 +24,10 @@ Policies (documented in the README, tested in ``tests/test_assembler.py``):
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 from dataclasses import dataclass, field
-
-import dataclasses
 
 import numpy as np
 
@@ -149,9 +148,10 @@ class HouseholdTable:
 
     def lookup(self, households: list[str]) -> np.ndarray:
         """Indices of the households, adding the new ones."""
-        get = self.index.get
-        idx = np.fromiter((get(h, -1) for h in households), dtype=np.int32,
-                          count=len(households))
+        found = list(map(self.index.get, households))
+        if None not in found:
+            return np.array(found, dtype=np.int32)
+        idx = np.array([-1 if i is None else i for i in found], dtype=np.int32)
         missing = np.flatnonzero(idx < 0)
         if len(missing):
             for j in missing:

@@ -128,8 +128,14 @@ async def _run(settings) -> int:  # type: ignore[no-untyped-def]
 
 
 def _train(args: argparse.Namespace) -> int:
-    from model import ContextTables, ModelConfig, SyntheticConfig, TrainConfig, generate
-    from model import train_detector
+    from model import (
+        ContextTables,
+        ModelConfig,
+        SyntheticConfig,
+        TrainConfig,
+        generate,
+        train_detector,
+    )
 
     model_cfg = ModelConfig.reference() if args.preset == "reference" else ModelConfig.default()
     cfg = TrainConfig(model=model_cfg, device=args.device, seed=args.seed,

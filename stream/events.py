@@ -34,6 +34,13 @@ class Reading(BaseModel):
     ts: datetime = Field(description="start of the half-hour, ISO 8601 with a UTC offset")
     kwh: float = Field(ge=0.0, le=MAX_KWH, allow_inf_nan=False)
 
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _iso_string(cls, v: object) -> object:
+        if not isinstance(v, str):
+            raise ValueError("ts must be an ISO 8601 string")
+        return v
+
     @field_validator("ts")
     @classmethod
     def _aware_half_hour(cls, v: datetime) -> datetime:

@@ -12,6 +12,7 @@ The rules are those of ``stream.events.Reading``; ``tests/test_parse.py`` checks
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,7 +27,8 @@ MAX_READINGS_PER_RECORD = 10_000
 #: Records larger than this are rejected before decoding.
 MAX_RECORD_BYTES = 4 * 1024 * 1024
 
-_NUMBER_TYPES = (int, float)
+_NUMBER_TYPES = {int, float}
+_FIELDS = operator.itemgetter("household_id", "ts", "kwh")
 
 
 @dataclass
@@ -80,16 +82,19 @@ def parse_records(values: Sequence[bytes | None], *, now_s: float,
     # Columns. Non-dict elements of an array yield None in every field.
     if docs is None:
         flat = [d if type(d) is dict else {} for d in flat]
-    hh = [d.get("household_id") for d in flat]  # type: ignore[attr-defined]
-    ts_raw = [d.get("ts") for d in flat]  # type: ignore[attr-defined]
-    kwh_raw = [d.get("kwh") for d in flat]  # type: ignore[attr-defined]
+    try:  # every field present (the common case): one C-level pass, then transpose
+        hh, ts_raw, kwh_raw = map(list, zip(*map(_FIELDS, flat), strict=True))
+    except KeyError:
+        hh = [d.get("household_id") for d in flat]  # type: ignore[attr-defined]
+        ts_raw = [d.get("ts") for d in flat]  # type: ignore[attr-defined]
+        kwh_raw = [d.get("kwh") for d in flat]  # type: ignore[attr-defined]
     rec = np.asarray(flat_record, dtype=np.int32)
 
     bad = np.zeros(n, dtype=np.uint8)  # 0 = ok, else index into _REASONS
     details: dict[int, str] = {}
 
     # household_id: a non-empty string of at most MAX_HOUSEHOLD_ID_LEN characters.
-    hh_ok = all(type(h) is str for h in hh) and 0 < min(map(len, hh)) \
+    hh_ok = set(map(type, hh)) == {str} and 0 < min(map(len, hh)) \
         and max(map(len, hh)) <= MAX_HOUSEHOLD_ID_LEN  # type: ignore[arg-type]
     for j, h in ([] if hh_ok else enumerate(hh)):
         if type(h) is not str or not 0 < len(h) <= MAX_HOUSEHOLD_ID_LEN:
@@ -101,7 +106,7 @@ def parse_records(values: Sequence[bytes | None], *, now_s: float,
                 _mark(bad, details, j, "bad_household", f"household_id {h!r:.80}")
 
     # kwh: a finite number in [0, MAX_KWH] (booleans are not numbers here).
-    if all(type(k) in _NUMBER_TYPES for k in kwh_raw):
+    if set(map(type, kwh_raw)) <= _NUMBER_TYPES:
         kwh = np.array(kwh_raw, dtype=np.float64)
         kwh_raw = []
     else:
@@ -170,7 +175,7 @@ def _decode_fast(values: Sequence[bytes | None]) -> list[object] | None:
         docs = [orjson.loads(v) for v in values]  # type: ignore[arg-type]
     except (orjson.JSONDecodeError, TypeError, ValueError):
         return None
-    return docs if all(type(d) is dict for d in docs) else None
+    return docs if set(map(type, docs)) == {dict} else None
 
 
 def _decode_slow(values: Sequence[bytes | None],
@@ -251,7 +256,7 @@ def parse_iso_timestamps(raw: Sequence[object]) -> tuple[np.ndarray, np.ndarray]
     n = len(raw)
     ts = np.zeros(n, dtype=np.int64)
     why = np.zeros(n, dtype=np.uint8)
-    if all(type(s) is str for s in raw):
+    if set(map(type, raw)) == {str}:
         strs: list[str] = raw  # type: ignore[assignment]
     else:
         strs = [s if type(s) is str else "" for s in raw]

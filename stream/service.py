@@ -298,10 +298,14 @@ class Service:
             try:
                 data = await self.consumer.getmany(timeout_ms=200,
                                                    max_records=s.fetch_max_records)
+                self._kafka_ready = True
             except KafkaError as exc:
                 log.warning("fetch failed: %r", exc)
+                self._kafka_ready = False
+                m.ready.set(0)
                 await asyncio.sleep(0.5)
                 continue
+            m.ready.set(1 if all(self.readiness().values()) else 0)
             for tp, recs in data.items():
                 work = self.parts.get(tp.partition)
                 if not recs:
@@ -621,7 +625,7 @@ class _Listener(ConsumerRebalanceListener):
         parts = {tp.partition for tp in revoked}
         try:
             await svc._settle(parts)
-        except Exception:  # noqa: BLE001 - never let a settle failure wedge the group
+        except Exception:
             log.exception("settling revoked partitions failed; the new owner replays them")
             for p in parts:
                 svc.parts.pop(p, None)

@@ -104,7 +104,7 @@ async def produce_synthetic(bootstrap_servers: str, topic: str, data: SyntheticD
                 stats.records += 1
                 stats.readings += len(rows)
                 if malformed_every and i % malformed_every == malformed_every - 1:
-                    bad, _ = MALFORMED[(i // malformed_every) % len(MALFORMED)]
+                    bad, _ = MALFORMED[stats.malformed % len(MALFORMED)]
                     futures.append(await producer.send(topic, bad, key=key))
                     keys.append(None)
                     stats.records += 1

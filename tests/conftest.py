@@ -147,7 +147,7 @@ class ServiceProcess:
         env["METERWATCH_METRICS_PORT"] = str(self.port)
         env["METERWATCH_MODEL_PATH"] = str(self.model_path)
         env["METERWATCH_DEVICE"] = "cpu"
-        log = open(self.log_path or os.devnull, "ab")  # noqa: SIM115
+        log = open(self.log_path or os.devnull, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "run"], env=env,
                                      stdout=log, stderr=subprocess.STDOUT)
         return self

@@ -45,7 +45,8 @@ def _bad_record(rng: random.Random, i: int) -> bytes:
     if kind == 0:
         return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
     if kind == 10:  # NaN / Infinity are not JSON
-        return f'{{"household_id":"{hid}","ts":"{ok_ts}","kwh":{rng.choice(["NaN", "Infinity"])}}}'.encode()
+        bad_number = rng.choice(["NaN", "Infinity"])
+        return f'{{"household_id":"{hid}","ts":"{ok_ts}","kwh":{bad_number}}}'.encode()
     if kind == 11:  # oversized array
         return orjson.dumps([{"household_id": hid, "ts": ok_ts, "kwh": 0.1}] * 10_001)
     return orjson.dumps(docs[kind])
