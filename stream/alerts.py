@@ -43,12 +43,13 @@ def build_documents(days: ClosedDays, scored: Scored | None, seq: np.ndarray, *,
     """One ``Documents`` per closed day; ``scored`` rows align with the non-incomplete days."""
     out: list[Documents] = []
     j = 0  # row in scored
+    gaps = np.isnan(days.kwh).any(axis=1).tolist()
     for i in range(len(days)):
         hid = days.household_ids[i]
         date = day_date(days.day[i])
         status = int(days.status[i])
         kwh = days.kwh[i]
-        missing = np.flatnonzero(np.isnan(kwh)).tolist()
+        missing = np.flatnonzero(np.isnan(kwh)).tolist() if gaps[i] else []
         base = {"schema_version": SCHEMA_VERSION, "household_id": hid, "date": date.isoformat()}
         dq = None
         if status != COMPLETE:

@@ -97,15 +97,9 @@ class ClosedDays:
 
 
 def state_row(columns: dict[str, np.ndarray], i: int) -> dict[str, object]:
-    """Row ``i`` of state columns as JSON-ready values (NaN -> None, vectors -> lists)."""
-    out: dict[str, object] = {}
-    for name, col in columns.items():
-        v = col[i].tolist()
-        if isinstance(v, list):
-            out[name] = [None if x != x else x for x in v]
-        else:
-            out[name] = None if v != v else v
-    return out
+    """Row ``i`` of state columns, for orjson with ``OPT_SERIALIZE_NUMPY`` (numpy scalars
+    and vectors as they are; NaN becomes null)."""
+    return {name: col[i] for name, col in columns.items()}
 
 
 def load_state_row(columns: dict[str, np.ndarray], i: int, doc: dict) -> None:
@@ -114,10 +108,7 @@ def load_state_row(columns: dict[str, np.ndarray], i: int, doc: dict) -> None:
         v = doc.get(name)
         if v is None:
             continue
-        col[i] = np.array(v, dtype=np.float64) if isinstance(v, list) else v
-        if isinstance(v, list):
-            row = col[i]
-            row[np.array([x is None for x in v])] = np.nan
+        col[i] = np.array(v, dtype=np.float64)  # None inside a list becomes NaN
 
 
 @dataclass

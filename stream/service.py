@@ -14,11 +14,14 @@ For each batch of closed days, in this order:
 
 1. publish one **day score** per day to ``scores`` (the ledger; it carries the alert and
    data-quality payloads and the household state after the day) and wait for the acks;
-2. publish the **alerts** and **data-quality** records and wait;
-3. publish the **household state** records (compacted ``state`` topic) and wait.
+2. publish the **alerts** and **data-quality** records and wait.
 
 Every ``commit_interval_s``, for each owned partition:
 
+3. publish the **household state** of every household scored since the last commit
+   (compacted ``state`` topic; one record per household however many days it closed) and
+   wait — a mark may only make a day score unnecessary for recovery once the state that
+   includes it is durable;
 4. compute the safe offset ``C``: the lowest offset still needed by an open day, a day
    waiting in the batcher or a day being scored/published, or the fetch position when none
    is. Offsets never pass a reading whose day has not been emitted;
@@ -94,6 +97,7 @@ class PartitionWork:
     snapshots: deque[tuple[int, dict[str, int]]] = field(default_factory=deque)
     inflight: dict[int, int] = field(default_factory=dict)  # batch id -> lowest offset
     committed: int = -1
+    dirty: set[int] = field(default_factory=set)  # households whose state is not durable
 
 
 class Service:
@@ -414,7 +418,7 @@ class Service:
                 m.inferences.inc(n)
                 m.executions.inc()
                 m.inference_seconds.observe(scored.seconds)
-            records: list[list[OutRecord]] = [[], [], []]  # steps 1, 2, 3
+            records: list[list[OutRecord]] = [[], []]  # steps 1, 2
             row = 0
             for p, d in zip(batch, scoreable, strict=True):
                 self._collect(p, d, scored, row, records)
@@ -463,9 +467,7 @@ class Service:
                 records[1].append(json_record(s.data_quality_topic, partition,
                                               doc.household_id, doc.data_quality))
         self.metrics.days_scored.inc(len(scoreable))
-        for h in np.unique(p.days.household_index).tolist():
-            records[2].append(json_record(s.state_topic, partition, households.ids[h],
-                                          households.snapshot(h)))
+        work.dirty.update(p.days.household_index.tolist())
 
     # -- commit ----------------------------------------------------------------------------
     async def _commit_loop(self) -> None:
@@ -481,11 +483,16 @@ class Service:
         assert self.consumer is not None
         s = self.settings
         marks: list[OutRecord] = []
+        states: list[OutRecord] = []
         offsets: dict[TopicPartition, int] = {}
         for p in partitions:
             work = self.parts.get(p)
             if work is None:
                 continue
+            households = work.assembler.households
+            states.extend(json_record(s.state_topic, p, households.ids[h], households.snapshot(h))
+                          for h in sorted(work.dirty))
+            work.dirty.clear()
             candidates = [work.position, work.assembler.low_offset(),
                           self.batcher.min_offset(p), *work.inflight.values()]
             c = min(x for x in candidates if x is not None)
@@ -503,6 +510,7 @@ class Service:
                                      {"offset": c, "ends": ends}))
             marks[-1] = OutRecord(marks[-1].topic, p, MARK_KEY, marks[-1].value)
             offsets[TopicPartition(s.input_topic, p)] = c
+        await self.publisher.send_all(states)  # step 3
         if not offsets:
             return
         t0 = time.perf_counter()
