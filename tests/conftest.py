@@ -242,4 +242,19 @@ def assert_unique(keys: list[tuple[str, str]]) -> None:
     assert not dupes, f"{len(dupes)} household-days more than once, e.g. {list(dupes)[:5]}"
 
 
+def load_observability():  # type: ignore[no-untyped-def]
+    """deploy/observability.py (the dashboard and rule helpers), imported by path."""
+    import importlib.util
+
+    name = "meterwatch_deploy_observability"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "deploy" / "observability.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 np.seterr(all="ignore")

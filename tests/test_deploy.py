@@ -21,12 +21,10 @@ with the reason, only when it is not installed.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,22 +34,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream.metrics import create_metrics
+from tests.conftest import load_observability
 
-_OBS_PATH = Path(__file__).resolve().parents[1] / "deploy" / "observability.py"
-
-
-def _load_observability():
-    name = "meterwatch_deploy_observability"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _OBS_PATH)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-obs = _load_observability()
+obs = load_observability()
 REPO = obs.REPO
 
 PROMTOOL = shutil.which("promtool")

@@ -23,12 +23,10 @@ What is checked, against the live data:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -40,23 +38,11 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import load_observability
+
 pytestmark = pytest.mark.integration
 
-_OBS_PATH = Path(__file__).resolve().parents[1] / "deploy" / "observability.py"
-
-
-def _load_observability():
-    name = "meterwatch_deploy_observability"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _OBS_PATH)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-obs = _load_observability()
+obs = load_observability()
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
