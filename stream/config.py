@@ -41,6 +41,9 @@ class Settings(BaseSettings):
         "auto", description="idempotent producer: auto = on where the broker supports it")
     session_timeout_ms: int = Field(
         10_000, ge=2000, description="group session timeout (heartbeats every quarter of it)")
+    fetch_max_wait_ms: int = Field(
+        25, ge=0, description="longest a fetch waits for data (brokers that do not wake a "
+        "waiting fetch, like Tansu, add up to this much latency)")
     fetch_max_records: int = Field(5000, ge=1, description="records per fetch")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None

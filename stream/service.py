@@ -224,6 +224,7 @@ class Service:
         self.consumer = AIOKafkaConsumer(
             **s.kafka_options(), group_id=s.group_id, enable_auto_commit=False,
             auto_offset_reset="earliest", max_poll_records=s.fetch_max_records,
+            fetch_max_wait_ms=s.fetch_max_wait_ms,
             fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
             isolation_level="read_committed", session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=max(500, s.session_timeout_ms // 4),
