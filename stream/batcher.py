@@ -11,9 +11,10 @@ measures. The queue is bounded: ``backlog`` is what the consumer compares with
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stream.assembler import ClosedDays
 
@@ -26,6 +27,17 @@ class Pending:
     days: ClosedDays
     enqueued: float  # time.monotonic()
     owner: object = None  # the partition state the days came from (stale after a revoke)
+
+
+@dataclass
+class Batch:
+    """Chunks taken together; they pin their offsets until ``release(batch.id)``."""
+
+    id: int
+    items: list[Pending] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
 
 
 class DynamicBatcher:
@@ -41,6 +53,8 @@ class DynamicBatcher:
         self._backlog = 0
         self._arrived_since_take = 0
         self._event = asyncio.Event()
+        self._taken: dict[int, list[Pending]] = {}  # batch id -> chunks not yet released
+        self._ids = itertools.count()
 
     @property
     def backlog(self) -> int:
@@ -58,10 +72,16 @@ class DynamicBatcher:
         return {p.partition for p in self._queue}
 
     def min_offset(self, partition: int) -> int | None:
-        offs = [int(p.days.first_offset.min()) for p in self._queue if p.partition == partition]
+        """Lowest offset needed by days of ``partition`` queued or taken but not released."""
+        chunks = itertools.chain(self._queue, *self._taken.values())
+        offs = [int(p.days.first_offset.min()) for p in chunks if p.partition == partition]
         return min(offs) if offs else None
 
-    async def next_batch(self) -> list[Pending]:
+    def release(self, batch_id: int) -> None:
+        """The batch's outputs are acknowledged (or it was abandoned to a replay)."""
+        self._taken.pop(batch_id, None)
+
+    async def next_batch(self) -> Batch:
         """Wait for the next batch (never empty)."""
         while True:
             if not self._queue:
@@ -78,8 +98,12 @@ class DynamicBatcher:
             except asyncio.TimeoutError:
                 pass
 
-    def take(self, limit: int, partitions: set[int] | None = None) -> list[Pending]:
-        """Up to ``limit`` days from the head of the queue (whole chunks, split if needed)."""
+    def take(self, limit: int, partitions: set[int] | None = None) -> Batch:
+        """Up to ``limit`` days from the head of the queue (whole chunks, split if needed).
+
+        The days stay pinned (``min_offset``) until ``release``: a batch held by a task that
+        is cancelled before publishing never lets a commit pass its readings.
+        """
         out: list[Pending] = []
         n = 0
         keep: deque[Pending] = deque()
@@ -102,10 +126,15 @@ class DynamicBatcher:
         arrived = self._arrived_since_take
         self._arrived_since_take = 0
         self.target = max(self.min_size, min(self.max_size, self.cap, arrived))
-        return out
+        batch = Batch(next(self._ids), out)
+        if out:
+            self._taken[batch.id] = out
+        return batch
 
     def drop(self, partitions: set[int]) -> int:
         """Forget the pending days of revoked partitions; returns how many."""
+        for bid, chunks in list(self._taken.items()):
+            self._taken[bid] = [p for p in chunks if p.partition not in partitions]
         kept = deque(p for p in self._queue if p.partition not in partitions)
         dropped = self._backlog - sum(len(p.days) for p in kept)
         self._queue = kept

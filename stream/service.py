@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import signal
 import time
@@ -66,7 +65,7 @@ from prometheus_client import CollectorRegistry
 from model import SIGNAL_NAMES, ContextTables, Detector
 from stream.alerts import build_documents
 from stream.assembler import INCOMPLETE, ClosedDays, DayAssembler
-from stream.batcher import DynamicBatcher, Pending
+from stream.batcher import Batch, DynamicBatcher, Pending
 from stream.broker import create_topics
 from stream.config import Settings
 from stream.metrics import Metrics, create_metrics
@@ -95,7 +94,6 @@ class PartitionWork:
     position: int  # next input offset to consume
     #: (input position before a fetch, output end offsets then), oldest first
     snapshots: deque[tuple[int, dict[str, int]]] = field(default_factory=deque)
-    inflight: dict[int, int] = field(default_factory=dict)  # batch id -> lowest offset
     committed: int = -1
     dirty: set[int] = field(default_factory=set)  # households whose state is not durable
 
@@ -124,7 +122,6 @@ class Service:
         self._kafka_ready = False
         self._joined = False
         self._paused = False
-        self._batch_ids = itertools.count()
         #: recent end-to-end latencies in seconds (for summaries and benchmarks)
         self.latencies: deque[float] = deque(maxlen=200_000)
         self.http = None
@@ -386,17 +383,16 @@ class Service:
                 self._paused = False
                 self.metrics.paused_partitions.set(0)
 
-    async def _process(self, batch: list[Pending]) -> None:
-        """Score a batch, publish its outputs (steps 1-3 of the protocol)."""
+    async def _process(self, taken: Batch) -> None:
+        """Score a batch and publish its outputs (steps 1-2 of the protocol).
+
+        Its days pin their offsets in the batcher from ``take`` until the ``release`` below,
+        after the acknowledgements: a commit never passes a day that is being scored.
+        """
         assert self.scorer is not None and self.detector is not None
         m = self.metrics
-        bid = next(self._batch_ids)
         # days of a partition revoked since they closed are the new owner's to replay
-        batch = [p for p in batch if self.parts.get(p.partition) is p.owner]
-        for p in batch:
-            inflight = self.parts[p.partition].inflight
-            low = int(p.days.first_offset.min())
-            inflight[bid] = min(inflight.get(bid, low), low)
+        batch = [p for p in taken.items if self.parts.get(p.partition) is p.owner]
         try:
             now = time.monotonic()
             scoreable = [p.days.select(p.days.status != INCOMPLETE) for p in batch]
@@ -433,8 +429,7 @@ class Service:
                     m.end_to_end_latency.observe(lat)
                     self.latencies.append(lat)
         finally:
-            for w in self.parts.values():
-                w.inflight.pop(bid, None)
+            self.batcher.release(taken.id)
 
     def _collect(self, p: Pending, scoreable: ClosedDays, scored, row: int,  # type: ignore[no-untyped-def]
                  records: list[list[OutRecord]]) -> None:
@@ -495,7 +490,7 @@ class Service:
                           for h in sorted(work.dirty))
             work.dirty.clear()
             candidates = [work.position, work.assembler.low_offset(),
-                          self.batcher.min_offset(p), *work.inflight.values()]
+                          self.batcher.min_offset(p)]
             c = min(x for x in candidates if x is not None)
             # the output ends when the record at c was consumed
             ends = self._ends(p)
@@ -529,10 +524,7 @@ class Service:
         if not mine:
             return
         async with self._process_lock:
-            while True:
-                batch = self.batcher.take(self.batcher.max_size, partitions=mine)
-                if not batch:
-                    break
+            while batch := self.batcher.take(self.batcher.max_size, partitions=mine):
                 await self._process(batch)
         await self._commit(mine)
         if drop:
