@@ -12,8 +12,9 @@ Scoring one batch of N household-days (``Detector.score``), step by step:
    ``raw_error`` their sum.
 4. Four statistics (shape error, largest half-hour error, level ratio, deviation from the
    household's time-of-day profile; ``model.scoring``) become per-household z-scores
-   (shrunk towards the population for households with few days), then tail surprises;
-   ``model_score`` is the largest surprise.
+   (shrunk towards the population for households with few days), then tail surprises
+   (households with few days have maps of their own); ``model_score`` is the largest
+   surprise, less the cold-start offset of a young household.
 5. Data-quality rules (``model.quality``) add ``rule_bonus`` to the score when they fire,
    unless the household's recent ``fault_rate`` says such days are routine for it.
 6. ``is_alert = score >= threshold`` (calibrated for a target false-alarm rate in training).
@@ -85,7 +86,8 @@ class ScoringConfig:
     err_alpha: float = 1 / 30
     # Weight of the newest day in the household's fault rate (~2 months).
     fault_alpha: float = 1 / 60
-    # Pseudo-days of population error statistics blended into a household's own.
+    # Pseudo-days of the population's within-household variance blended into a household's
+    # own variance of each statistic (and of the population's fault rate into its own).
     prior_days: float = 7.0
     # Floors of the per-household standard deviation of each statistic (STAT_NAMES order).
     min_stat_std: tuple[float, ...] = (0.15, 0.15, 0.05, 0.15)
@@ -96,6 +98,10 @@ class ScoringConfig:
     min_profile_days: int = 7
     # Floor of the standard deviation of a block's log share in the profile.
     min_block_std: float = 0.1
+    # The timing statistic averages the squared z-scores of this many most deviant blocks:
+    # three (six hours), as a moved schedule or a missing evening is a few blocks far off,
+    # which the other nine would dilute (checkpoints without this setting used all 12).
+    timing_blocks: int = 3
     # Weight of an alert day in the block profile, relative to a normal day.
     alert_profile_weight: float = 0.25
     # Statistics are winsorised at this many standard deviations before they are absorbed.
@@ -103,10 +109,14 @@ class ScoringConfig:
     # Usable half-hours a day needs to update the household state.
     min_observed: int = 24
 
+    def __post_init__(self) -> None:
+        assert 1 <= self.timing_blocks <= 12, self.timing_blocks
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ScoringConfig:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
+        kw.setdefault("timing_blocks", 12)  # written before the setting existed
         for key in ("min_stat_std", "per_household"):
             if key in kw:
                 kw[key] = tuple(kw[key])
@@ -133,11 +143,12 @@ class DayScores:
         float32: mean squared reconstruction error over usable half-hours (model space).
     model_score
         float32: the model's evidence alone: the largest tail surprise of the per-household
-        z-scores of ``stat_z`` (``-log`` of its training-day survival probability).
+        z-scores of ``stat_z`` (``-log`` of its training-day survival probability), less
+        the cold-start offset for a household with few days (``model.scoring``).
     stat_z
         float32 (N, 4): per-household z-scores of the statistics ``model.scoring.STAT_NAMES``
         (shape, peak, level, timing); says *how* a day is unusual (NaN: not measured, e.g.
-        timing before a household has a profile).
+        timing before a household has a profile, the level ratio on its first day).
     stats
         float32 (N, 4): the statistics themselves.
     is_alert
@@ -353,18 +364,28 @@ class Detector:
         recon = self.reconstruct(inp.x_shape if self.config.shape_input else inp.x,
                                  inp.context)
         ready = state.count >= self.scoring.min_profile_days
+        level_known = np.isfinite(state.level) & (state.level > 0)
         return day_statistics(inp, recon, state.profile_mean, state.profile_var, ready,
-                              self.scoring.min_block_std)
+                              self.scoring.min_block_std, level_known,
+                              self.scoring.timing_blocks)
+
+    def stat_counts(self, count: np.ndarray) -> np.ndarray:
+        """(N, N_STATS) float32: how many days each statistic has been measured on, for
+        households with ``count`` days: shape and peak on every day, the level ratio from
+        the second (the first day sets the level), timing once the profile exists."""
+        c = np.asarray(count, np.float32)
+        return np.stack([c, c, np.maximum(c - 1.0, 0.0),
+                         np.maximum(c - self.scoring.min_profile_days, 0.0)], axis=1)
 
     def zscores(self, stats: np.ndarray, state: HouseholdState) -> tuple[np.ndarray, ...]:
         """Per-household z-scores of ``stats`` (N, N_STATS), shrunk towards the population
-        for households with few days. Returns (z, blended mean, blended std)."""
+        for households with few days (``Calibration.shrink``; a household's own statistics
+        count for as many days as each was measured on, ``stat_counts``).
+        Returns (z, blended mean, blended std)."""
         sc, cal = self.scoring, self.calibration
-        c = state.count.astype(np.float32)[:, None] * np.asarray(sc.per_household, np.float32)
-        k = sc.prior_days
+        c = self.stat_counts(state.count) * np.asarray(sc.per_household, np.float32)
         h_mean, h_var = state.stat_moments()
-        mean = (c * h_mean + k * cal.stat_mean) / (c + k)
-        var = (c * h_var + k * cal.stat_var) / (c + k)
+        mean, var = cal.shrink(c, h_mean, h_var, sc.prior_days)
         std = np.sqrt(np.maximum(var, np.asarray(sc.min_stat_std, np.float32) ** 2))
         z = (stats - mean) / std
         z[:, 2] = np.abs(z[:, 2])  # the level ratio is unusual in both directions
@@ -411,7 +432,7 @@ class Detector:
         inp = model_inputs(kwh, day, household_ids, state.level, tables, sc.max_kwh)
         ds = self.statistics(inp, state)
         z, mean, std = self.zscores(ds.stats, state)
-        model_score = self.calibration.surprise(z).max(axis=1)
+        model_score = self.calibration.model_score(z, state.count)
 
         flags: QualityFlags = check(
             kwh, inp.observed, state.level, max_kwh=sc.max_kwh,
@@ -439,15 +460,16 @@ class Detector:
         enough = inp.observed.sum(axis=1) >= sc.min_observed
         w = sc.winsor_z * std
         capped = np.clip(ds.stats, mean - w, mean + w)  # one wild day teaches only this much
+        counts = self.stat_counts(state.count)
         new_state = absorb(state, inp.day_mean, capped, ds.shares, enough, enough, fault,
-                           sc.level_alpha, sc.err_alpha, sc.fault_alpha)
+                           sc.level_alpha, sc.err_alpha, sc.fault_alpha, stat_counts=counts)
         alerts = np.flatnonzero(is_alert)
         if len(alerts):
             a = state.take(alerts)
             a = absorb(a, inp.day_mean[alerts], capped[alerts], ds.shares[alerts],
                        enough[alerts], enough[alerts], fault[alerts], sc.level_alpha,
                        sc.err_alpha, sc.fault_alpha, sc.alert_level_clip,
-                       sc.alert_profile_weight)
+                       sc.alert_profile_weight, stat_counts=counts[alerts])
             new_state.put(alerts, a)
         return DayScores(
             score=score,

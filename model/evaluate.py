@@ -200,6 +200,78 @@ def run_reference(split: Split, seed: int) -> MethodResult:
     return MethodResult("reference", mse(split.test), threshold, mse(split.calib), hist)
 
 
+def run_cold_start(split: Split, config: TrainConfig, calib_start: int, share: float,
+                   seed: int, n_days: int = 3, every: int = 7) -> dict[str, Any]:
+    """meterwatch on households it has never seen, as the service meets them: a detector
+    trained without a ``share`` of the households scores their first ``n_days`` in the
+    service (from an empty state), the service starting on every ``every``-th test day.
+
+    Returns the false-alarm rate on those clean days with the context tables and without
+    (``tables=None``), and the recall of two gross anomalies on a household's 2nd or later
+    day: the whole day at 5x and a 6-hour zero run (15:00-21:00). A 5x day on the very first
+    day is not tried: without a level of its own, a uniformly scaled day has a normal shape.
+    """
+    d = split.data
+    ids = np.asarray(d.household_ids, dtype=str)
+    uniq = np.unique(ids)
+    rng = np.random.default_rng(seed + 1)
+    new = rng.choice(uniq, max(2, round(share * len(uniq))), replace=False)
+    is_new = np.isin(ids, new)
+    fit = np.concatenate([split.train, split.calib])
+    fit = fit[~is_new[fit]]
+    det = train_detector(d.kwh[fit], d.day[fit], list(ids[fit]), split.tables,
+                         replace(config, calibration_start_day=calib_start))
+
+    test = split.test[is_new[split.test]]  # the new households' clean test days
+    days = np.unique(d.day[test])
+    rows, pid = [], []
+    for start in days[: max(len(days) - n_days + 1, 0): every]:
+        for h in new:
+            r = test[(ids[test] == h) & (d.day[test] >= start) & (d.day[test] < start + n_days)]
+            if len(r) == n_days:  # the household's first n_days in the service
+                rows.append(r[np.argsort(d.day[r], kind="stable")])
+                pid += [f"{h}@{start}"] * n_days
+    rows_a = np.concatenate(rows)
+    pid_a = np.asarray(pid)
+    kwh = d.kwh[rows_a]
+    renamed = ContextTables(
+        acorn_group={p: split.tables.acorn_group[p.split("@")[0]] for p in set(pid)
+                     if p.split("@")[0] in split.tables.acorn_group},
+        tariff={p: split.tables.tariff[p.split("@")[0]] for p in set(pid)
+                if p.split("@")[0] in split.tables.tariff},
+        weather_day=split.tables.weather_day, temp_max=split.tables.temp_max,
+        temp_min=split.tables.temp_min, holidays=split.tables.holidays)
+    out: dict[str, Any] = {"households": len(new), "episodes": len(rows), "days": n_days,
+                           "threshold": det.threshold}
+    pos = np.tile(np.arange(n_days), len(rows))
+    cut = {}
+    for name, tb in (("with_tables", renamed), ("without_tables", None)):
+        clean, _ = det.replay(kwh, d.day[rows_a], list(pid_a), tb)
+        # the score that 1% of these clean days exceed (for threshold-free recall)
+        cut[name] = float(np.quantile(np.nan_to_num(clean.score[pos > 0], nan=-np.inf), 0.99))
+        out[f"far_{name}"] = float(clean.is_alert.mean())
+        out[f"far_{name}_by_day"] = [float(clean.is_alert[pos == k].mean())
+                                     for k in range(n_days)]
+        out[f"far_{name}_model_only"] = float(
+            (clean.is_alert & (clean.score - clean.model_score < det.scoring.rule_bonus / 2))
+            .mean())
+    # gross anomalies on day 2 or later of each episode (one per episode)
+    g_rng = np.random.default_rng(seed + 2)
+    target = np.arange(len(rows)) * n_days + g_rng.integers(1, n_days, len(rows))
+    kind = g_rng.integers(0, 2, len(rows))
+    bad = kwh.copy()
+    bad[target[kind == 0]] *= 5.0
+    bad[target[kind == 1], 30:42] = np.where(np.isnan(bad[target[kind == 1], 30:42]),
+                                             np.nan, 0.0)
+    for name, tb in (("with_tables", renamed), ("without_tables", None)):
+        res, _ = det.replay(bad, d.day[rows_a], list(pid_a), tb)
+        out[f"recall_x5_{name}"] = float(res.is_alert[target[kind == 0]].mean())
+        out[f"recall_zero_6h_{name}"] = float(res.is_alert[target[kind == 1]].mean())
+        out[f"recall_x5_at_1pct_{name}"] = float((res.score[target[kind == 0]]
+                                                  > cut[name]).mean())
+    return out
+
+
 # ---------------------------------------------------------------------------- metrics
 
 
@@ -372,6 +444,26 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
     lines += ["", "Anomalies per type in the test set: " + ", ".join(
         f"{t} {n}" for t, n in summary["type_counts"].items()), ""]
     lines += ["## Targets", ""] + [f"- {t}" for t in summary["targets"]]
+    cs = summary.get("cold_start")
+    if cs:
+        lines += [
+            "", "## Households new to the service (cold start)", "",
+            f"A second detector, trained without {cs['households']} of the households, scores "
+            f"their first {cs['days']} days in the service from an empty state ("
+            f"{cs['episodes']} episodes: the service meeting each of them on every 7th test "
+            "day). False alarms on those clean days, and recall of a 5x day and a 6-hour zero "
+            "run (15:00-21:00) put on the 2nd or 3rd day (a 5x first day has a normal shape "
+            "and no level of its own to compare with: not tried).", "",
+            "| context | false alarms | by day (1st, 2nd, 3rd) | model alerts only | "
+            "5x day recall | 6-hour zero run recall | 5x day recall at 1% false alarms "
+            "(2nd, 3rd days) |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+        for key, label in (("with_tables", "tables"), ("without_tables", "no tables")):
+            lines.append(
+                f"| {label} | {cs[f'far_{key}']:.2%} | "
+                + ", ".join(f"{v:.1%}" for v in cs[f"far_{key}_by_day"])
+                + f" | {cs[f'far_{key}_model_only']:.2%} | {cs[f'recall_x5_{key}']:.3f} | "
+                f"{cs[f'recall_zero_6h_{key}']:.3f} | {cs[f'recall_x5_at_1pct_{key}']:.3f} |")
     lines += ["", "## Figures", "", "- `pr_curves.png`: precision-recall of all methods",
               "- `loss_curves.png`: training and validation loss (meterwatch, reference)",
               "- `alert_gallery.png`: meterwatch's top alert per anomaly type and its top "
@@ -411,7 +503,14 @@ _WHY = {
                   "the household's own schedule betrays it (the `timing` statistic), and "
                   "real schedules vary day to day",
     "evening_drop": "cutting 16:00-22:00 to 20% removes a third of a typical day's use, "
-                    "which real households also do when out for an evening",
+                    "which real households also do when out for an evening. The `timing` "
+                    "statistic ranks these days above clean ones (ROC-AUC about 0.9), but "
+                    "the median such day has a timing z-score of about 1.6 while 1% of "
+                    "clean days exceed 2.3 (2013 sample); the `level` drop (z about 1.2) "
+                    "is within normal day-to-day variation. Neither a scan over adjacent "
+                    "blocks, nor fusing the statistics by sum or log-sum-exp, nor "
+                    "weekday/weekend profiles (real block shares vary only 2% less within "
+                    "them) separated them further",
     "spike": "real households draw 1-3 kWh in a half-hour (showers, ovens), so a single "
              "extra 2 kWh half-hour is often within their normal peaks",
     "erratic": "some real households are as erratic as the injected noise",
@@ -440,6 +539,21 @@ def _notes(summary: dict[str, Any]) -> list[str]:
         "- The reference AE uses its own threshold rule (mean + 2.5 sigma of training "
         "errors), as in the case study.",
     ]
+    cs = summary.get("cold_start")
+    if cs:
+        out.append(
+            "- Cold start: the detector calibrates households with few days on households "
+            "it never trained on (replayed from an empty state, with and without context), "
+            "for the same false-alarm rate as established ones; on a household's first day "
+            "the model abstains unless 100 or more such households were available (the data-"
+            "quality rules still alert). At the threshold the cold-start calibration, made "
+            "on Jan-Sep (holidays included), is conservative for Oct-Dec: 5x-day recall "
+            f"{cs['recall_x5_with_tables']:.2f} at {cs['far_with_tables']:.2%} false alarms; "
+            "at the score that 1% of these households' clean 2nd and 3rd days exceed, "
+            f"{cs['recall_x5_at_1pct_with_tables']:.2f}.")
+    out.append("- The `timing` statistic averages the three most deviant two-hour blocks; "
+               "averaging all twelve (earlier versions) diluted moved schedules: "
+               "`time_shift` had 0.19 recall at 1% FAR on this data then.")
     for t, r in m["per_type_recall_at_1pct_far"].items():
         if r < 0.3:
             out.append(f"- {t}: recall {r:.2f} at 1% FAR, below the 0.3 target: "
@@ -467,6 +581,7 @@ def run(
     config: TrainConfig | None = None,
     methods: Sequence[str] = METHODS,
     command: str = "",
+    cold_households: float = 0.2,
 ) -> dict[str, Any]:
     """The whole evaluation; returns the summary (also written to ``out`` when given)."""
     t0 = time.monotonic()
@@ -528,6 +643,11 @@ def run(
         "targets": check_targets(m) if "meterwatch" in m and len(m) > 1 else [],
         "seconds": time.monotonic() - t0,
     }
+    if "meterwatch" in methods and cold_households > 0:
+        t = time.monotonic()
+        summary["cold_start"] = run_cold_start(split, config, calib_start, cold_households,
+                                               seed)
+        log.info("cold start done in %.1fs: %s", time.monotonic() - t, summary["cold_start"])
     if mw_scores is not None:
         fired = mw_scores.signals[split.labels == 0]
         summary["clean_day_signals"] = {
@@ -556,6 +676,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--cold-households", type=float, default=0.2,
+                   help="share of households kept from a second detector to measure how "
+                        "households new to the service are scored (0: skip)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                                                    "%(message)s")
@@ -564,7 +687,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "meterwatch evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = run(args.data, args.out, calib_start=parse_day(args.calib_start),
                   test_start=parse_day(args.test_start), rate=args.rate, far=args.far,
-                  seed=args.seed, methods=args.methods.split(","), command=command)
+                  seed=args.seed, methods=args.methods.split(","), command=command,
+                  cold_households=args.cold_households)
     for line in summary["targets"]:
         print(line)
     print(f"report: {args.out / 'RESULTS.md'}")

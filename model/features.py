@@ -175,6 +175,36 @@ def context_features(
     return out
 
 
+#: Context columns that come from ``ContextTables.acorn_group``/``tariff`` (household info)
+#: and from the weather table; ``mask_context`` sets them to their "unknown" encoding.
+HOUSEHOLD_COLUMNS = tuple(FEATURE_NAMES.index(n) for n in (
+    "acorn_affluent", "acorn_comfortable", "acorn_adversity", "tariff"))
+WEATHER_COLUMNS = (FEATURE_NAMES.index("temp_max"), FEATURE_NAMES.index("temp_min"))
+WEATHER_MISSING = FEATURE_NAMES.index("weather_missing")
+
+
+def mask_context(context: np.ndarray, household: np.ndarray | None = None,
+                 weather: np.ndarray | None = None) -> np.ndarray:
+    """A copy of ``context`` (N, N_CONTEXT) whose household info (rows ``household``) and
+    weather (rows ``weather``; bool (N,) masks) read "unknown", exactly as
+    ``context_features`` encodes a household absent from the tables or a day without
+    weather (``tables=None`` is both). Training uses it so that the unknown encoding is
+    in-distribution (context dropout).
+
+    >>> c = context_features(np.array([19723]), ["X"], np.array([0.2]))
+    >>> bool((mask_context(c, np.array([True]), np.array([True])) == c).all())
+    True
+    """
+    out = np.array(context, dtype=np.float32, copy=True)
+    if household is not None:
+        out[np.ix_(np.flatnonzero(household), np.array(HOUSEHOLD_COLUMNS))] = 0.0
+    if weather is not None:
+        w = np.flatnonzero(weather)
+        out[np.ix_(w, np.array(WEATHER_COLUMNS))] = 0.0
+        out[w, WEATHER_MISSING] = 1.0
+    return out
+
+
 # ---------------------------------------------------------------------------- model space
 
 

@@ -174,6 +174,7 @@ def absorb(
     fault_alpha: float,
     level_clip: float = np.inf,
     profile_weight: np.ndarray | float = 1.0,
+    stat_counts: np.ndarray | None = None,
 ) -> HouseholdState:
     """The state after one day per household.
 
@@ -187,8 +188,10 @@ def absorb(
     ``fault_rate`` absorbs ``fault`` (a rule fired). Learning only from non-alert days
     would censor the error distribution: shrinking variance, ever more alerts.
     Exponentially weighted updates whose weight starts at ``1 / (count + 1)`` (a plain mean
-    of the first days) and settles at the ``*_alpha`` given. Returns new arrays; ``state``
-    is not modified.
+    of the first days) and settles at the ``*_alpha`` given; for the error statistics the
+    count is ``stat_counts`` (N, N_STATS): how many times each statistic was measured before
+    (the level ratio from the second day, timing once the profile exists; default
+    ``count``). Returns new arrays; ``state`` is not modified.
     """
     new = state.copy()
     c = state.count.astype(np.float32)
@@ -204,14 +207,16 @@ def absorb(
     new.level[m] = np.where(np.isfinite(old), old + a * (target - old), target)
 
     m = np.asarray(stat_mask, dtype=bool)
-    a = np.maximum(1.0 / (c[m] + 1.0), err_alpha)[:, None]  # (M, 1)
+    cs = (np.broadcast_to(c[:, None], stats.shape) if stat_counts is None
+          else np.asarray(stat_counts, np.float32))[m]  # (M, N_STATS)
+    a = np.maximum(1.0 / (cs + 1.0), err_alpha)  # (M, N_STATS)
     mean, var = state.stat_moments()
     x = stats[m]
     ok = np.isfinite(x)
     delta = np.where(ok, x - mean[m], 0.0)
-    # A statistic measured for the first time (timing, once the profile exists) starts
-    # from its value; otherwise the usual update.
-    first = ok & (var[m] == 0) & (mean[m] == 0)
+    # A statistic measured for the first time (the level ratio once the level is known,
+    # timing once the profile exists) starts from its value; otherwise the usual update.
+    first = ok & ((cs == 0) | ((var[m] == 0) & (mean[m] == 0)))
     new_mean = np.where(first, np.nan_to_num(x), mean[m] + a * delta)
     new_var = np.where(first, 0.0, (1.0 - a) * (var[m] + a * delta**2))
     new_var = np.where(ok | first, new_var, var[m])
@@ -220,7 +225,7 @@ def absorb(
         getattr(new, fv)[m] = new_var[:, k]
 
     w = np.broadcast_to(np.asarray(profile_weight, np.float32), c.shape)[m][:, None]
-    ap = a * w
+    ap = np.maximum(1.0 / (c[m] + 1.0), err_alpha)[:, None] * w
     pm, pv = state.profile_mean[m], state.profile_var[m]
     d = shares[m] - pm
     fresh = (c[m] == 0)[:, None]

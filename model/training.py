@@ -2,18 +2,29 @@
 
 ``train_detector`` does, in order:
 
-1. Split by time: the last ``calib_fraction`` of the days are held out for calibration; a
-   random ``val_fraction`` of the rest is the validation set for early stopping.
+1. Split by time: the last ``calib_fraction`` of the days are held out for calibration.
+   Split by household: a ``holdout_households`` share of the households is never trained
+   on; their days are the validation set for early stopping and stand for the households
+   the service will meet that the network has never seen.
 2. Give every day the level its household had *before* it (as the stream would), hiding it
-   for a random ``level_dropout`` share so the network also learns the new-household case.
+   for a random ``level_dropout`` share so the network also learns the new-household case,
+   and hide the household info (ACORN, tariff) and, independently, the weather of a
+   ``context_dropout`` share (context dropout), so that a household absent from the
+   tables, or a service run without them, is in-distribution.
 3. Train the autoencoder: Adam, ReduceLROnPlateau and early stopping on the validation
    loss, mixed precision on CUDA, a checkpoint each epoch (resumed when present), a guard
    against NaN/Inf losses, fixed seeds.
-4. Measure the population's mean and variance of the error statistics on the training days
-   (the prior for households with few days; ``model.scoring``).
-5. Replay the training days in order through the detector (per-household state and all)
-   to learn the tails of the z-scores; then replay all days and set the threshold at the
-   ``1 - target_far`` quantile of the held-out days' model scores (rule alerts excluded).
+4. The prior for households with few days: mean, variance and within-household variance of
+   the error statistics of the unseen households (``model.scoring.Calibration.shrink``).
+5. Replay the training period in order through the detector (per-household state and all)
+   to learn the tails of established households' z-scores.
+6. Cold start: replay the unseen households as if the service met them first on each of
+   their days (from an empty state; with all, some or none of the context), each fold of
+   them against the prior of the other folds, and learn a tail map per bucket of day counts.
+7. Replay all days and set the threshold at the ``1 - target_far`` quantile of the held-out
+   days' model scores (rule alerts excluded; ``tail_quantile``); then offset each
+   cold-start bucket so that new households alert at that rate too (an upper confidence
+   bound over the unseen households).
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,8 +44,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
-from model.detector import Detector, ScoringConfig
-from model.features import ContextTables, ModelInputs, model_inputs
+from model.detector import DayScores, Detector, ScoringConfig
+from model.features import ContextTables, ModelInputs, mask_context, model_inputs
 from model.network import ConditionalAutoencoder, ModelConfig
 from model.scoring import N_BLOCKS, N_STATS, Calibration
 from model.state import HouseholdState, absorb
@@ -58,7 +70,13 @@ class TrainConfig:
     # ReduceLROnPlateau: epochs without improvement before the rate is cut by lr_factor.
     lr_patience: int = 4
     lr_factor: float = 0.3
-    # Share of training-period rows used for early stopping.
+    # Share of households the network never trains on (at least 2, when there are 10 or
+    # more households): their days are the validation set for early stopping and teach the
+    # detector what a household it has never seen looks like (the population prior and the
+    # cold-start tail maps). With fewer households, a random val_fraction of the rows is the
+    # validation set and the training households stand in for unseen ones.
+    holdout_households: float = 0.2
+    # Share of training-period rows used for early stopping when no households are held out.
     val_fraction: float = 0.1
     # Share of the (latest) days held out to calibrate the threshold ...
     calib_fraction: float = 0.25
@@ -68,6 +86,10 @@ class TrainConfig:
     target_far: float = 0.01
     # Share of training days whose level is hidden (teaches the new-household case).
     level_dropout: float = 0.1
+    # Share of training days whose household info (ACORN, tariff) reads "unknown", and,
+    # drawn independently, whose weather does (context dropout): a household absent from the
+    # tables, or a service run without them, must look like something the network has seen.
+    context_dropout: float = 0.2
     # Reconstruction loss: Huber is robust to the anomalies hidden in "mostly normal" data.
     loss: Literal["mse", "huber"] = "huber"
     huber_delta: float = 0.5
@@ -85,6 +107,24 @@ class TrainConfig:
     plot_path: str | None = None
     # Threshold (z units) used while replaying to learn the tails of the z-scores.
     provisional_threshold: float = 3.0
+    # Cold-start buckets of household day counts, each with its own tail map (learnt by
+    # replaying held-out households from an empty state, restarted every
+    # cold_restart_every days); households with at least cold_edges[-1] days use the map
+    # of established households.
+    cold_edges: tuple[int, ...] = (0, 1, 2, 3, 5, 7, 10, 14)
+    cold_restart_every: int = 1
+    # Folds of the unseen households for checking the cold-start calibration on households
+    # it was not fitted on (sets each bucket's offset; fewer than 2: no check).
+    cold_folds: int = 4
+    # Each bucket's threshold is an upper confidence bound (this level, bootstrap over the
+    # unseen households) on the score its new households exceed at target_far; None: the
+    # plain estimate.
+    cold_confidence: float | None = 0.75
+    # A household's first day has nothing of its own to compare with: how unusual it may
+    # look depends on how households differ, and calibrating that at target_far takes many
+    # households. With fewer unseen households than this, the model abstains on first days
+    # (the data-quality rules still alert).
+    first_day_households: int = 100
 
 
 @dataclass
@@ -353,62 +393,266 @@ def train_detector(
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if cfg.device == "auto" else cfg.device))
 
-    # Step 1: split by time.
+    # Step 1: split by time, and hold some households out of training altogether.
     days = np.unique(day)
     n_cal = round(cfg.calib_fraction * len(days)) if len(days) >= 4 else 0
     cutoff = days[-n_cal] if n_cal else days[-1] + 1
     if cfg.calibration_start_day is not None:
         cutoff = cfg.calibration_start_day
+    uniq, hh = np.unique(np.asarray(ids, dtype=str), return_inverse=True)
+    n_out = round(cfg.holdout_households * len(uniq)) if len(uniq) >= 10 else 0
+    n_out = max(n_out, 2) if n_out else 0
+    unseen = np.zeros(len(uniq), bool)
+    unseen[rng.choice(len(uniq), n_out, replace=False)] = True
+    unseen_row = unseen[hh]
     fit_rows = np.flatnonzero(day < cutoff)
     cal_rows = np.flatnonzero(day >= cutoff)
-    is_val = rng.random(len(fit_rows)) < cfg.val_fraction
-    train_rows, val_rows = fit_rows[~is_val], fit_rows[is_val]
+    if n_out:
+        train_rows = fit_rows[~unseen_row[fit_rows]]
+        val_rows = fit_rows[unseen_row[fit_rows]]
+        new_rows = np.flatnonzero(unseen_row)  # every day of the unseen households
+    else:
+        is_val = rng.random(len(fit_rows)) < cfg.val_fraction
+        train_rows, val_rows = fit_rows[~is_val], fit_rows[is_val]
+        new_rows = np.arange(m)
     assert len(train_rows) > 0 and len(val_rows) > 0, (len(train_rows), len(val_rows))
 
-    # Step 2: levels as the stream would know them, some hidden.
+    # Step 2: levels as the stream would know them, some hidden; some context hidden.
     level = trailing_levels(kwh, day, ids, cfg.scoring)
     hidden = rng.random(m) < cfg.level_dropout
     level_train = np.where(hidden, np.nan, level).astype(np.float32)
+    no_household = rng.random(m) < cfg.context_dropout
+    no_weather = rng.random(m) < cfg.context_dropout
 
-    def prep(rows: np.ndarray, lvl: np.ndarray) -> ModelInputs:
-        return model_inputs(kwh[rows], day[rows], [ids[i] for i in rows], lvl[rows], tables,
-                            cfg.scoring.max_kwh)
+    def prep(rows: np.ndarray) -> ModelInputs:
+        inp = model_inputs(kwh[rows], day[rows], [ids[i] for i in rows], level_train[rows],
+                           tables, cfg.scoring.max_kwh)
+        inp.context = mask_context(inp.context, no_household[rows], no_weather[rows])
+        return inp
 
     # Step 3: train.
-    model, history = fit_autoencoder(prep(train_rows, level_train), prep(val_rows, level_train),
-                                     cfg, device)
+    model, history = fit_autoencoder(prep(train_rows), prep(val_rows), cfg, device)
     if cfg.plot_path:
         plot_history(history, cfg.plot_path)
 
-    # Step 4: population statistics of the training days, as the stream would see them
-    # (replayed with per-household state): the prior for households with few days.
+    # Step 4: the population prior for households with few days: statistics of the
+    # households replayed as the stream would (per-household state); of the unseen ones for
+    # the statistics that compare the day with the network's reconstruction (it knows its
+    # training households' shapes), of all for the others (steadier).
     det = Detector(model, threshold=cfg.provisional_threshold, calibration=Calibration.identity(
         np.zeros(N_STATS), np.ones(N_STATS)), scoring=cfg.scoring, device=device)
+    everyone = np.arange(m)
+    det.calibration = _prior(det, kwh, day, ids, tables, everyone, unseen_row)
+
+    # Step 5: the tail map of established households: replay the training period and learn
+    # the tails of their z-scores. A short history has few established days: then the map
+    # also learns from younger households (at least half of the training days).
     fit_ids = [ids[i] for i in fit_rows]
     scores, _ = det.replay(kwh[fit_rows], day[fit_rows], fit_ids, tables)
-    det.calibration = Calibration.identity(np.nanmean(scores.stats, axis=0),
-                                           np.nanvar(scores.stats, axis=0))
+    count = _count_before(scores, cfg.scoring)
+    limit = cfg.cold_edges[-1] if cfg.cold_edges else 0  # established: this many days
+    warm_from = limit
+    while warm_from > 0 and (count >= warm_from).mean() < 0.5:
+        warm_from = max(e for e in [0, *cfg.cold_edges] if e < warm_from)
+    prior = det.calibration
+    det.calibration = prior.with_tails(scores.stat_z[count >= warm_from])
 
-    # Step 5: replay the training days again to learn the tails of the household z-scores,
-    # then everything to calibrate the threshold on the held-out days.
-    scores, _ = det.replay(kwh[fit_rows], day[fit_rows], fit_ids, tables)
-    det.calibration = Calibration.fit_tails(det.calibration.stat_mean,
-                                            det.calibration.stat_var, scores.stat_z)
+    # Step 6: new households. Replay the unseen households as if the service met them
+    # first on each of their days (from an empty state; with all, some or none of the
+    # context), each fold of them with the prior of all other households: a new household
+    # is judged by a network and a prior it did not shape. One tail map per bucket of day
+    # counts that these replays cover well.
+    new_hh = np.unique(hh[new_rows])
+    folds = max(min(cfg.cold_folds, len(new_hh)), 1) if limit else 0
+    fold = np.full(len(uniq), -1)
+    fold[new_hh] = rng.permutation(len(new_hh)) % max(folds, 1)
+    cross: list[tuple[np.ndarray, ...]] = []
+    for f in range(folds):
+        rows = new_rows[fold[hh[new_rows]] == f]
+        rest = everyone[fold[hh] != f] if folds > 1 else everyone
+        det.calibration = replace(_prior(det, kwh, day, ids, tables, rest, unseen_row),
+                                  tail_z=det.calibration.tail_z, tail_s=det.calibration.tail_s)
+        cross.append(cold_start_replay(det, kwh[rows], day[rows], [ids[i] for i in rows],
+                                       tables, limit, cfg.cold_restart_every,
+                                       np.random.default_rng(cfg.seed + 100 + f)))
+    det.calibration = replace(prior, tail_z=det.calibration.tail_z,
+                              tail_s=det.calibration.tail_s)
+    cold_z, cold_count, cold_who, cold_rule = (
+        (np.concatenate(v) for v in zip(*cross, strict=True)) if cross
+        else (np.zeros((0, N_STATS)), np.zeros(0, int), np.zeros(0, str), np.zeros(0, bool)))
+    edges = list(cfg.cold_edges)
+    while len(edges) >= 2 and ((cold_count >= edges[-2]) & (cold_count < edges[-1])).sum() < 50:
+        edges.pop()
+    if len(edges) >= 2:
+        det.calibration = det.calibration.with_cold_tails(edges, cold_z, cold_count)
+        limit = edges[-1]
+    else:
+        edges, limit = [], 0
+
+    # Step 7: replay everything and set the threshold on the held-out days of established
+    # households. Then each cold-start bucket's offset: its days alert at the target rate
+    # too (an upper confidence bound of the rate over the unseen households).
     det.threshold = float(det.calibration.tail_s[-1])  # provisional: rarest training day
     scores, _ = det.replay(kwh, day, ids, tables)
     rows = cal_rows if len(cal_rows) else fit_rows
-    sel = scores.model_score[rows]
-    rule_free = scores.score[rows] - scores.model_score[rows] < cfg.scoring.rule_bonus / 2
-    sel = sel[np.isfinite(sel) & rule_free]
-    det.threshold = float(np.quantile(sel, 1.0 - cfg.target_far))
+    rule_free = scores.score - scores.model_score < cfg.scoring.rule_bonus / 2
+    established = _count_before(scores, cfg.scoring) >= limit
+    ok = np.isfinite(scores.model_score) & rule_free
+    sel = rows[ok[rows] & established[rows]]
+    if len(sel) < 100:
+        sel = rows[ok[rows]]
+    det.threshold = tail_quantile(scores.model_score[sel], cfg.target_far)
+    offsets = np.zeros(max(len(edges) - 1, 0), np.float32)
+    if len(offsets):
+        cold_score = det.calibration.model_score(cold_z, cold_count)
+        b = det.calibration.bucket(cold_count)
+        for k in range(len(offsets)):
+            sel_k = (b == k) & ~cold_rule & np.isfinite(cold_score)
+            if sel_k.sum() < 20:
+                continue
+            offsets[k] = tail_quantile(cold_score[sel_k], cfg.target_far,
+                                       groups=cold_who[sel_k],
+                                       confidence=cfg.cold_confidence,
+                                       seed=cfg.seed + k) - det.threshold
+    if len(offsets) and len(new_hh) < cfg.first_day_households and edges[:2] == [0, 1]:
+        offsets[0] = np.inf  # first days: too few households to calibrate, abstain
+    det.calibration.cold_offset = offsets
     det.info = {
-        "train_days": len(fit_rows), "calibration_days": len(cal_rows),
+        "train_days": len(train_rows), "validation_days": len(val_rows),
+        "calibration_days": len(cal_rows), "unseen_households": int(n_out),
+        "cold_edges": [int(e) for e in edges], "cold_offset": offsets.tolist(),
         "target_far": cfg.target_far, "epochs": len(history.epoch),
         "history": asdict(history), "train_config": _plain(asdict(replace(cfg))),
     }
-    log.info("calibrated threshold %.3f for %.1f%% false alarms on %d held-out days; %r",
-             det.threshold, 100 * cfg.target_far, len(sel), det)
+    log.info("calibrated threshold %.3f for %.1f%% false alarms on %d held-out days, "
+             "cold-start offsets %s; %r", det.threshold, 100 * cfg.target_far, len(sel),
+             np.round(offsets, 2).tolist(), det)
     return det
+
+
+def tail_quantile(x: np.ndarray, p: float, min_exceed: int = 20,
+                  groups: np.ndarray | None = None, confidence: float | None = None,
+                  n_boot: int = 200, seed: int = 0) -> float:
+    """The ``1 - p`` quantile of ``x``. Where fewer than ``min_exceed`` values lie above it,
+    the tail is modelled instead: exponential above the quantile that ``min_exceed`` values
+    exceed (scores are -log probabilities, so their tails are close to exponential), its
+    rate from the mean excess. Far steadier than the few largest values on small sets.
+
+    With ``groups`` (one label per value, e.g. the household) and ``confidence``: an upper
+    confidence bound instead, the ``confidence`` quantile of the estimate over bootstrap
+    resamples of whole groups (values of one household are not independent)."""
+    if groups is not None and confidence is not None:
+        labels, inv = np.unique(groups, return_inverse=True)
+        members = [np.flatnonzero(inv == g) for g in range(len(labels))]
+        rng = np.random.default_rng(seed)
+        est = [tail_quantile(x, p, min_exceed)]
+        for _ in range(n_boot):
+            pick = rng.integers(0, len(labels), len(labels))
+            est.append(tail_quantile(np.concatenate([x[members[g]] for g in pick]), p,
+                                     min_exceed))
+        return float(np.quantile(est, confidence))
+    x = np.sort(np.asarray(x, np.float64))
+    n = len(x)
+    assert n > 0, "no values"
+    if p * n >= min_exceed or n <= min_exceed:
+        return float(np.quantile(x, 1.0 - p))
+    u = float(x[n - min_exceed - 1])
+    mean_excess = float((x[n - min_exceed:] - u).mean())
+    rate = 1.0 / max(mean_excess, 1e-6)
+    return u + float(np.log(min_exceed / (n * p))) / rate
+
+
+#: Statistics measured against the network's reconstruction of the day's shape: it has
+#: learnt its training households' shapes, so their errors understate a new household's
+#: and only unseen households inform the prior of these (level and timing: everyone).
+_SHAPE_STATS = np.array([True, True, False, False])
+
+
+def _prior(det: Detector, kwh: np.ndarray, day: np.ndarray, ids: list[str],
+           tables: ContextTables | None, rows: np.ndarray, unseen: np.ndarray) -> Calibration:
+    """Population mean, variance and within-household variance of the statistics of
+    ``rows``, replayed from an empty state (no tail maps yet); for ``_SHAPE_STATS`` only
+    of the rows of households the network was not trained on (``unseen``, bool (M,))."""
+    who = [ids[i] for i in rows]
+    scores, _ = det.replay(kwh[rows], day[rows], who, tables)
+    x = scores.stats.astype(np.float64)
+    if unseen[rows].any():
+        x[np.ix_(~unseen[rows], _SHAPE_STATS)] = np.nan
+    _, hh = np.unique(np.asarray(who, dtype=str), return_inverse=True)
+    ok = np.isfinite(x)
+    n = np.zeros((hh.max() + 1, N_STATS))
+    total = np.zeros_like(n)
+    np.add.at(n, hh, ok)
+    np.add.at(total, hh, np.where(ok, x, 0.0))
+    h_mean = total / np.maximum(n, 1)
+    sq = np.zeros_like(n)
+    np.add.at(sq, hh, np.where(ok, x - h_mean[hh], 0.0) ** 2)
+    within = sq.sum(axis=0) / np.maximum((n - 1).clip(min=0).sum(axis=0), 1)
+    measured = ok.sum(axis=0) >= 2  # else (timing of a short history): a vague prior
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.where(measured, np.nanmean(x, axis=0), 0.0)
+        var = np.where(measured, np.nanvar(x, axis=0), 1.0)
+    return Calibration.identity(mean, var, np.where(measured, within, 0.5))
+
+
+def _count_before(scores: DayScores, scoring: ScoringConfig) -> np.ndarray:
+    """Each scored day's household ``count`` before the day (replayed rows)."""
+    enough = (~scores.imputed).sum(axis=1) >= scoring.min_observed
+    return scores.state.count - enough.astype(np.int32)
+
+
+def cold_start_replay(
+    det: Detector,
+    kwh: np.ndarray,
+    day: np.ndarray,
+    household_ids: Sequence[str],
+    tables: ContextTables | None,
+    horizon: int,
+    every: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Replay households as if the service met them first on each of several days: from an
+    empty state, for ``horizon`` days, restarting every ``every`` days. A third of the
+    restarts see all of ``tables``, a third lack the household's info (absent from the
+    tables) and a third run without tables, as a service may.
+
+    Returns the z-scores (R, N_STATS), each day's household count before it (R,), its
+    household id (R,) and whether a data-quality rule fired on it (R,).
+    """
+    day = np.asarray(day)
+    ids = np.asarray(household_ids, dtype=str)
+    starts = np.unique(day)[::max(every, 1)]
+    parts = [np.flatnonzero((day >= d0) & (day < d0 + horizon)) for d0 in starts]
+    rows = np.concatenate(parts)
+    run = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+    pid = np.char.add(np.char.add(ids[rows], "\x1f"), run.astype(str))
+    # one context condition per restarted household: 0 all, 1 no household info, 2 none
+    uniq, inv = np.unique(pid, return_inverse=True)
+    cond = rng.integers(0, 3, len(uniq))[inv] if tables is not None else np.full(len(rows), 2)
+    zs, counts, who, rules = [], [], [], []
+    for with_tables in (True, False):
+        sel = np.flatnonzero((cond < 2) if with_tables else (cond == 2))
+        if not len(sel):
+            continue
+        tb = None
+        if with_tables:
+            assert tables is not None
+            known = {p: h for p, h, c in zip(pid[sel], ids[rows[sel]], cond[sel], strict=True)
+                     if c == 0}
+            tb = ContextTables(
+                acorn_group={p: tables.acorn_group[h] for p, h in known.items()
+                             if h in tables.acorn_group},
+                tariff={p: tables.tariff[h] for p, h in known.items() if h in tables.tariff},
+                weather_day=tables.weather_day, temp_max=tables.temp_max,
+                temp_min=tables.temp_min, holidays=tables.holidays)
+        r = rows[sel]
+        out, _ = det.replay(kwh[r], day[r], list(pid[sel]), tb)
+        zs.append(out.stat_z)
+        counts.append(_count_before(out, det.scoring))
+        who.append(ids[r])
+        rules.append(out.score - out.model_score >= det.scoring.rule_bonus / 2)
+    return tuple(np.concatenate(v) for v in (zs, counts, who, rules))  # type: ignore[return-value]
 
 
 def _plain(obj: Any) -> Any:
