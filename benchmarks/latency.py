@@ -208,7 +208,7 @@ async def one_run(b: Any, model_path: Any, name: str, *, order: str, rate: float
             "settings": {k: getattr(settings, k, None) for k in
                          ("batch_max_size", "batch_max_delay_ms", "fetch_max_records",
                           "fetch_max_wait_ms", "commit_interval_s")},
-            "latency_sample_ms": (np.sort(lat)[:: max(1, len(lat) // 2000)] * 1e3).tolist(),
+            "latency_sample_ms": sample_ms(lat),
         }
     finally:
         if prod.is_alive():
@@ -270,7 +270,7 @@ async def kafka_run(b: Any, name: str, *, rate: float, duration_s: float, warmup
             "latencies": len(a), **percentiles_ms(a),
             "mean_ms": float(a.mean() * 1e3), "max_ms": float(a.max() * 1e3),
             "mean_batch_days": float("nan"), "batches": None, "settings": {},
-            "latency_sample_ms": (np.sort(a)[:: max(1, len(a) // 2000)] * 1e3).tolist()}
+            "latency_sample_ms": sample_ms(a)}
 
 
 def service_fetch_wait_ms() -> int:
@@ -278,6 +278,14 @@ def service_fetch_wait_ms() -> int:
     from stream.config import Settings
 
     return int(getattr(Settings(), "fetch_max_wait_ms", 500))
+
+
+def sample_ms(lat: np.ndarray, n: int = 400) -> list[float]:
+    """Up to ``n`` evenly spaced order statistics (ms, 0.01 ms steps), for CDF plots."""
+    if len(lat) == 0:
+        return []
+    idx = np.unique(np.linspace(0, len(lat) - 1, min(n, len(lat))).astype(int))
+    return [round(float(x) * 1e3, 2) for x in np.sort(lat)[idx]]
 
 
 def percentiles_ms(lat: np.ndarray) -> dict[str, float]:

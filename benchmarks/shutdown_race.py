@@ -15,7 +15,7 @@ call of the *first* service (``Scorer._score_sync`` wrapped here; nothing in ``s
 changed) to stand for a slow or busy model: scoring a few thousand days beside a busy event
 loop takes a few hundred ms on this machine (``benchmarks.scorer``), so the window is real.
 
-    python -m benchmarks.shutdown_race [--trials 3 --delay-ms 0,150]
+    python -m benchmarks.shutdown_race [--trials 2 --delay-ms 0,150]
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--trials", type=int, default=2, help="graceful stops per delay")
     p.add_argument("--delay-ms", default="0,150", type=lambda s: [float(x) for x in s.split(",")])
     p.add_argument("--rate", type=float, default=20_000)
     p.add_argument("--duration-s", type=float, default=8.0)
