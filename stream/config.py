@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     model_path: Path | None = Field(None, description="checkpoint (meterwatch train)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    torch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads for CPU inference; default half the cores "
+        "(at most 4), leaving the event loop a core")
     household_info: Path | None = Field(None, description="household info CSV (ACORN, tariff)")
     weather: Path | None = Field(None, description="daily weather CSV")
     holidays: Path | None = Field(None, description="bank holidays CSV")

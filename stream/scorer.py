@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,8 +53,13 @@ class Scored:
 class Scorer:
     """Runs ``Detector.score`` in a worker thread, in waves, splitting on OOM."""
 
-    def __init__(self, detector: Detector, tables: ContextTables | None = None) -> None:
+    def __init__(self, detector: Detector, tables: ContextTables | None = None, *,
+                 torch_threads: int | None = None) -> None:
         self.detector = detector
+        if detector.device.type == "cpu":
+            # torch's default (a thread per core) makes inference fight the event loop for
+            # the cores; benchmarks/RESULTS.md measured 0.27x -> 0.39x throughput with 1.
+            torch.set_num_threads(torch_threads or min(4, max(1, (os.cpu_count() or 2) // 2)))
         self.tables = tables
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meterwatch-score")
         self.memory_cap = self._memory_cap()

@@ -162,7 +162,7 @@ class Service:
         if s.household_info or s.weather or s.holidays:
             self.tables = ContextTables.from_files(household_csv=s.household_info,
                                                    weather_csv=s.weather, holidays_csv=s.holidays)
-        self.scorer = Scorer(self.detector, self.tables)
+        self.scorer = Scorer(self.detector, self.tables, torch_threads=s.torch_threads)
         self.batcher.cap = min(self.batcher.max_size, self.scorer.memory_cap)
         self.metrics.model_info.info({"version": self.detector.version,
                                       "device": str(self.detector.device),
