@@ -16,6 +16,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from stream.assembler import ClosedDays
 
 
@@ -114,8 +116,8 @@ class DynamicBatcher:
                 continue
             room = limit - n
             if len(p.days) > room:
-                head = p.days.select(_first(len(p.days), room))
-                tail = p.days.select(~_first(len(p.days), room))
+                first = np.arange(len(p.days)) < room
+                head, tail = p.days.select(first), p.days.select(~first)
                 self._queue.appendleft(Pending(p.partition, tail, p.enqueued, p.owner))
                 p = Pending(p.partition, head, p.enqueued, p.owner)
             out.append(p)
@@ -141,10 +143,3 @@ class DynamicBatcher:
         self._backlog -= dropped
         return dropped
 
-
-def _first(n: int, k: int):  # type: ignore[no-untyped-def]
-    import numpy as np
-
-    m = np.zeros(n, dtype=bool)
-    m[:k] = True
-    return m

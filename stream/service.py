@@ -68,6 +68,7 @@ from stream.assembler import INCOMPLETE, ClosedDays, DayAssembler
 from stream.batcher import Batch, DynamicBatcher, Pending
 from stream.broker import create_topics
 from stream.config import Settings
+from stream.http import HttpServer
 from stream.metrics import Metrics, create_metrics
 from stream.outputs import (
     MARK_KEY,
@@ -124,9 +125,6 @@ class Service:
         self._paused = False
         #: recent end-to-end latencies in seconds (for summaries and benchmarks)
         self.latencies: deque[float] = deque(maxlen=200_000)
-        self.http = None
-        from stream.http import HttpServer
-
         self.http = HttpServer(self.metrics.registry, self.readiness, settings.metrics_host,
                                settings.metrics_port)
 
@@ -140,7 +138,6 @@ class Service:
 
     @property
     def metrics_port(self) -> int:
-        assert self.http is not None
         return self.http.port
 
     def readiness(self) -> dict[str, bool]:
@@ -149,7 +146,6 @@ class Service:
 
     async def start(self) -> None:
         """Serve probes, load the model, connect (retrying until the broker answers)."""
-        assert self.http is not None
         await self.http.start()
         loop = asyncio.get_running_loop()
         if self.detector is None:
@@ -255,8 +251,7 @@ class Service:
             await self.publisher.stop()
             if self.scorer is not None:
                 self.scorer.close()
-            if self.http is not None:
-                await self.http.stop()
+            await self.http.stop()
             self._stopped.set()
             log.info("stopped in %.2f s", time.monotonic() - t0)
 
