@@ -147,6 +147,9 @@ async def one_run(b: Any, model_path: Any, name: str, *, order: str, rate: float
         duration_s, ready, go, out))
     prod.start()
     await service.start()
+    import torch
+
+    threads_in_run = torch.get_num_threads()  # as the service left it
     try:
         await service.wait_ready(120)
         await asyncio.to_thread(ready.wait, 120)
@@ -188,7 +191,7 @@ async def one_run(b: Any, model_path: Any, name: str, *, order: str, rate: float
         # production (for a service that keeps up, that is the offered load)
         window = t_prod_end - t_warm
         res: dict[str, Any] = {
-            "name": name, "order": order, "offered_rate": rate,
+            "name": name, "order": order, "offered_rate": rate, "torch_threads": threads_in_run,
             "producer": stats, "records": prepared,
             "days_scored": scored,
             "days_per_s": (scored_at_prod_end - scored_at_warm) / window,
@@ -346,7 +349,7 @@ async def measure(b: Any, args: argparse.Namespace, max_rate: float) -> list[dic
                                     **base, **kw)
             finally:
                 torch.set_num_threads(before)
-            res["torch_threads"] = threads or before
+            res["torch_threads_set_by_benchmark"] = threads
         res["load_fraction"] = r / max_rate
         runs.append(res)
         print(f"  {res['days_per_s']:,.0f} days/s ({res['readings_per_s']:,.0f} readings/s), "
