@@ -50,6 +50,16 @@ class Scored:
     seconds: float  # wall time of the model calls
 
 
+def set_cpu_threads(n: int | None = None) -> None:
+    """Intra-op threads for CPU inference: ``n``, or half the cores (at most 4).
+
+    torch's default (a thread per core) makes inference fight the event loop for the cores:
+    benchmarks/RESULTS.md measured 0.27x -> 0.39x throughput with 1 thread on 2 cores. Call
+    it before the model is loaded, so no thread pool is built at the default size first.
+    """
+    torch.set_num_threads(n or min(4, max(1, (os.cpu_count() or 2) // 2)))
+
+
 class Scorer:
     """Runs ``Detector.score`` in a worker thread, in waves, splitting on OOM."""
 
@@ -57,9 +67,7 @@ class Scorer:
                  torch_threads: int | None = None) -> None:
         self.detector = detector
         if detector.device.type == "cpu":
-            # torch's default (a thread per core) makes inference fight the event loop for
-            # the cores; benchmarks/RESULTS.md measured 0.27x -> 0.39x throughput with 1.
-            torch.set_num_threads(torch_threads or min(4, max(1, (os.cpu_count() or 2) // 2)))
+            set_cpu_threads(torch_threads)
         self.tables = tables
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meterwatch-score")
         self.memory_cap = self._memory_cap()

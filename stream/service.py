@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
+import torch
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from prometheus_client import CollectorRegistry
@@ -80,7 +81,7 @@ from stream.outputs import (
 )
 from stream.parse import parse_records
 from stream.recovery import read_to_end
-from stream.scorer import STATE_FIELDS, Scorer
+from stream.scorer import STATE_FIELDS, Scorer, set_cpu_threads
 from stream.timegrid import TimeGrid
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,8 @@ class Service:
         """Serve probes, load the model, connect (retrying until the broker answers)."""
         await self.http.start()
         loop = asyncio.get_running_loop()
+        if self.settings.device == "cpu" or not torch.cuda.is_available():
+            set_cpu_threads(self.settings.torch_threads)
         if self.detector is None:
             if self.settings.model_path is None:
                 raise ValueError("no model: pass --model-path (train one with meterwatch train)")
