@@ -443,8 +443,7 @@ class Service:
             for k in STATE_FIELDS:
                 households.state_column(k)[scoreable.household_index] = part.state[k]
         # scored rows first (they align with ``part``), then the incomplete ones
-        days = ClosedDays.concat([p.days.select(p.days.status != INCOMPLETE),
-                                  p.days.select(p.days.status == INCOMPLETE)])
+        days = ClosedDays.concat([scoreable, p.days.select(p.days.status == INCOMPLETE)])
         docs = build_documents(days, part, days.seq, threshold=self.detector.threshold,
                                model_version=self.detector.version,
                                signal_names=SIGNAL_NAMES, grid=self.grid,
@@ -473,7 +472,7 @@ class Service:
                 log.warning("commit failed (will retry): %r", exc)
 
     async def _commit(self, partitions: set[int]) -> None:
-        """Steps 4-6 of the protocol for the given owned partitions."""
+        """Steps 3-6 of the protocol for the given owned partitions."""
         assert self.consumer is not None
         s = self.settings
         marks: list[OutRecord] = []
@@ -490,19 +489,16 @@ class Service:
             candidates = [work.position, work.assembler.low_offset(),
                           self.batcher.min_offset(p)]
             c = min(x for x in candidates if x is not None)
-            # the output ends when the record at c was consumed
-            ends = self._ends(p)
-            while work.snapshots and work.snapshots[0][0] <= c:
-                if len(work.snapshots) > 1 and work.snapshots[1][0] <= c:
-                    work.snapshots.popleft()
-                    continue
-                ends = work.snapshots[0][1]
-                break
+            # the output ends when the record at c was consumed: the latest snapshot at or
+            # before c (older ones are no longer needed)
+            snaps = work.snapshots
+            while len(snaps) > 1 and snaps[1][0] <= c:
+                snaps.popleft()
+            ends = snaps[0][1] if snaps and snaps[0][0] <= c else self._ends(p)
             if c == work.committed:
                 continue
-            marks.append(json_record(s.state_topic, p, None,
+            marks.append(json_record(s.state_topic, p, MARK_KEY.decode(),
                                      {"offset": c, "ends": ends}))
-            marks[-1] = OutRecord(marks[-1].topic, p, MARK_KEY, marks[-1].value)
             offsets[TopicPartition(s.input_topic, p)] = c
         await self.publisher.send_all(states)  # step 3
         if not offsets:
