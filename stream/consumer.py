@@ -1,0 +1,66 @@
+"""The input consumer: aiokafka's group consumer, minus its per-record objects.
+
+``AIOKafkaConsumer.getmany`` wraps every record in a ``ConsumerRecord`` dataclass built in
+Python (11 fields, a headers tuple, two ``len`` calls). For one-reading-per-record input that
+costs more than everything aiokafka does before it: 1.1 µs per record against 0.2 µs for the
+C-decoded record (measured in ``benchmarks/RESULTS.md``, "raw records").
+
+``raw_records(consumer)`` makes the consumer hand out the decoded records themselves
+(``aiokafka.record``'s ``DefaultRecord``/``LegacyRecord``; they have the same ``offset``,
+``timestamp``, ``key``, ``value`` and ``headers`` attributes). Everything else stays
+aiokafka's: fetch positions, control batches, aborted transactions under
+``read_committed``, CRC checks, pause/seek/rebalance handling. It does so by giving each
+fetched partition's record iterator an identity record factory when the fetcher stores
+it. That touches three private names, so it is feature-checked: with an aiokafka that
+lacks them, or with key/value deserializers set, nothing is changed and ``getmany`` yields
+``ConsumerRecord`` objects as usual (``tests/test_consumer.py`` checks both ways give the
+same records, and that the installed aiokafka takes the fast path).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+
+log = logging.getLogger(__name__)
+
+
+def _same_record(tp: object, record: Any) -> Any:
+    return record
+
+
+class _RawResults(collections.OrderedDict):
+    """The fetcher's ``tp -> FetchResult`` map; patches each result as it is stored."""
+
+    def __setitem__(self, tp: object, result: Any) -> None:
+        records = getattr(result, "_partition_records", None)
+        if records is not None and hasattr(records, "_consumer_record"):
+            records._consumer_record = _same_record
+        super().__setitem__(tp, result)
+
+
+def raw_records(consumer: AIOKafkaConsumer) -> bool:
+    """Switch a started consumer to raw records; True if it took effect.
+
+    Call after ``consumer.start()`` and before the first fetch.
+    """
+    fetcher = getattr(consumer, "_fetcher", None)
+    results = getattr(fetcher, "_records", None)
+    if type(results) is not collections.OrderedDict:
+        log.info("aiokafka internals differ: keeping ConsumerRecord objects")
+        return False
+    if getattr(fetcher, "_key_deserializer", None) or getattr(
+            fetcher, "_value_deserializer", None):
+        return False
+    from aiokafka.consumer import fetcher as fetcher_module
+    if not hasattr(getattr(fetcher_module, "PartitionRecords", None), "_consumer_record"):
+        log.info("aiokafka internals differ: keeping ConsumerRecord objects")
+        return False
+    raw = _RawResults()
+    for tp, result in results.items():
+        raw[tp] = result
+    fetcher._records = raw  # type: ignore[union-attr]
+    return True
