@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = [f"SYN{i:08d}" for i in range(lo, lo + m)]
         household = [h for h in ids for _ in range(k)]
         slots = np.tile(np.arange(k), m)
-        batch = ParsedBatch(household=household, ts=base_ts + slots.astype(np.int64) * 1800,
+        batch = ParsedBatch.of(household=household, ts=base_ts + slots.astype(np.int64) * 1800,
                             kwh=np.full(m * k, 0.25, np.float32),
                             record=np.arange(m * k, dtype=np.int32))
         offsets = np.arange(lo * k, lo * k + m * k, dtype=np.int64)

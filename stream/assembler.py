@@ -102,6 +102,13 @@ def state_row(columns: dict[str, np.ndarray], i: int) -> dict[str, object]:
     return {name: col[i] for name, col in columns.items()}
 
 
+def state_rows(columns: dict[str, np.ndarray]) -> list[dict[str, object]]:
+    """Every row of state columns, as ``state_row`` gives them (one pass per column)."""
+    names = list(columns)
+    return [dict(zip(names, row, strict=True))
+            for row in zip(*(list(c) for c in columns.values()), strict=True)]
+
+
 def load_state_row(columns: dict[str, np.ndarray], i: int, doc: dict) -> None:
     """Inverse of ``state_row`` (missing keys keep their value)."""
     for name, col in columns.items():
@@ -268,7 +275,7 @@ class DayAssembler:
         """Add a parsed batch; ``offsets``/``timestamps_ms`` are per source record."""
         if len(batch) == 0:
             return AddResult(self.close_expired())
-        hh = self.households.lookup(batch.household)
+        hh = self.households.lookup(batch.ids)[batch.id_index]
         day, slot, repeat = self.grid.locate(batch.ts)
         off = offsets[batch.record]
         kts = timestamps_ms[batch.record]

@@ -17,7 +17,7 @@ DAY0 = (dt.date(2013, 1, 7) - dt.date(1970, 1, 1)).days
 def batch(hh: list[str], ts: np.ndarray, kwh: np.ndarray) -> tuple[ParsedBatch, np.ndarray,
                                                                      np.ndarray]:
     n = len(hh)
-    pb = ParsedBatch(hh, ts.astype(np.int64), kwh.astype(np.float32),
+    pb = ParsedBatch.of(hh, ts.astype(np.int64), kwh.astype(np.float32),
                      np.arange(n, dtype=np.int32))
     return pb, np.arange(n, dtype=np.int64) + 1000, np.full(n, 5, dtype=np.int64)
 
@@ -84,9 +84,9 @@ def test_low_offset_tracks_the_oldest_open_day():
     asm = DayAssembler(TimeGrid())
     hh, ts, kwh = readings(2, 1)
     pb, off, kts = batch(hh, ts, kwh)
-    asm.add(ParsedBatch(hh[:47], pb.ts[:47], pb.kwh[:47], pb.record[:47]), off, kts)
+    asm.add(ParsedBatch.of(hh[:47], pb.ts[:47], pb.kwh[:47], pb.record[:47]), off, kts)
     assert asm.low_offset() == 1000
-    asm.add(ParsedBatch(hh[47:48], pb.ts[47:48], pb.kwh[47:48], pb.record[47:48]), off, kts)
+    asm.add(ParsedBatch.of(hh[47:48], pb.ts[47:48], pb.kwh[47:48], pb.record[47:48]), off, kts)
     assert asm.low_offset() is None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -52,6 +53,8 @@ def test_parser_agrees_with_the_schema(docs: list[dict]) -> None:
     batch = parse_records(values, now_s=NOW)
     accepted = set(batch.record.tolist())
     rejected = {r.index for r in batch.rejections}
+    assert all(type(h) is str for h in batch.ids) and len(set(batch.id_index.tolist())) == \
+        len(batch.ids)  # only the ids of accepted readings
     assert accepted.isdisjoint(rejected) and accepted | rejected == set(range(len(docs)))
     for i, doc in enumerate(docs):
         assert (i in accepted) == _schema_accepts(doc), (doc, batch.rejections)
@@ -93,3 +96,55 @@ def test_arrays_keep_their_valid_readings_and_report_the_bad_ones() -> None:
 def test_each_rejection_has_its_reason(value: bytes, reason: str) -> None:
     batch = parse_records([value], now_s=NOW)
     assert len(batch) == 0 and [r.reason for r in batch.rejections] == [reason]
+
+
+# The compact path (bytes read with numpy) must agree with the general one (orjson) exactly.
+ascii_ids = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E),
+                    min_size=0, max_size=70)
+number_texts = st.one_of(
+    st.floats(min_value=0, max_value=2e5, allow_nan=False).map(repr),
+    st.integers(0, 10**17).map(str),
+    st.integers(0, 12).flatmap(lambda p: st.decimals(min_value=0, max_value=1000, places=p)
+                               ).map(lambda d: format(d, "f")),
+    st.sampled_from(["0", "0.0", "00", "01", ".5", "5.", "1.2.3", "-0.5", "1e3", "1E-2", "0.10",
+                     "true", "null", '"1"', "9999999999999999", "123456789012345.6",
+                     "0.000000000000001", "200000.0", "200000.00001", "", " 1"]))
+
+
+@st.composite
+def compact_records(draw):  # type: ignore[no-untyped-def]
+    hh = draw(st.one_of(ascii_ids, st.sampled_from(["MAC000002", "H1", "é", "a\\\\b"])))
+    ts = draw(timestamps.filter(lambda t: isinstance(t, str)))
+    num = draw(number_texts)
+    colon, comma = draw(st.sampled_from([(":", ","), (": ", ", "), (":  ", ","), (":", " ,")]))
+    doc = (f'{{"household_id"{colon}{orjson.dumps(hh).decode()}{comma}"ts"{colon}'
+           f'{orjson.dumps(ts).decode()}{comma}"kwh"{colon}{num}}}')
+    return draw(st.one_of(st.just(doc.encode()), st.just(doc.encode()[:-1]),
+                          st.just((doc + " ").encode()), st.binary(max_size=80)))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(compact_records(), min_size=1, max_size=30))
+def test_compact_path_agrees_with_orjson_path(values: list[bytes]) -> None:
+    from stream.parse import _parse_general
+    fast = parse_records(values, now_s=NOW)
+    slow = _parse_general(values, now_s=NOW, max_future_s=86_400.0)
+    assert fast.household == slow.household
+    assert fast.ts.tolist() == slow.ts.tolist()
+    assert fast.kwh.tobytes() == slow.kwh.tobytes()
+    assert fast.record.tolist() == slow.record.tolist()
+    assert [(r.index, r.reason, r.detail) for r in fast.rejections] == \
+        [(r.index, r.reason, r.detail) for r in slow.rejections]
+
+
+def test_compact_path_reads_the_usual_layouts() -> None:
+    import json
+
+    from stream.parse import _parse_compact
+    doc = {"household_id": "MAC000002", "ts": "2013-01-01T00:30:00Z", "kwh": 0.219}
+    values = [orjson.dumps(doc), json.dumps(doc).encode(), b"[" + orjson.dumps(doc) + b"]"]
+    out = _parse_compact(values, NOW, 86_400.0)
+    assert out is not None
+    batch, rest = out
+    assert batch.record.tolist() == [0, 1] and rest.tolist() == [2]
+    assert batch.kwh.tolist() == [np.float32(0.219)] * 2
