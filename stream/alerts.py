@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stream.assembler import COMPLETE, INCOMPLETE, STATUS_NAMES, ClosedDays, state_row
+from stream.assembler import COMPLETE, INCOMPLETE, STATUS_NAMES, ClosedDays, state_rows
 from stream.events import SCHEMA_VERSION
 from stream.scorer import Scored
 from stream.timegrid import SLOTS, TimeGrid
@@ -44,6 +44,7 @@ def build_documents(days: ClosedDays, scored: Scored | None, seq: np.ndarray, *,
     out: list[Documents] = []
     j = 0  # row in scored
     gaps = np.isnan(days.kwh).any(axis=1).tolist()
+    states = state_rows(scored.state) if scored is not None else []
     for i in range(len(days)):
         hid = days.household_ids[i]
         date = day_date(days.day[i])
@@ -70,7 +71,7 @@ def build_documents(days: ClosedDays, scored: Scored | None, seq: np.ndarray, *,
         if is_alert:
             alert = _alert(base, days, i, scored, j, threshold, model_version, signal_names,
                            grid, top_slots, missing)
-        state = state_row(scored.state, j)
+        state = states[j]
         doc = {**base, "status": STATUS_NAMES[status], "score": score, "threshold": threshold,
                "is_alert": is_alert, "model_version": model_version,
                "readings": int(days.readings[i]), "expected_readings": int(days.expected[i]),

@@ -81,17 +81,38 @@ class OutputPublisher:
             await producer.stop()
 
     async def send_all(self, records: Iterable[OutRecord]) -> None:
-        """Send and wait until every record is acknowledged (raises on failure)."""
-        assert self.producer is not None, "publisher not started"
-        send = self.producer.send
-        futures = [await send(r.topic, r.value, key=r.key, partition=r.partition)
-                   for r in records]
-        if not futures:
+        """Send and wait until every record is acknowledged (raises on failure).
+
+        Records are appended to one record batch per (topic, partition) in their order
+        (``send_batch``: no per-record future, partitioner or accumulator lookup), so the
+        order of each partition is the order given.
+        """
+        producer = self.producer
+        assert producer is not None, "publisher not started"
+        groups: dict[tuple[str, int], list[OutRecord]] = {}
+        for r in records:
+            groups.setdefault((r.topic, r.partition), []).append(r)
+        sent = []  # (topic, partition, future, records in the batch)
+        for (topic, partition), recs in groups.items():
+            batch = producer.create_batch()
+            for r in recs:
+                if batch.append(key=r.key, value=r.value, timestamp=None) is None:
+                    sent.append((topic, partition, await producer.send_batch(
+                        batch, topic, partition=partition), batch.record_count()))
+                    batch = producer.create_batch()
+                    if batch.append(key=r.key, value=r.value, timestamp=None) is None:
+                        raise ValueError(f"record too large for a batch: {len(r.value or b'')}"
+                                         " bytes")
+            sent.append((topic, partition, await producer.send_batch(
+                batch, topic, partition=partition), batch.record_count()))
+        if not sent:
             return
-        for md in await asyncio.gather(*futures):
-            k = (md.topic, md.partition)
-            if md.offset + 1 > self.ends.get(k, -1):
-                self.ends[k] = md.offset + 1
+        metadata = await asyncio.gather(*(f for _, _, f, _ in sent))
+        for (topic, partition, _, count), md in zip(sent, metadata, strict=True):
+            k = (topic, partition)
+            end = md.offset + count
+            if end > self.ends.get(k, -1):
+                self.ends[k] = end
 
 
 def json_record(topic: str, partition: int, key: str | None, doc: object) -> OutRecord:
