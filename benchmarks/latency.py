@@ -20,7 +20,8 @@ Runs (each with a fresh topic and group, the same offered load):
 
 4. ``sweep``: shorter steady runs at lower loads (``--sweep``, shares of the maximum), for
    the latency-against-load curve;
-5. ``steady-t1``: run 1 (shorter) with ``torch.set_num_threads(1)``;
+5. ``steady-thread``: run 1 (shorter) with ``scorer="thread"`` (the model in a worker thread
+   of the service instead of its scorer process);
 6. ``kafka`` and ``kafka-500``: the transport alone, for reference: the same paced stream
    to a bare aiokafka consumer that notes (fetch time - Kafka timestamp) of every record,
    with the service's ``fetch_max_wait_ms`` and with aiokafka's default (500 ms; Tansu
@@ -43,7 +44,7 @@ import numpy as np
 
 from benchmarks import common
 
-RUNS = ("steady", "midnight", "batch-1", "sweep", "steady-t1", "kafka", "kafka-500")
+RUNS = ("steady", "midnight", "batch-1", "sweep", "steady-thread", "kafka", "kafka-500")
 
 
 # ------------------------------------------------------------------ paced producer (child)
@@ -298,7 +299,8 @@ def percentiles_ms(lat: np.ndarray) -> dict[str, float]:
 def default_rate() -> tuple[float, str]:
     last = common.latest_result("throughput")
     if last:
-        rates = [r["records_per_s"] for r in last["runs"] if r["name"].startswith("meterwatch")]
+        rates = [r["records_per_s"] for r in last["runs"]
+                 if r["name"].partition("#")[0] == "meterwatch"]
         if rates:
             m = statistics.median(rates)
             return m, f"meterwatch in the latest throughput run ({last['date']})"
@@ -320,9 +322,9 @@ async def measure(b: Any, args: argparse.Namespace, max_rate: float) -> list[dic
             plan.append((name, rate, args.duration_s / 2,
                          dict(order="household", drain=False, batch_max_size=1,
                               shutdown_timeout_s=5.0)))
-        elif name == "steady-t1":
+        elif name == "steady-thread":
             plan.append((name, rate, args.duration_s / 2, dict(order="household", drain=True,
-                                                               torch_threads=1)))
+                                                               scorer="thread")))
         elif name in ("kafka", "kafka-500"):
             wait = 500 if name == "kafka-500" else service_fetch_wait_ms()
             plan.append((name, rate, args.duration_s / 2, dict(kafka=True,

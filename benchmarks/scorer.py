@@ -138,10 +138,11 @@ async def _contention(path: Any, sizes: list[int], inputs: Any, reps: int
         state = {k: getattr(st, k) for k in STATE_FIELDS}
         keys = np.arange(n, dtype=np.int64)
         row: dict[str, Any] = {"batch": n}
-        for label in ("idle", "busy"):
-            scorer = Scorer(det)
+        for label in ("idle", "busy", "busy_process"):
+            scorer = Scorer(det, process=label == "busy_process")
+            await scorer.start()
             stop = asyncio.Event()
-            task = asyncio.create_task(busy(stop)) if label == "busy" else None
+            task = asyncio.create_task(busy(stop)) if label != "idle" else None
             await asyncio.sleep(0.05)
             times = []
             for _ in range(reps):
@@ -154,10 +155,12 @@ async def _contention(path: Any, sizes: list[int], inputs: Any, reps: int
             scorer.close()
             row[f"{label}_ms"] = float(np.median(times) * 1e3)
         row["slowdown"] = row["busy_ms"] / row["idle_ms"]
+        row["slowdown_process"] = row["busy_process_ms"] / row["idle_ms"]
         rows.append(row)
         print(f"  Scorer.score {n:>6,} days: {row['idle_ms']:8.1f} ms idle, "
               f"{row['busy_ms']:8.1f} ms beside a parsing event loop "
-              f"({row['slowdown']:.1f}x)", flush=True)
+              f"({row['slowdown']:.1f}x), {row['busy_process_ms']:8.1f} ms in a scorer "
+              f"process ({row['slowdown_process']:.1f}x)", flush=True)
     return rows
 
 

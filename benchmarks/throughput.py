@@ -7,18 +7,23 @@ fetch-response highwaters. Then, in one run, on that topic, each with a consumer
 its own and the same fetch sizes as the service:
 
 a.  ``bare``: aiokafka ``getmany`` that only iterates the records (the reference, 1.00x);
+a1. ``bare-gc``: the same with the garbage-collector settings the service runs with
+    (``stream.service._GcTuning``: gen-0 threshold 50,000, start-up objects frozen), to show
+    how much of meterwatch's margin is that setting;
 a2. ``bare-async-for``: the same through ``async for msg in consumer`` (per-record API);
 o.  ``orjson``: ``getmany`` + ``orjson.loads`` of every value;
 b.  ``per-record``: ``async for`` + ``orjson`` + a dict-of-lists day assembly (the usual
     hand-written baseline);
-c.  ``meterwatch``: ``stream.service.Service`` in-process until every day is scored;
-c1. ``meterwatch-t1``: the same with ``torch.set_num_threads(1)`` (the service leaves torch
-    at its default, one thread per core, which the event loop and broker share).
+c.  ``meterwatch``: ``stream.service.Service`` in-process until every day is scored (model in
+    its scorer process, the default);
+c1. ``meterwatch-thread``: the same with ``scorer="thread"`` (the model in a worker thread of
+    the service's process).
 
 Rates are records (= readings) per second between the first record fetched and the last one
 handled (for meterwatch: the last day scored and published), so group joins are not
 counted. Beside wall-clock rates, records per CPU-second of this process (all its threads,
-group join included) are given: on a shared machine they move less than wall-clock rates.
+group join included, plus the scorer process once it has exited) are given: on a shared
+machine they move less than wall-clock rates.
 A second meterwatch run under pyinstrument follows (not timed; ``--no-profile`` skips it).
 
     python -m benchmarks.throughput [--households 2000 --days 14 --partitions 8]
@@ -46,7 +51,8 @@ FETCH = dict(fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
              isolation_level="read_committed")
 MAX_RECORDS = 5000  # the service's fetch_max_records default
 DEVICE = {"device": "cpu"}  # --device
-RUNS = ("bare", "bare-async-for", "orjson", "per-record", "meterwatch", "meterwatch-t1")
+RUNS = ("bare", "bare-gc", "bare-async-for", "orjson", "per-record", "meterwatch",
+        "meterwatch-thread")
 
 
 def _consumer(bootstrap: str, topic: str, **kw: Any) -> AIOKafkaConsumer:
@@ -56,11 +62,16 @@ def _consumer(bootstrap: str, topic: str, **kw: Any) -> AIOKafkaConsumer:
                             **FETCH, **kw)
 
 
-async def run_bare(bootstrap: str, topic: str, total: int) -> dict[str, float]:
+async def run_bare(bootstrap: str, topic: str, total: int, *,
+                   gc_tuned: bool = False) -> dict[str, float]:
+    from stream.service import _GC
+
     c = _consumer(bootstrap, topic)
     await c.start()
     n = 0
     t_first = None
+    if gc_tuned:
+        _GC.acquire(50_000)
     try:
         while n < total:
             data = await c.getmany(timeout_ms=200, max_records=MAX_RECORDS)
@@ -71,6 +82,8 @@ async def run_bare(bootstrap: str, topic: str, total: int) -> dict[str, float]:
                     n += 1
         t_end = time.perf_counter()
     finally:
+        if gc_tuned:
+            _GC.release()
         await c.stop()
     assert t_first is not None
     return {"records": n, "seconds": t_end - t_first}
@@ -270,11 +283,11 @@ async def measure(b: Any, args: argparse.Namespace, topic: str, prod: dict[str, 
                 coro.close()
                 return {}
             cpu0 = common.cpu_times(broker_pid)
-            own0 = common.cpu_times(os.getpid())
+            own0 = common.cpu_times(os.getpid()) + _children_cpu()
             r = await coro
             r["broker_cpu_s"] = common.cpu_times(broker_pid) - cpu0
             # includes joining the group and waiting for the first fetch: an upper bound
-            r["process_cpu_s"] = common.cpu_times(os.getpid()) - own0
+            r["process_cpu_s"] = common.cpu_times(os.getpid()) + _children_cpu() - own0
             r["name"] = label
             r["cpu_per_wall"] = r["process_cpu_s"] / r["seconds"]
             r["records_per_s"] = r["records"] / r["seconds"]
@@ -287,21 +300,16 @@ async def measure(b: Any, args: argparse.Namespace, topic: str, prod: dict[str, 
         for rep in range(args.repeats):
             suffix = f"#{rep + 1}" if args.repeats > 1 else ""
             await timed("bare" + suffix, run_bare(bootstrap, topic, total))
+            await timed("bare-gc" + suffix,
+                        run_bare(bootstrap, topic, total, gc_tuned=True))
             await timed("bare-async-for" + suffix, run_bare_async_for(bootstrap, topic, total))
             await timed("orjson" + suffix, run_orjson(bootstrap, topic, total))
             await timed("per-record" + suffix, run_per_record(bootstrap, topic, total))
             await timed("meterwatch" + suffix,
                         run_service(b, topic, total, days, model_path, **overrides))
-            if "meterwatch-t1" in args.runs:  # the same with torch on one thread
-                import torch
-
-                threads = torch.get_num_threads()
-                torch.set_num_threads(1)
-                try:
-                    await timed("meterwatch-t1" + suffix,
-                                run_service(b, topic, total, days, model_path, **overrides))
-                finally:
-                    torch.set_num_threads(threads)
+            await timed("meterwatch-thread" + suffix,
+                        run_service(b, topic, total, days, model_path,
+                                    **{**overrides, "scorer": "thread"}))
         profile_rows: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
         prof_seconds = None
         if args.profile:
@@ -395,6 +403,14 @@ def main(argv: list[str] | None = None) -> int:
                             for x in result["profile_inclusive"][:15]]))
     common.save_result("throughput", result)
     return 0
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's exited children (the scorer process after a run)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def torch_threads() -> int:

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="intra-op threads for CPU inference; default half the cores "
         "(at most 4), leaving the event loop a core")
+    scorer: Literal["process", "thread"] = Field(
+        "process", description="where the model runs: a worker process (the event loop keeps "
+        "its interpreter; ~2-4 s to start) or a worker thread of the service")
     household_info: Path | None = Field(None, description="household info CSV (ACORN, tariff)")
     weather: Path | None = Field(None, description="daily weather CSV")
     holidays: Path | None = Field(None, description="bank holidays CSV")
@@ -80,6 +83,9 @@ class Settings(BaseSettings):
     top_slots: int = Field(6, ge=1, le=48, description="half-hours listed in an alert")
 
     # Operations
+    gc_gen0_threshold: int = Field(
+        50_000, ge=0, description="garbage-collector gen-0 threshold while the service runs "
+        "(0 leaves Python's default, 700); start-up objects are also frozen out of collections")
     commit_interval_s: float = Field(1.0, gt=0, description="offset commit period")
     metrics_host: str = Field("0.0.0.0", description="bind address of /metrics and probes")
     metrics_port: int = Field(9464, ge=0, le=65535, description="0 = pick a free port")

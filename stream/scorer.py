@@ -1,9 +1,17 @@
 """Scoring closed days with the detector, off the event loop.
 
 The detector (``model.Detector``) is loaded once and stays resident on its device (GPU when
-CUDA is available, else CPU). Every batch runs in one dedicated worker thread, so the event
-loop keeps fetching and heartbeating while the model works (aiokafka issue #678: CPU work on
-the loop starves heartbeats). Torch releases the GIL inside its kernels.
+CUDA is available, else CPU). Batches run in one dedicated worker, so the event loop keeps
+fetching and heartbeating while the model works (aiokafka issue #678: CPU work on the loop
+starves heartbeats). The worker is
+
+- a **process** (``scorer="process"``, the default): the detector is rebuilt there from its
+  checkpoint (it alone touches the GPU) and batches travel as numpy arrays through a pipe.
+  The event loop keeps its interpreter to itself: with a worker thread, the Python parts of
+  scoring (feature building, waves, state) took the GIL from parsing and fetching, and model
+  time in the service was 10x its standalone time (benchmarks/RESULTS.md, section 1);
+- or a **thread** (``scorer="thread"``): no start-up cost (~2-4 s to spawn and load), for
+  tests and small deployments. Torch releases the GIL inside its kernels.
 
 A household that has two days in one batch is scored in *waves*: its second day sees the
 household state updated by its first, exactly as if the days had come in separate batches.
@@ -17,9 +25,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import multiprocessing
 import os
+import signal
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +59,7 @@ class Scored:
     signals: np.ndarray  # uint8 bitmask, names in Detector's SIGNAL_NAMES
     state: dict[str, np.ndarray]  # household state after each day
     seconds: float  # wall time of the model calls
+    memory_cap: int  # the batch cap after this call (lowered by CUDA out-of-memory splits)
 
 
 def set_cpu_threads(n: int | None = None) -> None:
@@ -61,15 +73,65 @@ def set_cpu_threads(n: int | None = None) -> None:
 
 
 class Scorer:
-    """Runs ``Detector.score`` in a worker thread, in waves, splitting on OOM."""
+    """Scores batches in a worker thread or process (see the module docstring)."""
 
     def __init__(self, detector: Detector, tables: ContextTables | None = None, *,
-                 torch_threads: int | None = None) -> None:
+                 torch_threads: int | None = None, process: bool = False,
+                 device: str | None = None, dtype: str | None = None) -> None:
+        """``device``/``dtype`` (a process only): where the process puts its copy of the
+        detector; default the detector's own."""
         self.detector = detector
-        if detector.device.type == "cpu":
-            set_cpu_threads(torch_threads)
         self.tables = tables
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meterwatch-score")
+        self.process = process
+        self.device = str(device or detector.device) if process else str(detector.device)
+        self._dtype = dtype or detector.dtype_name
+        self._torch_threads = torch_threads
+        self._worker: _Worker | None = None
+        self._executor: Executor | None = None
+        self.memory_cap = 0
+
+    async def start(self) -> None:
+        """Start the worker (for a process: spawn it and load the model there)."""
+        loop = asyncio.get_running_loop()
+        if self.process:
+            det = self.detector
+            self._executor = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_process,
+                initargs=(det.checkpoint(), self.device, self._dtype, self.tables,
+                          self._torch_threads, os.getpid()))
+            self.memory_cap, self.device = await loop.run_in_executor(self._executor,
+                                                                      _process_info)
+        else:
+            if self.detector.device.type == "cpu":
+                set_cpu_threads(self._torch_threads)
+            self._worker = _Worker(self.detector, self.tables)
+            self._executor = ThreadPoolExecutor(max_workers=1,
+                                                thread_name_prefix="meterwatch-score")
+            self.memory_cap = self._worker.memory_cap
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def score(self, kwh: np.ndarray, day: np.ndarray, household_ids: list[str],
+                    keys: np.ndarray, state: dict[str, np.ndarray]) -> Scored:
+        """Score days; ``keys`` identify households (equal key = same household)."""
+        assert self._executor is not None, "scorer not started"
+        loop = asyncio.get_running_loop()
+        fn = self._worker.score if self._worker is not None else _process_score
+        scored = await loop.run_in_executor(self._executor, fn, kwh, day, household_ids, keys,
+                                            state)
+        self.memory_cap = scored.memory_cap
+        return scored
+
+
+class _Worker:
+    """The detector's side of the scorer: waves, OOM splits, the batch cap."""
+
+    def __init__(self, detector: Detector, tables: ContextTables | None) -> None:
+        self.detector = detector
+        self.tables = tables
         self.memory_cap = self._memory_cap()
 
     def _memory_cap(self) -> int:
@@ -80,18 +142,8 @@ class Scorer:
             free = psutil.virtual_memory().available
         return max(256, int(free * 0.5 // _BYTES_PER_DAY))
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
-
-    async def score(self, kwh: np.ndarray, day: np.ndarray, household_ids: list[str],
-                    keys: np.ndarray, state: dict[str, np.ndarray]) -> Scored:
-        """Score days; ``keys`` identify households (equal key = same household)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._score_sync, kwh, day,
-                                          household_ids, keys, state)
-
-    def _score_sync(self, kwh: np.ndarray, day: np.ndarray, household_ids: list[str],
-                    keys: np.ndarray, state: dict[str, np.ndarray]) -> Scored:
+    def score(self, kwh: np.ndarray, day: np.ndarray, household_ids: list[str],
+              keys: np.ndarray, state: dict[str, np.ndarray]) -> Scored:
         t0 = time.perf_counter()
         n = len(day)
         # Order each household's days by date; wave w holds every household's w-th day.
@@ -127,7 +179,7 @@ class Scorer:
                 out_state[k][idx] = new
                 cur[k][follow[has]] = new[has]
         return Scored(score, alert, expected, slot_err, signals, out_state,
-                      time.perf_counter() - t0)
+                      time.perf_counter() - t0, self.memory_cap)
 
     def _score_split(self, kwh: np.ndarray, day: np.ndarray, ids: list[str],
                      st: HouseholdState):  # type: ignore[no-untyped-def]
@@ -145,6 +197,54 @@ class Scorer:
             b = self._score_split(kwh[half:], day[half:], ids[half:],
                                   st.take(np.arange(half, len(day))))
             return _concat_scores(a, b)
+
+
+# The worker process: one detector per process, built by the pool's initializer.
+_PROCESS_WORKER: _Worker | None = None
+
+
+def _init_process(checkpoint: dict, device: str, dtype: str, tables: ContextTables | None,
+                  torch_threads: int | None, parent: int) -> None:
+    global _PROCESS_WORKER
+    _die_with(parent)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s "
+                        "(scorer process): %(message)s")
+    if device == "cpu":
+        set_cpu_threads(torch_threads)
+    detector = Detector.from_checkpoint(checkpoint, device=device, dtype=dtype)  # type: ignore[arg-type]
+    _PROCESS_WORKER = _Worker(detector, tables)
+
+
+def _die_with(parent: int) -> None:
+    """End this process when ``parent`` ends, however it ends (a SIGKILLed service must not
+    leave its scorer behind): Linux's parent-death signal, and a watcher thread elsewhere."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    if os.getppid() != parent:  # died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=watch, name="meterwatch-parent-watch", daemon=True).start()
+
+
+def _process_info() -> tuple[int, str]:
+    assert _PROCESS_WORKER is not None
+    return _PROCESS_WORKER.memory_cap, str(_PROCESS_WORKER.detector.device)
+
+
+def _process_score(kwh: np.ndarray, day: np.ndarray, household_ids: list[str], keys: np.ndarray,
+                   state: dict[str, np.ndarray]) -> Scored:
+    assert _PROCESS_WORKER is not None
+    return _PROCESS_WORKER.score(kwh, day, household_ids, keys, state)
 
 
 def _concat_scores(a, b):  # type: ignore[no-untyped-def]

@@ -50,7 +50,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import operator
 import signal
 import time
 from collections import deque
@@ -69,6 +71,7 @@ from stream.assembler import INCOMPLETE, ClosedDays, DayAssembler
 from stream.batcher import Batch, DynamicBatcher, Pending
 from stream.broker import create_topics
 from stream.config import Settings
+from stream.consumer import raw_records
 from stream.http import HttpServer
 from stream.metrics import Metrics, create_metrics
 from stream.outputs import (
@@ -85,6 +88,8 @@ from stream.scorer import STATE_FIELDS, Scorer, set_cpu_threads
 from stream.timegrid import TimeGrid
 
 log = logging.getLogger(__name__)
+
+_VALUE, _OFFSET, _TIMESTAMP = (operator.attrgetter(a) for a in ("value", "offset", "timestamp"))
 
 
 @dataclass
@@ -111,6 +116,7 @@ class Service:
         self.detector = detector
         self.tables: ContextTables | None = None
         self.scorer: Scorer | None = None
+        self._gc_tuned = False
         self.batcher = DynamicBatcher(max_size=settings.batch_max_size,
                                       max_delay_s=settings.batch_max_delay_ms / 1000)
         self.publisher = OutputPublisher(settings)
@@ -149,24 +155,33 @@ class Service:
         """Serve probes, load the model, connect (retrying until the broker answers)."""
         await self.http.start()
         loop = asyncio.get_running_loop()
-        if self.settings.device == "cpu" or not torch.cuda.is_available():
-            set_cpu_threads(self.settings.torch_threads)
-        if self.detector is None:
-            if self.settings.model_path is None:
-                raise ValueError("no model: pass --model-path (train one with meterwatch train)")
-            self.detector = await loop.run_in_executor(None, lambda: Detector.load(
-                self.settings.model_path, device=self.settings.device,
-                dtype=self.settings.precision))
         s = self.settings
+        in_process = s.scorer == "process"
+        if not in_process and (s.device == "cpu" or not torch.cuda.is_available()):
+            set_cpu_threads(s.torch_threads)
+        if self.detector is None:
+            if s.model_path is None:
+                raise ValueError("no model: pass --model-path (train one with meterwatch train)")
+            # with a scorer process, this copy only answers questions (threshold, version):
+            # it stays on the CPU and the process puts its own on the device
+            self.detector = await loop.run_in_executor(None, lambda: Detector.load(
+                s.model_path, device="cpu" if in_process else s.device,  # type: ignore[arg-type]
+                dtype=s.precision))
         if s.household_info or s.weather or s.holidays:
             self.tables = ContextTables.from_files(household_csv=s.household_info,
                                                    weather_csv=s.weather, holidays_csv=s.holidays)
-        self.scorer = Scorer(self.detector, self.tables, torch_threads=s.torch_threads)
+        assert self.detector is not None
+        self.scorer = Scorer(self.detector, self.tables, torch_threads=s.torch_threads,
+                             process=in_process, device=s.device, dtype=s.precision)
+        await self.scorer.start()
         self.batcher.cap = min(self.batcher.max_size, self.scorer.memory_cap)
         self.metrics.model_info.info({"version": self.detector.version,
-                                      "device": str(self.detector.device),
+                                      "device": self.scorer.device,
                                       "threshold": f"{self.detector.threshold:.6g}"})
         await self._connect()
+        if s.gc_gen0_threshold:
+            _GC.acquire(s.gc_gen0_threshold)
+            self._gc_tuned = True
         self._tasks = [asyncio.create_task(self._consume_loop(), name="meterwatch-consume"),
                        asyncio.create_task(self._score_loop(), name="meterwatch-score"),
                        asyncio.create_task(self._commit_loop(), name="meterwatch-commit")]
@@ -226,6 +241,8 @@ class Service:
             heartbeat_interval_ms=max(500, s.session_timeout_ms // 4),
             max_poll_interval_ms=300_000)
         await self.consumer.start()
+        if not raw_records(self.consumer):
+            log.warning("aiokafka internals differ: records are decoded the slow way")
         self.consumer.subscribe([s.input_topic], listener=_Listener(self))
 
     async def stop(self) -> None:
@@ -255,6 +272,9 @@ class Service:
             if self.scorer is not None:
                 self.scorer.close()
             await self.http.stop()
+            if self._gc_tuned:
+                _GC.release()
+                self._gc_tuned = False
             self._stopped.set()
             log.info("stopped in %.2f s", time.monotonic() - t0)
 
@@ -330,9 +350,9 @@ class Service:
 
     async def _ingest(self, tp: TopicPartition, work: PartitionWork, recs: list) -> None:  # type: ignore[type-arg]
         m = self.metrics
-        values = [r.value for r in recs]
-        offsets = np.fromiter((r.offset for r in recs), dtype=np.int64, count=len(recs))
-        stamps = np.fromiter((r.timestamp for r in recs), dtype=np.int64, count=len(recs))
+        values = list(map(_VALUE, recs))
+        offsets = np.fromiter(map(_OFFSET, recs), dtype=np.int64, count=len(recs))
+        stamps = np.fromiter(map(_TIMESTAMP, recs), dtype=np.int64, count=len(recs))
         parsed = parse_records(values, now_s=time.time(), max_future_s=self.settings.max_future_s)
         m.records.inc(len(recs))
         if parsed.rejections:
@@ -638,9 +658,45 @@ class _Listener(ConsumerRebalanceListener):
         svc.metrics.ready.set(1 if all(svc.readiness().values()) else 0)
 
 
+class _GcTuning:
+    """The garbage collector while services run in this process (refcounted, restored when
+    the last one stops).
+
+    The input path allocates a short-lived decoded record per Kafka record. With CPython's
+    default gen-0 threshold (700) the records of a fetch outlive several collections, get
+    promoted, and trigger full collections that walk the whole heap (torch, numpy, the
+    model): measured, that tripled the time aiokafka takes to hand out the records
+    (benchmarks/RESULTS.md, "garbage collector"). meterwatch raises the gen-0 threshold, so
+    records die by reference count before a collection sees them, and freezes what exists
+    at start-up (modules, model) out of the collector's walks.
+    """
+
+    def __init__(self) -> None:
+        self.users = 0
+        self.saved: tuple[int, int, int] | None = None
+
+    def acquire(self, gen0: int) -> None:
+        if self.users == 0:
+            self.saved = gc.get_threshold()
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(gen0, *self.saved[1:])
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0 and self.saved is not None:
+            gc.set_threshold(*self.saved)
+            gc.unfreeze()
+
+
+_GC = _GcTuning()
+
+
 def _slice_scored(scored, sl: slice):  # type: ignore[no-untyped-def]
     from stream.scorer import Scored
 
     return Scored(scored.score[sl], scored.is_alert[sl], scored.expected[sl],
                   scored.slot_error[sl], scored.signals[sl],
-                  {k: v[sl] for k, v in scored.state.items()}, scored.seconds)
+                  {k: v[sl] for k, v in scored.state.items()}, scored.seconds,
+                  scored.memory_cap)

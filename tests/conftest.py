@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import psutil
 import pytest
 from aiokafka import AIOKafkaConsumer
 
@@ -167,10 +168,18 @@ class ServiceProcess:
             time.sleep(0.2)
         raise TimeoutError("service not ready")
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
+    def kill(self) -> list[int]:
+        """SIGKILL the service; the pids of its child processes (its scorer process) that
+        are still alive 10 s later (there should be none)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        children = psutil.Process(self.proc.pid).children(recursive=True)
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        _, alive = psutil.wait_procs(children, timeout=10)
+        for p in alive:
+            p.kill()
+        return [p.pid for p in alive]
 
     def terminate(self, timeout_s: float = 60.0) -> int:
         assert self.proc is not None

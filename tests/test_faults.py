@@ -91,7 +91,7 @@ async def test_sigkill_at_random_moments_keeps_exactly_once(broker, detector_pat
     kills = 0
     while kills < 5:  # each kill hits a member that owns partitions and is processing
         await asyncio.sleep(rng.uniform(0.3, 3.0))
-        proc.kill()
+        assert proc.kill() == [], "the killed service's scorer process outlived it"
         kills += 1
         proc = ServiceProcess(settings, detector_path, log_path=log).start()
         await asyncio.to_thread(proc.wait_ready, 120)
