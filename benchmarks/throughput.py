@@ -14,10 +14,10 @@ a2. ``bare-async-for``: the same through ``async for msg in consumer`` (per-reco
 o.  ``orjson``: ``getmany`` + ``orjson.loads`` of every value;
 b.  ``per-record``: ``async for`` + ``orjson`` + a dict-of-lists day assembly (the usual
     hand-written baseline);
-c.  ``meterwatch``: ``stream.service.Service`` in-process until every day is scored (model in
-    its scorer process, the default);
+c.  ``meterwatch-process``: ``stream.service.Service`` in-process until every day is scored,
+    the model in its scorer process (``scorer="process"``, the default from 4 cores);
 c1. ``meterwatch-thread``: the same with ``scorer="thread"`` (the model in a worker thread of
-    the service's process).
+    the service's process, the default below 4 cores).
 
 Rates are records (= readings) per second between the first record fetched and the last one
 handled (for meterwatch: the last day scored and published), so group joins are not
@@ -51,7 +51,7 @@ FETCH = dict(fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
              isolation_level="read_committed")
 MAX_RECORDS = 5000  # the service's fetch_max_records default
 DEVICE = {"device": "cpu"}  # --device
-RUNS = ("bare", "bare-gc", "bare-async-for", "orjson", "per-record", "meterwatch",
+RUNS = ("bare", "bare-gc", "bare-async-for", "orjson", "per-record", "meterwatch-process",
         "meterwatch-thread")
 
 
@@ -305,8 +305,9 @@ async def measure(b: Any, args: argparse.Namespace, topic: str, prod: dict[str, 
             await timed("bare-async-for" + suffix, run_bare_async_for(bootstrap, topic, total))
             await timed("orjson" + suffix, run_orjson(bootstrap, topic, total))
             await timed("per-record" + suffix, run_per_record(bootstrap, topic, total))
-            await timed("meterwatch" + suffix,
-                        run_service(b, topic, total, days, model_path, **overrides))
+            await timed("meterwatch-process" + suffix,
+                        run_service(b, topic, total, days, model_path,
+                                    **{**overrides, "scorer": "process"}))
             await timed("meterwatch-thread" + suffix,
                         run_service(b, topic, total, days, model_path,
                                     **{**overrides, "scorer": "thread"}))
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table_title(result))
     print(common.table(rows))
-    mw = [r for r in result["runs"] if r["name"].startswith("meterwatch")]  # incl. -t1
+    mw = [r for r in result["runs"] if r["name"].startswith("meterwatch")]
     for r in mw:
         print(f"\n{r['name']}: {r['days_scored']:,.0f} days scored, {r['batches']:.0f} model "
               f"batches (mean {r['mean_batch_days']:.0f} days), model time "

@@ -156,7 +156,7 @@ class Service:
         await self.http.start()
         loop = asyncio.get_running_loop()
         s = self.settings
-        in_process = s.scorer == "process"
+        in_process = s.scorer_in_process()
         if not in_process and (s.device == "cpu" or not torch.cuda.is_available()):
             set_cpu_threads(s.torch_threads)
         if self.detector is None:

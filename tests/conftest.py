@@ -134,6 +134,7 @@ class ServiceProcess:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+    children_at_kill: int = 0
 
     @property
     def metrics_url(self) -> str:
@@ -174,6 +175,7 @@ class ServiceProcess:
         if self.proc is None or self.proc.poll() is not None:
             return []
         children = psutil.Process(self.proc.pid).children(recursive=True)
+        self.children_at_kill = len(children)
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
         _, alive = psutil.wait_procs(children, timeout=10)

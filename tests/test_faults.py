@@ -81,7 +81,8 @@ def _wait_scored(proc: ServiceProcess, n: int, timeout_s: float) -> None:
 
 async def test_sigkill_at_random_moments_keeps_exactly_once(broker, detector_path, tmp_path):
     # a short session: a killed member leaves the group (and a restart joins) in seconds
-    settings = unique_settings(broker, session_timeout_ms=3000)
+    # the scorer in its own process: a killed service must not leave it behind
+    settings = unique_settings(broker, session_timeout_ms=3000, scorer="process")
     data, days, truth = _workload(seed=21)
     rng = random.Random(5)
     log = tmp_path / "service.log"
@@ -92,6 +93,7 @@ async def test_sigkill_at_random_moments_keeps_exactly_once(broker, detector_pat
     while kills < 5:  # each kill hits a member that owns partitions and is processing
         await asyncio.sleep(rng.uniform(0.3, 3.0))
         assert proc.kill() == [], "the killed service's scorer process outlived it"
+        assert proc.children_at_kill >= 1, "no scorer process to outlive the service"
         kills += 1
         proc = ServiceProcess(settings, detector_path, log_path=log).start()
         await asyncio.to_thread(proc.wait_ready, 120)
