@@ -15,7 +15,6 @@ import multiprocessing as mp
 import os
 import platform
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -203,6 +202,14 @@ def bench_settings(b: Any, tag: str | None = None, **overrides: Any) -> Any:
         idempotence="auto" if b.supports_idempotence else "off", device="cpu")
     base.update(overrides)
     return Settings(**base)
+
+
+def workload_args(p: Any) -> None:
+    """The reference workload's size options (``benchmarks.throughput`` and friends)."""
+    p.add_argument("--households", type=int, default=2000)
+    p.add_argument("--days", type=int, default=14)
+    p.add_argument("--partitions", type=int, default=8)
+    p.add_argument("--producers", type=int, default=2, help="producer processes")
 
 
 def new_tag() -> str:
@@ -429,81 +436,6 @@ async def highwaters(bootstrap: str, topic: str, *, timeout_s: float = 60.0) -> 
 
 
 # --------------------------------------------------------------------------------- subprocesses
-
-
-def service_env(settings: Any, model_path: Path, port: int, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for name, value in settings.model_dump().items():
-        if value is not None and name not in ("metrics_port", "model_path"):
-            env[f"METERWATCH_{name.upper()}"] = str(value)
-    env["METERWATCH_METRICS_PORT"] = str(port)
-    env["METERWATCH_MODEL_PATH"] = str(model_path)
-    env.update(extra)
-    return env
-
-
-@dataclass
-class ServiceProc:
-    """``python -m stream.cli run`` configured by METERWATCH_* variables."""
-
-    settings: Any
-    model_path: Path
-    log_path: Path
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-    extra_env: dict[str, str] = field(default_factory=dict)
-
-    def start(self) -> ServiceProc:
-        from stream.broker import free_port
-
-        self.port = free_port()
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", "run"], cwd=ROOT,
-            env=service_env(self.settings, self.model_path, self.port, **self.extra_env),
-            stdout=log, stderr=subprocess.STDOUT)
-        return self
-
-    def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def wait_ready(self, timeout_s: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"service exited with {self.proc.returncode}; "
-                                   f"see {self.log_path}")
-            if self.ready():
-                return
-            time.sleep(0.1)
-        raise TimeoutError(f"service not ready after {timeout_s:.0f} s; see {self.log_path}")
-
-    def metrics(self) -> dict[str, float]:
-        return scrape(self.port)
-
-    def terminate(self, timeout_s: float = 120.0) -> tuple[int | None, float]:
-        """SIGTERM; (exit code, seconds to exit)."""
-        assert self.proc is not None
-        t0 = time.perf_counter()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode, time.perf_counter() - t0
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -29,14 +29,15 @@ from typing import Any
 import numpy as np
 
 from benchmarks import common
+from stream.testing import ServiceProcess
 
 
 def run_group(b: Any, topic: str, model_path: Any, n: int, days: int, readings: int,
               timeout_s: float, log_dir: Any, **overrides: Any) -> dict[str, Any]:
     tag = common.new_tag()
     settings = common.bench_settings(b, tag, input_topic=topic, **overrides)
-    procs = [common.ServiceProc(settings, model_path, log_dir / f"p{n}-{i}.log",
-                                extra_env={"METERWATCH_CLIENT_ID": f"mw-{tag}-{i}"})
+    procs = [ServiceProcess(settings, model_path, log_dir / f"p{n}-{i}.log",
+                                env={"METERWATCH_CLIENT_ID": f"mw-{tag}-{i}"})
              for i in range(n)]
     t_start = time.perf_counter()
     for p in procs:
@@ -47,7 +48,7 @@ def run_group(b: Any, topic: str, model_path: Any, n: int, days: int, readings: 
         deadline = time.monotonic() + timeout_s
         while True:
             now = time.perf_counter()
-            ms = [p.metrics() for p in procs]
+            ms = [common.scrape(p.port) for p in procs]
             for p in procs:
                 assert p.proc is not None
                 if p.proc.poll() is not None:

@@ -33,6 +33,7 @@ from aiokafka import AIOKafkaConsumer
 
 from benchmarks import common
 from benchmarks.latency import _paced_producer
+from stream.testing import ServiceProcess
 
 
 async def read_keys(bootstrap: str, topic: str, expected: int, timeout_s: float
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     with common.broker() as b:
         settings = common.bench_settings(b, topic_partitions=args.partitions,
                                          device=args.device)
-        first = common.ServiceProc(settings, model_path, logs / "first.log").start()
+        first = ServiceProcess(settings, model_path, logs / "first.log").start()
         ctx = mp.get_context("spawn")
         ready, go, out = ctx.Event(), ctx.Event(), ctx.Queue()
         prod = ctx.Process(target=_paced_producer, args=(
@@ -139,14 +140,15 @@ def main(argv: list[str] | None = None) -> int:
                 at = args.duration_s * (i + 1) / (args.restarts + 1) if args.restarts > 1 \
                     else args.duration_s * args.sigterm_at
                 time.sleep(max(0.0, t_go + at - time.perf_counter()))
-                before = current.metrics()
+                before = common.scrape(current.port)
                 t_term = time.perf_counter()
-                code, exit_s = current.terminate(timeout_s=120)
+                code = current.terminate(timeout_s=120)
+                exit_s = current.exit_seconds
                 print(f"SIGTERM after {t_term - t_go:.1f} s of streaming: exited with {code} "
                       f"in {exit_s:.2f} s (had consumed "
                       f"{before.get('meterwatch_records_total', 0):,.0f} records, scored "
                       f"{before.get('meterwatch_days_scored_total', 0):,.0f} days)", flush=True)
-                nxt = common.ServiceProc(settings, model_path, logs / f"p{i + 1}.log").start()
+                nxt = ServiceProcess(settings, model_path, logs / f"p{i + 1}.log").start()
                 procs.append(nxt)
                 t_start2 = time.perf_counter()
                 nxt.wait_ready()
@@ -167,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             stats = out.get(timeout=30)
             t_prod_end = time.perf_counter()
             last = current
-            caught_up = wait_for(lambda: last.metrics().get(
-                "meterwatch_consumer_lag_records{*}", 1) == 0 and last.metrics().get(
+            caught_up = wait_for(lambda: common.scrape(last.port).get(
+                "meterwatch_consumer_lag_records{*}", 1) == 0 and common.scrape(last.port).get(
                 "meterwatch_records_total", 0) > 0, 120, 0.25)
             catch_up_s = time.perf_counter() - t_prod_end
             keys = asyncio.run(read_keys(b.bootstrap_servers, settings.scores_topic,
@@ -176,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             alert_keys = asyncio.run(read_keys(b.bootstrap_servers, settings.alerts_topic,
                                                0, 30))
             alerted = asyncio.run(read_alerted(b.bootstrap_servers, settings.scores_topic))
-            code2, exit2_s = current.terminate(timeout_s=120)
+            code2 = current.terminate(timeout_s=120)
+            exit2_s = current.exit_seconds
             print(f"last process (idle) exited with {code2} in {exit2_s:.2f} s", flush=True)
         finally:
             if prod.is_alive():

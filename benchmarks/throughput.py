@@ -355,10 +355,7 @@ async def measure(b: Any, args: argparse.Namespace, topic: str, prod: dict[str, 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--households", type=int, default=2000)
-    p.add_argument("--days", type=int, default=14)
-    p.add_argument("--partitions", type=int, default=8)
-    p.add_argument("--producers", type=int, default=2, help="producer processes")
+    common.workload_args(p)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--model", help="detector checkpoint (default: train a small one)")
     p.add_argument("--no-profile", dest="profile", action="store_false")

