@@ -11,7 +11,7 @@ scored, nothing about those days is ever published, and the next owner does not 
 Each trial: a service in-process, a paced producer streaming complete household-days, a
 graceful ``stop()`` half-way, a second service on the same group that runs until the stream
 is consumed, then the scores topic read back. ``--delay-ms`` adds a sleep to every model
-call of the *first* service (``Scorer._score_sync`` wrapped here; nothing in ``stream`` is
+call of the *first* service (its worker thread's ``score`` wrapped here; nothing in ``stream`` is
 changed) to stand for a slow or busy model: scoring a few thousand days beside a busy event
 loop takes a few hundred ms on this machine (``benchmarks.scorer``), so the window is real.
 
@@ -40,8 +40,9 @@ async def trial(b: Any, model_path: Any, delay_s: float, args: argparse.Namespac
     from model import Detector
     from stream.service import Service
 
+    # the model in a worker thread, so that the delay below can wrap it
     settings = common.bench_settings(b, topic_partitions=args.partitions, commit_interval_s=0.5,
-                                     device=args.device)
+                                     device=args.device, scorer="thread")
     det = Detector.load(model_path, device=args.device)
     days_needed = int(np.ceil(args.rate * args.duration_s / (args.households * 48))) + 1
     ctx = mp.get_context("spawn")
@@ -54,15 +55,16 @@ async def trial(b: Any, model_path: Any, delay_s: float, args: argparse.Namespac
     await first.start()
     taken_at_stop = None
     try:
-        assert first.scorer is not None
+        worker = first.scorer._worker if first.scorer is not None else None
+        assert worker is not None
         if delay_s:
-            orig = first.scorer._score_sync
+            orig = worker.score
 
             def slow(*a: Any) -> Any:
                 time.sleep(delay_s)
                 return orig(*a)
 
-            first.scorer._score_sync = slow  # type: ignore[method-assign]
+            worker.score = slow  # type: ignore[method-assign]
         await first.wait_ready(120)
         await asyncio.to_thread(ready.wait, 120)
         expected = (await asyncio.to_thread(out.get, True, 60))["prepared"] // 48

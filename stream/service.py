@@ -2,7 +2,7 @@
 
 Stages, one module each: ``stream.parse`` (records → columns) → ``stream.assembler`` (columns →
 closed household-days) → ``stream.batcher`` (days → model batches) → ``stream.scorer`` (batches →
-scores, in a worker thread) → ``stream.alerts`` (scores → documents) → ``stream.outputs``
+scores, in a scorer process or thread) → ``stream.alerts`` (scores → documents) → ``stream.outputs``
 (documents → Kafka) → offsets committed here.
 
 Delivery protocol (what is written when, and why nothing is lost or doubled)
@@ -15,6 +15,9 @@ For each batch of closed days, in this order:
 1. publish one **day score** per day to ``scores`` (the ledger; it carries the alert and
    data-quality payloads and the household state after the day) and wait for the acks;
 2. publish the **alerts** and **data-quality** records and wait.
+
+Steps 1-2 of a batch overlap the scoring of the next batch, never the publishing of another
+batch: outputs leave in batch order. A rebalance or a stop waits for them before it commits.
 
 Every ``commit_interval_s``, for each owned partition:
 
@@ -56,7 +59,9 @@ import operator
 import signal
 import time
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import orjson
@@ -123,6 +128,7 @@ class Service:
         self.consumer: AIOKafkaConsumer | None = None
         self.parts: dict[int, PartitionWork] = {}
         self._process_lock = asyncio.Lock()
+        self._publishing: asyncio.Task[None] | None = None  # the batch being published
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self.failed: BaseException | None = None
@@ -260,9 +266,10 @@ class Service:
             log.error("graceful shutdown exceeded %.0f s; stopping hard (replay covers it)",
                       self.settings.shutdown_timeout_s)
         finally:
-            for t in self._tasks:
+            tasks = [*self._tasks, *([self._publishing] if self._publishing else [])]
+            for t in tasks:
                 t.cancel()
-            for t in self._tasks:
+            for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
             if self.consumer is not None:
@@ -390,10 +397,21 @@ class Service:
 
     # -- score and publish -----------------------------------------------------------------
     async def _score_loop(self) -> None:
+        """Score batches one after another; each batch's publishing overlaps the scoring of
+        the next (``_pipeline``), and outputs still leave in batch order."""
         while True:
             batch = await self.batcher.next_batch()
             async with self._process_lock:
-                await self._process(batch)
+                publish = await self._score(batch)
+                try:
+                    await self._drain_publishing()
+                except BaseException:
+                    # stopping or failing: this batch stays pinned (never committed past),
+                    # so its days are replayed, not lost
+                    publish.close()
+                    raise
+                self._publishing = asyncio.create_task(publish, name="meterwatch-publish")
+                self._publishing.add_done_callback(self._publish_done)
             if self._paused and self.batcher.backlog < self.settings.queue_max_days // 2:
                 assert self.consumer is not None
                 self.consumer.resume(*(tp for tp in self.consumer.assignment()
@@ -401,11 +419,30 @@ class Service:
                 self._paused = False
                 self.metrics.paused_partitions.set(0)
 
-    async def _process(self, taken: Batch) -> None:
-        """Score a batch and publish its outputs (steps 1-2 of the protocol).
+    def _publish_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._task_done(task)
 
-        Its days pin their offsets in the batcher from ``take`` until the ``release`` below,
-        after the acknowledgements: a commit never passes a day that is being scored.
+    async def _drain_publishing(self) -> None:
+        """Wait for the batch being published (raises what its publishing raised)."""
+        task, self._publishing = self._publishing, None
+        if task is not None:
+            await task
+
+    async def _process(self, taken: Batch) -> None:
+        """Score a batch and publish its outputs (steps 1-2 of the protocol)."""
+        await self._drain_publishing()
+        await (await self._score(taken))
+
+    async def _score(self, taken: Batch) -> Coroutine[Any, Any, None]:
+        """Score a batch, write back household state, build its output records; return the
+        coroutine that publishes them (steps 1-2 of the protocol) and releases the batch.
+
+        The batch's days pin their offsets in the batcher from ``take`` until that
+        ``release``, after the acknowledgements: a commit never passes a day that is being
+        scored or published. Callers await the previous batch's publishing before starting
+        this one's, so outputs leave in batch order, and whoever settles or commits for a
+        rebalance or a stop drains it first (``_drain_publishing``).
         """
         assert self.scorer is not None and self.detector is not None
         m = self.metrics
@@ -438,6 +475,15 @@ class Service:
             for p, d in zip(batch, scoreable, strict=True):
                 self._collect(p, d, scored, row, records)
                 row += len(d)
+        except BaseException:
+            self.batcher.release(taken.id)
+            raise
+        return self._publish(taken, batch, records)
+
+    async def _publish(self, taken: Batch, batch: list[Pending],
+                       records: list[list[OutRecord]]) -> None:
+        m = self.metrics
+        try:
             for step in records:
                 await self.publisher.send_all(step)
             done = time.time() * 1000
@@ -538,6 +584,7 @@ class Service:
         if not mine:
             return
         async with self._process_lock:
+            await self._drain_publishing()
             while batch := self.batcher.take(self.batcher.max_size, partitions=mine):
                 await self._process(batch)
         await self._commit(mine)
