@@ -49,7 +49,7 @@ def throughput(r: dict[str, Any]) -> None:
                 each = "/".join(f"{y:.2f}" for y in src[n])
                 ax.text(b.get_x() + b.get_width() / 2, v + 0.02, f"{v:.2f}\n({each})",
                         ha="center", fontsize=6.5)
-    ax.set_xticks(x, names)
+    ax.set_xticks(x, names, rotation=20, ha="right")
     ax.axhline(0.6, color="red", ls="--", lw=1)
     ax.text(len(names) - 0.5, 0.62, "target 0.6x", color="red", ha="right", fontsize=8)
     p = r["params"]
