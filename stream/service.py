@@ -398,7 +398,7 @@ class Service:
     # -- score and publish -----------------------------------------------------------------
     async def _score_loop(self) -> None:
         """Score batches one after another; each batch's publishing overlaps the scoring of
-        the next (``_pipeline``), and outputs still leave in batch order."""
+        the next (see ``_score``), and outputs still leave in batch order."""
         while True:
             batch = await self.batcher.next_batch()
             async with self._process_lock:
@@ -442,58 +442,56 @@ class Service:
         ``release``, after the acknowledgements: a commit never passes a day that is being
         scored or published. Callers await the previous batch's publishing before starting
         this one's, so outputs leave in batch order, and whoever settles or commits for a
-        rebalance or a stop drains it first (``_drain_publishing``).
+        rebalance or a stop drains it first (``_drain_publishing``). A batch whose scoring or
+        publishing fails or is cancelled is never released: no commit passes its days, and
+        the next owner replays them.
         """
         assert self.scorer is not None and self.detector is not None
         m = self.metrics
         # days of a partition revoked since they closed are the new owner's to replay
         batch = [p for p in taken.items if self.parts.get(p.partition) is p.owner]
-        try:
-            now = time.monotonic()
-            scoreable = [p.days.select(p.days.status != INCOMPLETE) for p in batch]
-            n = sum(len(d) for d in scoreable)
-            scored = None
-            if n:
-                for p, d in zip(batch, scoreable, strict=True):
-                    if len(d):
-                        m.queue_wait.observe(now - p.enqueued)
-                kwh = np.concatenate([d.kwh for d in scoreable])
-                day = np.concatenate([d.day for d in scoreable])
-                ids = [h for d in scoreable for h in d.household_ids]
-                keys = np.concatenate([(np.int64(p.partition) << 32) + d.household_index
-                                       for p, d in zip(batch, scoreable, strict=True)])
-                state = {k: np.concatenate([
-                    self.parts[p.partition].assembler.households.state_column(k)[d.household_index]
-                    for p, d in zip(batch, scoreable, strict=True)]) for k in STATE_FIELDS}
-                scored = await self.scorer.score(kwh, day, ids, keys, state)
-                m.batch_size.observe(n)
-                m.inferences.inc(n)
-                m.executions.inc()
-                m.inference_seconds.observe(scored.seconds)
-            records: list[list[OutRecord]] = [[], []]  # steps 1, 2
-            row = 0
+        now = time.monotonic()
+        scoreable = [p.days.select(p.days.status != INCOMPLETE) for p in batch]
+        n = sum(len(d) for d in scoreable)
+        scored = None
+        if n:
             for p, d in zip(batch, scoreable, strict=True):
-                self._collect(p, d, scored, row, records)
-                row += len(d)
-        except BaseException:
-            self.batcher.release(taken.id)
-            raise
+                if len(d):
+                    m.queue_wait.observe(now - p.enqueued)
+            kwh = np.concatenate([d.kwh for d in scoreable])
+            day = np.concatenate([d.day for d in scoreable])
+            ids = [h for d in scoreable for h in d.household_ids]
+            keys = np.concatenate([(np.int64(p.partition) << 32) + d.household_index
+                                   for p, d in zip(batch, scoreable, strict=True)])
+            state = {k: np.concatenate([
+                self.parts[p.partition].assembler.households.state_column(k)[d.household_index]
+                for p, d in zip(batch, scoreable, strict=True)]) for k in STATE_FIELDS}
+            scored = await self.scorer.score(kwh, day, ids, keys, state)
+            m.batch_size.observe(n)
+            m.inferences.inc(n)
+            m.executions.inc()
+            m.inference_seconds.observe(scored.seconds)
+        records: list[list[OutRecord]] = [[], []]  # steps 1, 2
+        row = 0
+        for p, d in zip(batch, scoreable, strict=True):
+            self._collect(p, d, scored, row, records)
+            row += len(d)
         return self._publish(taken, batch, records)
 
     async def _publish(self, taken: Batch, batch: list[Pending],
                        records: list[list[OutRecord]]) -> None:
         m = self.metrics
-        try:
-            for step in records:
-                await self.publisher.send_all(step)
-            done = time.time() * 1000
-            for p in batch:
-                for ts in p.days.last_ts_ms[p.days.status != INCOMPLETE].tolist():
-                    lat = max(0.0, (done - ts) / 1000)
-                    m.end_to_end_latency.observe(lat)
-                    self.latencies.append(lat)
-        finally:
-            self.batcher.release(taken.id)
+        for step in records:
+            await self.publisher.send_all(step)
+        # only once acknowledged: a batch whose publishing failed or was cancelled stays
+        # pinned, so no commit passes its days (the next owner replays them)
+        self.batcher.release(taken.id)
+        done = time.time() * 1000
+        for p in batch:
+            for ts in p.days.last_ts_ms[p.days.status != INCOMPLETE].tolist():
+                lat = max(0.0, (done - ts) / 1000)
+                m.end_to_end_latency.observe(lat)
+                self.latencies.append(lat)
 
     def _collect(self, p: Pending, scoreable: ClosedDays, scored, row: int,  # type: ignore[no-untyped-def]
                  records: list[list[OutRecord]]) -> None:

@@ -58,3 +58,35 @@ def test_target_follows_arrivals():
         b.put(0, days(50, 0))
     b.release(b.take(1000).id)
     assert b.target == 250
+
+
+def test_a_batch_whose_publishing_fails_stays_pinned():
+    """Only acknowledged outputs release a batch: a failed (or cancelled) publish leaves its
+    days pinned, so the commit a stop makes next cannot pass them."""
+    import pytest
+    from aiokafka.errors import KafkaError
+
+    from stream.config import Settings
+    from stream.service import Service
+
+    async def run() -> None:
+        svc = Service(Settings(bootstrap_servers="127.0.0.1:9", metrics_port=0))
+        svc.batcher.put(0, days(3, 40))
+        taken = svc.batcher.take(10)
+
+        async def broker_gone(records: object) -> None:
+            raise KafkaError("broker gone")
+
+        svc.publisher.send_all = broker_gone  # type: ignore[method-assign]
+        with pytest.raises(KafkaError):
+            await svc._publish(taken, list(taken.items), [[], []])
+        assert svc.batcher.min_offset(0) == 40
+
+        async def acknowledged(records: object) -> None:
+            return None
+
+        svc.publisher.send_all = acknowledged  # type: ignore[method-assign]
+        await svc._publish(taken, list(taken.items), [[], []])
+        assert svc.batcher.min_offset(0) is None
+
+    asyncio.run(run())
