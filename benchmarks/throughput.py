@@ -15,9 +15,9 @@ o.  ``orjson``: ``getmany`` + ``orjson.loads`` of every value;
 b.  ``per-record``: ``async for`` + ``orjson`` + a dict-of-lists day assembly (the usual
     hand-written baseline);
 c.  ``meterwatch-process``: ``stream.service.Service`` in-process until every day is scored,
-    the model in its scorer process (``scorer="process"``, the default from 4 cores);
+    the model in its scorer process (``scorer="process"``, the default);
 c1. ``meterwatch-thread``: the same with ``scorer="thread"`` (the model in a worker thread of
-    the service's process, the default below 4 cores).
+    the service's process).
 
 Rates are records (= readings) per second between the first record fetched and the last one
 handled (for meterwatch: the last day scored and published), so group joins are not

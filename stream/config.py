@@ -10,7 +10,6 @@ flag wins over the environment. Secrets are ``SecretStr``: they never appear in 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,10 +69,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="intra-op threads for CPU inference; default half the cores "
         "(at most 4), leaving the event loop a core")
-    scorer: Literal["auto", "process", "thread"] = Field(
-        "auto", description="where the model runs: a worker process (the event loop keeps its "
-        "interpreter; ~2-4 s to start) or a worker thread; auto = a process on machines with "
-        "4 or more cores, else a thread")
+    scorer: Literal["process", "thread"] = Field(
+        "process", description="where the model runs: a scorer process (the event loop keeps "
+        "its interpreter; ~2-4 s to start) or a worker thread of the service")
     household_info: Path | None = Field(None, description="household info CSV (ACORN, tariff)")
     weather: Path | None = Field(None, description="daily weather CSV")
     holidays: Path | None = Field(None, description="bank holidays CSV")
@@ -93,12 +91,6 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9464, ge=0, le=65535, description="0 = pick a free port")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="bound of a graceful shutdown")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-
-    def scorer_in_process(self) -> bool:
-        """Whether the model runs in a scorer process (``scorer``, with auto resolved)."""
-        if self.scorer == "auto":
-            return (os.cpu_count() or 1) >= 4
-        return self.scorer == "process"
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -5,16 +5,14 @@ CUDA is available, else CPU). Batches run in one dedicated worker, so the event 
 fetching and heartbeating while the model works (aiokafka issue #678: CPU work on the loop
 starves heartbeats). The worker is
 
-- a **process** (``scorer="process"``; the default on machines with 4 or more cores): the
-  detector is rebuilt there from its checkpoint (it alone touches the GPU) and batches travel
-  as numpy arrays through a pipe. The event loop keeps its interpreter to itself: with a
-  worker thread, the Python parts of scoring (feature building, waves, state) take the GIL
-  from parsing and fetching;
-- or a **thread** (``scorer="thread"``; the default below 4 cores): no start-up cost (~2-4 s
-  to spawn and load) and one process less to compete for the cores. On 2 vCPUs shared with
-  the broker and a producer the two kinds were within run-to-run noise of each other, in
-  throughput and in latency (benchmarks/RESULTS.md). Torch releases the GIL inside its
-  kernels.
+- a **process** (``scorer="process"``, the default): the detector is rebuilt there from its
+  checkpoint (it alone touches the GPU) and batches travel as numpy arrays through a pipe.
+  The event loop keeps its interpreter to itself: with a worker thread, the Python parts of
+  scoring (feature building, waves, state) take the GIL from parsing and fetching. At low
+  load on 2 vCPUs it gave p99 64-81 ms against 156-177 ms for the thread (model call 4 ms
+  against 12-13 ms); at high load the two were within noise (benchmarks/RESULTS.md);
+- or a **thread** (``scorer="thread"``): no start-up cost (~2-4 s to spawn and load) and no
+  second process. Torch releases the GIL inside its kernels.
 
 A household that has two days in one batch is scored in *waves*: its second day sees the
 household state updated by its first, exactly as if the days had come in separate batches.

@@ -162,7 +162,7 @@ class Service:
         await self.http.start()
         loop = asyncio.get_running_loop()
         s = self.settings
-        in_process = s.scorer_in_process()
+        in_process = s.scorer == "process"
         if not in_process and (s.device == "cpu" or not torch.cuda.is_available()):
             set_cpu_threads(s.torch_threads)
         if self.detector is None:
@@ -472,29 +472,33 @@ class Service:
             m.executions.inc()
             m.inference_seconds.observe(scored.seconds)
         records: list[list[OutRecord]] = [[], []]  # steps 1, 2
+        # per step, the Kafka timestamps (ms) of the last readings of the scored days whose
+        # outputs are complete once that step is acknowledged (for the latency metric)
+        complete_at: list[list[int]] = [[], []]
         row = 0
         for p, d in zip(batch, scoreable, strict=True):
-            self._collect(p, d, scored, row, records)
+            self._collect(p, d, scored, row, records, complete_at)
             row += len(d)
-        return self._publish(taken, batch, records)
+        return self._publish(taken, records, complete_at)
 
-    async def _publish(self, taken: Batch, batch: list[Pending],
-                       records: list[list[OutRecord]]) -> None:
+    async def _publish(self, taken: Batch, records: list[list[OutRecord]],
+                       complete_at: list[list[int]]) -> None:
+        """Steps 1-2; a day's end-to-end latency ends when its last output is acknowledged
+        (its day score, or its alert / data-quality record)."""
         m = self.metrics
-        for step in records:
+        for step, last_ts in zip(records, complete_at, strict=True):
             await self.publisher.send_all(step)
-        # only once acknowledged: a batch whose publishing failed or was cancelled stays
-        # pinned, so no commit passes its days (the next owner replays them)
-        self.batcher.release(taken.id)
-        done = time.time() * 1000
-        for p in batch:
-            for ts in p.days.last_ts_ms[p.days.status != INCOMPLETE].tolist():
+            done = time.time() * 1000
+            for ts in last_ts:
                 lat = max(0.0, (done - ts) / 1000)
                 m.end_to_end_latency.observe(lat)
                 self.latencies.append(lat)
+        # only once acknowledged: a batch whose publishing failed or was cancelled stays
+        # pinned, so no commit passes its days (the next owner replays them)
+        self.batcher.release(taken.id)
 
     def _collect(self, p: Pending, scoreable: ClosedDays, scored, row: int,  # type: ignore[no-untyped-def]
-                 records: list[list[OutRecord]]) -> None:
+                 records: list[list[OutRecord]], complete_at: list[list[int]]) -> None:
         """Write back household state and build the output records of one chunk."""
         s = self.settings
         assert self.detector is not None
@@ -513,7 +517,8 @@ class Service:
                                signal_names=SIGNAL_NAMES, grid=self.grid,
                                top_slots=s.top_slots)
         partition = p.partition
-        for doc in docs:
+        last_ts = days.last_ts_ms.tolist()
+        for i, doc in enumerate(docs):
             records[0].append(json_record(s.scores_topic, partition, doc.household_id,
                                           doc.day_score))
             if doc.alert is not None:
@@ -523,6 +528,9 @@ class Service:
             if doc.data_quality is not None:
                 records[1].append(json_record(s.data_quality_topic, partition,
                                               doc.household_id, doc.data_quality))
+            if i < len(scoreable):  # incomplete days have no latency to speak of
+                second = doc.alert is not None or doc.data_quality is not None
+                complete_at[second].append(last_ts[i])
         self.metrics.days_scored.inc(len(scoreable))
         work.dirty.update(p.days.household_index.tolist())
 

@@ -24,7 +24,7 @@ N_DAYS = 3
 
 
 async def test_pipeline_end_to_end(broker, detector):
-    settings = unique_settings(broker, scorer="process")  # the default from 4 cores
+    settings = unique_settings(broker, scorer="process")
     data = generate(SyntheticConfig(n_households=N_HOUSEHOLDS, n_days=HISTORY_DAYS + N_DAYS,
                                     anomaly_rate=0.0, seed=11))
     days = range(HISTORY_DAYS, HISTORY_DAYS + N_DAYS)
