@@ -1,9 +1,11 @@
 """The input consumer: aiokafka's group consumer, minus its per-record objects.
 
 ``AIOKafkaConsumer.getmany`` wraps every record in a ``ConsumerRecord`` dataclass built in
-Python (11 fields, a headers tuple, two ``len`` calls). For one-reading-per-record input that
-costs more than everything aiokafka does before it: 1.1 µs per record against 0.2 µs for the
-C-decoded record (measured in ``benchmarks/RESULTS.md``, "raw records").
+Python (11 fields, a headers tuple, two ``len`` calls). With the service's garbage-collector
+settings (``stream.service._GcTuning``) that wrapper is most of what aiokafka spends per
+record: 0.92-0.99 µs against 0.35-0.38 µs for the C-decoded record alone
+(``benchmarks/decode.py``; with CPython's default collector both cost ~2 µs, lost to
+collections).
 
 ``raw_records(consumer)`` makes the consumer hand out the decoded records themselves
 (``aiokafka.record``'s ``DefaultRecord``/``LegacyRecord``; they have the same ``offset``,

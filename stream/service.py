@@ -718,8 +718,8 @@ class _GcTuning:
     The input path allocates a short-lived decoded record per Kafka record. With CPython's
     default gen-0 threshold (700) the records of a fetch outlive several collections, get
     promoted, and trigger full collections that walk the whole heap (torch, numpy, the
-    model): measured, that tripled the time aiokafka takes to hand out the records
-    (benchmarks/RESULTS.md, "garbage collector"). meterwatch raises the gen-0 threshold, so
+    model): measured, that made aiokafka's record hand-out 2-7x slower (``benchmarks/decode.py``;
+    benchmarks/RESULTS.md, "Hot-path rework"). meterwatch raises the gen-0 threshold, so
     records die by reference count before a collection sees them, and freezes what exists
     at start-up (modules, model) out of the collector's walks.
     """
