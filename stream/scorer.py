@@ -100,7 +100,8 @@ class Scorer:
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_process,
                 initargs=(det.checkpoint(), self.device, self._dtype, self.tables,
-                          self._torch_threads, os.getpid()))
+                          self._torch_threads, os.getpid(),
+                          logging.getLogger().getEffectiveLevel()))
             self.memory_cap, self.device = await loop.run_in_executor(self._executor,
                                                                       _process_info)
         else:
@@ -205,12 +206,12 @@ _PROCESS_WORKER: _Worker | None = None
 
 
 def _init_process(checkpoint: dict, device: str, dtype: str, tables: ContextTables | None,
-                  torch_threads: int | None, parent: int) -> None:
+                  torch_threads: int | None, parent: int, log_level: int) -> None:
     global _PROCESS_WORKER
     _die_with(parent)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s "
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s "
                         "(scorer process): %(message)s")
-    if device == "cpu":
+    if device == "cpu" or not torch.cuda.is_available():
         set_cpu_threads(torch_threads)
     detector = Detector.from_checkpoint(checkpoint, device=device, dtype=dtype)  # type: ignore[arg-type]
     _PROCESS_WORKER = _Worker(detector, tables)
@@ -218,7 +219,8 @@ def _init_process(checkpoint: dict, device: str, dtype: str, tables: ContextTabl
 
 def _die_with(parent: int) -> None:
     """End this process when ``parent`` ends, however it ends (a SIGKILLed service must not
-    leave its scorer behind): Linux's parent-death signal, and a watcher thread elsewhere."""
+    leave its scorer behind): Linux's parent-death signal where there is one, and a thread
+    that watches the parent's pid everywhere."""
     try:
         import ctypes
 
