@@ -306,15 +306,18 @@ def _parse_compact(values: Sequence[bytes | None], now_s: float,
         return None
 
     ids, id_index = _distinct_strings(buf, q[:, 2] + 1, id_len)
-    codes = _gather(buf, q[:, 6] + 1, ts_len, 25)
-    ts, ts_reason = _parse_codes(codes, ts_len, np.zeros(m, dtype=np.uint8),
-                                 lambda j: _text(buf, q[j, 6] + 1, ts_len[j]))
+    ts_start = q[:, 6] + 1
+
+    def ts_text(j: int) -> str:
+        return _text(buf, ts_start[j], ts_len[j])
+
+    ts, ts_reason = _parse_codes(_gather(buf, ts_start, ts_len, 25), ts_len,
+                                 np.zeros(m, dtype=np.uint8), ts_text)
     compact = np.zeros(n, dtype=bool)
     compact[idx] = True
     rest = np.flatnonzero(~compact).astype(np.int32)
-    batch = _finish(ids, id_index, ts, ts_reason, lambda j: _text(buf, q[j, 6] + 1, ts_len[j]),
-                    kwh, idx.astype(np.int32), np.zeros(m, dtype=np.uint8), {}, [], now_s,
-                    max_future_s)
+    batch = _finish(ids, id_index, ts, ts_reason, ts_text, kwh, idx.astype(np.int32),
+                    np.zeros(m, dtype=np.uint8), {}, [], now_s, max_future_s)
     return batch, rest
 
 
