@@ -173,7 +173,7 @@ def percentiles(values: Sequence[float] | np.ndarray, qs: Sequence[float] = (50,
 @contextlib.contextmanager
 def broker() -> Iterator[Any]:
     """``KAFKA_BOOTSTRAP_SERVERS`` when set (an external cluster), else the embedded Tansu."""
-    from stream.broker import Broker
+    from meterwatch.stream.broker import Broker
 
     b = Broker.start()
     print(f"broker: {b.kind} at {b.bootstrap_servers}", flush=True)
@@ -190,7 +190,7 @@ def broker_pid(b: Any) -> int | None:
 
 def bench_settings(b: Any, tag: str | None = None, **overrides: Any) -> Any:
     """Service settings with topics and group of their own."""
-    from stream.config import Settings
+    from meterwatch.stream.config import Settings
 
     tag = tag or uuid.uuid4().hex[:8]
     base: dict[str, Any] = dict(
@@ -227,7 +227,7 @@ def detector_path(model: str | os.PathLike[str] | None = None, *, households: in
     path = SCRATCH / f"detector-h{households}-d{days}-e{epochs}.pt"
     if path.exists():
         return path
-    from model import SyntheticConfig, TrainConfig, generate, train_detector
+    from meterwatch.model import SyntheticConfig, TrainConfig, generate, train_detector
 
     print(f"training a small detector ({households} households x {days} days, "
           f"{epochs} epochs) -> {path}", flush=True)
@@ -252,7 +252,7 @@ _EPOCH = dt.date(1970, 1, 1)
 def stream_data(households: int, days: int, *, seed: int = 11, start: dt.date | None = None
                 ) -> Any:
     """Synthetic households (no injected anomalies: every day is complete and scoreable)."""
-    from model import SyntheticConfig, generate
+    from meterwatch.model import SyntheticConfig, generate
 
     return generate(SyntheticConfig(n_households=households, n_days=days, anomaly_rate=0.0,
                                     seed=seed, start_day=start or dt.date(2013, 3, 1)))
@@ -382,7 +382,7 @@ def _produce_worker(bootstrap: str, topic: str, parts: list[int], q: Any) -> Non
 def produce_bulk(bootstrap: str, wl: Workload, *, processes: int = 2) -> dict[str, float]:
     """Produce a workload as fast as possible: ``processes`` forked producers, each with one
     task (and one batch in flight) per partition it owns. Returns counts and seconds."""
-    from stream.broker import create_topics
+    from meterwatch.stream.broker import create_topics
 
     asyncio.run(create_topics(bootstrap, {wl.topic: wl.partitions}))
     _FORK_PAYLOAD["by_partition"] = wl.by_partition

@@ -33,8 +33,8 @@ KINDS = ("plain", "raw", "plain-gc", "raw-gc")
 async def _count(bootstrap: str, topic: str, total: int, kind: str) -> dict[str, float]:
     from aiokafka.consumer import fetcher
 
-    from stream.consumer import raw_records
-    from stream.service import _GC
+    from meterwatch.stream.consumer import raw_records
+    from meterwatch.stream.service import _GC
 
     spent = [0.0]
     original = fetcher.FetchResult.getall
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    import model  # noqa: F401  (the service's heap: torch, numpy, the model code)
+    import meterwatch.model  # noqa: F401  (the service's heap: torch, numpy, the model code)
 
     total = args.households * args.days * 48
     runs = []

@@ -135,8 +135,8 @@ async def _pace(bootstrap: str, topic: str, seq: list[tuple[int, bytes, bytes]],
 async def one_run(b: Any, model_path: Any, name: str, *, order: str, rate: float,
                   duration_s: float, warmup_s: float, households: int,
                   partitions: int, drain: bool, **overrides: Any) -> dict[str, Any]:
-    from model import Detector
-    from stream.service import Service
+    from meterwatch.model import Detector
+    from meterwatch.stream.service import Service
 
     settings = common.bench_settings(b, topic_partitions=partitions, **overrides)
     service = Service(settings, detector=Detector.load(model_path, device=settings.device))
@@ -229,7 +229,7 @@ async def kafka_run(b: Any, name: str, *, rate: float, duration_s: float, warmup
     (now - Kafka timestamp) of every record as it is fetched."""
     from aiokafka import AIOKafkaConsumer
 
-    from stream.broker import create_topics
+    from meterwatch.stream.broker import create_topics
 
     topic = f"kafka-latency-{common.new_tag()}"
     await create_topics(b.bootstrap_servers, {topic: partitions})
@@ -280,7 +280,7 @@ async def kafka_run(b: Any, name: str, *, rate: float, duration_s: float, warmup
 
 def service_fetch_wait_ms() -> int:
     """The service's consumer fetch wait (aiokafka's 500 ms where it has no setting)."""
-    from stream.config import Settings
+    from meterwatch.stream.config import Settings
 
     return int(getattr(Settings(), "fetch_max_wait_ms", 500))
 

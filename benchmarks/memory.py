@@ -89,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from stream.assembler import DayAssembler
-    from stream.parse import ParsedBatch
-    from stream.timegrid import TimeGrid
+    from meterwatch.stream.assembler import DayAssembler
+    from meterwatch.stream.parse import ParsedBatch
+    from meterwatch.stream.timegrid import TimeGrid
 
     n, k = args.households, args.readings
     day0 = 15_765  # 2013-03-01

@@ -60,7 +60,7 @@ def time_calls(fn: Any, min_seconds: float, max_calls: int, warm: bool) -> tuple
 
 def bench_dtype(path: Any, device: str, dtype: str, sizes: list[int], inputs: Any,
                 args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
-    from model import Detector, HouseholdState
+    from meterwatch.model import Detector, HouseholdState
 
     det = Detector.load(path, device=device, dtype=dtype)
     kwh_all, day_all, ids_all = inputs
@@ -117,9 +117,9 @@ async def _contention(path: Any, sizes: list[int], inputs: Any, reps: int
     on 5,000-record fetches), as the service's does while it scores."""
     import asyncio
 
-    from model import Detector, HouseholdState
-    from stream.parse import parse_records
-    from stream.scorer import STATE_FIELDS, Scorer
+    from meterwatch.model import Detector, HouseholdState
+    from meterwatch.stream.parse import parse_records
+    from meterwatch.stream.scorer import STATE_FIELDS, Scorer
 
     det = Detector.load(path, device="cpu")
     data = common.stream_data(200, 1)

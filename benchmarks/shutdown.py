@@ -1,6 +1,6 @@
 """Graceful shutdown under load, and nothing lost or doubled across the restart.
 
-1. start a service process (``python -m stream.cli run``, configured by METERWATCH_*
+1. start a service process (``python -m meterwatch.meterwatch.stream.cli run``, configured by METERWATCH_*
    variables, as a deployment would) and wait until it is ready;
 2. stream readings at a steady ``--rate`` from a paced producer process (household order:
    every produced household-day is complete);
@@ -33,7 +33,7 @@ from aiokafka import AIOKafkaConsumer
 
 from benchmarks import common
 from benchmarks.latency import _paced_producer
-from stream.testing import ServiceProcess
+from meterwatch.stream.testing import ServiceProcess
 
 
 async def read_keys(bootstrap: str, topic: str, expected: int, timeout_s: float

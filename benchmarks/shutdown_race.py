@@ -37,8 +37,8 @@ from benchmarks.shutdown import read_keys
 
 async def trial(b: Any, model_path: Any, delay_s: float, args: argparse.Namespace
                 ) -> dict[str, Any]:
-    from model import Detector
-    from stream.service import Service
+    from meterwatch.model import Detector
+    from meterwatch.stream.service import Service
 
     # the model in a worker thread, so that the delay below can wrap it
     settings = common.bench_settings(b, topic_partitions=args.partitions, commit_interval_s=0.5,

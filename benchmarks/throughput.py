@@ -64,7 +64,7 @@ def _consumer(bootstrap: str, topic: str, **kw: Any) -> AIOKafkaConsumer:
 
 async def run_bare(bootstrap: str, topic: str, total: int, *,
                    gc_tuned: bool = False) -> dict[str, float]:
-    from stream.service import _GC
+    from meterwatch.stream.service import _GC
 
     c = _consumer(bootstrap, topic)
     await c.start()
@@ -165,8 +165,8 @@ async def run_per_record(bootstrap: str, topic: str, total: int) -> dict[str, fl
 async def run_service(b: Any, topic: str, total: int, days: int, model_path: Path, *,
                       profile: bool = False, **overrides: Any) -> dict[str, Any]:
     """meterwatch in-process, fresh group and output topics, until every day is scored."""
-    from model import Detector
-    from stream.service import Service
+    from meterwatch.model import Detector
+    from meterwatch.stream.service import Service
 
     settings = common.bench_settings(b, input_topic=topic, **overrides)
     detector = Detector.load(model_path, device=DEVICE["device"])

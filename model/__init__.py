@@ -31,11 +31,11 @@ injection), ``model.evaluate`` (``main(argv)``: the real-data benchmark), ``mode
 and ``model.quality`` (how errors and rules become scores), ``model.state``.
 """
 
-from model.detector import SIGNAL_NAMES, DayScores, Detector, HouseholdState
-from model.features import N_CONTEXT, ContextTables, context_features
-from model.network import ConditionalAutoencoder, ModelConfig
-from model.synthetic import ANOMALY_TYPES, SyntheticConfig, SyntheticData, generate
-from model.training import TrainConfig, train_detector
+from meterwatch.model.detector import SIGNAL_NAMES, DayScores, Detector, HouseholdState
+from meterwatch.model.features import N_CONTEXT, ContextTables, context_features
+from meterwatch.model.network import ConditionalAutoencoder, ModelConfig
+from meterwatch.model.synthetic import ANOMALY_TYPES, SyntheticConfig, SyntheticData, generate
+from meterwatch.model.training import TrainConfig, train_detector
 
 __all__ = [
     "ANOMALY_TYPES",

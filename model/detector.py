@@ -39,11 +39,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from model.features import FEATURE_NAMES, N_SLOTS, ContextTables, ModelInputs, model_inputs
-from model.network import ConditionalAutoencoder, ModelConfig
-from model.quality import QualityFlags, check
-from model.scoring import N_STATS, STAT_NAMES, Calibration, DayStats, day_statistics
-from model.state import HouseholdState, absorb
+from meterwatch.model.features import (
+    FEATURE_NAMES,
+    N_SLOTS,
+    ContextTables,
+    ModelInputs,
+    model_inputs,
+)
+from meterwatch.model.network import ConditionalAutoencoder, ModelConfig
+from meterwatch.model.quality import QualityFlags, check
+from meterwatch.model.scoring import N_STATS, STAT_NAMES, Calibration, DayStats, day_statistics
+from meterwatch.model.state import HouseholdState, absorb
 
 log = logging.getLogger(__name__)
 

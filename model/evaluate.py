@@ -42,12 +42,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.detector import SIGNAL_NAMES, DayScores, Detector
-from model.features import ContextTables, ModelInputs, context_features
-from model.inject import ANOMALY_TYPES, InjectionConfig, inject, random_labels
-from model.loaders import Readings, load_dataset, parse_day
-from model.network import ModelConfig
-from model.training import (
+from meterwatch.model.detector import SIGNAL_NAMES, DayScores, Detector
+from meterwatch.model.features import ContextTables, ModelInputs, context_features
+from meterwatch.model.inject import ANOMALY_TYPES, InjectionConfig, inject, random_labels
+from meterwatch.model.loaders import Readings, load_dataset, parse_day
+from meterwatch.model.network import ModelConfig
+from meterwatch.model.training import (
     History,
     TrainConfig,
     fit_autoencoder,

@@ -88,7 +88,7 @@ class ContextTables:
         holidays_csv: str | os.PathLike[str] | None = None,
     ) -> ContextTables:
         """Read the Low Carbon London side tables (plain or ``.gz``); any may be None."""
-        from model import loaders
+        from meterwatch.model import loaders
 
         kw: dict[str, object] = {}
         if household_csv is not None:

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from model.features import ModelInputs, from_model_space, to_model_space
+from meterwatch.model.features import ModelInputs, from_model_space, to_model_space
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from model.scoring import N_BLOCKS
+from meterwatch.model.scoring import N_BLOCKS
 
 log = logging.getLogger(__name__)
 

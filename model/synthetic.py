@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.features import ACORN_GROUPS, ContextTables
-from model.inject import ANOMALY_TYPES, InjectionConfig, inject, random_labels
+from meterwatch.model.features import ACORN_GROUPS, ContextTables
+from meterwatch.model.inject import ANOMALY_TYPES, InjectionConfig, inject, random_labels
 
 log = logging.getLogger(__name__)
 

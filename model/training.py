@@ -44,11 +44,11 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
-from model.detector import DayScores, Detector, ScoringConfig
-from model.features import ContextTables, ModelInputs, mask_context, model_inputs
-from model.network import ConditionalAutoencoder, ModelConfig
-from model.scoring import N_BLOCKS, N_STATS, Calibration
-from model.state import HouseholdState, absorb
+from meterwatch.model.detector import DayScores, Detector, ScoringConfig
+from meterwatch.model.features import ContextTables, ModelInputs, mask_context, model_inputs
+from meterwatch.model.network import ConditionalAutoencoder, ModelConfig
+from meterwatch.model.scoring import N_BLOCKS, N_STATS, Calibration
+from meterwatch.model.state import HouseholdState, absorb
 
 log = logging.getLogger(__name__)
 

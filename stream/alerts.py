@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stream.assembler import COMPLETE, INCOMPLETE, STATUS_NAMES, ClosedDays, state_rows
-from stream.events import SCHEMA_VERSION
-from stream.scorer import Scored
-from stream.timegrid import SLOTS, TimeGrid
+from meterwatch.stream.assembler import COMPLETE, INCOMPLETE, STATUS_NAMES, ClosedDays, state_rows
+from meterwatch.stream.events import SCHEMA_VERSION
+from meterwatch.stream.scorer import Scored
+from meterwatch.stream.timegrid import SLOTS, TimeGrid
 
 _EPOCH = dt.date(1970, 1, 1)
 

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model import HouseholdState
-from stream.parse import ParsedBatch
-from stream.timegrid import SLOTS, TimeGrid
+from meterwatch.model import HouseholdState
+from meterwatch.stream.parse import ParsedBatch
+from meterwatch.stream.timegrid import SLOTS, TimeGrid
 
 log = logging.getLogger(__name__)
 

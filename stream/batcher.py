@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stream.assembler import ClosedDays
+from meterwatch.stream.assembler import ClosedDays
 
 
 @dataclass

@@ -12,7 +12,7 @@ log = logging.getLogger("meterwatch")
 
 
 def _parser() -> argparse.ArgumentParser:
-    from stream.config import Settings
+    from meterwatch.stream.config import Settings
 
     p = argparse.ArgumentParser(prog="meterwatch", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["evaluate"]:
-        from model.evaluate import main as evaluate_main
+        from meterwatch.model.evaluate import main as evaluate_main
 
         return int(evaluate_main(argv[1:]) or 0)
     args = _parser().parse_args(argv)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from stream.config import Settings
+    from meterwatch.stream.config import Settings
 
     if args.command in ("run", "config"):
         try:
@@ -108,7 +108,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "simulate":
         return asyncio.run(_simulate(args))
     if args.command == "demo":
-        from stream.demo import DemoOptions, run_demo
+        from meterwatch.stream.demo import DemoOptions, run_demo
 
         logging.getLogger().setLevel(logging.WARNING)
         return asyncio.run(run_demo(DemoOptions(
@@ -119,7 +119,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 async def _run(settings) -> int:  # type: ignore[no-untyped-def]
-    from stream.service import Service
+    from meterwatch.stream.service import Service
 
     service = Service(settings)
     await service.start()
@@ -128,7 +128,7 @@ async def _run(settings) -> int:  # type: ignore[no-untyped-def]
 
 
 def _train(args: argparse.Namespace) -> int:
-    from model import (
+    from meterwatch.model import (
         ContextTables,
         ModelConfig,
         SyntheticConfig,
@@ -147,7 +147,7 @@ def _train(args: argparse.Namespace) -> int:
         ids, day, kwh, _ = data.long()
         tables = data.tables
     else:
-        from model.loaders import load_readings
+        from meterwatch.model.loaders import load_readings
 
         ids, day, kwh = load_readings(args.data)
         if args.until:
@@ -169,8 +169,8 @@ def _train(args: argparse.Namespace) -> int:
 async def _simulate(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from model import SyntheticConfig, generate
-    from stream.simulate import produce_synthetic
+    from meterwatch.model import SyntheticConfig, generate
+    from meterwatch.stream.simulate import produce_synthetic
 
     data = generate(SyntheticConfig(n_households=args.households, n_days=args.days,
                                     start_day=dt.date.fromisoformat(args.start),

@@ -22,11 +22,11 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer
 
-from model import ANOMALY_TYPES, SyntheticConfig, TrainConfig, generate, train_detector
-from stream.broker import Broker
-from stream.config import Settings
-from stream.service import Service
-from stream.simulate import produce_synthetic
+from meterwatch.model import ANOMALY_TYPES, SyntheticConfig, TrainConfig, generate, train_detector
+from meterwatch.stream.broker import Broker
+from meterwatch.stream.config import Settings
+from meterwatch.stream.service import Service
+from meterwatch.stream.simulate import produce_synthetic
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from stream.config import Settings
+from meterwatch.stream.config import Settings
 
 log = logging.getLogger(__name__)
 

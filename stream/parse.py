@@ -21,7 +21,7 @@ import numpy as np
 import orjson
 from numpy.lib.stride_tricks import sliding_window_view
 
-from stream.events import MAX_HOUSEHOLD_ID_LEN, MAX_KWH
+from meterwatch.stream.events import MAX_HOUSEHOLD_ID_LEN, MAX_KWH
 
 #: Readings per record (a JSON array) above which the record is rejected outright.
 MAX_READINGS_PER_RECORD = 10_000

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from stream.config import Settings
+from meterwatch.stream.config import Settings
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,8 @@ import numpy as np
 import psutil
 import torch
 
-from model import ContextTables, Detector, HouseholdState
-from stream.timegrid import SLOTS
+from meterwatch.model import ContextTables, Detector, HouseholdState
+from meterwatch.stream.timegrid import SLOTS
 
 log = logging.getLogger(__name__)
 

@@ -70,16 +70,16 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from prometheus_client import CollectorRegistry
 
-from model import SIGNAL_NAMES, ContextTables, Detector
-from stream.alerts import build_documents
-from stream.assembler import INCOMPLETE, ClosedDays, DayAssembler
-from stream.batcher import Batch, DynamicBatcher, Pending
-from stream.broker import create_topics
-from stream.config import Settings
-from stream.consumer import raw_records
-from stream.http import HttpServer
-from stream.metrics import Metrics, create_metrics
-from stream.outputs import (
+from meterwatch.model import SIGNAL_NAMES, ContextTables, Detector
+from meterwatch.stream.alerts import build_documents
+from meterwatch.stream.assembler import INCOMPLETE, ClosedDays, DayAssembler
+from meterwatch.stream.batcher import Batch, DynamicBatcher, Pending
+from meterwatch.stream.broker import create_topics
+from meterwatch.stream.config import Settings
+from meterwatch.stream.consumer import raw_records
+from meterwatch.stream.http import HttpServer
+from meterwatch.stream.metrics import Metrics, create_metrics
+from meterwatch.stream.outputs import (
     MARK_KEY,
     OutputPublisher,
     OutRecord,
@@ -87,10 +87,10 @@ from stream.outputs import (
     json_record,
     output_topics,
 )
-from stream.parse import parse_records
-from stream.recovery import read_to_end
-from stream.scorer import STATE_FIELDS, Scorer, set_cpu_threads
-from stream.timegrid import TimeGrid
+from meterwatch.stream.parse import parse_records
+from meterwatch.stream.recovery import read_to_end
+from meterwatch.stream.scorer import STATE_FIELDS, Scorer, set_cpu_threads
+from meterwatch.stream.timegrid import TimeGrid
 
 log = logging.getLogger(__name__)
 
@@ -747,7 +747,7 @@ _GC = _GcTuning()
 
 
 def _slice_scored(scored, sl: slice):  # type: ignore[no-untyped-def]
-    from stream.scorer import Scored
+    from meterwatch.stream.scorer import Scored
 
     return Scored(scored.score[sl], scored.is_alert[sl], scored.expected[sl],
                   scored.slot_error[sl], scored.signals[sl],

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from aiokafka import AIOKafkaProducer
 
-from model import SyntheticData
+from meterwatch.model import SyntheticData
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import psutil
 
-from stream.broker import free_port
-from stream.config import Settings
+from meterwatch.stream.broker import free_port
+from meterwatch.stream.config import Settings
 
 
 def service_env(settings: Settings, model_path: Path, port: int,
@@ -58,7 +58,7 @@ class ServiceProcess:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path or os.devnull, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", "run"],
+            [sys.executable, "-m", "meterwatch.stream.cli", "run"],
             env=service_env(self.settings, self.model_path, self.port, self.env),
             stdout=log, stderr=subprocess.STDOUT)
         return self

@@ -20,10 +20,17 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from model import Detector, SyntheticConfig, SyntheticData, TrainConfig, generate, train_detector
-from stream.broker import Broker
-from stream.config import Settings
-from stream.testing import ServiceProcess
+from meterwatch.model import (
+    Detector,
+    SyntheticConfig,
+    SyntheticData,
+    TrainConfig,
+    generate,
+    train_detector,
+)
+from meterwatch.stream.broker import Broker
+from meterwatch.stream.config import Settings
+from meterwatch.stream.testing import ServiceProcess
 
 HISTORY_DAYS = 21
 HOUSEHOLDS = 60
@@ -150,7 +157,7 @@ def live_service(broker: Broker, detector_path: Path, synthetic: SyntheticData,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     """A running ``meterwatch run`` process that has scored days, published alerts and
     dead-lettered a few records (used by the Prometheus test)."""
-    from stream.simulate import produce_synthetic
+    from meterwatch.stream.simulate import produce_synthetic
 
     settings = unique_settings(broker)
     data = generate(SyntheticConfig(n_households=30, n_days=HISTORY_DAYS + 3,

@@ -7,9 +7,9 @@ import datetime as dt
 import numpy as np
 import pytest
 
-from stream.assembler import COMPLETE, IMPUTED, INCOMPLETE, DayAssembler
-from stream.parse import ParsedBatch
-from stream.timegrid import TimeGrid
+from meterwatch.stream.assembler import COMPLETE, IMPUTED, INCOMPLETE, DayAssembler
+from meterwatch.stream.parse import ParsedBatch
+from meterwatch.stream.timegrid import TimeGrid
 
 DAY0 = (dt.date(2013, 1, 7) - dt.date(1970, 1, 1)).days
 

@@ -6,8 +6,8 @@ import asyncio
 
 import numpy as np
 
-from stream.assembler import ClosedDays
-from stream.batcher import DynamicBatcher
+from meterwatch.stream.assembler import ClosedDays
+from meterwatch.stream.batcher import DynamicBatcher
 
 
 def days(n: int, first_offset: int) -> ClosedDays:
@@ -66,8 +66,8 @@ def test_a_batch_whose_publishing_fails_stays_pinned():
     import pytest
     from aiokafka.errors import KafkaError
 
-    from stream.config import Settings
-    from stream.service import Service
+    from meterwatch.stream.config import Settings
+    from meterwatch.stream.service import Service
 
     async def run() -> None:
         svc = Service(Settings(bootstrap_servers="127.0.0.1:9", metrics_port=0))

@@ -7,8 +7,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
-from stream.broker import create_topics
-from stream.consumer import raw_records
+from meterwatch.stream.broker import create_topics
+from meterwatch.stream.consumer import raw_records
 from tests.conftest import unique_settings
 
 pytestmark = pytest.mark.integration

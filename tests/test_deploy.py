@@ -33,7 +33,7 @@ import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream.metrics import create_metrics
+from meterwatch.stream.metrics import create_metrics
 from tests.conftest import load_observability
 
 obs = load_observability()
@@ -577,7 +577,7 @@ def test_dockerfile() -> None:
 
 
 def _settings_env_names() -> set[str]:
-    from stream.config import Settings
+    from meterwatch.stream.config import Settings
 
     prefix = Settings.model_config.get("env_prefix", "")
     return {f"{prefix}{name}".upper() for name in Settings.model_fields}

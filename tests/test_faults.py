@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from model import SyntheticConfig, generate
-from stream.broker import Broker, free_port
-from stream.simulate import produce_synthetic
+from meterwatch.model import SyntheticConfig, generate
+from meterwatch.stream.broker import Broker, free_port
+from meterwatch.stream.simulate import produce_synthetic
 from tests.conftest import (
     HISTORY_DAYS,
     ServiceProcess,

@@ -14,9 +14,9 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from model import SyntheticConfig, generate
-from stream.service import Service
-from stream.simulate import day_records
+from meterwatch.model import SyntheticConfig, generate
+from meterwatch.stream.service import Service
+from meterwatch.stream.simulate import day_records
 from tests.conftest import HISTORY_DAYS, inject_gross, read_topic, unique_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from stream.service import Service
-from stream.simulate import reading_json
-from stream.timegrid import TimeGrid
+from meterwatch.stream.service import Service
+from meterwatch.stream.simulate import reading_json
+from meterwatch.stream.timegrid import TimeGrid
 from tests.conftest import read_topic, unique_settings
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import (
+from meterwatch.model import (
     ContextTables,
     Detector,
     HouseholdState,
@@ -24,9 +24,9 @@ from model import (
     generate,
     train_detector,
 )
-from model.detector import ScoringConfig
-from model.features import mask_context
-from model.scoring import N_STATS, Calibration
+from meterwatch.model.detector import ScoringConfig
+from meterwatch.model.features import mask_context
+from meterwatch.model.scoring import N_STATS, Calibration
 
 HISTORY_DAYS = 21
 FIRST_DAYS = 3

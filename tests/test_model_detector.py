@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from model import (
+from meterwatch.model import (
     ANOMALY_TYPES,
     SIGNAL_NAMES,
     DayScores,
@@ -18,7 +18,7 @@ from model import (
     generate,
     train_detector,
 )
-from model.inject import inject
+from meterwatch.model.inject import inject
 
 HISTORY_DAYS = 28
 

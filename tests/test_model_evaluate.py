@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model import SyntheticConfig, generate
-from model.evaluate import METHODS, main
+from meterwatch.model import SyntheticConfig, generate
+from meterwatch.model.evaluate import METHODS, main
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model import N_CONTEXT, ContextTables, context_features
-from model.features import FEATURE_NAMES, impute, model_inputs
+from meterwatch.model import N_CONTEXT, ContextTables, context_features
+from meterwatch.model.features import FEATURE_NAMES, impute, model_inputs
 
 
 def _day(y: int, m: int, d: int) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.loaders import (
+from meterwatch.model.loaders import (
     LoadError,
     load_dataset,
     parse_day,

@@ -2,7 +2,7 @@
 
 import torch
 
-from model import N_CONTEXT, ConditionalAutoencoder, ModelConfig
+from meterwatch.model import N_CONTEXT, ConditionalAutoencoder, ModelConfig
 
 
 def _linear_shapes(seq: torch.nn.Sequential) -> list[tuple[int, int]]:

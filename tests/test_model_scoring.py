@@ -2,11 +2,11 @@
 
 import numpy as np
 
-from model import ANOMALY_TYPES, HouseholdState
-from model.inject import InjectionConfig, inject
-from model.quality import check, run_lengths
-from model.scoring import N_STATS, Calibration
-from model.state import absorb
+from meterwatch.model import ANOMALY_TYPES, HouseholdState
+from meterwatch.model.inject import InjectionConfig, inject
+from meterwatch.model.quality import check, run_lengths
+from meterwatch.model.scoring import N_STATS, Calibration
+from meterwatch.model.state import absorb
 
 
 def _days(n: int) -> np.ndarray:

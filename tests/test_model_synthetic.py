@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from model import ANOMALY_TYPES, SyntheticConfig, generate
+from meterwatch.model import ANOMALY_TYPES, SyntheticConfig, generate
 
 
 def test_shapes_and_types() -> None:

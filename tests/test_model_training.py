@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from model import ModelConfig, SyntheticConfig, TrainConfig, generate
-from model.features import model_inputs
-from model.training import (
+from meterwatch.model import ModelConfig, SyntheticConfig, TrainConfig, generate
+from meterwatch.model.features import model_inputs
+from meterwatch.model.training import (
     _auto_batch_size,
     fit_autoencoder,
     plot_history,
@@ -29,7 +29,7 @@ def inputs():
 
 
 def _rows(inp, sl):
-    from model.features import ModelInputs
+    from meterwatch.model.features import ModelInputs
 
     return ModelInputs(**{k: getattr(inp, k)[sl] for k in inp.__dataclass_fields__})
 

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from stream.events import Reading
-from stream.parse import parse_records
+from meterwatch.stream.events import Reading
+from meterwatch.stream.parse import parse_records
 
 NOW = 1.9e9  # 2030-03: timestamps up to then are not "in the future"
 
@@ -126,7 +126,7 @@ def compact_records(draw):  # type: ignore[no-untyped-def]
 @settings(max_examples=400, deadline=None)
 @given(st.lists(compact_records(), min_size=1, max_size=30))
 def test_compact_path_agrees_with_orjson_path(values: list[bytes]) -> None:
-    from stream.parse import _parse_general
+    from meterwatch.stream.parse import _parse_general
     fast = parse_records(values, now_s=NOW)
     slow = _parse_general(values, now_s=NOW, max_future_s=86_400.0)
     assert fast.household == slow.household
@@ -140,7 +140,7 @@ def test_compact_path_agrees_with_orjson_path(values: list[bytes]) -> None:
 def test_compact_path_reads_the_usual_layouts() -> None:
     import json
 
-    from stream.parse import _parse_compact
+    from meterwatch.stream.parse import _parse_compact
     doc = {"household_id": "MAC000002", "ts": "2013-01-01T00:30:00Z", "kwh": 0.219}
     values = [orjson.dumps(doc), json.dumps(doc).encode(), b"[" + orjson.dumps(doc) + b"]"]
     out = _parse_compact(values, NOW, 86_400.0)

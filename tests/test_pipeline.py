@@ -11,10 +11,10 @@ import urllib.request
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from model import SyntheticConfig, generate
-from stream.events import Alert, DayScore, DeadLetter
-from stream.service import Service
-from stream.simulate import MALFORMED, produce_synthetic
+from meterwatch.model import SyntheticConfig, generate
+from meterwatch.stream.events import Alert, DayScore, DeadLetter
+from meterwatch.stream.service import Service
+from meterwatch.stream.simulate import MALFORMED, produce_synthetic
 from tests.conftest import HISTORY_DAYS, assert_unique, inject_gross, read_topic, unique_settings
 
 pytestmark = pytest.mark.integration
@@ -99,7 +99,7 @@ async def test_json_array_records_and_health_endpoints(broker, detector):
         producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
         await producer.start()
         try:
-            from stream.simulate import reading_json
+            from meterwatch.stream.simulate import reading_json
 
             d = HISTORY_DAYS
             for h, hid in enumerate(data.household_ids):
