@@ -1,7 +1,7 @@
 """Scale-out: 1, 2, 4 ... service processes in one consumer group on one pre-produced topic.
 
 The topic (``--households`` x ``--days`` readings, ``--partitions`` partitions, 8 by default)
-is produced once. For each process count the processes (``python -m meterwatch.meterwatch.stream.cli run``,
+is produced once. For each process count the processes (``python -m meterwatch.stream.cli run``,
 METERWATCH_* variables) start together with a fresh group and fresh output topics; their
 /metrics are sampled every 0.25 s until every household-day is scored. Reported per count:
 

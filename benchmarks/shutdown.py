@@ -1,6 +1,6 @@
 """Graceful shutdown under load, and nothing lost or doubled across the restart.
 
-1. start a service process (``python -m meterwatch.meterwatch.stream.cli run``, configured by METERWATCH_*
+1. start a service process (``python -m meterwatch.stream.cli run``, configured by METERWATCH_*
    variables, as a deployment would) and wait until it is ready;
 2. stream readings at a steady ``--rate`` from a paced producer process (household order:
    every produced household-day is complete);
