@@ -119,12 +119,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 async def _run(settings) -> int:  # type: ignore[no-untyped-def]
-    from meterwatch.stream.service import Service
+    from meterwatch.stream.service import run_service
 
-    service = Service(settings)
-    await service.start()
-    await service.run_until_signalled()
-    return 0
+    return await run_service(settings)  # 0 after a signal, 1 if a stage failed
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -1,14 +1,30 @@
-"""Everything meterwatch writes to Kafka, through one producer.
+"""The sink: everything meterwatch writes to Kafka, and how it is keyed and labelled.
 
 Output partition = input partition: the records about a household-day read from input
 partition ``p`` go to partition ``p`` of every output topic. One owner per input partition
 therefore means one writer per output partition, which is what lets recovery read an output
-partition and know it holds everything its predecessor published (see ``stream.service``).
+partition and know it holds everything its predecessor published (``stream.checkpoint``).
 
-Idempotence: ``idempotence="auto"`` turns it on where the broker supports it (probed once at
-start with a tombstone on the compacted state topic); the embedded Tansu broker does not
-(InitProducerId answers UnknownError), and every guarantee meterwatch claims holds without it
-because duplicates are removed at recovery, not by the producer.
+Ownership: every record carries the header ``meterwatch.app`` = ``[group id, input topic]``
+(JSON), and the keys of household state and marks on the state topic include both
+(``state_key``, ``mark_key``). Two applications that share the default output and state
+topics therefore never read each other's state, marks or day scores (``stream.recovery``
+filters on them).
+
+Producers (``--idempotence``):
+
+- ``auto`` (default): start an idempotent producer. aiokafka asks for a producer id inside
+  ``start()``; where the broker answers (Apache Kafka), every owned input partition ``p``
+  gets a **transactional** producer of its own, ``transactional.id = <group>.<input>.<p>``,
+  opened when ``p`` is assigned (``open_partition``). Opening it fences any older producer
+  with that id: a member that lost ``p`` without noticing can no longer write for it (the
+  broker refuses it, ``PartitionLost``). Each ``send_all`` writes a partition's records in
+  one transaction. Where the broker refuses a producer id (the embedded Tansu broker answers
+  InitProducerId with UnknownError), the failed producer is stopped and one plain producer
+  (acks=all) writes everything; every guarantee but fencing rests on recovery, not on the
+  producer (see docs/runtime.md for what remains).
+- ``on``: like ``auto``, but a broker without producer ids is a configuration error.
+- ``off``: one plain producer; no fencing.
 """
 
 from __future__ import annotations
@@ -17,18 +33,31 @@ import asyncio
 import base64
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    InvalidTxnState,
+    KafkaConnectionError,
+    KafkaError,
+    ProducerFenced,
+    TransactionalIdAuthorizationFailed,
+    TransactionCoordinatorFenced,
+)
 
 from meterwatch.stream.config import Settings
+from meterwatch.stream.errors import ConfigurationError, PartitionLost
 
 log = logging.getLogger(__name__)
 
-MARK_KEY = b"__mark__"
-PROBE_KEY = b"__probe__"
+#: version of every JSON document meterwatch writes (day score, alert, data quality, dead
+#: letter, household state, mark)
+SCHEMA_VERSION = 1
+APP_HEADER = "meterwatch.app"
+_FENCED = (ProducerFenced, InvalidProducerEpoch, InvalidTxnState,
+           TransactionCoordinatorFenced)
 
 
 @dataclass(frozen=True)
@@ -39,43 +68,145 @@ class OutRecord:
     value: bytes | None
 
 
+def app_id(settings: Settings) -> bytes:
+    """The identity of an application: its group id and input topic."""
+    return orjson.dumps([settings.group_id, settings.input_topic])
+
+
+def state_key(settings: Settings, household: str) -> bytes:
+    return orjson.dumps(["state", settings.group_id, settings.input_topic, household])
+
+
+def mark_key(settings: Settings) -> bytes:
+    return orjson.dumps(["mark", settings.group_id, settings.input_topic])
+
+
+def parse_state_key(settings: Settings, key: bytes | None) -> str | None:
+    """The household of one of this application's state records (None for anything else:
+    marks, other applications' records, records of older versions)."""
+    if not key or not key.startswith(b'["state",'):
+        return None
+    try:
+        _kind, group, topic, household = orjson.loads(key)
+    except (orjson.JSONDecodeError, ValueError):
+        return None
+    if group != settings.group_id or topic != settings.input_topic:
+        return None
+    return str(household)
+
+
+def transactional_id(settings: Settings, partition: int) -> str:
+    return f"{settings.group_id}.{settings.input_topic}.{partition}"
+
+
+@dataclass
+class _Writer:
+    producer: AIOKafkaProducer
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
 class OutputPublisher:
-    """A started aiokafka producer with acks=all and the end offsets it has written."""
+    """The producers, acks=all, and the end offsets they have written.
+
+    ``start``/``stop`` (or ``async with``); ``stop`` is safe twice and after a failed
+    ``start``. With transactions, ``open_partition(p)`` before writing for ``p`` and
+    ``close_partition(p)`` when ``p`` is revoked.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.producer: AIOKafkaProducer | None = None
-        self.idempotent = False
+        self.producer: AIOKafkaProducer | None = None  # without transactions
+        self.transactional = False
+        self._writers: dict[int, _Writer] = {}
+        self._header = [(APP_HEADER, app_id(settings))]
         #: (topic, partition) -> the next offset after our last acknowledged record
         self.ends: dict[tuple[str, int], int] = {}
 
-    def _make(self, idempotent: bool) -> AIOKafkaProducer:
+    @property
+    def idempotent(self) -> bool:
+        return self.transactional
+
+    def _make(self, *, idempotent: bool = False,
+              txn_id: str | None = None) -> AIOKafkaProducer:
         return AIOKafkaProducer(
-            **self.settings.kafka_options(), acks="all", enable_idempotence=idempotent,
+            **self.settings.kafka_options(), acks="all",
+            enable_idempotence=idempotent or txn_id is not None, transactional_id=txn_id,
             linger_ms=2, max_batch_size=1 << 20, max_request_size=8 << 20,
             compression_type=None)
+
+    async def __aenter__(self) -> OutputPublisher:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     async def start(self) -> None:
         mode = self.settings.idempotence
         if mode != "off":
-            producer = self._make(True)
-            await producer.start()
+            probe = self._make(idempotent=True)
             try:
-                await asyncio.wait_for(producer.send_and_wait(
-                    self.settings.state_topic, None, key=PROBE_KEY, partition=0), 15)
-                self.producer, self.idempotent = producer, True
-                log.info("idempotent producer enabled")
-                return
-            except (KafkaError, asyncio.TimeoutError) as exc:
-                await producer.stop()
+                await probe.start()  # InitProducerId: the broker supports producer ids
+            except KafkaConnectionError:
+                await probe.stop()
+                raise  # not reachable: the caller retries
+            except KafkaError as exc:
+                await probe.stop()
                 if mode == "on":
-                    raise RuntimeError(f"idempotent producer not supported: {exc!r}") from exc
-                log.warning("broker refused an idempotent producer (%r): continuing without; "
-                            "exactly-once output rests on recovery de-duplication", exc)
-        self.producer = self._make(False)
-        await self.producer.start()
+                    raise ConfigurationError(
+                        "--idempotence", f"the broker refuses producer ids ({exc!r})",
+                        "use --idempotence auto or off with this broker") from None
+                log.warning("the broker refuses producer ids (%r): no idempotence, no "
+                            "transactions; exactly-once rests on recovery (no fencing)", exc)
+            except BaseException:
+                await probe.stop()
+                raise
+            else:
+                await probe.stop()
+                self.transactional = True
+                log.info("transactions enabled: one transactional producer per owned input "
+                         "partition (transactional.id %s)",
+                         transactional_id(self.settings, 0)[:-1] + "<p>")
+                return
+        producer = self._make()
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        self.producer = producer
+
+    async def open_partition(self, partition: int) -> None:
+        """With transactions: the producer of ``partition``; starting it fences every older
+        producer of the same transactional id (aborting its open transaction)."""
+        if not self.transactional or partition in self._writers:
+            return
+        producer = self._make(txn_id=transactional_id(self.settings, partition))
+        try:
+            await producer.start()
+        except TransactionalIdAuthorizationFailed:
+            await producer.stop()
+            raise ConfigurationError(
+                "--group-id", f"not authorised for transactional id "
+                f"{transactional_id(self.settings, partition)!r}",
+                "grant WRITE on transactional ids <group>.<input topic>.* or use "
+                "--idempotence off") from None
+        except BaseException:
+            await producer.stop()
+            raise
+        self._writers[partition] = _Writer(producer)
+
+    async def close_partition(self, partition: int) -> None:
+        writer = self._writers.pop(partition, None)
+        if writer is not None:
+            try:
+                await writer.producer.stop()
+            except KafkaError as exc:
+                log.warning("closing the producer of partition %d: %r", partition, exc)
 
     async def stop(self) -> None:
+        for p in list(self._writers):
+            await self.close_partition(p)
         if self.producer is not None:
             producer, self.producer = self.producer, None
             await producer.stop()
@@ -85,28 +216,71 @@ class OutputPublisher:
 
         Records are appended to one record batch per (topic, partition) in their order
         (``send_batch``: no per-record future, partitioner or accumulator lookup), so the
-        order of each partition is the order given.
+        order of each partition is the order given. With transactions, each input
+        partition's records are one transaction; a partition whose producer was fenced
+        raises ``PartitionLost`` (after the other partitions' transactions completed).
         """
-        producer = self.producer
-        assert producer is not None, "publisher not started"
-        groups: dict[tuple[str, int], list[OutRecord]] = {}
+        by_partition: dict[int, dict[tuple[str, int], list[OutRecord]]] = {}
         for r in records:
-            groups.setdefault((r.topic, r.partition), []).append(r)
+            by_partition.setdefault(r.partition, {}).setdefault(
+                (r.topic, r.partition), []).append(r)
+        if not by_partition:
+            return
+        if not self.transactional:
+            assert self.producer is not None, "publisher not started"
+            groups = {k: v for g in by_partition.values() for k, v in g.items()}
+            await self._send(self.producer, groups)
+            return
+        results = await asyncio.gather(
+            *(self._send_transaction(p, g) for p, g in by_partition.items()),
+            return_exceptions=True)
+        lost: set[int] = set()
+        for res in results:
+            if isinstance(res, PartitionLost):
+                lost |= res.partitions
+            elif isinstance(res, BaseException):
+                raise res
+        if lost:
+            raise PartitionLost(lost, "another member's producer fenced ours")
+
+    async def _send_transaction(self, partition: int,
+                                groups: dict[tuple[str, int], list[OutRecord]]) -> None:
+        writer = self._writers.get(partition)
+        if writer is None:
+            raise PartitionLost({partition}, "not owned by this member")
+        async with writer.lock:
+            producer = writer.producer
+            try:
+                await producer.begin_transaction()
+                await self._send(producer, groups)
+                await producer.commit_transaction()
+            except _FENCED as exc:
+                await self.close_partition(partition)
+                raise PartitionLost({partition}, repr(exc)) from exc
+            except BaseException:
+                # a failed or cancelled transaction: the producer's state is unknown; the
+                # next owner (or a re-opened producer) aborts what it left open
+                await self.close_partition(partition)
+                raise
+
+    async def _send(self, producer: AIOKafkaProducer,
+                    groups: dict[tuple[str, int], list[OutRecord]]) -> None:
+        header = self._header
         sent = []  # (topic, partition, future, records in the batch)
         for (topic, partition), recs in groups.items():
             batch = producer.create_batch()
             for r in recs:
-                if batch.append(key=r.key, value=r.value, timestamp=None) is None:
+                if batch.append(key=r.key, value=r.value, timestamp=None,
+                                headers=header) is None:
                     sent.append((topic, partition, await producer.send_batch(
                         batch, topic, partition=partition), batch.record_count()))
                     batch = producer.create_batch()
-                    if batch.append(key=r.key, value=r.value, timestamp=None) is None:
+                    if batch.append(key=r.key, value=r.value, timestamp=None,
+                                    headers=header) is None:
                         raise ValueError(f"record too large for a batch: {len(r.value or b'')}"
                                          " bytes")
             sent.append((topic, partition, await producer.send_batch(
                 batch, topic, partition=partition), batch.record_count()))
-        if not sent:
-            return
         metadata = await asyncio.gather(*(f for _, _, f, _ in sent))
         for (topic, partition, _, count), md in zip(sent, metadata, strict=True):
             k = (topic, partition)
@@ -115,8 +289,12 @@ class OutputPublisher:
                 self.ends[k] = end
 
 
-def json_record(topic: str, partition: int, key: str | None, doc: object) -> OutRecord:
-    return OutRecord(topic, partition, key.encode() if key is not None else None,
+def json_record(topic: str, partition: int, key: str | None, doc: object, *,
+                key_bytes: bytes | None = None) -> OutRecord:
+    """A JSON document as a record; the key is ``key`` (text) or ``key_bytes``."""
+    if key is not None:
+        key_bytes = key.encode()
+    return OutRecord(topic, partition, key_bytes,
                      orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY))
 
 

@@ -19,6 +19,14 @@ household state updated by its first, exactly as if the days had come in separat
 Scores therefore do not depend on how days were grouped into batches.
 
 A CUDA out-of-memory error halves the batch and retries, and lowers the batch cap.
+
+Supervision (scorer process): ``supervise()`` (a task the service owns) checks the process
+every 0.2 s. When it has died, ``up`` turns false at once (``/readyz`` answers 503, gauge
+``meterwatch_scorer_up`` 0), and the process is restarted, at most ``max_restarts`` times in
+``restart_window_s`` (3 in 5 minutes); one more death raises ``ScorerFailed`` and the service
+stops with exit status 1. A batch whose scoring was cut short by the death is scored again by
+the new process: scoring has no side effect until its results are published, so nothing is
+lost and nothing is scored twice.
 """
 
 from __future__ import annotations
@@ -31,7 +39,10 @@ import os
 import signal
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,14 +84,24 @@ def set_cpu_threads(n: int | None = None) -> None:
     torch.set_num_threads(n or min(4, max(1, (os.cpu_count() or 2) // 2)))
 
 
+class ScorerFailed(RuntimeError):
+    """The scorer process died more often than its restart budget allows."""
+
+
 class Scorer:
-    """Scores batches in a worker thread or process (see the module docstring)."""
+    """Scores batches in a worker thread or process (see the module docstring).
+
+    ``start``/``stop`` (or ``async with``); ``stop`` is safe twice.
+    """
 
     def __init__(self, detector: Detector, tables: ContextTables | None = None, *,
                  torch_threads: int | None = None, process: bool = False,
-                 device: str | None = None, dtype: str | None = None) -> None:
+                 device: str | None = None, dtype: str | None = None,
+                 max_restarts: int = 3, restart_window_s: float = 300.0,
+                 on_change: Callable[[bool, bool], None] | None = None) -> None:
         """``device``/``dtype`` (a process only): where the process puts its copy of the
-        detector; default the detector's own."""
+        detector; default the detector's own. ``on_change(up, restarted)`` is called when
+        the scorer goes down or comes back (``restarted``: after a restart)."""
         self.detector = detector
         self.tables = tables
         self.process = process
@@ -89,21 +110,82 @@ class Scorer:
         self._torch_threads = torch_threads
         self._worker: _Worker | None = None
         self._executor: Executor | None = None
+        self._pid: int | None = None
         self.memory_cap = 0
+        self.up = False
+        self.max_restarts = max_restarts
+        self.restart_window_s = restart_window_s
+        self.restarts: deque[float] = deque()  # monotonic times of recent restarts
+        self._on_change = on_change or (lambda up, restarted: None)
+        self._restart_lock = asyncio.Lock()
+
+    async def __aenter__(self) -> Scorer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _spawn(self) -> None:
+        loop = asyncio.get_running_loop()
+        det = self.detector
+        executor = ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_process,
+            initargs=(det.checkpoint(), self.device, self._dtype, self.tables,
+                      self._torch_threads, os.getpid(),
+                      logging.getLogger().getEffectiveLevel()))
+        self._executor = executor
+        self.memory_cap, self.device, self._pid = await loop.run_in_executor(executor,
+                                                                             _process_info)
+
+    def alive(self) -> bool:
+        """The scorer can take a batch (a process: it is running)."""
+        if not self.process:
+            return self._executor is not None
+        if self._pid is None:
+            return False
+        try:
+            proc = psutil.Process(self._pid)
+            return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    async def supervise(self, interval_s: float = 0.2) -> None:
+        """Watch the scorer process; restart it when it dies (raises ``ScorerFailed``
+        beyond the budget). Runs until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if self._executor is not None and not self.alive():
+                await self._restart()
+
+    async def _restart(self) -> None:
+        async with self._restart_lock:
+            if self.alive():
+                return  # restarted by whoever held the lock
+            self.up = False
+            self._on_change(False, False)
+            now = time.monotonic()
+            while self.restarts and now - self.restarts[0] > self.restart_window_s:
+                self.restarts.popleft()
+            if len(self.restarts) >= self.max_restarts:
+                raise ScorerFailed(f"the scorer process died {len(self.restarts) + 1} times "
+                                   f"within {self.restart_window_s:.0f} s")
+            self.restarts.append(now)
+            log.error("the scorer process (pid %s) died; restarting it (%d of %d in %.0f s)",
+                      self._pid, len(self.restarts), self.max_restarts,
+                      self.restart_window_s)
+            old, self._executor, self._pid = self._executor, None, None
+            if old is not None:
+                old.shutdown(wait=False, cancel_futures=True)
+            await self._spawn()
+            self.up = True
+            self._on_change(True, True)
 
     async def start(self) -> None:
         """Start the worker (for a process: spawn it and load the model there)."""
-        loop = asyncio.get_running_loop()
         if self.process:
-            det = self.detector
-            self._executor = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_process,
-                initargs=(det.checkpoint(), self.device, self._dtype, self.tables,
-                          self._torch_threads, os.getpid(),
-                          logging.getLogger().getEffectiveLevel()))
-            self.memory_cap, self.device = await loop.run_in_executor(self._executor,
-                                                                      _process_info)
+            await self._spawn()
         else:
             if self.detector.device.type == "cpu":
                 set_cpu_threads(self._torch_threads)
@@ -111,21 +193,45 @@ class Scorer:
             self._executor = ThreadPoolExecutor(max_workers=1,
                                                 thread_name_prefix="meterwatch-score")
             self.memory_cap = self._worker.memory_cap
+        self.up = True
+        self._on_change(True, False)
+
+    async def stop(self) -> None:
+        """Stop the worker (waits for a batch being scored); safe twice."""
+        executor, self._executor = self._executor, None
+        self.up = False
+        if executor is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: executor.shutdown(wait=True, cancel_futures=True))
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+        """``stop`` for callers without an event loop."""
+        executor, self._executor = self._executor, None
+        self.up = False
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
 
     async def score(self, kwh: np.ndarray, day: np.ndarray, household_ids: list[str],
                     keys: np.ndarray, state: dict[str, np.ndarray]) -> Scored:
-        """Score days; ``keys`` identify households (equal key = same household)."""
-        assert self._executor is not None, "scorer not started"
+        """Score days; ``keys`` identify households (equal key = same household).
+
+        If the scorer process dies meanwhile, it is restarted and the batch scored again.
+        """
         loop = asyncio.get_running_loop()
-        fn = self._worker.score if self._worker is not None else _process_score
-        scored = await loop.run_in_executor(self._executor, fn, kwh, day, household_ids, keys,
-                                            state)
-        self.memory_cap = scored.memory_cap
-        return scored
+        while True:
+            executor = self._executor
+            assert executor is not None, "scorer not started"
+            fn = self._worker.score if self._worker is not None else _process_score
+            try:
+                scored = await loop.run_in_executor(executor, fn, kwh, day, household_ids,
+                                                    keys, state)
+            except BrokenProcessPool:
+                log.warning("the scorer process died while scoring %d days; scoring them "
+                            "again after its restart", len(day))
+                await self._restart()
+                continue
+            self.memory_cap = scored.memory_cap
+            return scored
 
 
 class _Worker:
@@ -239,9 +345,9 @@ def _die_with(parent: int) -> None:
     threading.Thread(target=watch, name="meterwatch-parent-watch", daemon=True).start()
 
 
-def _process_info() -> tuple[int, str]:
+def _process_info() -> tuple[int, str, int]:
     assert _PROCESS_WORKER is not None
-    return _PROCESS_WORKER.memory_cap, str(_PROCESS_WORKER.detector.device)
+    return _PROCESS_WORKER.memory_cap, str(_PROCESS_WORKER.detector.device), os.getpid()
 
 
 def _process_score(kwh: np.ndarray, day: np.ndarray, household_ids: list[str], keys: np.ndarray,

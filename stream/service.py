@@ -5,48 +5,18 @@ closed household-days) → ``stream.batcher`` (days → model batches) → ``str
 scores, in a scorer process or thread) → ``stream.alerts`` (scores → documents) → ``stream.outputs``
 (documents → Kafka) → offsets committed here.
 
-Delivery protocol (what is written when, and why nothing is lost or doubled)
------------------------------------------------------------------------------
-Every record about input partition ``p`` goes to partition ``p`` of each output topic, and a
-partition has one owner at a time, so each output partition has a single writer.
+Protocols, each written out in the module that implements it: the commit protocol in
+``stream.checkpoint`` (steps 1-6), recovery in ``stream.recovery``, producers, keys and
+fencing in ``stream.outputs``, the fail-fast checks in ``stream.preflight``.
 
-For each batch of closed days, in this order:
+Exit status of ``meterwatch run`` (``run_service``): 0 after SIGTERM/SIGINT; 1 when a stage
+failed (the consume loop, the scorer beyond its restarts, publishing, committing), after a
+graceful stop; 2 for a ``ConfigurationError`` (one line on stderr naming the setting).
 
-1. publish one **day score** per day to ``scores`` (the ledger; it carries the alert and
-   data-quality payloads and the household state after the day) and wait for the acks;
-2. publish the **alerts** and **data-quality** records and wait.
-
-Steps 1-2 of a batch overlap the scoring of the next batch, never the publishing of another
-batch: outputs leave in batch order. A rebalance or a stop waits for them before it commits.
-
-Every ``commit_interval_s``, for each owned partition:
-
-3. publish the **household state** of every household scored since the last commit
-   (compacted ``state`` topic; one record per household however many days it closed) and
-   wait — a mark may only make a day score unnecessary for recovery once the state that
-   includes it is durable;
-4. compute the safe offset ``C``: the lowest offset still needed by an open day, a day
-   waiting in the batcher or a day being scored/published, or the fetch position when none
-   is. Offsets never pass a reading whose day has not been emitted;
-5. publish a **mark** ``{offset: C, ends: X}`` to the state topic, where ``X`` are the output
-   end offsets at the moment the record at ``C`` was consumed (every output about a day that
-   has a reading at ``C`` or later lies at or after ``X``); wait;
-6. commit ``C`` to the consumer group (for lag tooling and as a fallback).
-
-Recovery, when a partition is assigned (after a crash, a rebalance or a restart):
-
-a. read the state partition to its end: household states, closed-day bitmaps, the mark;
-b. read ``scores`` from ``X``: those days are closed; their states (newer ``seq``) win;
-c. read ``alerts`` and ``data-quality`` from their ``X``; republish any alert or data-quality
-   record that a day score promised but that is missing (a crash between steps 1 and 2);
-d. seek the input to ``C`` and replay: open days are rebuilt; readings of closed days are
-   dropped as late, so no day is scored twice and no alert is published twice.
-
-A crash at any point leaves either nothing of a day (it is replayed and scored), or its day
-score (its side records are completed in c.), or everything (it is skipped). Highwater marks
-come from fetch responses (Tansu under-reports ListOffsets). Zombie fencing (a member that
-lost its partitions but still writes) needs Kafka transactions, which the embedded broker
-lacks; the rebalance listener below makes a member stop writing before it lets go.
+A member that loses partitions without noticing (frozen past its session timeout) is fenced
+by the broker where it has transactions (``stream.outputs``); elsewhere it confirms it still
+holds its generation before it publishes from a revoke (``_Listener``), and what remains of
+the window is described in docs/runtime.md.
 """
 
 from __future__ import annotations
@@ -60,27 +30,31 @@ import signal
 import time
 from collections import deque
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import orjson
 import torch
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaConnectionError, KafkaError
-from prometheus_client import CollectorRegistry
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import (
+    CommitFailedError,
+    InvalidSessionTimeoutError,
+    KafkaConnectionError,
+    KafkaError,
+)
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from meterwatch.model import SIGNAL_NAMES, ContextTables, Detector
 from meterwatch.stream.alerts import build_documents
-from meterwatch.stream.assembler import INCOMPLETE, ClosedDays, DayAssembler
+from meterwatch.stream.assembler import INCOMPLETE, ClosedDays
 from meterwatch.stream.batcher import Batch, DynamicBatcher, Pending
-from meterwatch.stream.broker import create_topics
+from meterwatch.stream.checkpoint import Checkpoint, PartitionWork
 from meterwatch.stream.config import Settings
 from meterwatch.stream.consumer import raw_records
+from meterwatch.stream.errors import ConfigurationError, PartitionLost
 from meterwatch.stream.http import HttpServer
 from meterwatch.stream.metrics import Metrics, create_metrics
 from meterwatch.stream.outputs import (
-    MARK_KEY,
     OutputPublisher,
     OutRecord,
     dead_letter_record,
@@ -88,26 +62,19 @@ from meterwatch.stream.outputs import (
     output_topics,
 )
 from meterwatch.stream.parse import parse_records
-from meterwatch.stream.recovery import read_to_end
+from meterwatch.stream.preflight import (
+    check_connection,
+    check_files,
+    check_topics,
+    session_timeout_error,
+)
+from meterwatch.stream.recovery import recover
 from meterwatch.stream.scorer import STATE_FIELDS, Scorer, set_cpu_threads
 from meterwatch.stream.timegrid import TimeGrid
 
 log = logging.getLogger(__name__)
 
 _VALUE, _OFFSET, _TIMESTAMP = (operator.attrgetter(a) for a in ("value", "offset", "timestamp"))
-
-
-@dataclass
-class PartitionWork:
-    """What this member holds for one owned input partition."""
-
-    partition: int
-    assembler: DayAssembler
-    position: int  # next input offset to consume
-    #: (input position before a fetch, output end offsets then), oldest first
-    snapshots: deque[tuple[int, dict[str, int]]] = field(default_factory=deque)
-    committed: int = -1
-    dirty: set[int] = field(default_factory=set)  # households whose state is not durable
 
 
 class Service:
@@ -125,6 +92,7 @@ class Service:
         self.batcher = DynamicBatcher(max_size=settings.batch_max_size,
                                       max_delay_s=settings.batch_max_delay_ms / 1000)
         self.publisher = OutputPublisher(settings)
+        self.checkpoint = Checkpoint(settings, self.publisher, self.batcher, self.metrics)
         self.consumer: AIOKafkaConsumer | None = None
         self.parts: dict[int, PartitionWork] = {}
         self._process_lock = asyncio.Lock()
@@ -140,6 +108,11 @@ class Service:
         self.latencies: deque[float] = deque(maxlen=200_000)
         self.http = HttpServer(self.metrics.registry, self.readiness, settings.metrics_host,
                                settings.metrics_port)
+        self._scorer_up = Gauge("meterwatch_scorer_up", "1 while the scorer can take batches",
+                                registry=self.metrics.registry)
+        self._scorer_restarts = Counter("meterwatch_scorer_restarts",
+                                        "scorer process restarts after it died",
+                                        registry=self.metrics.registry)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def __aenter__(self) -> Service:
@@ -154,14 +127,34 @@ class Service:
         return self.http.port
 
     def readiness(self) -> dict[str, bool]:
-        return {"model_loaded": self.scorer is not None, "broker_reachable": self._kafka_ready,
-                "partitions_assigned": self._joined}
+        return {"model_loaded": self.scorer is not None,
+                "scorer_up": self.scorer is not None and self.scorer.up,
+                "broker_reachable": self._kafka_ready, "partitions_assigned": self._joined}
+
+    def _scorer_changed(self, up: bool, restarted: bool) -> None:
+        self._scorer_up.set(1 if up else 0)
+        if restarted:
+            self._scorer_restarts.inc()
+        if not up:
+            self.metrics.ready.set(0)
 
     async def start(self) -> None:
-        """Serve probes, load the model, connect (retrying until the broker answers)."""
+        """Serve probes, load the model, connect (retrying until the broker answers).
+
+        Raises ``ConfigurationError`` for what no retry can fix; whatever fails, everything
+        started so far is stopped again.
+        """
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         await self.http.start()
         loop = asyncio.get_running_loop()
         s = self.settings
+        check_files(s)
         in_process = s.scorer == "process"
         if not in_process and (s.device == "cpu" or not torch.cuda.is_available()):
             set_cpu_threads(s.torch_threads)
@@ -178,7 +171,8 @@ class Service:
                                                    weather_csv=s.weather, holidays_csv=s.holidays)
         assert self.detector is not None
         self.scorer = Scorer(self.detector, self.tables, torch_threads=s.torch_threads,
-                             process=in_process, device=s.device, dtype=s.precision)
+                             process=in_process, device=s.device, dtype=s.precision,
+                             on_change=self._scorer_changed)
         await self.scorer.start()
         self.batcher.cap = min(self.batcher.max_size, self.scorer.memory_cap)
         self.metrics.model_info.info({"version": self.detector.version,
@@ -191,6 +185,9 @@ class Service:
         self._tasks = [asyncio.create_task(self._consume_loop(), name="meterwatch-consume"),
                        asyncio.create_task(self._score_loop(), name="meterwatch-score"),
                        asyncio.create_task(self._commit_loop(), name="meterwatch-commit")]
+        if in_process:
+            self._tasks.append(asyncio.create_task(self.scorer.supervise(),
+                                                   name="meterwatch-scorer-supervisor"))
         for t in self._tasks:
             t.add_done_callback(self._task_done)
 
@@ -198,11 +195,36 @@ class Service:
         """A stage that dies takes the service down (loudly) rather than stalling it."""
         if task.cancelled() or self._stopping.is_set():
             return
-        exc = task.exception()
-        log.critical("%s failed: %r; stopping the service", task.get_name(), exc,
-                     exc_info=exc)
-        self.failed = exc or RuntimeError(f"{task.get_name()} ended")
+        self._fail(task.exception() or RuntimeError(f"{task.get_name()} ended"),
+                   task.get_name())
+
+    def _fail(self, exc: BaseException, stage: str) -> None:
+        """A stage failed: stop gracefully, then exit non-zero (``run_service``)."""
+        if self.failed is not None:
+            return
+        if isinstance(exc, ConfigurationError):
+            log.debug("%s: %s", stage, exc)  # printed once, by the CLI
+        else:
+            log.critical("%s failed: %r; stopping the service", stage, exc, exc_info=exc)
+        self.failed = exc
         self._stopping.set()
+
+    def _lose(self, partitions: set[int], reason: str) -> None:
+        """Partitions another member owns now: forget their pending work, fetch nothing
+        more for them until the group assigns them again (their days are replayed by the
+        new owner from its checkpoint)."""
+        mine = partitions & set(self.parts)
+        for p in mine:
+            self.parts.pop(p, None)
+        self.batcher.drop(partitions)
+        if self.consumer is not None:
+            tps = [tp for tp in self.consumer.assignment() if tp.partition in partitions]
+            if tps:
+                self.consumer.pause(*tps)
+        self.metrics.partitions_assigned.set(len(self.parts))
+        if mine:
+            log.warning("partitions %s lost (%s): their pending days are the new owner's "
+                        "to replay", sorted(mine), reason)
 
     async def wait_ready(self, timeout_s: float = 60.0) -> None:
         """Until /readyz would answer 200 (group joined, partitions recovered)."""
@@ -219,7 +241,7 @@ class Service:
                 await self._connect_once()
                 self._kafka_ready = True
                 return
-            except (KafkaConnectionError, KafkaError, OSError) as exc:
+            except (KafkaConnectionError, KafkaError, OSError) as exc:  # not ConfigurationError
                 await self.publisher.stop()
                 if self.consumer is not None:
                     with contextlib.suppress(Exception):
@@ -231,12 +253,14 @@ class Service:
 
     async def _connect_once(self) -> None:
         s = self.settings
-        if s.create_topics:
-            topics = {t: s.topic_partitions for t in (s.input_topic, *output_topics(s),
-                                                      s.dead_letter_topic, s.state_topic)}
-            await create_topics(s.bootstrap_servers, topics, compacted=(s.state_topic,),
-                                **{k: v for k, v in s.kafka_options().items()
-                                   if k != "bootstrap_servers"})
+        await check_connection(s)
+        admin = AIOKafkaAdminClient(**s.kafka_options())
+        try:
+            await admin.start()
+            await check_topics(s, admin, (*output_topics(s), s.dead_letter_topic,
+                                          s.state_topic), compacted=(s.state_topic,))
+        finally:
+            await admin.close()
         await self.publisher.start()
         self.consumer = AIOKafkaConsumer(
             **s.kafka_options(), group_id=s.group_id, enable_auto_commit=False,
@@ -275,9 +299,12 @@ class Service:
             if self.consumer is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.consumer.stop(), 10)
-            await self.publisher.stop()
+            try:
+                await self.publisher.stop()
+            except KafkaError as exc:
+                log.warning("stopping the producers: %r", exc)
             if self.scorer is not None:
-                self.scorer.close()
+                await self.scorer.stop()
             await self.http.stop()
             if self._gc_tuned:
                 _GC.release()
@@ -326,6 +353,8 @@ class Service:
                 data = await self.consumer.getmany(timeout_ms=200,
                                                    max_records=s.fetch_max_records)
                 self._kafka_ready = True
+            except InvalidSessionTimeoutError:
+                raise session_timeout_error(s) from None
             except KafkaError as exc:
                 log.warning("fetch failed: %r", exc)
                 self._kafka_ready = False
@@ -372,10 +401,14 @@ class Service:
                     self.settings, reason=rej.reason, detail=rej.detail, topic=tp.topic,
                     partition=tp.partition, offset=r.offset, key=r.key, value=r.value,
                     timestamp_ms=r.timestamp))
-            await self.publisher.send_all(dead)  # acked before the offset can be committed
+            try:  # acked before the offset can be committed
+                await self.publisher.send_all(dead)
+            except PartitionLost as exc:
+                self._lose(exc.partitions, str(exc))
+                return
             if self.parts.get(tp.partition) is not work:
                 return  # revoked while we waited: the new owner replays these records
-        work.snapshots.append((int(offsets[0]), self._ends(tp.partition)))
+        work.snapshots.append((int(offsets[0]), self.checkpoint.ends(tp.partition)))
         res = work.assembler.add(parsed, offsets, stamps)
         work.position = int(offsets[-1]) + 1
         m.readings.inc(res.accepted)
@@ -390,10 +423,6 @@ class Service:
         self.metrics.days_completed.inc(int((status == 0).sum()))
         self.metrics.days_imputed.inc(int((status == 1).sum()))
         self.metrics.days_incomplete.inc(int((status == INCOMPLETE).sum()))
-
-    def _ends(self, partition: int) -> dict[str, int]:
-        return {t: self.publisher.ends.get((t, partition), 0)
-                for t in output_topics(self.settings)}
 
     # -- score and publish -----------------------------------------------------------------
     async def _score_loop(self) -> None:
@@ -486,8 +515,18 @@ class Service:
         """Steps 1-2; a day's end-to-end latency ends when its last output is acknowledged
         (its day score, or its alert / data-quality record)."""
         m = self.metrics
+        if self.publisher.transactional:  # steps 1 and 2 in one transaction a partition
+            records = [records[0] + records[1], []]
+            complete_at = [complete_at[0] + complete_at[1], []]
+        lost: set[int] = set()
         for step, last_ts in zip(records, complete_at, strict=True):
-            await self.publisher.send_all(step)
+            try:
+                await self.publisher.send_all(r for r in step if r.partition not in lost)
+            except PartitionLost as exc:
+                # the other partitions' records are acknowledged; the lost ones' days are
+                # the new owner's to replay
+                lost |= exc.partitions
+                self._lose(exc.partitions, str(exc))
             done = time.time() * 1000
             for ts in last_ts:
                 lat = max(0.0, (done - ts) / 1000)
@@ -540,48 +579,33 @@ class Service:
             await asyncio.sleep(self.settings.commit_interval_s)
             try:
                 await self._commit(set(self.parts))
+            except PartitionLost as exc:
+                self._lose(exc.partitions, str(exc))
             except KafkaError as exc:
                 log.warning("commit failed (will retry): %r", exc)
 
     async def _commit(self, partitions: set[int]) -> None:
-        """Steps 3-6 of the protocol for the given owned partitions."""
+        """Steps 3-6 of the protocol (``stream.checkpoint``) for owned partitions."""
         assert self.consumer is not None
-        s = self.settings
-        marks: list[OutRecord] = []
-        states: list[OutRecord] = []
-        offsets: dict[TopicPartition, int] = {}
-        for p in partitions:
-            work = self.parts.get(p)
-            if work is None:
-                continue
-            households = work.assembler.households
-            states.extend(json_record(s.state_topic, p, households.ids[h], households.snapshot(h))
-                          for h in sorted(work.dirty))
-            work.dirty.clear()
-            candidates = [work.position, work.assembler.low_offset(),
-                          self.batcher.min_offset(p)]
-            c = min(x for x in candidates if x is not None)
-            # the output ends when the record at c was consumed: the latest snapshot at or
-            # before c (older ones are no longer needed)
-            snaps = work.snapshots
-            while len(snaps) > 1 and snaps[1][0] <= c:
-                snaps.popleft()
-            ends = snaps[0][1] if snaps and snaps[0][0] <= c else self._ends(p)
-            if c == work.committed:
-                continue
-            marks.append(json_record(s.state_topic, p, MARK_KEY.decode(),
-                                     {"offset": c, "ends": ends}))
-            offsets[TopicPartition(s.input_topic, p)] = c
-        await self.publisher.send_all(states)  # step 3
+        await self.checkpoint.commit(self.parts, partitions, self.consumer)
+
+    async def _holds_generation(self, partitions: set[int]) -> bool:
+        """Whether this member is still in the group generation that owns ``partitions``:
+        the broker checks the generation of an offset commit, so re-committing the last
+        committed offsets answers it without changing anything."""
+        assert self.consumer is not None
+        offsets = {TopicPartition(self.settings.input_topic, p): self.parts[p].committed
+                   for p in partitions if p in self.parts and self.parts[p].committed >= 0}
         if not offsets:
-            return
-        t0 = time.perf_counter()
-        await self.publisher.send_all(marks)
-        await self.consumer.commit(offsets)
-        self.metrics.commit_latency.observe(time.perf_counter() - t0)
-        for tp, c in offsets.items():
-            if tp.partition in self.parts:
-                self.parts[tp.partition].committed = c
+            return True
+        try:
+            await self.consumer.commit(offsets)
+        except CommitFailedError:
+            return False
+        except KafkaError as exc:
+            log.warning("could not confirm the group generation (%r)", exc)
+            return False
+        return True
 
     # -- rebalance -------------------------------------------------------------------------
     async def _settle(self, partitions: set[int], *, drop: bool = True) -> None:
@@ -600,85 +624,12 @@ class Service:
             self.metrics.partitions_assigned.set(len(self.parts))
 
     async def _recover(self, partitions: set[int]) -> None:
-        """Rebuild owned partitions from the state and output topics (recovery a-d)."""
+        """Rebuild newly owned partitions (``stream.recovery``)."""
         assert self.consumer is not None
-        s = self.settings
-        t0 = time.perf_counter()
-        new = sorted(partitions - set(self.parts))
-        if not new:
-            return
-        state_recs = await read_to_end(s, {(s.state_topic, p): 0 for p in new})
-        works: dict[int, PartitionWork] = {}
-        marks: dict[int, dict] = {}
-        for p in new:
-            asm = DayAssembler(self.grid, grace_s=s.grace_s, max_imputed=s.max_imputed_slots)
-            latest: dict[bytes, bytes] = {}
-            for r in state_recs[(s.state_topic, p)].records:
-                if r.key == MARK_KEY:
-                    marks[p] = orjson.loads(r.value)
-                elif r.key is not None and not r.key.startswith(b"__") and r.value is not None:
-                    latest[r.key] = r.value
-            for key, value in latest.items():
-                asm.households.restore(key.decode(), orjson.loads(value))
-            works[p] = PartitionWork(p, asm, 0)
-        # b./c.: outputs since the marks
-        starts = {}
-        for p in new:
-            ends = marks.get(p, {}).get("ends", {})
-            for t in output_topics(s):
-                starts[(t, p)] = int(ends.get(t, 0))
-        outs = await read_to_end(s, starts)
-        republish: list[OutRecord] = []
-        for p in new:
-            hh = works[p].assembler.households
-            promised: dict[tuple[str, str], dict] = {}
-            for r in outs[(s.scores_topic, p)].records:
-                doc = orjson.loads(r.value)
-                hh.restore_day(doc)
-                if doc.get("alert"):
-                    promised[(s.alerts_topic, doc["household_id"] + doc["date"])] = doc["alert"]
-                if doc["status"] != "scored":
-                    promised[(s.data_quality_topic, doc["household_id"] + doc["date"])] = {
-                        "schema_version": 1, "household_id": doc["household_id"],
-                        "date": doc["date"],
-                        "kind": "incomplete_day" if doc["status"] == "incomplete"
-                        else "imputed_day", "readings": doc["readings"],
-                        "expected_readings": doc["expected_readings"],
-                        "missing_slots": doc["missing_slots"]}
-            present = set()
-            for t in (s.alerts_topic, s.data_quality_topic):
-                for r in outs[(t, p)].records:
-                    d = orjson.loads(r.value)
-                    present.add((t, d["household_id"] + d["date"]))
-            for (t, k), doc in promised.items():
-                if (t, k) not in present:
-                    republish.append(json_record(t, p, doc["household_id"], doc))
-            for t in output_topics(s):
-                self.publisher.ends[(t, p)] = outs[(t, p)].end
-        if republish:
-            log.warning("recovery: republishing %d alert/data-quality records", len(republish))
-            await self.publisher.send_all(republish)
-        # d.: seek and replay
-        committed = {}
-        for p in new:
-            tp = TopicPartition(s.input_topic, p)
-            if p in marks:
-                start = int(marks[p]["offset"])
-            else:
-                c = await self.consumer.committed(tp)
-                start = c if c is not None and c >= 0 else -1
-            if start >= 0:
-                self.consumer.seek(tp, start)
-            else:
-                await self.consumer.seek_to_beginning(tp)
-                start = await self.consumer.position(tp)
-            works[p].position = start
-            works[p].committed = start
-            committed[p] = start
+        new = partitions - set(self.parts)
+        works = await recover(self.settings, self.publisher, self.consumer, self.grid, new)
         self.parts.update(works)
         self.metrics.partitions_assigned.set(len(self.parts))
-        log.info("recovered partitions %s in %.2f s (start offsets %s, %d republished)", new,
-                 time.perf_counter() - t0, committed, len(republish))
 
 
 class _Listener(ConsumerRebalanceListener):
@@ -692,21 +643,36 @@ class _Listener(ConsumerRebalanceListener):
         svc.metrics.rebalances.inc()
         parts = {tp.partition for tp in revoked}
         try:
-            await svc._settle(parts)
+            mine = parts & set(svc.parts)
+            if mine and not await svc._holds_generation(mine):
+                # the group moved on while this member was away (frozen, partitioned):
+                # another member may own them already, publish nothing for them
+                svc._lose(parts, "the group generation changed before the revoke")
+            else:
+                await svc._settle(parts)
+        except PartitionLost as exc:
+            svc._lose(parts, str(exc))
         except Exception:
             log.exception("settling revoked partitions failed; the new owner replays them")
+            svc._lose(parts, "settling failed")
+        finally:
             for p in parts:
-                svc.parts.pop(p, None)
-            svc.batcher.drop(parts)
+                await svc.publisher.close_partition(p)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         svc = self.service
         assert svc.consumer is not None
         # Nothing is fetched for a partition until its state is rebuilt and it is positioned.
         svc.consumer.pause(*assigned)
-        await svc._recover({tp.partition for tp in assigned})
+        try:
+            await svc._recover({tp.partition for tp in assigned})
+        except PartitionLost as exc:
+            svc._lose(exc.partitions, str(exc))
+        except Exception as exc:  # aiokafka would only log it: fail the service instead
+            svc._fail(exc, "recovery")
+            return
         if not svc._paused:
-            svc.consumer.resume(*assigned)
+            svc.consumer.resume(*(tp for tp in assigned if tp.partition in svc.parts))
         svc._joined = True
         svc.metrics.ready.set(1 if all(svc.readiness().values()) else 0)
 
@@ -753,3 +719,18 @@ def _slice_scored(scored, sl: slice):  # type: ignore[no-untyped-def]
                   scored.slot_error[sl], scored.signals[sl],
                   {k: v[sl] for k, v in scored.state.items()}, scored.seconds,
                   scored.memory_cap)
+
+
+async def run_service(settings: Settings) -> int:
+    """``meterwatch run``: start, run until SIGTERM/SIGINT or a failure, stop gracefully.
+
+    Returns the exit status: 0 after a signal, 1 when a stage failed. Raises
+    ``ConfigurationError`` (exit status 2, printed as one line by the CLI) for what no retry
+    can fix, after stopping everything it started.
+    """
+    service = Service(settings)
+    await service.start()
+    await service.run_until_signalled()
+    if isinstance(service.failed, ConfigurationError):
+        raise service.failed
+    return 1 if service.failed is not None else 0

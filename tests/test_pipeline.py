@@ -12,6 +12,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from meterwatch.model import SyntheticConfig, generate
+from meterwatch.stream.broker import create_topics
 from meterwatch.stream.events import Alert, DayScore, DeadLetter
 from meterwatch.stream.service import Service
 from meterwatch.stream.simulate import MALFORMED, produce_synthetic
@@ -24,7 +25,9 @@ N_DAYS = 3
 
 
 async def test_pipeline_end_to_end(broker, detector):
-    settings = unique_settings(broker, scorer="process")
+    # default producer settings (--idempotence auto) on whichever broker runs the tests
+    settings = unique_settings(broker, scorer="process", idempotence="auto")
+    await create_topics(settings.bootstrap_servers, {settings.input_topic: 4})
     data = generate(SyntheticConfig(n_households=N_HOUSEHOLDS, n_days=HISTORY_DAYS + N_DAYS,
                                     anomaly_rate=0.0, seed=11))
     days = range(HISTORY_DAYS, HISTORY_DAYS + N_DAYS)
@@ -89,7 +92,8 @@ async def test_pipeline_end_to_end(broker, detector):
 
 async def test_json_array_records_and_health_endpoints(broker, detector):
     """A whole day as one JSON array record; /healthz and /readyz answer."""
-    settings = unique_settings(broker, topic_partitions=1)
+    settings = unique_settings(broker, topic_partitions=1, idempotence="auto")
+    await create_topics(settings.bootstrap_servers, {settings.input_topic: 1})
     data = generate(SyntheticConfig(n_households=2, n_days=HISTORY_DAYS + 1, seed=5,
                                     anomaly_rate=0.0))
     async with Service(settings, detector=detector) as service:

@@ -1,0 +1,29 @@
+"""Errors that end the service with a status of its own.
+
+``ConfigurationError`` is what no retry can fix (a wrong password, a CA the broker's
+certificate does not chain to, a topic that is missing or too small): ``meterwatch run``
+stops and exits with status 2, printing the error as one line,
+``meterwatch: error: <flag>: <what is wrong>; <how to fix>``. It subclasses ``ValueError`` so
+the CLI's handler of invalid settings prints it the same way. Never put a secret in one.
+
+Everything else that stops a stage is a failure (exit status 1), see ``stream.service``.
+"""
+
+from __future__ import annotations
+
+
+class ConfigurationError(ValueError):
+    """A setting the broker or the cluster refuses; retrying cannot help."""
+
+    def __init__(self, flag: str, problem: str, fix: str) -> None:
+        self.flag, self.problem, self.fix = flag, problem, fix
+        super().__init__(f"{flag}: {problem}; {fix}")
+
+
+class PartitionLost(RuntimeError):
+    """Another member owns these input partitions now (its producer fenced ours, or the
+    group moved on): their pending work is the new owner's to replay."""
+
+    def __init__(self, partitions: set[int], reason: str) -> None:
+        self.partitions = set(partitions)
+        super().__init__(f"partitions {sorted(partitions)} lost: {reason}")
