@@ -22,8 +22,10 @@ A session timeout outside the broker's bounds is only refused when the group is 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Sequence
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -85,6 +87,16 @@ async def check_connection(settings: Settings, timeout_s: float = 10.0) -> None:
                 _SASL_FLAG, f"the broker at {server} rejected the credentials "
                 f"({settings.sasl_mechanism})",
                 "check the user name, the password and --sasl-mechanism") from None
+        except KeyError as exc:
+            # aiokafka's SCRAM client reads the verifier ("v") from the server's final
+            # message; a server that refuses the proof sends an error ("e") instead
+            if not (settings.sasl_mechanism or "").startswith("SCRAM") or exc.args != ("v",):
+                log.debug("preflight connection to %s: %r", server, exc)
+                continue
+            raise ConfigurationError(
+                _SASL_FLAG, f"the broker at {server} rejected the credentials "
+                f"({settings.sasl_mechanism})",
+                "check the user name, the password and --sasl-mechanism") from None
         except UnsupportedSaslMechanismError:
             raise ConfigurationError(
                 "--sasl-mechanism", f"the broker at {server} does not offer "
@@ -138,8 +150,14 @@ async def check_topics(settings: Settings, admin: AIOKafkaAdminClient,
     return n_input
 
 
-async def _partitions(admin: AIOKafkaAdminClient, topic: str) -> int:
-    for t in await admin.describe_topics([topic]):
-        if t["topic"] == topic:
-            return len(t["partitions"])
-    return 0
+async def _partitions(admin: AIOKafkaAdminClient, topic: str, wait_s: float = 10.0) -> int:
+    """The topic's partition count; a topic created a moment ago may need a few metadata
+    rounds before its partitions show."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        for t in await admin.describe_topics([topic]):
+            if t["topic"] == topic and t["partitions"]:
+                return len(t["partitions"])
+        if time.monotonic() > deadline:
+            return 0
+        await asyncio.sleep(0.2)
