@@ -61,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
                         add_help=False)
     ev.add_argument("rest", nargs=argparse.REMAINDER)
 
+    reset = sub.add_parser("reset", help="move an application's input position (stopped "
+                           "group), keeping exactly-once; see docs/runtime.md")
+    to = reset.add_mutually_exclusive_group(required=True)
+    to.add_argument("--to-earliest", action="store_true")
+    to.add_argument("--to-latest", action="store_true")
+    to.add_argument("--to-datetime", metavar="ISO8601", help="e.g. 2013-01-01T00:00:00+00:00")
+    Settings.add_arguments(reset)
+
     cfg = sub.add_parser("config", help="print the settings (secrets hidden)")
     cfg.add_argument("--markdown", action="store_true", help="the settings table")
     Settings.add_arguments(cfg)
@@ -89,6 +97,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     from meterwatch.stream.config import Settings
 
+    if args.command == "reset":
+        from meterwatch.stream.reset import ResetTarget, reset_application
+
+        offsets = asyncio.run(reset_application(
+            Settings.from_args(args), ResetTarget.parse(args.to_earliest, args.to_latest,
+                                                        args.to_datetime)))
+        print(f"reset: partition -> offset {offsets}")
+        return 0
     if args.command in ("run", "config"):
         try:
             settings = Settings.from_args(args)

@@ -143,31 +143,13 @@ class OutputPublisher:
 
     async def start(self) -> None:
         mode = self.settings.idempotence
-        if mode != "off":
-            probe = self._make(idempotent=True)
-            try:
-                await probe.start()  # InitProducerId: the broker supports producer ids
-            except KafkaConnectionError:
-                await probe.stop()
-                raise  # not reachable: the caller retries
-            except KafkaError as exc:
-                await probe.stop()
-                if mode == "on":
-                    raise ConfigurationError(
-                        "--idempotence", f"the broker refuses producer ids ({exc!r})",
-                        "use --idempotence auto or off with this broker") from None
-                log.warning("the broker refuses producer ids (%r): no idempotence, no "
-                            "transactions; exactly-once rests on recovery (no fencing)", exc)
-            except BaseException:
-                await probe.stop()
-                raise
-            else:
-                await probe.stop()
-                self.transactional = True
-                log.info("transactions enabled: one transactional producer per owned input "
-                         "partition (transactional.id %s)",
-                         transactional_id(self.settings, 0)[:-1] + "<p>")
-                return
+        self.transactional = False
+        if mode != "off" and await self._broker_has_producer_ids(mode):
+            self.transactional = True
+            log.info("transactions enabled: one transactional producer per owned input "
+                     "partition (transactional.id %s)",
+                     transactional_id(self.settings, 0)[:-1] + "<p>")
+            return
         producer = self._make()
         try:
             await producer.start()
@@ -175,6 +157,30 @@ class OutputPublisher:
             await producer.stop()
             raise
         self.producer = producer
+
+    async def _broker_has_producer_ids(self, mode: str) -> bool:
+        """Start an idempotent producer (aiokafka asks for a producer id inside ``start``)
+        and stop it again; whatever happens, nothing is left open."""
+        probe = self._make(idempotent=True)
+        sender_log = logging.getLogger("aiokafka.producer.sender")
+        level = sender_log.level
+        sender_log.setLevel(logging.CRITICAL)  # its refusal is logged once, below
+        try:
+            await probe.start()
+        except KafkaConnectionError:
+            raise  # not reachable: the caller retries
+        except KafkaError as exc:
+            if mode == "on":
+                raise ConfigurationError(
+                    "--idempotence", f"the broker refuses producer ids ({exc!r})",
+                    "use --idempotence auto or off with this broker") from None
+            log.warning("the broker refuses producer ids (%r): no idempotence, no "
+                        "transactions; exactly-once rests on recovery (no fencing)", exc)
+            return False
+        finally:
+            sender_log.setLevel(level)
+            await probe.stop()
+        return True
 
     async def open_partition(self, partition: int) -> None:
         """With transactions: the producer of ``partition``; starting it fences every older
