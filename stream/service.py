@@ -518,14 +518,12 @@ class Service:
         if self.publisher.transactional:  # steps 1 and 2 in one transaction a partition
             records = [records[0] + records[1], []]
             complete_at = [complete_at[0] + complete_at[1], []]
-        lost: set[int] = set()
         for step, last_ts in zip(records, complete_at, strict=True):
-            try:
-                await self.publisher.send_all(r for r in step if r.partition not in lost)
+            try:  # (a partition lost meanwhile publishes nothing more)
+                await self.publisher.send_all(r for r in step if r.partition in self.parts)
             except PartitionLost as exc:
                 # the other partitions' records are acknowledged; the lost ones' days are
                 # the new owner's to replay
-                lost |= exc.partitions
                 self._lose(exc.partitions, str(exc))
             done = time.time() * 1000
             for ts in last_ts:
@@ -541,7 +539,9 @@ class Service:
         """Write back household state and build the output records of one chunk."""
         s = self.settings
         assert self.detector is not None
-        work = self.parts[p.partition]
+        work = self.parts.get(p.partition)
+        if work is None or work is not p.owner:
+            return  # lost while it was scored: the new owner replays these days
         households = work.assembler.households
         part = None
         if scored is not None and len(scoreable):
