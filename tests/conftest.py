@@ -56,10 +56,18 @@ def synthetic() -> SyntheticData:
 
 @pytest.fixture(scope="session")
 def detector_path(synthetic: SyntheticData, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test detector, trained once per session. ``METERWATCH_TEST_MODEL_DIR`` (set by
+    .ci/run for its two passes over the same code) keeps it for the next session."""
+    import os
+
+    keep = os.environ.get("METERWATCH_TEST_MODEL_DIR")
+    if keep and (Path(keep) / "detector.pt").is_file():
+        return Path(keep) / "detector.pt"
     ids, day, kwh, _ = synthetic.long(slice(0, HISTORY_DAYS))
     det = train_detector(kwh, day, ids, synthetic.tables,
                          TrainConfig(device="cpu", max_epochs=40, seed=0))
-    path = tmp_path_factory.mktemp("model") / "detector.pt"
+    path = (Path(keep) if keep else tmp_path_factory.mktemp("model")) / "detector.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
     det.save(path)
     return path
 
