@@ -26,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,7 +350,8 @@ def test_member_frozen_past_its_session_timeout(broker, detector_path, tmp_path)
     Genuine Kafka: the frozen member's transactional producers were fenced when the other
     took its partitions over, so there is not one duplicate score or alert. Tansu (no
     transactions): nothing is lost and the duplicates are at most what the frozen member
-    had fetched before it froze (measured and printed)."""
+    had fetched before it froze, at most one batch per partition it held (docs/runtime.md;
+    measured and printed)."""
     settings = unique_settings(broker)
     households, n_days = 200, 10
     data, days, truth = workload(seed=23, households=households, days=n_days)
@@ -395,10 +397,19 @@ def test_member_frozen_past_its_session_timeout(broker, detector_path, tmp_path)
         if genuine_kafka(broker):
             asyncio.run(check_exactly_once(settings, truth, expected=households * n_days))
         else:
-            # the documented Tansu outcome: duplicates only of days the frozen member had
-            # fetched; at most one day per household of its 4 partitions
-            assert dupes <= households // 2, dupes
-            assert alert_dupes <= len(truth) // 2, alert_dupes
+            # the documented Tansu outcome (docs/runtime.md, "Fencing"): nothing lost; what
+            # remains are days the frozen member had fetched and published once more when it
+            # resumed, at most one batch per partition it held: no day more than twice, no
+            # household with more than one day twice
+            copies = Counter(keys)
+            assert max(copies.values()) <= 2, copies.most_common(3)
+            twice = [k for k, n in copies.items() if n == 2]
+            households_twice = Counter(h for h, _ in twice)
+            assert not households_twice or max(households_twice.values()) == 1, \
+                households_twice.most_common(3)
+            alerted_twice = {k for k, n in Counter(alert_keys).items() if n > 1}
+            assert alerted_twice <= set(twice), alerted_twice - set(twice)
+            assert max(Counter(alert_keys).values()) <= 2
     finally:
         for m in members:
             if m.proc is not None and m.proc.poll() is None:
