@@ -27,6 +27,17 @@ machine they move less than wall-clock rates.
 A second meterwatch run under pyinstrument follows (not timed; ``--no-profile`` skips it).
 
     python -m benchmarks.throughput [--households 2000 --days 14 --partitions 8]
+
+The broker is ``stream.broker``'s choice: with ``KAFKA_BOOTSTRAP_SERVERS`` set, that cluster
+(for example the genuine Apache Kafka 4.0 of ``../shared/kafka``; its ``KAFKA_PID``, when
+exported, gives the broker's CPU time), otherwise the embedded Tansu. Runs against an
+external cluster are appended to ``benchmarks/results/throughput_kafka.json`` and judged
+against the 0.9x target; Tansu runs to ``throughput.json`` (0.6x target).
+
+    eval "$(../shared/kafka/kafka.sh start)"
+    KAFKA_BOOTSTRAP_SERVERS=$KAFKA_BOOTSTRAP_SERVERS KAFKA_PID=$KAFKA_PID \
+        python -m benchmarks.throughput --no-profile
+    ../shared/kafka/kafka.sh stop "$KAFKA_DIR"
 """
 
 from __future__ import annotations
@@ -276,7 +287,7 @@ async def measure(b: Any, args: argparse.Namespace, topic: str, prod: dict[str, 
         runs: list[dict[str, Any]] = []
         overrides = ({"fetch_max_records": args.fetch_max_records}
                      if args.fetch_max_records else {})
-        broker_pid = common.broker_pid(b)
+        broker_pid = common.broker_pid(b) or _external_broker_pid(b)
 
         async def timed(label: str, coro: Any) -> dict[str, Any]:
             if label.partition("#")[0] not in args.runs:
@@ -386,11 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     print(table_title(result))
     print(common.table(rows))
     mw = [r for r in result["runs"] if r["name"].startswith("meterwatch")]
+    target = target_ratio(result["params"]["broker"])
     for r in mw:
         print(f"\n{r['name']}: {r['days_scored']:,.0f} days scored, {r['batches']:.0f} model "
               f"batches (mean {r['mean_batch_days']:.0f} days), model time "
-              f"{r['model_seconds']:.2f} s of {r['seconds']:.2f} s; target >= 0.6x bare: "
-              f"{'met' if r['ratio_to_bare'] >= 0.6 else 'NOT met'}")
+              f"{r['model_seconds']:.2f} s of {r['seconds']:.2f} s; target >= {target}x bare: "
+              f"{'met' if r['ratio_to_bare'] >= target else 'NOT met'}")
     if result["profile_self"]:
         print(f"\npyinstrument, event-loop thread, {result['profile_seconds']:.1f} s run "
               "(top self time):")
@@ -399,8 +411,21 @@ def main(argv: list[str] | None = None) -> int:
         print("\nmeterwatch functions by inclusive time:")
         print(common.table([{"frame": x["frame"], "s": x["seconds"], "share": x["share"]}
                             for x in result["profile_inclusive"][:15]]))
-    common.save_result("throughput", result)
+    external = result["params"]["broker"] != "tansu"
+    common.save_result("throughput_kafka" if external else "throughput", result)
     return 0
+
+
+def target_ratio(broker_kind: str) -> float:
+    """The throughput target relative to the bare consumer: 0.9x on a genuine Kafka (issue
+    11), 0.6x on the embedded broker, which shares its CPU with everything."""
+    return 0.6 if broker_kind == "tansu" else 0.9
+
+
+def _external_broker_pid(b: Any) -> int | None:
+    """``KAFKA_PID`` (printed by ``kafka.sh start``) for an external broker on this host."""
+    pid = os.environ.get("KAFKA_PID")
+    return int(pid) if b.kind == "external" and pid and pid.isdigit() else None
 
 
 def _children_cpu() -> float:

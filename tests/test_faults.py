@@ -7,8 +7,11 @@ day gets exactly one score on the scores topic, and every alert appears exactly 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -35,15 +38,17 @@ HOUSEHOLDS = 200
 DAYS = 10
 
 
-def _workload(seed: int):  # type: ignore[no-untyped-def]
-    data = generate(SyntheticConfig(n_households=HOUSEHOLDS, n_days=HISTORY_DAYS + DAYS,
+def workload(seed: int, households: int = HOUSEHOLDS, days: int = DAYS):  # type: ignore[no-untyped-def]
+    """(data, streamed day range, injected anomalies) for ``households`` x ``days``."""
+    data = generate(SyntheticConfig(n_households=households, n_days=HISTORY_DAYS + days,
                                     anomaly_rate=0.0, seed=seed))
-    days = range(HISTORY_DAYS, HISTORY_DAYS + DAYS)
-    truth = inject_gross(data, days)
-    return data, days, truth
+    streamed = range(HISTORY_DAYS, HISTORY_DAYS + days)
+    truth = inject_gross(data, streamed)
+    return data, streamed, truth
 
 
-async def _produce_paced(settings, data, days, seconds_per_day: float):  # type: ignore[no-untyped-def]
+async def produce_paced(settings, data, days, seconds_per_day: float):  # type: ignore[no-untyped-def]
+    """One day of readings every ``seconds_per_day``; the readings produced."""
     total = 0
     for d in days:
         stats = await produce_synthetic(settings.bootstrap_servers, settings.input_topic, data,
@@ -53,8 +58,9 @@ async def _produce_paced(settings, data, days, seconds_per_day: float):  # type:
     return total
 
 
-async def _check_exactly_once(settings, truth) -> None:  # type: ignore[no-untyped-def]
-    expected = HOUSEHOLDS * DAYS
+async def check_exactly_once(settings, truth, expected: int = HOUSEHOLDS * DAYS) -> None:  # type: ignore[no-untyped-def]
+    """Every complete day has exactly one score; every alert is there exactly once and
+    agrees with the scores (read as a downstream ``read_committed`` consumer reads them)."""
     scores = await read_topic(settings, settings.scores_topic, min_records=expected,
                               timeout_s=120)
     assert_unique([(s["household_id"], s["date"]) for s in scores])
@@ -80,15 +86,17 @@ def _wait_scored(proc: ServiceProcess, n: int, timeout_s: float) -> None:
 
 
 async def test_sigkill_at_random_moments_keeps_exactly_once(broker, detector_path, tmp_path):
-    # a short session: a killed member leaves the group (and a restart joins) in seconds
-    # the scorer in its own process: a killed service must not leave it behind
-    settings = unique_settings(broker, session_timeout_ms=3000, scorer="process")
-    data, days, truth = _workload(seed=21)
+    # default settings: a killed member leaves the group after the 10 s session timeout;
+    # the scorer runs in its own process (the default): a killed service must not leave it
+    settings = unique_settings(broker)
+    data, days, truth = workload(seed=21)
     rng = random.Random(5)
     log = tmp_path / "service.log"
     proc = ServiceProcess(settings, detector_path, log_path=log).start()
     await asyncio.to_thread(proc.wait_ready)
-    producer = asyncio.create_task(_produce_paced(settings, data, days, seconds_per_day=7.0))
+    # each incarnation waits out its predecessor's session: the stream outlasts five of them
+    pace = settings.session_timeout_ms / 1000 + 2
+    producer = asyncio.create_task(produce_paced(settings, data, days, seconds_per_day=pace))
     kills = 0
     while kills < 5:  # each kill hits a member that owns partitions and is processing
         await asyncio.sleep(rng.uniform(0.3, 3.0))
@@ -101,7 +109,7 @@ async def test_sigkill_at_random_moments_keeps_exactly_once(broker, detector_pat
     await producer
     assert kills >= 5
     await asyncio.to_thread(proc.wait_ready, 120)
-    await _check_exactly_once(settings, truth)
+    await check_exactly_once(settings, truth)
     assert proc.terminate() == 0
     text = log.read_text()
     assert "Traceback" not in text, text[-3000:]
@@ -114,11 +122,11 @@ async def test_sigkill_at_random_moments_keeps_exactly_once(broker, detector_pat
 
 async def test_rebalance_one_three_one_keeps_exactly_once(broker, detector_path, tmp_path):
     settings = unique_settings(broker, topic_partitions=6)
-    data, days, truth = _workload(seed=22)
+    data, days, truth = workload(seed=22)
     logs = [tmp_path / f"service-{i}.log" for i in range(3)]
     first = ServiceProcess(settings, detector_path, log_path=logs[0]).start()
     await asyncio.to_thread(first.wait_ready)
-    producer = asyncio.create_task(_produce_paced(settings, data, days, seconds_per_day=2.0))
+    producer = asyncio.create_task(produce_paced(settings, data, days, seconds_per_day=2.0))
     await asyncio.sleep(4)
     others = [ServiceProcess(settings, detector_path, log_path=logs[i]).start()
               for i in (1, 2)]  # 1 -> 3 members
@@ -128,19 +136,65 @@ async def test_rebalance_one_three_one_keeps_exactly_once(broker, detector_path,
     for o in others:  # 3 -> 1 member, gracefully (SIGTERM)
         assert o.terminate() == 0
     await producer
-    await _check_exactly_once(settings, truth)
+    await check_exactly_once(settings, truth)
     assert first.terminate() == 0
     for path in logs:
         assert "Traceback" not in path.read_text(), path.read_text()[-3000:]
 
 
-def test_service_waits_for_a_late_broker(detector_path: Path, tmp_path: Path):
-    """Started before its broker: alive, not ready, retrying; ready once the broker is up."""
-    port = free_port()
-    b = Broker(f"127.0.0.1:{port}", "tansu", supports_idempotence=False)
-    settings = unique_settings(b)
+class LateListener:
+    """A loopback port that refuses connections until ``open()``, then forwards each one to
+    ``target`` (the session's broker): to a client, a broker that comes up late. Clients
+    only bootstrap through it; metadata then sends them to the broker's own address."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.split(",")[0].rsplit(":", 1)
+        self.target = (host, int(port))
+        self.port = free_port()
+        self._sock: socket.socket | None = None
+
+    def open(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(16)
+        self._sock = sock
+        threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _accept(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = sock.accept()
+                upstream = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                return
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(1 << 16):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+
+def test_service_waits_for_a_late_broker(broker: Broker, detector_path: Path, tmp_path: Path):
+    """Started before its broker answers: alive, not ready, retrying; ready once it does."""
+    late = LateListener(broker.bootstrap_servers)
+    settings = unique_settings(broker).model_copy(
+        update={"bootstrap_servers": f"127.0.0.1:{late.port}"})
     proc = ServiceProcess(settings, detector_path, log_path=tmp_path / "svc.log").start()
-    broker = None
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -156,12 +210,17 @@ def test_service_waits_for_a_late_broker(detector_path: Path, tmp_path: Path):
             urllib.request.urlopen(f"http://127.0.0.1:{proc.port}/readyz", timeout=2)
         assert err.value.code == 503
         assert b'"broker_reachable":false' in err.value.read()
-        time.sleep(3)  # several retries with backoff
-        assert proc.proc is not None and proc.proc.poll() is None
-        broker = Broker.start(prefer="tansu", port=port)
+        # several retries with backoff (counted in the log), still alive, still not ready
+        log = tmp_path / "svc.log"
+        deadline = time.monotonic() + 90
+        while log.read_text().count("retrying") < 3:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            assert proc.proc is not None and proc.proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert not proc.ready()
+        late.open()
         proc.wait_ready(90)
-        assert "retrying" in (tmp_path / "svc.log").read_text()
     finally:
-        proc.terminate()
-        if broker is not None:
-            broker.stop()
+        code = proc.terminate()
+        late.close()
+    assert code == 0
