@@ -128,7 +128,7 @@ def compact_records(draw):  # type: ignore[no-untyped-def]
 def test_compact_path_agrees_with_orjson_path(values: list[bytes]) -> None:
     from meterwatch.stream.parse import _parse_general
     fast = parse_records(values, now_s=NOW)
-    slow = _parse_general(values, now_s=NOW, max_future_s=86_400.0)
+    slow = _parse_general(values, None, now_s=NOW, max_future_s=86_400.0)
     assert fast.household == slow.household
     assert fast.ts.tolist() == slow.ts.tolist()
     assert fast.kwh.tobytes() == slow.kwh.tobytes()
@@ -143,7 +143,7 @@ def test_compact_path_reads_the_usual_layouts() -> None:
     from meterwatch.stream.parse import _parse_compact
     doc = {"household_id": "MAC000002", "ts": "2013-01-01T00:30:00Z", "kwh": 0.219}
     values = [orjson.dumps(doc), json.dumps(doc).encode(), b"[" + orjson.dumps(doc) + b"]"]
-    out = _parse_compact(values, NOW, 86_400.0)
+    out = _parse_compact(values, None, NOW, 86_400.0)
     assert out is not None
     batch, rest = out
     assert batch.record.tolist() == [0, 1] and rest.tolist() == [2]
