@@ -23,6 +23,7 @@ import operator
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 import orjson
@@ -262,7 +263,8 @@ def _parse_general(values: Sequence[bytes | None], keys: Sequence[bytes | None] 
 def _finish(ids: list[str], id_index: np.ndarray, ts: np.ndarray, ts_reason: np.ndarray,
             kwh: np.ndarray, rec: np.ndarray, suspect: np.ndarray,
             reading: Callable[[int], object], keys: Sequence[bytes | None] | None,
-            rejections: list[Rejection], now_s: float, max_future_s: float) -> ParsedBatch:
+            rejections: list[Rejection], now_s: float, max_future_s: float,
+            distinct_ids: bool = False) -> ParsedBatch:
     """The checks shared by both decoders (kWh range, timestamp, future, key), then the
     rejections of each record and the columns of the good readings.
 
@@ -280,7 +282,7 @@ def _finish(ids: list[str], id_index: np.ndarray, ts: np.ndarray, ts_reason: np.
         else:  # cannot happen while the column checks are those of check_reading
             reasons[j] = ("internal_error", "validators disagree about this reading")
     if keys is not None:
-        _check_keys(ids, id_index, rec, bad, keys, reasons)
+        _check_keys(ids, id_index, rec, bad, keys, reasons, distinct_ids)
 
     if not bad.any():
         return ParsedBatch(ids, id_index, ts, kwh.astype(np.float32), rec, rejections)
@@ -308,17 +310,30 @@ def _finish(ids: list[str], id_index: np.ndarray, ts: np.ndarray, ts_reason: np.
 
 
 def _check_keys(ids: list[str], id_index: np.ndarray, rec: np.ndarray, bad: np.ndarray,
-                keys: Sequence[bytes | None], reasons: dict[int, tuple[str, str]]) -> None:
-    """Mark the otherwise valid readings whose household id is not their record's key."""
+                keys: Sequence[bytes | None], reasons: dict[int, tuple[str, str]],
+                distinct: bool) -> None:
+    """Mark the otherwise valid readings whose household id is not their record's key.
+
+    The ids are numbered by their UTF-8 bytes (``distinct``: ``ids`` has no repeats, their
+    positions are the numbers) and each record key gets the number of the id it spells
+    (-1: none), one dict lookup per record.
+    """
     ok = np.flatnonzero(~bad)
     if not len(ok):
         return
-    used, inverse = np.unique(id_index[ok], return_inverse=True)
-    id_bytes = np.empty(len(used), dtype=object)
-    id_bytes[:] = [ids[i].encode("utf-8", "surrogatepass") for i in used.tolist()]
-    key_arr = np.empty(len(keys), dtype=object)
-    key_arr[:] = list(keys)
-    wrong = ok[np.asarray(id_bytes[inverse.ravel()] != key_arr[rec[ok]], dtype=bool)]
+    number: dict[bytes, int] = {}
+    if distinct:
+        number = {h.encode("utf-8", "surrogatepass"): i for i, h in enumerate(ids)}
+        reading_number = id_index[ok]
+    else:
+        used = np.unique(id_index[ok])
+        canon = np.fromiter((number.setdefault(ids[i].encode("utf-8", "surrogatepass"), n)
+                             for n, i in enumerate(used.tolist())), dtype=np.int64,
+                            count=len(used))
+        reading_number = canon[np.searchsorted(used, id_index[ok])]
+    key_number = np.fromiter(map(number.get, keys, repeat(-1)), dtype=np.int64,  # type: ignore[arg-type]
+                             count=len(keys))
+    wrong = ok[key_number[rec[ok]] != reading_number]
     for j in wrong.tolist():
         bad[j] = True
         reasons[j] = ("key_mismatch", f"household_id {describe(ids[int(id_index[j])])} but "
@@ -434,7 +449,8 @@ def _parse_compact(values: Sequence[bytes | None], keys: Sequence[bytes | None] 
     rest = np.flatnonzero(~compact).astype(np.int32)
     # ids are printable ASCII (checked above) of 1..MAX_HOUSEHOLD_ID_LEN characters
     batch = _finish(ids, id_index, ts, ts_reason, kwh, idx.astype(np.int32),
-                    np.zeros(m, dtype=bool), reading, keys, [], now_s, max_future_s)
+                    np.zeros(m, dtype=bool), reading, keys, [], now_s, max_future_s,
+                    distinct_ids=True)
     return batch, rest
 
 
@@ -521,7 +537,7 @@ def _decode_fast(values: Sequence[bytes | None]) -> list[object] | None:
         return None
     for name, quoted in zip(FIELDS, _QUOTED_FIELDS, strict=True):
         c = joined.count(quoted)
-        if c and c > sum(name in d for d in docs):
+        if c and c > sum(map(dict.__contains__, docs, repeat(name))):
             return None
     return docs
 

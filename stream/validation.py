@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import repeat
 from typing import NamedTuple
 
 import orjson
@@ -263,7 +264,7 @@ def may_repeat_fields(value: bytes, doc: object) -> bool:
         return False
     for name, quoted in zip(FIELDS, _QUOTED_FIELDS, strict=True):
         n = value.count(quoted)
-        if n and n > sum(name in d for d in objs):
+        if n and n > sum(map(dict.__contains__, objs, repeat(name))):
             return True
     return False
 
