@@ -216,8 +216,8 @@ def hostile_records(draw) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-def _spec(value: bytes) -> tuple[int, str | None]:
-    """(valid readings, record reason) straight from stream.validation."""
+def _spec(value: bytes, key: bytes | None) -> tuple[int, str | None]:
+    """(valid readings, record reason) straight from stream.validation and the key policy."""
     from meterwatch.stream.validation import Invalid, check_reading, loads
     try:
         doc = loads(value)
@@ -229,30 +229,38 @@ def _spec(value: bytes) -> tuple[int, str | None]:
     n, reason = 0, None
     for item in items:
         try:
-            check_reading(item, now_s=NOW)
+            r = check_reading(item, now_s=NOW)
+            if r.household_id.encode() != key:
+                raise Invalid("key_mismatch", "")
             n += 1
         except Invalid as exc:
             reason = reason or exc.reason
     return n, reason
 
 
+record_keys = st.sampled_from([b"H1", b"MAC000002", b"x" * 64, "Hé".encode(), b"", None,
+                               b"\xff", b"H1\x00"])
+
+
 @settings(max_examples=500, deadline=None)
-@given(st.lists(hostile_records(), min_size=1, max_size=12))
-def test_all_paths_agree_on_hostile_records(values: list[bytes]) -> None:
+@given(st.lists(st.tuples(hostile_records(), record_keys), min_size=1, max_size=12))
+def test_all_paths_agree_on_hostile_records(records: list[tuple[bytes, bytes | None]]) -> None:
     from meterwatch.stream.parse import _parse_general
-    fast = parse_records(values, now_s=NOW)
-    slow = _parse_general(values, None, now_s=NOW, max_future_s=86_400.0)
+    values = [v for v, _ in records]
+    keys = [k for _, k in records]
+    fast = parse_records(values, now_s=NOW, keys=keys)
+    slow = _parse_general(values, keys, now_s=NOW, max_future_s=86_400.0)
     assert fast.household == slow.household and fast.ts.tolist() == slow.ts.tolist()
     assert fast.record.tolist() == slow.record.tolist()
-    assert [(r.index, r.reason, r.detail) for r in fast.rejections] == \
-        [(r.index, r.reason, r.detail) for r in slow.rejections]
+    assert [(r.index, r.reason, r.detail, r.counts) for r in fast.rejections] == \
+        [(r.index, r.reason, r.detail, r.counts) for r in slow.rejections]
     reasons = {r.index: r.reason for r in fast.rejections}
     kept = np.bincount(fast.record, minlength=len(values)).tolist()
     for i, v in enumerate(values):
-        assert (kept[i], reasons.get(i)) == _spec(v), v
+        assert (kept[i], reasons.get(i)) == _spec(v, keys[i]), v
         if not v.startswith(b"["):  # the documented schema, from the same bytes
             try:
                 Reading.model_validate_json(v)
-                assert reasons.get(i) is None or reasons[i] == "future_timestamp"
+                assert reasons.get(i) in (None, "future_timestamp", "key_mismatch")
             except ValidationError as exc:
                 assert exc.errors()[0]["ctx"]["error"].reason == reasons[i]
