@@ -23,7 +23,7 @@ import operator
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import count, repeat
 
 import numpy as np
 import orjson
@@ -256,8 +256,11 @@ def _parse_general(values: Sequence[bytes | None], keys: Sequence[bytes | None] 
         kwh = np.array([kwh_float(k) if type(k) in _NUMBER_TYPES else np.nan
                         for k in kwh_raw], dtype=np.float64)
     ts, ts_reason = parse_iso_timestamps(ts_raw)
-    return _finish(strs, np.arange(n, dtype=np.int32), ts, ts_reason, kwh, rec,
-                   suspect, decoded.__getitem__, keys, rejections, now_s, max_future_s)
+    # each reading's id as the position of its first occurrence (ids stored once each)
+    first: dict[str, int] = {}
+    id_index = np.fromiter(map(first.setdefault, strs, count()), dtype=np.int32, count=n)
+    return _finish(strs, id_index, ts, ts_reason, kwh, rec, suspect, decoded.__getitem__,
+                   keys, rejections, now_s, max_future_s)
 
 
 def _finish(ids: list[str], id_index: np.ndarray, ts: np.ndarray, ts_reason: np.ndarray,
@@ -638,18 +641,23 @@ def _parse_codes(codes: np.ndarray, lengths: np.ndarray, why: np.ndarray,
     n = len(codes)
     ts = np.zeros(n, dtype=np.int64)
     c19 = codes[:, 19]
-    is_digit = (codes >= ord("0")) & (codes <= ord("9"))
     z20 = (lengths == 20) & (c19 == ord("Z"))
-    z24 = (lengths == 24) & (c19 == ord(".")) & is_digit[:, 20:23].all(axis=1) \
-        & (codes[:, 23] == ord("Z"))
-    off25 = (lengths == 25) & ((c19 == ord("+")) | (c19 == ord("-"))) \
-        & (codes[:, 22] == ord(":")) & is_digit[:, [20, 21, 23, 24]].all(axis=1)
+    z24 = off25 = frac = np.zeros(n, dtype=bool)
+    if (lengths == 24).any():
+        tail = codes[:, 20:23].astype(np.int64) - ord("0")
+        z24 = (lengths == 24) & (c19 == ord(".")) & (codes[:, 23] == ord("Z")) \
+            & ((tail >= 0) & (tail <= 9)).all(axis=1)
+        frac = z24 & (tail != 0).any(axis=1)
+    off_digits = codes[:, [20, 21, 23, 24]].astype(np.int64) - ord("0")
+    if (lengths == 25).any():
+        off25 = (lengths == 25) & ((c19 == ord("+")) | (c19 == ord("-"))) \
+            & (codes[:, 22] == ord(":")) & ((off_digits >= 0) & (off_digits <= 9)).all(axis=1)
     fast = (z20 | z24 | off25) & (why == 0)
     fast &= (codes[:, 10] == ord("T")) | (codes[:, 10] == ord(" "))
     for pos, ch in _SEPARATORS.items():
         fast &= codes[:, pos] == ch
-    fast &= is_digit[:, _DIGITS_19].all(axis=1)
     digits = codes[:, _DIGITS_19].astype(np.int64) - ord("0")  # (n, 14)
+    fast &= ((digits >= 0) & (digits <= 9)).all(axis=1)
 
     y = digits[:, 0] * 1000 + digits[:, 1] * 100 + digits[:, 2] * 10 + digits[:, 3]
     mo = digits[:, 4] * 10 + digits[:, 5]
@@ -662,7 +670,6 @@ def _parse_codes(codes: np.ndarray, lengths: np.ndarray, why: np.ndarray,
     mo_c = np.clip(mo, 1, 12)
     month_len = _MONTH_DAYS[mo_c - 1] - ((mo_c == 2) & ~leap)
     valid &= (d >= 1) & (d <= month_len) & (hh <= 23) & (mi <= 59) & (ss <= 59)
-    off_digits = codes[:, [20, 21, 23, 24]].astype(np.int64) - ord("0")
     off_h = off_digits[:, 0] * 10 + off_digits[:, 1]
     off_m = off_digits[:, 2] * 10 + off_digits[:, 3]
     sign = np.where(c19 == ord("-"), -1, 1)
@@ -674,7 +681,6 @@ def _parse_codes(codes: np.ndarray, lengths: np.ndarray, why: np.ndarray,
     valid &= (t >= MIN_TS) & (t < MAX_TS)
     ts[:] = np.where(fast & valid, t, 0)
     why[fast & ~valid] = 2
-    frac = z24 & (codes[:, 20:23] != ord("0")).any(axis=1)
     why[fast & valid & ((ts % 1800 != 0) | frac)] = 3
 
     for j in np.flatnonzero(~fast & (why == 0)).tolist():  # other forms: the scalar parser
