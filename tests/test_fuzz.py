@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import orjson
@@ -153,12 +154,12 @@ def hostile_record(rng: random.Random, i: int, hids: list[str],
     if kind == 19:
         return Hostile(any_key, _obj(hid, None), "missing_field")
     if kind in (20, 21):  # duplicate fields, either order, or spelled with an escape
-        h, t = b'"%s"' % hid.encode(), b'"%s"' % ts.encode()
+        qh, qt = b'"%s"' % hid.encode(), b'"%s"' % ts.encode()
         value = rng.choice([
-            b'{"household_id":%s,"household_id":"FAKE1","ts":%s,"kwh":0.3}' % (h, t),
-            b'{"household_id":%s,"ts":%s,"kwh":"x","kwh":0.3}' % (h, t),
-            b'{"household_id":%s,"ts":"2099-01-01T00:00:00Z","ts":%s,"kwh":0.3}' % (h, t),
-            b'{"household_id":%s,"ts":%s,"kwh":0.3,"k\\u0077h":49}' % (h, t)])
+            b'{"household_id":%s,"household_id":"FAKE1","ts":%s,"kwh":0.3}' % (qh, qt),
+            b'{"household_id":%s,"ts":%s,"kwh":"x","kwh":0.3}' % (qh, qt),
+            b'{"household_id":%s,"ts":"2099-01-01T00:00:00Z","ts":%s,"kwh":0.3}' % (qh, qt),
+            b'{"household_id":%s,"ts":%s,"kwh":0.3,"k\\u0077h":49}' % (qh, qt)])
         return Hostile(hid.encode(), value, "bad_shape")
     if kind in (22, 23, 24):  # a real reading under another household's key
         key = rng.choice([other.encode(), None, b"\xff\xfe", hid.encode() + b"\x00",
@@ -198,7 +199,7 @@ def hostile_record(rng: random.Random, i: int, hids: list[str],
                                  b"0.3"), "bad_timestamp")
 
 
-async def _run(broker, detector, data, days, hostile: list[Hostile] | None):  # type: ignore[no-untyped-def]
+async def _run(broker, detector, data, days, hostile: list[Hostile] | None):
     settings = unique_settings(broker, timezone=TIMEZONE)
     sent: dict[tuple[int, int], Hostile] = {}
     async with Service(settings, detector=detector) as service:
@@ -209,7 +210,8 @@ async def _run(broker, detector, data, days, hostile: list[Hostile] | None):  # 
         try:
             nprng = np.random.default_rng(0)
             valid = [r for d in days for r in day_records(data, d, nprng, array_fraction=0.1)]
-            futures, which = [], []
+            futures: list[asyncio.Future[Any]] = []
+            which: list[Hostile | None] = []
             per_valid = len(hostile or []) / len(valid)
             owed, k = 0.0, 0
             for key, value, _ in valid:
@@ -226,9 +228,9 @@ async def _run(broker, detector, data, days, hostile: list[Hostile] | None):  # 
             for h in (hostile or [])[k:]:
                 futures.append(await producer.send(settings.input_topic, h.value, key=h.key))
                 which.append(h)
-            for md, h in zip(await asyncio.gather(*futures), which, strict=True):
-                if h is not None:
-                    sent[(md.partition, md.offset)] = h
+            for md, source in zip(await asyncio.gather(*futures), which, strict=True):
+                if source is not None:
+                    sent[(md.partition, md.offset)] = source
         finally:
             await producer.stop()
         scores = await read_topic(settings, settings.scores_topic,
@@ -245,7 +247,7 @@ async def _run(broker, detector, data, days, hostile: list[Hostile] | None):  # 
 
 
 async def test_hostile_records_are_dead_lettered_and_change_nothing_valid(
-        broker, detector):  # type: ignore[no-untyped-def]
+        broker, detector):
     data = generate(SyntheticConfig(n_households=HOUSEHOLDS, n_days=HISTORY_DAYS + DAYS,
                                     anomaly_rate=0.0, seed=31))
     days = range(HISTORY_DAYS, HISTORY_DAYS + DAYS)

@@ -17,7 +17,7 @@ from tests.conftest import HISTORY_DAYS, read_topic, unique_settings
 pytestmark = pytest.mark.integration
 
 
-async def test_poison_records_and_split_keys_do_not_stop_or_split_anything(broker, detector):  # type: ignore[no-untyped-def]
+async def test_poison_records_and_split_keys_do_not_stop_or_split_anything(broker, detector):
     settings = unique_settings(broker, timezone="Europe/London")
     data = generate(SyntheticConfig(n_households=2, n_days=HISTORY_DAYS + 1, seed=5,
                                     anomaly_rate=0.0))
