@@ -8,6 +8,8 @@ import base64
 import numpy as np
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meterwatch.stream import parse
 from meterwatch.stream.alerts import day_date
@@ -281,3 +283,38 @@ def test_dead_letters_always_fit(value_size: int, key_size: int) -> None:
         assert rec.key is None and doc["key_truncated"] and doc["key_size"] == key_size
     else:
         assert rec.key == key
+
+
+def test_no_recursion_anywhere_in_validation() -> None:
+    """With only 80 frames of stack left, a 1,023-deep value in each field is still
+    rejected (building its detail never recurses into the value)."""
+    import sys
+
+    values = [_raw_with(field) for field in ("household_id", "ts", "kwh")]
+    depth = len(__import__("inspect").stack(0))
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(depth + 80)
+    try:
+        b = parse_records(values, now_s=NOW, keys=[b"PX1"] * 3)
+    finally:
+        sys.setrecursionlimit(old)
+    assert [r.reason for r in b.rejections] == ["bad_household", "bad_timestamp", "bad_kwh"]
+    assert all(r.counts == {r.reason: 1} for r in b.rejections)
+
+
+def _raw_with(field: str) -> bytes:
+    doc = {"household_id": b'"PX1"', "ts": f'"{OK_TS}"'.encode(), "kwh": b"0.1"}
+    doc[field] = b"[" * 1023 + b"]" * 1023
+    return b"{" + b",".join(b'"%s":%s' % (k.encode(), v) for k, v in doc.items()) + b"}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                    lambda c: st.lists(c) | st.dictionaries(st.text(), c), max_leaves=30))
+def test_describe_is_short_for_any_json_value(v: object) -> None:
+    from meterwatch.stream.validation import describe
+    assert len(describe(v)) <= 120
+    with pytest.raises(Invalid):
+        check_reading({"household_id": "H", "ts": OK_TS, "kwh": v}
+                      if not isinstance(v, (int, float)) or isinstance(v, bool)
+                      or not 0 <= v <= 50 else {"household_id": v, "ts": OK_TS, "kwh": 1})
