@@ -1,27 +1,36 @@
 """Wire formats: what goes into and comes out of meterwatch (JSON via orjson).
 
 The pydantic models are the documented schema (and the README's examples); the hot path
-(`stream.parse`) validates readings batch-wise with the same rules, without building one
-model object per reading. ``tests/test_parse.py`` checks that both agree.
+(`stream.parse`) validates readings batch-wise without building one model object per
+reading, and both answer to ``stream.validation``. ``tests/test_parse.py`` checks they agree.
 """
 
 from __future__ import annotations
 
-import math
-from datetime import date, datetime
-from typing import Literal
+from datetime import date, datetime, timedelta, timezone
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from meterwatch.stream.validation import (
+    MAX_HOUSEHOLD_ID_LEN,
+    MAX_KWH,
+    Invalid,
+    check_reading,
+    loads,
+)
 
 SCHEMA_VERSION = 1
-#: Household ids are 1..64 characters.
-MAX_HOUSEHOLD_ID_LEN = 64
-#: Readings above this many kWh in one half-hour (100 kW average) are impossible for a home.
-MAX_KWH = 50.0
 
 
 class Reading(BaseModel):
     """One half-hourly reading: the input record (or one element of an input JSON array).
+
+    Validation is ``stream.validation.check_reading``, the function whose reasons the batch
+    parser reports too (the rules: docs/ingest.md). A rejected reading raises pydantic's
+    ``ValidationError``; its error's ``ctx["error"]`` is the ``Invalid`` with the
+    dead-letter ``reason``. ``model_validate_json`` decodes as the service does (duplicate
+    reading fields are rejected, numbers beyond a double are numbers).
 
     >>> Reading.model_validate_json(
     ...     b'{"household_id": "MAC000002", "ts": "2013-01-01T00:30:00Z", "kwh": 0.219}').kwh
@@ -34,30 +43,26 @@ class Reading(BaseModel):
     ts: datetime = Field(description="start of the half-hour, ISO 8601 with a UTC offset")
     kwh: float = Field(ge=0.0, le=MAX_KWH, allow_inf_nan=False)
 
-    @field_validator("ts", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _iso_string(cls, v: object) -> object:
-        if not isinstance(v, str):
-            raise ValueError("ts must be an ISO 8601 string")
-        return v
+    def _one_specification(cls, data: Any) -> Any:
+        if isinstance(data, Invalid):  # from model_validate_json: not JSON
+            raise data
+        r = check_reading(data)
+        tz = timezone(timedelta(seconds=r.offset_s))
+        return {"household_id": r.household_id, "kwh": r.kwh,
+                "ts": datetime.fromtimestamp(r.ts, tz)}
 
-    @field_validator("ts")
     @classmethod
-    def _aware_half_hour(cls, v: datetime) -> datetime:
-        if v.tzinfo is None or v.utcoffset() is None:
-            raise ValueError("timestamp has no UTC offset")
-        if v.minute % 30 or v.second or v.microsecond:
-            raise ValueError("timestamp is not the start of a half-hour")
-        return v
-
-    @field_validator("kwh", mode="before")
-    @classmethod
-    def _number(cls, v: object) -> object:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError("kwh must be a number")
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ValueError("kwh must be finite")
-        return v
+    def model_validate_json(cls, json_data: str | bytes | bytearray, *,
+                            strict: bool | None = None, **kwargs: Any) -> Reading:
+        """Decode with the service's decoder, then validate (see the class docstring)."""
+        raw = json_data.encode() if isinstance(json_data, str) else bytes(json_data)
+        try:
+            doc: object = loads(raw)
+        except Invalid as exc:
+            doc = exc
+        return cls.model_validate(doc, strict=strict, **kwargs)
 
 
 class Slot(BaseModel):

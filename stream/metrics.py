@@ -38,6 +38,8 @@ INVALID_REASONS = (
     "bad_kwh",
     "too_many_readings",
     "too_large",
+    "key_mismatch",
+    "internal_error",
 )
 
 

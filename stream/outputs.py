@@ -304,17 +304,45 @@ def json_record(topic: str, partition: int, key: str | None, doc: object, *,
                      orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY))
 
 
+#: Largest dead-letter record (key + value): well under the 1 MB a broker accepts by default
+#: (``message.max.bytes``) and the producer's ``max_request_size``, whatever the input.
+DEAD_LETTER_MAX_BYTES = 512 * 1024
+#: Longest original key kept (in the document and as the record key); household ids are
+#: at most 64 characters, so a longer key is never a valid one.
+DEAD_LETTER_MAX_KEY = 1024
+_MAX_DETAIL = 4000
+
+
 def dead_letter_record(settings: Settings, *, reason: str, detail: str, topic: str,
                        partition: int, offset: int, key: bytes | None, value: bytes | None,
-                       timestamp_ms: int | None) -> OutRecord:
-    """A dead-letter record (``stream.events.DeadLetter``) keyed like the original."""
-    doc = {
-        "schema_version": 1, "reason": reason, "detail": detail, "topic": topic,
-        "partition": partition, "offset": offset,
-        "key": _text_or_b64(key), "value": base64.b64encode(value or b"").decode(),
-        "timestamp_ms": timestamp_ms,
+                       timestamp_ms: int | None,
+                       max_bytes: int = DEAD_LETTER_MAX_BYTES) -> OutRecord:
+    """A dead-letter record (``stream.events.DeadLetter``) keyed like the original.
+
+    It always fits in ``max_bytes`` (key and value together): an original value whose
+    base64 would not fit is cut, and the document says so with ``value_truncated: true``
+    and ``value_size`` (the original length in bytes); a key over ``DEAD_LETTER_MAX_KEY``
+    bytes is cut the same way (``key_truncated``, ``key_size``) and the record has no key.
+    """
+    raw = value or b""
+    doc: dict[str, object] = {
+        "schema_version": 1, "reason": reason, "detail": detail[:_MAX_DETAIL],
+        "topic": topic, "partition": partition, "offset": offset,
+        "key": _text_or_b64(key), "value": "", "timestamp_ms": timestamp_ms,
     }
-    return OutRecord(settings.dead_letter_topic, partition, key, orjson.dumps(doc))
+    out_key = key
+    if key is not None and len(key) > DEAD_LETTER_MAX_KEY:
+        doc["key"] = _text_or_b64(key[:DEAD_LETTER_MAX_KEY])
+        doc.update(key_truncated=True, key_size=len(key))
+        out_key = None
+    # room for the value's base64, after the rest of the document and the flags below
+    head = len(orjson.dumps(doc)) + len(out_key or b"") + 64
+    room = max(0, (max_bytes - head) // 4 * 3)
+    if len(raw) > room:
+        doc.update(value_truncated=True, value_size=len(raw))
+        raw = raw[:room]
+    doc["value"] = base64.b64encode(raw).decode()
+    return OutRecord(settings.dead_letter_topic, partition, out_key, orjson.dumps(doc))
 
 
 def _text_or_b64(b: bytes | None) -> str | None:

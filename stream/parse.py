@@ -6,29 +6,54 @@ model objects: orjson decodes each record once, field extraction is a list compr
 and timestamps in the canonical ISO 8601 forms are parsed as one ``uint32`` matrix of code
 points (see ``parse_iso_timestamps``); only unusual forms fall back to ``datetime``.
 
-The rules are those of ``stream.events.Reading``; ``tests/test_parse.py`` checks they agree.
+The rules are ``stream.validation``'s, which ``stream.events.Reading`` calls too: the column
+checks here only decide quickly that a reading passes; every reading they do not pass is
+handed to ``stream.validation.check_reading``, whose reason and detail are reported, so
+there is one specification. ``tests/test_parse.py`` property-tests that all paths agree.
+
+No exception raised while parsing one record escapes ``parse_records``: if a batch fails
+for a reason nobody foresaw, its records are parsed one by one, and a record that still
+fails is rejected with reason ``internal_error`` and the exception's class.
 """
 
 from __future__ import annotations
 
-import math
+import logging
 import operator
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from itertools import count, repeat
 
 import numpy as np
 import orjson
 from numpy.lib.stride_tricks import sliding_window_view
 
-from meterwatch.stream.events import MAX_HOUSEHOLD_ID_LEN, MAX_KWH
+from meterwatch.stream.validation import (
+    _BAD_ID_CHARS,
+    _QUOTED_FIELDS,
+    FIELDS,
+    MAX_HOUSEHOLD_ID_LEN,
+    MAX_KWH,
+    MAX_TS,
+    MIN_TS,
+    Invalid,
+    check_reading,
+    check_ts,
+    describe,
+    kwh_float,
+    loads,
+)
+
+log = logging.getLogger(__name__)
 
 #: Readings per record (a JSON array) above which the record is rejected outright.
 MAX_READINGS_PER_RECORD = 10_000
 #: Records larger than this are rejected before decoding.
 MAX_RECORD_BYTES = 4 * 1024 * 1024
+#: Longest detail of one rejection (an array lists its first 10 bad readings).
+MAX_DETAIL_CHARS = 2000
 
-_NUMBER_TYPES = {int, float}
 _FIELDS = operator.itemgetter("household_id", "ts", "kwh")
 
 
@@ -37,8 +62,17 @@ class Rejection:
     """One record (or readings of it) that failed validation."""
 
     index: int  # position of the record in the batch
-    reason: str  # a label value of meterwatch_invalid_readings_total
+    reason: str  # the record's dead-letter reason: that of its first bad reading
     detail: str
+    #: rejected readings of the record by reason (meterwatch_invalid_readings_total); a
+    #: record that could not be read as readings counts as one
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.detail) > MAX_DETAIL_CHARS:
+            self.detail = self.detail[:MAX_DETAIL_CHARS - 4] + " ..."
+        if not self.counts:
+            self.counts = {self.reason: 1}
 
 
 @dataclass
@@ -74,11 +108,15 @@ class ParsedBatch:
 
 
 def parse_records(values: Sequence[bytes | None], *, now_s: float,
-                  max_future_s: float = 86_400.0) -> ParsedBatch:
-    """Decode and validate a batch of record values.
+                  max_future_s: float = 86_400.0,
+                  keys: Sequence[bytes | None] | None = None) -> ParsedBatch:
+    """Decode and validate a batch of record values (and, given ``keys``, their keys).
 
     Each value is one reading object or a JSON array of them. Readings of a partly bad
     array are kept; the record is still reported (with the index of each bad reading).
+    With ``keys`` (the service always passes them), a reading whose household id is not
+    its record's key, UTF-8 encoded, is rejected with ``key_mismatch``: a household's
+    readings all travel under its own key, so it is never split across partitions.
 
     Records in the compact form that JSON encoders write for one reading
     (``{"household_id":"…","ts":"…","kwh":…}``, optionally with a space after ``:`` and
@@ -92,17 +130,64 @@ def parse_records(values: Sequence[bytes | None], *, now_s: float,
     >>> b.household, b.ts.tolist(), [r.reason for r in b.rejections]
     (['H1'], [1357000200], ['not_json'])
     """
-    compact = _parse_compact(values, now_s, max_future_s)
+    try:
+        return _parse(values, keys, now_s, max_future_s)
+    except Exception as exc:  # a bug, or an input nobody foresaw: contain it to its record
+        log.warning("parsing a batch of %d records failed (%s: %.200s); parsing them one by "
+                    "one", len(values), type(exc).__name__, exc)
+        return _parse_each(values, keys, now_s, max_future_s)
+
+
+def _parse(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None,
+           now_s: float, max_future_s: float) -> ParsedBatch:
+    compact = _parse_compact(values, keys, now_s, max_future_s)
     if compact is None:
-        return _parse_general(values, now_s, max_future_s)
+        return _parse_general(values, keys, now_s, max_future_s)
     fast, rest = compact
     if len(rest) == 0:
         return fast
-    general = _parse_general([values[i] for i in rest], now_s, max_future_s)
+    rest_list = rest.tolist()
+    general = _parse_general([values[i] for i in rest_list],
+                             None if keys is None else [keys[i] for i in rest_list],
+                             now_s, max_future_s)
     for r in general.rejections:
         r.index = int(rest[r.index])
     general.record = rest[general.record].astype(np.int32)
     return _merge(fast, general)
+
+
+def _parse_each(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None,
+                now_s: float, max_future_s: float) -> ParsedBatch:
+    """Record by record; a record whose parsing raises is rejected as ``internal_error``."""
+    ids: list[str] = []
+    id_pos: dict[str, int] = {}
+    cols: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    rejections: list[Rejection] = []
+    for i, value in enumerate(values):
+        try:
+            b = _parse([value], None if keys is None else [keys[i]], now_s, max_future_s)
+        except Exception as exc:
+            log.exception("record %d of a batch could not be parsed", i)
+            rejections.append(Rejection(i, "internal_error",
+                                        f"{type(exc).__name__} while validating the record"))
+            continue
+        for r in b.rejections:
+            r.index = i
+        rejections.extend(b.rejections)
+        if len(b):
+            remap = np.array([id_pos.setdefault(h, len(id_pos)) for h in b.ids], dtype=np.int32)
+            cols.append((remap[b.id_index], b.ts, b.kwh, np.full(len(b), i, dtype=np.int32)))
+    ids = list(id_pos)
+    if not cols:
+        return _empty(rejections)
+    id_index, ts, kwh, record = (np.concatenate(c) for c in zip(*cols, strict=True))
+    return ParsedBatch(ids, id_index.astype(np.int32), ts.astype(np.int64),
+                       kwh.astype(np.float32), record, rejections)
+
+
+def _empty(rejections: list[Rejection]) -> ParsedBatch:
+    return ParsedBatch([], np.empty(0, np.int32), np.empty(0, np.int64),
+                       np.empty(0, np.float32), np.empty(0, np.int32), rejections)
 
 
 def _merge(a: ParsedBatch, b: ParsedBatch) -> ParsedBatch:
@@ -116,8 +201,8 @@ def _merge(a: ParsedBatch, b: ParsedBatch) -> ParsedBatch:
                        np.concatenate([a.kwh, b.kwh])[order], record[order], rejections)
 
 
-def _parse_general(values: Sequence[bytes | None], now_s: float,
-                   max_future_s: float) -> ParsedBatch:
+def _parse_general(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None,
+                   now_s: float, max_future_s: float) -> ParsedBatch:
     """Any records: orjson decodes each, then the fields are checked as columns."""
     rejections: list[Rejection] = []
     flat: list[object]
@@ -129,97 +214,143 @@ def _parse_general(values: Sequence[bytes | None], now_s: float,
         flat, flat_record = _decode_slow(values, rejections)
     n = len(flat)
     if n == 0:
-        return ParsedBatch([], np.empty(0, np.int32), np.empty(0, np.int64),
-                           np.empty(0, np.float32), np.empty(0, np.int32), rejections)
+        return _empty(rejections)
 
-    # Columns. Non-dict elements of an array yield None in every field.
+    # Columns. Elements that are not plain objects yield None in every field (and are
+    # suspects: check_reading says why).
+    suspect = np.zeros(n, dtype=bool)
+    decoded = flat
     if docs is None:
-        flat = [d if type(d) is dict else {} for d in flat]
+        for j, d in enumerate(flat):
+            if type(d) is not dict or not d:
+                suspect[j] = True
+    objs: list[dict[str, object]] = [
+        d if type(d) is dict else {} for d in flat]
+    hh: list[object]
+    ts_raw: list[object]
+    kwh_raw: list[object]
     try:  # every field present (the common case): one C-level pass, then transpose
-        hh, ts_raw, kwh_raw = map(list, zip(*map(_FIELDS, flat), strict=True))
+        hh, ts_raw, kwh_raw = map(list, zip(*map(_FIELDS, objs), strict=True))
     except KeyError:
-        hh = [d.get("household_id") for d in flat]  # type: ignore[attr-defined]
-        ts_raw = [d.get("ts") for d in flat]  # type: ignore[attr-defined]
-        kwh_raw = [d.get("kwh") for d in flat]  # type: ignore[attr-defined]
+        hh = [d.get("household_id") for d in objs]
+        ts_raw = [d.get("ts") for d in objs]
+        kwh_raw = [d.get("kwh") for d in objs]
     rec = np.asarray(flat_record, dtype=np.int32)
 
-    bad = np.zeros(n, dtype=np.uint8)  # 0 = ok, else index into _REASONS
-    details: dict[int, str] = {}
+    # household_id: 1..MAX_HOUSEHOLD_ID_LEN characters, no control/invisible character.
+    strs = [h if type(h) is str else "" for h in hh]
+    lens = np.fromiter(map(len, strs), dtype=np.int64, count=n)
+    suspect |= (lens == 0) | (lens > MAX_HOUSEHOLD_ID_LEN)  # "" also for a non-string
+    joined = "".join(strs)
+    if not (joined.isascii() and joined.isprintable()):
+        suspect |= np.fromiter((_BAD_ID_CHARS.search(h) is not None for h in strs),
+                               dtype=bool, count=n)
 
-    # household_id: a non-empty string of at most MAX_HOUSEHOLD_ID_LEN characters.
-    hh_ok = set(map(type, hh)) == {str} and 0 < min(map(len, hh)) \
-        and max(map(len, hh)) <= MAX_HOUSEHOLD_ID_LEN  # type: ignore[arg-type]
-    for j, h in ([] if hh_ok else enumerate(hh)):
-        if type(h) is not str or not 0 < len(h) <= MAX_HOUSEHOLD_ID_LEN:
-            if not flat[j]:
-                _mark(bad, details, j, "bad_shape", "array element is not an object or empty")
-            elif h is None:
-                _mark(bad, details, j, "missing_field", "household_id is missing")
-            else:
-                _mark(bad, details, j, "bad_household", f"household_id {h!r:.80}")
-
-    # kwh: a finite number in [0, MAX_KWH] (booleans are not numbers here).
+    # kwh: a number (not a boolean); range checked in _finish.
     if set(map(type, kwh_raw)) <= _NUMBER_TYPES:
-        kwh = np.array(kwh_raw, dtype=np.float64)
-        kwh_raw = []
+        try:
+            kwh = np.array(kwh_raw, dtype=np.float64)
+        except OverflowError:  # an integer beyond a double
+            kwh = np.array([kwh_float(k) for k in kwh_raw], dtype=np.float64)
     else:
-        kwh = np.zeros(n, dtype=np.float64)
-    for j, k in enumerate(kwh_raw):
-        if type(k) in _NUMBER_TYPES:
-            kwh[j] = k
-        elif not bad[j]:
-            if k is None:
-                _mark(bad, details, j, "missing_field", "kwh is missing")
-            else:
-                _mark(bad, details, j, "bad_kwh", f"kwh {k!r:.80} is not a number")
+        kwh = np.array([kwh_float(k) if type(k) in _NUMBER_TYPES else np.nan
+                        for k in kwh_raw], dtype=np.float64)
     ts, ts_reason = parse_iso_timestamps(ts_raw)
-    return _finish(hh, np.arange(n, dtype=np.int32), ts, ts_reason, ts_raw.__getitem__, kwh,
-                   rec, bad, details, rejections, now_s, max_future_s)
+    # each reading's id as the position of its first occurrence (ids stored once each)
+    first: dict[str, int] = {}
+    id_index = np.fromiter(map(first.setdefault, strs, count()), dtype=np.int32, count=n)
+    return _finish(strs, id_index, ts, ts_reason, kwh, rec, suspect, decoded.__getitem__,
+                   keys, rejections, now_s, max_future_s)
 
 
 def _finish(ids: list[str], id_index: np.ndarray, ts: np.ndarray, ts_reason: np.ndarray,
-            ts_text: Callable[[int], object], kwh: np.ndarray, rec: np.ndarray,
-            bad: np.ndarray, details: dict[int, str], rejections: list[Rejection],
-            now_s: float, max_future_s: float) -> ParsedBatch:
-    """The checks shared by both decoders (kWh range, timestamp form and time), then the
-    rejections of each record and the columns of the good readings."""
-    out_of_range = ~np.isfinite(kwh) | (kwh < 0.0) | (kwh > MAX_KWH)
-    for j in np.flatnonzero(out_of_range & (bad == 0)):
-        _mark(bad, details, int(j), "bad_kwh", f"kwh {kwh[j]!r} outside [0, {MAX_KWH}]")
+            kwh: np.ndarray, rec: np.ndarray, suspect: np.ndarray,
+            reading: Callable[[int], object], keys: Sequence[bytes | None] | None,
+            rejections: list[Rejection], now_s: float, max_future_s: float,
+            distinct_ids: bool = False) -> ParsedBatch:
+    """The checks shared by both decoders (kWh range, timestamp, future, key), then the
+    rejections of each record and the columns of the good readings.
 
-    # ts: ISO 8601 with an offset, on a half-hour boundary, not far in the future.
-    for j in np.flatnonzero((ts_reason != 0) & (bad == 0)):
-        reason = _TS_REASONS[ts_reason[j]]
-        _mark(bad, details, int(j), reason, f"ts {ts_text(int(j))!r:.80}")
-    future = ts > now_s + max_future_s
-    for j in np.flatnonzero(future & (bad == 0)):
-        _mark(bad, details, int(j), "future_timestamp",
-              f"ts {ts_text(int(j))!r:.80} is in the future")
+    ``suspect`` marks readings that failed a check of the caller; ``reading(j)`` is
+    reading j as a decoded JSON value, for ``check_reading`` to say why it is invalid.
+    """
+    bad = suspect | ~((kwh >= 0.0) & (kwh <= MAX_KWH)) | (ts_reason != 0) \
+        | (ts > now_s + max_future_s)
+    reasons: dict[int, tuple[str, str]] = {}
+    for j in np.flatnonzero(bad).tolist():
+        try:
+            check_reading(reading(j), now_s=now_s, max_future_s=max_future_s)
+        except Invalid as exc:
+            reasons[j] = (exc.reason, exc.detail)
+        else:  # cannot happen while the column checks are those of check_reading
+            reasons[j] = ("internal_error", "validators disagree about this reading")
+    if keys is not None:
+        _check_keys(ids, id_index, rec, bad, keys, reasons, distinct_ids)
 
-    ok = bad == 0
-    if ok.all():
+    if not bad.any():
         return ParsedBatch(ids, id_index, ts, kwh.astype(np.float32), rec, rejections)
     per_record: dict[int, list[int]] = {}
     counts = np.bincount(rec)
     first_of = np.searchsorted(rec, np.arange(len(counts)))  # rec is sorted
-    for j in np.flatnonzero(~ok):
-        per_record.setdefault(int(rec[j]), []).append(int(j))
+    for j in np.flatnonzero(bad).tolist():
+        per_record.setdefault(int(rec[j]), []).append(j)
     for r, idx in per_record.items():
-        first = idx[0]
-        reason = _REASONS[bad[first]]
+        reason = reasons[idx[0]][0]
         if counts[r] > 1:  # an array: say which readings were bad
             start = int(first_of[r])
-            detail = "; ".join(f"reading[{j - start}]: {details[j]}" for j in idx[:10])
+            detail = "; ".join(f"reading[{j - start}]: {reasons[j][1]}" for j in idx[:10])
             if len(idx) > 10:
                 detail += f"; ... {len(idx) - 10} more"
         else:
-            detail = details[first]
-        rejections.append(Rejection(r, reason, detail))
+            detail = reasons[idx[0]][1]
+        rejections.append(Rejection(r, reason, detail,
+                                    dict(Counter(reasons[j][0] for j in idx))))
     rejections.sort(key=lambda x: x.index)
-    keep = np.flatnonzero(ok)
+    keep = np.flatnonzero(~bad)
     used, kept_index = np.unique(id_index[keep], return_inverse=True)  # drop rejected ids
     return ParsedBatch([ids[i] for i in used.tolist()], kept_index.astype(np.int32).ravel(),
                        ts[keep], kwh[keep].astype(np.float32), rec[keep], rejections)
+
+
+def _check_keys(ids: list[str], id_index: np.ndarray, rec: np.ndarray, bad: np.ndarray,
+                keys: Sequence[bytes | None], reasons: dict[int, tuple[str, str]],
+                distinct: bool) -> None:
+    """Mark the otherwise valid readings whose household id is not their record's key.
+
+    The ids are numbered by their UTF-8 bytes (``distinct``: ``ids`` has no repeats, their
+    positions are the numbers) and each record key gets the number of the id it spells
+    (-1: none), one dict lookup per record.
+    """
+    ok = np.flatnonzero(~bad)
+    if not len(ok):
+        return
+    number: dict[bytes, int] = {}
+    if distinct:
+        number = {h.encode("utf-8", "surrogatepass"): i for i, h in enumerate(ids)}
+        reading_number = id_index[ok]
+    else:
+        used = np.unique(id_index[ok])
+        canon = np.fromiter((number.setdefault(ids[i].encode("utf-8", "surrogatepass"), n)
+                             for n, i in enumerate(used.tolist())), dtype=np.int64,
+                            count=len(used))
+        reading_number = canon[np.searchsorted(used, id_index[ok])]
+    key_number = np.fromiter(map(number.get, keys, repeat(-1)), dtype=np.int64,  # type: ignore[arg-type]
+                             count=len(keys))
+    wrong = ok[key_number[rec[ok]] != reading_number]
+    for j in wrong.tolist():
+        bad[j] = True
+        reasons[j] = ("key_mismatch", f"household_id {describe(ids[int(id_index[j])])} but "
+                      f"the record key is {describe_key(keys[int(rec[j])])}")
+
+
+def describe_key(key: bytes | None) -> str:
+    """A record key for a detail: null, its text (escaped, bounded), or its size."""
+    if key is None:
+        return "null"
+    try:
+        return describe(key.decode("utf-8"))
+    except UnicodeDecodeError:
+        return f"{len(key)} bytes, not UTF-8"
 
 
 # Compact records, read from the bytes ------------------------------------------------------
@@ -232,8 +363,8 @@ _POW10_INT = 10 ** np.arange(19, dtype=np.int64)
 _PAD = 64  # >= the widest window read (MAX_HOUSEHOLD_ID_LEN)
 
 
-def _parse_compact(values: Sequence[bytes | None], now_s: float,
-                   max_future_s: float) -> tuple[ParsedBatch, np.ndarray] | None:
+def _parse_compact(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None,
+                   now_s: float, max_future_s: float) -> tuple[ParsedBatch, np.ndarray] | None:
     """The records in compact one-reading form, parsed from the joined bytes; and the
     indices of the others (``rest``). None when no record qualifies.
 
@@ -311,13 +442,18 @@ def _parse_compact(values: Sequence[bytes | None], now_s: float,
     def ts_text(j: int) -> str:
         return _text(buf, ts_start[j], ts_len[j])
 
+    def reading(j: int) -> dict[str, object]:
+        return {"household_id": ids[int(id_index[j])], "ts": ts_text(j), "kwh": float(kwh[j])}
+
     ts, ts_reason = _parse_codes(_gather(buf, ts_start, ts_len, 25), ts_len,
                                  np.zeros(m, dtype=np.uint8), ts_text)
     compact = np.zeros(n, dtype=bool)
     compact[idx] = True
     rest = np.flatnonzero(~compact).astype(np.int32)
-    batch = _finish(ids, id_index, ts, ts_reason, ts_text, kwh, idx.astype(np.int32),
-                    np.zeros(m, dtype=np.uint8), {}, [], now_s, max_future_s)
+    # ids are printable ASCII (checked above) of 1..MAX_HOUSEHOLD_ID_LEN characters
+    batch = _finish(ids, id_index, ts, ts_reason, kwh, idx.astype(np.int32),
+                    np.zeros(m, dtype=bool), reading, keys, [], now_s, max_future_s,
+                    distinct_ids=True)
     return batch, rest
 
 
@@ -382,21 +518,31 @@ def _text(buf: np.ndarray, start: int, length: int) -> str:
     return buf[int(start):int(start) + int(length)].tobytes().decode("ascii")
 
 
-_REASONS = ("ok", "bad_shape", "missing_field", "bad_household", "bad_kwh", "bad_timestamp",
-            "not_half_hour", "future_timestamp")
-_REASON_CODE = {r: i for i, r in enumerate(_REASONS)}
-_TS_REASONS = ("ok", "missing_field", "bad_timestamp", "not_half_hour")
+_NUMBER_TYPES = {int, float}
+_TS_CODES = {"missing_field": 1, "bad_timestamp": 2, "not_half_hour": 3}
 
 
 def _decode_fast(values: Sequence[bytes | None]) -> list[object] | None:
-    """All records decoded when each is a small JSON object, else None."""
+    """All records decoded when each is a small JSON object that certainly gives no field
+    twice, else None."""
     try:
         if max(map(len, values)) > MAX_RECORD_BYTES:  # type: ignore[arg-type]
             return None
         docs = [orjson.loads(v) for v in values]  # type: ignore[arg-type]
     except (orjson.JSONDecodeError, TypeError, ValueError):
         return None
-    return docs if set(map(type, docs)) == {dict} else None
+    if set(map(type, docs)) != {dict}:
+        return None
+    # duplicate fields: orjson keeps the last; each field name may occur at most as often
+    # as there are objects holding it, and no key may be spelled with an escape
+    joined = b"".join(values)  # type: ignore[arg-type]
+    if b"\\" in joined:
+        return None
+    for name, quoted in zip(FIELDS, _QUOTED_FIELDS, strict=True):
+        c = joined.count(quoted)
+        if c and c > sum(map(dict.__contains__, docs, repeat(name))):
+            return None
+    return docs
 
 
 def _decode_slow(values: Sequence[bytes | None],
@@ -412,17 +558,18 @@ def _decode_slow(values: Sequence[bytes | None],
             rejections.append(Rejection(i, "too_large", f"{len(value)} bytes"))
             continue
         try:
-            doc = orjson.loads(value)
-        except orjson.JSONDecodeError as exc:
-            rejections.append(Rejection(i, "not_json", str(exc)[:200]))
+            doc = loads(value)
+        except Invalid as exc:
+            rejections.append(Rejection(i, exc.reason, exc.detail))
             continue
-        if type(doc) is dict:
+        if isinstance(doc, dict):
             flat.append(doc)
             flat_record.append(i)
         elif type(doc) is list:
             if len(doc) > MAX_READINGS_PER_RECORD:
                 rejections.append(Rejection(
-                    i, "too_many_readings", f"{len(doc)} > {MAX_READINGS_PER_RECORD}"))
+                    i, "too_many_readings", f"{len(doc)} > {MAX_READINGS_PER_RECORD}",
+                    {"too_many_readings": len(doc)}))
                 continue
             if not doc:
                 rejections.append(Rejection(i, "bad_shape", "empty array"))
@@ -430,23 +577,21 @@ def _decode_slow(values: Sequence[bytes | None],
             flat.extend(doc)
             flat_record.extend([i] * len(doc))
         else:
-            rejections.append(Rejection(i, "bad_shape", f"JSON {type(doc).__name__}, "
-                                        "expected an object or an array of objects"))
+            rejections.append(Rejection(i, "bad_shape", f"{describe(doc)}: expected an "
+                                        "object or an array of objects"))
     return flat, flat_record
 
 
-def _mark(bad: np.ndarray, details: dict[int, str], j: int, reason: str, detail: str) -> None:
-    if not bad[j]:
-        bad[j] = _REASON_CODE[reason]
-        details[j] = detail
-
-
 # ISO 8601 fast path -----------------------------------------------------------------------
-# "YYYY-MM-DDTHH:MM:SSZ" (20 chars) and "YYYY-MM-DDTHH:MM:SS+HH:MM" (25 chars).
-_DIGITS_20 = np.array([0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18])
+# The three commonest forms of the grammar (stream.validation), read as a matrix of code
+# points: "YYYY-MM-DDTHH:MM:SSZ" (20 characters), "YYYY-MM-DDTHH:MM:SS.fffZ" (24,
+# JavaScript's toISOString) and "YYYY-MM-DDTHH:MM:SS+HH:MM" (25). Every position is checked;
+# anything else goes to ``stream.validation.check_ts``.
+_DIGITS_19 = np.array([0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18])
 _SEPARATORS = {4: ord("-"), 7: ord("-"), 13: ord(":"), 16: ord(":")}
 _CUM_DAYS = np.array([0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334], dtype=np.int64)
 _MONTH_DAYS = np.array([31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31], dtype=np.int64)
+_FAST_LENGTHS = (20, 24, 25)
 
 
 def days_from_civil(y: np.ndarray, m: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -464,10 +609,10 @@ def days_from_civil(y: np.ndarray, m: np.ndarray, d: np.ndarray) -> np.ndarray:
 
 
 def parse_iso_timestamps(raw: Sequence[object]) -> tuple[np.ndarray, np.ndarray]:
-    """Epoch seconds of ISO 8601 timestamps with an offset, and a reason code per item.
+    """Epoch seconds of timestamps (``stream.validation`` grammar), and a code per item.
 
-    Reason codes index ``_TS_REASONS``: 0 ok, 1 missing, 2 unparseable or no offset,
-    3 not the start of a half-hour.
+    Reason codes: 0 ok, 1 missing, 2 ``bad_timestamp`` (not the grammar, not a real date,
+    outside the supported range), 3 not the start of a half-hour.
 
     >>> ts, why = parse_iso_timestamps(["2013-01-01T00:30:00Z", "2013-01-01T01:00:00+01:00",
     ...                                 "2013-01-01T00:10:00Z", "yesterday", None])
@@ -485,27 +630,34 @@ def parse_iso_timestamps(raw: Sequence[object]) -> tuple[np.ndarray, np.ndarray]
                 why[j] = 1
             elif type(s) is not str:
                 why[j] = 2
-    codes, lengths = _code_points(strs)  # (n, 25) code points, 0-padded
+    codes, lengths = _code_points(strs)
     return _parse_codes(codes, lengths, why, strs.__getitem__)
 
 
 def _parse_codes(codes: np.ndarray, lengths: np.ndarray, why: np.ndarray,
                  text: Callable[[int], str]) -> tuple[np.ndarray, np.ndarray]:
-    """``parse_iso_timestamps`` on (n, 25) code points; ``text(j)`` gives item j as a
-    string for the general parser; ``why`` holds the reasons found so far."""
+    """``parse_iso_timestamps`` on (n, 25) code points (0 past each length) and the true
+    lengths; ``text(j)`` gives item j for ``check_ts``; ``why`` holds the reasons so far."""
     n = len(codes)
     ts = np.zeros(n, dtype=np.int64)
-    z_form = (lengths == 20) & (codes[:, 19] == ord("Z"))
-    off_form = (lengths == 25) & ((codes[:, 19] == ord("+")) | (codes[:, 19] == ord("-"))) \
-        & (codes[:, 22] == ord(":"))
-    fast = (z_form | off_form) & (why == 0)
+    c19 = codes[:, 19]
+    z20 = (lengths == 20) & (c19 == ord("Z"))
+    z24 = off25 = frac = np.zeros(n, dtype=bool)
+    if (lengths == 24).any():
+        tail = codes[:, 20:23].astype(np.int64) - ord("0")
+        z24 = (lengths == 24) & (c19 == ord(".")) & (codes[:, 23] == ord("Z")) \
+            & ((tail >= 0) & (tail <= 9)).all(axis=1)
+        frac = z24 & (tail != 0).any(axis=1)
+    off_digits = codes[:, [20, 21, 23, 24]].astype(np.int64) - ord("0")
+    if (lengths == 25).any():
+        off25 = (lengths == 25) & ((c19 == ord("+")) | (c19 == ord("-"))) \
+            & (codes[:, 22] == ord(":")) & ((off_digits >= 0) & (off_digits <= 9)).all(axis=1)
+    fast = (z20 | z24 | off25) & (why == 0)
     fast &= (codes[:, 10] == ord("T")) | (codes[:, 10] == ord(" "))
     for pos, ch in _SEPARATORS.items():
         fast &= codes[:, pos] == ch
-    digits = codes[:, _DIGITS_20].astype(np.int64) - ord("0")  # (n, 14)
+    digits = codes[:, _DIGITS_19].astype(np.int64) - ord("0")  # (n, 14)
     fast &= ((digits >= 0) & (digits <= 9)).all(axis=1)
-    off_digits = codes[:, [20, 21, 23, 24]].astype(np.int64) - ord("0")
-    fast &= ~off_form | ((off_digits >= 0) & (off_digits <= 9)).all(axis=1)
 
     y = digits[:, 0] * 1000 + digits[:, 1] * 100 + digits[:, 2] * 10 + digits[:, 3]
     mo = digits[:, 4] * 10 + digits[:, 5]
@@ -514,51 +666,49 @@ def _parse_codes(codes: np.ndarray, lengths: np.ndarray, why: np.ndarray,
     mi = digits[:, 10] * 10 + digits[:, 11]
     ss = digits[:, 12] * 10 + digits[:, 13]
     leap = ((y % 4 == 0) & (y % 100 != 0)) | (y % 400 == 0)
-    valid = (mo >= 1) & (mo <= 12) & (y >= 1)
+    valid = (mo >= 1) & (mo <= 12)
     mo_c = np.clip(mo, 1, 12)
     month_len = _MONTH_DAYS[mo_c - 1] - ((mo_c == 2) & ~leap)
     valid &= (d >= 1) & (d <= month_len) & (hh <= 23) & (mi <= 59) & (ss <= 59)
-    sign = np.where(codes[:, 19] == ord("-"), -1, 1)
     off_h = off_digits[:, 0] * 10 + off_digits[:, 1]
     off_m = off_digits[:, 2] * 10 + off_digits[:, 3]
-    offset = np.where(off_form, sign * (off_h * 3600 + off_m * 60), 0)
-    valid &= ~off_form | ((off_h <= 23) & (off_m <= 59))
+    sign = np.where(c19 == ord("-"), -1, 1)
+    offset = np.where(off25, sign * (off_h * 3600 + off_m * 60), 0)
+    valid &= ~off25 | ((off_h <= 23) & (off_m <= 59))
     days = days_from_civil(np.where(valid, y, 1970), np.where(valid, mo_c, 1),
                            np.where(valid, d, 1))
-    ts[:] = np.where(fast & valid, days * 86400 + hh * 3600 + mi * 60 + ss - offset, 0)
+    t = days * 86400 + hh * 3600 + mi * 60 + ss - offset
+    valid &= (t >= MIN_TS) & (t < MAX_TS)
+    ts[:] = np.where(fast & valid, t, 0)
     why[fast & ~valid] = 2
+    why[fast & valid & ((ts % 1800 != 0) | frac)] = 3
 
-    for j in np.flatnonzero(~fast & (why == 0)):  # unusual forms: the slow, general path
-        ts[j], why[j] = _parse_slow(text(int(j)))
-    why[(why == 0) & (ts % 1800 != 0)] = 3
+    for j in np.flatnonzero(~fast & (why == 0)).tolist():  # other forms: the scalar parser
+        try:
+            ts[j] = check_ts(text(j))[0]
+        except Invalid as exc:
+            why[j] = _TS_CODES[exc.reason]
     return ts, why
 
 
 def _code_points(strs: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 25) code points of the strings (0-padded) and their lengths."""
+    """(n, 25) code points of the strings of a fast-path length (0-padded; other strings
+    are all 0) and the length of every string."""
     n = len(strs)
-    lens = set(map(len, strs))
-    if len(lens) == 1 and (width := lens.pop()) in (20, 25):
+    lengths = np.fromiter(map(len, strs), dtype=np.int64, count=n)
+    codes = np.zeros((n, 25), dtype=np.uint32)
+    if n == 0:
+        return codes, lengths
+    width = int(lengths[0])
+    if width in _FAST_LENGTHS and (lengths == width).all():
         joined = "".join(strs)
         if joined.isascii():  # one byte per character: a (n, width) matrix for free
             mat = np.frombuffer(joined.encode("ascii"), dtype=np.uint8).reshape(n, width)
-            codes = np.zeros((n, 25), dtype=np.uint32)
             codes[:, :width] = mat
-            return codes, np.full(n, width)
-    arr = np.asarray(strs, dtype="U25")
-    return arr.view(np.uint32).reshape(n, 25), np.char.str_len(arr)
-
-
-def _parse_slow(s: str) -> tuple[int, int]:
-    try:
-        dt = datetime.fromisoformat(s)
-    except ValueError:
-        return 0, 2
-    if dt.tzinfo is None or dt.utcoffset() is None:
-        return 0, 2
-    t = dt.timestamp()
-    if not math.isfinite(t):
-        return 0, 2
-    if t != math.floor(t):
-        return int(t), 3
-    return int(t), 0
+            return codes, lengths
+    sel = np.flatnonzero(np.isin(lengths, _FAST_LENGTHS))
+    if len(sel):  # at most 25 characters each: "U25" holds them whole (trailing NULs
+        # become 0, which no checked position accepts)
+        arr = np.array([strs[j] for j in sel.tolist()], dtype="U25")
+        codes[sel] = arr.view(np.uint32).reshape(len(sel), 25)
+    return codes, lengths

@@ -389,13 +389,15 @@ class Service:
         values = list(map(_VALUE, recs))
         offsets = np.fromiter(map(_OFFSET, recs), dtype=np.int64, count=len(recs))
         stamps = np.fromiter(map(_TIMESTAMP, recs), dtype=np.int64, count=len(recs))
-        parsed = parse_records(values, now_s=time.time(), max_future_s=self.settings.max_future_s)
+        parsed = parse_records(values, now_s=time.time(), max_future_s=self.settings.max_future_s,
+                               keys=[r.key for r in recs])
         m.records.inc(len(recs))
         if parsed.rejections:
             dead = []
             for rej in parsed.rejections:
                 r = recs[rej.index]
-                m.invalid_readings.labels(rej.reason).inc()
+                for reason, count in rej.counts.items():  # readings, not records
+                    m.invalid_readings.labels(reason).inc(count)
                 m.dead_letters.labels(rej.reason).inc()
                 dead.append(dead_letter_record(
                     self.settings, reason=rej.reason, detail=rej.detail, topic=tp.topic,

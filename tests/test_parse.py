@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 
 import numpy as np
@@ -128,7 +129,7 @@ def compact_records(draw):  # type: ignore[no-untyped-def]
 def test_compact_path_agrees_with_orjson_path(values: list[bytes]) -> None:
     from meterwatch.stream.parse import _parse_general
     fast = parse_records(values, now_s=NOW)
-    slow = _parse_general(values, now_s=NOW, max_future_s=86_400.0)
+    slow = _parse_general(values, None, now_s=NOW, max_future_s=86_400.0)
     assert fast.household == slow.household
     assert fast.ts.tolist() == slow.ts.tolist()
     assert fast.kwh.tobytes() == slow.kwh.tobytes()
@@ -143,8 +144,123 @@ def test_compact_path_reads_the_usual_layouts() -> None:
     from meterwatch.stream.parse import _parse_compact
     doc = {"household_id": "MAC000002", "ts": "2013-01-01T00:30:00Z", "kwh": 0.219}
     values = [orjson.dumps(doc), json.dumps(doc).encode(), b"[" + orjson.dumps(doc) + b"]"]
-    out = _parse_compact(values, NOW, 86_400.0)
+    out = _parse_compact(values, None, NOW, 86_400.0)
     assert out is not None
     batch, rest = out
     assert batch.record.tolist() == [0, 1] and rest.tolist() == [2]
     assert batch.kwh.tolist() == [np.float32(0.219)] * 2
+
+
+# One specification: the compact path, the general path and the schema, on hostile bytes.
+def _ts_forms(dt: datetime.datetime, off_min: int, form: int) -> str:
+    sign = "-" if off_min < 0 else "+"
+    oh, om = divmod(abs(off_min), 60)
+    off = ["Z", f"{sign}{oh:02d}:{om:02d}", f"{sign}{oh:02d}{om:02d}"][form % 3]
+    body = dt.strftime("%Y-%m-%d") + "T " [form // 3 % 2] + dt.strftime("%H:%M")
+    secs = ["", dt.strftime(":%S"), dt.strftime(":%S") + ".000", dt.strftime(":%S.%f")]
+    return body + secs[form // 6 % 4] + off
+
+
+def _mutate(s: str, how: int, pos: int, junk: str) -> str:
+    p = pos % (len(s) + 1)
+    return [s, s[:p] + "\x00" + s[p:], s + junk, s[:p] + junk + s[p:], s[:p], s.lower(),
+            s + ":00", s + ":00.5", s.replace("-", "", 2), s * 3, s.replace("T", "t"),
+            s[:p] + s[p + 1:]][how if how < 12 else 0]
+
+
+adversarial_ts = st.builds(
+    _mutate,
+    st.builds(_ts_forms, st.datetimes(min_value=datetime.datetime(1890, 1, 1),
+                                      max_value=datetime.datetime(2210, 1, 1)).map(
+        lambda d: d.replace(minute=d.minute // 30 * 30, second=0, microsecond=0)
+        if d.second % 2 else d),
+        st.integers(-14 * 60, 14 * 60).map(lambda m: m // 15 * 15), st.integers(0, 23)),
+    st.integers(0, 23), st.integers(0, 40),
+    st.sampled_from(["garbage", "Z", "\x00", "+00:00", "0", " ", "٣", "\u202e", "\ud800"]))
+good_numbers = st.floats(0, 50).map(lambda f: repr(round(f, 3)))
+raw_numbers = st.one_of(good_numbers, good_numbers, number_texts, st.sampled_from(
+    ["1e309", "-1e309", "1e-400", "9" * 30, "18446744073709551616", "50", "50.0000001",
+     "5e1", "0e0", "-0"]))
+good_ids = st.sampled_from(["H1", "MAC000002", "x" * 64])
+raw_ids = st.one_of(good_ids, good_ids, good_ids, ascii_ids, st.sampled_from(
+    ["H1", "H\x00", "H\x7f", "H\u202e", "H\u0085", "Hé", "ts", "kwh", "x" * 64, "x" * 65]))
+
+
+def _json_str(s: str) -> str:
+    return orjson.dumps(s).decode() if "\ud800" not in s else '"' + s.replace(
+        "\ud800", "\\ud800").replace('"', '\\"') + '"'
+
+
+@st.composite
+def hostile_objects(draw) -> str:
+    members = [("household_id", _json_str(draw(raw_ids))),
+               ("ts", _json_str(draw(adversarial_ts))), ("kwh", draw(raw_numbers))]
+    if draw(st.integers(0, 6)) == 0:  # a field twice (either value first)
+        name = draw(st.sampled_from(["household_id", "ts", "kwh"]))
+        members.insert(draw(st.integers(0, 3)), (name, draw(st.sampled_from(
+            ['"H1"', '"2013-01-01T00:30:00Z"', "0.5", "null"]))))
+    if draw(st.integers(0, 9)) == 0:
+        del members[draw(st.integers(0, len(members) - 1))]
+    if draw(st.integers(0, 9)) == 0:
+        members.insert(0, ("x", "1"))
+    sep = draw(st.sampled_from([(":", ","), (": ", ", ")]))
+    return "{" + sep[1].join(f'"{k}"{sep[0]}{v}' for k, v in members) + "}"
+
+
+@st.composite
+def hostile_records(draw) -> bytes:
+    if draw(st.integers(0, 9)) < 6:  # mostly one bare object (the compact path's form)
+        return draw(hostile_objects()).encode("utf-8", "surrogatepass")
+    objs = draw(st.lists(hostile_objects(), min_size=1, max_size=3))
+    text = "[" + ",".join(objs) + "]"
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _spec(value: bytes, key: bytes | None) -> tuple[int, str | None]:
+    """(valid readings, record reason) straight from stream.validation and the key policy."""
+    from meterwatch.stream.validation import Invalid, check_reading, loads
+    try:
+        doc = loads(value)
+    except Invalid as exc:
+        return 0, exc.reason
+    items = doc if isinstance(doc, list) else [doc]
+    if not items:
+        return 0, "bad_shape"
+    n, reason = 0, None
+    for item in items:
+        try:
+            r = check_reading(item, now_s=NOW)
+            if r.household_id.encode() != key:
+                raise Invalid("key_mismatch", "")
+            n += 1
+        except Invalid as exc:
+            reason = reason or exc.reason
+    return n, reason
+
+
+record_keys = st.sampled_from([b"H1", b"MAC000002", b"x" * 64, "Hé".encode(), b"", None,
+                               b"\xff", b"H1\x00"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(hostile_records(), record_keys), min_size=1, max_size=12))
+def test_all_paths_agree_on_hostile_records(records: list[tuple[bytes, bytes | None]]) -> None:
+    from meterwatch.stream.parse import _parse_general
+    values = [v for v, _ in records]
+    keys = [k for _, k in records]
+    fast = parse_records(values, now_s=NOW, keys=keys)
+    slow = _parse_general(values, keys, now_s=NOW, max_future_s=86_400.0)
+    assert fast.household == slow.household and fast.ts.tolist() == slow.ts.tolist()
+    assert fast.record.tolist() == slow.record.tolist()
+    assert [(r.index, r.reason, r.detail, r.counts) for r in fast.rejections] == \
+        [(r.index, r.reason, r.detail, r.counts) for r in slow.rejections]
+    reasons = {r.index: r.reason for r in fast.rejections}
+    kept = np.bincount(fast.record, minlength=len(values)).tolist()
+    for i, v in enumerate(values):
+        assert (kept[i], reasons.get(i)) == _spec(v, keys[i]), v
+        if not v.startswith(b"["):  # the documented schema, from the same bytes
+            try:
+                Reading.model_validate_json(v)
+                assert reasons.get(i) in (None, "future_timestamp", "key_mismatch")
+            except ValidationError as exc:
+                assert exc.errors()[0]["ctx"]["error"].reason == reasons[i]

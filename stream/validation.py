@@ -1,0 +1,296 @@
+"""The one specification of a valid input reading (docs/ingest.md has it as a table).
+
+Every path that accepts readings answers to the functions here: ``stream.events.Reading``
+(the documented schema) calls ``check_reading``; the batch parser (``stream.parse``) checks
+whole columns at once for speed and asks ``check_reading`` for the reason and detail of
+every reading its fast checks do not pass, so the reasons and details are the same by
+construction; ``tests/test_parse.py`` property-tests that the accepted sets agree too.
+
+Rules, in the order they are checked (the first that fails gives the reason):
+
+1. the reading is a JSON object with at least one member, none of ``household_id``,
+   ``ts``, ``kwh`` given twice (``bad_shape``);
+2. ``household_id``: a string of 1..64 characters without control, invisible-format or
+   surrogate code points (``missing_field`` / ``bad_household``);
+3. ``kwh``: a JSON number (not a boolean, not a string), finite, in [0, 50]
+   (``missing_field`` / ``bad_kwh``);
+4. ``ts``: a string of the timestamp grammar below, a real calendar date and time, an
+   instant in the supported range [1900-01-01T00:00Z, 2200-01-01T00:00Z)
+   (``missing_field`` / ``bad_timestamp``), the start of a half-hour (``not_half_hour``);
+5. (the service only, it needs the wall clock) not more than ``max_future_s`` ahead of now
+   (``future_timestamp``).
+
+Timestamp grammar (ASCII digits only, nothing before or after)::
+
+    YYYY-MM-DD ("T" | " ") HH:MM [":" SS ["." 1-9 digits]] ("Z" | ("+"|"-") HH [":"] MM)
+
+It is parsed here, never by ``datetime.fromisoformat``, whose leniency differs between
+Python 3.10 and 3.11 (3.11 accepts week dates, basic format, lowercase ``t``/``z``, offsets
+with seconds). JavaScript's ``toISOString`` (``2013-01-01T00:30:00.000Z``), Python's
+``isoformat`` with an offset and RFC 3339 all fit it.
+
+Details (the ``detail`` of a dead letter) are built without recursion and bounded:
+``describe`` names a value's type and at most a short, ASCII-escaped prefix of a string.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from itertools import repeat
+from typing import NamedTuple
+
+import orjson
+
+#: Household ids are 1..64 characters.
+MAX_HOUSEHOLD_ID_LEN = 64
+#: Readings above this many kWh in one half-hour (100 kW average) are impossible for a home.
+MAX_KWH = 50.0
+#: Supported instants: [1900-01-01T00:00:00Z, 2200-01-01T00:00:00Z), epoch seconds.
+MIN_TS = -2_208_988_800
+MAX_TS = 7_258_118_400
+SUPPORTED_RANGE = "[1900-01-01T00:00:00Z, 2200-01-01T00:00:00Z)"
+#: Longest detail string of one reading (the whole rejection is capped in stream.parse).
+_PREFIX = 48
+
+#: Dead-letter reasons (label values of meterwatch_invalid_readings_total).
+REASONS = ("not_json", "bad_shape", "missing_field", "bad_household", "bad_timestamp",
+           "not_half_hour", "future_timestamp", "bad_kwh", "too_many_readings", "too_large",
+           "key_mismatch", "internal_error")
+
+FIELDS = ("household_id", "ts", "kwh")
+
+_TS_GRAMMAR = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[T ]([0-9]{2}):([0-9]{2})"
+    r"(?::([0-9]{2})(?:\.([0-9]{1,9}))?)?"
+    r"(?:Z|([+-])([0-9]{2}):?([0-9]{2}))")
+_TS_MAX_LEN = 35  # the longest string the grammar can match
+#: C0/C1 controls and DEL, surrogates, and the invisible format characters that reorder or
+#: hide text (soft hyphen, zero-width and bidi controls, BOM, interlinear annotation).
+_BAD_ID_CHARS = re.compile(
+    "[\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f"
+    "\ud800-\udfff\ufeff\ufff9-\ufffb]")
+_MONTH_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+class Invalid(ValueError):
+    """A reading (or record) that breaks a rule: ``reason`` is its dead-letter reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class ValidReading(NamedTuple):
+    household_id: str
+    ts: int  # epoch seconds, start of the half-hour
+    kwh: float
+    offset_s: int  # the UTC offset the timestamp was written with
+
+
+def describe(v: object) -> str:
+    """A short, bounded, non-recursive description of a decoded JSON value.
+
+    >>> describe("MAC\\x00" + "x" * 100)
+    "'MAC\\\\x00xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'... (104 characters)"
+    >>> describe([[[]]]), describe(10 ** 40), describe(True)
+    ('a JSON array of 1 items', 'an integer of 133 bits', 'true')
+    """
+    t = type(v)
+    if t is str:
+        s: str = v  # type: ignore[assignment]
+        text = ascii(s[:_PREFIX])
+        return text if len(s) <= _PREFIX else f"{text}... ({len(s)} characters)"
+    if v is None:
+        return "null"
+    if t is bool:
+        return "true" if v else "false"
+    if t is int:
+        i: int = v  # type: ignore[assignment]
+        return str(i) if -10**18 < i < 10**18 else f"an integer of {i.bit_length()} bits"
+    if t is float:
+        return repr(v)
+    if isinstance(v, list):
+        return f"a JSON array of {len(v)} items"
+    if isinstance(v, dict):
+        return f"a JSON object of {len(v)} members"
+    return f"a {t.__name__}"
+
+
+def check_household(v: object) -> str:
+    if v is None:
+        raise Invalid("missing_field", "household_id is missing")
+    if type(v) is not str:
+        raise Invalid("bad_household", f"household_id {describe(v)} is not a string")
+    s: str = v
+    if not s:
+        raise Invalid("bad_household", "household_id is empty")
+    if len(s) > MAX_HOUSEHOLD_ID_LEN:
+        raise Invalid("bad_household", f"household_id {describe(s)} is longer than "
+                      f"{MAX_HOUSEHOLD_ID_LEN} characters")
+    if _BAD_ID_CHARS.search(s):
+        raise Invalid("bad_household",
+                      f"household_id {describe(s)} has a control or invisible character")
+    return s
+
+
+def kwh_float(v: object) -> float:
+    """A JSON number as a float (huge integers become infinities)."""
+    try:
+        return float(v)  # type: ignore[arg-type]
+    except OverflowError:
+        return float("inf") if v > 0 else float("-inf")  # type: ignore[operator]
+
+
+def check_kwh(v: object) -> float:
+    if v is None:
+        raise Invalid("missing_field", "kwh is missing")
+    if type(v) is not int and type(v) is not float:
+        raise Invalid("bad_kwh", f"kwh {describe(v)} is not a number")
+    f = kwh_float(v)
+    if not 0.0 <= f <= MAX_KWH:  # NaN fails too
+        raise Invalid("bad_kwh", f"kwh {f!r} outside [0, {MAX_KWH}]")
+    return f
+
+
+def days_from_civil(y: int, m: int, d: int) -> int:
+    """Days since 1970-01-01 of a proleptic Gregorian date (any year, no datetime limits).
+
+    >>> days_from_civil(2013, 1, 1), days_from_civil(1, 1, 1)
+    (15706, -719162)
+    """
+    y -= m <= 2
+    era = y // 400
+    yoe = y - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+def check_ts(v: object) -> tuple[int, int]:
+    """Epoch seconds and the written UTC offset (seconds) of a timestamp string."""
+    if v is None:
+        raise Invalid("missing_field", "ts is missing")
+    if type(v) is not str:
+        raise Invalid("bad_timestamp", f"ts {describe(v)} is not a string")
+    s: str = v
+    m = _TS_GRAMMAR.fullmatch(s) if len(s) <= _TS_MAX_LEN else None
+    if m is None:
+        raise Invalid("bad_timestamp", f"ts {describe(s)} is not "
+                      "YYYY-MM-DDTHH:MM[:SS[.fff]] with Z or a +HH:MM offset")
+    y, mo, d, hh, mi = (int(g) for g in m.group(1, 2, 3, 4, 5))
+    ss = int(m.group(6) or 0)
+    frac = m.group(7)
+    leap = y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)
+    ok = 1 <= mo <= 12 and hh <= 23 and mi <= 59 and ss <= 59
+    ok = ok and 1 <= d <= _MONTH_DAYS[mo - 1] + (mo == 2 and leap)
+    off = 0
+    if m.group(8):
+        oh, om = int(m.group(9)), int(m.group(10))
+        ok = ok and oh <= 23 and om <= 59
+        off = (oh * 3600 + om * 60) * (-1 if m.group(8) == "-" else 1)
+    if not ok:
+        raise Invalid("bad_timestamp", f"ts {describe(s)} is not a valid date and time")
+    t = days_from_civil(y, mo, d) * 86400 + hh * 3600 + mi * 60 + ss - off
+    if not MIN_TS <= t < MAX_TS:
+        raise Invalid("bad_timestamp",
+                      f"ts {describe(s)} is outside the supported range {SUPPORTED_RANGE}")
+    if t % 1800 or (frac and int(frac)):
+        raise Invalid("not_half_hour", f"ts {describe(s)} is not the start of a half-hour")
+    return t, off
+
+
+def check_reading(obj: object, *, now_s: float | None = None,
+                  max_future_s: float = 86_400.0) -> ValidReading:
+    """The reading in ``obj`` (a decoded JSON value), or ``Invalid`` with the first rule it
+    breaks. ``now_s`` (epoch seconds) enables the future check."""
+    if isinstance(obj, DuplicateKeys):
+        raise Invalid("bad_shape", f"duplicate key {obj.duplicate!r} in an object")
+    if type(obj) is not dict:
+        raise Invalid("bad_shape", f"{describe(obj)} is not a JSON object")
+    if not obj:
+        raise Invalid("bad_shape", "empty JSON object")
+    get = obj.get
+    hid = check_household(get("household_id"))
+    kwh = check_kwh(get("kwh"))
+    text = get("ts")
+    ts, off = check_ts(text)
+    if now_s is not None and ts > now_s + max_future_s:
+        raise Invalid("future_timestamp", f"ts {describe(text)} is in the future")
+    return ValidReading(hid, ts, kwh, off)
+
+
+# JSON decoding ----------------------------------------------------------------------------
+class DuplicateKeys(dict):
+    """A decoded object that gave one of the reading's fields twice (a rejected reading)."""
+
+    duplicate = ""
+
+
+def _pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen: set[str] = set()
+    for k, _ in pairs:
+        if k in seen and k in FIELDS:
+            d = DuplicateKeys(pairs)
+            d.duplicate = k
+            return d
+        seen.add(k)
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_int(s: str) -> object:
+    return int(s) if len(s) <= 300 else float(s)  # no int-from-str digit limit
+
+
+_QUOTED_FIELDS = tuple(f'"{f}"'.encode() for f in FIELDS)
+
+
+def may_repeat_fields(value: bytes, doc: object) -> bool:
+    """False when ``value`` certainly gives no reading field twice in one object: no escape
+    (a key could be spelled with one) and each quoted field name occurs no more often than
+    there are reading objects holding it (orjson keeps the last of duplicate keys)."""
+    if b"\\" in value:
+        return True
+    if type(doc) is dict:
+        objs: list[dict] = [doc]
+    elif type(doc) is list:
+        objs = [d for d in doc if type(d) is dict]
+    else:
+        return False
+    for name, quoted in zip(FIELDS, _QUOTED_FIELDS, strict=True):
+        n = value.count(quoted)
+        if n and n > sum(map(dict.__contains__, objs, repeat(name))):
+            return True
+    return False
+
+
+def strict_loads(value: bytes) -> object:
+    """Python's own decoder, for what orjson cannot represent (numbers beyond a double,
+    which then fail the kWh rule rather than "not JSON") and to see duplicate keys."""
+    return json.loads(value.decode("utf-8"), object_pairs_hook=_pairs,
+                      parse_constant=_no_constant, parse_int=_parse_int)
+
+
+def loads(value: bytes) -> object:
+    """Decode one record value (JSON), or ``Invalid("not_json")``."""
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        try:
+            return strict_loads(value)
+        except (ValueError, RecursionError):
+            raise Invalid("not_json", str(exc)[:200]) from None
+    if may_repeat_fields(value, doc):
+        try:
+            return strict_loads(value)
+        except RecursionError:  # deeper than Python's decoder goes: cannot tell
+            raise Invalid("bad_shape", "nested too deeply to check for duplicate keys") \
+                from None
+        except ValueError:  # numbers orjson read as floats, or surrogate escapes: its result
+            pass
+    return doc
