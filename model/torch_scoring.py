@@ -247,10 +247,10 @@ class _Static:
 
 def _static(det: Detector, kwh_np: np.ndarray, day_np: np.ndarray,
             household_ids: Sequence[str] | np.ndarray, tables: ContextTables | None,
-            device: torch.device) -> _Static:
+            device: torch.device, staging: PinnedArena | None = None) -> _Static:
     sc = det.scoring
-    kwh = _tensor(kwh_np, np.float32, device)
-    day = _tensor(day_np, np.int64, device)
+    kwh = _tensor(kwh_np, np.float32, device, staging)
+    day = _tensor(day_np, np.int64, device, staging)
     n = len(kwh)
     finite = torch.isfinite(kwh)
     observed = finite & (kwh >= 0) & (kwh <= sc.max_kwh)
@@ -298,9 +298,58 @@ def _static(det: Detector, kwh_np: np.ndarray, day_np: np.ndarray,
                    impossible=n_obs + n_nan < N_SLOTS, missing=n_nan > 0)
 
 
-def _tensor(a: Any, dtype: type, device: torch.device) -> Tensor:
-    """A numpy array on ``device`` (shares memory on the CPU; read-only arrays are copied)."""
+class PinnedArena:
+    """One page-locked host buffer that a batch's inputs are staged through on their way to
+    a GPU (``cudaHostAlloc`` is slow: it is allocated once, at warm-up, for the largest batch
+    expected, and grown only when a larger one comes). Reusable once the stream has
+    synchronised, which ``score_batch`` does when it copies the results back."""
+
+    ALIGN = 256
+
+    def __init__(self, pin: bool = True) -> None:
+        self.buf: Tensor | None = None
+        self.used = 0
+        self.pin = pin  # False: plain host memory (tests on machines without a GPU)
+
+    def reserve(self, nbytes: int) -> None:
+        if self.buf is None or len(self.buf) < nbytes:
+            self.buf = None  # the old buffer goes before the new one is allocated
+            self.buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+
+    def reset(self, nbytes: int) -> None:
+        self.reserve(nbytes)
+        self.used = 0
+
+    def stage(self, a: np.ndarray, device: torch.device) -> Tensor:
+        assert self.buf is not None
+        nbytes = a.nbytes
+        view = self.buf[self.used:self.used + nbytes]
+        self.used += -(-nbytes // self.ALIGN) * self.ALIGN
+        host = view.view(torch.from_numpy(a[:0]).dtype if a.size == 0 else
+                         torch.from_numpy(a).dtype).reshape(a.shape)
+        host.numpy()[...] = a
+        return host.to(device, non_blocking=True)
+
+
+_ARENAS: weakref.WeakKeyDictionary[Any, PinnedArena] = weakref.WeakKeyDictionary()
+#: Host bytes one household-day takes in a batch's staged inputs (readings, day, state).
+STAGED_BYTES_PER_DAY = 4 * (N_SLOTS + 2 + 11 + 2 * N_BLOCKS) + 8 * 4
+
+
+def arena(det: Detector) -> PinnedArena:
+    a = _ARENAS.get(det)
+    if a is None:
+        a = _ARENAS[det] = PinnedArena()
+    return a
+
+
+def _tensor(a: Any, dtype: type, device: torch.device, staging: PinnedArena | None = None
+            ) -> Tensor:
+    """A numpy array on ``device``: through the pinned ``staging`` buffer to a GPU; on the
+    CPU sharing memory (read-only arrays are copied)."""
     a = np.ascontiguousarray(a, dtype=dtype)
+    if staging is not None:
+        return staging.stage(a, device)
     if not a.flags.writeable:
         a = a.copy()
     return torch.from_numpy(a).to(device)
@@ -516,10 +565,10 @@ def ranks(keys: np.ndarray, day: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rank, nxt
 
 
-def _state_tensors(state: HouseholdState | dict[str, np.ndarray], device: torch.device
-                   ) -> dict[str, Tensor]:
+def _state_tensors(state: HouseholdState | dict[str, np.ndarray], device: torch.device,
+                   staging: PinnedArena | None = None) -> dict[str, Tensor]:
     get = state.get if isinstance(state, dict) else (lambda f: getattr(state, f))
-    return {f: _tensor(get(f), np.int32 if f == "count" else np.float32, device)
+    return {f: _tensor(get(f), np.int32 if f == "count" else np.float32, device, staging)
             for f in STATE_FIELDS}
 
 
@@ -550,8 +599,12 @@ def score_batch(
     k = constants(det)
     dev = det.device
     with det._lock, torch.inference_mode():
-        s_all = _static(det, kwh, day, household_ids, tables, dev)
-        cur = _state_tensors(state, dev)
+        staging = None
+        if dev.type == "cuda":
+            staging = arena(det)
+            staging.reset(n * STAGED_BYTES_PER_DAY + 64 * PinnedArena.ALIGN)
+        s_all = _static(det, kwh, day, household_ids, tables, dev, staging)
+        cur = _state_tensors(state, dev, staging)
         if keys is None or n == 0:
             waves: list[Tensor | None] = [None]
             follow: list[tuple[Tensor, Tensor]] = []
@@ -592,6 +645,21 @@ def score_batch(
                     cur[f][dst] = v[pos]
             outs = outs_parts
         return _to_host(outs, new, detail_rows)
+
+
+def warm_up(det: Detector, n: int) -> None:
+    """Score ``n`` synthetic days once (on a GPU: CUDA context, cuBLAS handles and kernels
+    load here instead of in the first real batch) and reserve the pinned staging buffer for
+    batches of ``n`` days."""
+    if det.device.type == "cuda":
+        arena(det).reserve(n * STAGED_BYTES_PER_DAY + 64 * PinnedArena.ALIGN)
+    m = min(n, 1024)
+    kwh = np.full((m, N_SLOTS), 0.2, np.float32)
+    kwh[:, ::7] = 0.4
+    st = HouseholdState.empty(m)
+    score_batch(det, kwh, np.full(m, 19723), [f"warm-up-{i}" for i in range(m)], None, st)
+    if det.device.type == "cuda":
+        torch.cuda.synchronize(det.device)
 
 
 def _to_host(outs: dict[str, Tensor], new: dict[str, Tensor], detail_rows: str

@@ -181,6 +181,8 @@ class Service:
                              process=in_process, device=s.device, dtype=s.precision)
         await self.scorer.start()
         self.batcher.cap = min(self.batcher.max_size, self.scorer.memory_cap)
+        self.scorer.on_memory_cap = lambda cap: setattr(  # lowered by an out-of-memory split
+            self.batcher, "cap", min(self.batcher.max_size, cap))
         self.metrics.model_info.info({"version": self.detector.version,
                                       "device": self.scorer.device,
                                       "threshold": f"{self.detector.threshold:.6g}"})

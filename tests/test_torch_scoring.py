@@ -193,3 +193,14 @@ def test_household_lookup_matches_dicts() -> None:
     f = context_features(np.full(6, 19723), ids, np.full(6, np.nan), tables)
     np.testing.assert_array_equal(f[:, 6:10], [[1, 0, 0, 1], [0, 0, 1, 0], [0, 0, 0, 0],
                                                [0, 0, 0, -1], [0, 0, 0, 0], [1, 0, 0, 1]])
+
+
+def test_pinned_arena_stages_every_dtype() -> None:
+    arena = ts.PinnedArena(pin=False)  # the staging logic; page-locking needs a GPU
+    arena.reset(10_000)
+    arrays = [np.arange(48 * 3, dtype=np.float32).reshape(3, 48), np.arange(5, dtype=np.int64),
+              np.zeros(0, np.float32), np.arange(7, dtype=np.int32)]
+    staged = [arena.stage(a, torch.device("cpu")) for a in arrays]
+    for a, t in zip(arrays, staged, strict=True):
+        np.testing.assert_array_equal(t.numpy(), a)
+    assert arena.used % ts.PinnedArena.ALIGN == 0
