@@ -437,9 +437,9 @@ class Detector:
         assert day.shape == (n,), f"day must be ({n},), got {day.shape}"
         assert len(household_ids) == n and len(state) == n, (n, len(household_ids), len(state))
         sc = self.scoring
-        if self.torch_scoring:
-            from meterwatch.model import torch_scoring
+        from meterwatch.model import torch_scoring
 
+        if torch_scoring.enabled(self, n):
             return torch_scoring.score(self, kwh, day, household_ids, state, tables)
 
         inp = model_inputs(kwh, day, household_ids, state.level, tables, sc.max_kwh)

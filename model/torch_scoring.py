@@ -90,6 +90,17 @@ def _tail_lo(s: np.ndarray) -> int:
     return min(int(np.searchsorted(s, s[-1] - np.log(10.0))), len(s) - 2)
 
 
+#: On the CPU, batches smaller than this go to the numpy reference instead: below it the
+#: fixed cost of ~300 torch operations exceeds numpy's (benchmarks/RESULTS.md, scorer; the
+#: two were level at 1,024 days on the 2-vCPU machine). On a GPU every batch runs here.
+CPU_MIN_ROWS = 1024
+
+
+def enabled(det: Detector, n: int) -> bool:
+    """Whether ``Detector.score`` of ``n`` days runs here (else the numpy reference)."""
+    return bool(det.torch_scoring) and (det.device.type != "cpu" or n >= CPU_MIN_ROWS)
+
+
 _CONSTANTS: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], _Constants]] = (
     weakref.WeakKeyDictionary())
 _TABLES: weakref.WeakKeyDictionary[ContextTables, dict[str, Tensor]] = (

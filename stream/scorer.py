@@ -183,7 +183,7 @@ class _Worker:
 
     def score(self, kwh: np.ndarray, day: np.ndarray, household_ids: list[str],
               keys: np.ndarray, state: dict[str, np.ndarray]) -> Scored:
-        if self.detector.torch_scoring:
+        if torch_scoring.enabled(self.detector, len(day)):
             t0 = time.perf_counter()
             out, new = self._split(kwh, day, household_ids, keys, state)
             return Scored(out["score"], out["is_alert"], out["expected"], out["slot_error"],

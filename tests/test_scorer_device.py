@@ -21,6 +21,11 @@ from meterwatch.stream.scorer import STATE_FIELDS, Scorer
 from tests.test_torch_scoring import _days, _detector, _state
 
 
+@pytest.fixture(autouse=True)
+def _torch_for_every_batch(monkeypatch) -> None:
+    monkeypatch.setattr(torch_scoring, "CPU_MIN_ROWS", 0)
+
+
 def _batch(n_households: int = 24, n_days: int = 4):  # type: ignore[no-untyped-def]
     ids, day, kwh, tables = _days(n_households, n_days, seed=5)
     keys = np.unique(np.asarray(ids), return_inverse=True)[1].astype(np.int64)
@@ -108,10 +113,14 @@ def test_only_alert_rows_travel_back_from_the_process() -> None:
 
     a, b = asyncio.run(both())
     assert a.is_alert.any() and (~a.is_alert).any()
-    np.testing.assert_array_equal(a.score, b.score)
-    np.testing.assert_array_equal(a.expected[a.is_alert], b.expected[b.is_alert])
-    np.testing.assert_array_equal(a.slot_error[a.is_alert], b.slot_error[b.is_alert])
-    assert not b.expected[~b.is_alert].any()
+    # (the process is not monkeypatched: it scores this small batch with the numpy
+    # reference, equal within the tolerance of tests/test_torch_scoring.py)
+    np.testing.assert_allclose(a.score, b.score, rtol=1e-4, atol=1e-3, equal_nan=True)
+    both = a.is_alert & b.is_alert
+    assert both.sum() >= 0.9 * a.is_alert.sum()
+    np.testing.assert_allclose(a.expected[both], b.expected[both], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(a.slot_error[both], b.slot_error[both], rtol=1e-4, atol=1e-4)
+    assert b.expected[b.is_alert].any(axis=1).all() and not b.expected[~b.is_alert].any()
     packed = scorer_mod._compact(a)
     assert packed.expected.shape == (a.is_alert.sum(), 49)
     back = scorer_mod._expand(packed)

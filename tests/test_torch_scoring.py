@@ -24,6 +24,12 @@ from meterwatch.model.scoring import N_STATS, Calibration
 ATOL, RTOL = 1e-3, 1e-4
 
 
+@pytest.fixture(autouse=True)
+def _torch_for_every_batch(monkeypatch) -> None:
+    """Small test batches take the torch path too (on the CPU it starts at 1,024 days)."""
+    monkeypatch.setattr(ts, "CPU_MIN_ROWS", 0)
+
+
 def _detector(shape_input: bool = True, within: bool = True) -> Detector:
     torch.manual_seed(0)
     cfg = dataclasses.replace(ModelConfig.default(), shape_input=shape_input)
