@@ -29,7 +29,9 @@ import numpy as np
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# METERWATCH_BENCH_RESULTS: write result files elsewhere (make bench-gpu: under its $OUT)
+RESULTS_DIR = Path(os.environ.get("METERWATCH_BENCH_RESULTS")
+                   or Path(__file__).resolve().parent / "results")
 SCRATCH = Path(os.environ.get("METERWATCH_BENCH_TMP", "/tmp/meterwatch-bench"))
 
 # --------------------------------------------------------------------------------- results
@@ -109,7 +111,7 @@ def save_result(name: str, result: dict[str, Any]) -> Path:
                  "command": command(), "machine": machine(), "code": code_version(),
                  **result})
     path.write_text(json.dumps(runs, indent=1, default=_plain) + "\n")
-    print(f"\nresults appended to {path.relative_to(ROOT)}")
+    print(f"\nresults appended to {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return path
 
 

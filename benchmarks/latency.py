@@ -139,7 +139,9 @@ async def one_run(b: Any, model_path: Any, name: str, *, order: str, rate: float
     from meterwatch.stream.service import Service
 
     settings = common.bench_settings(b, topic_partitions=partitions, **overrides)
-    service = Service(settings, detector=Detector.load(model_path, device=settings.device))
+    # a scorer process puts its own copy on settings.device; the service's stays on the CPU
+    service = Service(settings, detector=Detector.load(
+        model_path, device="cpu" if settings.scorer == "process" else settings.device))
     reg = service.metrics.registry
     days = int(np.ceil(rate * duration_s / (households * 48))) + 1
     ctx = mp.get_context("spawn")

@@ -1,6 +1,7 @@
 """``Detector.score`` throughput: household-days per second against batch size, FP32 and bf16.
 
-One ``Detector.score`` call per measurement, exactly as ``stream.scorer`` makes it: readings
+One ``Detector.score`` call per measurement, exactly as ``stream.scorer`` makes it (the
+torch path, ``model.torch_scoring``; the numpy reference is timed beside it): readings
 (N, 48) and the N households' state in, scores, explanations and new state out, every host
 to device copy and back included (on CUDA the detector stages through pinned memory and
 synchronises before returning). The network alone (``Detector.reconstruct``) is timed beside
@@ -92,20 +93,39 @@ def bench_dtype(path: Any, device: str, dtype: str, sizes: list[int], inputs: An
             print(f"  {dtype:9s} {n:>9,}  {row['skipped']}", flush=True)
             break
         rate = n / sec
+        # the numpy reference on the same inputs (the path before model.torch_scoring)
+        det.torch_scoring = False
+        try:
+            np_sec, _ = time_calls(
+                lambda kwh=kwh, day=day, ids=ids, state=state: det.score(kwh, day, ids, state),
+                args.min_seconds / 2, args.max_calls, warm=n <= 16384)
+        finally:
+            det.torch_scoring = True
+        copy_sec = 0.0
+        if det.device.type == "cuda":  # the host<->device copies of a call, alone
+            def copies(kwh=kwh, state=state) -> None:
+                dk = torch.from_numpy(np.ascontiguousarray(kwh)).to(det.device)
+                ds = [torch.from_numpy(np.ascontiguousarray(getattr(state, f))).to(det.device)
+                      for f in ("level", "profile_mean", "profile_var")]
+                dk.cpu(), [t.cpu() for t in ds]
+            copy_sec, _ = time_calls(copies, args.min_seconds / 2, args.max_calls, warm=True)
         x = np.nan_to_num(kwh, nan=0.0).astype(np.float32)
         ctx = np.zeros((n, det.config.n_context), np.float32)
         net_sec, _ = time_calls(lambda x=x, ctx=ctx: det.reconstruct(x, ctx),
                                 args.min_seconds / 2, args.max_calls, warm=n <= 65536)
         row.update(seconds_per_call=sec, calls=calls, days_per_s=rate,
+                   numpy_seconds_per_call=np_sec, numpy_days_per_s=n / np_sec,
+                   speedup_vs_numpy=np_sec / sec, copy_seconds=copy_sec,
                    network_days_per_s=n / net_sec, network_share=net_sec / sec,
+                   scoring_share=max(0.0, sec - net_sec - copy_sec) / sec,
                    peak_rss_gib=max(psutil.Process().memory_info().rss, rss0) / 2**30)
         if det.device.type == "cuda":
             row["cuda_peak_gib"] = torch.cuda.max_memory_allocated(det.device) / 2**30
             torch.cuda.reset_peak_memory_stats(det.device)
         rows.append(row)
-        print(f"  {dtype:9s} {n:>9,}  {rate:>12,.0f} days/s  (network alone "
-              f"{n / net_sec:>12,.0f}/s, {net_sec / sec:.0%} of a call; {calls} calls)",
-              flush=True)
+        print(f"  {dtype:9s} {n:>9,}  {rate:>12,.0f} days/s  (numpy reference "
+              f"{n / np_sec:>10,.0f}/s; network alone {n / net_sec:>12,.0f}/s, "
+              f"{net_sec / sec:.0%} of a call; {calls} calls)", flush=True)
         gc.collect()
     return rows
 
@@ -223,8 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(common.table([{"dtype": r["dtype"], "threads": r["threads"], "batch": r["batch"],
                          "days/s": r.get("days_per_s"),
+                         "numpy days/s": r.get("numpy_days_per_s"),
                          "network days/s": r.get("network_days_per_s"),
                          "network share": r.get("network_share"),
+                         "scoring share": r.get("scoring_share"),
+                         "copies": r.get("copy_seconds"),
                          "s/call": r.get("seconds_per_call"),
                          "note": r.get("skipped", "")} for r in rows]))
     contention: list[dict[str, Any]] = []

@@ -179,8 +179,11 @@ async def run_service(b: Any, topic: str, total: int, days: int, model_path: Pat
     from meterwatch.model import Detector
     from meterwatch.stream.service import Service
 
-    settings = common.bench_settings(b, input_topic=topic, **overrides)
-    detector = Detector.load(model_path, device=DEVICE["device"])
+    settings = common.bench_settings(b, input_topic=topic,
+                                     **{"device": DEVICE["device"], **overrides})
+    # a scorer process puts its own copy on settings.device; the service's stays on the CPU
+    detector = Detector.load(model_path, device="cpu" if settings.scorer == "process"
+                             else DEVICE["device"])
     service = Service(settings, detector=detector)
     reg = service.metrics.registry
     await service.start()

@@ -263,6 +263,9 @@ class Detector:
         self.info: dict[str, Any] = {}  # training summary (plain types), saved with the model
         self._lock = threading.Lock()
         self._pinned: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # score/replay as batched torch operations on the device (model.torch_scoring);
+        # False: the numpy reference below
+        self.torch_scoring = True
 
     def __repr__(self) -> str:
         return (f"Detector(version={self.version!r}, threshold={self.threshold:.3f}, "
@@ -434,6 +437,10 @@ class Detector:
         assert day.shape == (n,), f"day must be ({n},), got {day.shape}"
         assert len(household_ids) == n and len(state) == n, (n, len(household_ids), len(state))
         sc = self.scoring
+        from meterwatch.model import torch_scoring
+
+        if torch_scoring.enabled(self, n):
+            return torch_scoring.score(self, kwh, day, household_ids, state, tables)
 
         inp = model_inputs(kwh, day, household_ids, state.level, tables, sc.max_kwh)
         ds = self.statistics(inp, state)
@@ -514,6 +521,10 @@ class Detector:
             Scores in the input's row order (``.state`` = state after each row's day), and the
             final state per household id.
         """
+        if self.torch_scoring:
+            from meterwatch.model import torch_scoring
+
+            return torch_scoring.replay(self, kwh, day, household_ids, tables, state)
         day = np.asarray(day)
         ids = np.asarray(household_ids, dtype=object)
         uniq, hh = np.unique(ids.astype(str), return_inverse=True)

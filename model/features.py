@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -101,6 +102,46 @@ class ContextTables:
         return cls(**kw)  # type: ignore[arg-type]
 
 
+class _HouseholdLookup:
+    """``ContextTables.acorn_group``/``tariff`` as sorted id arrays: a batch of ids is looked
+    up with one ``np.searchsorted`` instead of a dict lookup per row."""
+
+    def __init__(self, tables: ContextTables) -> None:
+        groups = {g: i for i, g in enumerate(ACORN_GROUPS)}
+        ids = sorted(set(tables.acorn_group) | set(tables.tariff))
+        self.ids = np.asarray(ids, dtype=str) if ids else np.zeros(0, dtype="<U1")
+        self.acorn = np.array([groups.get(tables.acorn_group.get(h, ""), -1) for h in ids],
+                              dtype=np.int64)
+        self.tariff = np.array([TARIFFS.get(tables.tariff.get(h, ""), 0.0) for h in ids],
+                               dtype=np.float32)
+
+    def __call__(self, household_ids: Sequence[str] | np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        q = np.asarray(household_ids, dtype=str)
+        n = len(q)
+        if not len(self.ids) or not n:
+            return np.full(n, -1, np.int64), np.zeros(n, np.float32)
+        i = np.minimum(np.searchsorted(self.ids, q), len(self.ids) - 1)
+        hit = self.ids[i] == q
+        return (np.where(hit, self.acorn[i], -1),
+                np.where(hit, self.tariff[i], 0.0).astype(np.float32))
+
+
+_LOOKUPS: weakref.WeakKeyDictionary[ContextTables, _HouseholdLookup] = (
+    weakref.WeakKeyDictionary())
+
+
+def household_codes(tables: ContextTables, household_ids: Sequence[str] | np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) ACORN group index (``ACORN_GROUPS``; -1 unknown) and tariff encoding (+1 ToU,
+    -1 Std, 0 unknown) of N households; the tables' sorted index is built once per tables
+    object (the tables are immutable)."""
+    lookup = _LOOKUPS.get(tables)
+    if lookup is None:
+        lookup = _LOOKUPS[tables] = _HouseholdLookup(tables)
+    return lookup(household_ids)
+
+
 def context_features(
     day: np.ndarray,
     household_ids: Sequence[str],
@@ -149,14 +190,11 @@ def context_features(
     out[:, 4] = np.sin(2 * np.pi * doy / 365.25)
     out[:, 5] = np.cos(2 * np.pi * doy / 365.25)
 
-    if tables.acorn_group:
-        index = {g: i for i, g in enumerate(ACORN_GROUPS)}
-        g = np.array([index.get(tables.acorn_group.get(h, ""), -1) for h in household_ids],
-                     dtype=np.int64)
+    if tables.acorn_group or tables.tariff:
+        g, tariff = household_codes(tables, household_ids)
         known = g >= 0
         out[np.flatnonzero(known), 6 + g[known]] = 1.0
-    if tables.tariff:
-        out[:, 9] = [TARIFFS.get(tables.tariff.get(h, ""), 0.0) for h in household_ids]
+        out[:, 9] = tariff
 
     if len(tables.weather_day):
         i = np.clip(np.searchsorted(tables.weather_day, day), 0, len(tables.weather_day) - 1)

@@ -16,23 +16,19 @@ log = logging.getLogger(__name__)
 
 
 def run_lengths(mask: np.ndarray) -> np.ndarray:
-    """Length of the run of True that contains each position, along axis 1 (0 where False).
+    """Length of the run of True that contains each position, along axis 1 (0 where False):
+    the distance between the nearest False on either side, from two running extrema (no
+    loop over positions).
 
     >>> run_lengths(np.array([[1, 1, 0, 1, 1, 1]], dtype=bool)).tolist()
     [[2, 2, 0, 3, 3, 3]]
     """
+    mask = np.asarray(mask, dtype=bool)
     n, s = mask.shape
-    fwd = np.zeros((n, s), dtype=np.int32)
-    bwd = np.zeros((n, s), dtype=np.int32)
-    run = np.zeros(n, dtype=np.int32)
-    for i in range(s):
-        run = np.where(mask[:, i], run + 1, 0)
-        fwd[:, i] = run
-    run = np.zeros(n, dtype=np.int32)
-    for i in range(s - 1, -1, -1):
-        run = np.where(mask[:, i], run + 1, 0)
-        bwd[:, i] = run
-    return np.where(mask, fwd + bwd - 1, 0)
+    idx = np.broadcast_to(np.arange(s, dtype=np.int32), (n, s))
+    last_false = np.maximum.accumulate(np.where(mask, -1, idx), axis=1)
+    next_false = np.minimum.accumulate(np.where(mask, s, idx)[:, ::-1], axis=1)[:, ::-1]
+    return np.where(mask, next_false - last_false - 1, 0).astype(np.int32)
 
 
 @dataclass

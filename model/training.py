@@ -98,8 +98,13 @@ class TrainConfig:
     # Mixed precision: "auto" = bf16 autocast on CUDA when supported, else fp16 + GradScaler;
     # off on CPU.
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    # DataLoader workers; None = 0 for in-memory sets below 1M rows, else from psutil.
+    # DataLoader workers (only when the data is not resident); None = 0 for in-memory sets
+    # below 1M rows, else from psutil.
     num_workers: int | None = None
+    # Keep the training set on the device and index batches there (one randperm per epoch,
+    # no DataLoader, one host synchronisation per epoch); None = when it fits in a quarter of
+    # the device's free memory.
+    resident: bool | None = None
     # Directory for per-epoch training checkpoints (resumed when resume=True).
     checkpoint_dir: str | None = None
     resume: bool = True
@@ -210,6 +215,80 @@ def _amp(device: torch.device, config: TrainConfig) -> tuple[torch.dtype | None,
     return torch.float16, True
 
 
+def _fits_resident(n_rows: int, config: ModelConfig, device: torch.device) -> bool:
+    """The four training tensors take at most a quarter of the device's free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    row = 4 * (2 * config.n_slots + config.n_context + config.n_slots)
+    return n_rows * row <= 0.25 * free
+
+
+class _Resident:
+    """Batches indexed on the device: one ``randperm`` per epoch, no copies from the host."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], batch: int, device: torch.device,
+                 gen: torch.Generator) -> None:
+        self.tensors = tuple(t.to(device) for t in tensors)
+        self.batch, self.device, self.gen = batch, device, gen
+        self.n = len(self.tensors[0])
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        perm = torch.randperm(self.n, device=self.device, generator=self.gen)
+        for lo in range(0, self.n, self.batch):
+            idx = perm[lo:lo + self.batch]
+            yield tuple(t[idx] for t in self.tensors)
+
+
+class _SkipNonFinite:
+    """Skip an optimiser step whose loss is not finite without asking the host: gradients of
+    such a step are zeroed, and afterwards the parameters and optimiser state are put back
+    to what they were (``torch.where`` on a device flag), so the step leaves no trace."""
+
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = opt
+
+    def _state(self) -> list[torch.Tensor]:
+        return [v for p in self.params for v in self.opt.state.get(p, {}).values()
+                if torch.is_tensor(v)]
+
+    def before(self, finite: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.nan_to_num_(0.0, 0.0, 0.0).mul_(finite)
+        params = [p.detach().clone() for p in self.params]
+        state = [v.clone() for v in self._state()]
+        return params, state
+
+    def after(self, finite: torch.Tensor,
+              saved: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
+        params, state = saved
+        with torch.no_grad():
+            for p, old in zip(self.params, params, strict=True):
+                p.copy_(torch.where(finite, p, old))
+            now = self._state()
+            if len(state) == len(now):
+                for v, old in zip(now, state, strict=True):
+                    v.copy_(torch.where(finite.to(v.device), v, old))
+            else:  # the optimiser's state was created by this step: back to empty (zeros)
+                for v in now:
+                    v.copy_(torch.where(finite.to(v.device), v, torch.zeros_like(v)))
+
+
+def _load_scaler(scaler: Any, state: dict[str, Any] | None, use_scaler: bool) -> None:
+    """Resume the fp16 loss scale; a checkpoint written without a scaler (on the CPU, or with
+    bf16) has an empty state, which ``GradScaler.load_state_dict`` rejects: start afresh."""
+    if use_scaler and state:
+        scaler.load_state_dict(state)
+    elif use_scaler:
+        log.info("checkpoint has no fp16 loss scale (written on another device or precision):"
+                 " starting from the default scale")
+
+
 def _tensors(inp: ModelInputs, config: ModelConfig) -> tuple[torch.Tensor, ...]:
     """(encoder input, context, target, observed mask) as CPU tensors."""
     return (torch.from_numpy(inp.x_shape if config.shape_input else inp.x),
@@ -226,7 +305,10 @@ def fit_autoencoder(
     """Train the network with early stopping; returns the best model (on CPU) and history."""
     set_seeds(config.seed)
     model = ConditionalAutoencoder(config.model).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # capturable: Adam's step counter lives on the device too, so skipping a non-finite step
+    # needs no host synchronisation
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                           capturable=device.type == "cuda")
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="min", factor=config.lr_factor, patience=config.lr_patience)
     amp_dtype, use_scaler = _amp(device, config)
@@ -234,16 +316,26 @@ def fit_autoencoder(
 
     n = len(train.x)
     batch = config.batch_size or _auto_batch_size(n, config.model, device)
-    workers = _num_workers(n, config)
-    ds = TensorDataset(*_tensors(train, config.model))
-    gen = torch.Generator().manual_seed(config.seed)
-    sampler = BatchSampler(RandomSampler(ds, generator=gen), batch, drop_last=False)
-    loader = DataLoader(ds, sampler=sampler, batch_size=None, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    resident = (config.resident if config.resident is not None
+                else _fits_resident(n, config.model, device))
+    batches: Any
+    if resident:
+        workers = 0
+        gen = torch.Generator(device=device).manual_seed(config.seed)
+        batches = _Resident(_tensors(train, config.model), batch, device, gen)
+    else:
+        workers = _num_workers(n, config)
+        ds = TensorDataset(*_tensors(train, config.model))
+        gen = torch.Generator().manual_seed(config.seed)
+        sampler = BatchSampler(RandomSampler(ds, generator=gen), batch, drop_last=False)
+        batches = DataLoader(ds, sampler=sampler, batch_size=None, num_workers=workers,
+                             pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     vx, vc, vy, vw = (t.to(device) for t in _tensors(val, config.model))
-    log.info("training %s (%d params) on %d days (val %d), batch %d, %d workers, %s%s",
-             config.model, model.n_params(), n, len(val.x), batch, workers, device,
-             f", autocast {amp_dtype}" if amp_dtype else "")
+    guard = _SkipNonFinite(model, opt)
+    log.info("training %s (%d params) on %d days (val %d), batch %d, %s, %s%s",
+             config.model, model.n_params(), n, len(val.x), batch,
+             "resident on the device" if resident else f"DataLoader, {workers} workers",
+             device, f", autocast {amp_dtype}" if amp_dtype else "")
 
     history = History()
     best_val, best_state, bad_epochs, start_epoch = math.inf, None, 0, 0
@@ -254,8 +346,11 @@ def fit_autoencoder(
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
-            scaler.load_state_dict(ck["scaler"])
-            gen.set_state(ck["generator"])
+            _load_scaler(scaler, ck.get("scaler"), use_scaler)
+            try:
+                gen.set_state(ck["generator"])
+            except (RuntimeError, TypeError) as exc:  # written on another device
+                log.warning("batch order not resumed (%s): the shuffle restarts", exc)
             history = History(**ck["history"])
             best_val, best_state = ck["best_val"], ck["best_state"]
             bad_epochs, start_epoch = ck["bad_epochs"], ck["epoch"] + 1
@@ -268,33 +363,38 @@ def fit_autoencoder(
         if bad_epochs >= config.patience:
             break
         model.train()
-        total, count, skipped = 0.0, 0, 0
-        for x, c, y, w in loader:
+        # loss sum, rows and skipped batches stay on the device until the epoch ends
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        for x, c, y, w in batches:
             x, c, y, w = (t.to(device, non_blocking=True) for t in (x, c, y, w))
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
                 loss = _masked_loss(model(x, c).float(), y, w, config)
-            if not torch.isfinite(loss):  # NaN/Inf guard: skip the step, keep the weights
-                skipped += 1
-                opt.zero_grad(set_to_none=True)
-                continue
+            # NaN/Inf guard: the step is skipped and the weights kept, decided on the device
+            finite = torch.isfinite(loss)
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(torch.where(finite, loss, 0.0)).backward()
             scaler.unscale_(opt)
+            saved = guard.before(finite)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             scaler.step(opt)
             scaler.update()
-            total += loss.item() * len(x)
-            count += len(x)
-        if count == 0:
-            raise FloatingPointError(f"epoch {epoch}: every batch had a non-finite loss")
-        if skipped:
-            log.warning("epoch %d: skipped %d batches with non-finite loss", epoch, skipped)
+            guard.after(finite, saved)
+            rows = finite.double() * len(x)
+            sums += torch.stack([torch.where(finite, loss.detach().double(), 0.0) * len(x),
+                                 rows, (~finite).double()])
 
         model.eval()
         with torch.inference_mode(), torch.autocast(
                 device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            val_loss = _masked_loss(model(vx, vc).float(), vy, vw, config).item()
+            val_t = _masked_loss(model(vx, vc).float(), vy, vw, config)
+        # the epoch's one host synchronisation
+        loss_sum, count, skipped, val_loss = torch.cat([sums, val_t.double().view(1)]).tolist()
+        if count == 0:
+            raise FloatingPointError(f"epoch {epoch}: every batch had a non-finite loss")
+        if skipped:
+            log.warning("epoch %d: skipped %d batches with non-finite loss", epoch, skipped)
+        total = loss_sum
         sched.step(val_loss)
         lr = opt.param_groups[0]["lr"]
         history.epoch.append(epoch)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -177,11 +178,12 @@ class _ResourceCollector(Collector):
 
 
 def _gpu_metrics():  # type: ignore[no-untyped-def]
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return
-    if not torch.cuda.is_available():
+    """GPU memory and utilisation from NVML (``nvidia-ml-py``, optional): never through torch,
+    which would create a CUDA context in this process (hundreds of MB of device memory on
+    every visible GPU) although the scorer process owns the device. Without NVML (no
+    driver, or the package is not installed) there are no GPU series."""
+    nvml = _nvml()
+    if nvml is None:
         return
     used = GaugeMetricFamily("meterwatch_gpu_memory_used_bytes",
                              "GPU memory in use on the device (all processes).", labels=["gpu"])
@@ -189,14 +191,53 @@ def _gpu_metrics():  # type: ignore[no-untyped-def]
                               "GPU memory on the device.", labels=["gpu"])
     util = GaugeMetricFamily("meterwatch_gpu_utilization_ratio",
                              "GPU busy fraction over the last sample period.", labels=["gpu"])
-    for i in range(torch.cuda.device_count()):
-        free_b, total_b = torch.cuda.mem_get_info(i)
-        used.add_metric([str(i)], float(total_b - free_b))
-        total.add_metric([str(i)], float(total_b))
-        try:
-            util.add_metric([str(i)], torch.cuda.utilization(i) / 100.0)
-        except Exception:
-            pass
+    try:
+        for label, handle in _visible_gpus(nvml):
+            mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+            used.add_metric([label], float(mem.used))
+            total.add_metric([label], float(mem.total))
+            util.add_metric([label], nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
+    except Exception as exc:  # a scrape must not fail because the driver hiccuped
+        log.debug("NVML query failed: %s", exc)
+        return
     yield used
     yield total
     yield util
+
+
+_NVML_STATE: dict[str, object] = {}
+
+
+def _nvml() -> Any:
+    """The initialised ``pynvml`` module, or None (checked once per process)."""
+    if "module" not in _NVML_STATE:
+        _NVML_STATE["module"] = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            _NVML_STATE["module"] = pynvml
+        except Exception as exc:  # not installed, no driver, no GPU
+            log.debug("no GPU metrics: NVML unavailable (%s)", exc)
+    return _NVML_STATE["module"]
+
+
+def _visible_gpus(nvml: Any) -> list[tuple[str, object]]:
+    """(label, NVML handle) of the GPUs this process may use, in CUDA's numbering:
+    ``CUDA_VISIBLE_DEVICES`` (indices or ``GPU-`` UUIDs) when set, else all."""
+    count = nvml.nvmlDeviceGetCount()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return [(str(i), nvml.nvmlDeviceGetHandleByIndex(i)) for i in range(count)]
+    out = []
+    for pos, item in enumerate(x.strip() for x in visible.split(",") if x.strip()):
+        if item.isdigit() and int(item) < count:
+            out.append((str(pos), nvml.nvmlDeviceGetHandleByIndex(int(item))))
+        elif item.startswith(("GPU-", "MIG-")):
+            try:
+                out.append((str(pos), nvml.nvmlDeviceGetHandleByUUID(item)))
+            except Exception:
+                break
+        else:
+            break  # CUDA stops at the first entry it cannot use
+    return out

@@ -14,11 +14,18 @@ starves heartbeats). The worker is
 - or a **thread** (``scorer="thread"``): no start-up cost (~2-4 s to spawn and load) and no
   second process. Torch releases the GIL inside its kernels.
 
-A household that has two days in one batch is scored in *waves*: its second day sees the
-household state updated by its first, exactly as if the days had come in separate batches.
-Scores therefore do not depend on how days were grouped into batches.
+A household that has two days in one batch is scored in date order: its second day sees
+the household state updated by its first, exactly as if the days had come in separate
+batches (``model.torch_scoring.score_batch``: one call, a scan over each household's days on
+the device). Scores therefore do not depend on how days were grouped into batches.
 
-A CUDA out-of-memory error halves the batch and retries, and lowers the batch cap.
+An allocation failure on the device (``torch.cuda.OutOfMemoryError``, or a ``RuntimeError``
+from cuBLAS or the pinned-memory allocator that says it ran out of memory) is handled after
+the ``except`` block has been left (its traceback holds the failed batch's activations),
+the cache is emptied, the batch is split in two (each household's days stay in date order
+across the halves) and retried, and the lowered cap is kept and handed to the batcher
+(``Scorer.on_memory_cap``). From a scorer process only the rows that need ``expected`` and
+``slot_error`` (alert days) travel back; the others are zero.
 
 Supervision (scorer process): ``supervise()`` (a task the service owns) checks the process
 every 0.2 s. When it has died, ``up`` turns false at once (``/readyz`` answers 503, gauge
@@ -49,7 +56,7 @@ import numpy as np
 import psutil
 import torch
 
-from meterwatch.model import ContextTables, Detector, HouseholdState
+from meterwatch.model import ContextTables, Detector, HouseholdState, torch_scoring
 from meterwatch.stream.timegrid import SLOTS
 
 log = logging.getLogger(__name__)
@@ -58,6 +65,21 @@ STATE_FIELDS = tuple(f.name for f in dataclasses.fields(HouseholdState))
 #: Rough bytes of device memory one household-day needs during inference (inputs, context,
 #: activations, outputs, in float32), with headroom; used to cap batch sizes.
 _BYTES_PER_DAY = 16 * 1024
+#: Days scored once at start (CUDA context, cuBLAS handles, kernels) and the batch the pinned
+#: staging buffer is sized for at start.
+WARM_UP_DAYS = 65536
+#: Texts of ``RuntimeError``s that are allocation failures on the device or of pinned memory
+#: (cuBLAS workspaces, ``cudaHostAlloc``), handled like ``torch.cuda.OutOfMemoryError``.
+ALLOCATION_ERRORS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
+                     "cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY",
+                     "CUDNN_STATUS_ALLOC_FAILED", "failed to allocate")
+
+
+def is_allocation_error(exc: BaseException) -> bool:
+    """A device (or pinned host) allocation failure: split the batch rather than fail."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in ALLOCATION_ERRORS)
 
 
 @dataclass
@@ -181,6 +203,9 @@ class Scorer:
             await self._spawn()
             self.up = True
             self._on_change(True, True)
+        #: Called with the new cap when an allocation failure lowered it (the service points
+        #: it at its batcher).
+        self.on_memory_cap: Callable[[int], None] | None = None
 
     async def start(self) -> None:
         """Start the worker (for a process: spawn it and load the model there)."""
@@ -230,17 +255,28 @@ class Scorer:
                             "again after its restart", len(day))
                 await self._restart()
                 continue
+            if self.process:
+                scored = _expand(scored)
+            lowered = scored.memory_cap < self.memory_cap
             self.memory_cap = scored.memory_cap
+            if lowered and self.on_memory_cap is not None:
+                self.on_memory_cap(self.memory_cap)
             return scored
 
 
 class _Worker:
     """The detector's side of the scorer: waves, OOM splits, the batch cap."""
 
-    def __init__(self, detector: Detector, tables: ContextTables | None) -> None:
+    def __init__(self, detector: Detector, tables: ContextTables | None,
+                 warm_up: bool = True) -> None:
         self.detector = detector
         self.tables = tables
         self.memory_cap = self._memory_cap()
+        if warm_up and detector.torch_scoring:
+            t0 = time.perf_counter()
+            torch_scoring.warm_up(detector, min(WARM_UP_DAYS, self.memory_cap))
+            log.info("scorer warmed up on %s in %.2f s", detector.device,
+                     time.perf_counter() - t0)
 
     def _memory_cap(self) -> int:
         """Largest batch the device's free memory allows (half of it, as a margin)."""
@@ -252,6 +288,61 @@ class _Worker:
 
     def score(self, kwh: np.ndarray, day: np.ndarray, household_ids: list[str],
               keys: np.ndarray, state: dict[str, np.ndarray]) -> Scored:
+        if torch_scoring.enabled(self.detector, len(day)):
+            t0 = time.perf_counter()
+            out, new = self._split(kwh, day, household_ids, keys, state)
+            return Scored(out["score"], out["is_alert"], out["expected"], out["slot_error"],
+                          out["signals"], new, time.perf_counter() - t0, self.memory_cap)
+        return self._score_waves(kwh, day, household_ids, keys, state)
+
+    def _split(self, kwh: np.ndarray, day: np.ndarray, ids: list[str], keys: np.ndarray,
+               state: dict[str, np.ndarray]
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """``score_batch``, split in two halves on an allocation failure (recursively), and
+        without trying when the batch is above the (lowered) cap."""
+        n = len(day)
+        if n <= self.memory_cap or n <= 1:
+            failed = False
+            try:
+                return torch_scoring.score_batch(self.detector, kwh, day, ids, keys, state,
+                                                 self.tables)
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+                if not is_allocation_error(exc) or n <= 1:
+                    raise
+                failed = True
+            # out of the except block: its traceback, and the activations it references,
+            # are gone
+            assert failed
+            self.memory_cap = max(1, min(self.memory_cap, n // 2))
+            log.warning("out of memory on %s at batch %d: splitting, cap now %d",
+                        self.detector.device, n, self.memory_cap)
+            if self.detector.device.type == "cuda":
+                torch.cuda.empty_cache()
+        half = n // 2
+        # first half: the earliest days (by each household's date rank), so every household's
+        # days in the second half follow its days in the first
+        rank, nxt = torch_scoring.ranks(keys, day)
+        order = np.argsort(rank, kind="stable")
+        a, b = np.sort(order[:half]), np.sort(order[half:])
+        out_a, new_a = self._split(kwh[a], day[a], [ids[i] for i in a], keys[a],
+                                   {k: v[a] for k, v in state.items()})
+        state_b = {k: v[b].copy() for k, v in state.items()}
+        pos_b = np.full(n, -1, np.int64)
+        pos_b[b] = np.arange(len(b))
+        carried = pos_b[nxt[a]] if len(a) else np.zeros(0, np.int64)
+        has = (nxt[a] >= 0) & (carried >= 0)
+        for k in state_b:
+            state_b[k][carried[has]] = new_a[k][has]
+        out_b, new_b = self._split(kwh[b], day[b], [ids[i] for i in b], keys[b], state_b)
+        inv = np.empty(n, np.int64)
+        inv[np.concatenate([a, b])] = np.arange(n)
+        out = {k: np.concatenate([out_a[k], out_b[k]])[inv] for k in out_a}
+        new = {k: np.concatenate([new_a[k], new_b[k]])[inv] for k in new_a}
+        return out, new
+
+    def _score_waves(self, kwh: np.ndarray, day: np.ndarray, household_ids: list[str],
+                     keys: np.ndarray, state: dict[str, np.ndarray]) -> Scored:
+        """The numpy reference path (``Detector.torch_scoring`` off): one call per wave."""
         t0 = time.perf_counter()
         n = len(day)
         # Order each household's days by date; wave w holds every household's w-th day.
@@ -291,11 +382,14 @@ class _Worker:
 
     def _score_split(self, kwh: np.ndarray, day: np.ndarray, ids: list[str],
                      st: HouseholdState):  # type: ignore[no-untyped-def]
+        failed = False
         try:
             return self.detector.score(kwh, day, ids, st, self.tables)
-        except torch.cuda.OutOfMemoryError:
-            if len(day) <= 1:
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            if not is_allocation_error(exc) or len(day) <= 1:
                 raise
+            failed = True
+        if failed:
             half = len(day) // 2
             self.memory_cap = max(1, min(self.memory_cap, half))
             log.warning("CUDA out of memory at batch %d: splitting, cap now %d", len(day),
@@ -353,7 +447,27 @@ def _process_info() -> tuple[int, str, int]:
 def _process_score(kwh: np.ndarray, day: np.ndarray, household_ids: list[str], keys: np.ndarray,
                    state: dict[str, np.ndarray]) -> Scored:
     assert _PROCESS_WORKER is not None
-    return _PROCESS_WORKER.score(kwh, day, household_ids, keys, state)
+    return _compact(_PROCESS_WORKER.score(kwh, day, household_ids, keys, state))
+
+
+def _compact(scored: Scored) -> Scored:
+    """For the trip back from a scorer process: ``expected``/``slot_error`` of the alert
+    rows only (with their row numbers in front, as column 0 of a (k, 1 + 48) array)."""
+    rows = np.flatnonzero(scored.is_alert)
+    pack = [np.concatenate([rows[:, None].astype(np.float32), a[rows]], axis=1)
+            for a in (scored.expected, scored.slot_error)]
+    return dataclasses.replace(scored, expected=pack[0], slot_error=pack[1])
+
+
+def _expand(scored: Scored) -> Scored:
+    """Inverse of ``_compact``: zeros on the rows that did not come back."""
+    n = len(scored.score)
+    full = []
+    for pack in (scored.expected, scored.slot_error):
+        a = np.zeros((n, SLOTS), np.float32)
+        a[pack[:, 0].astype(np.int64)] = pack[:, 1:]
+        full.append(a)
+    return dataclasses.replace(scored, expected=full[0], slot_error=full[1])
 
 
 def _concat_scores(a, b):  # type: ignore[no-untyped-def]

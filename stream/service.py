@@ -175,6 +175,8 @@ class Service:
                              on_change=self._scorer_changed)
         await self.scorer.start()
         self.batcher.cap = min(self.batcher.max_size, self.scorer.memory_cap)
+        self.scorer.on_memory_cap = lambda cap: setattr(  # lowered by an out-of-memory split
+            self.batcher, "cap", min(self.batcher.max_size, cap))
         self.metrics.model_info.info({"version": self.detector.version,
                                       "device": self.scorer.device,
                                       "threshold": f"{self.detector.threshold:.6g}"})

@@ -72,3 +72,69 @@ def test_loss_plot_and_batch_size(inputs, tmp_path: Path) -> None:
     b = _auto_batch_size(1_000_000, ModelConfig(), torch.device("cpu"))
     assert 64 <= b <= 65536 and b & (b - 1) == 0
     assert _auto_batch_size(100, ModelConfig(), torch.device("cpu")) == 64
+
+
+def test_resident_and_loader_paths_both_train(inputs) -> None:
+    train, val = _rows(inputs, slice(0, 240)), _rows(inputs, slice(240, None))
+    losses = {}
+    for resident in (True, False):
+        _, h = fit_autoencoder(train, val, replace(CFG, max_epochs=3, resident=resident),
+                               torch.device("cpu"))
+        assert h.epoch == [0, 1, 2] and np.isfinite(h.train_loss).all()
+        assert h.train_loss[-1] < h.train_loss[0]
+        losses[resident] = h.val_loss[-1]
+    assert abs(losses[True] - losses[False]) < 0.5 * losses[False]  # same problem, same scale
+
+
+def test_non_finite_step_leaves_no_trace() -> None:
+    """The device-side guard: a NaN batch changes neither the weights nor Adam's state, also
+    when it is the very first step (Adam's state is created empty)."""
+    from meterwatch.model.training import _SkipNonFinite
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, weight_decay=1e-3)
+    guard = _SkipNonFinite(model, opt)
+    x = torch.randn(8, 4)
+
+    def step(bad: bool) -> None:
+        loss = model(x).pow(2).mean() * (float("nan") if bad else 1.0)
+        finite = torch.isfinite(loss)
+        opt.zero_grad(set_to_none=True)
+        torch.where(finite, loss, 0.0).backward()
+        saved = guard.before(finite)
+        opt.step()
+        guard.after(finite, saved)
+
+    w0 = [p.detach().clone() for p in model.parameters()]
+    step(bad=True)  # first step, NaN: nothing changes, the state is zeros (as new)
+    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters(), strict=True))
+    assert all(not v.any() for st in opt.state.values() for v in st.values())
+    step(bad=False)
+    w1 = [p.detach().clone() for p in model.parameters()]
+    s1 = [v.clone() for st in opt.state.values() for v in st.values()]
+    assert not all(torch.equal(a, b) for a, b in zip(w0, w1, strict=True))
+    step(bad=True)
+    assert all(torch.equal(a, b) for a, b in zip(w1, model.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in
+               zip(s1, [v for st in opt.state.values() for v in st.values()], strict=True))
+
+
+def test_fp16_resume_from_a_checkpoint_without_scaler_state() -> None:
+    from meterwatch.model.training import _load_scaler
+
+    class Scaler:  # torch's GradScaler rejects an empty state the same way
+        loaded: dict | None = None
+
+        def load_state_dict(self, state: dict) -> None:
+            if not state:
+                raise RuntimeError("The source state dict is empty, possibly because it was "
+                                   "saved from a disabled instance of GradScaler.")
+            self.loaded = state
+
+    sc = Scaler()
+    _load_scaler(sc, {}, use_scaler=True)  # a CPU (or bf16) checkpoint resumed with fp16
+    _load_scaler(sc, {"scale": 1024.0}, use_scaler=False)
+    assert sc.loaded is None
+    _load_scaler(sc, {"scale": 1024.0}, use_scaler=True)
+    assert sc.loaded == {"scale": 1024.0}

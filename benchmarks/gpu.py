@@ -1,0 +1,238 @@
+"""``make bench-gpu``: every GPU measurement of issue 14 in one run, within 10 minutes.
+
+Made for a GPU machine that has Python 3.12 and a CUDA build of torch (and numpy) but none
+of meterwatch's other dependencies and no network. Those come as wheels prepared beforehand
+on a machine with network (``make gpu-wheels`` -> ``.gpu-wheels/``, with the benchmark's
+small detector checkpoint), carried along with the working tree. This script uses only the
+standard library itself: it unpacks the wheels into a private folder (numpy only if the
+machine has none), makes this tree importable as ``meterwatch`` (links, nothing installed),
+and runs each benchmark as a child ``python3`` with a time limit of its own, so one that
+fails or overruns does not stop the others. Everything it writes goes under ``--out``
+(default ``$OUT``, else ``gpu-results/``):
+
+- ``env.json``, ``nvidia-smi.txt``: the machine (nvidia-smi, torch and CUDA versions, GPU);
+- ``scorer.*``: ``benchmarks.scorer`` -- household-days/s against batch size 256 ... 1 M,
+  float32 and bf16, the network's share of a call, the numpy reference beside it, peak
+  device memory;
+- ``gpu_training.*``: ``benchmarks.gpu_training`` -- 20 epochs x 1 M days, DataLoader vs
+  data resident on the device, AMP off and on;
+- ``throughput.*``: ``benchmarks.throughput`` -- the service with its scorer process on the
+  GPU, as a ratio to a bare aiokafka consumer in the same run (embedded broker);
+- ``latency.*``: ``benchmarks.latency`` -- end-to-end latency at 3 % load (scorer process
+  on the GPU) and Kafka alone;
+- ``summary.md``: what ran, how long it took, the headline numbers.
+
+    python3 benchmarks/gpu.py --out "$OUT"                  # on the GPU machine
+    python3 benchmarks/gpu.py --device cpu --quick          # a rehearsal anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Wheels unpacked only when the machine lacks the module (a CUDA torch build pins its own).
+ONLY_IF_MISSING = ("numpy",)
+
+
+def _wheel_modules(whl: Path) -> set[str]:
+    with zipfile.ZipFile(whl) as z:
+        names = z.namelist()
+    tops = set()
+    for n in names:
+        head = n.split("/", 1)[0]
+        if head.endswith((".dist-info", ".data")):
+            continue
+        tops.add(head[:-3] if head.endswith(".py") else head)
+    return tops
+
+
+def prepare_site(wheels: Path, site: Path) -> list[str]:
+    """Unpack the wheels into ``site``; returns what was unpacked."""
+    site.mkdir(parents=True, exist_ok=True)
+    done = []
+    for whl in sorted(wheels.glob("*.whl")):
+        mods = _wheel_modules(whl)
+        if mods & set(ONLY_IF_MISSING) and all(importlib.util.find_spec(m) for m in mods
+                                                if m in ONLY_IF_MISSING):
+            continue
+        with zipfile.ZipFile(whl) as z:
+            z.extractall(site)
+        done.append(whl.name)
+    # this tree as the ``meterwatch`` namespace package (stream/ and model/ folders)
+    pkg = site / "meterwatch"
+    pkg.mkdir(exist_ok=True)
+    for sub in ("stream", "model"):
+        link = pkg / sub
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(ROOT / sub, target_is_directory=True)
+    return done
+
+
+def environment(out: Path, device: str, child_env: dict[str, str]) -> dict[str, Any]:
+    env: dict[str, Any] = {"python": sys.version, "platform": platform.platform(),
+                           "cpu_count": os.cpu_count(), "started_utc": _utc()}
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        r = subprocess.run([smi], capture_output=True, text=True, timeout=30)
+        (out / "nvidia-smi.txt").write_text(r.stdout + r.stderr)
+        q = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total,"
+                            "compute_cap", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=30)
+        env["nvidia_smi"] = q.stdout.strip() or q.stderr.strip()
+    else:
+        env["nvidia_smi"] = "nvidia-smi not found"
+    probe = ("import json, torch, numpy; d = {'torch': torch.__version__, "
+             "'cuda': torch.version.cuda, 'cudnn': torch.backends.cudnn.version(), "
+             "'numpy': numpy.__version__, 'cuda_available': torch.cuda.is_available()}\n"
+             "if torch.cuda.is_available():\n"
+             "    p = torch.cuda.get_device_properties(0)\n"
+             "    d.update(gpu=p.name, gpu_memory_gib=p.total_memory / 2**30, "
+             "bf16=torch.cuda.is_bf16_supported())\n"
+             "print(json.dumps(d))")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                       timeout=120, env=child_env)
+    try:
+        env.update(json.loads(r.stdout.strip().splitlines()[-1]))
+    except (IndexError, json.JSONDecodeError):
+        env["probe_error"] = r.stderr[-2000:]
+    env["device"] = device
+    (out / "env.json").write_text(json.dumps(env, indent=2))
+    return env
+
+
+def _utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def plan(device: str, quick: bool, model: Path | None) -> list[tuple[str, list[str], int]]:
+    """(name, module + arguments, time limit in seconds) of each step."""
+    m = ["--model", str(model)] if model else []
+    if quick:
+        return [
+            ("scorer", ["benchmarks.scorer", "--device", device, "--sizes", "256,4096",
+                        "--dtypes", "float32", "--no-contention", "--compare-threads", "0",
+                        "--min-seconds", "0.2", "--budget-s", "30", *m], 240),
+            ("gpu_training", ["benchmarks.gpu_training", "--device", device, "--rows", "20000",
+                              "--epochs", "2"], 180),
+            ("throughput", ["benchmarks.throughput", "--device", device, "--households", "100",
+                            "--days", "3", "--runs", "bare,meterwatch-process",
+                            "--no-profile", *m], 300),
+            ("latency", ["benchmarks.latency", "--device", device, "--households", "100",
+                         "--runs", "steady-process,kafka", "--load", "0.03",
+                         "--duration-s", "6", "--warmup-s", "1", *m], 240),
+        ]
+    return [
+        ("scorer", ["benchmarks.scorer", "--device", device, "--dtypes", "float32,bfloat16",
+                    "--sizes", "256,1024,4096,16384,65536,262144,1048576", "--no-contention",
+                    "--compare-threads", "0", "--min-seconds", "0.5", "--budget-s", "100",
+                    *m], 150),
+        ("gpu_training", ["benchmarks.gpu_training", "--device", device, "--rows", "1000000",
+                          "--epochs", "20"], 150),
+        ("throughput", ["benchmarks.throughput", "--device", device,
+                        "--runs", "bare,meterwatch-process", "--no-profile", *m], 150),
+        ("latency", ["benchmarks.latency", "--device", device, "--runs",
+                     "steady-process,kafka", "--load", "0.03", "--duration-s", "20", *m], 110),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "gpu-results"))
+    p.add_argument("--wheels", default=str(ROOT / ".gpu-wheels"))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--quick", action="store_true", help="small sizes: a rehearsal")
+    p.add_argument("--only", help="comma list of steps (scorer,gpu_training,throughput,latency)")
+    p.add_argument("--budget-s", type=float, default=570.0, help="stop starting steps after")
+    args = p.parse_args(argv)
+    t_start = time.monotonic()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    wheels = Path(args.wheels)
+    site = Path(tempfile.mkdtemp(prefix="meterwatch-gpu-site-"))
+    unpacked = prepare_site(wheels, site) if wheels.is_dir() else []
+    if not wheels.is_dir():
+        print(f"no wheels folder {wheels}: using what this python has", flush=True)
+    model = wheels / "detector.pt"
+    child_env = dict(os.environ)
+    child_env["PYTHONPATH"] = os.pathsep.join(
+        [str(site), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    child_env["METERWATCH_BENCH_RESULTS"] = str(out)
+    child_env["METERWATCH_BENCH_TMP"] = str(Path(tempfile.gettempdir()) / "meterwatch-bench")
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+    env = environment(out, args.device, child_env)
+    env["wheels_unpacked"] = unpacked
+    (out / "env.json").write_text(json.dumps(env, indent=2))
+    print(json.dumps({k: env.get(k) for k in ("nvidia_smi", "torch", "cuda", "gpu", "python")},
+                     indent=1), flush=True)
+    if args.device.startswith("cuda") and not env.get("cuda_available"):
+        print("CUDA is not available to torch here: nothing to measure on a GPU "
+              "(rehearse with --device cpu --quick)", file=sys.stderr)
+        return 2
+
+    steps = plan(args.device, args.quick, model if model.exists() else None)
+    if args.only:
+        keep = set(args.only.split(","))
+        steps = [s for s in steps if s[0] in keep]
+    results: list[dict[str, Any]] = []
+    for name, cmd, limit in steps:
+        left = args.budget_s - (time.monotonic() - t_start)
+        if left < 20:
+            results.append({"step": name, "status": f"not run: {left:.0f} s of budget left"})
+            continue
+        limit = int(min(limit, left))
+        print(f"== {name} (limit {limit} s): python -m {' '.join(cmd)}", flush=True)
+        t0 = time.monotonic()
+        with open(out / f"{name}.log", "w") as log:
+            try:
+                r = subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, env=child_env,
+                                   stdout=log, stderr=subprocess.STDOUT, timeout=limit)
+                status = "ok" if r.returncode == 0 else f"exit {r.returncode}"
+            except subprocess.TimeoutExpired:
+                status = f"timed out after {limit} s"
+        results.append({"step": name, "status": status,
+                        "seconds": round(time.monotonic() - t0, 1),
+                        "command": f"python -m {' '.join(cmd)}"})
+        tail = (out / f"{name}.log").read_text().splitlines()[-12:]
+        print(f"   {status} in {time.monotonic() - t0:.0f} s", *tail, sep="\n   ", flush=True)
+        write_summary(out, env, results)
+    write_summary(out, env, results)
+    shutil.rmtree(site, ignore_errors=True)
+    return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+def write_summary(out: Path, env: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    lines = ["# meterwatch GPU benchmarks", "",
+             f"- started {env.get('started_utc')}, written {_utc()}",
+             f"- GPU: {env.get('nvidia_smi')}",
+             f"- torch {env.get('torch')} (CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}), "
+             f"numpy {env.get('numpy')}, Python {str(env.get('python')).split()[0]}, "
+             f"device {env.get('device')}", "",
+             "| step | status | seconds | command |", "| --- | --- | ---: | --- |"]
+    lines += [f"| {r['step']} | {r['status']} | {r.get('seconds', '')} | "
+              f"`{r.get('command', '')}` |" for r in results]
+    lines += ["", "Logs: `<step>.log`; results: `<step>.json` (lists of runs)."]
+    for r in results:
+        log = out / f"{r['step']}.log"
+        if log.exists():
+            tail = log.read_text().splitlines()[-25:]
+            lines += ["", f"## {r['step']}", "", "```", *tail, "```"]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
