@@ -508,8 +508,11 @@ class Service:
         if scored is not None and len(scoreable):
             sl = slice(row, row + len(scoreable))
             part = _slice_scored(scored, sl)
+            # a household's days are in date order: its last row holds its newest state
+            hi = scoreable.household_index
+            last = len(hi) - 1 - np.unique(hi[::-1], return_index=True)[1]
             for k in STATE_FIELDS:
-                households.state_column(k)[scoreable.household_index] = part.state[k]
+                households.state_column(k)[hi[last]] = part.state[k][last]
         # scored rows first (they align with ``part``), then the incomplete ones
         days = ClosedDays.concat([scoreable, p.days.select(p.days.status == INCOMPLETE)])
         docs = build_documents(days, part, days.seq, threshold=self.detector.threshold,
@@ -558,6 +561,7 @@ class Service:
             states.extend(json_record(s.state_topic, p, households.ids[h], households.snapshot(h))
                           for h in sorted(work.dirty))
             work.dirty.clear()
+            work.assembler.evict_idle(keep=self.batcher.households(p))
             candidates = [work.position, work.assembler.low_offset(),
                           self.batcher.min_offset(p)]
             c = min(x for x in candidates if x is not None)
@@ -611,7 +615,8 @@ class Service:
         works: dict[int, PartitionWork] = {}
         marks: dict[int, dict] = {}
         for p in new:
-            asm = DayAssembler(self.grid, grace_s=s.grace_s, max_imputed=s.max_imputed_slots)
+            asm = DayAssembler(self.grid, grace_s=s.grace_s, max_imputed=s.max_imputed_slots,
+                               idle_evict_days=s.household_idle_evict_days)
             latest: dict[bytes, bytes] = {}
             for r in state_recs[(s.state_topic, p)].records:
                 if r.key == MARK_KEY:
