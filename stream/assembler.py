@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meterwatch.stream.households import NO_DAY, HouseholdTable, grown, next_capacity
+from meterwatch.stream.households import NO_DAY, HouseholdTable, grown, next_capacity, zeros
 from meterwatch.stream.parse import ParsedBatch
 from meterwatch.stream.timegrid import DAY_S, SLOTS, TimeGrid
 
@@ -453,14 +453,14 @@ class DayAssembler:
     def _grow_rows(self) -> None:
         n = len(self.row_hh)
         m = next_capacity(n, n + 1)
-        self.kwh = grown(self.kwh, m, 0)
-        self.seen = grown(self.seen, m, 0)
+        self.kwh = grown(self.kwh, m)  # rows are set when allocated (_allocate)
+        self.seen = grown(self.seen, m)
         self.row_hh = grown(self.row_hh, m, -1)
-        self.row_day = grown(self.row_day, m, 0)
-        self.row_n = grown(self.row_n, m, 0)
-        self.row_first = grown(self.row_first, m, 0)
-        self.row_last_ts = grown(self.row_last_ts, m, 0)
-        free = np.empty(m, dtype=np.int32)
+        self.row_day = grown(self.row_day, m)
+        self.row_n = grown(self.row_n, m)
+        self.row_first = grown(self.row_first, m)
+        self.row_last_ts = grown(self.row_last_ts, m)
+        free = zeros((m,), np.int32)
         free[:m - n] = np.arange(m - 1, n - 1, -1, dtype=np.int32)
         free[m - n:m - n + self._nfree] = self._free[:self._nfree]
         self._free = free

@@ -291,3 +291,33 @@ def test_readings_are_stored_exactly():
     for h in range(3):
         assert got[f"H{h}"].tobytes() == kwh[48 * h:48 * (h + 1)].tobytes()
     assert not asm._wide  # emitted rows leave no float32 copy behind
+
+
+def test_state_storage_precision_changes_scores_little(detector, synthetic):
+    """The household table keeps the time-of-day profile in float16
+    (``model.state.STORAGE_DTYPES``): 14 streamed days of 60 households scored with the
+    state rounded to storage after every day, against float32 state throughout."""
+    from meterwatch.model import HouseholdState
+    from meterwatch.model.state import STORAGE_DTYPES
+    from tests.conftest import HISTORY_DAYS
+
+    h = len(synthetic.household_ids)
+    full = stored = HouseholdState.empty(h)
+    diffs, flips, n = [], 0, 0
+    for d in range(HISTORY_DAYS, HISTORY_DAYS + 14):
+        day = np.full(h, synthetic.days[d], dtype=np.int32)
+        a = detector.score(synthetic.kwh[:, d], day, synthetic.household_ids, full)
+        b = detector.score(synthetic.kwh[:, d], day, synthetic.household_ids, stored)
+        full = a.state
+        stored = HouseholdState(**{k: getattr(b.state, k).astype(STORAGE_DTYPES[k])
+                                   for k in STORAGE_DTYPES})
+        ok = np.isfinite(a.score)
+        assert (ok == np.isfinite(b.score)).all()
+        diffs.append(np.abs(a.score[ok] - b.score[ok]))
+        flips += int((a.is_alert != b.is_alert).sum())
+        n += h
+    diff = np.concatenate(diffs)
+    print(f"score change: median {np.median(diff):.2e}, max {diff.max():.2e}; "
+          f"alert decisions changed {flips}/{n} (threshold {detector.threshold:.3g})")
+    assert np.median(diff) <= 1e-3 and diff.max() <= 0.05
+    assert flips <= max(1, n // 500)
