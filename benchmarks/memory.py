@@ -241,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--households", type=int, default=1_000_000)
     p.add_argument("--readings", type=int, default=3, help="readings per household (1.)")
-    p.add_argument("--chunk", type=int, default=50_000, help="households per ParsedBatch")
+    p.add_argument("--chunk", type=int, default=5_000,
+                   help="households per ParsedBatch (the service fetches 5,000 records)")
     p.add_argument("--idle-days", type=int, default=60, help="eviction after (2.)")
     p.add_argument("--pending", type=int, default=100_000, help="closed days (3.)")
     p.add_argument("--only", choices=("open", "one-reading", "pending"),

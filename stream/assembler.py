@@ -198,9 +198,9 @@ class DayAssembler:
         if len(batch) == 0:
             return AddResult(self._close_round(np.empty(0, dtype=np.int64)))
         households = self.households
-        order = np.argsort(batch.record, kind="stable")
-        if (order == np.arange(len(order))).all():
-            order = slice(None)  # type: ignore[assignment]
+        order: np.ndarray | slice = slice(None)
+        if len(batch) > 1 and (np.diff(batch.record) < 0).any():
+            order = np.argsort(batch.record, kind="stable")
         hh = households.lookup(batch.ids)[batch.id_index][order]
         ts = batch.ts[order]
         kwh_in = batch.kwh[order]
@@ -322,9 +322,6 @@ class DayAssembler:
         late = threshold <= w0
         n = len(ts)
         top_h, top_ts = self._top_h, self._top_ts
-        uh, inv = np.unique(hh, return_inverse=True)
-        newest = np.full(len(uh), _MIN_TS, dtype=np.int64)
-        np.maximum.at(newest, inv, ts)
         quorum = self._quorum()
         before = np.maximum.accumulate(ts)
         bound = np.empty(n, dtype=np.int64)
@@ -344,7 +341,19 @@ class DayAssembler:
                                               else n)
                 sel = unsure & (threshold == theta)
                 late[sel] = positions[sel] > cross
-        # The quorum-th newest household reading after this fetch.
+        # The quorum-th newest household reading after this fetch. Candidates: households
+        # with a reading at or after ``cut``, lowered until it spans ``quorum`` households
+        # (one whose readings are all older cannot be among the newest ``quorum``).
+        cut = int(ts.max())
+        while True:
+            sel = ts >= cut
+            uh, inv = np.unique(hh[sel], return_inverse=True)
+            older = ts[~sel]
+            if len(uh) >= self.quorum or len(older) == 0:
+                break
+            cut = int(older.max())
+        newest = np.full(len(uh), _MIN_TS, dtype=np.int64)
+        np.maximum.at(newest, inv, ts[sel])
         cand_h = np.concatenate([top_h, uh.astype(np.int32)])
         cand_ts = np.concatenate([top_ts, newest])
         o = np.lexsort((-cand_ts, cand_h))
@@ -484,7 +493,7 @@ class DayAssembler:
                                           else np.iinfo(np.int64).max)
             else:
                 self._next_close_check = np.iinfo(np.int64).max
-        cand = np.unique(np.concatenate(parts))
+        cand = parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
         if len(cand) == 0:
             return ClosedDays.empty()
         if self._extra:
@@ -524,8 +533,9 @@ class DayAssembler:
             w = self._wide.pop(r, None)
             if w is not None:
                 kwh[i] = w
-        unseen = ((self.seen[rows][:, None] >> _SLOT_BITS) & np.uint64(1)) == 0
-        kwh[unseen] = np.nan
+        seen = np.unpackbits(self.seen[rows].astype("<u8").view(np.uint8).reshape(-1, 8),
+                             axis=1, bitorder="little")[:, :SLOTS]
+        kwh[seen == 0] = np.nan
         if self._repeats:  # autumn DST: a repeated slot scores the mean of its two readings
             for i, r in enumerate(rows.tolist()):
                 for s in range(SLOTS):
@@ -534,7 +544,7 @@ class DayAssembler:
                         kwh[i, s] = v if np.isnan(kwh[i, s]) else (kwh[i, s] + v) / 2.0
         seq = households.mark_closed(hh, days)
         out = ClosedDays(
-            household_index=hh, household_ids=households.index.ids_of(hh.tolist()),
+            household_index=hh, household_ids=households.index.ids_of(hh),
             day=days, kwh=kwh, status=status, readings=self.row_n[rows].astype(np.int16),
             expected=self._expected(days), first_offset=self.row_first[rows].copy(),
             last_ts_ms=self.row_last_ts[rows].copy(), seq=seq)
@@ -562,7 +572,6 @@ class DayAssembler:
 
 
 _SCALE = 10_000
-_SLOT_BITS = np.arange(SLOTS, dtype=np.uint64)
 
 
 def _decode(q: np.ndarray) -> np.ndarray:

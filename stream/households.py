@@ -92,10 +92,22 @@ class HouseholdIndex:
         o = int(self.offset[h])
         return self._arena[o:o + int(self.length[h])].tobytes().decode("utf-8", "surrogatepass")
 
-    def ids_of(self, hs: Iterable[int]) -> list[str]:
-        arena, off, ln = self._arena, self.offset, self.length
-        return [arena[off[h]:off[h] + ln[h]].tobytes().decode("utf-8", "surrogatepass")
-                for h in hs]
+    def ids_of(self, hs: Iterable[int] | np.ndarray) -> list[str]:
+        hs = np.fromiter(hs, dtype=np.int64) if not isinstance(hs, np.ndarray) else hs
+        if len(hs) == 0:
+            return []
+        lens = self.length[hs].astype(np.int64)
+        ends = np.cumsum(lens)
+        total = int(ends[-1])
+        src = np.repeat(self.offset[hs].astype(np.int64) - (ends - lens), lens) + np.arange(total)
+        raw = self._arena[src].tobytes()
+        text = raw.decode("utf-8", "surrogatepass")
+        bounds = ends.tolist()
+        starts = [0, *bounds[:-1]]
+        if len(text) == total:  # ASCII: characters are bytes
+            return [text[a:b] for a, b in zip(starts, bounds, strict=True)]
+        return [raw[a:b].decode("utf-8", "surrogatepass")
+                for a, b in zip(starts, bounds, strict=True)]
 
     def alive_mask(self) -> np.ndarray:
         return self.length[:self.size] >= 0
@@ -103,49 +115,72 @@ class HouseholdIndex:
     # -- lookups ---------------------------------------------------------------------------
     def lookup(self, ids: Sequence[str], *, insert: bool = True) -> np.ndarray:
         """Index of each id, adding the missing ones (or -1 without ``insert``)."""
-        enc = [s.encode("utf-8", "surrogatepass") for s in ids]
-        n = len(enc)
-        hashes = np.fromiter(map(hash, enc), dtype=np.int64, count=n).astype(np.uint32)
-        lens = np.fromiter(map(len, enc), dtype=np.int64, count=n)
+        n = len(ids)
+        # str hashes are cached in the str objects; one join encodes every id at once
+        hashes = np.fromiter(map(hash, ids), dtype=np.int64, count=n).astype(np.uint32)
+        lens = np.fromiter(map(len, ids), dtype=np.int64, count=n)
+        data = "".join(ids).encode("utf-8", "surrogatepass")
+        if len(data) != int(lens.sum()):  # not all ASCII: lengths in bytes
+            enc = [s.encode("utf-8", "surrogatepass") for s in ids]
+            lens = np.fromiter(map(len, enc), dtype=np.int64, count=n)
         if n and lens.max() > np.iinfo(np.int16).max:
             raise ValueError("household id longer than 32,767 bytes")
-        found = self._find(enc, hashes, lens)
+        qbytes = np.frombuffer(data, dtype=np.uint8)
+        qstart = np.cumsum(lens) - lens
+        found = self._find(qbytes, qstart, hashes, lens)
         missing = np.flatnonzero(found < 0)
         if insert and len(missing):
-            first: dict[bytes, int] = {}
-            which = np.array([first.setdefault(enc[i], len(first)) for i in missing.tolist()],
+            first: dict[str, int] = {}
+            which = np.array([first.setdefault(ids[i], len(first)) for i in missing.tolist()],
                              dtype=np.int64)
             distinct = missing[np.unique(which, return_index=True)[1]]
-            new = self._insert([enc[i] for i in distinct], hashes[distinct], lens[distinct])
+            new = self._insert(qbytes, qstart[distinct], hashes[distinct], lens[distinct])
             found[missing] = new[which]
             self.inserted = new
         else:
             self.inserted = _NONE
         return found
 
-    def _find(self, enc: list[bytes], hashes: np.ndarray, lens: np.ndarray) -> np.ndarray:
-        n = len(enc)
+    def _find(self, qbytes: np.ndarray, qstart: np.ndarray, hashes: np.ndarray,
+              lens: np.ndarray) -> np.ndarray:
+        """Probe for each query (``qbytes[qstart:qstart+lens]``, its hash): the hash and
+        length select a candidate, then the bytes of all candidates are compared at once
+        (a 32-bit hash match with other bytes is rare; those probe on)."""
+        n = len(hashes)
         out = np.full(n, -1, dtype=np.int32)
         if self.alive == 0 or n == 0:
             return out
-        qbytes = np.frombuffer(b"".join(enc), dtype=np.uint8)
-        qstart = np.cumsum(lens) - lens
-        mask = len(self._table) - 1
-        pos = hashes & mask
+        table, hsh, length = self._table, self.hash, self.length
+        mask = len(table) - 1
+        pos = (hashes & mask).astype(np.int64)
         active = np.arange(n)
         while len(active):
-            t = self._table[pos[active]]
-            cand = t >= 0
-            ci, ct = active[cand], t[cand]
-            same = (self.hash[ct] == hashes[ci]) & (self.length[ct] == lens[ci])
-            ci, ct = ci[same], ct[same]
-            hit = np.zeros(n, dtype=bool)
-            if len(ci):
-                ok = self._same_bytes(qbytes, qstart[ci], lens[ci], ct)
-                out[ci[ok]] = ct[ok]
-                hit[ci[ok]] = True
-            done = (t == _EMPTY) | hit[active]
-            active = active[~done]
+            cand = np.full(n, -1, dtype=np.int32)
+            pending = active
+            while len(pending) > 64:  # vectorised rounds while many queries still probe
+                t = table[pos[pending]]
+                hit = t >= 0
+                hit[hit] = (hsh[t[hit]] == hashes[pending[hit]]) & (length[t[hit]]
+                                                                    == lens[pending[hit]])
+                cand[pending[hit]] = t[hit]
+                pending = pending[~hit & (t != _EMPTY)]
+                pos[pending] = (pos[pending] + 1) & mask
+            for q in pending.tolist():  # the few long probe sequences, one by one
+                p, hq, lq = int(pos[q]), int(hashes[q]), int(lens[q])
+                while True:
+                    t = int(table[p])
+                    if t == _EMPTY:
+                        break
+                    if t >= 0 and int(hsh[t]) == hq and int(length[t]) == lq:
+                        cand[q] = t
+                        break
+                    p = (p + 1) & mask
+                pos[q] = p
+            q = active[cand[active] >= 0]
+            c = cand[q]
+            ok = self._same_bytes(qbytes, qstart[q], lens[q], c)
+            out[q[ok]] = c[ok]
+            active = q[~ok]  # a hash match with other bytes: probe on
             pos[active] = (pos[active] + 1) & mask
         return out
 
@@ -162,8 +197,9 @@ class HouseholdIndex:
         bad = np.bincount(which[q != a], minlength=len(cand))
         return bad == 0
 
-    def _insert(self, enc: list[bytes], hashes: np.ndarray, lens: np.ndarray) -> np.ndarray:
-        m = len(enc)
+    def _insert(self, qbytes: np.ndarray, qstart: np.ndarray, hashes: np.ndarray,
+                lens: np.ndarray) -> np.ndarray:
+        m = len(hashes)
         reuse = min(m, self._nfree)
         idx = np.empty(m, dtype=np.int32)
         if reuse:
@@ -176,7 +212,8 @@ class HouseholdIndex:
             self.hash = grown(self.hash, cap)
             self.offset = grown(self.offset, cap)
             self.length = grown(self.length, cap)
-        data = np.frombuffer(b"".join(enc), dtype=np.uint8)
+        total = int(lens.sum())
+        data = qbytes[np.repeat(qstart - (np.cumsum(lens) - lens), lens) + np.arange(total)]
         need = self._arena_used + len(data)
         if need > len(self._arena):
             self._compact(need)

@@ -32,11 +32,13 @@ def test_index_finds_inserts_and_reuses():
 
 def test_hash_collisions_are_told_apart_by_the_bytes():
     ix = HouseholdIndex()
-    enc = [b"first", b"second", b"third!"]
+    data = np.frombuffer(b"firstsecondthird!", dtype=np.uint8)
+    start, lens = np.array([0, 5, 11]), np.array([5, 6, 6])
     same = np.full(3, 7, dtype=np.uint32)  # one hash for all: only the bytes tell them apart
-    lens = np.array([5, 6, 6])
-    assert ix._insert(enc[:2], same[:2], lens[:2]).tolist() == [0, 1]
-    assert ix._find([enc[1], enc[0], enc[2]], same, lens[[1, 0, 2]]).tolist() == [1, 0, -1]
+    assert ix._insert(data, start[:2], same[:2], lens[:2]).tolist() == [0, 1]
+    order = [1, 0, 2]
+    assert ix._find(data, start[order], same, lens[order]).tolist() == [1, 0, -1]
+    assert ix.ids_of([0, 1]) == ["first", "second"]
 
 
 def test_table_evicts_resets_and_snapshots():
