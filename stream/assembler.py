@@ -528,14 +528,20 @@ class DayAssembler:
         days = self.row_day[rows]
         o = np.lexsort((days, hh))  # each household's days in date order
         rows, hh, days, status = rows[o], hh[o], days[o], status[o]
-        kwh = _decode(self.kwh[rows])
-        for i, r in enumerate(rows.tolist()):
-            w = self._wide.pop(r, None)
-            if w is not None:
-                kwh[i] = w
-        seen = np.unpackbits(self.seen[rows].astype("<u8").view(np.uint8).reshape(-1, 8),
-                             axis=1, bitorder="little")[:, :SLOTS]
-        kwh[seen == 0] = np.nan
+        kwh = np.empty((len(rows), SLOTS), dtype=np.float32)
+        for lo in range(0, len(rows), 1 << 16):  # slices: a bounded transient however many
+            r = rows[lo:lo + (1 << 16)]
+            k = _decode(self.kwh[r])
+            seen = np.unpackbits(self.seen[r].astype("<u8").view(np.uint8).reshape(-1, 8),
+                                 axis=1, bitorder="little")[:, :SLOTS]
+            k[seen == 0] = np.nan
+            kwh[lo:lo + len(r)] = k
+        if self._wide:
+            for i, r in enumerate(rows.tolist()):
+                w = self._wide.pop(r, None)
+                if w is not None:
+                    seen_i = kwh[i] == kwh[i]
+                    kwh[i] = np.where(seen_i, w, np.nan)
         if self._repeats:  # autumn DST: a repeated slot scores the mean of its two readings
             for i, r in enumerate(rows.tolist()):
                 for s in range(SLOTS):

@@ -94,6 +94,9 @@ class HouseholdIndex:
 
     def ids_of(self, hs: Iterable[int] | np.ndarray) -> list[str]:
         hs = np.fromiter(hs, dtype=np.int64) if not isinstance(hs, np.ndarray) else hs
+        if len(hs) > 1 << 16:  # slices: a bounded transient however many
+            return [i for lo in range(0, len(hs), 1 << 16)
+                    for i in self.ids_of(hs[lo:lo + (1 << 16)])]
         if len(hs) == 0:
             return []
         lens = self.length[hs].astype(np.int64)
