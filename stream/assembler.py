@@ -36,7 +36,7 @@ the partition, never on fetch boundaries or producer batching:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -257,14 +257,15 @@ class DayAssembler:
         every open day)."""
         return self._close_round(np.empty(0, dtype=np.int64), force=force)
 
-    def evict_idle(self, keep: Iterable[int] = ()) -> int:
+    def evict_idle(self, keep: Iterable[int] | Callable[[], Iterable[int]] = ()) -> int:
         """Forget households silent for ``idle_evict_days`` (see the module docstring).
 
         A household is evicted when it has no open day and its newest closed day is more
         than ``idle_evict_days`` (plus the grace, rounded up to days, plus one) before the
         watermark's day, or when it has neither an open nor a closed day (all its readings
         were late). ``keep``: household indices that must stay (days of theirs still being
-        scored or published). Returns how many were evicted.
+        scored or published), or a function giving them (called only when some household
+        is idle). Returns how many were evicted.
         """
         if self.watermark == _MIN_TS:
             return 0
@@ -278,7 +279,7 @@ class DayAssembler:
             return 0
         if self._extra:
             idle[list(self._extra)] = False
-        keep_arr = np.fromiter(keep, dtype=np.int64)
+        keep_arr = np.fromiter(keep() if callable(keep) else keep, dtype=np.int64)
         if len(keep_arr):
             idle[keep_arr[keep_arr < n]] = False
         gone = np.flatnonzero(idle)

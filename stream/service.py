@@ -561,7 +561,7 @@ class Service:
             states.extend(json_record(s.state_topic, p, households.ids[h], households.snapshot(h))
                           for h in sorted(work.dirty))
             work.dirty.clear()
-            work.assembler.evict_idle(keep=self.batcher.households(p))
+            work.assembler.evict_idle(keep=lambda: self.batcher.households(p))  # noqa: B023
             candidates = [work.position, work.assembler.low_offset(),
                           self.batcher.min_offset(p)]
             c = min(x for x in candidates if x is not None)
