@@ -164,9 +164,10 @@ def one_reading(n: int, chunk: int, idle_days: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     feed(asm, 0, n, 1, chunk, DAY0, prefix="ONE")
     opened = rss()
-    # three households (the watermark quorum) read idle_days + 3 days later: every day closes
+    # three households (the watermark quorum) send a whole day idle_days + 3 days later
+    # (a household counts for the watermark once it has sent 48 readings): every day closes
     later = DAY0 + idle_days + 3
-    closed = feed(asm, 10 * n, 3, 1, chunk, later, prefix="NOW")
+    closed = feed(asm, 10 * n, 3, 48, chunk, later, prefix="NOW") - 3
     after_close = rss()
     evicted = asm.evict_idle()
     after_evict = rss()

@@ -16,8 +16,9 @@ the partition, never on fetch boundaries or producer batching:
 
 * **Duplicate** reading for a slot already filled: the first value is kept, the duplicate
   is counted (``meterwatch_duplicate_readings_total``). Replays are idempotent.
-* **Watermark**: the ``watermark_quorum``-th newest (default 3rd) of the households' newest
-  readings (in a partition of fewer than 5 households, the ceil(n/2)-th). A day whose end
+* **Watermark**: the ``watermark_quorum``-th newest (default 3rd) of the newest readings of
+  the households that have sent at least 48 readings (in a partition of fewer than 5 such
+  households, the ceil(n/2)-th). A day whose end
   plus ``grace_s`` is at or behind the watermark is closed: with at most ``max_imputed``
   slots missing it is scored with those imputed (status ``imputed``), else reported
   ``incomplete``. One
@@ -312,9 +313,10 @@ class DayAssembler:
         """Which readings are behind the watermark as it stood just before each of them
         (``threshold``: the end of the reading's day plus the grace); then advance it.
 
-        The watermark is the ``quorum``-th newest of the households' newest readings (all of
-        them when fewer households have read): one household, however far ahead it
-        reads, cannot move it. The usual fetch needs no per-reading work: a reading is late
+        The watermark is the ``quorum``-th newest of the newest readings of established
+        households (48 readings or more; ``HouseholdTable.count_readings``): one household,
+        however far ahead it reads, or any number of one-reading households, cannot move it.
+        The usual fetch needs no per-reading work: a reading is late
         for sure if its threshold is behind the watermark before the fetch, on time for
         sure if it is ahead of every reading before it; only the readings in between are
         decided exactly, per distinct threshold.
@@ -323,7 +325,9 @@ class DayAssembler:
         late = threshold <= w0
         n = len(ts)
         top_h, top_ts = self._top_h, self._top_ts
-        quorum = self._quorum()
+        households = self.households
+        counts, established = households.count_readings(hh)
+        quorum = np.maximum(1, np.minimum(self.quorum, (established + 1) // 2))
         before = np.maximum.accumulate(ts)
         bound = np.empty(n, dtype=np.int64)
         bound[0] = w0
@@ -331,46 +335,44 @@ class DayAssembler:
         unsure = ~late & (threshold <= bound)
         if unsure.any():
             positions = np.arange(n)
+            q0 = max(1, min(self.quorum, (households.established_before + 1) // 2))
             for theta in np.unique(threshold[unsure]).tolist():
                 ahead = top_h[top_ts >= theta]  # households already past theta
-                need = quorum - len(ahead)
-                at = np.flatnonzero(ts >= theta)
+                at = np.flatnonzero((ts >= theta) & counts)
                 h_at, first = np.unique(hh[at], return_index=True)
                 firsts = np.sort(at[first[~np.isin(h_at, ahead)]])
-                # the reading that brings the need-th household past theta
-                cross = -1 if need <= 0 else (int(firsts[need - 1]) if len(firsts) >= need
-                                              else n)
+                # the first reading after which enough households are past theta
+                reached = len(ahead) + np.arange(1, len(firsts) + 1) >= quorum[firsts]
+                cross = (-1 if len(ahead) >= q0 else
+                         int(firsts[np.argmax(reached)]) if reached.any() else n)
                 sel = unsure & (threshold == theta)
                 late[sel] = positions[sel] > cross
         # The quorum-th newest household reading after this fetch. Candidates: households
-        # with a reading at or after ``cut``, lowered until it spans ``quorum`` households
-        # (one whose readings are all older cannot be among the newest ``quorum``).
-        cut = int(ts.max())
-        while True:
-            sel = ts >= cut
-            uh, inv = np.unique(hh[sel], return_inverse=True)
-            older = ts[~sel]
-            if len(uh) >= self.quorum or len(older) == 0:
-                break
-            cut = int(older.max())
-        newest = np.full(len(uh), _MIN_TS, dtype=np.int64)
-        np.maximum.at(newest, inv, ts[sel])
-        cand_h = np.concatenate([top_h, uh.astype(np.int32)])
-        cand_ts = np.concatenate([top_ts, newest])
-        o = np.lexsort((-cand_ts, cand_h))
-        first = np.r_[True, cand_h[o][1:] != cand_h[o][:-1]]
-        cand_h, cand_ts = cand_h[o][first], cand_ts[o][first]
-        best = np.argsort(-cand_ts, kind="stable")[:self.quorum]
-        self._top_h, self._top_ts = cand_h[best], cand_ts[best]
-        if len(self._top_ts):
-            self.watermark = max(w0, int(self._top_ts[min(quorum, len(self._top_ts)) - 1]))
+        # with a counting reading at or after ``cut``, lowered until it spans ``quorum``
+        # households (one whose readings are all older cannot be among the newest).
+        cts, chh = ts[counts], hh[counts]
+        if len(cts):
+            cut = int(cts.max())
+            while True:
+                sel = cts >= cut
+                uh, inv = np.unique(chh[sel], return_inverse=True)
+                older = cts[~sel]
+                if len(uh) >= self.quorum or len(older) == 0:
+                    break
+                cut = int(older.max())
+            newest = np.full(len(uh), _MIN_TS, dtype=np.int64)
+            np.maximum.at(newest, inv, cts[sel])
+            cand_h = np.concatenate([top_h, uh.astype(np.int32)])
+            cand_ts = np.concatenate([top_ts, newest])
+            o = np.lexsort((-cand_ts, cand_h))
+            first = np.r_[True, cand_h[o][1:] != cand_h[o][:-1]]
+            cand_h, cand_ts = cand_h[o][first], cand_ts[o][first]
+            best = np.argsort(-cand_ts, kind="stable")[:self.quorum]
+            self._top_h, self._top_ts = cand_h[best], cand_ts[best]
+        q_end = int(quorum[-1])
+        if len(self._top_ts) >= q_end:
+            self.watermark = max(w0, int(self._top_ts[q_end - 1]))
         return late
-
-    def _quorum(self) -> int:
-        """Households that must have read past a time for the watermark to pass it:
-        ``watermark_quorum``, or half the partition's households (rounded up) when it has
-        fewer than twice that many, so that one silent meter cannot hold a small partition."""
-        return max(1, min(self.quorum, (self.households.index.alive + 1) // 2))
 
     # -- internals -------------------------------------------------------------------------
     def _restart_idle(self, hh: np.ndarray, day: np.ndarray) -> None:

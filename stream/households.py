@@ -27,6 +27,9 @@ from meterwatch.model.state import storage_columns
 _EPOCH = _dt.date(1970, 1, 1)
 _date = _dt.date.fromisoformat
 NO_DAY = np.iinfo(np.int32).min // 2
+#: Readings a household must have sent before it counts towards the watermark's quorum
+#: (one day's worth): a burst of one-reading households cannot move the watermark.
+ESTABLISHED = 48
 _EMPTY, _TOMB = -1, -2
 _MAX_LOAD = 0.7
 _NONE = np.empty(0, dtype=np.int32)
@@ -168,22 +171,22 @@ class HouseholdIndex:
                 cand[pending[hit]] = t[hit]
                 pending = pending[~hit & (t != _EMPTY)]
                 pos[pending] = (pos[pending] + 1) & mask
-            for q in pending.tolist():  # the few long probe sequences, one by one
-                p, hq, lq = int(pos[q]), int(hashes[q]), int(lens[q])
+            for j in pending.tolist():  # the few long probe sequences, one by one
+                p, hq, lq = int(pos[j]), int(hashes[j]), int(lens[j])
                 while True:
-                    t = int(table[p])
-                    if t == _EMPTY:
+                    slot = int(table[p])
+                    if slot == _EMPTY:
                         break
-                    if t >= 0 and int(hsh[t]) == hq and int(length[t]) == lq:
-                        cand[q] = t
+                    if slot >= 0 and int(hsh[slot]) == hq and int(length[slot]) == lq:
+                        cand[j] = slot
                         break
                     p = (p + 1) & mask
-                pos[q] = p
-            q = active[cand[active] >= 0]
-            c = cand[q]
-            ok = self._same_bytes(qbytes, qstart[q], lens[q], c)
-            out[q[ok]] = c[ok]
-            active = q[~ok]  # a hash match with other bytes: probe on
+                pos[j] = p
+            found = active[cand[active] >= 0]
+            c = cand[found]
+            ok = self._same_bytes(qbytes, qstart[found], lens[found], c)
+            out[found[ok]] = c[ok]
+            active = found[~ok]  # a hash match with other bytes: probe on
             pos[active] = (pos[active] + 1) & mask
         return out
 
@@ -327,6 +330,11 @@ class HouseholdTable:
         self.open_row = np.empty(0, dtype=np.int32)
         self.closed_max = np.empty(0, dtype=np.int32)
         self.seq = np.empty(0, dtype=np.int32)
+        #: readings seen (any, late and duplicates included), saturating at 255; a household
+        #: with ESTABLISHED of them counts towards the watermark's quorum
+        self.reads = np.empty(0, dtype=np.uint8)
+        self.established = 0  # alive households with ESTABLISHED readings or more
+        self.established_before = 0  # the same before the last ``count_readings``
         #: the model's per-household state, one column per ``model.HouseholdState`` field
         self.state: dict[str, np.ndarray] = storage_columns(0)
         self._fresh = storage_columns(1)
@@ -335,7 +343,8 @@ class HouseholdTable:
         return self.index.alive
 
     def memory_bytes(self) -> int:
-        cols = (self.open_row, self.closed_max, self.seq, *self.state.values())
+        cols: list[np.ndarray] = [self.open_row, self.closed_max, self.seq, self.reads,
+                                  *self.state.values()]
         return self.index.memory_bytes() + sum(a.nbytes for a in cols)
 
     def lookup(self, households: Sequence[str], *, insert: bool = True) -> np.ndarray:
@@ -346,7 +355,31 @@ class HouseholdTable:
             self._grow(self.index.capacity())
             self.reset(new)
             self.open_row[new] = -1
+            self.reads[new] = 0
         return idx
+
+    def count_readings(self, hh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Count one reading per entry of ``hh`` (stream order). Returns, per reading,
+        whether its household is established with it (ESTABLISHED readings, this one
+        included), and the number of established households just after it."""
+        self.established_before = self.established
+        prior = self.reads[hh]
+        if len(hh) == 0 or prior.min() == 255:  # the usual case: nothing left to count
+            return np.ones(len(hh), dtype=bool), np.full(len(hh), self.established)
+        order = np.argsort(hh, kind="stable")
+        sh = hh[order]
+        start = np.r_[True, sh[1:] != sh[:-1]]
+        rank = np.arange(len(sh)) - np.maximum.accumulate(np.where(start, np.arange(len(sh)), 0))
+        nth = np.empty(len(hh), dtype=np.int64)
+        nth[order] = rank + 1  # 1 for a household's first reading in this batch
+        total = prior.astype(np.int64) + nth
+        counts = total >= ESTABLISHED
+        crossing = counts & (total - 1 < ESTABLISHED)
+        established = self.established + np.cumsum(crossing)
+        self.established = int(established[-1])
+        last = np.r_[start[1:], True]  # each household's last reading in the batch
+        self.reads[sh[last]] = np.minimum(255, total[order][last])
+        return counts, established
 
     def _grow(self, cap: int) -> None:
         """Columns for ``cap`` households (new entries are set when handed out)."""
@@ -355,6 +388,7 @@ class HouseholdTable:
         self.open_row = grown(self.open_row, cap)
         self.closed_max = grown(self.closed_max, cap)
         self.seq = grown(self.seq, cap)
+        self.reads = grown(self.reads, cap)
         for name, arr in self.state.items():
             self.state[name] = grown(arr, cap)
 
@@ -370,13 +404,16 @@ class HouseholdTable:
 
     def evict(self, hs: np.ndarray) -> None:
         """Forget these households (no open day): their index is reused."""
+        self.established -= int((self.reads[hs] >= ESTABLISHED).sum())
+        self.reads[hs] = 0
         self.reset(hs)
         self.open_row[hs] = -1
         self.index.remove(hs.astype(np.int32))
 
     def snapshot(self, h: int) -> dict[str, object]:
         """The household's durable state (a record of the compacted state topic)."""
-        out: dict[str, object] = {"seq": int(self.seq[h]), "closed_max": int(self.closed_max[h])}
+        out: dict[str, object] = {"seq": int(self.seq[h]), "closed_max": int(self.closed_max[h]),
+                                  "reads": int(self.reads[h])}
         for name, col in self.state.items():
             v = col[h]
             out[name] = v.astype(np.float32) if v.dtype == np.float16 else v
@@ -387,6 +424,9 @@ class HouseholdTable:
         h = int(self.lookup([household_id])[0])
         self.seq[h] = doc["seq"]
         self.closed_max[h] = doc["closed_max"]
+        reads = min(255, int(doc.get("reads", ESTABLISHED)))  # older snapshots: established
+        self.established += int(reads >= ESTABLISHED) - int(int(self.reads[h]) >= ESTABLISHED)
+        self.reads[h] = reads
         _load_row(self.state, h, doc)
 
     def restore_day(self, day_score: dict) -> None:

@@ -67,8 +67,11 @@ def test_watermark_closes_imputed_and_incomplete_days():
     asm = DayAssembler(TimeGrid(), grace_s=3600, max_imputed=4, watermark_quorum=1)
     hh, ts, kwh = readings(2, 1)
     keep = [i for i in range(96) if not (i < 48 and i % 48 in (5, 6)) and not (i >= 48 and i % 2)]
-    asm.add(*batch([hh[i] for i in keep], ts[keep], kwh[keep]))
-    assert asm.open_days == 2
+    # H9 sends a complete day too: only a household with a day's worth of readings moves
+    # the watermark
+    res = asm.add(*batch([hh[i] for i in keep] + ["H9"] * 48, np.r_[ts[keep], ts[:48]],
+                         np.r_[kwh[keep], kwh[:48]]))
+    assert res.closed.household_ids == ["H9"] and asm.open_days == 2
     # a reading of the next day at 00:30 is not past the grace yet, at 01:30 it is
     res = asm.add(*batch(["H9"], np.array([(DAY0 + 1) * 86400 + 1800]), np.array([1.0])))
     assert len(res.closed) == 0
@@ -226,15 +229,23 @@ def test_one_reading_dated_ahead_closes_nothing():
         assert dropped == 0
         assert sorted((h, d) for h, d, st, *_ in out if st == COMPLETE) == sorted(
             (f"H{h}", DAY0 + d) for h in range(6) for d in range(2))
-    # two more households reading a month ahead still do not reach the quorum of 3
+    # a thousand one-reading households a month ahead do not move it either: a household
+    # counts once it has sent a day's worth of readings (48)
     asm = DayAssembler(TimeGrid(), grace_s=3600)
-    pre = [i for i in range(len(hh)) if i < mid]
+    pre = [i for i in range(len(hh)) if i < 300 and hh[i] != "INTRUDER"]  # day 0 and a bit
     asm.add(*batch([hh[i] for i in pre], ts[pre], kwh[pre]))
-    res = asm.add(*batch(["X1", "X2"], np.full(2, (DAY0 + 30) * 86400), np.ones(2)))
-    assert len(res.closed) == 0 and asm.watermark < (DAY0 + 1) * 86400
-    # a third does: the quorum says the stream really moved on
-    res = asm.add(*batch(["X3"], np.array([(DAY0 + 30) * 86400]), np.ones(1)))
-    assert asm.watermark == (DAY0 + 30) * 86400 and len(res.closed) > 0
+    w = asm.watermark
+    ahead = (DAY0 + 30) * 86400 + np.arange(48) * 1800
+    res = asm.add(*batch([f"ONE{i}" for i in range(1000)], np.full(1000, ahead[0]),
+                         np.ones(1000)))
+    assert len(res.closed) == 0 and asm.watermark == w
+    # nor do two households with a whole day a month ahead (the quorum is 3) ...
+    res = asm.add(*batch(["X1"] * 48 + ["X2"] * 48, np.r_[ahead, ahead], np.ones(96)))
+    assert [h for h, st in zip(res.closed.household_ids, res.closed.status, strict=True)
+            if st != COMPLETE] == [] and asm.watermark == w
+    # ... a third does: the stream really moved on
+    res = asm.add(*batch(["X3"] * 48, ahead, np.ones(48)))
+    assert asm.watermark == ahead[-1] and (res.closed.status == INCOMPLETE).any()
 
 
 def test_reading_older_than_a_closed_day_is_late_in_any_fetch():
