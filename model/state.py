@@ -32,6 +32,27 @@ def _shape(name: str, n: int) -> tuple[int, ...]:
     return (n, N_BLOCKS) if name in _PROFILE_FIELDS else (n,)
 
 
+#: How a store of many households keeps each field between days (the stream's household
+#: table): the (N, 12) time-of-day profile in float16 (half the bytes; a log share of a
+#: two-hour block needs no more than float16's 3 significant digits), everything else as
+#: ``HouseholdState`` computes it. ``HouseholdState`` itself always computes in float32: a
+#: store's columns are converted when they are read into one and rounded when written back.
+#: The effect on scores is bounded by ``tests/test_assembler.py``.
+STORAGE_DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(np.float16 if name in _PROFILE_FIELDS
+                   else np.int32 if name == "count" else np.float32)
+    for name in ("level", "err_mean", "err_var", "count", "peak_mean", "peak_var",
+                 "ratio_mean", "ratio_var", "fault_rate", "timing_mean", "timing_var",
+                 *_PROFILE_FIELDS)}
+
+
+def storage_columns(n: int) -> dict[str, np.ndarray]:
+    """The state of ``n`` new households as storage columns (``STORAGE_DTYPES``)."""
+    fresh = HouseholdState.empty(n)
+    return {f.name: getattr(fresh, f.name).astype(STORAGE_DTYPES[f.name])
+            for f in fields(HouseholdState)}
+
+
 @dataclass
 class HouseholdState:
     """Running state of N households, one entry per household in each array.

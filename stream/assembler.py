@@ -1,48 +1,56 @@
-"""Day assembly: readings of one partition become complete household-days.
+"""Day assembly: readings of one partition become closed household-days, in date order.
 
-State is columnar and compact (no object per reading or per day):
+State is columnar and compact (no Python object per reading, per day or per household):
 
-* per household (index ``h``): ``open_row[h]`` (the row of its open day, -1 if none),
-  ``closed_max[h]`` and ``closed_mask[h]`` (a 64-day bitmap of closed days ending at
-  ``closed_max``), and the model's running household state (level, error statistics);
-* per open day (row ``r``): 48 float32 slots, a bitmap of the slots seen, the household,
-  the day, the readings count, the first Kafka offset and the latest Kafka timestamp.
-  A household rarely has two open days (around midnight); the second lives in ``_extra``.
+* per household (``stream.households.HouseholdTable``): id, the row of its open day, its
+  newest closed day and closed-day count (``seq``), the model's running state;
+* per open day (row ``r``): 48 slots of 1/10,000 kWh in uint16 (exact for readings with at
+  most 4 decimals up to 6.5535 kWh; a day with any other reading keeps float32 slots in
+  ``_wide``), a bitmap of the slots seen, the household, the day, the readings count, the
+  first Kafka offset and the latest Kafka timestamp. A household rarely has two open days
+  (around midnight); the others live in ``_extra``.
 
-Policies (documented in the README, tested in ``tests/test_assembler.py``):
+Rules (docs/assembler.md; tested in ``tests/test_assembler.py``). Readings are taken in
+stream order, and every decision about a reading depends only on the readings before it in
+the partition, never on fetch boundaries or producer batching:
 
 * **Duplicate** reading for a slot already filled: the first value is kept, the duplicate
-  is counted (``meterwatch_duplicate_readings_total``). Replays after a restart are
-  therefore idempotent.
-* **Late** reading for a day already closed, or 64+ days older than the household's newest
-  closed day: dropped and counted (``meterwatch_late_readings_total``).
-* **Watermark**: the partition's event-time watermark is the largest reading timestamp
-  seen. A day whose end plus ``grace_s`` is behind the watermark is closed: with at most
-  ``max_imputed`` slots missing it is scored with those slots imputed (status ``imputed``),
-  otherwise it is reported as ``incomplete`` (data-quality topic) and not scored.
+  is counted (``meterwatch_duplicate_readings_total``). Replays are idempotent.
+* **Watermark**: the ``watermark_quorum``-th newest (default 3rd) of the newest readings of
+  the households that have sent at least 48 readings (in a partition of fewer than 5 such
+  households, the ceil(n/2)-th). A day whose end
+  plus ``grace_s`` is at or behind the watermark is closed: with at most ``max_imputed``
+  slots missing it is scored with those imputed (status ``imputed``), else reported
+  ``incomplete``. One
+  household (one reading dated today, or a meter with a wrong clock) cannot close anything.
+* **Late** (dropped and counted, ``meterwatch_late_readings_total``): a reading whose day
+  was behind the watermark as it stood just before the reading, or whose day is on or
+  before its household's newest closed day.
+* **Date order**: a household's days close in date order; a complete day waits behind an
+  earlier open day of its household until that one closes (complete, or by the
+  watermark), so ``seq`` and the state that scoring writes back follow the calendar.
+* **Idle households**: one silent for ``idle_evict_days`` (default 60) starts again as a
+  new household when it returns (population statistics, ``seq`` from 1); ``evict_idle``
+  frees its memory meanwhile (its last state stays on the compacted state topic).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as _dt
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
-from meterwatch.model import HouseholdState
+from meterwatch.stream.households import NO_DAY, HouseholdTable, grown, next_capacity, zeros
 from meterwatch.stream.parse import ParsedBatch
-from meterwatch.stream.timegrid import SLOTS, TimeGrid
+from meterwatch.stream.timegrid import DAY_S, SLOTS, TimeGrid
 
 log = logging.getLogger(__name__)
 
 COMPLETE, IMPUTED, INCOMPLETE = 0, 1, 2
-_EPOCH = _dt.date(1970, 1, 1)
-_date = _dt.date.fromisoformat
 STATUS_NAMES = ("scored", "imputed", "incomplete")
-_NO_DAY = np.iinfo(np.int32).min // 2
-_MASK_DAYS = 64
+_MIN_TS = np.iinfo(np.int64).min // 4
 
 
 @dataclass
@@ -126,166 +134,92 @@ class AddResult:
     late: int = 0
 
 
-@dataclass
-class HouseholdTable:
-    """Households of one partition: ids, closed-day bitmaps, model state columns."""
-
-    ids: list[str] = field(default_factory=list)
-    index: dict[str, int] = field(default_factory=dict)
-    open_row: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
-    closed_max: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
-    closed_mask: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
-    seq: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
-    #: the model's per-household state, one column per ``model.HouseholdState`` field
-    state: dict[str, np.ndarray] = field(default_factory=lambda: {
-        f.name: getattr(HouseholdState.empty(0), f.name)
-        for f in dataclasses.fields(HouseholdState)})
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def lookup(self, households: list[str]) -> np.ndarray:
-        """Indices of the households, adding the new ones."""
-        found = list(map(self.index.get, households))
-        if None not in found:
-            return np.array(found, dtype=np.int32)
-        idx = np.array([-1 if i is None else i for i in found], dtype=np.int32)
-        missing = np.flatnonzero(idx < 0)
-        if len(missing):
-            for j in missing:
-                h = households[j]
-                i = self.index.get(h)
-                if i is None:
-                    i = self.index[h] = len(self.ids)
-                    self.ids.append(h)
-                idx[j] = i
-            self._grow(len(self.ids))
-        return idx
-
-    def _grow(self, n: int) -> None:
-        cap = len(self.open_row)
-        if n <= cap:
-            return
-        new_cap = max(n, cap * 2, 1024)
-
-        def grow(a: np.ndarray, fill: object) -> np.ndarray:
-            b = np.empty((new_cap, *a.shape[1:]), dtype=a.dtype)
-            b[:] = fill
-            b[:cap] = a
-            return b
-
-        self.open_row = grow(self.open_row, -1)
-        self.closed_max = grow(self.closed_max, _NO_DAY)
-        self.closed_mask = grow(self.closed_mask, 0)
-        self.seq = grow(self.seq, 0)
-        fresh = HouseholdState.empty(1)
-        for name, arr in self.state.items():
-            self.state[name] = grow(arr, getattr(fresh, name)[0])
-
-    def state_column(self, name: str) -> np.ndarray:
-        return self.state[name]
-
-    def snapshot(self, h: int) -> dict[str, object]:
-        """The household's durable state (a record of the compacted state topic)."""
-        return {"seq": int(self.seq[h]), "closed_max": int(self.closed_max[h]),
-                "closed_mask": int(self.closed_mask[h]), **state_row(self.state, h)}
-
-    def restore(self, household_id: str, doc: dict) -> None:
-        """Load a household's durable state (from ``snapshot``)."""
-        h = int(self.lookup([household_id])[0])
-        self.seq[h] = doc["seq"]
-        self.closed_max[h] = doc["closed_max"]
-        self.closed_mask[h] = np.uint64(doc["closed_mask"])
-        load_state_row(self.state, h, doc)
-
-    def restore_day(self, day_score: dict) -> None:
-        """Apply a published day score: the day is closed; a newer state wins."""
-        h = int(self.lookup([day_score["household_id"]])[0])
-        day = (_date(day_score["date"]) - _EPOCH).days
-        if self.is_closed(np.array([h]), np.array([day]))[0]:
-            return
-        seq = int(self.seq[h])
-        self.mark_closed(h, day)
-        self.seq[h] = max(seq, int(day_score["seq"]))
-        if int(day_score["seq"]) > seq and day_score.get("state"):
-            load_state_row(self.state, h, day_score["state"])
-
-    def is_closed(self, h: np.ndarray, day: np.ndarray) -> np.ndarray:
-        """Whether each (household, day) was closed already (or is too old to reopen)."""
-        back = self.closed_max[h].astype(np.int64) - day
-        in_mask = (back >= 0) & (back < _MASK_DAYS)
-        bit = np.left_shift(np.uint64(1), np.clip(back, 0, _MASK_DAYS - 1).astype(np.uint64))
-        return (in_mask & ((self.closed_mask[h] & bit) != 0)) | (back >= _MASK_DAYS) & \
-            (self.closed_max[h] != _NO_DAY)
-
-    def mark_closed(self, h: int, day: int) -> None:
-        cm = int(self.closed_max[h])
-        mask = int(self.closed_mask[h])
-        if cm == _NO_DAY or day > cm:
-            shift = day - cm if cm != _NO_DAY else _MASK_DAYS
-            mask = (mask << shift) & 0xFFFF_FFFF_FFFF_FFFF if shift < _MASK_DAYS else 0
-            self.closed_max[h] = day
-            mask |= 1
-        elif cm - day < _MASK_DAYS:
-            mask |= 1 << (cm - day)
-        self.closed_mask[h] = np.uint64(mask)
-        self.seq[h] += 1
-
-
 class DayAssembler:
-    """Assembles the household-days of one input partition."""
+    """Assembles the household-days of one input partition (rules: module docstring)."""
 
     def __init__(self, grid: TimeGrid, *, grace_s: float = 3600.0, max_imputed: int = 4,
-                 initial_rows: int = 1024) -> None:
+                 initial_rows: int = 1024, watermark_quorum: int = 3,
+                 idle_evict_days: int = 60) -> None:
         self.grid = grid
         self.grace_s = grace_s
         self.max_imputed = max_imputed
+        self.quorum = max(1, watermark_quorum)
+        self.idle_evict_days = idle_evict_days
         self.households = HouseholdTable()
-        self.watermark = np.iinfo(np.int64).min
-        self._next_close_check = np.iinfo(np.int64).min
+        self.watermark = _MIN_TS
+        #: the (at most ``quorum``) households with the newest readings, and those readings
+        self._top_h = np.empty(0, dtype=np.int32)
+        self._top_ts = np.empty(0, dtype=np.int64)
+        self._next_close_check = _MIN_TS
         n = initial_rows
-        self.kwh = np.full((n, SLOTS), np.nan, dtype=np.float32)
+        self.kwh = np.zeros((n, SLOTS), dtype=np.uint16)  # 1/10,000 kWh; see _wide
         self.seen = np.zeros(n, dtype=np.uint64)  # bitmap of first-occurrence slots
         self.row_hh = np.full(n, -1, dtype=np.int32)
         self.row_day = np.zeros(n, dtype=np.int32)
-        self.row_n = np.zeros(n, dtype=np.int16)
+        self.row_n = np.zeros(n, dtype=np.uint8)
         self.row_first = np.zeros(n, dtype=np.int64)
         self.row_last_ts = np.zeros(n, dtype=np.int64)
-        self._free = list(range(n - 1, -1, -1))
-        self._extra: dict[int, dict[int, int]] = {}  # h -> {day: row}, second open days
+        self._free = np.arange(n - 1, -1, -1, dtype=np.int32)  # a stack: _free[:_nfree]
+        self._nfree = n
+        self._open = 0
+        #: rows holding a reading that 1/10,000 kWh steps cannot hold exactly: float32 slots
+        self._wide: dict[int, np.ndarray] = {}
+        self._extra: dict[int, dict[int, int]] = {}  # h -> {day: row}, further open days
+        self._waiting: set[int] = set()  # complete rows behind an open earlier day
         self._repeats: dict[tuple[int, int], float] = {}  # (row, slot) -> repeated reading
+        self.evicted = 0
 
     # -- queries ---------------------------------------------------------------------------
     @property
     def open_days(self) -> int:
-        return int((self.row_hh >= 0).sum())
+        return self._open
 
     def low_offset(self) -> int | None:
         """The lowest Kafka offset any open day still needs (None when nothing is open)."""
+        if self._open == 0:
+            return None
         used = self.row_hh >= 0
-        return int(self.row_first[used].min()) if used.any() else None
+        return int(self.row_first[used].min())
 
     def memory_bytes(self) -> int:
+        """Bytes of the day rows and the household table (arrays; not Python overhead)."""
         arrays = (self.kwh, self.seen, self.row_hh, self.row_day, self.row_n, self.row_first,
-                  self.row_last_ts)
-        return sum(a.nbytes for a in arrays)
+                  self.row_last_ts, self._free)
+        return (sum(a.nbytes for a in arrays) + SLOTS * 4 * len(self._wide)
+                + self.households.memory_bytes())
 
     # -- updates ---------------------------------------------------------------------------
     def add(self, batch: ParsedBatch, offsets: np.ndarray, timestamps_ms: np.ndarray) -> AddResult:
-        """Add a parsed batch; ``offsets``/``timestamps_ms`` are per source record."""
-        if len(batch) == 0:
-            return AddResult(self.close_expired())
-        hh = self.households.lookup(batch.ids)[batch.id_index]
-        day, slot, repeat = self.grid.locate(batch.ts)
-        off = offsets[batch.record]
-        kts = timestamps_ms[batch.record]
-        self.watermark = max(self.watermark, int(batch.ts.max()))
+        """Add a parsed batch; ``offsets``/``timestamps_ms`` are per source record.
 
-        closed = self.households.is_closed(hh, day)
-        late = int(closed.sum())
-        keep = ~closed
+        Readings are taken in stream order (source record, then position in the record);
+        every decision about a reading depends only on the readings before it in the
+        partition, never on where fetches begin and end.
+        """
+        if len(batch) == 0:
+            return AddResult(self._close_round(np.empty(0, dtype=np.int64)))
+        households = self.households
+        order: np.ndarray | slice = slice(None)
+        if len(batch) > 1 and (np.diff(batch.record) < 0).any():
+            order = np.argsort(batch.record, kind="stable")
+        hh = households.lookup(batch.ids)[batch.id_index][order]
+        ts = batch.ts[order]
+        kwh_in = batch.kwh[order]
+        rec = batch.record[order]
+        day, slot, repeat = self.grid.locate(ts)
+        off = offsets[rec]
+        kts = timestamps_ms[rec]
+
+        # Late: behind the watermark as it stood before the reading, or a day of the
+        # household that is closed or older than its newest closed day.
+        threshold = self.grid.day_ends(day) + int(self.grace_s)
+        late_mask = self._advance_watermark(hh, ts, threshold)
+        late_mask |= households.is_closed(hh, day)
+        late = int(late_mask.sum())
+        keep = ~late_mask
         hh, day, slot, repeat, kwh, off, kts = (a[keep] for a in (hh, day, slot, repeat,
-                                                                  batch.kwh, off, kts))
+                                                                  kwh_in, off, kts))
+        self._restart_idle(hh, day)
         rows = self._rows_for(hh, day)
 
         # Duplicates inside the batch: keep the first of each (row, slot, repeat).
@@ -307,7 +241,7 @@ class DayAssembler:
         duplicates = int(dup_mask.sum())
         new = ~dup_mask
         p = new & primary
-        self.kwh[rows[p], slot[p]] = kwh[p]
+        self._store(rows[p], slot[p], kwh[p])
         np.bitwise_or.at(self.seen, rows[p], bits[p])
         np.add.at(self.row_n, rows[new], 1)
         np.minimum.at(self.row_first, rows, off)
@@ -316,45 +250,144 @@ class DayAssembler:
         touched = np.unique(rows[new])
         exp = self._expected(self.row_day[touched])
         done = touched[self.row_n[touched] >= exp]
-        result = AddResult(self._emit(done, COMPLETE), accepted=int(new.sum()),
-                           duplicates=duplicates, late=late)
-        expired = self.close_expired()
-        if len(expired):
-            result.closed = ClosedDays.concat([result.closed, expired])
-        return result
+        return AddResult(self._close_round(done), accepted=int(new.sum()),
+                         duplicates=duplicates, late=late)
 
     def close_expired(self, *, force: bool = False) -> ClosedDays:
-        """Close the days the watermark has passed by more than the grace period."""
-        if not force and self.watermark < self._next_close_check:
-            return ClosedDays.empty()
-        used = np.flatnonzero(self.row_hh >= 0)
-        if len(used) == 0:
-            self._next_close_check = np.iinfo(np.int64).max
-            return ClosedDays.empty()
-        ends = self.grid.day_ends(self.row_day[used]) + int(self.grace_s)
-        expired = used[ends <= self.watermark] if not force else used
-        pending = ends[ends > self.watermark]
-        self._next_close_check = int(pending.min()) if len(pending) else np.iinfo(np.int64).max
-        if len(expired) == 0:
-            return ClosedDays.empty()
-        missing = self._expected(self.row_day[expired]) - self.row_n[expired]
-        imputed = expired[missing <= self.max_imputed]
-        incomplete = expired[missing > self.max_imputed]
-        return ClosedDays.concat([self._emit(imputed, IMPUTED),
-                                  self._emit(incomplete, INCOMPLETE)])
+        """Close the days the watermark has passed by more than the grace period (``force``:
+        every open day)."""
+        return self._close_round(np.empty(0, dtype=np.int64), force=force)
+
+    def evict_idle(self, keep: Iterable[int] | Callable[[], Iterable[int]] = ()) -> int:
+        """Forget households silent for ``idle_evict_days`` (see the module docstring).
+
+        A household is evicted when it has no open day and its newest closed day is more
+        than ``idle_evict_days`` (plus the grace, rounded up to days, plus one) before the
+        watermark's day, or when it has neither an open nor a closed day (all its readings
+        were late). ``keep``: household indices that must stay (days of theirs still being
+        scored or published), or a function giving them (called only when some household
+        is idle). Returns how many were evicted.
+        """
+        if self.watermark == _MIN_TS:
+            return 0
+        hh = self.households
+        n = hh.index.size
+        wday = int(self.grid.locate(np.array([self.watermark], dtype=np.int64))[0][0])
+        limit = wday - self.idle_evict_days - 1 - int(np.ceil(self.grace_s / DAY_S))
+        cm = hh.closed_max[:n]
+        idle = hh.index.alive_mask() & (hh.open_row[:n] < 0) & (cm <= limit)
+        if not idle.any():
+            return 0
+        if self._extra:
+            idle[list(self._extra)] = False
+        keep_arr = np.fromiter(keep() if callable(keep) else keep, dtype=np.int64)
+        if len(keep_arr):
+            idle[keep_arr[keep_arr < n]] = False
+        gone = np.flatnonzero(idle)
+        if len(gone):
+            hh.evict(gone)
+            in_top = np.isin(self._top_h, gone)
+            self._top_h, self._top_ts = self._top_h[~in_top], self._top_ts[~in_top]
+            self.evicted += len(gone)
+            log.debug("evicted %d idle households", len(gone))
+        return len(gone)
 
     def drop_all(self) -> None:
         """Forget every open day (the partition was revoked)."""
         self.row_hh[:] = -1
-        self.kwh[:] = np.nan
         self.seen[:] = 0
         self.row_n[:] = 0
-        self._free = list(range(len(self.row_hh) - 1, -1, -1))
+        n = len(self.row_hh)
+        self._free = np.arange(n - 1, -1, -1, dtype=np.int32)
+        self._nfree = n
+        self._open = 0
         self._extra.clear()
+        self._waiting.clear()
         self._repeats.clear()
+        self._wide.clear()
         self.households.open_row[:] = -1
 
+    # -- watermark -------------------------------------------------------------------------
+    def _advance_watermark(self, hh: np.ndarray, ts: np.ndarray,
+                           threshold: np.ndarray) -> np.ndarray:
+        """Which readings are behind the watermark as it stood just before each of them
+        (``threshold``: the end of the reading's day plus the grace); then advance it.
+
+        The watermark is the ``quorum``-th newest of the newest readings of established
+        households (48 readings or more; ``HouseholdTable.count_readings``): one household,
+        however far ahead it reads, or any number of one-reading households, cannot move it.
+        The usual fetch needs no per-reading work: a reading is late
+        for sure if its threshold is behind the watermark before the fetch, on time for
+        sure if it is ahead of every reading before it; only the readings in between are
+        decided exactly, per distinct threshold.
+        """
+        w0 = self.watermark
+        late = threshold <= w0
+        n = len(ts)
+        top_h, top_ts = self._top_h, self._top_ts
+        households = self.households
+        counts, established = households.count_readings(hh)
+        quorum = np.maximum(1, np.minimum(self.quorum, (established + 1) // 2))
+        before = np.maximum.accumulate(ts)
+        bound = np.empty(n, dtype=np.int64)
+        bound[0] = w0
+        np.maximum(before[:-1], w0, out=bound[1:])
+        unsure = ~late & (threshold <= bound)
+        if unsure.any():
+            positions = np.arange(n)
+            q0 = max(1, min(self.quorum, (households.established_before + 1) // 2))
+            for theta in np.unique(threshold[unsure]).tolist():
+                ahead = top_h[top_ts >= theta]  # households already past theta
+                at = np.flatnonzero((ts >= theta) & counts)
+                h_at, first = np.unique(hh[at], return_index=True)
+                firsts = np.sort(at[first[~np.isin(h_at, ahead)]])
+                # the first reading after which enough households are past theta
+                reached = len(ahead) + np.arange(1, len(firsts) + 1) >= quorum[firsts]
+                cross = (-1 if len(ahead) >= q0 else
+                         int(firsts[np.argmax(reached)]) if reached.any() else n)
+                sel = unsure & (threshold == theta)
+                late[sel] = positions[sel] > cross
+        # The quorum-th newest household reading after this fetch. Candidates: households
+        # with a counting reading at or after ``cut``, lowered until it spans ``quorum``
+        # households (one whose readings are all older cannot be among the newest).
+        cts, chh = ts[counts], hh[counts]
+        if len(cts):
+            cut = int(cts.max())
+            while True:
+                sel = cts >= cut
+                uh, inv = np.unique(chh[sel], return_inverse=True)
+                older = cts[~sel]
+                if len(uh) >= self.quorum or len(older) == 0:
+                    break
+                cut = int(older.max())
+            newest = np.full(len(uh), _MIN_TS, dtype=np.int64)
+            np.maximum.at(newest, inv, cts[sel])
+            cand_h = np.concatenate([top_h, uh.astype(np.int32)])
+            cand_ts = np.concatenate([top_ts, newest])
+            o = np.lexsort((-cand_ts, cand_h))
+            first = np.r_[True, cand_h[o][1:] != cand_h[o][:-1]]
+            cand_h, cand_ts = cand_h[o][first], cand_ts[o][first]
+            best = np.argsort(-cand_ts, kind="stable")[:self.quorum]
+            self._top_h, self._top_ts = cand_h[best], cand_ts[best]
+        q_end = int(quorum[-1])
+        if len(self._top_ts) >= q_end:
+            self.watermark = max(w0, int(self._top_ts[q_end - 1]))
+        return late
+
     # -- internals -------------------------------------------------------------------------
+    def _restart_idle(self, hh: np.ndarray, day: np.ndarray) -> None:
+        """A household back after ``idle_evict_days`` or more starts again as a new one,
+        whether it was evicted meanwhile or not (so eviction changes no result)."""
+        households = self.households
+        cm = households.closed_max[hh]
+        back = (cm != NO_DAY) & (day.astype(np.int64) - cm >= self.idle_evict_days)
+        if back.any():
+            hs = np.unique(hh[back])
+            hs = hs[households.open_row[hs] < 0]
+            if self._extra:
+                hs = hs[~np.isin(hs, list(self._extra))]
+            households.reset(hs)
+
     def _expected(self, days: np.ndarray) -> np.ndarray:
         if self.grid.is_utc:
             return np.full(len(days), SLOTS, dtype=np.int16)
@@ -362,97 +395,194 @@ class DayAssembler:
         exp = np.array([self.grid.expected_readings(int(d)) for d in uniq], dtype=np.int16)
         return exp[inv]
 
+    def _store(self, rows: np.ndarray, slots: np.ndarray, kwh: np.ndarray) -> None:
+        """Write first readings: as 1/10,000 kWh in uint16 where that is exact (every value
+        with at most 4 decimals up to 6.5535 kWh), else the row goes float32 (``_wide``)."""
+        q = np.rint(kwh.astype(np.float64) * _SCALE)
+        ok = (q >= 0) & (q <= 65535)
+        q = np.where(ok, q, 0).astype(np.uint16)
+        ok &= _decode(q) == kwh
+        if self._wide:
+            ok &= ~np.isin(rows, list(self._wide))
+        self.kwh[rows[ok], slots[ok]] = q[ok]
+        for j in np.flatnonzero(~ok).tolist():
+            r = int(rows[j])
+            w = self._wide.get(r)
+            if w is None:
+                w = self._wide[r] = _decode(self.kwh[r])
+            w[slots[j]] = kwh[j]
+
     def _rows_for(self, hh: np.ndarray, day: np.ndarray) -> np.ndarray:
         """Row of each (household, day), allocating rows for days not open yet."""
-        households = self.households
-        rows = households.open_row[hh]
+        open_row = self.households.open_row
+        rows = open_row[hh]
         ok = (rows >= 0) & (self.row_day[np.maximum(rows, 0)] == day)
         if ok.all():
             return rows
         rows = rows.copy()
         bad = np.flatnonzero(~ok)
-        keys = (hh[bad].astype(np.int64) << 32) | (day[bad].astype(np.int64) - _NO_DAY)
+        keys = (hh[bad].astype(np.int64) << 32) | (day[bad].astype(np.int64) & 0xFFFFFFFF)
         uniq, inv = np.unique(keys, return_inverse=True)
-        found = np.empty(len(uniq), dtype=np.int32)
-        for i, k in enumerate(uniq.tolist()):
-            h, d = k >> 32, (k & 0xFFFFFFFF) + _NO_DAY
-            r = self._extra.get(h, {}).get(d)
-            if r is None:
-                r = self._allocate(h, d)
-            found[i] = r
+        uh = (uniq >> 32).astype(np.int32)
+        ud = (uniq & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+        found = np.full(len(uniq), -1, dtype=np.int32)
+        if self._extra:
+            for i in np.flatnonzero(np.isin(uh, list(self._extra))).tolist():
+                r = self._extra[int(uh[i])].get(int(ud[i]))
+                if r is not None:
+                    found[i] = r
+        new = np.flatnonzero(found < 0)
+        if len(new):
+            found[new] = self._allocate(uh[new], ud[new])
         rows[bad] = found[inv]
         return rows
 
-    def _allocate(self, h: int, day: int) -> int:
-        if not self._free:
+    def _allocate(self, hs: np.ndarray, days: np.ndarray) -> np.ndarray:
+        """Rows for new open days (``hs``, ``days``: distinct pairs, sorted by household)."""
+        m = len(hs)
+        while self._nfree < m:
             self._grow_rows()
-        r = self._free.pop()
-        self.row_hh[r] = h
-        self.row_day[r] = day
-        self.row_n[r] = 0
-        self.row_first[r] = np.iinfo(np.int64).max
-        self.row_last_ts[r] = 0
-        self.seen[r] = 0
-        self.kwh[r] = np.nan
+        rows = self._free[self._nfree - m:self._nfree][::-1].copy()
+        self._nfree -= m
+        self._open += m
+        self.row_hh[rows] = hs
+        self.row_day[rows] = days
+        self.row_n[rows] = 0
+        self.row_first[rows] = np.iinfo(np.int64).max
+        self.row_last_ts[rows] = 0
+        self.seen[rows] = 0
         open_row = self.households.open_row
-        if open_row[h] < 0:
-            open_row[h] = r
-        else:
-            self._extra.setdefault(h, {})[day] = r
-        # A new day may be behind the watermark already (a late first reading).
-        end = self.grid.bounds(day)[1] + int(self.grace_s)
-        self._next_close_check = min(self._next_close_check, end)
-        return r
+        first = np.r_[True, hs[1:] != hs[:-1]]
+        primary = first & (open_row[hs] < 0)
+        open_row[hs[primary]] = rows[primary]
+        for i in np.flatnonzero(~primary).tolist():
+            self._extra.setdefault(int(hs[i]), {})[int(days[i])] = int(rows[i])
+        # A new day may be behind the watermark already (its first reading came late).
+        ends = self.grid.day_ends(days) + int(self.grace_s)
+        self._next_close_check = min(self._next_close_check, int(ends.min()))
+        return rows
 
     def _grow_rows(self) -> None:
         n = len(self.row_hh)
-        m = n * 2
+        m = next_capacity(n, n + 1)
+        self.kwh = grown(self.kwh, m)  # rows are set when allocated (_allocate)
+        self.seen = grown(self.seen, m)
+        self.row_hh = grown(self.row_hh, m, -1)
+        self.row_day = grown(self.row_day, m)
+        self.row_n = grown(self.row_n, m)
+        self.row_first = grown(self.row_first, m)
+        self.row_last_ts = grown(self.row_last_ts, m)
+        free = zeros((m,), np.int32)
+        free[:m - n] = np.arange(m - 1, n - 1, -1, dtype=np.int32)
+        free[m - n:m - n + self._nfree] = self._free[:self._nfree]
+        self._free = free
+        self._nfree += m - n
 
-        def grow(a: np.ndarray, fill: object) -> np.ndarray:
-            b = np.full((m, *a.shape[1:]), fill, dtype=a.dtype)
-            b[:n] = a
-            return b
-
-        self.kwh = grow(self.kwh, np.nan)
-        self.seen = grow(self.seen, 0)
-        self.row_hh = grow(self.row_hh, -1)
-        self.row_day = grow(self.row_day, 0)
-        self.row_n = grow(self.row_n, 0)
-        self.row_first = grow(self.row_first, 0)
-        self.row_last_ts = grow(self.row_last_ts, 0)
-        self._free.extend(range(m - 1, n - 1, -1))
-
-    def _emit(self, rows: np.ndarray, status: int) -> ClosedDays:
-        if len(rows) == 0:
+    def _close_round(self, done: np.ndarray, *, force: bool = False) -> ClosedDays:
+        """Emit the complete rows ``done``, the rows the watermark closed, and complete rows
+        that waited: each household's days in date order, a day never before an earlier
+        open day of its household (it waits in ``_waiting`` until that one closes)."""
+        parts = [done.astype(np.int64)]
+        if self._waiting:
+            parts.append(np.fromiter(self._waiting, dtype=np.int64))
+        if force or self.watermark >= self._next_close_check:
+            used = np.flatnonzero(self.row_hh >= 0)
+            if len(used):
+                ends = self.grid.day_ends(self.row_day[used]) + int(self.grace_s)
+                passed = ends <= self.watermark
+                parts.append(used if force else used[passed])
+                pending = ends[~passed]
+                self._next_close_check = (int(pending.min()) if len(pending)
+                                          else np.iinfo(np.int64).max)
+            else:
+                self._next_close_check = np.iinfo(np.int64).max
+        cand = parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))
+        if len(cand) == 0:
             return ClosedDays.empty()
-        rows = np.sort(rows)
-        hh = self.row_hh[rows].copy()
-        days = self.row_day[rows].copy()
-        kwh = self.kwh[rows].copy()
+        if self._extra:
+            hc = self.row_hh[cand]
+            multi = np.isin(hc, list(self._extra))
+            if multi.any():
+                cset = set(cand[multi].tolist())
+                go: list[int] = []
+                for h in np.unique(hc[multi]).tolist():
+                    open_rows = sorted([int(self.households.open_row[h]),
+                                        *self._extra[h].values()],
+                                       key=lambda r: int(self.row_day[r]))
+                    blocked = False
+                    for r in open_rows:
+                        if blocked or r not in cset:
+                            blocked = True
+                            if r in cset:
+                                self._waiting.add(r)
+                        else:
+                            go.append(r)
+                cand = np.concatenate([cand[~multi], np.array(go, dtype=np.int64)])
+        self._waiting.difference_update(cand.tolist())
+        days = self.row_day[cand]
+        missing = self._expected(days) - self.row_n[cand].astype(np.int16)
+        status = np.where(missing <= 0, COMPLETE,
+                          np.where(missing <= self.max_imputed, IMPUTED, INCOMPLETE))
+        return self._emit(cand, status.astype(np.uint8))
+
+    def _emit(self, rows: np.ndarray, status: np.ndarray) -> ClosedDays:
+        households = self.households
+        hh = self.row_hh[rows]
+        days = self.row_day[rows]
+        o = np.lexsort((days, hh))  # each household's days in date order
+        rows, hh, days, status = rows[o], hh[o], days[o], status[o]
+        kwh = np.empty((len(rows), SLOTS), dtype=np.float32)
+        for lo in range(0, len(rows), 1 << 16):  # slices: a bounded transient however many
+            r = rows[lo:lo + (1 << 16)]
+            k = _decode(self.kwh[r])
+            seen = np.unpackbits(self.seen[r].astype("<u8").view(np.uint8).reshape(-1, 8),
+                                 axis=1, bitorder="little")[:, :SLOTS]
+            k[seen == 0] = np.nan
+            kwh[lo:lo + len(r)] = k
+        if self._wide:
+            for i, r in enumerate(rows.tolist()):
+                w = self._wide.pop(r, None)
+                if w is not None:
+                    seen_i = kwh[i] == kwh[i]
+                    kwh[i] = np.where(seen_i, w, np.nan)
         if self._repeats:  # autumn DST: a repeated slot scores the mean of its two readings
             for i, r in enumerate(rows.tolist()):
                 for s in range(SLOTS):
                     v = self._repeats.pop((r, s), None)
                     if v is not None:
                         kwh[i, s] = v if np.isnan(kwh[i, s]) else (kwh[i, s] + v) / 2.0
+        seq = households.mark_closed(hh, days)
         out = ClosedDays(
-            household_index=hh, household_ids=[self.households.ids[h] for h in hh],
-            day=days, kwh=kwh, status=np.full(len(rows), status, dtype=np.uint8),
-            readings=self.row_n[rows].copy(), expected=self._expected(days),
-            first_offset=self.row_first[rows].copy(), last_ts_ms=self.row_last_ts[rows].copy(),
-            seq=np.empty(len(rows), dtype=np.int64))
-        households = self.households
-        for i, (r, h, d) in enumerate(zip(rows.tolist(), hh.tolist(), days.tolist(), strict=True)):
-            households.mark_closed(h, d)
-            out.seq[i] = households.seq[h]
-            extra = self._extra.get(h)
-            if households.open_row[h] == r:
-                # promote another open day of this household, if any
-                households.open_row[h] = extra.pop(min(extra)) if extra else -1
-            elif extra is not None:
-                extra.pop(d, None)
-            if extra is not None and not extra:
-                del self._extra[h]
-            self.row_hh[r] = -1
-            self._free.append(r)
+            household_index=hh, household_ids=households.index.ids_of(hh),
+            day=days, kwh=kwh, status=status, readings=self.row_n[rows].astype(np.int16),
+            expected=self._expected(days), first_offset=self.row_first[rows].copy(),
+            last_ts_ms=self.row_last_ts[rows].copy(), seq=seq)
+        # free the rows; a household's next open day (if any) becomes its open row
+        open_row = households.open_row
+        if self._extra:
+            multi = np.isin(hh, list(self._extra))
+            for r, h, d in zip(rows[multi].tolist(), hh[multi].tolist(), days[multi].tolist(),
+                               strict=True):
+                extra = self._extra.get(h)
+                if open_row[h] == r:
+                    open_row[h] = extra.pop(min(extra)) if extra else -1
+                elif extra is not None:
+                    extra.pop(d, None)
+                if extra is not None and not extra:
+                    del self._extra[h]
+            open_row[hh[~multi]] = -1
+        else:
+            open_row[hh] = -1
+        self.row_hh[rows] = -1
+        self._free[self._nfree:self._nfree + len(rows)] = rows
+        self._nfree += len(rows)
+        self._open -= len(rows)
         return out
+
+
+_SCALE = 10_000
+
+
+def _decode(q: np.ndarray) -> np.ndarray:
+    """kWh from 1/10,000 kWh steps (float32, exactly as ``_store`` checks it)."""
+    return q.astype(np.float32) / np.float32(_SCALE)

@@ -79,6 +79,16 @@ class DynamicBatcher:
         offs = [int(p.days.first_offset.min()) for p in chunks if p.partition == partition]
         return min(offs) if offs else None
 
+    def households(self, partition: int) -> set[int]:
+        """Household indices of ``partition`` with days queued or taken but not released
+        (the assembler must not evict them)."""
+        chunks = itertools.chain(self._queue, *self._taken.values())
+        out: set[int] = set()
+        for p in chunks:
+            if p.partition == partition:
+                out.update(p.days.household_index.tolist())
+        return out
+
     def release(self, batch_id: int) -> None:
         """The batch's outputs are acknowledged (or it was abandoned to a replay)."""
         self._taken.pop(batch_id, None)

@@ -122,6 +122,9 @@ class Checkpoint:
                                        key_bytes=state_key(s, households.ids[h]))
                            for h in sorted(work.dirty))
             work.dirty.clear()
+            # households silent for --household-idle-evict-days leave memory (their state is
+            # durable since step 3); not those with days still queued, scored or published
+            work.assembler.evict_idle(keep=lambda: self.batcher.households(p))  # noqa: B023
             # Step 4: the safe offset
             c = self.safe_offset(work)
             if c == work.committed:

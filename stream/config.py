@@ -61,6 +61,10 @@ class Settings(BaseSettings):
                                    description="missing slots a closed day may have and be scored")
     max_future_s: float = Field(86400.0, ge=0,
                                 description="readings further ahead of the wall clock: rejected")
+    household_idle_evict_days: int = Field(
+        60, ge=1, le=100_000,
+        description="a household silent this many days is evicted from memory and starts "
+                    "again from population statistics when it returns")
 
     # Model and batching
     model_path: Path | None = Field(None, description="checkpoint (meterwatch train)")

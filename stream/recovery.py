@@ -137,7 +137,8 @@ async def recover(settings: Settings, publisher: OutputPublisher, consumer: AIOK
     works: dict[int, PartitionWork] = {}
     marks: dict[int, dict[str, Any]] = {}
     for p in new:
-        asm = DayAssembler(grid, grace_s=s.grace_s, max_imputed=s.max_imputed_slots)
+        asm = DayAssembler(grid, grace_s=s.grace_s, max_imputed=s.max_imputed_slots,
+                          idle_evict_days=s.household_idle_evict_days)
         latest: dict[str, bytes] = {}
         for r in state_recs[(s.state_topic, p)].records:
             if r.key == mark and r.value is not None:

@@ -551,8 +551,11 @@ class Service:
         if scored is not None and len(scoreable):
             sl = slice(row, row + len(scoreable))
             part = _slice_scored(scored, sl)
+            # a household's days are in date order: its last row holds its newest state
+            hi = scoreable.household_index
+            last = len(hi) - 1 - np.unique(hi[::-1], return_index=True)[1]
             for k in STATE_FIELDS:
-                households.state_column(k)[scoreable.household_index] = part.state[k]
+                households.state_column(k)[hi[last]] = part.state[k][last]
         # scored rows first (they align with ``part``), then the incomplete ones
         days = ClosedDays.concat([scoreable, p.days.select(p.days.status == INCOMPLETE)])
         docs = build_documents(days, part, days.seq, threshold=self.detector.threshold,

@@ -93,6 +93,8 @@ class TimeGrid:
 
     def day_ends(self, days: np.ndarray) -> np.ndarray:
         """UTC end (exclusive) of each local day, vectorised over unique days."""
+        if self.is_utc:
+            return (days.astype(np.int64) + 1) * DAY_S
         uniq, inv = np.unique(days, return_inverse=True)
         ends = np.fromiter((self.bounds(int(d))[1] for d in uniq), dtype=np.int64,
                            count=len(uniq))

@@ -20,10 +20,13 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from meterwatch.model import SyntheticData
+from meterwatch.stream.broker import create_topics
+from meterwatch.stream.outputs import MARK_KEY
 from meterwatch.stream.service import Service
 from meterwatch.stream.simulate import reading_json
 from meterwatch.stream.timegrid import TimeGrid
-from tests.conftest import read_topic, unique_settings
+from tests.conftest import HISTORY_DAYS, read_topic, unique_settings
 
 pytestmark = pytest.mark.integration
 
@@ -113,3 +116,117 @@ async def test_messy_input_has_documented_outcomes(broker, detector):
                      ("H3", DATES[1].isoformat()): "imputed_day"}
     assert duplicates == 48 * 4 + 50
     assert late_count == 5
+
+
+# -- issue 15 item 2: scores and state do not depend on batching ---------------------------
+ORDER_HOUSEHOLDS, ORDER_DAYS = 16, 5
+
+
+def _household_day(data: SyntheticData, h: int, d: int) -> list[bytes]:
+    hid = data.household_ids[h]
+    day = int(data.days[HISTORY_DAYS + d])
+    return [reading_json(hid, day * 86400 + s * 1800, float(data.kwh[h, HISTORY_DAYS + d, s]))
+            for s in range(48)]
+
+
+def _array_record(readings: list[bytes]) -> bytes:
+    return b"[" + b",".join(readings) + b"]"
+
+
+async def _stream(broker, detector, data: SyntheticData, mode: str):  # type: ignore[no-untyped-def]
+    """Stream the same household-days in one of several batchings; the day scores and the
+    final household states (state topic) it gave."""
+    # every day is complete, so the grace only decides lateness: two days let a household
+    # upload days 3 and 4 in one record after other households have moved on (with one hour,
+    # its day 3 would be more than the grace behind the partition's watermark: late)
+    settings = unique_settings(broker, topic_partitions=2, scorer="thread", grace_s=2 * 86400)
+    rng = np.random.default_rng(5)
+    hids = data.household_ids[:ORDER_HOUSEHOLDS]
+    n = ORDER_HOUSEHOLDS
+
+    def day_records(d: int) -> list[tuple[str, bytes]]:
+        recs = [(hids[h], r) for h in range(n) for r in _household_day(data, h, d)]
+        if mode == "shuffled":
+            recs = [recs[i] for i in rng.permutation(len(recs))]
+        return recs
+
+    # one step per producer burst; "bulk" and "shuffled" produce everything before the
+    # service starts (fetches then hold several days), the others wait for each day's scores
+    if mode == "days 3+4 in one record":
+        steps = [day_records(0), day_records(1),
+                 [(hids[h], _array_record(_household_day(data, h, 2) + _household_day(data, h, 3)))
+                  for h in range(n)], day_records(4)]
+        expect = [n, 2 * n, 4 * n, 5 * n]
+    elif mode == "days 3+4 in one burst":
+        steps = [day_records(0), day_records(1), day_records(2) + day_records(3), day_records(4)]
+        expect = [n, 2 * n, 4 * n, 5 * n]
+    else:
+        steps = [day_records(d) for d in range(ORDER_DAYS)]
+        expect = [n * (d + 1) for d in range(ORDER_DAYS)]
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5,
+                                max_request_size=8 << 20)
+    await producer.start()
+
+    async def produce(recs: list[tuple[str, bytes]]) -> None:
+        await asyncio.gather(*[await producer.send(settings.input_topic, v, key=k.encode())
+                               for k, v in recs])
+
+    try:
+        if mode in ("bulk", "shuffled"):
+            await create_topics(settings.bootstrap_servers, {settings.input_topic: 2})
+            await produce([r for step in steps for r in step])
+        async with Service(settings, detector=detector) as service:
+            await service.wait_ready()
+            if mode in ("bulk", "shuffled"):
+                await read_topic(settings, settings.scores_topic, min_records=n * ORDER_DAYS,
+                                 timeout_s=60)
+            else:
+                for step, count in zip(steps, expect, strict=True):
+                    await produce(step)
+                    await read_topic(settings, settings.scores_topic, min_records=count,
+                                     timeout_s=60)
+    finally:
+        await producer.stop()
+    scores = await read_topic(settings, settings.scores_topic, min_records=n * ORDER_DAYS)
+    state = {}
+    for r in await read_topic(settings, settings.state_topic):
+        if r["_key"] != MARK_KEY.decode():
+            state[r["_key"]] = r  # the newest record of each household wins
+    return scores, state
+
+
+async def test_scores_and_state_do_not_depend_on_batching(broker, detector, synthetic):
+    runs = {mode: await _stream(broker, detector, synthetic, mode)
+            for mode in ("one day at a time", "bulk", "shuffled", "days 3+4 in one burst",
+                         "days 3+4 in one record")}
+    ref_scores, ref_state = runs["one day at a time"]
+    assert len(ref_scores) == ORDER_HOUSEHOLDS * ORDER_DAYS
+    for h in synthetic.household_ids[:ORDER_HOUSEHOLDS]:  # seq follows the calendar
+        mine = sorted((s["date"], s["seq"]) for s in ref_scores if s["household_id"] == h)
+        assert [q for _, q in mine] == list(range(1, ORDER_DAYS + 1))
+
+    def by_day(scores: list[dict]) -> dict[tuple[str, str], dict]:
+        return {(s["household_id"], s["date"]): s for s in scores}
+
+    ref = by_day(ref_scores)
+    for mode, (scores, state) in runs.items():
+        got = by_day(scores)
+        assert len(got) == len(scores) == len(ref), mode
+        for key, s in ref.items():
+            g = got[key]
+            assert (g["status"], g["seq"], g["is_alert"]) == (s["status"], s["seq"],
+                                                              s["is_alert"]), (mode, key)
+            if s["score"] is not None:
+                assert g["score"] == pytest.approx(s["score"], rel=1e-4, abs=1e-5), (mode, key)
+            for k, v in s["state"].items():
+                assert g["state"][k] == pytest.approx(v, rel=1e-4, abs=1e-5, nan_ok=True), \
+                    (mode, key, k)
+        assert set(state) == set(ref_state), mode
+        for hid, doc in ref_state.items():
+            assert state[hid]["seq"] == doc["seq"] == ORDER_DAYS, (mode, hid)
+            assert state[hid]["closed_max"] == doc["closed_max"], (mode, hid)
+            for k, v in doc.items():
+                if k.startswith("_") or k in ("seq", "closed_max"):
+                    continue
+                assert np.allclose(np.array(state[hid][k], dtype=float), np.array(v, dtype=float),
+                                   rtol=1e-3, atol=1e-4, equal_nan=True), (mode, hid, k)

@@ -1,0 +1,476 @@
+"""The households of one input partition: ids, closed days, model state, snapshots.
+
+Everything is columnar, with no Python object per household (1 M households cost about
+140 bytes each here, ``benchmarks/memory.py``):
+
+* ``HouseholdIndex`` maps a household id to a dense index ``h``: an open-addressing hash
+  table of int32 indices (load at most 0.7) over the ids' 64-bit hashes, the ids' UTF-8
+  bytes in one arena. Indices of evicted households are reused.
+* ``HouseholdTable`` holds, per index: the row of the household's open day (-1 if none),
+  its newest closed day and closed-day count (``seq``), and the model's running state
+  (``model.state.STORAGE_DTYPES``: the time-of-day profile in float16, the rest float32).
+
+Days of a household close in date order (``stream.assembler``), so "closed" is one number
+per household: every day up to ``closed_max`` is closed (or will never be opened again).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import mmap
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from meterwatch.model.state import storage_columns
+
+_EPOCH = _dt.date(1970, 1, 1)
+_date = _dt.date.fromisoformat
+NO_DAY = np.iinfo(np.int32).min // 2
+#: Readings a household must have sent before it counts towards the watermark's quorum
+#: (one day's worth): a burst of one-reading households cannot move the watermark.
+ESTABLISHED = 48
+_EMPTY, _TOMB = -1, -2
+_MAX_LOAD = 0.7
+_NONE = np.empty(0, dtype=np.int32)
+GROWTH = 1.25  # capacity steps of every growable array (a doubling wastes up to half)
+
+
+def zeros(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+    """A zeroed array; from 64 KiB on, in an anonymous memory map of its own.
+
+    Growing a column copies it; glibc keeps freed heap blocks below its (dynamic, up to
+    32 MiB) mmap threshold inside the process, so with ordinary allocations the old copies
+    of every column stayed resident (measured: +110 B per household-day at 1 M). A map of
+    its own is returned to the system when the array goes, and the pages of unused capacity
+    are never touched, so they cost no memory.
+    """
+    dt = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dt.itemsize
+    if nbytes < 1 << 16:
+        return np.zeros(shape, dtype=dt)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dt).reshape(shape)
+
+
+def grown(a: np.ndarray, cap: int, fill: object = None) -> np.ndarray:
+    """``a`` in a new array of ``cap`` rows; the new rows are zero, or ``fill``."""
+    b = zeros((cap, *a.shape[1:]), a.dtype)
+    b[:len(a)] = a
+    if fill is not None and fill != 0:
+        b[len(a):] = fill
+    return b
+
+
+def next_capacity(cap: int, need: int) -> int:
+    return max(need, int(cap * GROWTH), 1024)
+
+
+class HouseholdIndex:
+    """Household id -> dense index (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._table = np.full(1024, _EMPTY, dtype=np.int32)
+        self._used_slots = 0  # live entries + tombstones
+        self.hash = np.empty(0, dtype=np.uint32)  # low 32 bits of the id's hash
+        self.offset = np.empty(0, dtype=np.uint32)  # in the arena (compacted below 4 GiB)
+        self.length = np.empty(0, dtype=np.int16)  # bytes (ids: at most 64 characters); -1: free
+        self._arena = np.empty(1 << 16, dtype=np.uint8)
+        self._arena_used = 0
+        self._arena_dead = 0
+        self.size = 0  # indices handed out so far (high-water mark)
+        self.alive = 0
+        self._free = _NONE  # evicted indices, reused first (a stack: _free[:_nfree])
+        self._nfree = 0
+        self.inserted = _NONE  # the indices the last lookup added
+
+    # -- queries ---------------------------------------------------------------------------
+    def capacity(self) -> int:
+        return len(self.hash)
+
+    def memory_bytes(self) -> int:
+        return (self._table.nbytes + self.hash.nbytes + self.offset.nbytes
+                + self.length.nbytes + self._arena.nbytes + self._free.nbytes)
+
+    def id_of(self, h: int) -> str:
+        o = int(self.offset[h])
+        return self._arena[o:o + int(self.length[h])].tobytes().decode("utf-8", "surrogatepass")
+
+    def ids_of(self, hs: Iterable[int] | np.ndarray) -> list[str]:
+        hs = np.fromiter(hs, dtype=np.int64) if not isinstance(hs, np.ndarray) else hs
+        if len(hs) > 1 << 16:  # slices: a bounded transient however many
+            return [i for lo in range(0, len(hs), 1 << 16)
+                    for i in self.ids_of(hs[lo:lo + (1 << 16)])]
+        if len(hs) == 0:
+            return []
+        lens = self.length[hs].astype(np.int64)
+        ends = np.cumsum(lens)
+        total = int(ends[-1])
+        src = np.repeat(self.offset[hs].astype(np.int64) - (ends - lens), lens) + np.arange(total)
+        raw = self._arena[src].tobytes()
+        text = raw.decode("utf-8", "surrogatepass")
+        bounds = ends.tolist()
+        starts = [0, *bounds[:-1]]
+        if len(text) == total:  # ASCII: characters are bytes
+            return [text[a:b] for a, b in zip(starts, bounds, strict=True)]
+        return [raw[a:b].decode("utf-8", "surrogatepass")
+                for a, b in zip(starts, bounds, strict=True)]
+
+    def alive_mask(self) -> np.ndarray:
+        return self.length[:self.size] >= 0
+
+    # -- lookups ---------------------------------------------------------------------------
+    def lookup(self, ids: Sequence[str], *, insert: bool = True) -> np.ndarray:
+        """Index of each id, adding the missing ones (or -1 without ``insert``)."""
+        n = len(ids)
+        # str hashes are cached in the str objects; one join encodes every id at once
+        hashes = np.fromiter(map(hash, ids), dtype=np.int64, count=n).astype(np.uint32)
+        lens = np.fromiter(map(len, ids), dtype=np.int64, count=n)
+        data = "".join(ids).encode("utf-8", "surrogatepass")
+        if len(data) != int(lens.sum()):  # not all ASCII: lengths in bytes
+            enc = [s.encode("utf-8", "surrogatepass") for s in ids]
+            lens = np.fromiter(map(len, enc), dtype=np.int64, count=n)
+        if n and lens.max() > np.iinfo(np.int16).max:
+            raise ValueError("household id longer than 32,767 bytes")
+        qbytes = np.frombuffer(data, dtype=np.uint8)
+        qstart = np.cumsum(lens) - lens
+        found = self._find(qbytes, qstart, hashes, lens)
+        missing = np.flatnonzero(found < 0)
+        if insert and len(missing):
+            first: dict[str, int] = {}
+            which = np.array([first.setdefault(ids[i], len(first)) for i in missing.tolist()],
+                             dtype=np.int64)
+            distinct = missing[np.unique(which, return_index=True)[1]]
+            new = self._insert(qbytes, qstart[distinct], hashes[distinct], lens[distinct])
+            found[missing] = new[which]
+            self.inserted = new
+        else:
+            self.inserted = _NONE
+        return found
+
+    def _find(self, qbytes: np.ndarray, qstart: np.ndarray, hashes: np.ndarray,
+              lens: np.ndarray) -> np.ndarray:
+        """Probe for each query (``qbytes[qstart:qstart+lens]``, its hash): the hash and
+        length select a candidate, then the bytes of all candidates are compared at once
+        (a 32-bit hash match with other bytes is rare; those probe on)."""
+        n = len(hashes)
+        out = np.full(n, -1, dtype=np.int32)
+        if self.alive == 0 or n == 0:
+            return out
+        table, hsh, length = self._table, self.hash, self.length
+        mask = len(table) - 1
+        pos = (hashes & mask).astype(np.int64)
+        active = np.arange(n)
+        while len(active):
+            cand = np.full(n, -1, dtype=np.int32)
+            pending = active
+            while len(pending) > 64:  # vectorised rounds while many queries still probe
+                t = table[pos[pending]]
+                hit = t >= 0
+                hit[hit] = (hsh[t[hit]] == hashes[pending[hit]]) & (length[t[hit]]
+                                                                    == lens[pending[hit]])
+                cand[pending[hit]] = t[hit]
+                pending = pending[~hit & (t != _EMPTY)]
+                pos[pending] = (pos[pending] + 1) & mask
+            for j in pending.tolist():  # the few long probe sequences, one by one
+                p, hq, lq = int(pos[j]), int(hashes[j]), int(lens[j])
+                while True:
+                    slot = int(table[p])
+                    if slot == _EMPTY:
+                        break
+                    if slot >= 0 and int(hsh[slot]) == hq and int(length[slot]) == lq:
+                        cand[j] = slot
+                        break
+                    p = (p + 1) & mask
+                pos[j] = p
+            found = active[cand[active] >= 0]
+            c = cand[found]
+            ok = self._same_bytes(qbytes, qstart[found], lens[found], c)
+            out[found[ok]] = c[ok]
+            active = found[~ok]  # a hash match with other bytes: probe on
+            pos[active] = (pos[active] + 1) & mask
+        return out
+
+    def _same_bytes(self, qbytes: np.ndarray, qstart: np.ndarray, lens: np.ndarray,
+                    cand: np.ndarray) -> np.ndarray:
+        """Whether each query (bytes at ``qstart``, ``lens``) equals the id of ``cand``."""
+        total = int(lens.sum())
+        if total == 0:
+            return np.ones(len(cand), dtype=bool)
+        which = np.repeat(np.arange(len(cand)), lens)
+        k = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
+        q = qbytes[np.repeat(qstart, lens) + k]
+        a = self._arena[np.repeat(self.offset[cand], lens) + k]
+        bad = np.bincount(which[q != a], minlength=len(cand))
+        return bad == 0
+
+    def _insert(self, qbytes: np.ndarray, qstart: np.ndarray, hashes: np.ndarray,
+                lens: np.ndarray) -> np.ndarray:
+        m = len(hashes)
+        reuse = min(m, self._nfree)
+        idx = np.empty(m, dtype=np.int32)
+        if reuse:
+            idx[:reuse] = self._free[self._nfree - reuse:self._nfree][::-1]
+            self._nfree -= reuse
+        idx[reuse:] = np.arange(self.size, self.size + m - reuse, dtype=np.int32)
+        self.size += m - reuse
+        if self.size > len(self.hash):
+            cap = next_capacity(len(self.hash), self.size)
+            self.hash = grown(self.hash, cap)
+            self.offset = grown(self.offset, cap)
+            self.length = grown(self.length, cap)
+        total = int(lens.sum())
+        data = qbytes[np.repeat(qstart - (np.cumsum(lens) - lens), lens) + np.arange(total)]
+        need = self._arena_used + len(data)
+        if need > len(self._arena):
+            self._compact(need)
+            need = self._arena_used + len(data)
+            if need > len(self._arena):
+                self._arena = grown(self._arena, next_capacity(len(self._arena), need))
+        if need >= 1 << 32:
+            raise MemoryError("household ids of one partition exceed 4 GiB")
+        self._arena[self._arena_used:need] = data
+        self.offset[idx] = self._arena_used + np.cumsum(lens) - lens
+        self._arena_used = need
+        self.length[idx] = lens
+        self.hash[idx] = hashes
+        self.alive += m
+        if (self._used_slots + m) > _MAX_LOAD * len(self._table):
+            self._rehash(self.alive)
+        else:
+            self._place(idx)
+        return idx
+
+    def _place(self, idx: np.ndarray) -> None:
+        """Put new indices (of ids not in the table) into free slots, linear probing."""
+        mask = len(self._table) - 1
+        pos = self.hash[idx] & mask
+        active = np.arange(len(idx))
+        while len(active):
+            p = pos[active]
+            free = self._table[p] < 0
+            cand, pc = active[free], p[free]
+            _, first = np.unique(pc, return_index=True)
+            win = cand[first]
+            self._used_slots += int((self._table[pos[win]] == _EMPTY).sum())
+            self._table[pos[win]] = idx[win]
+            placed = np.zeros(len(idx), dtype=bool)
+            placed[win] = True
+            active = active[~placed[active]]
+            pos[active] = (pos[active] + 1) & mask
+
+    def _rehash(self, n: int) -> None:
+        size = 1024
+        while size < 2 * n:  # load at most 0.5 after a rehash, 0.7 before the next
+            size *= 2
+        self._table = np.full(size, _EMPTY, dtype=np.int32)
+        self._used_slots = 0
+        self._place(np.flatnonzero(self.alive_mask()).astype(np.int32))
+
+    def _compact(self, need: int) -> None:
+        """Drop the bytes of evicted ids when they are at least half the arena."""
+        if self._arena_dead * 2 < self._arena_used:
+            return
+        live = np.flatnonzero(self.alive_mask())
+        lens = self.length[live].astype(np.int64)
+        starts = np.cumsum(lens) - lens
+        total = int(lens.sum())
+        src = np.repeat(self.offset[live] - starts, lens) + np.arange(total)
+        cap = next_capacity(0, total + need - self._arena_used)
+        arena = zeros((max(cap, 1 << 16),), np.uint8)
+        arena[:total] = self._arena[src]
+        self._arena = arena
+        self.offset[live] = starts
+        self._arena_used = total
+        self._arena_dead = 0
+
+    def remove(self, idx: np.ndarray) -> None:
+        """Forget these (alive) indices; they are reused by later inserts."""
+        if len(idx) == 0:
+            return
+        mask = len(self._table) - 1
+        pos = self.hash[idx] & mask
+        active = np.arange(len(idx))
+        while len(active):
+            t = self._table[pos[active]]
+            hit = t == idx[active]
+            self._table[pos[active[hit]]] = _TOMB
+            assert not (t[~hit] == _EMPTY).any(), "index not in the table"
+            active = active[~hit]
+            pos[active] = (pos[active] + 1) & mask
+        self._arena_dead += int(self.length[idx].sum())
+        self.length[idx] = -1
+        self.alive -= len(idx)
+        if self._nfree + len(idx) > len(self._free):
+            self._free = grown(self._free, next_capacity(len(self._free), self._nfree + len(idx)))
+        self._free[self._nfree:self._nfree + len(idx)] = np.sort(idx)[::-1]
+        self._nfree += len(idx)
+
+
+class _Ids(Sequence[str]):
+    """``table.ids[h]``: the id of household index ``h``."""
+
+    def __init__(self, index: HouseholdIndex) -> None:
+        self._index = index
+
+    def __len__(self) -> int:
+        return self._index.size
+
+    def __getitem__(self, h):
+        if isinstance(h, slice):
+            return self._index.ids_of(range(*h.indices(len(self))))
+        return self._index.id_of(int(h))
+
+
+class HouseholdTable:
+    """Households of one partition (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.index = HouseholdIndex()
+        self.ids = _Ids(self.index)
+        self.open_row = np.empty(0, dtype=np.int32)
+        self.closed_max = np.empty(0, dtype=np.int32)
+        self.seq = np.empty(0, dtype=np.int32)
+        #: readings seen (any, late and duplicates included), saturating at 255; a household
+        #: with ESTABLISHED of them counts towards the watermark's quorum
+        self.reads = np.empty(0, dtype=np.uint8)
+        self.established = 0  # alive households with ESTABLISHED readings or more
+        self.established_before = 0  # the same before the last ``count_readings``
+        #: the model's per-household state, one column per ``model.HouseholdState`` field
+        self.state: dict[str, np.ndarray] = storage_columns(0)
+        self._fresh = storage_columns(1)
+
+    def __len__(self) -> int:
+        return self.index.alive
+
+    def memory_bytes(self) -> int:
+        cols: list[np.ndarray] = [self.open_row, self.closed_max, self.seq, self.reads,
+                                  *self.state.values()]
+        return self.index.memory_bytes() + sum(a.nbytes for a in cols)
+
+    def lookup(self, households: Sequence[str], *, insert: bool = True) -> np.ndarray:
+        """Indices of the (distinct) households, adding the new ones."""
+        idx = self.index.lookup(households, insert=insert)
+        new = self.index.inserted
+        if len(new):
+            self._grow(self.index.capacity())
+            self.reset(new)
+            self.open_row[new] = -1
+            self.reads[new] = 0
+        return idx
+
+    def count_readings(self, hh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Count one reading per entry of ``hh`` (stream order). Returns, per reading,
+        whether its household is established with it (ESTABLISHED readings, this one
+        included), and the number of established households just after it."""
+        self.established_before = self.established
+        prior = self.reads[hh]
+        if len(hh) == 0 or prior.min() == 255:  # the usual case: nothing left to count
+            return np.ones(len(hh), dtype=bool), np.full(len(hh), self.established)
+        order = np.argsort(hh, kind="stable")
+        sh = hh[order]
+        start = np.r_[True, sh[1:] != sh[:-1]]
+        rank = np.arange(len(sh)) - np.maximum.accumulate(np.where(start, np.arange(len(sh)), 0))
+        nth = np.empty(len(hh), dtype=np.int64)
+        nth[order] = rank + 1  # 1 for a household's first reading in this batch
+        total = prior.astype(np.int64) + nth
+        counts = total >= ESTABLISHED
+        crossing = counts & (total - 1 < ESTABLISHED)
+        established = self.established + np.cumsum(crossing)
+        self.established = int(established[-1])
+        last = np.r_[start[1:], True]  # each household's last reading in the batch
+        self.reads[sh[last]] = np.minimum(255, total[order][last])
+        return counts, established
+
+    def _grow(self, cap: int) -> None:
+        """Columns for ``cap`` households (new entries are set when handed out)."""
+        if cap <= len(self.open_row):
+            return
+        self.open_row = grown(self.open_row, cap)
+        self.closed_max = grown(self.closed_max, cap)
+        self.seq = grown(self.seq, cap)
+        self.reads = grown(self.reads, cap)
+        for name, arr in self.state.items():
+            self.state[name] = grown(arr, cap)
+
+    def state_column(self, name: str) -> np.ndarray:
+        return self.state[name]
+
+    def reset(self, hs: np.ndarray) -> None:
+        """These households start again as new ones (population statistics, seq 0)."""
+        self.closed_max[hs] = NO_DAY
+        self.seq[hs] = 0
+        for name, col in self.state.items():
+            col[hs] = self._fresh[name][0]
+
+    def evict(self, hs: np.ndarray) -> None:
+        """Forget these households (no open day): their index is reused."""
+        self.established -= int((self.reads[hs] >= ESTABLISHED).sum())
+        self.reads[hs] = 0
+        self.reset(hs)
+        self.open_row[hs] = -1
+        self.index.remove(hs.astype(np.int32))
+
+    def snapshot(self, h: int) -> dict[str, object]:
+        """The household's durable state (a record of the compacted state topic)."""
+        out: dict[str, object] = {"seq": int(self.seq[h]), "closed_max": int(self.closed_max[h]),
+                                  "reads": int(self.reads[h])}
+        for name, col in self.state.items():
+            v = col[h]
+            out[name] = v.astype(np.float32) if v.dtype == np.float16 else v
+        return out
+
+    def restore(self, household_id: str, doc: dict) -> None:
+        """Load a household's durable state (from ``snapshot``)."""
+        h = int(self.lookup([household_id])[0])
+        self.seq[h] = doc["seq"]
+        self.closed_max[h] = doc["closed_max"]
+        reads = min(255, int(doc.get("reads", ESTABLISHED)))  # older snapshots: established
+        self.established += int(reads >= ESTABLISHED) - int(int(self.reads[h]) >= ESTABLISHED)
+        self.reads[h] = reads
+        _load_row(self.state, h, doc)
+
+    def restore_day(self, day_score: dict) -> None:
+        """Apply a published day score: the day is closed; a newer day's state wins (days
+        of a household are published in date order, so the newest day's state is the
+        household's state)."""
+        h = int(self.lookup([day_score["household_id"]])[0])
+        day = (_date(day_score["date"]) - _EPOCH).days
+        if day <= int(self.closed_max[h]):
+            return
+        self.closed_max[h] = day
+        self.seq[h] = max(int(self.seq[h]) + 1, int(day_score["seq"]))
+        if day_score.get("state"):
+            _load_row(self.state, h, day_score["state"])
+
+    def is_closed(self, h: np.ndarray, day: np.ndarray) -> np.ndarray:
+        """Whether each (household, day) is closed (or older than a closed day: such a day
+        is never opened again, see ``stream.assembler``)."""
+        return day <= self.closed_max[h]
+
+    def mark_closed(self, hs: np.ndarray, days: np.ndarray) -> np.ndarray:
+        """Close these days (each household's in date order); returns each day's ``seq``."""
+        if len(hs) == 0:
+            return np.empty(0, dtype=np.int64)
+        order = np.lexsort((days, hs))
+        sh, sd = hs[order], days[order]
+        start = np.r_[True, sh[1:] != sh[:-1]]
+        first = np.maximum.accumulate(np.where(start, np.arange(len(sh)), 0))
+        rank = np.arange(len(sh)) - first
+        seq = np.empty(len(hs), dtype=np.int64)
+        seq[order] = self.seq[sh].astype(np.int64) + rank + 1
+        last = np.r_[~start[1:], False] == 0  # the last (newest) day of each household
+        self.seq[sh[last]] = seq[order][last]
+        self.closed_max[sh[last]] = np.maximum(self.closed_max[sh[last]], sd[last])
+        return seq
+
+
+def _load_row(columns: dict[str, np.ndarray], i: int, doc: dict) -> None:
+    """Inverse of ``snapshot`` for the state columns (missing keys keep their value)."""
+    for name, col in columns.items():
+        v = doc.get(name)
+        if v is None:
+            if col.ndim == 2 and doc.get(f"{name}_0") is not None:  # ``HouseholdState.row``
+                v = [doc.get(f"{name}_{k}") for k in range(col.shape[1])]
+            else:
+                continue
+        col[i] = np.array(v, dtype=np.float64)  # None inside a list becomes NaN

@@ -1,0 +1,61 @@
+"""The household table: the hash-array id index, eviction and index reuse, snapshots."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from meterwatch.stream.households import NO_DAY, HouseholdIndex, HouseholdTable
+
+
+def test_index_finds_inserts_and_reuses():
+    ix = HouseholdIndex()
+    ids = [f"MAC{i:06d}" for i in range(50_000)] + ["é-ü", "x" * 64, "a", "a\x00", "\x00a"]
+    got = ix.lookup(ids)
+    assert got.tolist() == list(range(len(ids)))
+    assert ix.lookup(ids[::-1]).tolist() == list(range(len(ids)))[::-1]
+    assert ix.lookup(["a", "b"], insert=False).tolist() == [ids.index("a"), -1]
+    assert ix.ids_of([ids.index("é-ü"), ids.index("a\x00")]) == ["é-ü", "a\x00"]
+    # the same new id twice in one lookup gets one index
+    twice = ix.lookup(["new", "new"])
+    assert twice[0] == twice[1] == len(ids)
+    # remove 30,000, then their indices are reused by new ids and the rest still resolve
+    gone = np.arange(0, 30_000, dtype=np.int32)
+    ix.remove(gone)
+    assert (ix.lookup(ids[:30_000], insert=False) == -1).all()
+    assert ix.lookup(ids[30_000:], insert=False).tolist() == list(range(30_000, len(ids)))
+    fresh = ix.lookup([f"NEW{i}" for i in range(40_000)])
+    assert set(fresh[:30_000].tolist()) == set(gone.tolist())
+    assert ix.alive == len(ids) + 1 - 30_000 + 40_000
+    assert ix.ids_of(fresh[:3].tolist()) == ["NEW0", "NEW1", "NEW2"]
+    assert ix.lookup(ids[30_000:], insert=False).tolist() == list(range(30_000, len(ids)))
+
+
+def test_hash_collisions_are_told_apart_by_the_bytes():
+    ix = HouseholdIndex()
+    data = np.frombuffer(b"firstsecondthird!", dtype=np.uint8)
+    start, lens = np.array([0, 5, 11]), np.array([5, 6, 6])
+    same = np.full(3, 7, dtype=np.uint32)  # one hash for all: only the bytes tell them apart
+    assert ix._insert(data, start[:2], same[:2], lens[:2]).tolist() == [0, 1]
+    order = [1, 0, 2]
+    assert ix._find(data, start[order], same, lens[order]).tolist() == [1, 0, -1]
+    assert ix.ids_of([0, 1]) == ["first", "second"]
+
+
+def test_table_evicts_resets_and_snapshots():
+    t = HouseholdTable()
+    h = t.lookup(["A", "B", "C"])
+    t.state["level"][h] = [0.1, 0.2, 0.3]
+    t.state["profile_mean"][h[0]] = np.linspace(-3, 0, 12)
+    seq = t.mark_closed(np.array([h[0], h[0], h[1]]), np.array([12, 10, 5]))
+    assert seq.tolist() == [2, 1, 1] and t.closed_max[h[0]] == 12
+    snap = t.snapshot(int(h[0]))
+    assert snap["seq"] == 2 and snap["closed_max"] == 12
+    t2 = HouseholdTable()
+    t2.restore("A", snap)
+    a = int(t2.lookup(["A"])[0])
+    np.testing.assert_allclose(t2.state["profile_mean"][a], np.linspace(-3, 0, 12), atol=2e-3)
+    assert t2.is_closed(np.array([a, a]), np.array([12, 13])).tolist() == [True, False]
+    t.evict(np.array([h[1]]))
+    assert len(t) == 2 and t.lookup(["B"], insert=False)[0] == -1
+    b = int(t.lookup(["D"])[0])  # reuses B's index, as a new household
+    assert b == h[1] and np.isnan(t.state["level"][b]) and t.closed_max[b] == NO_DAY
