@@ -89,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="where to train")
     train.add_argument("--plot", type=Path,
                        help="write loss curves to this PNG (needs meterwatch[eval])")
+    train.add_argument("--max-epochs", type=int, default=150,
+                       help="upper bound on epochs (early stopping usually ends sooner)")
     train.add_argument("--checkpoint-dir", type=Path, help="per-epoch checkpoints (resumable)")
     train.add_argument("--seed", type=int, default=0, help="random seed")
 
@@ -296,6 +298,8 @@ def _train(args: argparse.Namespace) -> int:
         _need_extra("eval", "--plot")
     if args.households < 1 or args.days < 1:
         raise UsageError("--households/--days: must be at least 1")
+    if args.max_epochs < 1:
+        raise UsageError("--max-epochs: must be at least 1")
     from meterwatch.model import (
         ContextTables,
         ModelConfig,
@@ -307,6 +311,7 @@ def _train(args: argparse.Namespace) -> int:
 
     model_cfg = ModelConfig.reference() if args.preset == "reference" else ModelConfig.default()
     cfg = TrainConfig(model=model_cfg, device=args.device, seed=args.seed,
+                      max_epochs=args.max_epochs,
                       plot_path=str(args.plot) if args.plot else None,
                       checkpoint_dir=str(args.checkpoint_dir) if args.checkpoint_dir else None)
     if args.synthetic:
