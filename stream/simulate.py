@@ -105,7 +105,7 @@ async def produce_synthetic(bootstrap_servers: str, topic: str, data: SyntheticD
     try:
         for d in days if days is not None else range(len(data.days)):
             futures = []
-            keys = []
+            keys: list[bytes | None] = []
             stopped = False
             for i, (key, value, rows) in enumerate(day_records(data, d, rng,
                                                                array_fraction=array_fraction)):
