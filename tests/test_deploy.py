@@ -25,6 +25,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -565,7 +566,14 @@ def test_dockerfile() -> None:
     froms = [rest for k, rest in instructions if k == "FROM"]
     final = froms[-1].split()[0]
     image = args.get(final.strip("${}"), final)
-    assert re.fullmatch(r"nvidia/cuda:12\.[\d.]+-runtime-ubuntu\d\d\.\d\d", image), image
+    # the image runs the Python CI tests (this interpreter's minor version), and it is one
+    # pyproject.toml's requires-python accepts
+    tested = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert re.fullmatch(rf"python:{re.escape(tested)}(\.\d+)?-slim-\w+", image), image
+    import tomllib
+
+    floor = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert floor == ">=3.11" and sys.version_info >= (3, 11), floor
     after_final = instructions[max(i for i, (k, _) in enumerate(instructions) if k == "FROM"):]
     final_stage = dict(after_final)
     user = final_stage["USER"].split(":")[0]
