@@ -134,6 +134,13 @@ def test_train_folder_run_simulate_alerts_evaluate(history, broker: Broker,  # t
         alerts = asyncio.run(read_topic(settings, settings.alerts_topic, min_records=1))
         quality = asyncio.run(read_topic(settings, settings.data_quality_topic, min_records=1))
         dead = asyncio.run(read_topic(settings, settings.dead_letter_topic, min_records=1))
+        # prometheus-client's standard process metrics, for the service and its scorer
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        for name in ("process_resident_memory_bytes", "process_cpu_seconds_total",
+                     "meterwatch_scorer_process_resident_memory_bytes",
+                     "meterwatch_scorer_process_cpu_seconds_total"):
+            assert any(line.startswith(name + " ") for line in metrics.splitlines()), name
     finally:
         service.send_signal(signal.SIGTERM)
         try:
