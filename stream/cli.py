@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         # ValueError covers SettingsError, LoadError and CheckpointError: each message
         # names the flag or file. Nothing here prints a settings value.
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.debug("the error in full (--log-level DEBUG)", exc_info=True)
         print(f"meterwatch: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
