@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint typecheck bench evaluate clean
+.PHONY: install demo test test-tools test-fast ci lint typecheck bench evaluate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,8 +20,31 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/meterwatch demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+# The suite runs every test, none skipped (tests/no_skips.py fails the run on a skip). The
+# system tools it needs: promtool and prometheus (Debian `prometheus`) for the rule tests and
+# the live-Prometheus tests, a compose client (Debian `docker-compose`) for `compose config`,
+# kubectl (Debian `kubernetes-client`) for `kubectl kustomize`. As root with apt-get they are
+# installed here (as .ci/run does); otherwise `make test` stops with one line saying how.
+test: $(STAMP) test-tools
+	$(BIN)/python -m pytest -q -p tests.no_skips
+
+test-tools:
+	@pkgs=""; \
+	command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || pkgs="$$pkgs prometheus"; \
+	{ docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1; } || pkgs="$$pkgs docker-compose"; \
+	command -v kubectl >/dev/null 2>&1 || pkgs="$$pkgs kubernetes-client"; \
+	if [ -n "$$pkgs" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing$$pkgs (apt-get) for the test suite"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs >/dev/null \
+	      || { echo "make test: apt-get install$$pkgs failed; install them and rerun" >&2; exit 1; }; \
+	  else \
+	    echo "make test: the tests need$$pkgs (Debian/Ubuntu: sudo apt-get install$$pkgs); install them and rerun" >&2; exit 1; \
+	  fi; \
+	fi
+
+# What CI runs: lint, types, then every test. (.ci/run: `make ci` in place of `make test`.)
+ci: lint typecheck test
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration and not slow"
@@ -32,8 +55,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy stream model
 
+# The real-data evaluation; DATA is the Low Carbon London sample (a folder, see
+# docs/userpaths.md for the layouts): make evaluate DATA=/path/to/lcl
+DATA ?= ../shared/data/lcl-2013-sample
 evaluate: $(STAMP)
-	$(BIN)/meterwatch evaluate --data ../shared/data/lcl-2013-sample --out benchmarks/evaluation
+	@test -e "$(DATA)" || { echo "make evaluate: no data at $(DATA); run make evaluate DATA=/path/to/readings (a folder or file of Low Carbon London readings)" >&2; exit 2; }
+	$(BIN)/meterwatch evaluate --data "$(DATA)" --out benchmarks/evaluation
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache .mypy_cache .ruff_cache

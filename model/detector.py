@@ -59,6 +59,20 @@ SIGNAL_NAMES: tuple[str, ...] = ("model", "zero_run", "flat_run", "impossible", 
 FAULT_BITS = sum(1 << SIGNAL_NAMES.index(n) for n in ("zero_run", "flat_run", "impossible"))
 CHECKPOINT_FORMAT = 1
 
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file."""
+
+
+def package_version() -> str:
+    """The installed meterwatch version (recorded in every checkpoint)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("meterwatch")
+    except PackageNotFoundError:
+        return "unknown"
+
 DeviceName = Literal["auto", "cpu", "cuda"] | str
 DtypeName = Literal["float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -287,6 +301,7 @@ class Detector:
             "feature_names": list(FEATURE_NAMES),
             "signal_names": list(SIGNAL_NAMES),
             "info": self.info,
+            "meterwatch_version": package_version(),
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -326,8 +341,17 @@ class Detector:
         dtype: DtypeName = "float32",
     ) -> Detector:
         """Load a checkpoint written by ``save`` (read with ``weights_only=True``)."""
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        det = cls.from_checkpoint(ckpt, device=device, dtype=dtype)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{os.fspath(path)}: no such checkpoint file; "
+                                  "train one with meterwatch train")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            det = cls.from_checkpoint(ckpt, device=device, dtype=dtype)
+        except Exception as e:  # truncated, corrupt, not a checkpoint, other code version
+            raise CheckpointError(
+                f"{os.fspath(path)}: not a usable meterwatch checkpoint "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                "retrain with meterwatch train") from e
         log.info("loaded %r from %s", det, path)
         return det
 

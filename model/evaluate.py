@@ -582,11 +582,12 @@ def run(
     methods: Sequence[str] = METHODS,
     command: str = "",
     cold_households: float = 0.2,
+    side_tables: dict[str, str | os.PathLike[str] | None] | None = None,
 ) -> dict[str, Any]:
     """The whole evaluation; returns the summary (also written to ``out`` when given)."""
     t0 = time.monotonic()
     set_seeds(seed)
-    data, sides = load_dataset(data_path)
+    data, sides = load_dataset(data_path, **(side_tables or {}))
     tables = ContextTables.from_files(household_csv=sides["household"],
                                       weather_csv=sides["weather"],
                                       holidays_csv=sides["holidays"])
@@ -679,6 +680,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cold-households", type=float, default=0.2,
                    help="share of households kept from a second detector to measure how "
                         "households new to the service are scored (0: skip)")
+    for side in ("household-info", "weather", "holidays"):
+        p.add_argument(f"--{side}", type=Path, help="side table (default: found in --data)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                                                    "%(message)s")
@@ -688,7 +691,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = run(args.data, args.out, calib_start=parse_day(args.calib_start),
                   test_start=parse_day(args.test_start), rate=args.rate, far=args.far,
                   seed=args.seed, methods=args.methods.split(","), command=command,
-                  cold_households=args.cold_households)
+                  cold_households=args.cold_households,
+                  side_tables={"household_info": args.household_info, "weather": args.weather,
+                               "holidays": args.holidays})
     for line in summary["targets"]:
         print(line)
     print(f"report: {args.out / 'RESULTS.md'}")

@@ -30,10 +30,10 @@ import os
 import sys
 import tarfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -179,26 +179,26 @@ class Readings:
 
 
 class _Progress:
-    """A plain stderr progress line (a byte count of the input), at most once a second."""
+    """A progress bar with ETA on stderr (tqdm), counting bytes of the input read so far."""
 
     def __init__(self, name: str, total: int | None, enabled: bool | None) -> None:
-        self.name, self.total = name, total
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.last = 0.0
+        from tqdm import tqdm
+
+        # disable=None: only on a terminal, so logs and CI output stay clean.
+        self.bar = tqdm(total=total, desc=name, unit="B", unit_scale=True, unit_divisor=1024,
+                        disable=None if enabled is None else not enabled, leave=False,
+                        dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+        self.base = 0  # bytes of the files already finished (a folder of CSVs)
         self.t0 = time.monotonic()
 
     def update(self, done: int, rows: int, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not force and now - self.last < 1.0):
-            return
-        self.last = now
-        pct = f"{100 * done / self.total:5.1f}% " if self.total else ""
-        rate = rows / max(now - self.t0, 1e-9)
-        sys.stderr.write(f"\r{self.name}: {pct}{done / 1e6:,.0f} MB, {rows:,} rows "
-                         f"({rate:,.0f}/s)")
-        if force:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        n = self.base + done
+        if n > self.bar.n:
+            self.bar.update(n - self.bar.n)
+        self.bar.set_postfix_str(f"{rows:,} household-days", refresh=force)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class _Accumulator:
@@ -297,7 +297,8 @@ def _read_long(
     return rows
 
 
-def _read_hhblock(lines: Iterable[str], path: str, acc: _Accumulator) -> int:
+def _read_hhblock(lines: Iterable[str], path: str, acc: _Accumulator, progress: _Progress,
+                  tell: Callable[[], int]) -> int:
     it = iter(lines)
     header = [h.strip() for h in next(it, "").strip("\ufeff\r\n").split(",")]
     norm = [h.lower() for h in header]
@@ -322,15 +323,19 @@ def _read_hhblock(lines: Iterable[str], path: str, acc: _Accumulator) -> int:
         if acc.wanted(hh, day):
             acc.row(hh, day)[:] = values
         rows += 1
+        if rows & 0x3FFF == 0:
+            progress.update(tell(), acc.n)
     return rows
 
 
 def _dispatch(lines: Iterator[str], path: str, acc: _Accumulator, progress: _Progress,
               tell: Callable[[], int]) -> int:
     first = next(lines, "")
+    if not first.strip():
+        raise LoadError(path, 1, "empty file; expected a readings header")
     rest = _chain(first, lines)
     if "hh_0" in first.replace(" ", "").lower().split(","):
-        return _read_hhblock(rest, path, acc)
+        return _read_hhblock(rest, path, acc, progress, tell)
     return _read_long(rest, path, acc, progress, tell)
 
 
@@ -339,8 +344,63 @@ def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
     yield from rest
 
 
+def _read_source(p: Path, acc: _Accumulator, prog: _Progress) -> int:
+    """Rows of one file: ``.csv``, ``.csv.gz``, ``.tar``/``.tar.gz``/``.tgz`` or ``.zip``."""
+    rows = 0
+    name = p.name.lower()
+    try:
+        if name.endswith((".tar.gz", ".tgz", ".tar")):
+            with open(p, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
+                for member in tar:
+                    if not member.isfile() or not _is_csv_name(member.name):
+                        continue
+                    f = tar.extractfile(member)
+                    if f is None:
+                        continue
+                    rows += _read_stream(f, member.name, f"{p}:{member.name}", acc, prog,
+                                         raw.tell)
+        elif name.endswith(".zip"):
+            import zipfile
+
+            with zipfile.ZipFile(p) as z:
+                done = 0
+                for info in z.infolist():
+                    if info.is_dir() or not _is_csv_name(info.filename):
+                        continue
+                    with z.open(info) as f:
+                        base = done
+                        rows += _read_stream(f, info.filename, f"{p}:{info.filename}", acc,
+                                             prog, lambda b=base: b)  # type: ignore[misc]
+                    done += info.compress_size
+                    prog.update(done, acc.n)
+        else:
+            with open(p, "rb") as raw:
+                rows += _read_stream(raw, p.name, str(p), acc, prog, raw.tell)
+    except (OSError, EOFError, tarfile.TarError) as e:
+        # A truncated .gz, a corrupt archive: one line naming the file.
+        raise LoadError(p, None, f"cannot read: {e}") from None
+    return rows
+
+
+def _is_csv_name(name: str) -> bool:
+    return name.lower().endswith((".csv", ".csv.gz"))
+
+
+def _read_stream(f: IO[bytes], name: str, where: str, acc: _Accumulator, prog: _Progress,
+                 tell: Callable[[], int]) -> int:
+    stream: IO[bytes] = f
+    if name.lower().endswith(".gz"):
+        stream = gzip.GzipFile(fileobj=f)  # type: ignore[assignment]
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+    try:
+        return _dispatch(iter(text), where, acc, prog, tell)
+    except UnicodeDecodeError as e:
+        raise LoadError(where, None, f"not UTF-8 text ({e.reason} at byte {e.start} of a "
+                        "block); is it a CSV?") from None
+
+
 def read_readings(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
     households: Iterable[str] | None = None,
     start_day: int | None = None,
@@ -352,48 +412,52 @@ def read_readings(
     Parameters
     ----------
     path
-        A ``.csv``, ``.csv.gz``, or ``.tar.gz``/``.tgz`` of CSVs (read as a stream).
+        A ``.csv``, ``.csv.gz``, ``.tar.gz``/``.tgz``/``.zip`` of CSVs (read as a stream), or
+        a list of such files (e.g. a folder of per-household CSVs, see ``load_dataset``).
     households
         Keep only these household ids.
     start_day, end_day
         Keep days in ``[start_day, end_day)`` (days since 1970-01-01).
     progress
-        Write a progress line to stderr (default: when stderr is a terminal).
+        Show a progress bar with ETA on stderr (default: when stderr is a terminal).
 
     Returns
     -------
     Readings
         Sorted by household and day; a half-hour without a reading is NaN, duplicates keep
         the last value. Memory grows with the output, not the file.
+
+    Raises
+    ------
+    LoadError
+        Input that cannot be used; the message names the file and line.
     """
-    p = Path(path)
-    if not p.exists():
-        raise LoadError(p, None, "no such file")
+    paths = ([Path(path)] if isinstance(path, (str, os.PathLike))
+             else [Path(x) for x in path])
+    if not paths:
+        raise LoadError(".", None, "no readings files given")
+    for p in paths:
+        if not p.is_file():
+            raise LoadError(p, None, "no such file")
     acc = _Accumulator(set(households) if households is not None else None, start_day, end_day)
-    prog = _Progress(p.name, p.stat().st_size, progress)
+    label = paths[0].name if len(paths) == 1 else f"{paths[0].parent.name or '.'}/ "\
+        f"({len(paths)} files)"
+    prog = _Progress(label, sum(p.stat().st_size for p in paths), progress)
     rows = 0
-    if p.name.endswith((".tar.gz", ".tgz", ".tar")):
-        raw = open(p, "rb")
-        with raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
-            for member in tar:
-                if not member.isfile() or not member.name.lower().endswith((".csv", ".csv.gz")):
-                    continue
-                f = tar.extractfile(member)
-                assert f is not None, member.name
-                stream: IO[bytes] = (gzip.GzipFile(fileobj=f)  # type: ignore[assignment]
-                                     if member.name.endswith(".gz") else f)
-                text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
-                rows += _dispatch(iter(text), f"{p}:{member.name}", acc, prog, raw.tell)
-    else:
-        raw = open(p, "rb")
-        with raw:
-            stream = gzip.GzipFile(fileobj=raw) if p.suffix == ".gz" else raw  # type: ignore
-            text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
-            rows += _dispatch(iter(text), str(p), acc, prog, raw.tell)
-    prog.update(prog.total or 0, acc.n, force=True)
+    t0 = time.monotonic()
+    try:
+        for p in paths:
+            rows += _read_source(p, acc, prog)
+            prog.base += p.stat().st_size
+            prog.update(0, acc.n)
+        prog.update(0, acc.n, force=True)
+    finally:
+        prog.close()
     out = acc.result()
-    log.info("read %s: %d rows -> %d household-days of %d households", p, rows, len(out),
-             len(set(out.household_ids)))
+    seconds = time.monotonic() - t0
+    log.info("read %s: %d rows -> %d household-days of %d households in %.1fs (%.0f rows/s)",
+             label, rows, len(out), len(set(out.household_ids)), seconds,
+             rows / max(seconds, 1e-9))
     return out
 
 
@@ -402,12 +466,15 @@ _SIDE_FILES = {
     "weather": ("weather_daily_darksky.csv",),
     "holidays": ("uk_bank_holidays.csv",),
 }
+#: Other tables of the Low Carbon London / Kaggle sets that are not half-hourly readings.
+_OTHER_TABLES = ("weather_hourly_darksky.csv", "acorn_details.csv")
 _READINGS_FILES = ("readings.tar.gz", "halfhourly_dataset.tar.gz", "halfhourly_dataset.zip",
-                   "hhblock_dataset.tar.gz", "readings.csv", "readings.csv.gz",
-                   "CC_LCL-FullData.csv")
+                   "hhblock_dataset.tar.gz", "hhblock_dataset.zip", "readings.csv",
+                   "readings.csv.gz", "CC_LCL-FullData.csv", "CC_LCL-FullData.csv.gz")
 
 
 def find_side_file(directory: Path, kind: str) -> Path | None:
+    """The side table ``kind`` (``household``, ``weather``, ``holidays``) in ``directory``."""
     for name in _SIDE_FILES[kind]:
         for candidate in (directory / name, directory / f"{name}.gz"):
             if candidate.exists():
@@ -415,18 +482,55 @@ def find_side_file(directory: Path, kind: str) -> Path | None:
     return None
 
 
+def find_readings(directory: str | os.PathLike[str]) -> list[Path]:
+    """The readings files of a folder: a known archive (``readings.tar.gz``,
+    ``halfhourly_dataset.zip``, ...) if there is one, else every ``.csv``/``.csv.gz`` below
+    it (an extracted archive: one CSV per household or per block) except the side tables."""
+    d = Path(directory)
+    for n in _READINGS_FILES:
+        if (d / n).is_file():
+            return [d / n]
+    skip = {n.lower() for names in _SIDE_FILES.values() for n in names} | set(_OTHER_TABLES)
+    found = sorted(p for p in d.rglob("*")
+                   if p.is_file() and _is_csv_name(p.name)
+                   and p.name.lower().removesuffix(".gz") not in skip)
+    if not found:
+        raise LoadError(d, None, "no readings in this folder; expected CSV files of "
+                        "half-hourly readings (one per household or per block) or one of "
+                        + ", ".join(_READINGS_FILES))
+    return found
+
+
 def load_dataset(
-    path: str | os.PathLike[str], **kwargs: object
+    path: str | os.PathLike[str],
+    *,
+    household_info: str | os.PathLike[str] | None = None,
+    weather: str | os.PathLike[str] | None = None,
+    holidays: str | os.PathLike[str] | None = None,
+    **kwargs: Any,
 ) -> tuple[Readings, dict[str, Path | None]]:
-    """Readings from a file, or from a directory in the Low Carbon London layout (readings plus
-    optional side tables, see ``find_side_file``). Returns the readings and the side-table
-    paths found (``household``, ``weather``, ``holidays``; None where absent)."""
+    """Readings from a file or a folder, and the side tables that go with them.
+
+    ``path`` is any file ``read_readings`` takes, or a folder: the readings found by
+    ``find_readings`` and the side tables found there (``household_information.csv[.gz]``,
+    ``weather_daily_darksky.csv[.gz]``, ``uk_bank_holidays.csv[.gz]``). Side tables given as
+    arguments win over the folder's. Returns the readings and the side-table paths
+    (``household``, ``weather``, ``holidays``; None where absent). Other keyword arguments
+    go to ``read_readings``.
+    """
     p = Path(path)
+    if not p.exists():
+        raise LoadError(p, None, "no such file or folder")
     sides: dict[str, Path | None] = {k: None for k in _SIDE_FILES}
     if p.is_dir():
         sides = {k: find_side_file(p, k) for k in _SIDE_FILES}
-        found = [p / n for n in _READINGS_FILES if (p / n).exists()]
-        if not found:
-            raise LoadError(p, None, f"no readings file; expected one of {_READINGS_FILES}")
-        p = found[0]
-    return read_readings(p, **kwargs), sides  # type: ignore[arg-type]
+        files: list[Path] = find_readings(p)
+    else:
+        files = [p]
+    for kind, given in (("household", household_info), ("weather", weather),
+                        ("holidays", holidays)):
+        if given is not None:
+            if not Path(given).is_file():
+                raise LoadError(given, None, "no such file")
+            sides[kind] = Path(given)
+    return read_readings(files, **kwargs), sides

@@ -1,11 +1,19 @@
 """Turning scored days into output documents: day scores, alerts and data-quality reports.
 
-An alert explains itself: which detectors fired, the day's observed and expected energy,
-and the half-hours that drove the score (start time, observed vs expected kWh, share of
-the score), with a one-sentence summary such as::
+An alert explains itself so that a subscriber can act on it:
 
-    MAC000002 on 2013-03-04: 41.8 kWh used vs 8.3 kWh expected (5.0x); largest gaps
-    17:00-19:00 (observed 3.10 vs expected 0.62 kWh at 18:00); signals: model
+* ``signals``: which detectors fired (``model``, ``zero_run``, ``flat_run``, ``impossible``);
+* ``where``: for each signal, the half-hours it fired on, as from-to spans (``zero_run``
+  01:00-07:00 is the run of zero readings; ``model`` spans are its largest errors);
+* ``top_slots``: the half-hours that point at the fault (inside a data-quality rule's span
+  when one fired, else the model's largest errors), observed vs expected kWh;
+* ``severity`` (``severity()``), ``created_at`` (UTC), ``model_version``;
+* kWh and scores rounded to 4 decimals; a one-sentence summary such as::
+
+    MAC000002 on 2013-03-04 (high): 41.8 kWh used vs 8.3 kWh expected (5.0x); model
+    17:00-19:00 (observed 3.10 vs expected 0.62 kWh at 18:00)
+
+The JSON Schemas of every output record are in ``stream/schemas`` (package data).
 """
 
 from __future__ import annotations
@@ -21,6 +29,80 @@ from meterwatch.stream.scorer import Scored
 from meterwatch.stream.timegrid import SLOTS, TimeGrid
 
 _EPOCH = dt.date(1970, 1, 1)
+#: Decimals of every kWh, score and threshold in an output record.
+DECIMALS = 4
+#: Severity bands: an alert's score over its threshold below 2 is ``low``, below 5
+#: ``medium``, else ``high`` (data-quality rule alerts carry a large score bonus: ``high``).
+SEVERITY_BANDS = ((2.0, "low"), (5.0, "medium"))
+# Shortest runs the data-quality rules fire on (model.detector.ScoringConfig defaults); a
+# span shorter than this is listed only when it is the longest run of the day.
+_ZERO_RUN_SLOTS = 8
+_FLAT_RUN_SLOTS = 10
+_FLAT_MIN_KWH = 0.02
+_MAX_KWH = 12.0
+
+
+def severity(score: float, threshold: float) -> str:
+    """``low`` | ``medium`` | ``high`` from how far past the threshold the score is.
+
+    ratio = score / threshold: below 2 ``low``, below 5 ``medium``, else ``high``. A rule
+    alert (zero run, flat run, impossible value) scores far above any threshold: ``high``.
+
+    >>> severity(6.0, 5.0), severity(12.0, 5.0), severity(118.6, 5.69)
+    ('low', 'medium', 'high')
+    """
+    if not threshold > 0:
+        return "high"
+    ratio = score / threshold
+    for bound, name in SEVERITY_BANDS:
+        if ratio < bound:
+            return name
+    return "high"
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs of True as (first slot, last slot + 1)."""
+    out: list[tuple[int, int]] = []
+    start = None
+    for i, v in enumerate([*mask.tolist(), False]):
+        if v and start is None:
+            start = i
+        elif not v and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+def _long_runs(runs: list[tuple[int, int]], min_len: int) -> list[tuple[int, int]]:
+    if not runs:
+        return []
+    longest = max(b - a for a, b in runs)
+    need = min(min_len, longest)
+    return [(a, b) for a, b in runs if b - a >= need]
+
+
+def rule_spans(kwh: np.ndarray, signal: str) -> list[tuple[int, int]]:
+    """Half-hour spans (first slot, last slot + 1) where a data-quality rule fired on one
+    day's readings ``kwh`` (48,) (NaN = missing)."""
+    observed = ~np.isnan(kwh)
+    with np.errstate(invalid="ignore"):
+        if signal == "zero_run":
+            return _long_runs(_runs(observed & (kwh == 0.0)), _ZERO_RUN_SLOTS)
+        if signal == "flat_run":
+            same = observed[1:] & observed[:-1] & (kwh[1:] == kwh[:-1]) & \
+                (kwh[1:] >= _FLAT_MIN_KWH)
+            runs = [(a, b + 1) for a, b in _runs(same)]  # n equal pairs = n + 1 readings
+            return _long_runs(runs, _FLAT_RUN_SLOTS)
+        if signal == "impossible":
+            return _runs(observed & ((kwh < 0) | (kwh > _MAX_KWH) | ~np.isfinite(kwh)))
+    return []
+
+
+def _span_doc(signal: str, a: int, b: int, day: int, grid: TimeGrid) -> dict:
+    start = grid.slot_start(day, a)
+    end = grid.slot_start(day, b - 1) + dt.timedelta(minutes=30)
+    return {"signal": signal, "from": _hhmm(a), "to": "24:00" if b == SLOTS else _hhmm(b),
+            "start": start.isoformat(), "end": end.isoformat(), "slots": list(range(a, b))}
 
 
 @dataclass(frozen=True)
@@ -58,7 +140,8 @@ def build_documents(days: ClosedDays, scored: Scored | None, seq: np.ndarray, *,
                   "readings": int(days.readings[i]), "expected_readings": int(days.expected[i]),
                   "missing_slots": missing}
         if status == INCOMPLETE or scored is None:
-            doc = {**base, "status": STATUS_NAMES[status], "score": None, "threshold": threshold,
+            doc = {**base, "status": STATUS_NAMES[status], "score": None,
+                   "threshold": round(threshold, DECIMALS),
                    "is_alert": False, "model_version": model_version,
                    "readings": int(days.readings[i]),
                    "expected_readings": int(days.expected[i]), "missing_slots": missing,
@@ -72,7 +155,8 @@ def build_documents(days: ClosedDays, scored: Scored | None, seq: np.ndarray, *,
             alert = _alert(base, days, i, scored, j, threshold, model_version, signal_names,
                            grid, top_slots, missing)
         state = states[j]
-        doc = {**base, "status": STATUS_NAMES[status], "score": score, "threshold": threshold,
+        doc = {**base, "status": STATUS_NAMES[status], "score": round(score, DECIMALS),
+               "threshold": round(threshold, DECIMALS),
                "is_alert": is_alert, "model_version": model_version,
                "readings": int(days.readings[i]), "expected_readings": int(days.expected[i]),
                "missing_slots": missing, "seq": int(seq[i]), "state": state, "alert": alert}
@@ -85,51 +169,60 @@ def _alert(base: dict, days: ClosedDays, i: int, scored: Scored, j: int, thresho
            model_version: str, signal_names: tuple[str, ...], grid: TimeGrid, top_slots: int,
            missing: list[int]) -> dict:
     kwh = days.kwh[i]
+    day = int(days.day[i])
     expected = scored.expected[j]
     err = scored.slot_error[j]
-    top = np.argsort(-err, kind="stable")[:top_slots]
-    top = top[err[top] > 0] if (err[top] > 0).any() else top
-    slots = [{
-        "slot": int(s),
-        "start": grid.slot_start(int(days.day[i]), int(s)).isoformat(),
-        "observed_kwh": None if np.isnan(kwh[s]) else round(float(kwh[s]), 4),
-        "expected_kwh": round(float(expected[s]), 4),
-        "error": round(float(err[s]), 4),
-    } for s in sorted(top.tolist())]
     bits = int(scored.signals[j])
     signals = [name for b, name in enumerate(signal_names) if bits >> b & 1] or ["model"]
+    where: list[dict] = []
+    in_rule = np.zeros(SLOTS, dtype=bool)
+    for name in signals:
+        for a, b in rule_spans(kwh, name):
+            where.append(_span_doc(name, a, b, day, grid))
+            in_rule[a:b] = True
+    # the half-hours that point at the fault: inside the rules' spans when one fired
+    candidates = np.flatnonzero(in_rule) if in_rule.any() else np.arange(SLOTS)
+    order = candidates[np.argsort(-err[candidates], kind="stable")]
+    top = order[:top_slots]
+    if not in_rule.any():
+        top = top[err[top] > 0] if (err[top] > 0).any() else top
+    top_sorted = sorted(top.tolist())
+    if "model" in signals:
+        model_top = np.argsort(-err, kind="stable")[:top_slots]
+        model_top = model_top[err[model_top] > 0]
+        for a, b in _runs(np.isin(np.arange(SLOTS), model_top)):
+            where.append(_span_doc("model", a, b, day, grid))
+    slots = [{
+        "slot": int(s),
+        "start": grid.slot_start(day, int(s)).isoformat(),
+        "observed_kwh": None if np.isnan(kwh[s]) else round(float(kwh[s]), DECIMALS),
+        "expected_kwh": round(float(expected[s]), DECIMALS),
+        "error": round(float(err[s]), DECIMALS),
+    } for s in top_sorted]
     observed_total = float(np.nansum(kwh))
     expected_total = float(expected.sum())
     ratio = observed_total / expected_total if expected_total > 0 else float("inf")
     worst = int(top[0]) if len(top) else 0
+    score = float(scored.score[j])
+    sev = severity(score, threshold)
+    by_signal: dict[str, list[str]] = {}
+    for w in where:
+        by_signal.setdefault(w["signal"], []).append(f"{w['from']}-{w['to']}")
+    spans = "; ".join(f"{name} {', '.join(v)}" for name, v in by_signal.items()) or "no span"
     summary = (
-        f"{base['household_id']} on {base['date']}: {observed_total:.1f} kWh used vs "
-        f"{expected_total:.1f} kWh expected ({ratio:.1f}x); largest gaps "
-        f"{_span(sorted(top.tolist()))} (observed "
+        f"{base['household_id']} on {base['date']} ({sev}): {observed_total:.1f} kWh used vs "
+        f"{expected_total:.1f} kWh expected ({ratio:.1f}x); {spans} (observed "
         f"{'n/a' if np.isnan(kwh[worst]) else f'{kwh[worst]:.2f}'} vs expected "
-        f"{expected[worst]:.2f} kWh at {_hhmm(worst)}); signals: {', '.join(signals)}")
-    return {**base, "score": float(scored.score[j]), "threshold": threshold,
-            "model_version": model_version, "signals": signals, "imputed_slots": missing,
-            "observed_kwh_total": round(observed_total, 4),
-            "expected_kwh_total": round(expected_total, 4), "top_slots": slots,
+        f"{expected[worst]:.2f} kWh at {_hhmm(worst)})")
+    return {**base, "score": round(score, DECIMALS), "threshold": round(threshold, DECIMALS),
+            "severity": sev,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "model_version": model_version, "signals": signals, "where": where,
+            "imputed_slots": missing,
+            "observed_kwh_total": round(observed_total, DECIMALS),
+            "expected_kwh_total": round(expected_total, DECIMALS), "top_slots": slots,
             "summary": summary}
 
 
 def _hhmm(slot: int) -> str:
     return f"{slot // 2:02d}:{30 * (slot % 2):02d}"
-
-
-def _span(slots: list[int]) -> str:
-    """'17:00-19:00, 02:30-03:00' for sorted slot indices (runs merged)."""
-    if not slots:
-        return "none"
-    runs, start, prev = [], slots[0], slots[0]
-    for s in [*slots[1:], None]:
-        if s is not None and s == prev + 1:
-            prev = s
-            continue
-        end = prev + 1
-        runs.append(f"{_hhmm(start)}-{'24:00' if end == SLOTS else _hhmm(end)}")
-        if s is not None:
-            start = prev = s
-    return ", ".join(runs)

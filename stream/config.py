@@ -10,17 +10,33 @@ flag wins over the environment. Secrets are ``SecretStr``: they never appear in 
 from __future__ import annotations
 
 import argparse
+import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "METERWATCH_"
+_SASL_FIELDS = ("sasl_mechanism", "sasl_username", "sasl_password")
+_SSL_FIELDS = ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+
+
+def flag(name: str) -> str:
+    """The CLI flag of a settings field: ``batch_max_size`` -> ``--batch-max-size``."""
+    return "--" + name.replace("_", "-")
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used: one line naming the flag, what is wrong and the fix."""
 
 
 class Settings(BaseSettings):
     """Settings of the meterwatch service."""
 
-    model_config = SettingsConfigDict(env_prefix="METERWATCH_", frozen=True, extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
 
     # Kafka
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
@@ -45,13 +61,16 @@ class Settings(BaseSettings):
         25, ge=0, description="longest a fetch waits for data (brokers that do not wake a "
         "waiting fetch, like Tansu, add up to this much latency)")
     fetch_max_records: int = Field(5000, ge=1, description="records per fetch")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="how clients talk to the brokers")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism (with SASL_SSL or SASL_PLAINTEXT)")
+    sasl_username: str | None = Field(None, description="SASL user name")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (never printed)")
+    ssl_cafile: Path | None = Field(None, description="CA bundle that signed the brokers' "
+                                    "certificates (SSL, SASL_SSL)")
+    ssl_certfile: Path | None = Field(None, description="client certificate (mutual TLS)")
+    ssl_keyfile: Path | None = Field(None, description="client private key (mutual TLS)")
     broker_retry_max_s: float = Field(10.0, gt=0, description="longest backoff between retries")
 
     # Day assembly
@@ -68,8 +87,10 @@ class Settings(BaseSettings):
 
     # Model and batching
     model_path: Path | None = Field(None, description="checkpoint (meterwatch train)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the model runs: auto = CUDA when there is a GPU")
+    precision: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="inference precision (bfloat16/float16 on a GPU)")
     torch_threads: int | None = Field(
         None, ge=1, description="intra-op threads for CPU inference; default half the cores "
         "(at most 4), leaving the event loop a core")
@@ -94,14 +115,80 @@ class Settings(BaseSettings):
     metrics_host: str = Field("0.0.0.0", description="bind address of /metrics and probes")
     metrics_port: int = Field(9464, ge=0, le=65535, description="0 = pick a free port")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="bound of a graceful shutdown")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="log level")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text lines, or one JSON object per line (for log shippers)")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}; use an IANA name such as UTC or "
+                             "Europe/London") from None
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        if self.security_protocol.startswith("SASL") and not (
-                self.sasl_mechanism and self.sasl_username and self.sasl_password):
-            raise ValueError("SASL needs sasl_mechanism, sasl_username and sasl_password")
+        proto = self.security_protocol
+        if proto.startswith("SASL"):
+            for name in _SASL_FIELDS:
+                if not getattr(self, name):
+                    raise ValueError(f"{flag(name)}: required with --security-protocol {proto}; "
+                                     f"set {flag(name)} (or {ENV_PREFIX}{name.upper()})")
+        else:
+            given = [n for n in _SASL_FIELDS if getattr(self, n)]
+            if given:
+                raise ValueError(
+                    f"{flag(given[0])}: SASL settings are given but --security-protocol is "
+                    f"{proto}, which would ignore them; use --security-protocol SASL_SSL (or "
+                    "SASL_PLAINTEXT), or remove the SASL settings")
+        if proto not in ("SSL", "SASL_SSL"):
+            given = [n for n in _SSL_FIELDS if getattr(self, n)]
+            if given:
+                raise ValueError(
+                    f"{flag(given[0])}: TLS files are given but --security-protocol is {proto}, "
+                    "which would ignore them; use --security-protocol SSL (or SASL_SSL), or "
+                    "remove them")
+        for name in _SSL_FIELDS:
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{flag(name)}: no such file {str(path)!r}; give the path of "
+                                 "a PEM file")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("--ssl-keyfile: --ssl-certfile and --ssl-keyfile go together; "
+                             "give both or neither")
         return self
+
+    # -- validation that never prints input values ------------------------------------------
+    @classmethod
+    def load(cls, **given: Any) -> Settings:
+        """Settings from flags (``given``) over ``METERWATCH_*``; errors as ``SettingsError``.
+
+        pydantic's own message echoes the input value (a password too); this one names the
+        flag (and the environment variable when the value came from there) and says what is
+        wrong, never the value.
+        """
+        try:
+            return cls(**given)
+        except ValidationError as exc:
+            raise SettingsError(describe_error(exc, set(given))) from None
+
+    def summary(self) -> str:
+        """Effective settings on one line, ``name=value`` separated by spaces; secrets masked."""
+        parts = []
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                text = "***"
+            elif value is None:
+                continue
+            else:
+                text = str(value)
+            parts.append(f"{name}={text}")
+        return " ".join(parts)
 
     def kafka_options(self) -> dict[str, Any]:
         """Connection options shared by every aiokafka client."""
@@ -115,8 +202,7 @@ class Settings(BaseSettings):
                 cafile=str(self.ssl_cafile) if self.ssl_cafile else None,
                 certfile=str(self.ssl_certfile) if self.ssl_certfile else None,
                 keyfile=str(self.ssl_keyfile) if self.ssl_keyfile else None)
-        if self.security_protocol.startswith("SASL"):
-            assert self.sasl_password is not None
+        if self.security_protocol.startswith("SASL") and self.sasl_password is not None:
             opts.update(sasl_mechanism=self.sasl_mechanism,
                         sasl_plain_username=self.sasl_username,
                         sasl_plain_password=self.sasl_password.get_secret_value())
@@ -124,27 +210,80 @@ class Settings(BaseSettings):
 
     # -- CLI ---------------------------------------------------------------------------------
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """One ``--flag`` per field; values are validated by pydantic, not argparse."""
+    def add_arguments(cls, parser: argparse.ArgumentParser,
+                      only: tuple[str, ...] | None = None) -> None:
+        """One ``--flag`` per field; values are validated by pydantic, not argparse, so that
+        a flag and its environment variable get the same checks and messages. The help shows
+        the default, the choices and the environment variable."""
+        group = parser.add_argument_group("settings (each also an environment variable)")
         for name, f in cls.model_fields.items():
-            flag = "--" + name.replace("_", "-")
-            help_ = (f.description or "") + f" (env METERWATCH_{name.upper()})"
+            if only is not None and name not in only:
+                continue
+            help_ = f.description or ""
+            choices = field_choices(name)
+            if choices:
+                help_ += f" {{{','.join(choices)}}}"
+            if f.default is not None:
+                help_ += f" (default: {f.default})"
+            help_ = f"{help_.strip()}; env {ENV_PREFIX}{name.upper()}"
+            meta = name.upper() if not choices else "{" + ",".join(choices) + "}"
             if f.annotation is bool:
-                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                    help=help_)
+                group.add_argument(flag(name), action=argparse.BooleanOptionalAction,
+                                   default=None, help=help_)
             else:
-                parser.add_argument(flag, default=None, help=help_)
+                group.add_argument(flag(name), default=None, help=help_.replace("%", "%%"),
+                                   metavar=meta if choices else name.upper())
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> Settings:
         given = {k: v for k, v in vars(args).items() if k in cls.model_fields and v is not None}
-        return cls(**{**given, **overrides})
+        return cls.load(**{**given, **overrides})
 
     @classmethod
     def markdown_table(cls) -> str:
         rows = ["| setting | env | default | meaning |", "| --- | --- | --- | --- |"]
         for name, f in cls.model_fields.items():
             default = "" if f.default is None else f"`{f.default}`"
-            rows.append(f"| `--{name.replace('_', '-')}` | `METERWATCH_{name.upper()}` | "
-                        f"{default} | {f.description or ''} |")
+            choices = field_choices(name)
+            meaning = (f.description or "") + (
+                f" (one of {', '.join(f'`{c}`' for c in choices)})" if choices else "")
+            rows.append(f"| `{flag(name)}` | `{ENV_PREFIX}{name.upper()}` | "
+                        f"{default} | {meaning} |")
         return "\n".join(rows)
+
+
+def field_choices(name: str) -> tuple[str, ...]:
+    """The allowed values of a ``Literal`` setting (empty for other settings)."""
+    ann = Settings.model_fields[name].annotation
+    for arg in (ann, *typing.get_args(ann)):
+        if typing.get_origin(arg) is Literal:
+            return tuple(str(a) for a in typing.get_args(arg))
+    return ()
+
+
+def describe_error(exc: ValidationError, from_flags: set[str] | None = None) -> str:
+    """One line for the first problem in ``exc``: the flag, what is wrong and the fix.
+
+    Built from each error's location and message only: pydantic's ``input_value`` (which
+    would print a password given in the wrong combination) is never used.
+    """
+    err = exc.errors(include_url=False, include_input=False)[0]
+    loc = [str(x) for x in err.get("loc", ())]
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if not loc:  # a model-level check: its message starts with the flag
+        return msg
+    name = loc[0]
+    if name not in Settings.model_fields:
+        return f"{flag(name)}: unknown setting; see meterwatch run --help"
+    where = flag(name)
+    if from_flags is not None and name not in from_flags and \
+            f"{ENV_PREFIX}{name.upper()}" in os.environ:
+        where = f"{where} (from {ENV_PREFIX}{name.upper()})"
+    choices = field_choices(name)
+    fix = (f"choose one of {', '.join(choices)}" if choices
+           else "see meterwatch run --help")
+    if err.get("type") == "value_error":  # our own validators say the fix themselves
+        return f"{where}: {msg}"
+    if err.get("type") == "literal_error" or ("Input should be" in msg and choices):
+        msg = "not one of the allowed values"
+    return f"{where}: {msg[0].lower() + msg[1:] if msg else msg}; {fix}"

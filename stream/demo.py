@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 import urllib.request
@@ -155,9 +156,7 @@ def _samples(text: str, name: str) -> list[tuple[str, float]]:
     return out
 
 
-def _date(day: int):  # type: ignore[no-untyped-def]
-    import datetime as dt
-
+def _date(day: int) -> dt.date:
     return dt.date(1970, 1, 1) + dt.timedelta(days=day)
 
 

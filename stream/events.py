@@ -65,8 +65,13 @@ class Reading(BaseModel):
         return cls.model_validate(doc, strict=strict, **kwargs)
 
 
+_OUTPUT = ConfigDict(extra="forbid", populate_by_name=True)
+
+
 class Slot(BaseModel):
     """A half-hour that drove an alert."""
+
+    model_config = _OUTPUT
 
     slot: int = Field(ge=0, le=47, description="model slot: local wall-clock half-hour index")
     start: datetime
@@ -75,16 +80,39 @@ class Slot(BaseModel):
     error: float = Field(description="this slot's share of the day's anomaly score")
 
 
+class Span(BaseModel):
+    """Where one signal fired: consecutive half-hours of the day, from-to (local time)."""
+
+    model_config = _OUTPUT
+
+    signal: Literal["model", "zero_run", "flat_run", "impossible"]
+    from_: str = Field(alias="from", pattern=r"^\d\d:\d\d$",
+                       description="local wall-clock start, HH:MM")
+    to: str = Field(pattern=r"^\d\d:\d\d$", description="local wall-clock end, HH:MM "
+                    "(24:00 for the end of the day)")
+    start: datetime = Field(description="start of the first half-hour, with UTC offset")
+    end: datetime = Field(description="end of the last half-hour, with UTC offset")
+    slots: list[int] = Field(description="model slots of the span")
+
+
 class Alert(BaseModel):
     """A household-day whose score passed the threshold (the alerts topic)."""
+
+    model_config = _OUTPUT
 
     schema_version: int = SCHEMA_VERSION
     household_id: str
     date: date
-    score: float
-    threshold: float
+    score: float = Field(description="anomaly score (4 decimals)")
+    threshold: float = Field(description="the model's calibrated threshold (4 decimals)")
+    severity: Literal["low", "medium", "high"] = Field(
+        description="score / threshold below 2: low, below 5: medium, else high "
+                    "(stream.alerts.severity)")
+    created_at: datetime = Field(description="when the alert was built (UTC)")
     model_version: str
-    signals: list[str] = Field(description="which detectors fired: model, zero_run, ...")
+    signals: list[Literal["model", "zero_run", "flat_run", "impossible", "missing"]] = Field(
+        description="which detectors fired: model, zero_run, flat_run, impossible")
+    where: list[Span] = Field(description="the half-hours each signal fired on, from-to")
     imputed_slots: list[int] = Field(default_factory=list)
     observed_kwh_total: float
     expected_kwh_total: float
@@ -94,6 +122,8 @@ class Alert(BaseModel):
 
 class DayScore(BaseModel):
     """Exactly one per closed household-day (the scores topic); also the recovery ledger."""
+
+    model_config = _OUTPUT
 
     schema_version: int = SCHEMA_VERSION
     household_id: str
@@ -115,6 +145,8 @@ class DayScore(BaseModel):
 class DataQuality(BaseModel):
     """A household-day closed by the watermark without enough readings (data-quality topic)."""
 
+    model_config = _OUTPUT
+
     schema_version: int = SCHEMA_VERSION
     household_id: str
     date: date
@@ -127,6 +159,8 @@ class DataQuality(BaseModel):
 class DeadLetter(BaseModel):
     """A record that failed validation: the original bytes and why (dead-letter topic)."""
 
+    model_config = _OUTPUT
+
     schema_version: int = SCHEMA_VERSION
     reason: str
     detail: str
@@ -136,3 +170,29 @@ class DeadLetter(BaseModel):
     key: str | None = Field(description="the record key, base64 when not UTF-8")
     value: str = Field(description="the original record value, base64")
     timestamp_ms: int | None = None
+
+
+#: Output record classes by schema name (``stream/schemas/<name>.schema.json``).
+OUTPUT_RECORDS: dict[str, type[BaseModel]] = {
+    "alert": Alert, "day_score": DayScore, "data_quality": DataQuality,
+    "dead_letter": DeadLetter}
+
+
+def json_schema(name: str) -> dict[str, object]:
+    """The JSON Schema (draft 2020-12) of an output record, generated from its class; the
+    shipped ``stream/schemas/<name>.schema.json`` files are this, written by
+    ``python -m meterwatch.stream.events``."""
+    schema = OUTPUT_RECORDS[name].model_json_schema(by_alias=True)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": f"https://meterwatch.invalid/schemas/{name}.schema.json", **schema}
+
+
+if __name__ == "__main__":
+    import json
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "schemas"
+    for record in OUTPUT_RECORDS:
+        path = folder / f"{record}.schema.json"
+        path.write_text(json.dumps(json_schema(record), indent=2) + "\n", encoding="utf-8")
+        print(path)

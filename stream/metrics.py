@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import psutil
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -154,7 +162,32 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         m.invalid_readings.labels(reason)
         m.dead_letters.labels(reason)
     reg.register(_ResourceCollector())
+    # prometheus-client's standard process metrics (process_cpu_seconds_total,
+    # process_resident_memory_bytes, ...) for this process, and the same for the scorer
+    # process under meterwatch_scorer_process_* (absent while there is none).
+    ProcessCollector(registry=reg)
+    ProcessCollector(namespace="meterwatch_scorer", pid=scorer_pid, registry=reg)
     return m
+
+
+#: Set by the service when it knows the scorer's pid (``SCORER_PID[0] = pid``); when
+#: unset, the scorer is found among this process's children (the multiprocessing worker).
+SCORER_PID: list[int | None] = [None]
+
+
+def scorer_pid() -> int | str:
+    """The scorer process's pid, or a name that matches no process (no samples) when it runs
+    in a thread or has not started."""
+    if SCORER_PID[0] is not None:
+        return SCORER_PID[0]
+    try:
+        for child in psutil.Process(os.getpid()).children():
+            cmd = child.cmdline()
+            if any("spawn_main" in part for part in cmd):
+                return child.pid
+    except psutil.Error:
+        pass
+    return "none"
 
 
 class _ResourceCollector(Collector):
@@ -164,7 +197,7 @@ class _ResourceCollector(Collector):
         self._proc = psutil.Process(os.getpid())
         self._proc.cpu_percent(None)  # first call primes the counter
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         cpu = GaugeMetricFamily(
             "meterwatch_process_cpu_ratio",
             "Process CPU use since the last scrape, in cores (1.0 = one core busy).")
@@ -177,7 +210,7 @@ class _ResourceCollector(Collector):
         yield from _gpu_metrics()
 
 
-def _gpu_metrics():  # type: ignore[no-untyped-def]
+def _gpu_metrics() -> Iterator[Metric]:
     """GPU memory and utilisation from NVML (``nvidia-ml-py``, optional): never through torch,
     which would create a CUDA context in this process (hundreds of MB of device memory on
     every visible GPU) although the scorer process owns the device. Without NVML (no

@@ -50,6 +50,8 @@ class ProduceStats:
     readings: int = 0
     malformed: int = 0
     seconds: float = 0.0
+    #: whole days produced (fewer than asked when --duration ended it)
+    days_produced: int = 0
     #: (household_id, day) -> wall time its last reading was acknowledged
     last_sent: dict[tuple[str, int], float] = field(default_factory=dict)
 
@@ -83,8 +85,14 @@ async def produce_synthetic(bootstrap_servers: str, topic: str, data: SyntheticD
                             days: range | None = None, malformed_every: int = 0,
                             array_fraction: float = 0.1, seed: int = 0,
                             producer: AIOKafkaProducer | None = None,
+                            rate: float | None = None, duration: float | None = None,
                             **client: object) -> ProduceStats:
-    """Produce ``data`` (day by day) and wait for every acknowledgement."""
+    """Produce ``data`` (day by day) and wait for every acknowledgement.
+
+    ``rate`` paces the readings (per second, on average over the run); ``duration`` stops
+    after that many seconds, at the end of the record in flight (the day is then partial
+    and not counted in ``days_produced``).
+    """
     rng = np.random.default_rng(seed)
     own = producer is None
     if producer is None:
@@ -93,12 +101,21 @@ async def produce_synthetic(bootstrap_servers: str, topic: str, data: SyntheticD
         await producer.start()
     stats = ProduceStats()
     t0 = time.perf_counter()
+    stop_at = t0 + duration if duration is not None else None
     try:
         for d in days if days is not None else range(len(data.days)):
             futures = []
-            keys = []
+            keys: list[bytes | None] = []
+            stopped = False
             for i, (key, value, rows) in enumerate(day_records(data, d, rng,
                                                                array_fraction=array_fraction)):
+                if rate is not None:
+                    ahead = stats.readings / rate - (time.perf_counter() - t0)
+                    if ahead > 0.002:
+                        await asyncio.sleep(ahead)
+                if stop_at is not None and time.perf_counter() >= stop_at:
+                    stopped = True
+                    break
                 futures.append(await producer.send(topic, value, key=key))
                 keys.append(key)
                 stats.records += 1
@@ -110,6 +127,9 @@ async def produce_synthetic(bootstrap_servers: str, topic: str, data: SyntheticD
                     stats.records += 1
                     stats.malformed += 1
             await asyncio.gather(*futures)
+            if stopped:
+                break
+            stats.days_produced += 1
             now = time.time()
             day = int(data.days[d])
             for hid in data.household_ids:

@@ -112,3 +112,65 @@ def test_side_tables_and_directory(tmp_path: Path) -> None:
     assert read_bank_holidays(tmp_path / "uk_bank_holidays.csv.gz").tolist() == [D0]
     r, sides = load_dataset(tmp_path)
     assert len(r) == 1 and all(v is not None for v in sides.values())
+
+
+def _household_csv(hh: str, days: int = 2, sep: str = "\n") -> str:
+    rows = [f"{hh},2013-01-{1 + d:02d} {i // 2:02d}:{30 * (i % 2):02d}:00, {i / 100:.3f} "
+            for d in range(days) for i in range(48)]
+    return sep.join(["LCLid,tstp,energy(kWh/hh)", *rows]) + sep
+
+
+def test_folder_of_per_household_csvs(tmp_path: Path) -> None:
+    """An extracted readings.tar.gz: one CSV per household (plain or gzipped), side tables
+    beside them and other tables that are not readings (skipped)."""
+    (tmp_path / "MAC000002.csv").write_text(_household_csv("MAC000002"))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "MAC000003.csv.gz").write_bytes(
+        gzip.compress(_household_csv("MAC000003", sep="\r\n").encode()))
+    (tmp_path / "weather_hourly_darksky.csv").write_text("time,temperature\n")
+    with gzip.open(tmp_path / "uk_bank_holidays.csv.gz", "wt") as f:
+        f.write('"Bank holidays",Type\n2013-01-01,"New Year"\n')
+    r, sides = load_dataset(tmp_path, progress=False)
+    assert sorted(set(r.household_ids)) == ["MAC000002", "MAC000003"] and len(r) == 4
+    np.testing.assert_allclose(r.kwh[3], np.arange(48) / 100, atol=1e-6)
+    assert sides["holidays"] == tmp_path / "uk_bank_holidays.csv.gz"
+    assert sides["household"] is None and sides["weather"] is None
+    # side tables given explicitly win over (or add to) the folder's
+    (tmp_path.parent / "side").mkdir(exist_ok=True)
+    info = tmp_path.parent / "side" / "elsewhere.csv"
+    info.write_text("LCLid,stdorToU,Acorn,Acorn_grouped,file\nMAC000002,Std,A,Affluent,b\n")
+    _, sides = load_dataset(tmp_path, household_info=info, progress=False)
+    assert sides["household"] == info
+    with pytest.raises(LoadError, match=r"nope\.csv: no such file"):
+        load_dataset(tmp_path, weather=tmp_path / "nope.csv")
+
+
+def test_folder_without_readings_and_empty_files(tmp_path: Path) -> None:
+    (tmp_path / "uk_bank_holidays.csv").write_text('"Bank holidays",Type\n')
+    with pytest.raises(LoadError, match="no readings in this folder"):
+        load_dataset(tmp_path)
+    empty = tmp_path / "MAC000009.csv"
+    empty.write_text("")
+    with pytest.raises(LoadError, match=r"MAC000009\.csv:1: empty file"):
+        load_dataset(tmp_path)
+
+
+def test_zip_and_truncated_gzip(tmp_path: Path) -> None:
+    import zipfile
+
+    z = tmp_path / "halfhourly_dataset.zip"
+    with zipfile.ZipFile(z, "w") as f:
+        f.writestr("halfhourly_dataset/block_0.csv", _household_csv("MAC000002"))
+        f.writestr("halfhourly_dataset/block_1.csv", _household_csv("MAC000004"))
+    r, _ = load_dataset(tmp_path, progress=False)
+    assert sorted(set(r.household_ids)) == ["MAC000002", "MAC000004"]
+
+    data = gzip.compress(_household_csv("MAC000002", days=30).encode())
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LoadError, match=r"cut\.csv\.gz: cannot read"):
+        read_readings(cut, progress=False)
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"LCLid,tstp,energy(kWh/hh)\n\xff\xfe\x00garbage\n")
+    with pytest.raises(LoadError, match=r"binary\.csv: not UTF-8"):
+        read_readings(binary, progress=False)

@@ -1,0 +1,135 @@
+"""Helpers of the CLI suites: run the INSTALLED ``meterwatch`` console script as a user does,
+and write generated readings in every layout ``model.loaders`` reads."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from meterwatch.model import SyntheticData
+
+#: The console script ``pip install`` put beside the interpreter running the tests.
+METERWATCH = Path(sys.executable).parent / "meterwatch"
+SECRET = "s3cr3tpw"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without METERWATCH_* (tests set their own), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERWATCH_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def meterwatch(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
+               cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``meterwatch ARGS`` (the installed script) and return what it did."""
+    assert METERWATCH.exists(), f"{METERWATCH} is missing: install the package (make install)"
+    return subprocess.run([str(METERWATCH), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env if env is not None else clean_env(),
+                          cwd=cwd, check=False)
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    """The single error line of a failed command (exit 2, no traceback)."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("meterwatch: error:")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def _date(day: int) -> str:
+    return (dt.date(1970, 1, 1) + dt.timedelta(days=int(day))).isoformat()
+
+
+def _ts(day: int, slot: int, sep: str = " ") -> str:
+    return f"{_date(day)}{sep}{slot // 2:02d}:{30 * (slot % 2):02d}:00"
+
+
+def long_rows(data: SyntheticData, h: int, days: slice, *, datastore: bool = False) -> list[str]:
+    rows = []
+    for d in range(len(data.days))[days]:
+        for s in range(48):
+            v = float(data.kwh[h, d, s])
+            text = "Null" if np.isnan(v) else f" {v:.3f} "
+            hid = data.household_ids[h]
+            if datastore:
+                rows.append(f"{hid},{data.tariff[h]},{_ts(data.days[d], s)}.0000000,{text}")
+            else:
+                rows.append(f"{hid},{_ts(data.days[d], s)},{text}")
+    return rows
+
+
+KAGGLE_HEADER = "LCLid,tstp,energy(kWh/hh)"
+DATASTORE_HEADER = "LCLid,stdorToU,DateTime,KWH/hh (per half hour) "
+
+
+def write_side_tables(data: SyntheticData, folder: Path) -> None:
+    """household_information.csv (CRLF) and weather_daily_darksky.csv as the LCL set has."""
+    lines = ["LCLid,stdorToU,Acorn,Acorn_grouped,file"] + [
+        f"{hid},{data.tariff[h]},ACORN-A,{data.acorn_group[h]},block_0"
+        for h, hid in enumerate(data.household_ids)]
+    (folder / "household_information.csv").write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    rng = np.random.default_rng(0)
+    weather = ["time,temperatureMax,temperatureMin"] + [
+        f"{_date(d)} 00:00:00,{10 + rng.normal():.2f},{3 + rng.normal():.2f}"
+        for d in range(int(data.days[0]) - 1, int(data.days[-1]) + 2)]
+    (folder / "weather_daily_darksky.csv").write_text("\n".join(weather) + "\n")
+
+
+def write_layout(data: SyntheticData, layout: str, root: Path, days: slice = slice(None)) -> Path:
+    """Write ``data`` (the ``days`` given) in one layout under ``root``; returns what to pass
+    to ``--data``. Layouts: folder (one CSV per household, side tables beside them, the
+    extracted readings.tar.gz), csv, csv.gz, tar.gz, datastore, hhblock."""
+    root.mkdir(parents=True, exist_ok=True)
+    n = len(data.household_ids)
+    if layout == "folder":
+        for h in range(n):
+            body = "\n".join([KAGGLE_HEADER, *long_rows(data, h, days)]) + "\n"
+            (root / f"{data.household_ids[h]}.csv").write_text(body)
+        write_side_tables(data, root)
+        return root
+    everyone = [row for h in range(n) for row in long_rows(data, h, days,
+                                                            datastore=layout == "datastore")]
+    if layout == "datastore":
+        path = root / "CC_LCL-FullData.csv"
+        path.write_bytes(("\r\n".join([DATASTORE_HEADER, *everyone]) + "\r\n").encode())
+        return path
+    body = "\n".join([KAGGLE_HEADER, *everyone]) + "\n"
+    if layout == "csv":
+        path = root / "block_0.csv"
+        path.write_text(body)
+        return path
+    if layout == "csv.gz":
+        path = root / "block_0.csv.gz"
+        path.write_bytes(gzip.compress(body.encode()))
+        return path
+    if layout == "tar.gz":
+        path = root / "readings.tar.gz"
+        with tarfile.open(path, "w:gz") as tar:
+            for h in range(n):
+                blob = ("\n".join([KAGGLE_HEADER, *long_rows(data, h, days)]) + "\n").encode()
+                info = tarfile.TarInfo(f"{data.household_ids[h]}.csv")
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+        return path
+    if layout == "hhblock":
+        path = root / "block_0.csv"
+        header = "LCLid,day," + ",".join(f"hh_{i}" for i in range(48))
+        rows = [header]
+        for h in range(n):
+            for d in range(len(data.days))[days]:
+                vals = ["" if np.isnan(v) else f"{v:.3f}" for v in data.kwh[h, d].tolist()]
+                rows.append(f"{data.household_ids[h]},{_date(data.days[d])}," + ",".join(vals))
+        path.write_text("\n".join(rows) + "\n")
+        return path
+    raise ValueError(layout)

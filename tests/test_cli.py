@@ -1,0 +1,197 @@
+"""The ``meterwatch`` console script as a user runs it: versions, help, settings errors,
+secrets, checkpoints, misuse. Every command goes through the installed script in a
+subprocess; none of these need a broker (``test_cli_pipeline.py`` has the ones that do)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.cli_helpers import SECRET, clean_env, meterwatch, one_line_error
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint from ``meterwatch train --synthetic`` (small and quick)."""
+    out = tmp_path_factory.mktemp("cli-model") / "tiny.pt"
+    proc = meterwatch("train", "--synthetic", "--households", "8", "--days", "10",
+                      "--max-epochs", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert f"to {out}" in proc.stdout
+    return out
+
+
+def test_version_and_help() -> None:
+    proc = meterwatch("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"meterwatch {version('meterwatch')}"
+    top = meterwatch("--help")
+    assert top.returncode == 0
+    for command in ("run", "train", "simulate", "demo", "evaluate", "config"):
+        assert command in top.stdout
+    run = meterwatch("run", "--help").stdout
+    assert "(default: 65536)" in run and "METERWATCH_BATCH_MAX_SIZE" in run  # defaults, env
+    assert "{auto,cpu,cuda}" in run and "{text,json}" in run  # choices
+    train = meterwatch("train", "--help").stdout
+    assert "(default: 200)" in train and "{default,reference}" in train
+    sim = meterwatch("simulate", "--help").stdout
+    assert "--rate" in sim and "--duration" in sim and "--sasl-password" in sim
+
+
+@pytest.mark.parametrize("args,env,flag", [
+    # the issue's command: SASL_SSL without a mechanism
+    (["--sasl-password", SECRET, "--sasl-username", "u", "--security-protocol", "SASL_SSL"],
+     {}, "--sasl-mechanism"),
+    # SASL settings with PLAINTEXT: contradictory, an error (it used to be ignored)
+    (["--sasl-password", SECRET, "--sasl-username", "u"], {}, "--sasl-"),
+    (["--sasl-password", SECRET, "--sasl-username", "u", "--sasl-mechanism", "PLAIN",
+      "--security-protocol", "PLAINTEXT"], {}, "--sasl-"),
+    # the same through the environment
+    ([], {"METERWATCH_SASL_PASSWORD": SECRET, "METERWATCH_SASL_USERNAME": "u",
+          "METERWATCH_SECURITY_PROTOCOL": "SASL_SSL"}, "--sasl-mechanism"),
+    ([], {"METERWATCH_SASL_PASSWORD": SECRET}, "--sasl-password"),
+    # a password in the wrong type of field is still not echoed
+    (["--sasl-username", SECRET, "--security-protocol", "SASL_SSL", "--sasl-mechanism",
+      "PLAIN"], {}, "--sasl-password"),
+    (["--security-protocol", SECRET], {}, "--security-protocol"),
+    ([], {"METERWATCH_SASL_PASSWORD": SECRET, "METERWATCH_SASL_USERNAME": "u",
+          "METERWATCH_SASL_MECHANISM": "PLAIN", "METERWATCH_SECURITY_PROTOCOL": "SASL_SSL",
+          "METERWATCH_BATCH_MAX_SIZE": "x"}, "--batch-max-size"),
+])
+def test_secrets_never_printed(args: list[str], env: dict[str, str], flag: str) -> None:
+    for command in ("config", "run"):
+        proc = meterwatch(command, *args, "--metrics-port", "0", env=clean_env(**env))
+        line = one_line_error(proc)
+        assert flag in line, line
+        everything = proc.stdout + proc.stderr
+        assert SECRET[:3] not in everything, everything  # not even its first characters
+
+
+def test_valid_secret_is_masked(tmp_path: Path) -> None:
+    sasl = ["--security-protocol", "SASL_PLAINTEXT", "--sasl-mechanism", "SCRAM-SHA-512",
+            "--sasl-username", "meterwatch", "--sasl-password", SECRET]
+    proc = meterwatch("config", *sasl)
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads(proc.stdout)
+    assert cfg["sasl_password"] == "**********" and cfg["sasl_username"] == "meterwatch"
+    assert SECRET not in proc.stdout + proc.stderr
+    # the start-up line of `run` lists the effective settings with the secret masked
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    proc = meterwatch("run", *sasl, "--model-path", str(bad), "--metrics-port", "0",
+                      "--log-format", "json")
+    one_line_error(proc)
+    logs = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    start = [r for r in logs if "starting" in r["message"]]
+    assert start and "sasl_password=***" in start[0]["message"], logs
+    assert "bootstrap_servers=127.0.0.1:9092" in start[0]["message"]
+    assert all({"ts", "level", "logger", "message"} <= r.keys() for r in logs)
+    assert SECRET not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("args,env,expect", [
+    (["--batch-max-size", "0"], {}, "--batch-max-size: input should be greater than"),
+    ([], {"METERWATCH_BATCH_MAX_SIZE": "0"},
+     "--batch-max-size (from METERWATCH_BATCH_MAX_SIZE)"),
+    (["--device", "gpu"], {}, "--device: not one of the allowed values; choose one of auto"),
+    (["--timezone", "Europe/Londn"], {}, "--timezone: unknown time zone 'Europe/Londn'"),
+    ([], {"METERWATCH_TIMEZONE": "Mars/Olympus"}, "--timezone"),
+    (["--ssl-cafile", "/nonexistent/ca.pem", "--security-protocol", "SSL"], {},
+     "--ssl-cafile: no such file"),
+    (["--ssl-cafile", "/nonexistent/ca.pem"], {}, "--ssl-cafile: TLS files are given but"),
+    (["--no-such-flag", "1"], {}, "unrecognized arguments: --no-such-flag"),
+])
+def test_settings_errors_name_the_flag(args: list[str], env: dict[str, str],
+                                       expect: str) -> None:
+    for command in ("config", "run"):
+        line = one_line_error(meterwatch(command, *args, "--metrics-port", "0",
+                                         env=clean_env(**env)))
+        assert expect in line, line
+        assert "batch_max_size" not in line and "input_value" not in line
+
+
+def test_config_markdown_and_defaults() -> None:
+    proc = meterwatch("config")
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads(proc.stdout)
+    assert cfg["bootstrap_servers"] == "127.0.0.1:9092" and cfg["log_format"] == "text"
+    table = meterwatch("config", "--markdown").stdout
+    assert "| `--log-format` | `METERWATCH_LOG_FORMAT` | `text` |" in table
+
+
+def test_checkpoint_errors_are_one_line(tiny_model: Path, tmp_path: Path) -> None:
+    ckpt = torch.load(tiny_model, map_location="cpu", weights_only=True)
+    assert ckpt["meterwatch_version"] == version("meterwatch")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(tiny_model.read_bytes()[: tiny_model.stat().st_size // 2])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00\x01 definitely not a checkpoint" * 100)
+    other = tmp_path / "other.pt"
+    torch.save({"format": 999}, other)
+    for path in (truncated, garbage, other, tmp_path / "missing.pt"):
+        line = one_line_error(meterwatch("run", "--model-path", str(path),
+                                         "--metrics-port", "0"))
+        assert str(path) in line and "meterwatch train" in line, line
+    line = one_line_error(meterwatch("run", "--metrics-port", "0"))
+    assert "--model-path" in line
+
+
+def test_train_misuse(tmp_path: Path) -> None:
+    assert "--synthetic --data is required" in one_line_error(meterwatch("train", "--out", "x"))
+    line = one_line_error(meterwatch("train", "--data", str(tmp_path / "nope"), "--out", "x"))
+    assert str(tmp_path / "nope") in line
+    bad = tmp_path / "readings.csv"
+    bad.write_text("LCLid,tstp,energy(kWh/hh)\nMAC000002,2013-01-01 00:00:00, 0.1 \n"
+                   "MAC000002,2013-01-01 00:30:00\n")
+    line = one_line_error(meterwatch("train", "--data", str(bad), "--out", "x.pt"))
+    assert f"{bad}:3: expected 3 fields" in line
+    line = one_line_error(meterwatch("train", "--data", str(tmp_path), "--out", "x.pt"))
+    assert f"{bad}:3:" in line  # the folder's CSV, by name and line
+    bad.write_text("LCLid,tstp,energy(kWh/hh)\nMAC000002,2013-01-01 00:00:00, 0.1 \n")
+    line = one_line_error(meterwatch("train", "--data", str(bad), "--out", "x.pt",
+                                     "--until", "01/02/2013"))
+    assert "--until" in line and "YYYY-MM-DD" in line
+    line = one_line_error(meterwatch("train", "--data", str(bad), "--out", "x.pt",
+                                     "--weather", str(tmp_path / "w.csv")))
+    assert "w.csv: no such file" in line
+    assert "invalid choice" in one_line_error(meterwatch("train", "--synthetic", "--out", "x",
+                                                         "--device", "tpu"))
+    assert "invalid choice" in one_line_error(meterwatch("fly"))
+
+
+def test_evaluate_and_simulate_misuse(tmp_path: Path) -> None:
+    line = one_line_error(meterwatch("evaluate", "--data", str(tmp_path / "nope"), "--out",
+                                     str(tmp_path / "out")))
+    assert "--data: no such file or folder" in line
+    line = one_line_error(meterwatch("simulate", "--rate", "-5"))
+    assert "--rate" in line
+    line = one_line_error(meterwatch("simulate", "--start", "March"))
+    assert "--start" in line
+    line = one_line_error(meterwatch("simulate", "--sasl-password", SECRET))
+    assert "--sasl-password" in line and SECRET not in line
+
+
+def test_schemas_import_without_torch() -> None:
+    code = ("import sys\n"
+            "from meterwatch.stream.schemas import SCHEMA_NAMES, load_schema\n"
+            "import meterwatch.stream.events\n"
+            "assert all(load_schema(n)['type'] == 'object' for n in SCHEMA_NAMES)\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_shipped_schemas_match_the_record_classes() -> None:
+    from meterwatch.stream.events import OUTPUT_RECORDS, json_schema
+    from meterwatch.stream.schemas import SCHEMA_NAMES, load_schema
+
+    assert set(SCHEMA_NAMES) == set(OUTPUT_RECORDS)
+    for name in SCHEMA_NAMES:
+        assert load_schema(name) == json_schema(name), (
+            f"stream/schemas/{name}.schema.json is stale: python -m meterwatch.stream.events")

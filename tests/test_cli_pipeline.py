@@ -1,0 +1,220 @@
+"""What a user does first, through the installed ``meterwatch`` script, with default
+settings, against the session's real broker:
+
+train on a folder of per-household CSVs (the extracted readings.tar.gz layout, side
+tables beside them) -> ``meterwatch run`` with that model -> ``meterwatch simulate``
+(settings from METERWATCH_* variables, a labels file) -> read alerts, day scores,
+data-quality and dead-letter records back and check each against its shipped JSON Schema
+-> SIGTERM (exit 0) -> ``meterwatch evaluate`` on the same folder. Also: ``train --data``
+on every other layout the loaders read, and ``simulate --rate --duration``.
+
+Only the topic names, the group and the broker address differ from the defaults (the
+broker is shared by the whole test session); the metrics port is picked free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import datetime as dt
+import json
+import signal
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import jsonschema
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from meterwatch.model import SyntheticConfig, generate
+from meterwatch.stream.broker import Broker, create_topics, free_port
+from meterwatch.stream.config import Settings
+from meterwatch.stream.schemas import load_schema
+from tests.cli_helpers import METERWATCH, clean_env, meterwatch, write_layout
+from tests.conftest import read_topic
+
+pytestmark = pytest.mark.integration
+
+HOUSEHOLDS = 40
+HISTORY = 28
+START = dt.date(2013, 3, 1)
+
+
+def _env(broker: Broker, tag: str, **extra: str) -> dict[str, str]:
+    topics = {"INPUT_TOPIC": f"readings-{tag}", "ALERTS_TOPIC": f"alerts-{tag}",
+              "SCORES_TOPIC": f"scores-{tag}", "DEAD_LETTER_TOPIC": f"dlq-{tag}",
+              "DATA_QUALITY_TOPIC": f"dq-{tag}", "STATE_TOPIC": f"state-{tag}"}
+    env = {f"METERWATCH_{k}": v for k, v in topics.items()}
+    env["METERWATCH_BOOTSTRAP_SERVERS"] = broker.bootstrap_servers
+    env["METERWATCH_GROUP_ID"] = f"mw-cli-{tag}"
+    if not broker.supports_idempotence:
+        env["METERWATCH_IDEMPOTENCE"] = "off"
+    return clean_env(**env, **extra)
+
+
+def _settings(env: dict[str, str]) -> Settings:
+    return Settings.load(**{k.removeprefix("METERWATCH_").lower(): v for k, v in env.items()
+                            if k.startswith("METERWATCH_")})
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def _validate(docs: list[dict], schema_name: str) -> None:
+    schema = load_schema(schema_name)
+    validator = jsonschema.Draft202012Validator(
+        schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    for doc in docs:
+        validator.validate({k: v for k, v in doc.items() if not k.startswith("_")})
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Households with a history to train on and days to stream after it."""
+    data = generate(SyntheticConfig(n_households=HOUSEHOLDS, n_days=HISTORY,
+                                    start_day=START - dt.timedelta(days=HISTORY),
+                                    anomaly_rate=0.0, seed=5))
+    folder = write_layout(data, "folder", tmp_path_factory.mktemp("lcl") / "readings")
+    return data, folder
+
+
+def test_train_folder_run_simulate_alerts_evaluate(history, broker: Broker,  # type: ignore[no-untyped-def]
+                                                   tmp_path: Path) -> None:
+    data, folder = history
+    model = tmp_path / "model.pt"
+    proc = meterwatch("train", "--data", str(folder), "--out", str(model))
+    assert proc.returncode == 0, proc.stderr
+    assert "household_information.csv" in proc.stderr  # side tables found in the folder
+    assert model.exists() and "saved meterwatch-ae-" in proc.stdout
+
+    tag = uuid.uuid4().hex[:8]
+    port = free_port()
+    env = _env(broker, tag, METERWATCH_MODEL_PATH=str(model),
+               METERWATCH_METRICS_PORT=str(port))
+    settings = _settings(env)
+    # the platform owns the input topic; the service creates its outputs
+    asyncio.run(create_topics(settings.bootstrap_servers, {settings.input_topic: 8}))
+    log_path = tmp_path / "run.log"
+    with open(log_path, "wb") as log:
+        service = subprocess.Popen([str(METERWATCH), "run"], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not _ready(port):
+            assert service.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.5)
+        text = log_path.read_text()
+        assert "starting: bootstrap_servers=" in text and f"model_path={model}" in text
+
+        # one household sends half a day, then the stream moves on: an incomplete day
+        asyncio.run(_produce_partial_day(settings, data.household_ids[0]))
+        labels = tmp_path / "labels.csv"
+        proc = meterwatch("simulate", "--households", str(HOUSEHOLDS), "--days", "4",
+                          "--start", START.isoformat(), "--anomaly-rate", "0.25",
+                          "--malformed-every", "300", "--seed", "5", "--labels", str(labels),
+                          env=env)  # bootstrap servers and topic from METERWATCH_* only
+        assert proc.returncode == 0, proc.stderr
+        assert f"to {settings.input_topic}" in proc.stdout
+        injected = list(csv.DictReader(labels.open()))
+        assert injected and set(injected[0]) == {"household_id", "date", "anomaly"}
+
+        closed_days = HOUSEHOLDS * 3  # the 4th day stays open: no later reading closes it
+        scores = asyncio.run(read_topic(settings, settings.scores_topic,
+                                        min_records=closed_days, timeout_s=120))
+        alerts = asyncio.run(read_topic(settings, settings.alerts_topic, min_records=1))
+        quality = asyncio.run(read_topic(settings, settings.data_quality_topic, min_records=1))
+        dead = asyncio.run(read_topic(settings, settings.dead_letter_topic, min_records=1))
+        # prometheus-client's standard process metrics, for the service and its scorer
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        for name in ("process_resident_memory_bytes", "process_cpu_seconds_total",
+                     "meterwatch_scorer_process_resident_memory_bytes",
+                     "meterwatch_scorer_process_cpu_seconds_total"):
+            assert any(line.startswith(name + " ") for line in metrics.splitlines()), name
+    finally:
+        service.send_signal(signal.SIGTERM)
+        try:
+            code = service.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            raise
+    assert code == 0, log_path.read_text()[-3000:]
+
+    assert len([s for s in scores if s["household_id"].startswith("SYN")]) >= closed_days
+    _validate(scores, "day_score")
+    _validate(alerts, "alert")
+    _validate(quality, "data_quality")
+    _validate(dead, "dead_letter")
+    assert alerts, "no alerts"
+    truth = {(r["household_id"], r["date"]) for r in injected}
+    hits = [a for a in alerts if (a["household_id"], a["date"]) in truth]
+    assert hits, (alerts, truth)
+    for a in alerts:
+        assert a["severity"] in ("low", "medium", "high") and a["where"]
+        assert a["score"] == round(a["score"], 4) and a["threshold"] == round(a["threshold"], 4)
+        assert dt.datetime.fromisoformat(a["created_at"]).tzinfo is not None
+        for span in a["where"]:
+            assert f"{span['signal']} " in a["summary"] and span["from"] in a["summary"]
+    assert any(q["kind"] == "incomplete_day" and q["household_id"] == data.household_ids[0]
+               for q in quality), quality
+
+    out = tmp_path / "evaluation"
+    first = START - dt.timedelta(days=HISTORY)
+    proc = meterwatch("evaluate", "--data", str(folder), "--out", str(out),
+                      "--calib-start", (first + dt.timedelta(days=18)).isoformat(),
+                      "--test-start", (first + dt.timedelta(days=23)).isoformat(),
+                      "--methods", "meterwatch,profile", "--cold-households", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["metrics"]) == {"meterwatch", "profile"}
+    assert (out / "RESULTS.md").exists()
+
+
+async def _produce_partial_day(settings: Settings, household: str) -> None:
+    """12 readings of the day before the simulated ones (then nothing of that day)."""
+    producer = AIOKafkaProducer(**settings.kafka_options(), acks="all")
+    await producer.start()
+    try:
+        day = START - dt.timedelta(days=1)
+        for slot in range(12):
+            ts = dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc) + \
+                dt.timedelta(minutes=30 * slot)
+            value = orjson.dumps({"household_id": household,
+                                  "ts": ts.isoformat().replace("+00:00", "Z"), "kwh": 0.3})
+            await producer.send_and_wait(settings.input_topic, value, key=household.encode())
+    finally:
+        await producer.stop()
+
+
+@pytest.mark.parametrize("layout", ["csv", "csv.gz", "tar.gz", "datastore", "hhblock"])
+def test_train_on_every_layout(layout: str, tmp_path: Path) -> None:
+    data = generate(SyntheticConfig(n_households=6, n_days=12, anomaly_rate=0.0, seed=2))
+    path = write_layout(data, layout, tmp_path / "data")
+    out = tmp_path / "model.pt"
+    proc = meterwatch("train", "--data", str(path), "--out", str(out), "--max-epochs", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "72 household-days of 6 households" in proc.stderr, proc.stderr
+    assert out.exists()
+
+
+def test_simulate_rate_and_duration(broker: Broker, tmp_path: Path) -> None:
+    env = _env(broker, uuid.uuid4().hex[:8])
+    settings = _settings(env)
+    asyncio.run(create_topics(settings.bootstrap_servers, {settings.input_topic: 2}))
+    t0 = time.monotonic()
+    proc = meterwatch("simulate", "--households", "50", "--days", "30", "--rate", "1000",
+                      "--duration", "3", "--labels", str(tmp_path / "l.csv"), env=env)
+    assert proc.returncode == 0, proc.stderr
+    produced = int(proc.stdout.split("produced ")[1].split(" readings")[0].replace(",", ""))
+    assert 0 < produced <= 1000 * 3 + 50, proc.stdout  # never faster than --rate
+    assert time.monotonic() - t0 < 120
