@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaProducer
 
 from meterwatch.model import SyntheticData
 from meterwatch.stream.broker import create_topics
-from meterwatch.stream.outputs import MARK_KEY
+from meterwatch.stream.outputs import parse_state_key
 from meterwatch.stream.service import Service
 from meterwatch.stream.simulate import reading_json
 from meterwatch.stream.timegrid import TimeGrid
@@ -190,8 +190,9 @@ async def _stream(broker, detector, data: SyntheticData, mode: str):  # type: ig
     scores = await read_topic(settings, settings.scores_topic, min_records=n * ORDER_DAYS)
     state = {}
     for r in await read_topic(settings, settings.state_topic):
-        if r["_key"] != MARK_KEY.decode():
-            state[r["_key"]] = r  # the newest record of each household wins
+        household = parse_state_key(settings, r["_key"].encode())
+        if household is not None:  # not a mark
+            state[household] = r  # the newest record of each household wins
     return scores, state
 
 
