@@ -163,11 +163,14 @@ def _parse_each(values: Sequence[bytes | None], keys: Sequence[bytes | None] | N
     id_pos: dict[str, int] = {}
     cols: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     rejections: list[Rejection] = []
+    failed = 0
     for i, value in enumerate(values):
         try:
             b = _parse([value], None if keys is None else [keys[i]], now_s, max_future_s)
         except Exception as exc:
-            log.exception("record %d of a batch could not be parsed", i)
+            if not failed:  # one traceback per batch, however many records fail
+                log.exception("record %d of a batch could not be parsed", i)
+            failed += 1
             rejections.append(Rejection(i, "internal_error",
                                         f"{type(exc).__name__} while validating the record"))
             continue
@@ -177,6 +180,8 @@ def _parse_each(values: Sequence[bytes | None], keys: Sequence[bytes | None] | N
         if len(b):
             remap = np.array([id_pos.setdefault(h, len(id_pos)) for h in b.ids], dtype=np.int32)
             cols.append((remap[b.id_index], b.ts, b.kwh, np.full(len(b), i, dtype=np.int32)))
+    if failed:
+        log.warning("%d of %d records rejected as internal_error", failed, len(values))
     ids = list(id_pos)
     if not cols:
         return _empty(rejections)
