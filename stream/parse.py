@@ -30,13 +30,13 @@ import orjson
 from numpy.lib.stride_tricks import sliding_window_view
 
 from meterwatch.stream.validation import (
-    _BAD_ID_CHARS,
-    _QUOTED_FIELDS,
+    BAD_ID_CHARS,
     FIELDS,
     MAX_HOUSEHOLD_ID_LEN,
     MAX_KWH,
     MAX_TS,
     MIN_TS,
+    QUOTED_FIELDS,
     Invalid,
     check_reading,
     check_ts,
@@ -248,7 +248,7 @@ def _parse_general(values: Sequence[bytes | None], keys: Sequence[bytes | None] 
     suspect |= (lens == 0) | (lens > MAX_HOUSEHOLD_ID_LEN)  # "" also for a non-string
     joined = "".join(strs)
     if not (joined.isascii() and joined.isprintable()):
-        suspect |= np.fromiter((_BAD_ID_CHARS.search(h) is not None for h in strs),
+        suspect |= np.fromiter((BAD_ID_CHARS.search(h) is not None for h in strs),
                                dtype=bool, count=n)
 
     # kwh: a number (not a boolean); range checked in _finish.
@@ -543,7 +543,7 @@ def _decode_fast(values: Sequence[bytes | None]) -> list[object] | None:
     joined = b"".join(values)  # type: ignore[arg-type]
     if b"\\" in joined:
         return None
-    for name, quoted in zip(FIELDS, _QUOTED_FIELDS, strict=True):
+    for name, quoted in zip(FIELDS, QUOTED_FIELDS, strict=True):
         c = joined.count(quoted)
         if c and c > sum(map(dict.__contains__, docs, repeat(name))):
             return None
