@@ -30,13 +30,13 @@ import orjson
 from numpy.lib.stride_tricks import sliding_window_view
 
 from meterwatch.stream.validation import (
-    _BAD_ID_CHARS,
-    _QUOTED_FIELDS,
+    BAD_ID_CHARS,
     FIELDS,
     MAX_HOUSEHOLD_ID_LEN,
     MAX_KWH,
     MAX_TS,
     MIN_TS,
+    QUOTED_FIELDS,
     Invalid,
     check_reading,
     check_ts,
@@ -163,11 +163,14 @@ def _parse_each(values: Sequence[bytes | None], keys: Sequence[bytes | None] | N
     id_pos: dict[str, int] = {}
     cols: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     rejections: list[Rejection] = []
+    failed = 0
     for i, value in enumerate(values):
         try:
             b = _parse([value], None if keys is None else [keys[i]], now_s, max_future_s)
         except Exception as exc:
-            log.exception("record %d of a batch could not be parsed", i)
+            if not failed:  # one traceback per batch, however many records fail
+                log.exception("record %d of a batch could not be parsed", i)
+            failed += 1
             rejections.append(Rejection(i, "internal_error",
                                         f"{type(exc).__name__} while validating the record"))
             continue
@@ -177,6 +180,8 @@ def _parse_each(values: Sequence[bytes | None], keys: Sequence[bytes | None] | N
         if len(b):
             remap = np.array([id_pos.setdefault(h, len(id_pos)) for h in b.ids], dtype=np.int32)
             cols.append((remap[b.id_index], b.ts, b.kwh, np.full(len(b), i, dtype=np.int32)))
+    if failed:
+        log.warning("%d of %d records rejected as internal_error", failed, len(values))
     ids = list(id_pos)
     if not cols:
         return _empty(rejections)
@@ -243,7 +248,7 @@ def _parse_general(values: Sequence[bytes | None], keys: Sequence[bytes | None] 
     suspect |= (lens == 0) | (lens > MAX_HOUSEHOLD_ID_LEN)  # "" also for a non-string
     joined = "".join(strs)
     if not (joined.isascii() and joined.isprintable()):
-        suspect |= np.fromiter((_BAD_ID_CHARS.search(h) is not None for h in strs),
+        suspect |= np.fromiter((BAD_ID_CHARS.search(h) is not None for h in strs),
                                dtype=bool, count=n)
 
     # kwh: a number (not a boolean); range checked in _finish.
@@ -538,7 +543,7 @@ def _decode_fast(values: Sequence[bytes | None]) -> list[object] | None:
     joined = b"".join(values)  # type: ignore[arg-type]
     if b"\\" in joined:
         return None
-    for name, quoted in zip(FIELDS, _QUOTED_FIELDS, strict=True):
+    for name, quoted in zip(FIELDS, QUOTED_FIELDS, strict=True):
         c = joined.count(quoted)
         if c and c > sum(map(dict.__contains__, docs, repeat(name))):
             return None

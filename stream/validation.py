@@ -27,7 +27,7 @@ Timestamp grammar (ASCII digits only, nothing before or after)::
 It is parsed here, never by ``datetime.fromisoformat``, whose leniency differs between
 Python 3.10 and 3.11 (3.11 accepts week dates, basic format, lowercase ``t``/``z``, offsets
 with seconds). JavaScript's ``toISOString`` (``2013-01-01T00:30:00.000Z``), Python's
-``isoformat`` with an offset and RFC 3339 all fit it.
+``isoformat`` with an offset and RFC 3339 with uppercase ``T``/``Z`` all fit it.
 
 Details (the ``detail`` of a dead letter) are built without recursion and bounded:
 ``describe`` names a value's type and at most a short, ASCII-escaped prefix of a string.
@@ -50,7 +50,8 @@ MAX_KWH = 50.0
 MIN_TS = -2_208_988_800
 MAX_TS = 7_258_118_400
 SUPPORTED_RANGE = "[1900-01-01T00:00:00Z, 2200-01-01T00:00:00Z)"
-#: Longest detail string of one reading (the whole rejection is capped in stream.parse).
+#: Characters of a string value quoted in a detail (the whole rejection is capped in
+#: stream.parse).
 _PREFIX = 48
 
 #: Dead-letter reasons (label values of meterwatch_invalid_readings_total).
@@ -67,7 +68,7 @@ _TS_GRAMMAR = re.compile(
 _TS_MAX_LEN = 35  # the longest string the grammar can match
 #: C0/C1 controls and DEL, surrogates, and the invisible format characters that reorder or
 #: hide text (soft hyphen, zero-width and bidi controls, BOM, interlinear annotation).
-_BAD_ID_CHARS = re.compile(
+BAD_ID_CHARS = re.compile(
     "[\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f"
     "\ud800-\udfff\ufeff\ufff9-\ufffb]")
 _MONTH_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
@@ -129,7 +130,7 @@ def check_household(v: object) -> str:
     if len(s) > MAX_HOUSEHOLD_ID_LEN:
         raise Invalid("bad_household", f"household_id {describe(s)} is longer than "
                       f"{MAX_HOUSEHOLD_ID_LEN} characters")
-    if _BAD_ID_CHARS.search(s):
+    if BAD_ID_CHARS.search(s):
         raise Invalid("bad_household",
                       f"household_id {describe(s)} has a control or invisible character")
     return s
@@ -247,7 +248,7 @@ def _parse_int(s: str) -> object:
     return int(s) if len(s) <= 300 else float(s)  # no int-from-str digit limit
 
 
-_QUOTED_FIELDS = tuple(f'"{f}"'.encode() for f in FIELDS)
+QUOTED_FIELDS = tuple(f'"{f}"'.encode() for f in FIELDS)
 
 
 def may_repeat_fields(value: bytes, doc: object) -> bool:
@@ -262,7 +263,7 @@ def may_repeat_fields(value: bytes, doc: object) -> bool:
         objs = [d for d in doc if type(d) is dict]
     else:
         return False
-    for name, quoted in zip(FIELDS, _QUOTED_FIELDS, strict=True):
+    for name, quoted in zip(FIELDS, QUOTED_FIELDS, strict=True):
         n = value.count(quoted)
         if n and n > sum(map(dict.__contains__, objs, repeat(name))):
             return True

@@ -318,3 +318,22 @@ def test_describe_is_short_for_any_json_value(v: object) -> None:
         check_reading({"household_id": "H", "ts": OK_TS, "kwh": v}
                       if not isinstance(v, (int, float)) or isinstance(v, bool)
                       or not 0 <= v <= 50 else {"household_id": v, "ts": OK_TS, "kwh": 1})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 6000), st.one_of(st.none(), st.binary(max_size=1500)),
+       st.text(max_size=300), st.integers(1500, 6000))
+def test_dead_letters_fit_any_limit_and_are_cut_only_when_needed(
+        value_size: int, key: bytes | None, detail: str, limit: int) -> None:
+    value = b"\xff\x00" * (value_size // 2)
+    kw = dict(reason="not_json", detail=detail, topic="t", partition=0, offset=1, key=key,
+              timestamp_ms=None)
+    rec = dead_letter_record(Settings(), value=value, max_bytes=limit, **kw)
+    assert len(rec.value or b"") + len(rec.key or b"") <= limit
+    doc = orjson.loads(rec.value or b"")
+    if doc.get("value_truncated"):  # the whole value would not have fitted
+        whole = dead_letter_record(Settings(), value=value, max_bytes=10**9, **kw)
+        assert len(whole.value or b"") + len(whole.key or b"") > limit - 64
+        assert value.startswith(base64.b64decode(doc["value"]))
+    else:
+        assert base64.b64decode(doc["value"]) == value
