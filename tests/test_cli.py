@@ -174,6 +174,14 @@ def test_evaluate_and_simulate_misuse(tmp_path: Path) -> None:
     assert "--start" in line
     line = one_line_error(meterwatch("simulate", "--sasl-password", SECRET))
     assert "--sasl-password" in line and SECRET not in line
+    from meterwatch.stream.broker import free_port
+
+    nobody = f"127.0.0.1:{free_port()}"  # nothing listens there
+    proc = meterwatch("simulate", "--bootstrap-servers", nobody, "--households", "2",
+                      "--days", "1", timeout=180)
+    line = one_line_error(proc)
+    assert f"--bootstrap-servers: cannot connect to {nobody}" in line
+    assert "Unclosed" not in proc.stderr
 
 
 def test_schemas_import_without_torch() -> None:
