@@ -203,3 +203,21 @@ def test_shipped_schemas_match_the_record_classes() -> None:
     for name in SCHEMA_NAMES:
         assert load_schema(name) == json_schema(name), (
             f"stream/schemas/{name}.schema.json is stale: python -m meterwatch.stream.events")
+
+
+def test_missing_extra_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """What `meterwatch demo` / `evaluate` / `train --plot` print when their extra is not
+    installed (the real extras are installed here, so a missing module is named instead)."""
+    from meterwatch.stream import cli
+
+    monkeypatch.setitem(cli._EXTRA_MODULES, "demo", ("no_such_module_for_demo",))
+    monkeypatch.setitem(cli._EXTRA_MODULES, "eval", ("no_such_module_for_eval",))
+    assert cli.main(["demo"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "meterwatch: error: meterwatch demo needs no_such_module_for_demo: "
+        "pip install 'meterwatch[demo]'")
+    assert cli.main(["evaluate", "--data", ".", "--out", "x"]) == 2
+    assert "pip install 'meterwatch[eval]'" in capsys.readouterr().err
+    assert cli.main(["train", "--synthetic", "--out", "x.pt", "--plot", "p.png"]) == 2
+    assert "--plot needs no_such_module_for_eval" in capsys.readouterr().err
