@@ -72,7 +72,10 @@ async def _demo(opts: DemoOptions, broker: Broker, t_start: float) -> int:
     print(f"  trained in {time.perf_counter() - t0:.1f} s: {detector.version}, "
           f"threshold {detector.threshold:.3f}, saved to {opts.model_out}")
 
-    settings = Settings(bootstrap_servers=broker.bootstrap_servers,
+    # The demo owns its broker and topics: METERWATCH_* variables meant for a real cluster
+    # (security settings, topic names) must not leak in, so the environment is not read.
+    settings = Settings(_env_prefix="METERWATCH_DEMO_UNUSED_",
+                        bootstrap_servers=broker.bootstrap_servers,
                         topic_partitions=opts.partitions, metrics_port=opts.metrics_port,
                         metrics_host="127.0.0.1", group_id=f"meterwatch-demo-{opts.seed}",
                         idempotence="auto" if broker.supports_idempotence else "off",

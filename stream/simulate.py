@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from meterwatch.model import SyntheticData
 
@@ -98,7 +99,15 @@ async def produce_synthetic(bootstrap_servers: str, topic: str, data: SyntheticD
     if producer is None:
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all",
                                     linger_ms=5, max_batch_size=1 << 20, **client)
-        await producer.start()
+        try:
+            await producer.start()
+        except KafkaError as e:
+            await producer.stop()  # no leaked client
+            raise ConnectionError(
+                f"--bootstrap-servers: cannot connect to {bootstrap_servers} "
+                f"({type(e).__name__}); check the address and the security settings "
+                "(--security-protocol, --sasl-mechanism, --sasl-username/--sasl-password, "
+                "--ssl-cafile)") from None
     stats = ProduceStats()
     t0 = time.perf_counter()
     stop_at = t0 + duration if duration is not None else None

@@ -174,6 +174,14 @@ def test_evaluate_and_simulate_misuse(tmp_path: Path) -> None:
     assert "--start" in line
     line = one_line_error(meterwatch("simulate", "--sasl-password", SECRET))
     assert "--sasl-password" in line and SECRET not in line
+    from meterwatch.stream.broker import free_port
+
+    nobody = f"127.0.0.1:{free_port()}"  # nothing listens there
+    proc = meterwatch("simulate", "--bootstrap-servers", nobody, "--households", "2",
+                      "--days", "1", timeout=180)
+    line = one_line_error(proc)
+    assert f"--bootstrap-servers: cannot connect to {nobody}" in line
+    assert "Unclosed" not in proc.stderr
 
 
 def test_schemas_import_without_torch() -> None:
@@ -195,3 +203,21 @@ def test_shipped_schemas_match_the_record_classes() -> None:
     for name in SCHEMA_NAMES:
         assert load_schema(name) == json_schema(name), (
             f"stream/schemas/{name}.schema.json is stale: python -m meterwatch.stream.events")
+
+
+def test_missing_extra_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """What `meterwatch demo` / `evaluate` / `train --plot` print when their extra is not
+    installed (the real extras are installed here, so a missing module is named instead)."""
+    from meterwatch.stream import cli
+
+    monkeypatch.setitem(cli._EXTRA_MODULES, "demo", ("no_such_module_for_demo",))
+    monkeypatch.setitem(cli._EXTRA_MODULES, "eval", ("no_such_module_for_eval",))
+    assert cli.main(["demo"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "meterwatch: error: meterwatch demo needs no_such_module_for_demo: "
+        "pip install 'meterwatch[demo]'")
+    assert cli.main(["evaluate", "--data", ".", "--out", "x"]) == 2
+    assert "pip install 'meterwatch[eval]'" in capsys.readouterr().err
+    assert cli.main(["train", "--synthetic", "--out", "x.pt", "--plot", "p.png"]) == 2
+    assert "--plot needs no_such_module_for_eval" in capsys.readouterr().err

@@ -1,0 +1,95 @@
+"""Alert documents a subscriber can act on: where each signal fired, half-hours inside the
+fault, severity, rounding, creation time; checked against the shipped JSON Schema."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import jsonschema
+import numpy as np
+
+from meterwatch.model import SIGNAL_NAMES
+from meterwatch.stream.alerts import build_documents, rule_spans, severity
+from meterwatch.stream.assembler import COMPLETE, ClosedDays
+from meterwatch.stream.events import Alert
+from meterwatch.stream.schemas import load_schema
+from meterwatch.stream.scorer import Scored
+from meterwatch.stream.timegrid import TimeGrid
+
+DAY = (dt.date(2013, 3, 2) - dt.date(1970, 1, 1)).days
+
+
+def _closed(kwh: np.ndarray) -> ClosedDays:
+    n = len(kwh)
+    return ClosedDays(np.arange(n, dtype=np.int32), [f"H{i}" for i in range(n)],
+                      np.full(n, DAY, np.int32), kwh.astype(np.float32),
+                      np.full(n, COMPLETE, np.uint8), np.full(n, 48, np.int16),
+                      np.full(n, 48, np.int16), np.zeros(n, np.int64), np.zeros(n, np.int64),
+                      np.arange(1, n + 1, dtype=np.int64))
+
+
+def _scored(kwh: np.ndarray, score: float, signals: list[str],
+            slot_error: np.ndarray) -> Scored:
+    bits = sum(1 << SIGNAL_NAMES.index(s) for s in signals)
+    return Scored(score=np.array([score], np.float32), is_alert=np.array([True]),
+                  expected=np.full((1, 48), 0.4, np.float32), slot_error=slot_error[None],
+                  signals=np.array([bits], np.uint8), state={"level": np.array([0.4])},
+                  seconds=0.0, memory_cap=1)
+
+
+def test_severity_bands() -> None:
+    assert severity(6.0, 5.0) == "low" and severity(10.0, 5.0) == "medium"
+    assert severity(25.0, 5.0) == "high" and severity(1.0, 0.0) == "high"
+
+
+def test_rule_spans() -> None:
+    kwh = np.full(48, 0.3, np.float32)
+    kwh[2:14] = 0.0  # 01:00-07:00
+    kwh[40:42] = 0.0  # a short zero run elsewhere is not part of the rule
+    assert rule_spans(kwh, "zero_run") == [(2, 14)]
+    flat = np.linspace(0.1, 1.0, 48).astype(np.float32)
+    flat[20:32] = 0.75
+    assert rule_spans(flat, "flat_run") == [(20, 32)]
+    assert rule_spans(kwh, "model") == []
+
+
+def test_zero_run_alert_points_at_the_outage() -> None:
+    """The issue's case: an outage 01:00-07:00 whose alert listed half-hours outside it."""
+    kwh = np.full((1, 48), 0.4, np.float32)
+    kwh[0, 2:14] = 0.0
+    err = np.zeros(48, np.float32)
+    err[[1, 14, 15, 28, 38, 40]] = 0.9  # the model's largest errors lie elsewhere
+    err[2:14] = 0.1
+    docs = build_documents(_closed(kwh), _scored(kwh, 101.97134, ["zero_run"], err),
+                           np.array([1]), threshold=5.898512345, model_version="m-1",
+                           signal_names=SIGNAL_NAMES, grid=TimeGrid("Europe/London"),
+                           top_slots=6)
+    alert = docs[0].alert
+    assert alert is not None
+    assert alert["where"] == [{
+        "signal": "zero_run", "from": "01:00", "to": "07:00",
+        "start": "2013-03-02T01:00:00+00:00", "end": "2013-03-02T07:00:00+00:00",
+        "slots": list(range(2, 14))}]
+    assert all(2 <= s["slot"] < 14 for s in alert["top_slots"]) and len(alert["top_slots"]) == 6
+    assert alert["score"] == 101.9713 and alert["threshold"] == 5.8985
+    assert alert["severity"] == "high" and "zero_run 01:00-07:00" in alert["summary"]
+    assert dt.datetime.fromisoformat(alert["created_at"]).utcoffset() == dt.timedelta(0)
+    assert docs[0].day_score["score"] == 101.9713
+    jsonschema.validate(alert, load_schema("alert"))
+    Alert.model_validate(alert)
+
+
+def test_model_alert_spans_are_its_largest_errors() -> None:
+    kwh = np.full((1, 48), 0.4, np.float32)
+    kwh[0, 34:38] = 2.0  # 17:00-19:00, five times the usual
+    err = np.full(48, 0.001, np.float32)
+    err[34:38] = 0.5
+    docs = build_documents(_closed(kwh), _scored(kwh, 9.0, ["model"], err), np.array([1]),
+                           threshold=5.0, model_version="m-1", signal_names=SIGNAL_NAMES,
+                           grid=TimeGrid("UTC"), top_slots=4)
+    alert = docs[0].alert
+    assert alert is not None and alert["severity"] == "low"
+    assert [(w["signal"], w["from"], w["to"]) for w in alert["where"]] == [
+        ("model", "17:00", "19:00")]
+    assert [s["slot"] for s in alert["top_slots"]] == [34, 35, 36, 37]
+    jsonschema.validate(alert, load_schema("alert"))
