@@ -25,6 +25,7 @@ import collections
 import logging
 from typing import Any
 
+import aiokafka
 from aiokafka import AIOKafkaConsumer
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,20 @@ class _RawResults(collections.OrderedDict):
         super().__setitem__(tp, result)
 
 
+_warned = False
+
+
+def _fallback(why: str) -> bool:
+    """The slow path, logged once per process."""
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning("aiokafka %s: %s; records are handed out as ConsumerRecord objects "
+                    "(correct, slower; meterwatch was tested on aiokafka 0.14.x)",
+                    aiokafka.__version__, why)
+    return False
+
+
 def raw_records(consumer: AIOKafkaConsumer) -> bool:
     """Switch a started consumer to raw records; True if it took effect.
 
@@ -52,15 +67,13 @@ def raw_records(consumer: AIOKafkaConsumer) -> bool:
     fetcher = getattr(consumer, "_fetcher", None)
     results = getattr(fetcher, "_records", None)
     if type(results) is not collections.OrderedDict:
-        log.info("aiokafka internals differ: keeping ConsumerRecord objects")
-        return False
+        return _fallback("the fetcher's record map differs")
     if getattr(fetcher, "_key_deserializer", None) or getattr(
             fetcher, "_value_deserializer", None):
         return False
     from aiokafka.consumer import fetcher as fetcher_module
     if not hasattr(getattr(fetcher_module, "PartitionRecords", None), "_consumer_record"):
-        log.info("aiokafka internals differ: keeping ConsumerRecord objects")
-        return False
+        return _fallback("PartitionRecords has no _consumer_record")
     raw = _RawResults()
     for tp, result in results.items():
         raw[tp] = result

@@ -15,7 +15,7 @@ graceful stop; 2 for a ``ConfigurationError`` (one line on stderr naming the set
 
 A member that loses partitions without noticing (frozen past its session timeout) is fenced
 by the broker where it has transactions (``stream.outputs``); elsewhere it confirms it still
-holds its generation before it publishes from a revoke (``_Listener``), and what remains of
+holds its generation before it publishes from a revoke (``_on_revoked``), and what remains of
 the window is described in docs/runtime.md.
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import operator
 import signal
@@ -34,11 +33,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import (
     CommitFailedError,
-    InvalidSessionTimeoutError,
     KafkaConnectionError,
     KafkaError,
 )
@@ -50,8 +48,8 @@ from meterwatch.stream.assembler import INCOMPLETE, ClosedDays
 from meterwatch.stream.batcher import Batch, DynamicBatcher, Pending
 from meterwatch.stream.checkpoint import Checkpoint, PartitionWork
 from meterwatch.stream.config import Settings
-from meterwatch.stream.consumer import raw_records
 from meterwatch.stream.errors import ConfigurationError, PartitionLost
+from meterwatch.stream.gctuning import GC as _GC
 from meterwatch.stream.http import HttpServer
 from meterwatch.stream.metrics import Metrics, create_metrics
 from meterwatch.stream.outputs import (
@@ -66,10 +64,10 @@ from meterwatch.stream.preflight import (
     check_connection,
     check_files,
     check_topics,
-    session_timeout_error,
 )
 from meterwatch.stream.recovery import recover
 from meterwatch.stream.scorer import STATE_FIELDS, Scorer, set_cpu_threads
+from meterwatch.stream.source import Source
 from meterwatch.stream.timegrid import TimeGrid
 
 log = logging.getLogger(__name__)
@@ -93,7 +91,8 @@ class Service:
                                       max_delay_s=settings.batch_max_delay_ms / 1000)
         self.publisher = OutputPublisher(settings)
         self.checkpoint = Checkpoint(settings, self.publisher, self.batcher, self.metrics)
-        self.consumer: AIOKafkaConsumer | None = None
+        self.source = Source(settings, on_revoked=self._on_revoked,
+                             on_assigned=self._on_assigned)
         self.parts: dict[int, PartitionWork] = {}
         self._process_lock = asyncio.Lock()
         self._publishing: asyncio.Task[None] | None = None  # the batch being published
@@ -103,7 +102,6 @@ class Service:
         self._stopped = asyncio.Event()
         self._kafka_ready = False
         self._joined = False
-        self._paused = False
         #: recent end-to-end latencies in seconds (for summaries and benchmarks)
         self.latencies: deque[float] = deque(maxlen=200_000)
         self.http = HttpServer(self.metrics.registry, self.readiness, settings.metrics_host,
@@ -219,10 +217,7 @@ class Service:
         for p in mine:
             self.parts.pop(p, None)
         self.batcher.drop(partitions)
-        if self.consumer is not None:
-            tps = [tp for tp in self.consumer.assignment() if tp.partition in partitions]
-            if tps:
-                self.consumer.pause(*tps)
+        self.source.lose(partitions)
         self.metrics.partitions_assigned.set(len(self.parts))
         if mine:
             log.warning("partitions %s lost (%s): their pending days are the new owner's "
@@ -245,10 +240,7 @@ class Service:
                 return
             except (KafkaConnectionError, KafkaError, OSError) as exc:  # not ConfigurationError
                 await self.publisher.stop()
-                if self.consumer is not None:
-                    with contextlib.suppress(Exception):
-                        await self.consumer.stop()
-                    self.consumer = None
+                await self.source.stop()
                 log.warning("broker not reachable (%r); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.broker_retry_max_s)
@@ -264,18 +256,11 @@ class Service:
         finally:
             await admin.close()
         await self.publisher.start()
-        self.consumer = AIOKafkaConsumer(
-            **s.kafka_options(), group_id=s.group_id, enable_auto_commit=False,
-            auto_offset_reset="earliest", max_poll_records=s.fetch_max_records,
-            fetch_max_wait_ms=s.fetch_max_wait_ms,
-            fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
-            isolation_level="read_committed", session_timeout_ms=s.session_timeout_ms,
-            heartbeat_interval_ms=max(500, s.session_timeout_ms // 4),
-            max_poll_interval_ms=300_000)
-        await self.consumer.start()
-        if not raw_records(self.consumer):
-            log.warning("aiokafka internals differ: records are decoded the slow way")
-        self.consumer.subscribe([s.input_topic], listener=_Listener(self))
+        await self.source.start()
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer | None:
+        return self.source.consumer
 
     async def stop(self) -> None:
         """Graceful: stop fetching, flush and publish pending days, commit, leave the group.
@@ -298,9 +283,7 @@ class Service:
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
-            if self.consumer is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.consumer.stop(), 10)
+            await self.source.stop()
             try:
                 await self.publisher.stop()
             except KafkaError as exc:
@@ -352,11 +335,8 @@ class Service:
         s = self.settings
         while not self._stopping.is_set():
             try:
-                data = await self.consumer.getmany(timeout_ms=200,
-                                                   max_records=s.fetch_max_records)
+                data = await self.source.fetch()
                 self._kafka_ready = True
-            except InvalidSessionTimeoutError:
-                raise session_timeout_error(s) from None
             except KafkaError as exc:
                 log.warning("fetch failed: %r", exc)
                 self._kafka_ready = False
@@ -369,8 +349,7 @@ class Service:
                 if not recs:
                     continue
                 if work is None:  # not recovered (or already revoked): never drop, rewind
-                    with contextlib.suppress(Exception):
-                        self.consumer.seek(tp, recs[0].offset)
+                    self.source.rewind(tp, recs[0].offset)
                     continue
                 await self._ingest(tp, work, recs)
             for tp in self.consumer.assignment():
@@ -380,10 +359,9 @@ class Service:
                     m.consumer_lag.labels(tp.topic, str(tp.partition)).set(
                         max(0, hw - work.position))
             m.open_days.set(sum(w.assembler.open_days for w in self.parts.values()))
-            if not self._paused and self.batcher.backlog > s.queue_max_days:
-                self.consumer.pause(*self.consumer.assignment())
-                self._paused = True
-                m.paused_partitions.set(len(self.consumer.assignment()))
+            if not self.source.backpressure and self.batcher.backlog > s.queue_max_days:
+                self.source.set_backpressure(True)
+                m.paused_partitions.set(len(self.source.assignment()))
                 log.info("backpressure: %d days queued, partitions paused", self.batcher.backlog)
 
     async def _ingest(self, tp: TopicPartition, work: PartitionWork, recs: list) -> None:  # type: ignore[type-arg]
@@ -445,11 +423,9 @@ class Service:
                     raise
                 self._publishing = asyncio.create_task(publish, name="meterwatch-publish")
                 self._publishing.add_done_callback(self._publish_done)
-            if self._paused and self.batcher.backlog < self.settings.queue_max_days // 2:
-                assert self.consumer is not None
-                self.consumer.resume(*(tp for tp in self.consumer.assignment()
-                                       if tp.partition in self.parts))
-                self._paused = False
+            if self.source.backpressure and \
+                    self.batcher.backlog < self.settings.queue_max_days // 2:
+                self.source.set_backpressure(False)
                 self.metrics.paused_partitions.set(0)
 
     def _publish_done(self, task: asyncio.Task[None]) -> None:
@@ -522,6 +498,7 @@ class Service:
         if self.publisher.transactional:  # steps 1 and 2 in one transaction a partition
             records = [records[0] + records[1], []]
             complete_at = [complete_at[0] + complete_at[1], []]
+        # Step 1: day scores, acknowledged; Step 2: alerts and data quality (stream.checkpoint)
         for step, last_ts in zip(records, complete_at, strict=True):
             try:  # (a partition lost meanwhile publishes nothing more)
                 await self.publisher.send_all(r for r in step if r.partition in self.parts)
@@ -638,85 +615,40 @@ class Service:
         self.parts.update(works)
         self.metrics.partitions_assigned.set(len(self.parts))
 
-
-class _Listener(ConsumerRebalanceListener):
-    """Settles revoked partitions before the group moves on; recovers assigned ones."""
-
-    def __init__(self, service: Service) -> None:
-        self.service = service
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        svc = self.service
-        svc.metrics.rebalances.inc()
-        parts = {tp.partition for tp in revoked}
+    async def _on_revoked(self, parts: set[int]) -> None:
+        """Settle revoked partitions before the group moves on (``stream.source``)."""
+        self.metrics.rebalances.inc()
         try:
-            mine = parts & set(svc.parts)
-            if mine and not await svc._holds_generation(mine):
+            mine = parts & set(self.parts)
+            if mine and not await self._holds_generation(mine):
                 # the group moved on while this member was away (frozen, partitioned):
                 # another member may own them already, publish nothing for them
-                svc._lose(parts, "the group generation changed before the revoke")
+                self._lose(parts, "the group generation changed before the revoke")
             else:
-                await svc._settle(parts)
+                await self._settle(parts)
         except PartitionLost as exc:
-            svc._lose(parts, str(exc))
+            self._lose(parts, str(exc))
         except Exception:
             log.exception("settling revoked partitions failed; the new owner replays them")
-            svc._lose(parts, "settling failed")
+            self._lose(parts, "settling failed")
         finally:
             for p in parts:
-                await svc.publisher.close_partition(p)
+                await self.publisher.close_partition(p)
 
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        svc = self.service
-        assert svc.consumer is not None
-        # Nothing is fetched for a partition until its state is rebuilt and it is positioned.
-        svc.consumer.pause(*assigned)
+    async def _on_assigned(self, parts: set[int]) -> None:
+        """Recover assigned partitions; the source fetches them once this returns."""
         try:
-            await svc._recover({tp.partition for tp in assigned})
+            await self._recover(parts)
         except PartitionLost as exc:
-            svc._lose(exc.partitions, str(exc))
+            self._lose(exc.partitions, str(exc))
         except Exception as exc:  # aiokafka would only log it: fail the service instead
-            svc._fail(exc, "recovery")
+            self._fail(exc, "recovery")
+            self.source.lose(parts)
             return
-        if not svc._paused:
-            svc.consumer.resume(*(tp for tp in assigned if tp.partition in svc.parts))
-        svc._joined = True
-        svc.metrics.ready.set(1 if all(svc.readiness().values()) else 0)
+        self._joined = True
+        self.metrics.ready.set(1 if all(self.readiness().values()) else 0)
 
 
-class _GcTuning:
-    """The garbage collector while services run in this process (refcounted, restored when
-    the last one stops).
-
-    The input path allocates a short-lived decoded record per Kafka record. With CPython's
-    default gen-0 threshold (700) the records of a fetch outlive several collections, get
-    promoted, and trigger full collections that walk the whole heap (torch, numpy, the
-    model): measured, that made aiokafka's record hand-out 2-7x slower (``benchmarks/decode.py``;
-    benchmarks/RESULTS.md, "Hot-path rework"). meterwatch raises the gen-0 threshold, so
-    records die by reference count before a collection sees them, and freezes what exists
-    at start-up (modules, model) out of the collector's walks.
-    """
-
-    def __init__(self) -> None:
-        self.users = 0
-        self.saved: tuple[int, int, int] | None = None
-
-    def acquire(self, gen0: int) -> None:
-        if self.users == 0:
-            self.saved = gc.get_threshold()
-            gc.collect()
-            gc.freeze()
-            gc.set_threshold(gen0, *self.saved[1:])
-        self.users += 1
-
-    def release(self) -> None:
-        self.users -= 1
-        if self.users == 0 and self.saved is not None:
-            gc.set_threshold(*self.saved)
-            gc.unfreeze()
-
-
-_GC = _GcTuning()
 
 
 def _slice_scored(scored, sl: slice):  # type: ignore[no-untyped-def]

@@ -45,6 +45,7 @@ class Source:
         self.on_assigned = on_assigned
         self.consumer: AIOKafkaConsumer | None = None
         self.backpressure = False
+        self.stopping = False
         self._held: set[int] = set()  # partitions held back until assigned again
 
     async def __aenter__(self) -> Source:
@@ -70,11 +71,18 @@ class Source:
         consumer.subscribe([s.input_topic], listener=_Listener(self))
 
     async def stop(self, timeout_s: float = 10.0) -> None:
-        """Leave the group (the listener's ``on_revoked`` runs for what is still held)."""
-        consumer, self.consumer = self.consumer, None
-        if consumer is not None:
+        """Leave the group (the listener's ``on_revoked`` runs for what is still held; an
+        assignment that completes meanwhile is not taken on)."""
+        consumer = self.consumer
+        if consumer is None or self.stopping:
+            return
+        self.stopping = True
+        try:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(consumer.stop(), timeout_s)
+        finally:
+            self.consumer = None
+            self.stopping = False
 
     async def fetch(self, timeout_ms: int = 200) -> dict[TopicPartition, list[Any]]:
         assert self.consumer is not None
@@ -123,7 +131,8 @@ class _Listener(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         src = self.source
-        assert src.consumer is not None
+        if src.consumer is None or src.stopping:
+            return  # leaving the group: not taken on
         # Nothing is fetched for a partition until its state is rebuilt and it is positioned.
         src.consumer.pause(*assigned)
         src._held -= {tp.partition for tp in assigned}
