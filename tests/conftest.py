@@ -93,8 +93,6 @@ def unique_settings(broker: Broker, *, create_input: bool = True,
         scores_topic=f"scores-{tag}", dead_letter_topic=f"dlq-{tag}",
         data_quality_topic=f"dq-{tag}", state_topic=f"state-{tag}",
         metrics_host="127.0.0.1", metrics_port=0)
-    if not broker.supports_idempotence:  # until auto starts on Tansu (issue 11, item 1)
-        base["idempotence"] = "off"
     base.update(overrides)
     settings = Settings(**base)  # type: ignore[arg-type]
     if create_input:

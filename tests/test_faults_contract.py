@@ -108,6 +108,7 @@ def assert_fails_fast(result: Exited, *flags: str, mentions: str = "",
     assert "Traceback" not in both, both[-3000:]
     if secret is not None:
         assert secret not in both, "the password was printed"
+    print(f"exit 2 after {result.seconds:.1f} s: {line}")
     return line
 
 
