@@ -122,6 +122,11 @@ class HouseholdIndex:
     def lookup(self, ids: Sequence[str], *, insert: bool = True) -> np.ndarray:
         """Index of each id, adding the missing ones (or -1 without ``insert``)."""
         n = len(ids)
+        if n == 1 and self.alive:  # one id (recovery restores them one by one): no arrays
+            h = self._find_one(ids[0])
+            if h >= 0:
+                self.inserted = _NONE
+                return np.array([h], dtype=np.int32)
         # str hashes are cached in the str objects; one join encodes every id at once
         hashes = np.fromiter(map(hash, ids), dtype=np.int64, count=n).astype(np.uint32)
         lens = np.fromiter(map(len, ids), dtype=np.int64, count=n)
@@ -189,6 +194,21 @@ class HouseholdIndex:
             active = found[~ok]  # a hash match with other bytes: probe on
             pos[active] = (pos[active] + 1) & mask
         return out
+
+    def _find_one(self, household_id: str) -> int:
+        data = household_id.encode("utf-8", "surrogatepass")
+        hq, lq = hash(household_id) & 0xFFFFFFFF, len(data)
+        table, mask = self._table, len(self._table) - 1
+        p = hq & mask
+        while True:
+            slot = int(table[p])
+            if slot == _EMPTY:
+                return -1
+            if slot >= 0 and int(self.hash[slot]) == hq and int(self.length[slot]) == lq:
+                o = int(self.offset[slot])
+                if self._arena[o:o + lq].tobytes() == data:
+                    return slot
+            p = (p + 1) & mask
 
     def _same_bytes(self, qbytes: np.ndarray, qstart: np.ndarray, lens: np.ndarray,
                     cand: np.ndarray) -> np.ndarray:
