@@ -350,8 +350,8 @@ class HouseholdTable:
         self.open_row = np.empty(0, dtype=np.int32)
         self.closed_max = np.empty(0, dtype=np.int32)
         self.seq = np.empty(0, dtype=np.int32)
-        #: readings seen (any, late and duplicates included), saturating at 255; a household
-        #: with ESTABLISHED of them counts towards the watermark's quorum
+        #: readings seen (any, late and duplicates included), up to ESTABLISHED: a household
+        #: with that many counts towards the watermark's quorum
         self.reads = np.empty(0, dtype=np.uint8)
         self.established = 0  # alive households with ESTABLISHED readings or more
         self.established_before = 0  # the same before the last ``count_readings``
@@ -384,7 +384,7 @@ class HouseholdTable:
         included), and the number of established households just after it."""
         self.established_before = self.established
         prior = self.reads[hh]
-        if len(hh) == 0 or prior.min() == 255:  # the usual case: nothing left to count
+        if len(hh) == 0 or prior.min() >= ESTABLISHED:  # the usual case: nothing to count
             return np.ones(len(hh), dtype=bool), np.full(len(hh), self.established)
         order = np.argsort(hh, kind="stable")
         sh = hh[order]
@@ -398,7 +398,7 @@ class HouseholdTable:
         established = self.established + np.cumsum(crossing)
         self.established = int(established[-1])
         last = np.r_[start[1:], True]  # each household's last reading in the batch
-        self.reads[sh[last]] = np.minimum(255, total[order][last])
+        self.reads[sh[last]] = np.minimum(ESTABLISHED, total[order][last])
         return counts, established
 
     def _grow(self, cap: int) -> None:
@@ -444,7 +444,7 @@ class HouseholdTable:
         h = int(self.lookup([household_id])[0])
         self.seq[h] = doc["seq"]
         self.closed_max[h] = doc["closed_max"]
-        reads = min(255, int(doc.get("reads", ESTABLISHED)))  # older snapshots: established
+        reads = min(ESTABLISHED, int(doc.get("reads", ESTABLISHED)))  # older: established
         self.established += int(reads >= ESTABLISHED) - int(int(self.reads[h]) >= ESTABLISHED)
         self.reads[h] = reads
         _load_row(self.state, h, doc)
