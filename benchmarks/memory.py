@@ -79,8 +79,8 @@ def breakdown(asm: Any, n: int) -> list[dict[str, Any]]:
         ix.hash.nbytes + ix.offset.nbytes + ix.length.nbytes, f"capacity {hcap:,}")
     add("household ids", "id bytes (arena)", ix._arena.nbytes,
         f"{ix._arena_used:,} bytes used")
-    add("household table", "open_row/closed_max/seq (int32)",
-        hh.open_row.nbytes + hh.closed_max.nbytes + hh.seq.nbytes)
+    add("household table", "open_row/closed_max/seq (int32), reads (uint8)",
+        hh.open_row.nbytes + hh.closed_max.nbytes + hh.seq.nbytes + hh.reads.nbytes)
     scal = {k: v for k, v in hh.state.items() if v.ndim == 1}
     vec = {k: v for k, v in hh.state.items() if v.ndim > 1}
     add("household table", f"model state: {len(scal)} scalar columns (float32/int32)",

@@ -122,6 +122,11 @@ class HouseholdIndex:
     def lookup(self, ids: Sequence[str], *, insert: bool = True) -> np.ndarray:
         """Index of each id, adding the missing ones (or -1 without ``insert``)."""
         n = len(ids)
+        if n == 1 and self.alive:  # one id (recovery restores them one by one): no arrays
+            h = self._find_one(ids[0])
+            if h >= 0:
+                self.inserted = _NONE
+                return np.array([h], dtype=np.int32)
         # str hashes are cached in the str objects; one join encodes every id at once
         hashes = np.fromiter(map(hash, ids), dtype=np.int64, count=n).astype(np.uint32)
         lens = np.fromiter(map(len, ids), dtype=np.int64, count=n)
@@ -189,6 +194,21 @@ class HouseholdIndex:
             active = found[~ok]  # a hash match with other bytes: probe on
             pos[active] = (pos[active] + 1) & mask
         return out
+
+    def _find_one(self, household_id: str) -> int:
+        data = household_id.encode("utf-8", "surrogatepass")
+        hq, lq = hash(household_id) & 0xFFFFFFFF, len(data)
+        table, mask = self._table, len(self._table) - 1
+        p = hq & mask
+        while True:
+            slot = int(table[p])
+            if slot == _EMPTY:
+                return -1
+            if slot >= 0 and int(self.hash[slot]) == hq and int(self.length[slot]) == lq:
+                o = int(self.offset[slot])
+                if self._arena[o:o + lq].tobytes() == data:
+                    return slot
+            p = (p + 1) & mask
 
     def _same_bytes(self, qbytes: np.ndarray, qstart: np.ndarray, lens: np.ndarray,
                     cand: np.ndarray) -> np.ndarray:
@@ -330,8 +350,8 @@ class HouseholdTable:
         self.open_row = np.empty(0, dtype=np.int32)
         self.closed_max = np.empty(0, dtype=np.int32)
         self.seq = np.empty(0, dtype=np.int32)
-        #: readings seen (any, late and duplicates included), saturating at 255; a household
-        #: with ESTABLISHED of them counts towards the watermark's quorum
+        #: readings seen (any, late and duplicates included), up to ESTABLISHED: a household
+        #: with that many counts towards the watermark's quorum
         self.reads = np.empty(0, dtype=np.uint8)
         self.established = 0  # alive households with ESTABLISHED readings or more
         self.established_before = 0  # the same before the last ``count_readings``
@@ -364,7 +384,7 @@ class HouseholdTable:
         included), and the number of established households just after it."""
         self.established_before = self.established
         prior = self.reads[hh]
-        if len(hh) == 0 or prior.min() == 255:  # the usual case: nothing left to count
+        if len(hh) == 0 or prior.min() >= ESTABLISHED:  # the usual case: nothing to count
             return np.ones(len(hh), dtype=bool), np.full(len(hh), self.established)
         order = np.argsort(hh, kind="stable")
         sh = hh[order]
@@ -378,7 +398,7 @@ class HouseholdTable:
         established = self.established + np.cumsum(crossing)
         self.established = int(established[-1])
         last = np.r_[start[1:], True]  # each household's last reading in the batch
-        self.reads[sh[last]] = np.minimum(255, total[order][last])
+        self.reads[sh[last]] = np.minimum(ESTABLISHED, total[order][last])
         return counts, established
 
     def _grow(self, cap: int) -> None:
@@ -424,7 +444,7 @@ class HouseholdTable:
         h = int(self.lookup([household_id])[0])
         self.seq[h] = doc["seq"]
         self.closed_max[h] = doc["closed_max"]
-        reads = min(255, int(doc.get("reads", ESTABLISHED)))  # older snapshots: established
+        reads = min(ESTABLISHED, int(doc.get("reads", ESTABLISHED)))  # older: established
         self.established += int(reads >= ESTABLISHED) - int(int(self.reads[h]) >= ESTABLISHED)
         self.reads[h] = reads
         _load_row(self.state, h, doc)

@@ -90,3 +90,16 @@ def test_a_batch_whose_publishing_fails_stays_pinned():
         assert svc.batcher.min_offset(0) is None
 
     asyncio.run(run())
+
+
+def test_households_with_days_in_flight_are_reported_until_released():
+    """The assembler must not evict (and reuse the index of) a household whose days are
+    queued or being scored: the batcher says which they are."""
+    b = DynamicBatcher(max_size=100, max_delay_s=0.01)
+    b.put(0, days(3, 40))
+    b.put(1, days(5, 10))
+    assert b.households(0) == {0, 1, 2} and b.households(1) == {0, 1, 2, 3, 4}
+    batch = b.take(3)
+    assert b.households(0) == {0, 1, 2}  # taken, not released
+    b.release(batch.id)
+    assert b.households(0) == set() and b.households(2) == set()

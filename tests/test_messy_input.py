@@ -231,3 +231,45 @@ async def test_scores_and_state_do_not_depend_on_batching(broker, detector, synt
                     continue
                 assert np.allclose(np.array(state[hid][k], dtype=float), np.array(v, dtype=float),
                                    rtol=1e-3, atol=1e-4, equal_nan=True), (mode, hid, k)
+
+
+async def test_readings_dated_today_do_not_poison_the_watermark(broker, detector, synthetic):
+    """Issue 15 item 6: in the middle of a stream of 2013 days, one household's reading
+    dated today and 200 one-reading households dated today: no valid reading is dropped,
+    every day is scored."""
+    import time as _time
+
+    settings = unique_settings(broker, topic_partitions=2, scorer="thread")
+    n, days = 12, 3
+    hids = synthetic.household_ids[:n]
+    now = int(_time.time()) // 1800 * 1800
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5)
+    await producer.start()
+    try:
+        async with Service(settings, detector=detector) as service:
+            await service.wait_ready()
+            for d in range(days):
+                recs = [(hids[h], r) for h in range(n) for r in _household_day(synthetic, h, d)]
+                recs.sort(key=lambda kv: kv[1][kv[1].index(b'"ts"'):])  # time order
+                if d == 1:  # half-way through day 1: the poison
+                    mid = len(recs) // 2
+                    poison = [(hids[0], reading_json(hids[0], now, 0.5))]
+                    poison += [(f"TODAY{i}", reading_json(f"TODAY{i}", now, 0.5))
+                               for i in range(200)]
+                    recs = recs[:mid] + poison + recs[mid:]
+                await asyncio.gather(*[await producer.send(settings.input_topic, v,
+                                                           key=k.encode()) for k, v in recs])
+                await read_topic(settings, settings.scores_topic, min_records=n * (d + 1),
+                                 timeout_s=60)
+            await asyncio.sleep(1.0)
+            late = service.metrics.registry.get_sample_value("meterwatch_late_readings_total")
+    finally:
+        await producer.stop()
+    scores = await read_topic(settings, settings.scores_topic)
+    mine = [s for s in scores if s["household_id"] in hids]
+    assert late == 0
+    # every 2013 day complete and scored once (household 0's day dated today stays open:
+    # later days wait behind earlier open days, never the other way round)
+    scored = {(s["household_id"], s["date"]) for s in mine if s["status"] == "scored"}
+    assert len(scored) == len(mine) == n * days
+    assert not [s for s in scores if s["household_id"].startswith("TODAY")]
