@@ -107,8 +107,14 @@ def bench_dtype(path: Any, device: str, dtype: str, sizes: list[int], inputs: An
         try:
             # the torch path and the numpy reference (the path before model.torch_scoring)
             # in alternation, so a busy moment of a shared machine hits both alike
-            sec, np_sec, calls = time_pair(lambda: call(True), lambda: call(False),
-                                           args.min_seconds, args.max_calls, warm=n <= 65536)
+            if n <= args.numpy_max:
+                sec, np_sec, calls = time_pair(lambda: call(True), lambda: call(False),
+                                               args.min_seconds, args.max_calls,
+                                               warm=n <= 65536)
+            else:
+                sec, calls = time_calls(lambda: call(True), args.min_seconds, args.max_calls,
+                                        warm=False)
+                np_sec = float("nan")
             det.torch_scoring = True
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             row["skipped"] = f"out of memory: {type(exc).__name__}"
@@ -211,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=240.0,
                    help="skip sizes that would overrun this many seconds in all")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--numpy-max", type=int, default=262144,
+                   help="time the numpy reference beside the torch path up to this batch")
     p.add_argument("--compare-threads", type=int, default=1,
                    help="float32 again (sizes up to 65,536) on this many torch threads; 0: no")
     p.add_argument("--no-contention", dest="contention", action="store_false",
