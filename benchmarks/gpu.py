@@ -121,13 +121,14 @@ def _utc() -> str:
 def plan(device: str, quick: bool, model: Path | None) -> list[tuple[str, list[str], int]]:
     """(name, module + arguments, time limit in seconds) of each step."""
     m = ["--model", str(model)] if model else []
+    threads = ["--threads", "1"] if device == "cpu" else []  # a rehearsal on a small machine
     if quick:
         return [
             ("scorer", ["benchmarks.scorer", "--device", device, "--sizes", "256,4096",
                         "--dtypes", "float32", "--no-contention", "--compare-threads", "0",
-                        "--min-seconds", "0.2", "--budget-s", "30", *m], 240),
+                        "--min-seconds", "0.2", "--budget-s", "30", *threads, *m], 240),
             ("gpu_training", ["benchmarks.gpu_training", "--device", device, "--rows", "20000",
-                              "--epochs", "2"], 180),
+                              "--epochs", "2", *threads], 180),
             ("throughput", ["benchmarks.throughput", "--device", device, "--households", "100",
                             "--days", "3", "--runs", "bare,meterwatch-process",
                             "--no-profile", *m], 300),
@@ -139,7 +140,7 @@ def plan(device: str, quick: bool, model: Path | None) -> list[tuple[str, list[s
         ("scorer", ["benchmarks.scorer", "--device", device, "--dtypes", "float32,bfloat16",
                     "--sizes", "256,1024,4096,16384,65536,262144,1048576", "--no-contention",
                     "--compare-threads", "0", "--min-seconds", "0.5", "--budget-s", "100",
-                    *m], 150),
+                    "--numpy-max", "65536", *m], 150),
         ("gpu_training", ["benchmarks.gpu_training", "--device", device, "--rows", "1000000",
                           "--epochs", "20"], 150),
         ("throughput", ["benchmarks.throughput", "--device", device,

@@ -50,13 +50,30 @@ def time_calls(fn: Any, min_seconds: float, max_calls: int, warm: bool) -> tuple
     """Median seconds per call and the number of timed calls."""
     if warm:
         fn()
-    times = []
+    times: list[float] = []
     start = time.perf_counter()
     while not times or (time.perf_counter() - start < min_seconds and len(times) < max_calls):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     return float(np.median(times)), len(times)
+
+
+def time_pair(fa: Any, fb: Any, min_seconds: float, max_calls: int, warm: bool
+              ) -> tuple[float, float, int]:
+    """Median seconds per call of ``fa`` and of ``fb``, called in alternation."""
+    if warm:
+        fa()
+        fb()
+    ta: list[float] = []
+    tb: list[float] = []
+    start = time.perf_counter()
+    while not ta or (time.perf_counter() - start < 2 * min_seconds and len(ta) < max_calls):
+        for f, t in ((fa, ta), (fb, tb)) if len(ta) % 2 == 0 else ((fb, tb), (fa, ta)):
+            t0 = time.perf_counter()
+            f()
+            t.append(time.perf_counter() - t0)
+    return float(np.median(ta)), float(np.median(tb)), len(ta)
 
 
 def bench_dtype(path: Any, device: str, dtype: str, sizes: list[int], inputs: Any,
@@ -83,24 +100,28 @@ def bench_dtype(path: Any, device: str, dtype: str, sizes: list[int], inputs: An
         state = st0.take(idx)
         kwh, day, ids = kwh_all[:n], day_all[:n], ids_all[:n]
         rss0 = psutil.Process().memory_info().rss
+        def call(flag: bool, kwh=kwh, day=day, ids=ids, state=state) -> None:
+            det.torch_scoring = flag
+            det.score(kwh, day, ids, state)
+
         try:
-            sec, calls = time_calls(
-                lambda kwh=kwh, day=day, ids=ids, state=state: det.score(kwh, day, ids, state),
-                args.min_seconds, args.max_calls, warm=n <= 65536)
+            # the torch path and the numpy reference (the path before model.torch_scoring)
+            # in alternation, so a busy moment of a shared machine hits both alike
+            if n <= args.numpy_max:
+                sec, np_sec, calls = time_pair(lambda: call(True), lambda: call(False),
+                                               args.min_seconds, args.max_calls,
+                                               warm=n <= 65536)
+            else:
+                sec, calls = time_calls(lambda: call(True), args.min_seconds, args.max_calls,
+                                        warm=False)
+                np_sec = float("nan")
+            det.torch_scoring = True
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             row["skipped"] = f"out of memory: {type(exc).__name__}"
             rows.append(row)
             print(f"  {dtype:9s} {n:>9,}  {row['skipped']}", flush=True)
             break
         rate = n / sec
-        # the numpy reference on the same inputs (the path before model.torch_scoring)
-        det.torch_scoring = False
-        try:
-            np_sec, _ = time_calls(
-                lambda kwh=kwh, day=day, ids=ids, state=state: det.score(kwh, day, ids, state),
-                args.min_seconds / 2, args.max_calls, warm=n <= 16384)
-        finally:
-            det.torch_scoring = True
         copy_sec = 0.0
         if det.device.type == "cuda":  # the host<->device copies of a call, alone
             def copies(kwh=kwh, state=state) -> None:
@@ -196,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=240.0,
                    help="skip sizes that would overrun this many seconds in all")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--numpy-max", type=int, default=262144,
+                   help="time the numpy reference beside the torch path up to this batch")
     p.add_argument("--compare-threads", type=int, default=1,
                    help="float32 again (sizes up to 65,536) on this many torch threads; 0: no")
     p.add_argument("--no-contention", dest="contention", action="store_false",

@@ -545,9 +545,10 @@ class Detector:
             Scores in the input's row order (``.state`` = state after each row's day), and the
             final state per household id.
         """
-        if self.torch_scoring:
-            from meterwatch.model import torch_scoring
+        from meterwatch.model import torch_scoring
 
+        # a step of the replay scores one day of each household: that is the batch size
+        if torch_scoring.enabled(self, len(set(household_ids))):
             return torch_scoring.replay(self, kwh, day, household_ids, tables, state)
         day = np.asarray(day)
         ids = np.asarray(household_ids, dtype=object)

@@ -35,7 +35,7 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -236,7 +236,7 @@ class _Resident:
         self.batch, self.device, self.gen = batch, device, gen
         self.n = len(self.tensors[0])
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         perm = torch.randperm(self.n, device=self.device, generator=self.gen)
         for lo in range(0, self.n, self.batch):
             idx = perm[lo:lo + self.batch]

@@ -51,6 +51,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing import shared_memory
 
 import numpy as np
 import psutil
@@ -206,6 +207,7 @@ class Scorer:
         #: Called with the new cap when an allocation failure lowered it (the service points
         #: it at its batcher).
         self.on_memory_cap: Callable[[int], None] | None = None
+        self._shm: SharedBatch | None = None  # inputs on their way to a scorer process
 
     async def start(self) -> None:
         """Start the worker (for a process: spawn it and load the model there)."""
@@ -228,6 +230,9 @@ class Scorer:
         if executor is not None:
             await asyncio.get_running_loop().run_in_executor(
                 None, lambda: executor.shutdown(wait=True, cancel_futures=True))
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
 
     def close(self) -> None:
         """``stop`` for callers without an event loop."""
@@ -235,6 +240,9 @@ class Scorer:
         self.up = False
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
 
     async def score(self, kwh: np.ndarray, day: np.ndarray, household_ids: list[str],
                     keys: np.ndarray, state: dict[str, np.ndarray]) -> Scored:
@@ -246,17 +254,25 @@ class Scorer:
         while True:
             executor = self._executor
             assert executor is not None, "scorer not started"
-            fn = self._worker.score if self._worker is not None else _process_score
             try:
-                scored = await loop.run_in_executor(executor, fn, kwh, day, household_ids,
-                                                    keys, state)
+                if self._worker is not None:
+                    scored = await loop.run_in_executor(executor, self._worker.score, kwh,
+                                                        day, household_ids, keys, state)
+                else:
+                    # the batch goes through shared memory (one copy in, none pickled), only
+                    # a small description of it through the pool's pipe
+                    if self._shm is None:
+                        self._shm = SharedBatch()
+                    desc = self._shm.put({"kwh": kwh, "day": day, "keys": keys,
+                                          "ids": np.asarray(household_ids, dtype=str),
+                                          **{f"state.{k}": v for k, v in state.items()}})
+                    scored = _expand(await loop.run_in_executor(executor, _process_score_shm,
+                                                                desc))
             except BrokenProcessPool:
                 log.warning("the scorer process died while scoring %d days; scoring them "
                             "again after its restart", len(day))
                 await self._restart()
                 continue
-            if self.process:
-                scored = _expand(scored)
             lowered = scored.memory_cap < self.memory_cap
             self.memory_cap = scored.memory_cap
             if lowered and self.on_memory_cap is not None:
@@ -448,6 +464,70 @@ def _process_score(kwh: np.ndarray, day: np.ndarray, household_ids: list[str], k
                    state: dict[str, np.ndarray]) -> Scored:
     assert _PROCESS_WORKER is not None
     return _compact(_PROCESS_WORKER.score(kwh, day, household_ids, keys, state))
+
+
+#: A batch in shared memory: the block's name and (key, dtype, shape, byte offset) per array.
+Layout = tuple[str, list[tuple[str, str, tuple[int, ...], int]]]
+
+
+class SharedBatch:
+    """One shared-memory block that batches are written into for the scorer process (grown,
+    under a new name, when a batch does not fit). Owned by the service's process: closed and
+    unlinked by ``Scorer.close`` (and by multiprocessing's resource tracker if the service
+    dies). One batch at a time: the scorer awaits each call before the next ``put``."""
+
+    ALIGN = 64
+
+    def __init__(self) -> None:
+        self.block: shared_memory.SharedMemory | None = None
+
+    def put(self, arrays: dict[str, np.ndarray]) -> Layout:
+        layout = []
+        size = 0
+        conv = {}
+        for key, a in arrays.items():
+            a = np.ascontiguousarray(a)
+            conv[key] = a
+            layout.append((key, a.dtype.str, a.shape, size))
+            size += -(-max(a.nbytes, 1) // self.ALIGN) * self.ALIGN
+        if self.block is None or self.block.size < size:
+            self.close()
+            self.block = shared_memory.SharedMemory(create=True, size=max(size, 1 << 20) * 2)
+        buf = self.block.buf
+        for key, dtype, shape, offset in layout:
+            a = conv[key]
+            np.ndarray(shape, dtype=dtype, buffer=buf, offset=offset)[...] = a
+        return self.block.name, layout
+
+    def close(self) -> None:
+        if self.block is not None:
+            self.block.close()
+            self.block.unlink()
+            self.block = None
+
+
+_ATTACHED: dict[str, shared_memory.SharedMemory] = {}
+
+
+def _read_shared(desc: Layout) -> dict[str, np.ndarray]:
+    """Views of a ``SharedBatch`` in the scorer process (valid until the next batch)."""
+    name, layout = desc
+    if name not in _ATTACHED:
+        for old in _ATTACHED.values():
+            old.close()
+        _ATTACHED.clear()
+        _ATTACHED[name] = shared_memory.SharedMemory(name=name)
+    buf = _ATTACHED[name].buf
+    return {key: np.ndarray(shape, dtype=dtype, buffer=buf, offset=offset)
+            for key, dtype, shape, offset in layout}
+
+
+def _process_score_shm(desc: Layout) -> Scored:
+    assert _PROCESS_WORKER is not None
+    a = _read_shared(desc)
+    state = {k.split(".", 1)[1]: v for k, v in a.items() if k.startswith("state.")}
+    ids = a["ids"].tolist()
+    return _compact(_PROCESS_WORKER.score(a["kwh"], a["day"], ids, a["keys"], state))
 
 
 def _compact(scored: Scored) -> Scored:

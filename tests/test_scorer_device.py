@@ -183,3 +183,25 @@ def test_service_process_never_initialises_cuda() -> None:
     out = subprocess.run([sys.executable, "-c", _NO_CUDA_SCRIPT], capture_output=True,
                          text=True, timeout=120, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_shared_batch_round_trip() -> None:
+    """What the service writes into shared memory is what the scorer process reads."""
+    sb = scorer_mod.SharedBatch()
+    try:
+        for n in (3, 5000):  # the second one grows the block
+            arrays = {"kwh": np.random.default_rng(n).random((n, 48), dtype=np.float32),
+                      "day": np.arange(n, dtype=np.int64),
+                      "ids": np.asarray([f"MAC{i:06d}" for i in range(n)], dtype=str),
+                      "state.profile_mean": np.ones((n, 12), np.float32),
+                      "empty": np.zeros(0, np.int32)}
+            desc = sb.put(arrays)
+            back = scorer_mod._read_shared(desc)
+            for k, v in arrays.items():
+                np.testing.assert_array_equal(back[k], v)
+    finally:
+        for block in scorer_mod._ATTACHED.values():
+            block.close()
+        scorer_mod._ATTACHED.clear()
+        sb.close()
+    assert sb.block is None
