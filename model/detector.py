@@ -39,6 +39,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from meterwatch.model.calibration import FarCurve
 from meterwatch.model.features import (
     FEATURE_NAMES,
     N_SLOTS,
@@ -246,6 +247,10 @@ class Detector:
         Inference precision on the device.
     chunk_size
         Household-days per forward pass; any N is scored in chunks of this size.
+    far_curve
+        Calibration curve (false-alarm rate -> threshold, ``model.calibration``): lets
+        ``set_target_far`` set the alert budget at load or run time and gives each alert
+        its severity. None (older checkpoints): the fixed ``threshold`` only.
     """
 
     def __init__(
@@ -259,6 +264,7 @@ class Detector:
         device: DeviceName | torch.device = "auto",
         dtype: DtypeName = "float32",
         chunk_size: int = 65536,
+        far_curve: FarCurve | None = None,
     ) -> None:
         assert dtype in _DTYPES, f"dtype must be one of {list(_DTYPES)}, got {dtype!r}"
         assert np.isfinite(threshold), threshold
@@ -274,6 +280,10 @@ class Detector:
         self.version = version or (
             f"meterwatch-ae-{dt.datetime.now(dt.timezone.utc):%Y%m%d}-"
             f"{weights_hash(model.state_dict())}")
+        self.far_curve = far_curve
+        # The alert budget the threshold was set for by ``set_target_far`` (None: the
+        # threshold calibrated in training).
+        self.target_far: float | None = None
         self.info: dict[str, Any] = {}  # training summary (plain types), saved with the model
         self._lock = threading.Lock()
         self._pinned: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -302,6 +312,7 @@ class Detector:
             "signal_names": list(SIGNAL_NAMES),
             "info": self.info,
             "meterwatch_version": package_version(),
+            **({"far_curve": self.far_curve.to_dict()} if self.far_curve is not None else {}),
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -317,7 +328,9 @@ class Detector:
         ckpt: dict[str, Any],
         device: DeviceName | torch.device = "auto",
         dtype: DtypeName = "float32",
+        target_far: float | None = None,
     ) -> Detector:
+        """The detector of a checkpoint dict; ``target_far``: ``set_target_far`` on it."""
         fmt = ckpt.get("format")
         if fmt != CHECKPOINT_FORMAT:
             raise ValueError(f"unsupported checkpoint format {fmt!r}")
@@ -329,8 +342,12 @@ class Detector:
         det = cls(model, threshold=ckpt["threshold"],
                   calibration=Calibration.from_dict(ckpt["norm"]),
                   scoring=ScoringConfig.from_dict(ckpt["scoring"]),
-                  version=ckpt["version"], device=device, dtype=dtype)
+                  version=ckpt["version"], device=device, dtype=dtype,
+                  far_curve=FarCurve.from_dict(ckpt["far_curve"]) if "far_curve" in ckpt
+                  else None)
         det.info = dict(ckpt.get("info", {}))
+        if target_far is not None:
+            det.set_target_far(target_far)
         return det
 
     @classmethod
@@ -339,14 +356,16 @@ class Detector:
         path: str | os.PathLike[str],
         device: DeviceName | torch.device = "auto",
         dtype: DtypeName = "float32",
+        target_far: float | None = None,
     ) -> Detector:
-        """Load a checkpoint written by ``save`` (read with ``weights_only=True``)."""
+        """Load a checkpoint written by ``save`` (read with ``weights_only=True``);
+        ``target_far``: the alert budget (``set_target_far``), else the trained threshold."""
         if not os.path.isfile(path):
             raise CheckpointError(f"{os.fspath(path)}: no such checkpoint file; "
                                   "train one with meterwatch train")
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            det = cls.from_checkpoint(ckpt, device=device, dtype=dtype)
+            det = cls.from_checkpoint(ckpt, device=device, dtype=dtype, target_far=target_far)
         except Exception as e:  # truncated, corrupt, not a checkpoint, other code version
             raise CheckpointError(
                 f"{os.fspath(path)}: not a usable meterwatch checkpoint "
@@ -354,6 +373,52 @@ class Detector:
                 "retrain with meterwatch train") from e
         log.info("loaded %r from %s", det, path)
         return det
+
+    # ------------------------------------------------------------------------ alert budget
+
+    def set_target_far(self, target_far: float) -> float:
+        """Alert on ``target_far`` of normal household-days (e.g. 0.005 = 1 false alarm per
+        200 household-days): the threshold from the calibration curve. Returns it.
+
+        Raises ValueError without a curve (a checkpoint older than the curve: retrain) or
+        for a rate outside the curve's range."""
+        if self.far_curve is None:
+            raise ValueError(f"{self.version} has no calibration curve; retrain the model "
+                             "with this version to set a target false-alarm rate")
+        if not 0.0 < target_far < 1.0:
+            raise ValueError(f"target false-alarm rate must be in (0, 1), got {target_far}")
+        self.threshold = self.far_curve.threshold(target_far)
+        self.target_far = float(target_far)
+        log.info("%s: threshold %.3f for %.3g false alarms per normal household-day",
+                 self.version, self.threshold, target_far)
+        return self.threshold
+
+    def far_of(self, score: np.ndarray) -> np.ndarray:
+        """(N,) the false-alarm rate each score corresponds to (how rare it is among normal
+        household-days); NaN without a curve."""
+        s = np.asarray(score, np.float64)
+        if self.far_curve is None:
+            return np.full(s.shape, np.nan)
+        return self.far_curve.far_of(s)
+
+    def severity(self, score: np.ndarray) -> np.ndarray:
+        """(N,) str severity of each alert: ``""`` below the threshold; ``high`` where the
+        score corresponds to at most a tenth of the alert budget's false-alarm rate,
+        ``medium`` at most a third, else ``low`` (``model.calibration.SEVERITIES``). Data-
+        quality rule alerts are ``high``. Without a curve every alert is ``low``."""
+        s = np.asarray(score, np.float64)
+        out = np.full(s.shape, "", dtype=object)
+        with np.errstate(invalid="ignore"):
+            alert = s >= self.threshold
+        out[alert] = "low"
+        if self.far_curve is not None:
+            budget = self.target_far or float(self.far_curve.far_of(self.threshold))
+            ratio = self.far_curve.far_of(s) / budget
+            out[alert & (ratio <= 1 / 3)] = "medium"
+            out[alert & (ratio <= 0.1)] = "high"
+        with np.errstate(invalid="ignore"):
+            out[alert & (s >= self.scoring.rule_bonus / 2)] = "high"
+        return out
 
     # ------------------------------------------------------------------------ inference
 

@@ -30,6 +30,7 @@ like ``Detector.score``: it returns the new state and never modifies its inputs.
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -58,8 +59,8 @@ def day_features(kwh: np.ndarray, min_observed: int = 40) -> np.ndarray:
     obs = np.isfinite(kwh) & (kwh >= 0)
     x = np.where(obs, kwh, np.nan)
     n_obs = obs.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"), np.testing.suppress_warnings() as sup:
-        sup.filter(RuntimeWarning)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(x, axis=1)
         evening = np.nanmean(x[:, _EVENING], axis=1) * 12 / np.maximum(mean * 48, 1e-3)
         night = x[:, _NIGHT]
@@ -97,18 +98,28 @@ class SustainedConfig:
     learn_z: float = 3.0
     # Days without a new alert for the household after one.
     cooldown_days: int = 28
+    # Alert at h only on the signatures of tampering and meter faults (the evening peak
+    # cut, zeros at night, the whole day scaled down: total and night-time base down
+    # together); other changes (a holiday away keeps the night base) need h_other.
+    signatures: bool = True
+    h_other: float = 40.0
+    # Statistics whose baseline stops learning while a change builds up (CUSUM past h / 2);
+    # the others keep learning from days within learn_z (seasons move the daily total and
+    # the night base slowly; a frozen baseline would turn that into a change).
+    freeze: tuple[bool, ...] = (False, False, False, False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["min_std"] = list(self.min_std)
         d["min_shift"] = list(self.min_shift)
+        d["freeze"] = list(self.freeze)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SustainedConfig:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
-        for key in ("min_std", "min_shift"):
+        for key in ("min_std", "min_shift", "freeze"):
             if key in kw:
                 kw[key] = tuple(kw[key])
         return cls(**kw)
@@ -241,7 +252,8 @@ class SustainedDetector:
         s.down = np.where(a2, new_down, s.down).astype(np.float32)
 
         # learn the baseline from in-control days only
-        quiet = (np.abs(z) < cfg.learn_z) & (s.up < cfg.h / 2) & (s.down < cfg.h / 2)
+        quiet = (np.abs(z) < cfg.learn_z) & (
+            ~np.asarray(cfg.freeze, bool) | ((s.up < cfg.h / 2) & (s.down < cfg.h / 2)))
         learn = ok[:, None] & (quiet | (s.count < cfg.warmup_days)[:, None])
         w = np.maximum(cfg.alpha, 1.0 / (s.count + 1.0))[:, None]
         dev = np.where(np.isfinite(f), f - s.mean, 0.0)
@@ -254,6 +266,22 @@ class SustainedDetector:
         cooled = day - s.last_alert >= cfg.cooldown_days
         over_up = (s.up > cfg.h) & armed[:, None]
         over_down = (s.down > cfg.h) & armed[:, None]
+        if cfg.signatures:
+            # the patterns of tampering and meter faults alert at h; any other change of
+            # the daily total or the night-time base (a holiday away, a new appliance)
+            # only once it has lasted: at h_other
+            tot, eve, nmin, zero = range(N_SUSTAINED)
+            scaled = over_down[:, tot] & (s.down[:, nmin] > cfg.h / 2)
+            slow_up = (s.up > cfg.h_other) & armed[:, None]
+            slow_down = (s.down > cfg.h_other) & armed[:, None]
+            fast_up = np.zeros_like(over_up)
+            fast_down = np.zeros_like(over_down)
+            fast_down[:, eve] = over_down[:, eve]
+            fast_up[:, zero] = over_up[:, zero]
+            fast_down[:, tot] = scaled
+            fast_down[:, nmin] = scaled
+            over_up = fast_up | slow_up
+            over_down = fast_down | slow_down
         changed = over_up | over_down
         alert = changed.any(axis=1) & cooled
         strength = np.maximum(np.where(over_up, s.up, 0), np.where(over_down, s.down, 0))

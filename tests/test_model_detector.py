@@ -205,3 +205,30 @@ def test_routine_faults_are_muted(detector, data, warm) -> None:
     out = detector.score(kwh, day[:2], ids[:2], state, data.tables)
     assert out.signal_names(0)[-1] == "zero_run" and "zero_run" in out.signal_names(1)
     assert out.score[0] >= detector.scoring.rule_bonus and out.score[1] < 50
+
+
+def test_alert_budget_from_the_calibration_curve(detector, data, tmp_path) -> None:
+    from meterwatch.model.calibration import FarCurve
+
+    ids, day, kwh, _ = data.long(slice(0, HISTORY_DAYS))
+    clean, _ = detector.replay(kwh, day, ids, data.tables)
+    rule = clean.score - clean.model_score >= detector.scoring.rule_bonus / 2
+    det = Detector.from_checkpoint(detector.checkpoint(), device="cpu")
+    with pytest.raises(ValueError, match="no calibration curve"):
+        det.set_target_far(0.01)
+    det.far_curve = FarCurve.fit(clean.model_score, rule)
+    path = tmp_path / "budget.pt"
+    det.save(path)
+    loose = Detector.load(path, device="cpu", target_far=0.05)
+    tight = Detector.load(path, device="cpu", target_far=0.005)
+    assert loose.target_far == 0.05 and tight.threshold > loose.threshold
+    # on the days the curve was fitted on, each budget is met
+    for d, target in ((loose, 0.05), (tight, 0.005)):
+        rate = float((clean.score >= d.threshold).mean())
+        assert target / 1.5 <= rate <= target * 1.5, (target, rate)
+    sev = tight.severity(np.array([tight.threshold - 1, tight.threshold + 1e-3, 1e3]))
+    assert sev.tolist() == ["", "low", "high"]
+    far = tight.far_of(np.array([tight.threshold]))
+    assert far[0] == pytest.approx(0.005, rel=0.05)
+    with pytest.raises(ValueError, match="outside"):
+        tight.set_target_far(0.9)

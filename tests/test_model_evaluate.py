@@ -33,7 +33,8 @@ def lcl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_evaluate_writes_report(lcl_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
     rc = main(["--data", str(lcl_dir), "--out", str(out), "--calib-start", "2013-03-15",
-               "--test-start", "2013-04-01", "--rate", "0.15", "--threads", "2"])
+               "--test-start", "2013-04-01", "--rate", "0.15", "--threads", "2",
+               "--protocol", "split"])
     assert rc == 0
     summary = json.loads((out / "results.json").read_text())
     assert set(summary["metrics"]) == set(METHODS)
@@ -45,3 +46,29 @@ def test_evaluate_writes_report(lcl_dir: Path, tmp_path: Path) -> None:
     for png in ("pr_curves.png", "loss_curves.png", "alert_gallery.png"):
         assert (out / png).stat().st_size > 1000
     assert np.isfinite(summary["seconds"])
+
+
+def test_fold_protocol_scores_only_unseen_households(lcl_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "folds"
+    rc = main(["--data", str(lcl_dir), "--out", str(out), "--calib-start", "2013-03-15",
+               "--test-start", "2013-04-01", "--threads", "2", "--folds", "3", "--seeds", "0",
+               "--max-epochs", "3", "--boot", "30"])
+    assert rc == 0
+    summary = json.loads((out / "results.json").read_text())
+    fold_of = summary["fold_of"]
+    assert len(summary["folds"]) == 2  # development folds only; the final one untouched
+    assert 2 not in {f["fold"] for f in summary["folds"]}
+    assert sorted(set(fold_of.values())) == [0, 1, 2]
+    mw = summary["results"]["meterwatch"]
+    for how in ("at1", "calibrated", "budget:history:0.01", "budget:rolling_28_days:0.01"):
+        r = mw[how]
+        assert 0.0 <= r["false_alarm_rate"] <= 1.0
+        lo, hi = r["recall_all_types_ci"]
+        assert lo <= r["recall_all_types"] <= hi
+    outage = mw["at1"]["per_type"]["outage"]
+    assert outage["sweep"][-1] > 0.8  # 6 hours of zeros in a synthetic household
+    assert set(summary["holdout_types"]) == {"partial_level", "weekend_extra", "heating_mild"}
+    assert summary["sustained"]["households"] == 12
+    text = (out / "RESULTS.md").read_text()
+    assert "50 %-detection magnitude" in text and "Alert budget" in text
+    assert (out / "magnitude_sweeps.png").stat().st_size > 1000

@@ -1,0 +1,106 @@
+"""Sustained-change detector, alert budget curve and the new injected shapes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from meterwatch.model.calibration import FarCurve
+from meterwatch.model.inject import (
+    ANOMALY_TYPES,
+    PERSISTENT_TYPES,
+    SWEEPS,
+    inject_type,
+    persistent_change,
+)
+from meterwatch.model.sustained import (
+    SUSTAINED_STATS,
+    SustainedDetector,
+    SustainedState,
+    day_features,
+)
+
+
+def _household(days: int, seed: int = 0) -> np.ndarray:
+    """A plausible household: night base load, morning and evening peaks, day noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(48) / 2
+    shape = 0.12 + 0.25 * np.exp(-((t - 8) ** 2) / 2) + 0.6 * np.exp(-((t - 19) ** 2) / 4)
+    level = np.exp(rng.normal(0, 0.15, days))[:, None]
+    noise = np.exp(rng.normal(0, 0.25, (days, 48)))
+    return (shape[None, :] * level * noise).astype(np.float32)
+
+
+@pytest.mark.parametrize("change", ["evening_cut", "level_40", "night_zero", "vacancy"])
+def test_persistent_change_found_within_a_week(change: str) -> None:
+    kwh = _household(200)
+    start = 120
+    kwh[start:] = persistent_change(kwh[start:], change, np.random.default_rng(1))
+    res, _ = SustainedDetector().replay(kwh, np.arange(16000, 16200))
+    alerts = np.flatnonzero(res.alert)
+    assert len(alerts) and start <= alerts[0] < start + 7, (change, alerts)
+    doc = res.describe(int(alerts[0]))
+    assert doc is not None and doc["type"] == "sustained_change"
+    assert abs((np.datetime64(doc["start_date"]) - np.datetime64("1970-01-01")).astype(int)
+               - (16000 + start)) <= 2
+    assert doc["statistic"] in SUSTAINED_STATS and doc["direction"] in ("up", "down")
+
+
+def test_no_alert_on_a_steady_household() -> None:
+    res, _ = SustainedDetector().replay(_household(365, seed=3), np.arange(16000, 16365))
+    assert not res.alert.any(), np.flatnonzero(res.alert)
+
+
+def test_state_round_trips_through_json_and_update_is_pure() -> None:
+    det = SustainedDetector()
+    kwh = _household(40)
+    _, state = det.replay(kwh[:30], np.arange(30))
+    doc = json.loads(json.dumps(state.to_doc(0)))
+    back = SustainedState.from_docs([doc, None])
+    assert back.count.tolist() == [30, 0]
+    before = back.mean.copy()
+    a = det.update(kwh[30:32], np.array([30, 30]), back)
+    np.testing.assert_array_equal(back.mean, before)  # input state untouched
+    b = det.update(kwh[30:31], np.array([30]), state)
+    np.testing.assert_allclose(a.state.mean[0], b.state.mean[0], rtol=1e-6)
+
+
+def test_day_features_skip_incomplete_days() -> None:
+    kwh = _household(2)
+    kwh[1, :20] = np.nan
+    f = day_features(kwh)
+    assert np.isfinite(f[0]).all() and np.isnan(f[1]).all()
+
+
+def test_far_curve_threshold_and_severity() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.exponential(1.0, 20000)  # P(S > s) = exp(-s)
+    curve = FarCurve.fit(scores)
+    for far in (0.001, 0.01, 0.1):
+        assert abs(curve.threshold(far) - np.log(1 / far)) < 0.25, far
+    back = FarCurve.from_dict(json.loads(json.dumps(curve.to_dict())))
+    assert back.threshold(0.005) == pytest.approx(curve.threshold(0.005))
+    sev = curve.severity(np.array([1.0, 4.7, 6.0, 8.0]), 0.01)
+    assert sev.tolist() == ["", "low", "medium", "high"]
+    with pytest.raises(ValueError, match="outside"):
+        curve.threshold(0.9)
+
+
+@pytest.mark.parametrize("name", ANOMALY_TYPES[1:])
+def test_sweeps_grow(name: str) -> None:
+    kwh = _household(30)
+    day = np.arange(16000, 16030)  # weekday() of 16000 is 4 (Friday)
+    diffs = []
+    for m in SWEEPS[name]:
+        out = inject_type(kwh, name, m, np.random.default_rng(0), day=day,
+                          temp_max=np.full(30, 20.0))
+        assert out.shape == kwh.shape and np.isfinite(out).all()
+        diffs.append(np.abs(out - kwh).sum())
+    assert diffs[-1] > diffs[0] > 0, (name, diffs)
+
+
+def test_persistent_types_change_every_day() -> None:
+    kwh = _household(60)
+    for name in PERSISTENT_TYPES:
+        out = persistent_change(kwh, name, np.random.default_rng(0))
+        assert (np.abs(out - kwh).sum(axis=1) > 0).all(), name
