@@ -168,8 +168,17 @@ class DeadLetter(BaseModel):
     partition: int
     offset: int
     key: str | None = Field(description="the record key, base64 when not UTF-8")
-    value: str = Field(description="the original record value, base64")
+    value: str = Field(description="the original record value, base64 (cut when "
+                                   "value_truncated)")
     timestamp_ms: int | None = None
+    value_truncated: bool | None = Field(
+        None, description="true when the value was cut so the record fits the size limit")
+    value_size: int | None = Field(None, description="size of the original value in bytes, "
+                                                     "when it was cut")
+    key_truncated: bool | None = Field(
+        None, description="true when the key was too long to keep (the record has no key)")
+    key_size: int | None = Field(None, description="size of the original key in bytes, "
+                                                   "when it was cut")
 
 
 #: Output record classes by schema name (``stream/schemas/<name>.schema.json``).
