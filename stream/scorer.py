@@ -141,6 +141,10 @@ class Scorer:
         self.restarts: deque[float] = deque()  # monotonic times of recent restarts
         self._on_change = on_change or (lambda up, restarted: None)
         self._restart_lock = asyncio.Lock()
+        #: Called with the new cap when an allocation failure lowered it (the service points
+        #: it at its batcher).
+        self.on_memory_cap: Callable[[int], None] | None = None
+        self._shm: SharedBatch | None = None  # inputs on their way to a scorer process
 
     async def __aenter__(self) -> Scorer:
         await self.start()
@@ -204,10 +208,6 @@ class Scorer:
             await self._spawn()
             self.up = True
             self._on_change(True, True)
-        #: Called with the new cap when an allocation failure lowered it (the service points
-        #: it at its batcher).
-        self.on_memory_cap: Callable[[int], None] | None = None
-        self._shm: SharedBatch | None = None  # inputs on their way to a scorer process
 
     async def start(self) -> None:
         """Start the worker (for a process: spawn it and load the model there)."""
