@@ -458,7 +458,7 @@ def _ci(v: Sequence[float], nd: int = 2) -> str:
 
 
 def _mag(x: float) -> str:
-    return "never" if not np.isfinite(x) else f"{x:g}"
+    return "never" if not np.isfinite(x) else f"{x:.3g}"
 
 
 def plot_sweeps(summary: dict[str, Any], path: Any) -> None:

@@ -232,3 +232,23 @@ def test_alert_budget_from_the_calibration_curve(detector, data, tmp_path) -> No
     assert far[0] == pytest.approx(0.005, rel=0.05)
     with pytest.raises(ValueError, match="outside"):
         tight.set_target_far(0.9)
+
+
+def test_observe_recalibrates_from_recent_scores(detector, data) -> None:
+    from meterwatch.model.calibration import FarCurve
+
+    ids, day, kwh, _ = data.long(slice(0, HISTORY_DAYS))
+    clean, _ = detector.replay(kwh, day, ids, data.tables)
+    det = Detector.from_checkpoint(detector.checkpoint(), device="cpu")
+    assert not det.observe(day, clean)  # no budget set: nothing to do
+    det.far_curve = FarCurve.fit(clean.model_score * 3.0)  # a curve far too conservative
+    det.set_target_far(0.01)
+    high = det.threshold
+    order = np.argsort(day, kind="stable")
+    changed = False
+    for d in np.unique(day):
+        rows = order[day[order] == d]
+        changed |= det.observe(day[rows], clean.take(rows))
+    assert changed and det.threshold < high
+    rate = float((clean.score >= det.threshold).mean())
+    assert 0.01 / 1.5 <= rate <= 0.01 * 1.5, rate

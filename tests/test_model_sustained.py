@@ -104,3 +104,21 @@ def test_persistent_types_change_every_day() -> None:
     for name in PERSISTENT_TYPES:
         out = persistent_change(kwh, name, np.random.default_rng(0))
         assert (np.abs(out - kwh).sum(axis=1) > 0).all(), name
+
+
+def test_live_calibration_follows_the_recent_window() -> None:
+    from meterwatch.model.calibration import LiveCalibration
+
+    rng = np.random.default_rng(1)
+    live = LiveCalibration(window_days=28, min_days=500)
+    assert live.curve() is None
+    for d in range(60):  # scores get twice as spread after day 30
+        scale = 1.0 if d < 30 else 2.0
+        live.add(np.full(100, d), rng.exponential(scale, 100), np.zeros(100, bool))
+    curve = live.curve()
+    assert curve is not None and curve.n_days == 2800  # the last 28 days only
+    assert abs(curve.threshold(0.01) - 2 * np.log(100)) < 1.0
+    rules = np.zeros(100, bool)
+    rules[:1] = True  # 1 % of days alert on a data-quality rule whatever the threshold
+    live.add(np.full(100, 60), rng.exponential(2.0, 100), rules)
+    assert live.curve().threshold(0.01) > curve.threshold(0.01)  # type: ignore[union-attr]
