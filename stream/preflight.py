@@ -150,6 +150,11 @@ async def check_topics(settings: Settings, admin: AIOKafkaAdminClient,
     return n_input
 
 
+async def input_partitions(admin: AIOKafkaAdminClient, topic: str) -> int:
+    """The partition count of an existing topic."""
+    return await _partitions(admin, topic)
+
+
 async def _partitions(admin: AIOKafkaAdminClient, topic: str, wait_s: float = 10.0) -> int:
     """The topic's partition count; a topic created a moment ago may need a few metadata
     rounds before its partitions show."""

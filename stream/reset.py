@@ -44,7 +44,7 @@ from meterwatch.stream.outputs import (
     mark_key,
     output_topics,
 )
-from meterwatch.stream.preflight import check_connection, check_files
+from meterwatch.stream.preflight import check_connection, check_files, input_partitions
 from meterwatch.stream.recovery import read_to_end
 
 log = logging.getLogger(__name__)
@@ -95,13 +95,14 @@ async def reset_application(settings: Settings, target: ResetTarget) -> dict[int
             raise ConfigurationError(
                 "--group-id", f"group {s.group_id!r} has {members} active member(s)",
                 "stop every meterwatch run of this group first")
+        n_partitions = await input_partitions(admin, s.input_topic)
     finally:
         await admin.close()
     consumer = AIOKafkaConsumer(**s.kafka_options(), group_id=s.group_id,
                                 enable_auto_commit=False, isolation_level="read_committed")
     await consumer.start()
     try:
-        parts = sorted(consumer.partitions_for_topic(s.input_topic) or ())
+        parts = list(range(n_partitions))
         tps = [TopicPartition(s.input_topic, p) for p in parts]
         consumer.assign(tps)
         # Step 2: the target offsets

@@ -307,7 +307,12 @@ class Service:
         # Step 2: flush every pending batch, publish, commit; then leaving the group (in
         # consumer.stop) triggers no second settle since nothing is left.
         if self.consumer is not None and self.parts:
-            await self._settle(set(self.parts), drop=False)
+            try:
+                await self._settle(set(self.parts), drop=False)
+            except PartitionLost as exc:  # fenced meanwhile: the new owner replays them
+                self._lose(exc.partitions, str(exc))
+            except Exception as exc:  # a failure: reported by the exit status (1)
+                self._fail(exc, "shutdown")
 
     async def run_until_signalled(self) -> None:
         """Run until SIGTERM/SIGINT; a second signal exits at once."""
