@@ -602,6 +602,7 @@ def run(
     t0 = time.monotonic()
     set_seeds(seed)
     data, sides = load_dataset(data_path, **(side_tables or {}))
+    check_periods(data.day, calib_start, test_start)
     tables = ContextTables.from_files(household_csv=sides["household"],
                                       weather_csv=sides["weather"],
                                       holidays_csv=sides["holidays"])
@@ -679,6 +680,29 @@ def run(
     return summary
 
 
+def check_periods(day: np.ndarray, calib_start: int, test_start: int,
+                  min_days: int = 40) -> None:
+    """Raise ValueError (one line, naming the flags) unless the data has training days
+    before ``calib_start`` and at least ``min_days`` household-days in each of the
+    calibration and test periods."""
+    def iso(d: int) -> str:
+        return (dt.date(1970, 1, 1) + dt.timedelta(days=int(d))).isoformat()
+
+    if calib_start >= test_start:
+        raise ValueError("--calib-start/--test-start: the calibration period must start "
+                         "before the test period")
+    counts = {"training (before --calib-start)": int((day < calib_start).sum()),
+              "calibration (--calib-start to --test-start)":
+                  int(((day >= calib_start) & (day < test_start)).sum()),
+              "test (from --test-start)": int((day >= test_start).sum())}
+    short = [f"{name}: {n}" for name, n in counts.items() if n < min_days]
+    if short and len(day):
+        raise ValueError(
+            f"--calib-start/--test-start: the data ({iso(day.min())} to {iso(day.max())}) has "
+            f"too few household-days in {'; '.join(short)} (at least {min_days} each); set "
+            "--calib-start and --test-start inside the data's dates")
+
+
 def run_protocol_folds(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """The fold protocol (``model.folds``) and the sustained-change evaluation; writes the
     report to ``args.out``."""
@@ -693,14 +717,23 @@ def run_protocol_folds(args: argparse.Namespace, command: str) -> dict[str, Any]
     holdout = tuple(t for t in args.holdout_types.split(",") if t)
     unknown = set(holdout) - set(fp.TYPES)
     if unknown:
-        raise SystemExit(f"meterwatch evaluate: error: --holdout-types: unknown {sorted(unknown)}"
-                         f"; choose from {','.join(fp.TYPES)}")
+        raise ValueError(f"--holdout-types: unknown {sorted(unknown)}; choose from "
+                         f"{','.join(fp.TYPES)}")
+    check_periods(data.day, parse_day(args.calib_start), parse_day(args.test_start))
     cfg = fp.FoldConfig(n_folds=args.folds, seeds=tuple(int(x) for x in args.seeds.split(",")),
                         calib_start=parse_day(args.calib_start),
                         test_start=parse_day(args.test_start), far=args.far,
                         holdout_types=holdout, final=args.final, max_epochs=args.max_epochs,
                         n_boot=args.boot)
-    _, summary = fp.run_folds(data, tables, cfg)
+    try:
+        _, summary = fp.run_folds(data, tables, cfg)
+    except (ValueError, AssertionError, IndexError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(
+            f"--protocol folds: could not evaluate on this data ({first}); the fold protocol "
+            f"needs at least {2 * cfg.n_folds} households with months of history each (e.g. "
+            "a year: train Jan-Aug, calibrate Sep, test Oct-Dec); use --protocol split for "
+            "shorter data") from exc
     t_sus = time.monotonic()
     summary["sustained"] = evaluate_sustained(data.kwh, data.day, data.household_ids,
                                               seed=cfg.seeds[0])

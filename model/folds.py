@@ -143,6 +143,8 @@ def _profile_scorer(kwh: np.ndarray, hh: np.ndarray, history: np.ndarray) -> Any
     pop = (np.nanmean(kwh[history], axis=0), np.nanstd(kwh[history], axis=0))
 
     def score(who: np.ndarray, x: np.ndarray) -> np.ndarray:
+        if len(who) == 0:
+            return np.zeros(0)
         mu = np.stack([stats.get(str(h), pop)[0] for h in who])
         sd = np.stack([stats.get(str(h), pop)[1] for h in who])
         z = (x - mu) / np.maximum(sd, 0.01)

@@ -129,6 +129,19 @@ def _parser() -> argparse.ArgumentParser:
                     help="readings (any layout train --data takes)")
     ev.add_argument("--out", required=True, type=Path, help="directory for the report")
     _side_table_flags(ev)
+    ev.add_argument("--protocol", choices=("folds", "split"), default="folds",
+                    help="folds: scored only on households never trained on, several seeds, "
+                         "magnitude sweeps; split: one time split on the training households")
+    ev.add_argument("--folds", type=int, default=5,
+                    help="household folds (folds; the last is the final fold)")
+    ev.add_argument("--seeds", default="0,1", help="training and injection seeds (folds)")
+    ev.add_argument("--final", action="store_true",
+                    help="also score the final fold, kept untouched during development")
+    ev.add_argument("--holdout-types", help="anomaly types kept out of tuning, reported apart "
+                                            "(folds; default: the three newest shapes)")
+    ev.add_argument("--max-epochs", type=int, default=25, help="training epochs per fold")
+    ev.add_argument("--boot", type=int, default=300,
+                    help="bootstrap resamples for the intervals (folds)")
     ev.add_argument("--calib-start", default="2013-09-01", help="first calibration day")
     ev.add_argument("--test-start", default="2013-10-01", help="first test day")
     ev.add_argument("--rate", type=float, default=0.1, help="share of test days injected")
@@ -371,7 +384,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     argv = ["--data", str(args.data), "--out", str(args.out),
             "--calib-start", args.calib_start, "--test-start", args.test_start,
             "--rate", str(args.rate), "--far", str(args.far), "--seed", str(args.seed),
-            "--methods", args.methods, "--cold-households", str(args.cold_households)]
+            "--methods", args.methods, "--cold-households", str(args.cold_households),
+            "--protocol", args.protocol, "--folds", str(args.folds), "--seeds", args.seeds,
+            "--max-epochs", str(args.max_epochs), "--boot", str(args.boot)]
+    if args.final:
+        argv.append("--final")
+    if args.holdout_types:
+        argv += ["--holdout-types", args.holdout_types]
     if args.threads:
         argv += ["--threads", str(args.threads)]
     for name in ("household_info", "weather", "holidays"):

@@ -168,6 +168,15 @@ def test_evaluate_and_simulate_misuse(tmp_path: Path) -> None:
     line = one_line_error(meterwatch("evaluate", "--data", str(tmp_path / "nope"), "--out",
                                      str(tmp_path / "out")))
     assert "--data: no such file or folder" in line
+    # dates outside the data (the defaults are for a year of 2013) name the flags
+    from meterwatch.model import SyntheticConfig, generate
+    from tests.cli_helpers import write_layout
+
+    folder = write_layout(generate(SyntheticConfig(n_households=4, n_days=10, seed=3)),
+                          "folder", tmp_path / "short")
+    line = one_line_error(meterwatch("evaluate", "--data", str(folder), "--out",
+                                     str(tmp_path / "out")))
+    assert "--calib-start/--test-start" in line and "too few household-days" in line
     line = one_line_error(meterwatch("simulate", "--rate", "-5"))
     assert "--rate" in line
     line = one_line_error(meterwatch("simulate", "--start", "March"))

@@ -173,7 +173,8 @@ def test_train_folder_run_simulate_alerts_evaluate(history, broker: Broker,  # t
     proc = meterwatch("evaluate", "--data", str(folder), "--out", str(out),
                       "--calib-start", (first + dt.timedelta(days=18)).isoformat(),
                       "--test-start", (first + dt.timedelta(days=23)).isoformat(),
-                      "--methods", "meterwatch,profile", "--cold-households", "0")
+                      "--methods", "meterwatch,profile", "--cold-households", "0",
+                      "--protocol", "split")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert set(results["metrics"]) == {"meterwatch", "profile"}
