@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PartitionTail:
-    records: list[ConsumerRecord] = field(default_factory=list)  # type: ignore[type-arg]
+    records: list[ConsumerRecord] = field(default_factory=list)
     end: int = 0  # the highwater when reading finished
 
 
@@ -106,7 +106,7 @@ async def read_to_end(settings: Settings, starts: Mapping[tuple[str, int], int],
     return out
 
 
-def _is_ours(record: ConsumerRecord, app: bytes) -> bool:  # type: ignore[type-arg]
+def _is_ours(record: ConsumerRecord, app: bytes) -> bool:
     return any(k == APP_HEADER and v == app for k, v in (record.headers or ()))
 
 

@@ -397,7 +397,7 @@ class _Worker:
                       time.perf_counter() - t0, self.memory_cap)
 
     def _score_split(self, kwh: np.ndarray, day: np.ndarray, ids: list[str],
-                     st: HouseholdState):  # type: ignore[no-untyped-def]
+                     st: HouseholdState):
         failed = False
         try:
             return self.detector.score(kwh, day, ids, st, self.tables)
@@ -429,7 +429,7 @@ def _init_process(checkpoint: dict, device: str, dtype: str, tables: ContextTabl
                         "(scorer process): %(message)s")
     if device == "cpu" or not torch.cuda.is_available():
         set_cpu_threads(torch_threads)
-    detector = Detector.from_checkpoint(checkpoint, device=device, dtype=dtype)  # type: ignore[arg-type]
+    detector = Detector.from_checkpoint(checkpoint, device=device, dtype=dtype)
     _PROCESS_WORKER = _Worker(detector, tables)
 
 
@@ -550,7 +550,7 @@ def _expand(scored: Scored) -> Scored:
     return dataclasses.replace(scored, expected=full[0], slot_error=full[1])
 
 
-def _concat_scores(a, b):  # type: ignore[no-untyped-def]
+def _concat_scores(a, b):
     """Join two ``DayScores`` of consecutive halves."""
     fields = {}
     for f in dataclasses.fields(a):

@@ -162,7 +162,7 @@ class Service:
             # with a scorer process, this copy only answers questions (threshold, version):
             # it stays on the CPU and the process puts its own on the device
             self.detector = await loop.run_in_executor(None, lambda: Detector.load(
-                s.model_path, device="cpu" if in_process else s.device,  # type: ignore[arg-type]
+                s.model_path, device="cpu" if in_process else s.device,
                 dtype=s.precision))
         if s.household_info or s.weather or s.holidays:
             self.tables = ContextTables.from_files(household_csv=s.household_info,
@@ -369,7 +369,7 @@ class Service:
                 m.paused_partitions.set(len(self.source.assignment()))
                 log.info("backpressure: %d days queued, partitions paused", self.batcher.backlog)
 
-    async def _ingest(self, tp: TopicPartition, work: PartitionWork, recs: list) -> None:  # type: ignore[type-arg]
+    async def _ingest(self, tp: TopicPartition, work: PartitionWork, recs: list) -> None:
         m = self.metrics
         values = list(map(_VALUE, recs))
         offsets = np.fromiter(map(_OFFSET, recs), dtype=np.int64, count=len(recs))
@@ -520,7 +520,7 @@ class Service:
         # pinned, so no commit passes its days (the next owner replays them)
         self.batcher.release(taken.id)
 
-    def _collect(self, p: Pending, scoreable: ClosedDays, scored, row: int,  # type: ignore[no-untyped-def]
+    def _collect(self, p: Pending, scoreable: ClosedDays, scored, row: int,
                  records: list[list[OutRecord]], complete_at: list[list[int]]) -> None:
         """Write back household state and build the output records of one chunk."""
         s = self.settings
@@ -656,7 +656,7 @@ class Service:
 
 
 
-def _slice_scored(scored, sl: slice):  # type: ignore[no-untyped-def]
+def _slice_scored(scored, sl: slice):
     from meterwatch.stream.scorer import Scored
 
     return Scored(scored.score[sl], scored.is_alert[sl], scored.expected[sl],
