@@ -24,7 +24,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 
 from meterwatch.model import ANOMALY_TYPES, SyntheticConfig, TrainConfig, generate, train_detector
-from meterwatch.stream.broker import Broker
+from meterwatch.stream.broker import Broker, create_topics
 from meterwatch.stream.config import Settings
 from meterwatch.stream.service import Service
 from meterwatch.stream.simulate import produce_synthetic
@@ -80,6 +80,8 @@ async def _demo(opts: DemoOptions, broker: Broker, t_start: float) -> int:
                         metrics_host="127.0.0.1", group_id=f"meterwatch-demo-{opts.seed}",
                         idempotence="auto" if broker.supports_idempotence else "off",
                         create_topics=True)
+    # the platform owns the input topic (the service never creates it): here, the demo
+    await create_topics(settings.bootstrap_servers, {settings.input_topic: opts.partitions})
     service = Service(settings, detector=detector)
     await service.start()
     await service.wait_ready()

@@ -207,8 +207,11 @@ def test_wrong_sasl_password_exits_2_without_printing_it(broker, detector_path):
 
 def test_missing_ca_file_exits_2(broker, detector_path, tmp_path):
     missing = tmp_path / "no-such-ca.pem"
-    settings = unique_settings(broker, security_protocol="SSL", ssl_cafile=missing)
-    result = run_to_exit(settings, detector_path)
+    # as a user sets it: the service's own settings validation is what must answer
+    settings = unique_settings(broker)
+    result = run_to_exit(settings, detector_path,
+                         env={"METERWATCH_SECURITY_PROTOCOL": "SSL",
+                              "METERWATCH_SSL_CAFILE": str(missing)})
     assert_fails_fast(result, "--ssl-cafile", mentions=str(missing))
 
 
