@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 
 
 class HttpServer:
-    """Serves metrics and probes; ``readiness()`` returns ``{check: ok}``."""
+    """Serves metrics and probes; ``readiness()`` returns ``{check: ok}``.
+
+    ``start``/``stop`` (or ``async with``); ``stop`` is safe twice."""
 
     def __init__(self, registry: CollectorRegistry, readiness: Callable[[], dict[str, bool]],
                  host: str, port: int) -> None:
@@ -27,6 +29,13 @@ class HttpServer:
         self.host = host
         self.port = port
         self._server: asyncio.base_events.Server | None = None
+
+    async def __aenter__(self) -> HttpServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port)

@@ -201,6 +201,10 @@ class OutputPublisher:
             await producer.stop()
             raise
         self._writers[partition] = _Writer(producer)
+        # topic metadata now, not on the first batch (8 producers x 5 topics of lookups)
+        s = self.settings
+        for topic in (*output_topics(s), s.dead_letter_topic, s.state_topic):
+            await producer.partitions_for(topic)
 
     async def close_partition(self, partition: int) -> None:
         writer = self._writers.pop(partition, None)

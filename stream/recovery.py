@@ -130,8 +130,7 @@ async def recover(settings: Settings, publisher: OutputPublisher, consumer: AIOK
     app = app_id(s)
     mark = mark_key(s)
     # Step 1: fence the previous owner first
-    for p in new:
-        await publisher.open_partition(p)
+    await asyncio.gather(*(publisher.open_partition(p) for p in new))
     # Step 2: state and marks
     state_recs = await read_to_end(s, {(s.state_topic, p): 0 for p in new})
     works: dict[int, PartitionWork] = {}
