@@ -115,6 +115,16 @@ class Documents:
     data_quality: dict | None
 
 
+def data_quality_record(household_id: str, date: str, status: str, readings: int,
+                        expected_readings: int, missing_slots: list[int]) -> dict:
+    """The data-quality record of a closed day that was not complete (``status``
+    ``imputed`` or ``incomplete``); the only builder, used by recovery too."""
+    return {"schema_version": SCHEMA_VERSION, "household_id": household_id, "date": date,
+            "kind": "incomplete_day" if status == "incomplete" else "imputed_day",
+            "readings": readings, "expected_readings": expected_readings,
+            "missing_slots": missing_slots}
+
+
 def day_date(day: int) -> dt.date:
     return _EPOCH + dt.timedelta(days=int(day))
 
@@ -136,9 +146,8 @@ def build_documents(days: ClosedDays, scored: Scored | None, seq: np.ndarray, *,
         base = {"schema_version": SCHEMA_VERSION, "household_id": hid, "date": date.isoformat()}
         dq = None
         if status != COMPLETE:
-            dq = {**base, "kind": "incomplete_day" if status == INCOMPLETE else "imputed_day",
-                  "readings": int(days.readings[i]), "expected_readings": int(days.expected[i]),
-                  "missing_slots": missing}
+            dq = data_quality_record(hid, base["date"], STATUS_NAMES[status],
+                                     int(days.readings[i]), int(days.expected[i]), missing)
         if status == INCOMPLETE or scored is None:
             doc = {**base, "status": STATUS_NAMES[status], "score": None,
                    "threshold": round(threshold, DECIMALS),

@@ -45,9 +45,9 @@ from meterwatch.stream.assembler import DayAssembler
 from meterwatch.stream.batcher import DynamicBatcher
 from meterwatch.stream.config import Settings
 from meterwatch.stream.errors import PartitionLost
+from meterwatch.stream.events import SCHEMA_VERSION  # one version for every document
 from meterwatch.stream.metrics import Metrics
 from meterwatch.stream.outputs import (
-    SCHEMA_VERSION,
     OutputPublisher,
     OutRecord,
     json_record,

@@ -52,9 +52,6 @@ from meterwatch.stream.errors import ConfigurationError, PartitionLost
 
 log = logging.getLogger(__name__)
 
-#: version of every JSON document meterwatch writes (day score, alert, data quality, dead
-#: letter, household state, mark)
-SCHEMA_VERSION = 1
 APP_HEADER = "meterwatch.app"
 _FENCED = (ProducerFenced, InvalidProducerEpoch, InvalidTxnState,
            TransactionCoordinatorFenced)

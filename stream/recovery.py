@@ -39,12 +39,12 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from meterwatch.stream.alerts import data_quality_record
 from meterwatch.stream.assembler import DayAssembler
 from meterwatch.stream.checkpoint import PartitionWork
 from meterwatch.stream.config import Settings
 from meterwatch.stream.outputs import (
     APP_HEADER,
-    SCHEMA_VERSION,
     OutputPublisher,
     OutRecord,
     app_id,
@@ -110,15 +110,6 @@ def _is_ours(record: ConsumerRecord, app: bytes) -> bool:
     return any(k == APP_HEADER and v == app for k, v in (record.headers or ()))
 
 
-def _data_quality_from(doc: dict[str, Any]) -> dict[str, Any]:
-    """The data-quality record a day score promises (``stream.events.DataQuality``)."""
-    return {"schema_version": SCHEMA_VERSION, "household_id": doc["household_id"],
-            "date": doc["date"],
-            "kind": "incomplete_day" if doc["status"] == "incomplete" else "imputed_day",
-            "readings": doc["readings"], "expected_readings": doc["expected_readings"],
-            "missing_slots": doc["missing_slots"]}
-
-
 async def recover(settings: Settings, publisher: OutputPublisher, consumer: AIOKafkaConsumer,
                   grid: TimeGrid, partitions: Iterable[int]) -> dict[int, PartitionWork]:
     """Steps 1-5 for ``partitions``; the rebuilt work of each, positioned at its start."""
@@ -171,7 +162,9 @@ async def recover(settings: Settings, publisher: OutputPublisher, consumer: AIOK
             if doc.get("alert"):
                 promised[(s.alerts_topic, day)] = doc["alert"]
             if doc["status"] != "scored":
-                promised[(s.data_quality_topic, day)] = _data_quality_from(doc)
+                promised[(s.data_quality_topic, day)] = data_quality_record(
+                    doc["household_id"], doc["date"], doc["status"], doc["readings"],
+                    doc["expected_readings"], doc["missing_slots"])
         present = set()
         for t in (s.alerts_topic, s.data_quality_topic):
             for r in outs[(t, p)].records:

@@ -37,8 +37,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from meterwatch.stream.config import Settings
 from meterwatch.stream.errors import ConfigurationError
+from meterwatch.stream.events import SCHEMA_VERSION
 from meterwatch.stream.outputs import (
-    SCHEMA_VERSION,
     OutputPublisher,
     json_record,
     mark_key,
