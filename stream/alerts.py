@@ -19,6 +19,7 @@ The JSON Schemas of every output record are in ``stream/schemas`` (package data)
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,8 @@ from meterwatch.stream.assembler import COMPLETE, INCOMPLETE, STATUS_NAMES, Clos
 from meterwatch.stream.events import SCHEMA_VERSION
 from meterwatch.stream.scorer import Scored
 from meterwatch.stream.timegrid import SLOTS, TimeGrid
+
+log = logging.getLogger(__name__)
 
 _EPOCH = dt.date(1970, 1, 1)
 #: Decimals of every kWh, score and threshold in an output record.
@@ -115,14 +118,22 @@ class Documents:
     data_quality: dict | None
 
 
+_DQ_KINDS = {"incomplete": "incomplete_day", "imputed": "imputed_day",
+             "failed": "scoring_failed"}
+
+
 def data_quality_record(household_id: str, date: str, status: str, readings: int,
-                        expected_readings: int, missing_slots: list[int]) -> dict:
-    """The data-quality record of a closed day that was not complete (``status``
-    ``imputed`` or ``incomplete``); the only builder, used by recovery too."""
-    return {"schema_version": SCHEMA_VERSION, "household_id": household_id, "date": date,
-            "kind": "incomplete_day" if status == "incomplete" else "imputed_day",
-            "readings": readings, "expected_readings": expected_readings,
-            "missing_slots": missing_slots}
+                        expected_readings: int, missing_slots: list[int],
+                        reason: str | None = None) -> dict:
+    """The data-quality record of a closed day that was not scored as a complete day
+    (``status`` ``imputed``, ``incomplete`` or ``failed``, with the ``reason``); the only
+    builder, used by recovery too."""
+    doc = {"schema_version": SCHEMA_VERSION, "household_id": household_id, "date": date,
+           "kind": _DQ_KINDS[status], "readings": readings,
+           "expected_readings": expected_readings, "missing_slots": missing_slots}
+    if reason is not None:
+        doc["reason"] = reason
+    return doc
 
 
 def day_date(day: int) -> dt.date:
@@ -132,46 +143,94 @@ def day_date(day: int) -> dt.date:
 def build_documents(days: ClosedDays, scored: Scored | None, seq: np.ndarray, *,
                     threshold: float, model_version: str, signal_names: tuple[str, ...],
                     grid: TimeGrid, top_slots: int) -> list[Documents]:
-    """One ``Documents`` per closed day; ``scored`` rows align with the non-incomplete days."""
+    """One ``Documents`` per closed day; ``scored`` rows align with the non-incomplete days.
+
+    A day whose documents cannot be built (anything unforeseen) does not stop the others:
+    its day score has status ``failed`` with the ``error``, and a data-quality record of kind
+    ``scoring_failed`` says why (``_failed``).
+    """
     out: list[Documents] = []
     j = 0  # row in scored
     gaps = np.isnan(days.kwh).any(axis=1).tolist()
     states = state_rows(scored.state) if scored is not None else []
     for i in range(len(days)):
-        hid = days.household_ids[i]
-        date = day_date(days.day[i])
-        status = int(days.status[i])
-        kwh = days.kwh[i]
-        missing = np.flatnonzero(np.isnan(kwh)).tolist() if gaps[i] else []
-        base = {"schema_version": SCHEMA_VERSION, "household_id": hid, "date": date.isoformat()}
-        dq = None
-        if status != COMPLETE:
-            dq = data_quality_record(hid, base["date"], STATUS_NAMES[status],
-                                     int(days.readings[i]), int(days.expected[i]), missing)
-        if status == INCOMPLETE or scored is None:
-            doc = {**base, "status": STATUS_NAMES[status], "score": None,
-                   "threshold": round(threshold, DECIMALS),
-                   "is_alert": False, "model_version": model_version,
-                   "readings": int(days.readings[i]),
-                   "expected_readings": int(days.expected[i]), "missing_slots": missing,
-                   "seq": int(seq[i]), "state": {}, "alert": None}
-            out.append(Documents(hid, doc, None, dq))
-            continue
-        score = float(scored.score[j])
-        is_alert = bool(scored.is_alert[j])
-        alert = None
-        if is_alert:
-            alert = _alert(base, days, i, scored, j, threshold, model_version, signal_names,
-                           grid, top_slots, missing)
-        state = states[j]
-        doc = {**base, "status": STATUS_NAMES[status], "score": round(score, DECIMALS),
-               "threshold": round(threshold, DECIMALS),
-               "is_alert": is_alert, "model_version": model_version,
-               "readings": int(days.readings[i]), "expected_readings": int(days.expected[i]),
-               "missing_slots": missing, "seq": int(seq[i]), "state": state, "alert": alert}
-        out.append(Documents(hid, doc, alert, dq))
-        j += 1
+        row = j if scored is not None and int(days.status[i]) != INCOMPLETE else None
+        try:
+            out.append(_documents(days, i, scored, j, seq, gaps[i], states, threshold=threshold,
+                                  model_version=model_version, signal_names=signal_names,
+                                  grid=grid, top_slots=top_slots))
+        except Exception as exc:
+            log.exception("could not build the documents of %r, day %s: reported as failed",
+                          days.household_ids[i], int(days.day[i]))
+            out.append(_failed(days, i, scored, row, seq, threshold, model_version, exc))
+        if row is not None:
+            j += 1
     return out
+
+
+def _failed(days: ClosedDays, i: int, scored: Scored | None, row: int | None,
+            seq: np.ndarray, threshold: float, model_version: str,
+            exc: Exception) -> Documents:
+    """The documents of a day whose own ones could not be built (kept minimal: nothing in
+    here may raise for a day the parser accepted)."""
+    hid = str(days.household_ids[i])
+    try:
+        date = day_date(days.day[i]).isoformat()
+    except (OverflowError, ValueError):
+        date = "1970-01-01"
+    error = f"{type(exc).__name__}: {str(exc)[:200]}"
+    missing = np.flatnonzero(np.isnan(days.kwh[i])).tolist()
+    score = None
+    is_alert = False
+    if row is not None and scored is not None and np.isfinite(scored.score[row]):
+        score = round(float(scored.score[row]), DECIMALS)
+        is_alert = bool(scored.is_alert[row])
+    doc = {"schema_version": SCHEMA_VERSION, "household_id": hid, "date": date,
+           "status": "failed", "score": score, "threshold": round(threshold, DECIMALS),
+           "is_alert": is_alert, "model_version": model_version,
+           "readings": int(days.readings[i]), "expected_readings": int(days.expected[i]),
+           "missing_slots": missing, "seq": int(seq[i]), "state": {}, "alert": None,
+           "error": error}
+    return Documents(hid, doc, None, data_quality_record(
+        hid, date, "failed", int(days.readings[i]), int(days.expected[i]), missing,
+        reason=error))
+
+
+def _documents(days: ClosedDays, i: int, scored: Scored | None, j: int, seq: np.ndarray,
+               gap: bool, states: list[dict], *, threshold: float, model_version: str,
+               signal_names: tuple[str, ...], grid: TimeGrid, top_slots: int) -> Documents:
+    """The documents of day ``i`` (``j``: its row in ``scored``)."""
+    hid = days.household_ids[i]
+    date = day_date(days.day[i])
+    status = int(days.status[i])
+    kwh = days.kwh[i]
+    missing = np.flatnonzero(np.isnan(kwh)).tolist() if gap else []
+    base = {"schema_version": SCHEMA_VERSION, "household_id": hid, "date": date.isoformat()}
+    dq = None
+    if status != COMPLETE:
+        dq = data_quality_record(hid, base["date"], STATUS_NAMES[status],
+                                 int(days.readings[i]), int(days.expected[i]), missing)
+    if status == INCOMPLETE or scored is None:
+        doc = {**base, "status": STATUS_NAMES[status], "score": None,
+               "threshold": round(threshold, DECIMALS),
+               "is_alert": False, "model_version": model_version,
+               "readings": int(days.readings[i]),
+               "expected_readings": int(days.expected[i]), "missing_slots": missing,
+               "seq": int(seq[i]), "state": {}, "alert": None}
+        return Documents(hid, doc, None, dq)
+    score = float(scored.score[j])
+    is_alert = bool(scored.is_alert[j])
+    alert = None
+    if is_alert:
+        alert = _alert(base, days, i, scored, j, threshold, model_version, signal_names,
+                       grid, top_slots, missing)
+    state = states[j]
+    doc = {**base, "status": STATUS_NAMES[status], "score": round(score, DECIMALS),
+           "threshold": round(threshold, DECIMALS),
+           "is_alert": is_alert, "model_version": model_version,
+           "readings": int(days.readings[i]), "expected_readings": int(days.expected[i]),
+           "missing_slots": missing, "seq": int(seq[i]), "state": state, "alert": alert}
+    return Documents(hid, doc, alert, dq)
 
 
 def _alert(base: dict, days: ClosedDays, i: int, scored: Scored, j: int, threshold: float,

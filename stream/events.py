@@ -128,7 +128,9 @@ class DayScore(BaseModel):
     schema_version: int = SCHEMA_VERSION
     household_id: str
     date: date
-    status: Literal["scored", "imputed", "incomplete"]
+    status: Literal["scored", "imputed", "incomplete", "failed"] = Field(
+        description="failed: the day's documents could not be built (see error; a "
+                    "scoring_failed data-quality record says so too)")
     score: float | None
     threshold: float
     is_alert: bool
@@ -140,20 +142,23 @@ class DayScore(BaseModel):
     state: dict[str, float | list[float | None] | None] = Field(
         description="household state after this day")
     alert: Alert | None = None
+    error: str | None = Field(None, description="why the day failed (status failed only)")
 
 
 class DataQuality(BaseModel):
-    """A household-day closed by the watermark without enough readings (data-quality topic)."""
+    """A household-day closed without being scored as a complete day (data-quality topic):
+    too few readings, imputed slots, or a failure while building its documents."""
 
     model_config = _OUTPUT
 
     schema_version: int = SCHEMA_VERSION
     household_id: str
     date: date
-    kind: Literal["incomplete_day", "imputed_day"]
+    kind: Literal["incomplete_day", "imputed_day", "scoring_failed"]
     readings: int
     expected_readings: int
     missing_slots: list[int]
+    reason: str | None = Field(None, description="the error (scoring_failed only)")
 
 
 class DeadLetter(BaseModel):

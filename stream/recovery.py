@@ -164,7 +164,7 @@ async def recover(settings: Settings, publisher: OutputPublisher, consumer: AIOK
             if doc["status"] != "scored":
                 promised[(s.data_quality_topic, day)] = data_quality_record(
                     doc["household_id"], doc["date"], doc["status"], doc["readings"],
-                    doc["expected_readings"], doc["missing_slots"])
+                    doc["expected_readings"], doc["missing_slots"], reason=doc.get("error"))
         present = set()
         for t in (s.alerts_topic, s.data_quality_topic):
             for r in outs[(t, p)].records:

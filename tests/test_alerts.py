@@ -93,3 +93,41 @@ def test_model_alert_spans_are_its_largest_errors() -> None:
         ("model", "17:00", "19:00")]
     assert [s["slot"] for s in alert["top_slots"]] == [34, 35, 36, 37]
     jsonschema.validate(alert, load_schema("alert"))
+
+
+def test_a_day_whose_documents_fail_is_reported_and_the_others_go_on(monkeypatch) -> None:
+    """Issue 15: anything unforeseen while building one day's outputs puts that day on the
+    data-quality topic with the reason; the rest of the batch is unaffected."""
+    import meterwatch.stream.alerts as alerts
+
+    kwh = np.full((3, 48), 0.4, np.float32)
+    err = np.full(48, 0.1, np.float32)
+    scored = Scored(score=np.array([9.0, 9.5, 1.0], np.float32),
+                    is_alert=np.array([True, True, False]),
+                    expected=np.full((3, 48), 0.4, np.float32),
+                    slot_error=np.stack([err, err, err]),
+                    signals=np.zeros(3, np.uint8),
+                    state={"level": np.array([0.4, 0.5, 0.6])}, seconds=0.0, memory_cap=1)
+    real = alerts._alert
+
+    def poisoned(base, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if base["household_id"] == "H1":
+            raise KeyError("something nobody foresaw")
+        return real(base, *args, **kwargs)
+
+    monkeypatch.setattr(alerts, "_alert", poisoned)
+    docs = build_documents(_closed(kwh), scored, np.array([1, 1, 1]), threshold=5.0,
+                           model_version="m-1", signal_names=SIGNAL_NAMES,
+                           grid=TimeGrid("UTC"), top_slots=4)
+    assert [d.household_id for d in docs] == ["H0", "H1", "H2"]
+    assert docs[0].alert is not None and docs[0].day_score["status"] == "scored"
+    assert docs[2].alert is None and docs[2].day_score["score"] == 1.0
+    failed = docs[1]
+    assert failed.alert is None and failed.day_score["status"] == "failed"
+    assert failed.day_score["score"] == 9.5 and failed.day_score["is_alert"] is True
+    assert "KeyError" in failed.day_score["error"]
+    assert failed.data_quality is not None
+    assert failed.data_quality["kind"] == "scoring_failed"
+    assert "KeyError" in failed.data_quality["reason"]
+    jsonschema.validate(failed.day_score, load_schema("day_score"))
+    jsonschema.validate(failed.data_quality, load_schema("data_quality"))
