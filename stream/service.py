@@ -158,7 +158,8 @@ class Service:
             set_cpu_threads(s.torch_threads)
         if self.detector is None:
             if s.model_path is None:
-                raise ValueError("no model: pass --model-path (train one with meterwatch train)")
+                raise ConfigurationError("--model-path", "no model given",
+                                         "train one with meterwatch train and pass its path")
             # with a scorer process, this copy only answers questions (threshold, version):
             # it stays on the CPU and the process puts its own on the device
             self.detector = await loop.run_in_executor(None, lambda: Detector.load(

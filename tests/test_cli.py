@@ -164,6 +164,11 @@ def test_train_misuse(tmp_path: Path) -> None:
     assert "invalid choice" in one_line_error(meterwatch("fly"))
 
 
+def test_run_without_a_model_is_one_line() -> None:
+    line = one_line_error(meterwatch("run", env=clean_env(METERWATCH_METRICS_PORT="0")))
+    assert line.startswith("meterwatch: error: --model-path: ") and "meterwatch train" in line
+
+
 def test_evaluate_and_simulate_misuse(tmp_path: Path) -> None:
     line = one_line_error(meterwatch("evaluate", "--data", str(tmp_path / "nope"), "--out",
                                      str(tmp_path / "out")))
