@@ -205,10 +205,11 @@ def _documents(days: ClosedDays, i: int, scored: Scored | None, j: int, seq: np.
     status = int(days.status[i])
     kwh = days.kwh[i]
     missing = np.flatnonzero(np.isnan(kwh)).tolist() if gap else []
-    base = {"schema_version": SCHEMA_VERSION, "household_id": hid, "date": date.isoformat()}
+    date_text = date.isoformat()
+    base = {"schema_version": SCHEMA_VERSION, "household_id": hid, "date": date_text}
     dq = None
     if status != COMPLETE:
-        dq = data_quality_record(hid, base["date"], STATUS_NAMES[status],
+        dq = data_quality_record(hid, date_text, STATUS_NAMES[status],
                                  int(days.readings[i]), int(days.expected[i]), missing)
     if status == INCOMPLETE or scored is None:
         doc = {**base, "status": STATUS_NAMES[status], "score": None,

@@ -74,7 +74,7 @@ async def _demo(opts: DemoOptions, broker: Broker, t_start: float) -> int:
 
     # The demo owns its broker and topics: METERWATCH_* variables meant for a real cluster
     # (security settings, topic names) must not leak in, so the environment is not read.
-    settings = Settings(_env_prefix="METERWATCH_DEMO_UNUSED_",
+    settings = Settings(_env_prefix="METERWATCH_DEMO_UNUSED_",  # type: ignore[call-arg]
                         bootstrap_servers=broker.bootstrap_servers,
                         topic_partitions=opts.partitions, metrics_port=opts.metrics_port,
                         metrics_host="127.0.0.1", group_id=f"meterwatch-demo-{opts.seed}",

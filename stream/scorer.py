@@ -58,6 +58,7 @@ import psutil
 import torch
 
 from meterwatch.model import ContextTables, Detector, HouseholdState, torch_scoring
+from meterwatch.model.detector import DtypeName
 from meterwatch.stream.timegrid import SLOTS
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class Scorer:
 
     def __init__(self, detector: Detector, tables: ContextTables | None = None, *,
                  torch_threads: int | None = None, process: bool = False,
-                 device: str | None = None, dtype: str | None = None,
+                 device: str | None = None, dtype: DtypeName | None = None,
                  max_restarts: int = 3, restart_window_s: float = 300.0,
                  on_change: Callable[[bool, bool], None] | None = None) -> None:
         """``device``/``dtype`` (a process only): where the process puts its copy of the
@@ -129,7 +130,7 @@ class Scorer:
         self.tables = tables
         self.process = process
         self.device = str(device or detector.device) if process else str(detector.device)
-        self._dtype = dtype or detector.dtype_name
+        self._dtype: DtypeName = dtype or detector.dtype_name
         self._torch_threads = torch_threads
         self._worker: _Worker | None = None
         self._executor: Executor | None = None
@@ -421,7 +422,8 @@ class _Worker:
 _PROCESS_WORKER: _Worker | None = None
 
 
-def _init_process(checkpoint: dict, device: str, dtype: str, tables: ContextTables | None,
+def _init_process(checkpoint: dict, device: str, dtype: DtypeName,
+                  tables: ContextTables | None,
                   torch_threads: int | None, parent: int, log_level: int) -> None:
     global _PROCESS_WORKER
     _die_with(parent)
@@ -552,7 +554,7 @@ def _expand(scored: Scored) -> Scored:
 
 def _concat_scores(a, b):
     """Join two ``DayScores`` of consecutive halves."""
-    fields = {}
+    fields: dict[str, object] = {}
     for f in dataclasses.fields(a):
         x, y = getattr(a, f.name), getattr(b, f.name)
         if isinstance(x, np.ndarray):

@@ -162,8 +162,9 @@ class Service:
                                          "train one with meterwatch train and pass its path")
             # with a scorer process, this copy only answers questions (threshold, version):
             # it stays on the CPU and the process puts its own on the device
+            model_path = s.model_path
             self.detector = await loop.run_in_executor(None, lambda: Detector.load(
-                s.model_path, device="cpu" if in_process else s.device,
+                model_path, device="cpu" if in_process else s.device,
                 dtype=s.precision))
         if s.household_info or s.weather or s.holidays:
             self.tables = ContextTables.from_files(household_csv=s.household_info,
