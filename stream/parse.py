@@ -31,18 +31,17 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from meterwatch.stream.validation import (
     BAD_ID_CHARS,
-    FIELDS,
     MAX_HOUSEHOLD_ID_LEN,
     MAX_KWH,
     MAX_TS,
     MIN_TS,
-    QUOTED_FIELDS,
     Invalid,
     check_reading,
     check_ts,
     describe,
     kwh_float,
     loads,
+    may_repeat_fields,
 )
 
 log = logging.getLogger(__name__)
@@ -538,15 +537,9 @@ def _decode_fast(values: Sequence[bytes | None]) -> list[object] | None:
         return None
     if set(map(type, docs)) != {dict}:
         return None
-    # duplicate fields: orjson keeps the last; each field name may occur at most as often
-    # as there are objects holding it, and no key may be spelled with an escape
-    joined = b"".join(values)  # type: ignore[arg-type]
-    if b"\\" in joined:
+    # duplicate fields (orjson keeps the last): the check of one record, over the batch
+    if may_repeat_fields(b"".join(values), docs):  # type: ignore[arg-type]
         return None
-    for name, quoted in zip(FIELDS, QUOTED_FIELDS, strict=True):
-        c = joined.count(quoted)
-        if c and c > sum(map(dict.__contains__, docs, repeat(name))):
-            return None
     return docs
 
 
