@@ -649,10 +649,7 @@ class Detector:
         day = np.asarray(day)
         ids = np.asarray(household_ids, dtype=object)
         uniq, hh = np.unique(ids.astype(str), return_inverse=True)
-        cur = HouseholdState.empty(len(uniq))
-        for i, h in enumerate(uniq):
-            if state and h in state:
-                cur.put([i], state[h])
+        cur = HouseholdState.starting(uniq.tolist(), state)
         parts: list[DayScores] = []
         rows: list[np.ndarray] = []
         order = np.argsort(day, kind="stable")

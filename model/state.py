@@ -124,6 +124,16 @@ class HouseholdState:
         return cls(level=np.full(n, np.nan, np.float32), err_mean=np.zeros(n, np.float32),
                    err_var=np.zeros(n, np.float32), count=np.zeros(n, np.int32))
 
+    @classmethod
+    def starting(cls, households: Sequence[str],
+                 known: Mapping[str, HouseholdState] | None) -> HouseholdState:
+        """State of ``households`` (in order): ``known``'s where it has them, else new."""
+        out = cls.empty(len(households))
+        for i, h in enumerate(households):
+            if known and h in known:
+                out.put([i], known[h])
+        return out
+
     def stat_moments(self) -> tuple[np.ndarray, np.ndarray]:
         """(mean, var) of the error statistics as (N, N_STATS) arrays (``STAT_NAMES`` order)."""
         mean = np.stack([getattr(self, m) for m, _ in _STAT_FIELDS], axis=1)

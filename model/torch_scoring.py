@@ -712,10 +712,7 @@ def replay(det: Detector, kwh: np.ndarray, day: np.ndarray, household_ids: Seque
     day = np.asarray(day)
     ids = np.asarray(household_ids, dtype=object)
     uniq, hh = np.unique(ids.astype(str), return_inverse=True)
-    start = HouseholdState.empty(len(uniq))
-    for i, h in enumerate(uniq):
-        if state and h in state:
-            start.put([i], state[h])
+    start = HouseholdState.starting(uniq.tolist(), state)
     pairs = hh.astype(np.int64) * (int(day.max(initial=0)) - int(day.min(initial=0)) + 1) + (
         day - day.min(initial=0))
     assert len(np.unique(pairs)) == len(pairs), "a household twice on one day"
