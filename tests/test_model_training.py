@@ -11,8 +11,10 @@ from meterwatch.model import ModelConfig, SyntheticConfig, TrainConfig, generate
 from meterwatch.model.features import model_inputs
 from meterwatch.model.training import (
     _auto_batch_size,
+    calibration_days,
     fit_autoencoder,
     plot_history,
+    tail_quantile,
     trailing_levels,
 )
 
@@ -138,3 +140,25 @@ def test_fp16_resume_from_a_checkpoint_without_scaler_state() -> None:
     assert sc.loaded is None
     _load_scaler(sc, {"scale": 1024.0}, use_scaler=True)
     assert sc.loaded == {"scale": 1024.0}
+
+
+def test_calibration_days_leave_out_household_months_in_a_lasting_unusual_state() -> None:
+    # 40 households x 120 days of calm scores; household 3 spends its second month (days
+    # 30..59 of 1970) far above everyone: the threshold must not be set by that month
+    rng = np.random.default_rng(0)
+    hh = np.repeat(np.arange(40), 120)
+    day = np.tile(np.arange(120), 40)
+    score = rng.exponential(1.0, len(hh))
+    odd = (hh == 3) & (day >= 31) & (day < 59)
+    score[odd] += 8.0
+    usable = np.ones(len(hh), bool)
+    usable[5] = False
+    sel = calibration_days(score, hh, day, usable, 0.01)
+    assert 5 not in sel
+    assert not np.isin(np.flatnonzero(odd), sel).any()
+    # chance leaves out almost nothing else (a household-month of calm days needs four of
+    # its days in the top 1 % to be left out: probability 2e-4)
+    assert len(np.setdiff1d(np.flatnonzero(usable & ~odd), sel)) <= 31
+    far = (score[~odd] >= tail_quantile(score[sel], 0.01)).mean()
+    far_all = (score[~odd] >= tail_quantile(score[usable], 0.01)).mean()
+    assert 0.007 <= far <= 0.013 < 0.007 * 2 and far_all < 0.006
