@@ -194,6 +194,9 @@ def run_fold(data: Readings, tables: ContextTables, test_hh: Sequence[str],
         # the service's own history of every household it scores, up to the test period
         "history": FarCurve.fit(live_ms[hist], live_rule[hist]),
     }
+    if det.far_curve is not None:
+        # what a user gets with ``meterwatch run --target-far``: the checkpoint's own curve
+        curves = {"checkpoint": det.far_curve, **curves}
     is_test = data.day[rows] >= cfg.test_start
     t_rows = rows[is_test]
     t_state = before_state.take(np.flatnonzero(is_test))
