@@ -619,11 +619,12 @@ def train_detector(
         offsets[0] = np.inf  # first days: too few households to calibrate, abstain
     det.calibration.cold_offset = offsets
     # The checkpoint's calibration curve (false-alarm rate -> threshold, for
-    # ``--target-far``): every established household-day of the history with a model score,
-    # rule alerts counted as alerts under any threshold (as ``model.folds`` fits its
-    # "history" curve); fewer than 200 such days: every day with a model score.
+    # ``--target-far``): the days that set the threshold (``calibration_days``), rule
+    # alerts included and counted as alerts under any threshold; fewer than 200 such
+    # days: every day with a model score.
     finite = np.isfinite(scores.model_score)
-    curve_rows = np.flatnonzero(finite & established)
+    curve_rows = calibration_days(scores.model_score, hh, day, finite & established,
+                                  cfg.target_far)
     if len(curve_rows) < 200:
         curve_rows = np.flatnonzero(finite)
     with np.errstate(invalid="ignore"):
