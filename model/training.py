@@ -24,7 +24,9 @@
 7. Replay all days and set the threshold at the ``1 - target_far`` quantile of the held-out
    days' model scores (rule alerts excluded; ``tail_quantile``); then offset each
    cold-start bucket so that new households alert at that rate too (an upper confidence
-   bound over the unseen households).
+   bound over the unseen households). The calibration curve (``FarCurve``, false-alarm
+   rate -> threshold) is fitted on the established household-days and saved with the
+   checkpoint, so the service can take an alert budget at run time (``--target-far``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
+from meterwatch.model.calibration import FarCurve
 from meterwatch.model.detector import DayScores, Detector, ScoringConfig
 from meterwatch.model.features import ContextTables, ModelInputs, mask_context, model_inputs
 from meterwatch.model.network import ConditionalAutoencoder, ModelConfig
@@ -617,6 +620,22 @@ def train_detector(
     if len(offsets) and len(new_hh) < cfg.first_day_households and edges[:2] == [0, 1]:
         offsets[0] = np.inf  # first days: too few households to calibrate, abstain
     det.calibration.cold_offset = offsets
+    # The checkpoint's calibration curve (false-alarm rate -> threshold, for
+    # ``--target-far``): every established household-day of the history with a model score,
+    # rule alerts counted as alerts under any threshold (as ``model.folds`` fits its
+    # "history" curve); fewer than 200 such days: every day with a model score.
+    finite = np.isfinite(scores.model_score)
+    curve_rows = np.flatnonzero(finite & established)
+    if len(curve_rows) < 200:
+        curve_rows = np.flatnonzero(finite)
+    with np.errstate(invalid="ignore"):
+        rule = scores.score - scores.model_score >= cfg.scoring.rule_bonus / 2
+    if (~rule[curve_rows]).sum() >= 40:
+        det.far_curve = FarCurve.fit(scores.model_score[curve_rows], rule[curve_rows])
+    else:
+        log.warning("too few days (%d) for a calibration curve: this checkpoint cannot take "
+                    "a target false-alarm rate", len(curve_rows))
+        det.far_curve = None
     det.info = {
         "train_days": len(train_rows), "validation_days": len(val_rows),
         "calibration_days": len(cal_rows), "unseen_households": int(n_out),

@@ -18,6 +18,7 @@ from meterwatch.model import (
     generate,
     train_detector,
 )
+from meterwatch.model.detector import CheckpointError
 from meterwatch.model.inject import inject
 
 HISTORY_DAYS = 28
@@ -214,6 +215,7 @@ def test_alert_budget_from_the_calibration_curve(detector, data, tmp_path) -> No
     clean, _ = detector.replay(kwh, day, ids, data.tables)
     rule = clean.score - clean.model_score >= detector.scoring.rule_bonus / 2
     det = Detector.from_checkpoint(detector.checkpoint(), device="cpu")
+    det.far_curve = None  # a checkpoint from before the curve
     with pytest.raises(ValueError, match="no calibration curve"):
         det.set_target_far(0.01)
     det.far_curve = FarCurve.fit(clean.model_score, rule)
@@ -232,6 +234,32 @@ def test_alert_budget_from_the_calibration_curve(detector, data, tmp_path) -> No
     assert far[0] == pytest.approx(0.005, rel=0.05)
     with pytest.raises(ValueError, match="outside"):
         tight.set_target_far(0.9)
+
+
+def test_trained_checkpoint_carries_its_calibration_curve(detector, data, tmp_path) -> None:
+    """train_detector fits the curve (step 7); it survives save/load and sets budgets."""
+    curve = detector.far_curve
+    assert curve is not None and curve.n_days > 1000
+    assert "far_curve" in detector.checkpoint()
+    path = tmp_path / "trained.pt"
+    detector.save(path)
+    plain = Detector.load(path, device="cpu")
+    assert plain.threshold == pytest.approx(detector.threshold) and plain.target_far is None
+    np.testing.assert_allclose(plain.far_curve.score, curve.score)
+    budgets = {far: Detector.load(path, device="cpu", target_far=far).threshold
+               for far in (0.001, 0.005, 0.01, 0.05)}
+    assert budgets[0.001] > budgets[0.005] > budgets[0.01] > budgets[0.05]
+    # the training target (1 %) lands near the threshold training calibrated itself
+    assert budgets[0.01] == pytest.approx(detector.threshold, rel=0.5)
+    # on the history the curve was fitted on, each budget is held within x1.5
+    ids, day, kwh, _ = data.long(slice(0, HISTORY_DAYS))
+    clean, _ = detector.replay(kwh, day, ids, data.tables)
+    established = clean.state.count > 14
+    for far in (0.005, 0.01, 0.05):
+        rate = float((clean.score[established] >= budgets[far]).mean())
+        assert far / 1.5 <= rate <= far * 1.5, (far, rate)
+    with pytest.raises(CheckpointError, match="outside the calibrated range"):
+        Detector.load(path, device="cpu", target_far=0.5)
 
 
 def test_observe_recalibrates_from_recent_scores(detector, data) -> None:
