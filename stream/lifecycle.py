@@ -127,6 +127,7 @@ class ModelWatcher:
 
     def trigger(self) -> None:
         """Look now and take the file as it is (SIGHUP)."""
+        log.info("model reload requested: looking at %s now", self.path)
         self._now = True
         self._wake.set()
 

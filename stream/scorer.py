@@ -385,7 +385,11 @@ class _Worker:
         if det.far_curve is not None:
             scored.severity = severity_codes(det.severity(scored.score))
         if self.rolling and det.target_far is not None and len(day):
-            if det.observe_scores(day, scored.score, model_score):
+            # the window holds established households' days, as in the evaluation that
+            # measured it (model.folds: more than min_profile_days + 7 days of history
+            # after the day)
+            est = np.asarray(state["count"]) + 1 > det.scoring.min_profile_days + 7
+            if det.observe_scores(day[est], scored.score[est], model_score[est]):
                 log.info("%s: threshold %.4f -> %.4f for %.3g false alarms per normal "
                          "household-day (the last 28 days of live scores)", det.version,
                          threshold, det.threshold, det.target_far)
