@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -193,7 +194,7 @@ def test_model_swap_mid_stream_loses_and_doubles_nothing(broker, detector_path: 
     path = tmp_path / "model.pt"
     a = _variant(detector_path, path, "test-model-A")
     settings = unique_settings(broker)  # default settings: scorer process, 5 s polling
-    n_days = 8
+    n_days = 9
     data = generate(SyntheticConfig(n_households=N_HOUSEHOLDS, n_days=HISTORY_DAYS + n_days,
                                     anomaly_rate=0.0, seed=11))
     truth = inject_gross(data, range(HISTORY_DAYS + 4, HISTORY_DAYS + n_days))
@@ -227,7 +228,7 @@ def test_model_swap_mid_stream_loses_and_doubles_nothing(broker, detector_path: 
         _wait(lambda: scored() >= 3 * N_HOUSEHOLDS, what="day 3 scored by A")
         # B arrives while days are streaming
         with ThreadPoolExecutor(1) as pool:  # 4 days at 1,440 readings/s: about 4 s
-            job = pool.submit(produce, range(HISTORY_DAYS + 3, HISTORY_DAYS + n_days - 1),
+            job = pool.submit(produce, range(HISTORY_DAYS + 3, HISTORY_DAYS + n_days - 2),
                               N_HOUSEHOLDS * 48 * 1.0)
             time.sleep(1.5)
             b = _variant(detector_path, path, "test-model-B", scale=1.01)
@@ -235,7 +236,16 @@ def test_model_swap_mid_stream_loses_and_doubles_nothing(broker, detector_path: 
             job.result(120)
         _wait(lambda: metric(svc.port, "meterwatch_model_reloads_total") >= 1,
               what="B swapped in")
-        produce(range(HISTORY_DAYS + n_days - 1, HISTORY_DAYS + n_days))  # after the swap
+        produce(range(HISTORY_DAYS + n_days - 2, HISTORY_DAYS + n_days - 1))  # after it
+        _wait(lambda: scored() >= N_HOUSEHOLDS * (n_days - 1), what="the day after the swap")
+        # a scorer process that dies after the swap comes back with the new model
+        scorers = [c for c in psutil.Process(svc.proc.pid).children()
+                   if any("spawn_main" in part for part in c.cmdline())]
+        assert len(scorers) == 1, scorers
+        scorers[0].send_signal(signal.SIGKILL)
+        _wait(lambda: metric(svc.port, "meterwatch_scorer_restarts_total") >= 1
+              and svc.ready(), what="the scorer restarted")
+        produce(range(HISTORY_DAYS + n_days - 1, HISTORY_DAYS + n_days))
         total = N_HOUSEHOLDS * n_days
         _wait(lambda: scored() >= total, what="every day scored")
         scores = asyncio.run(read_topic(settings, settings.scores_topic, min_records=total))
@@ -255,14 +265,14 @@ def test_model_swap_mid_stream_loses_and_doubles_nothing(broker, detector_path: 
     assert len(scores) == total
     versions = {s["model_version"] for s in scores}
     assert versions == {a.version, b.version}, versions
-    last_day = max(s["date"] for s in scores)
+    dates = sorted({s["date"] for s in scores})
     by_household: dict[str, list[tuple[str, str]]] = {}
     for s in scores:
         by_household.setdefault(s["household_id"], []).append((s["date"], s["model_version"]))
-        if s["date"] <= sorted({x["date"] for x in scores})[2]:
+        if s["date"] <= dates[2]:
             assert s["model_version"] == a.version, s  # before B existed
-        if s["date"] == last_day:
-            assert s["model_version"] == b.version, s  # after the swap
+        if s["date"] >= dates[-2]:
+            assert s["model_version"] == b.version, s  # after the swap, and the restart
     for days in by_household.values():  # A, then B: never back
         seq = [v for _, v in sorted(days)]
         assert seq == sorted(seq, key=lambda v: v == b.version), seq
