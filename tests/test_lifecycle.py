@@ -159,6 +159,36 @@ async def test_scorer_threshold_follows_live_scores_only_when_rolling(
     assert set(STATE_FIELDS) == set(state)
 
 
+@pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
+async def test_scorer_swap_between_batches_and_refusal(detector_path: Path, tmp_path: Path,
+                                                       synthetic, process: bool  # type: ignore[no-untyped-def]
+                                                       ) -> None:
+    a = Detector.load(detector_path, device="cpu")
+    b = _variant(detector_path, tmp_path / "b.pt", "test-model-B", scale=1.01)
+    nan = _variant(detector_path, tmp_path / "nan.pt", "test-model-nan", nan=True)
+    scorer = Scorer(a, synthetic.tables, process=process)
+    await scorer.start()
+    n = len(synthetic.household_ids)
+    keys = np.arange(n, dtype=np.int64)
+
+    async def day(d: int, state: dict[str, np.ndarray]):  # type: ignore[no-untyped-def]
+        return await scorer.score(synthetic.kwh[:, d], np.full(n, synthetic.days[d], np.int32),
+                                  list(synthetic.household_ids), keys, state)
+
+    try:
+        first = await day(0, dict(vars(HouseholdState.empty(n))))
+        assert first.model_version == a.version
+        await scorer.swap(b)
+        second = await day(1, first.state)
+        assert second.model_version == b.version and scorer.detector is b
+        with pytest.raises(ModelRejected, match="non-finite"):
+            await scorer.swap(nan)
+        third = await day(2, second.state)
+        assert third.model_version == b.version and np.isfinite(third.score).all()
+    finally:
+        await scorer.stop()
+
+
 def test_run_help_describes_the_new_flags() -> None:
     out = meterwatch("run", "--help").stdout
     for flag in ("--target-far", "--calibration", "--model-poll-s", "--shadow-model-path"):
