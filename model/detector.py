@@ -403,15 +403,23 @@ class Detector:
         distributions move with the season: on unseen households a curve fixed in training
         missed a 1 % budget by x5 while the rolling one held it within x1.5
         (``benchmarks/evaluation/RESULTS.md``). Returns True when the threshold changed."""
+        return self.observe_scores(day, scores.score, scores.model_score, window_days)
+
+    def observe_scores(self, day: np.ndarray, score: np.ndarray, model_score: np.ndarray,
+                       window_days: int = 28) -> bool:
+        """``observe`` from the ``score`` and ``model_score`` arrays of scored days."""
         if self.target_far is None:
             return False
         if self.live is None:
             self.live = LiveCalibration(window_days=window_days)
         day = np.asarray(day)
-        ok = np.isfinite(scores.model_score)
-        rule = (scores.score - scores.model_score) >= self.scoring.rule_bonus / 2
+        score = np.asarray(score)
+        model_score = np.asarray(model_score)
+        ok = np.isfinite(model_score)
+        with np.errstate(invalid="ignore"):
+            rule = (score - model_score) >= self.scoring.rule_bonus / 2
         if ok.any():
-            self.live.add(day[ok], scores.model_score[ok], rule[ok])
+            self.live.add(day[ok], model_score[ok], rule[ok])
         newest = int(day.max()) if len(day) else None
         if newest is None or (self._live_day is not None and newest <= self._live_day):
             return False

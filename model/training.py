@@ -21,12 +21,14 @@
 6. Cold start: replay the unseen households as if the service met them first on each of
    their days (from an empty state; with all, some or none of the context), each fold of
    them against the prior of the other folds, and learn a tail map per bucket of day counts.
-7. Replay all days and set the threshold at the ``1 - target_far`` quantile of the held-out
-   days' model scores (rule alerts excluded; ``tail_quantile``); then offset each
-   cold-start bucket so that new households alert at that rate too (an upper confidence
-   bound over the unseen households). The calibration curve (``FarCurve``, false-alarm
-   rate -> threshold) is fitted on the established household-days and saved with the
-   checkpoint, so the service can take an alert budget at run time (``--target-far``).
+7. Replay all days and set the threshold at the ``1 - target_far`` quantile of the model
+   scores of every established household-day of the history, less household-months in a
+   lasting unusual state (``calibration_days``; rule alerts excluded; ``tail_quantile``);
+   then offset each cold-start bucket so that new households alert at that rate too (an
+   upper confidence bound over the unseen households). The calibration curve
+   (``FarCurve``, false-alarm rate -> threshold, ``budget_curve``) is fitted the same way
+   at every rate of its grid and saved with the checkpoint, so the service can take an
+   alert budget at run time (``--target-far``).
 """
 
 from __future__ import annotations
@@ -620,9 +622,9 @@ def train_detector(
         offsets[0] = np.inf  # first days: too few households to calibrate, abstain
     det.calibration.cold_offset = offsets
     # The checkpoint's calibration curve (false-alarm rate -> threshold, for
-    # ``--target-far``): at each rate of its grid, fitted on the days that would set the
-    # threshold for that rate (``calibration_days``), rule alerts included and counted as
-    # alerts under any threshold; fewer than 200 such days: every day with a model score.
+    # ``--target-far``): at each rate of its grid, fitted on the rule-free days that would
+    # set the threshold for that rate (``budget_curve``); fewer than 200 established days:
+    # every day with a model score.
     finite = np.isfinite(scores.model_score)
     with np.errstate(invalid="ignore"):
         rule = scores.score - scores.model_score >= cfg.scoring.rule_bonus / 2

@@ -7,7 +7,11 @@ An alert explains itself so that a subscriber can act on it:
   01:00-07:00 is the run of zero readings; ``model`` spans are its largest errors);
 * ``top_slots``: the half-hours that point at the fault (inside a data-quality rule's span
   when one fired, else the model's largest errors), observed vs expected kWh;
-* ``severity`` (``severity()``), ``created_at`` (UTC), ``model_version``;
+* ``severity``: from how rare the score is among normal household-days, relative to the
+  alert budget (``Detector.severity``: ``high`` at most a tenth of the budget's false-alarm
+  rate, ``medium`` at most a third, else ``low``; rule alerts ``high``); for a checkpoint
+  without a calibration curve, from score / threshold (``severity()``);
+* ``created_at`` (UTC), ``model_version`` (the model that scored the day);
 * kWh and scores rounded to 4 decimals; a one-sentence summary such as::
 
     MAC000002 on 2013-03-04 (high): 41.8 kWh used vs 8.3 kWh expected (5.0x); model
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from meterwatch.model.calibration import SEVERITIES
 from meterwatch.stream.assembler import COMPLETE, INCOMPLETE, STATUS_NAMES, ClosedDays, state_rows
 from meterwatch.stream.events import SCHEMA_VERSION
 from meterwatch.stream.scorer import Scored
@@ -145,10 +150,15 @@ def build_documents(days: ClosedDays, scored: Scored | None, seq: np.ndarray, *,
                     grid: TimeGrid, top_slots: int) -> list[Documents]:
     """One ``Documents`` per closed day; ``scored`` rows align with the non-incomplete days.
 
+    ``threshold`` and ``model_version`` are those of the model serving when no day was
+    scored (``scored`` None); otherwise ``scored`` says which scored it.
+
     A day whose documents cannot be built (anything unforeseen) does not stop the others:
     its day score has status ``failed`` with the ``error``, and a data-quality record of kind
     ``scoring_failed`` says why (``_failed``).
     """
+    if scored is not None and scored.model_version:  # what the scorer used
+        threshold, model_version = scored.threshold, scored.model_version
     out: list[Documents] = []
     j = 0  # row in scored
     gaps = np.isnan(days.kwh).any(axis=1).tolist()
@@ -273,7 +283,10 @@ def _alert(base: dict, days: ClosedDays, i: int, scored: Scored, j: int, thresho
     ratio = observed_total / expected_total if expected_total > 0 else float("inf")
     worst = int(top[0]) if len(top) else 0
     score = float(scored.score[j])
-    sev = severity(score, threshold)
+    if scored.severity is not None:  # from the calibration curve (Detector.severity)
+        sev = SEVERITIES[max(int(scored.severity[j]), 1) - 1]
+    else:  # a checkpoint without a curve
+        sev = severity(score, threshold)
     by_signal: dict[str, list[str]] = {}
     for w in where:
         by_signal.setdefault(w["signal"], []).append(f"{w['from']}-{w['to']}")

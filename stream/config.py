@@ -97,6 +97,21 @@ class Settings(BaseSettings):
     scorer: Literal["process", "thread"] = Field(
         "process", description="where the model runs: a scorer process (the event loop keeps "
         "its interpreter; ~2-4 s to start) or a worker thread of the service")
+    target_far: float | None = Field(
+        None, ge=1e-5, le=0.3,
+        description="alert budget: false alarms per normal household-day (0.005 = 1 in 200); "
+        "the threshold comes from the checkpoint's calibration curve; default: the "
+        "checkpoint's own threshold")
+    calibration: Literal["rolling", "fixed"] = Field(
+        "rolling", description="with --target-far: rolling = the threshold follows the last "
+        "28 days of live scores (held the budget within x1.5 on unseen households, "
+        "docs/serving.md), fixed = the checkpoint's curve only")
+    model_poll_s: float = Field(
+        5.0, ge=0, description="how often --model-path is checked for a new checkpoint, "
+        "swapped in without a restart (SIGHUP: at once); 0 = on SIGHUP only")
+    shadow_model_path: Path | None = Field(
+        None, description="a second checkpoint that scores every batch too, never published; "
+        "its agreement with the live model is in the meterwatch_shadow_* metrics")
     household_info: Path | None = Field(None, description="household info CSV (ACORN, tariff)")
     weather: Path | None = Field(None, description="daily weather CSV")
     holidays: Path | None = Field(None, description="bank holidays CSV")

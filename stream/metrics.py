@@ -82,6 +82,15 @@ class Metrics:
     paused_partitions: Gauge
     ready: Gauge
     model_info: Info
+    model_reloads: Counter
+    model_reload_failures: Counter
+    alert_threshold: Gauge
+    shadow_info: Info
+    shadow_days: Counter
+    shadow_alerts: Counter
+    shadow_agreement: Gauge
+    shadow_abs_diff: Gauge
+    shadow_rank_correlation: Gauge
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -156,7 +165,35 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         paused_partitions=gauge(
             "meterwatch_paused_partitions", "Input partitions paused by backpressure."),
         ready=gauge("meterwatch_ready", "1 when the service is ready (see /readyz)."),
-        model_info=Info("meterwatch_model", "The loaded model.", registry=reg),
+        model_info=Info("meterwatch_model", "The model serving (version, device, threshold, "
+                        "target_far, calibration).", registry=reg),
+        model_reloads=counter("meterwatch_model_reloads",
+                              "Checkpoints swapped in without a restart."),
+        model_reload_failures=counter(
+            "meterwatch_model_reload_failures",
+            "Candidate checkpoints refused (unloadable, incompatible, non-finite scores); "
+            "the old model kept serving."),
+        alert_threshold=gauge("meterwatch_alert_threshold",
+                              "Score threshold the latest batch was scored against."),
+        shadow_info=Info("meterwatch_shadow_model",
+                         "The shadow model (--shadow-model-path), when there is one.",
+                         registry=reg),
+        shadow_days=counter("meterwatch_shadow_days",
+                            "Household-days scored by the shadow model too."),
+        shadow_alerts=counter(
+            "meterwatch_shadow_alerts",
+            "Alerts of the live or the shadow model, by agreement (both, live_only, "
+            "shadow_only).", ("agreement",)),
+        shadow_agreement=gauge(
+            "meterwatch_shadow_alert_agreement_ratio",
+            "Alerts both models raised over alerts either raised, since start (1 while "
+            "neither alerted)."),
+        shadow_abs_diff=gauge(
+            "meterwatch_shadow_score_mean_abs_diff",
+            "Mean absolute difference of live and shadow scores, since start."),
+        shadow_rank_correlation=gauge(
+            "meterwatch_shadow_score_rank_correlation",
+            "Spearman rank correlation of live and shadow scores over the last 10,000 days."),
     )
     for reason in INVALID_REASONS:  # every reason has a series (0) before its first record
         m.invalid_readings.labels(reason)

@@ -34,6 +34,15 @@ every 0.2 s. When it has died, ``up`` turns false at once (``/readyz`` answers 5
 stops with exit status 1. A batch whose scoring was cut short by the death is scored again by
 the new process: scoring has no side effect until its results are published, so nothing is
 lost and nothing is scored twice.
+
+The alert budget and the model lifecycle live here too, because the worker owns the detector
+that decides ``is_alert``: each ``Scored`` says which threshold and ``model_version`` scored
+it and each alert's ``severity`` (``Detector.severity``, from the checkpoint's calibration
+curve); with ``rolling`` calibration the worker feeds each batch to ``Detector.observe_scores``
+(the threshold follows the last 28 days of live scores, for the budget given); ``swap``
+replaces the model between two batches after validating it on the worker's own device
+(``stream.lifecycle``); a shadow detector scores every batch too, its results only sent back
+for comparison.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -58,7 +68,9 @@ import psutil
 import torch
 
 from meterwatch.model import ContextTables, Detector, HouseholdState, torch_scoring
+from meterwatch.model.calibration import SEVERITIES
 from meterwatch.model.detector import DtypeName
+from meterwatch.stream.lifecycle import ModelRejected, validate
 from meterwatch.stream.timegrid import SLOTS
 
 log = logging.getLogger(__name__)
@@ -96,6 +108,22 @@ class Scored:
     state: dict[str, np.ndarray]  # household state after each day
     seconds: float  # wall time of the model calls
     memory_cap: int  # the batch cap after this call (lowered by CUDA out-of-memory splits)
+    threshold: float = math.nan  # the threshold these days were scored against
+    model_version: str = ""  # the model that scored them
+    #: uint8 per day: 0 no alert, k = ``SEVERITIES[k - 1]`` (``Detector.severity``, from the
+    #: calibration curve); None: the checkpoint has no curve (``stream.alerts.severity``)
+    severity: np.ndarray | None = None
+    shadow_score: np.ndarray | None = None  # the shadow model's scores (never published)
+    shadow_is_alert: np.ndarray | None = None
+    shadow_version: str = ""
+
+
+def severity_codes(names: np.ndarray) -> np.ndarray:
+    """``Detector.severity``'s strings as uint8 codes (0: no alert, k: SEVERITIES[k - 1])."""
+    out = np.zeros(len(names), np.uint8)
+    for k, name in enumerate(SEVERITIES, 1):
+        out[names == name] = k
+    return out
 
 
 def set_cpu_threads(n: int | None = None) -> None:
@@ -122,11 +150,17 @@ class Scorer:
                  torch_threads: int | None = None, process: bool = False,
                  device: str | None = None, dtype: DtypeName | None = None,
                  max_restarts: int = 3, restart_window_s: float = 300.0,
-                 on_change: Callable[[bool, bool], None] | None = None) -> None:
+                 on_change: Callable[[bool, bool], None] | None = None,
+                 rolling: bool = False, shadow: Detector | None = None) -> None:
         """``device``/``dtype`` (a process only): where the process puts its copy of the
         detector; default the detector's own. ``on_change(up, restarted)`` is called when
-        the scorer goes down or comes back (``restarted``: after a restart)."""
+        the scorer goes down or comes back (``restarted``: after a restart). ``rolling``:
+        the threshold follows the live scores (``Detector.observe_scores``; only with a
+        ``target_far`` set on the detector). ``shadow``: a second detector that scores every
+        batch too (``Scored.shadow_score``)."""
         self.detector = detector
+        self.rolling = rolling
+        self.shadow = shadow
         self.tables = tables
         self.process = process
         self.device = str(device or detector.device) if process else str(detector.device)
@@ -162,7 +196,9 @@ class Scorer:
             initializer=_init_process,
             initargs=(det.checkpoint(), self.device, self._dtype, self.tables,
                       self._torch_threads, os.getpid(),
-                      logging.getLogger().getEffectiveLevel()))
+                      logging.getLogger().getEffectiveLevel(), det.target_far, self.rolling,
+                      None if self.shadow is None else self.shadow.checkpoint(),
+                      None if self.shadow is None else self.shadow.target_far))
         self._executor = executor
         self.memory_cap, self.device, self._pid = await loop.run_in_executor(executor,
                                                                              _process_info)
@@ -217,7 +253,10 @@ class Scorer:
         else:
             if self.detector.device.type == "cpu":
                 set_cpu_threads(self._torch_threads)
-            self._worker = _Worker(self.detector, self.tables)
+            shadow = None if self.shadow is None else _Worker(self.shadow, self.tables,
+                                                              rolling=self.rolling)
+            self._worker = _Worker(self.detector, self.tables, rolling=self.rolling,
+                                   shadow=shadow)
             self._executor = ThreadPoolExecutor(max_workers=1,
                                                 thread_name_prefix="meterwatch-score")
             self.memory_cap = self._worker.memory_cap
@@ -244,6 +283,32 @@ class Scorer:
         if self._shm is not None:
             self._shm.close()
             self._shm = None
+
+    async def swap(self, detector: Detector) -> None:
+        """Serve ``detector`` from the next batch on. The worker takes one request at a
+        time, so this waits for the batch being scored; it validates the model again on
+        the worker's own device (``stream.lifecycle.validate``) before replacing the old
+        one. Raises ``ModelRejected`` (the old model keeps serving) when that fails."""
+        loop = asyncio.get_running_loop()
+        executor = self._executor
+        assert executor is not None, "scorer not started"
+        if self._worker is not None:
+            worker = self._worker
+
+            def swap_here() -> _Worker:
+                validate(detector, worker.detector, worker.tables)
+                return worker.with_detector(detector)
+
+            self._worker = await loop.run_in_executor(executor, swap_here)
+        else:
+            try:
+                await loop.run_in_executor(executor, _process_swap, detector.checkpoint(),
+                                           detector.target_far)
+            except BrokenProcessPool:
+                await self._restart()  # with the model that was serving
+                raise ModelRejected(f"{detector.version}: the scorer process died while "
+                                    "loading it") from None
+        self.detector = detector  # what a restarted scorer process loads
 
     async def score(self, kwh: np.ndarray, day: np.ndarray, household_ids: list[str],
                     keys: np.ndarray, state: dict[str, np.ndarray]) -> Scored:
@@ -285,9 +350,12 @@ class _Worker:
     """The detector's side of the scorer: waves, OOM splits, the batch cap."""
 
     def __init__(self, detector: Detector, tables: ContextTables | None,
-                 warm_up: bool = True) -> None:
+                 warm_up: bool = True, *, rolling: bool = False,
+                 shadow: _Worker | None = None) -> None:
         self.detector = detector
         self.tables = tables
+        self.rolling = rolling
+        self.shadow = shadow
         self.memory_cap = self._memory_cap()
         if warm_up and detector.torch_scoring:
             t0 = time.perf_counter()
@@ -303,13 +371,49 @@ class _Worker:
             free = psutil.virtual_memory().available
         return max(256, int(free * 0.5 // _BYTES_PER_DAY))
 
+    def with_detector(self, detector: Detector) -> _Worker:
+        """A worker for ``detector`` with this one's tables, calibration mode and shadow."""
+        return _Worker(detector, self.tables, rolling=self.rolling, shadow=self.shadow)
+
     def score(self, kwh: np.ndarray, day: np.ndarray, household_ids: list[str],
               keys: np.ndarray, state: dict[str, np.ndarray]) -> Scored:
+        det = self.detector
+        threshold = det.threshold
+        scored, model_score = self._score(kwh, day, household_ids, keys, state)
+        scored.threshold = threshold
+        scored.model_version = det.version
+        if det.far_curve is not None:
+            scored.severity = severity_codes(det.severity(scored.score))
+        if self.rolling and det.target_far is not None and len(day):
+            # the window holds established households' days, as in the evaluation that
+            # measured it (model.folds: more than min_profile_days + 7 days of history
+            # after the day)
+            est = np.asarray(state["count"]) + 1 > det.scoring.min_profile_days + 7
+            if det.observe_scores(day[est], scored.score[est], model_score[est]):
+                log.info("%s: threshold %.4f -> %.4f for %.3g false alarms per normal "
+                         "household-day (the last 28 days of live scores)", det.version,
+                         threshold, det.threshold, det.target_far)
+        if self.shadow is not None:
+            try:
+                sh = self.shadow.score(kwh, day, household_ids, keys, state)
+            except Exception:  # the shadow never stops the live model
+                log.exception("the shadow model %s failed on a batch of %d days",
+                              self.shadow.detector.version, len(day))
+            else:
+                scored.shadow_score = sh.score
+                scored.shadow_is_alert = sh.is_alert
+                scored.shadow_version = sh.model_version
+        return scored
+
+    def _score(self, kwh: np.ndarray, day: np.ndarray, household_ids: list[str],
+               keys: np.ndarray, state: dict[str, np.ndarray]) -> tuple[Scored, np.ndarray]:
+        """The batch's ``Scored`` and its model scores (the score without rule bonuses)."""
         if torch_scoring.enabled(self.detector, len(day)):
             t0 = time.perf_counter()
             out, new = self._split(kwh, day, household_ids, keys, state)
             return Scored(out["score"], out["is_alert"], out["expected"], out["slot_error"],
-                          out["signals"], new, time.perf_counter() - t0, self.memory_cap)
+                          out["signals"], new, time.perf_counter() - t0,
+                          self.memory_cap), out["model_score"]
         return self._score_waves(kwh, day, household_ids, keys, state)
 
     def _split(self, kwh: np.ndarray, day: np.ndarray, ids: list[str], keys: np.ndarray,
@@ -358,7 +462,8 @@ class _Worker:
         return out, new
 
     def _score_waves(self, kwh: np.ndarray, day: np.ndarray, household_ids: list[str],
-                     keys: np.ndarray, state: dict[str, np.ndarray]) -> Scored:
+                     keys: np.ndarray, state: dict[str, np.ndarray]
+                     ) -> tuple[Scored, np.ndarray]:
         """The numpy reference path (``Detector.torch_scoring`` off): one call per wave."""
         t0 = time.perf_counter()
         n = len(day)
@@ -375,6 +480,7 @@ class _Worker:
         cur = {k: v.copy() for k, v in state.items()}
         out_state = {k: np.empty_like(v) for k, v in state.items()}
         score = np.empty(n, np.float32)
+        model_score = np.empty(n, np.float32)
         alert = np.empty(n, bool)
         expected = np.empty((n, SLOTS), np.float32)
         slot_err = np.empty((n, SLOTS), np.float32)
@@ -384,6 +490,7 @@ class _Worker:
             st = HouseholdState(**{k: cur[k][idx] for k in STATE_FIELDS})
             res = self._score_split(kwh[idx], day[idx], [household_ids[i] for i in idx], st)
             score[idx] = res.score
+            model_score[idx] = res.model_score
             alert[idx] = res.is_alert
             expected[idx] = res.expected
             slot_err[idx] = res.slot_error
@@ -395,7 +502,7 @@ class _Worker:
                 out_state[k][idx] = new
                 cur[k][follow[has]] = new[has]
         return Scored(score, alert, expected, slot_err, signals, out_state,
-                      time.perf_counter() - t0, self.memory_cap)
+                      time.perf_counter() - t0, self.memory_cap), model_score
 
     def _score_split(self, kwh: np.ndarray, day: np.ndarray, ids: list[str],
                      st: HouseholdState):
@@ -424,15 +531,42 @@ _PROCESS_WORKER: _Worker | None = None
 
 def _init_process(checkpoint: dict, device: str, dtype: DtypeName,
                   tables: ContextTables | None,
-                  torch_threads: int | None, parent: int, log_level: int) -> None:
+                  torch_threads: int | None, parent: int, log_level: int,
+                  target_far: float | None = None, rolling: bool = False,
+                  shadow_checkpoint: dict | None = None,
+                  shadow_target_far: float | None = None) -> None:
     global _PROCESS_WORKER
     _die_with(parent)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s "
                         "(scorer process): %(message)s")
     if device == "cpu" or not torch.cuda.is_available():
         set_cpu_threads(torch_threads)
-    detector = Detector.from_checkpoint(checkpoint, device=device, dtype=dtype)
-    _PROCESS_WORKER = _Worker(detector, tables)
+    detector = Detector.from_checkpoint(checkpoint, device=device, dtype=dtype,
+                                        target_far=target_far)
+    shadow = None
+    if shadow_checkpoint is not None:
+        shadow = _Worker(Detector.from_checkpoint(shadow_checkpoint, device=device, dtype=dtype,
+                                                  target_far=shadow_target_far),
+                         tables, rolling=rolling)
+    _PROCESS_WORKER = _Worker(detector, tables, rolling=rolling, shadow=shadow)
+
+
+def _process_swap(checkpoint: dict, target_far: float | None) -> str:
+    """``Scorer.swap`` in the scorer process: between two batches (one request at a time)."""
+    global _PROCESS_WORKER
+    old = _PROCESS_WORKER
+    assert old is not None
+    try:
+        det = Detector.from_checkpoint(checkpoint, device=old.detector.device,
+                                       dtype=old.detector.dtype_name, target_far=target_far)
+    except Exception as exc:
+        raise ModelRejected(f"{checkpoint.get('version')}: cannot be built on "
+                            f"{old.detector.device} ({type(exc).__name__}: "
+                            f"{str(exc)[:200]})") from None
+    validate(det, old.detector, old.tables)
+    _PROCESS_WORKER = old.with_detector(det)
+    log.info("now serving %s (was %s)", det.version, old.detector.version)
+    return det.version
 
 
 def _die_with(parent: int) -> None:

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import operator
 import signal
 import time
 from collections import deque
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,6 +53,7 @@ from meterwatch.stream.config import Settings
 from meterwatch.stream.errors import ConfigurationError, PartitionLost
 from meterwatch.stream.gctuning import GC as _GC
 from meterwatch.stream.http import HttpServer
+from meterwatch.stream.lifecycle import ModelWatcher, ShadowComparison, validate
 from meterwatch.stream.metrics import Metrics, create_metrics
 from meterwatch.stream.outputs import (
     OutputPublisher,
@@ -66,7 +69,7 @@ from meterwatch.stream.preflight import (
     check_topics,
 )
 from meterwatch.stream.recovery import recover
-from meterwatch.stream.scorer import STATE_FIELDS, Scorer, set_cpu_threads
+from meterwatch.stream.scorer import STATE_FIELDS, Scored, Scorer, set_cpu_threads
 from meterwatch.stream.source import Source
 from meterwatch.stream.timegrid import TimeGrid
 
@@ -86,6 +89,11 @@ class Service:
         self.detector = detector
         self.tables: ContextTables | None = None
         self.scorer: Scorer | None = None
+        self.shadow: Detector | None = None
+        self.shadow_comparison = ShadowComparison()
+        self.watcher: ModelWatcher | None = None
+        #: the threshold of the latest scored batch (for days scored by no model)
+        self._threshold: float | None = None
         self._gc_tuned = False
         self.batcher = DynamicBatcher(max_size=settings.batch_max_size,
                                       max_delay_s=settings.batch_max_delay_ms / 1000)
@@ -162,24 +170,24 @@ class Service:
                                          "train one with meterwatch train and pass its path")
             # with a scorer process, this copy only answers questions (threshold, version):
             # it stays on the CPU and the process puts its own on the device
-            model_path = s.model_path
-            self.detector = await loop.run_in_executor(None, lambda: Detector.load(
-                model_path, device="cpu" if in_process else s.device,
-                dtype=s.precision))
+            self.detector = await loop.run_in_executor(None, self._load, s.model_path)
+            self.watcher = ModelWatcher(s.model_path, s.model_poll_s, self._reload_model)
+        self._apply_budget(self.detector, "--target-far")
         if s.household_info or s.weather or s.holidays:
             self.tables = ContextTables.from_files(household_csv=s.household_info,
                                                    weather_csv=s.weather, holidays_csv=s.holidays)
+        if s.shadow_model_path is not None:
+            await self._load_shadow(s.shadow_model_path)
         assert self.detector is not None
         self.scorer = Scorer(self.detector, self.tables, torch_threads=s.torch_threads,
                              process=in_process, device=s.device, dtype=s.precision,
-                             on_change=self._scorer_changed)
+                             on_change=self._scorer_changed,
+                             rolling=s.calibration == "rolling", shadow=self.shadow)
         await self.scorer.start()
         self.batcher.cap = min(self.batcher.max_size, self.scorer.memory_cap)
         self.scorer.on_memory_cap = lambda cap: setattr(  # lowered by an out-of-memory split
             self.batcher, "cap", min(self.batcher.max_size, cap))
-        self.metrics.model_info.info({"version": self.detector.version,
-                                      "device": self.scorer.device,
-                                      "threshold": f"{self.detector.threshold:.6g}"})
+        self._model_info()
         await self._connect()
         if s.gc_gen0_threshold:
             _GC.acquire(s.gc_gen0_threshold)
@@ -190,8 +198,115 @@ class Service:
         if in_process:
             self._tasks.append(asyncio.create_task(self.scorer.supervise(),
                                                    name="meterwatch-scorer-supervisor"))
+        if self.watcher is not None:
+            self._tasks.append(asyncio.create_task(self.watcher.run(),
+                                                   name="meterwatch-model-watcher"))
         for t in self._tasks:
             t.add_done_callback(self._task_done)
+
+    # -- the model: budget, swap, shadow (stream.lifecycle) ----------------------------------
+    def _load(self, path: Path) -> Detector:
+        """A checkpoint as this service holds it: on the CPU with a scorer process (which
+        puts its own copy on the device), else on ``--device``; raises ``CheckpointError``."""
+        s = self.settings
+        return Detector.load(path, device="cpu" if s.scorer == "process" else s.device,
+                             dtype=s.precision)
+
+    def _apply_budget(self, det: Detector, flag: str) -> None:
+        """``--target-far`` on ``det``: raises ``ConfigurationError`` (exit status 2) for a
+        checkpoint without a calibration curve or a rate outside its range."""
+        far = self.settings.target_far
+        if far is None:
+            return
+        if det.far_curve is None:
+            raise ConfigurationError(
+                flag, f"the checkpoint {det.version} has no calibration curve, so it cannot "
+                f"take --target-far {far:g}", "retrain it with this version of meterwatch "
+                "train, or leave --target-far out (the checkpoint's own threshold)")
+        try:
+            det.set_target_far(far)
+        except ValueError as exc:
+            raise ConfigurationError(flag, str(exc).split(";")[0],
+                                     "choose a --target-far inside that range") from None
+
+    async def _load_shadow(self, path: Path) -> None:
+        flag = "--shadow-model-path"
+        loop = asyncio.get_running_loop()
+        try:
+            shadow = await loop.run_in_executor(None, self._load, path)
+            if self.settings.target_far is not None and shadow.far_curve is None:
+                log.warning("the shadow model %s has no calibration curve: it alerts at its "
+                            "own threshold, not at --target-far", shadow.version)
+            elif self.settings.target_far is not None:
+                self._apply_budget(shadow, flag)
+            await loop.run_in_executor(None, validate, shadow, self.detector, self.tables)
+        except (ValueError, OSError) as exc:  # CheckpointError, ModelRejected, ...
+            raise ConfigurationError(flag, str(exc).split(";")[0],
+                                     "give a checkpoint written by meterwatch train") from None
+        self.shadow = shadow
+        self.metrics.shadow_info.info({"version": shadow.version})
+        log.info("shadow model %s scores every batch too (never published)", shadow.version)
+
+    def _model_info(self) -> None:
+        assert self.detector is not None and self.scorer is not None
+        det = self.detector
+        self.metrics.model_info.info({
+            "version": det.version, "device": self.scorer.device,
+            "threshold": f"{det.threshold:.6g}",
+            "target_far": "" if det.target_far is None else f"{det.target_far:g}",
+            "calibration": self.settings.calibration if det.target_far is not None
+            else "checkpoint"})
+
+    def reload_model(self) -> None:
+        """Look at ``--model-path`` now (SIGHUP)."""
+        if self.watcher is not None:
+            self.watcher.trigger()
+
+    async def _reload_model(self, path: Path) -> bool:
+        """Validate the checkpoint at ``path`` and swap it in between two batches; refuse it
+        (log line, ``meterwatch_model_reload_failures_total``) if anything is wrong, the old
+        model serving on. Returns whether the model changed."""
+        assert self.scorer is not None and self.detector is not None
+        loop = asyncio.get_running_loop()
+        old = self.detector
+        try:
+            cand = await loop.run_in_executor(None, self._load, path)
+            self._apply_budget(cand, "--target-far")
+            if cand.version == old.version:
+                log.info("model reload: %s holds %s, already serving", path, cand.version)
+                return False
+            await loop.run_in_executor(None, validate, cand, old, self.tables)
+            async with self._process_lock:  # at a batch boundary: none is being scored
+                await self.scorer.swap(cand)
+        except Exception as exc:  # CheckpointError, ConfigurationError, ModelRejected, ...
+            self.metrics.model_reload_failures.inc()
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.error("model reload refused: %s; %s keeps serving", text, old.version)
+            return False
+        self.detector = cand
+        self.metrics.model_reloads.inc()
+        self._model_info()
+        log.info("model swapped without a restart: %s -> %s (threshold %.4f)", old.version,
+                 cand.version, cand.threshold)
+        return True
+
+    def _observe_scored(self, scored: Scored) -> None:
+        """Metrics of a scored batch: its threshold, and the shadow's agreement."""
+        m = self.metrics
+        self._threshold = scored.threshold
+        m.alert_threshold.set(scored.threshold)
+        if scored.shadow_score is None or scored.shadow_is_alert is None:
+            return
+        cmp = self.shadow_comparison
+        before = (cmp.both, cmp.live_only, cmp.shadow_only)
+        cmp.add(scored.score, scored.is_alert, scored.shadow_score, scored.shadow_is_alert)
+        m.shadow_days.inc(len(scored.score))
+        for label, b, a in zip(("both", "live_only", "shadow_only"), before,
+                               (cmp.both, cmp.live_only, cmp.shadow_only), strict=True):
+            m.shadow_alerts.labels(label).inc(a - b)
+        m.shadow_agreement.set(cmp.agreement)
+        m.shadow_abs_diff.set(cmp.mean_abs_diff)
+        m.shadow_rank_correlation.set(cmp.rank_correlation())
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         """A stage that dies takes the service down (loudly) rather than stalling it."""
@@ -332,6 +447,7 @@ class Service:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_model)  # docs/serving.md
         await self._stopping.wait()
         await self.stop()
 
@@ -483,6 +599,7 @@ class Service:
                 self.parts[p.partition].assembler.households.state_column(k)[d.household_index]
                 for p, d in zip(batch, scoreable, strict=True)]) for k in STATE_FIELDS}
             scored = await self.scorer.score(kwh, day, ids, keys, state)
+            self._observe_scored(scored)
             m.batch_size.observe(n)
             m.inferences.inc(n)
             m.executions.inc()
@@ -542,8 +659,9 @@ class Service:
                 households.state_column(k)[hi[last]] = part.state[k][last]
         # scored rows first (they align with ``part``), then the incomplete ones
         days = ClosedDays.concat([scoreable, p.days.select(p.days.status == INCOMPLETE)])
-        docs = build_documents(days, part, days.seq, threshold=self.detector.threshold,
-                               model_version=self.detector.version,
+        docs = build_documents(days, part, days.seq,
+                               threshold=self.detector.threshold if self._threshold is None
+                               else self._threshold, model_version=self.detector.version,
                                signal_names=SIGNAL_NAMES, grid=self.grid,
                                top_slots=s.top_slots)
         partition = p.partition
@@ -658,13 +776,12 @@ class Service:
 
 
 
-def _slice_scored(scored, sl: slice):
-    from meterwatch.stream.scorer import Scored
-
-    return Scored(scored.score[sl], scored.is_alert[sl], scored.expected[sl],
-                  scored.slot_error[sl], scored.signals[sl],
-                  {k: v[sl] for k, v in scored.state.items()}, scored.seconds,
-                  scored.memory_cap)
+def _slice_scored(scored: Scored, sl: slice) -> Scored:
+    """Rows ``sl`` of a batch's ``Scored`` (per-day arrays sliced, the rest kept)."""
+    rows: dict[str, Any] = {f.name: v[sl] for f in dataclasses.fields(scored)
+                            if isinstance(v := getattr(scored, f.name), np.ndarray)}
+    return dataclasses.replace(scored, **rows,
+                               state={k: v[sl] for k, v in scored.state.items()})
 
 
 async def run_service(settings: Settings) -> int:

@@ -1,0 +1,232 @@
+"""Model lifecycle: swapping the checkpoint of a running service, and shadow scoring.
+
+**Swap without a restart.** ``ModelWatcher`` watches ``--model-path``: every
+``--model-poll-s`` seconds (default 5) it compares the file's modification time, size and
+inode with the checkpoint being served, and ``SIGHUP`` makes it look at once. A changed file
+is taken only once it has stayed the same for one more look (a checkpoint copied in place
+with ``cp`` is not read half-written; ``meterwatch train --out`` writes a temporary file and
+renames it, which is atomic). The candidate is then validated (``validate``) before anything
+changes:
+
+1. it loads (``Detector.load``: format, feature names, weights) and, with ``--target-far``,
+   has a calibration curve that covers the budget;
+2. it has the same input contract as this code and the model being served (48 half-hours, the
+   same context features and signals);
+3. its network reconstructs, and it scores, a small synthetic history (8 households x 6
+   days, ``model.synthetic``) to finite values on the CPU, and again on the scorer's own
+   device inside the scorer (``stream.scorer.Scorer.swap``).
+
+A candidate that fails any step is refused: one log line with the reason,
+``meterwatch_model_reload_failures_total`` counts it, and the old model keeps serving (the
+same file is not tried again until it changes). An accepted one replaces the model in the
+scorer between two batches (the scorer takes one request at a time, so the swap waits for
+the batch being scored and the next batch is the new model's): no day is lost or scored
+twice, and every day score and alert carries the ``model_version`` that scored it. The
+household state carries over (the new model continues each household's statistics); with
+``--calibration rolling`` the new model's live window starts empty (its checkpoint's curve
+stands until it has 500 household-days).
+
+**Shadow mode.** With ``--shadow-model-path`` the scorer also scores every batch with a
+second model, from the same household state as the live one (the state it would inherit if
+it were swapped in), and sends its scores and alert decisions back; they are never
+published. ``ShadowComparison`` turns them into agreement metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from meterwatch.model import ContextTables, Detector, SyntheticConfig, generate
+from meterwatch.model.features import FEATURE_NAMES, N_SLOTS, model_inputs
+
+log = logging.getLogger(__name__)
+
+#: The synthetic history a candidate model must score to finite values.
+VALIDATION_HOUSEHOLDS = 8
+VALIDATION_DAYS = 6
+
+
+class ModelRejected(ValueError):
+    """A candidate checkpoint that must not serve; the message says why (one line)."""
+
+
+def validate(det: Detector, current: Detector | None = None,
+             tables: ContextTables | None = None) -> None:
+    """Raise ``ModelRejected`` unless ``det`` can take over from ``current`` (steps 2-3 of
+    the module docstring; step 1 is loading it)."""
+    cfg = det.config
+    if cfg.n_slots != N_SLOTS or cfg.n_context != len(FEATURE_NAMES):
+        raise ModelRejected(f"{det.version}: input contract {cfg.n_slots} readings + "
+                            f"{cfg.n_context} context features, this code feeds {N_SLOTS} + "
+                            f"{len(FEATURE_NAMES)}")
+    if current is not None and (current.config.n_slots, current.config.n_context) != (
+            cfg.n_slots, cfg.n_context):
+        raise ModelRejected(f"{det.version}: input contract differs from the model serving "
+                            f"({current.version})")
+    data = generate(SyntheticConfig(n_households=VALIDATION_HOUSEHOLDS,
+                                    n_days=VALIDATION_DAYS, anomaly_rate=0.0, seed=7))
+    ids, day, kwh, _ = data.long(slice(0, VALIDATION_DAYS))
+    try:
+        scores, _ = det.replay(kwh, day, ids, tables)
+    except Exception as exc:  # a broken network, a mismatched state dict, anything
+        raise ModelRejected(f"{det.version}: scoring a synthetic batch failed "
+                            f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+    # the network itself (scoring would hide a NaN reconstruction behind its own guards)
+    inp = model_inputs(kwh, day, ids, np.full(len(day), np.nan, np.float32), tables,
+                       det.scoring.max_kwh)
+    recon = det.reconstruct(inp.x_shape if cfg.shape_input else inp.x, inp.context)
+    if not np.isfinite(recon).all():
+        raise ModelRejected(f"{det.version}: the network reconstructs synthetic days to "
+                            "non-finite values")
+    bad = ~np.isfinite(scores.score) | ~np.isfinite(scores.model_score)
+    if bad.any():
+        raise ModelRejected(f"{det.version}: {int(bad.sum())} of {len(bad)} synthetic "
+                            "household-days scored to non-finite values")
+    if not np.isfinite(det.threshold):
+        raise ModelRejected(f"{det.version}: threshold {det.threshold} is not finite")
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """What identifies one version of a file: a different stamp is a different file."""
+
+    mtime_ns: int
+    size: int
+    inode: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileStamp | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return cls(st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class ModelWatcher:
+    """Notices a new checkpoint at ``path`` (polling every ``poll_s``, or at once on
+    ``trigger()``, which the service calls on SIGHUP) and hands it to ``reload``."""
+
+    def __init__(self, path: Path, poll_s: float,
+                 reload: Callable[[Path], Awaitable[bool]]) -> None:
+        self.path = Path(path)
+        self.poll_s = poll_s
+        self._reload = reload
+        self.current = FileStamp.of(self.path)  # the file being served
+        self._seen: FileStamp | None = self.current  # the last stamp looked at
+        self._wake = asyncio.Event()
+        self._now = False
+
+    def trigger(self) -> None:
+        """Look now and take the file as it is (SIGHUP)."""
+        log.info("model reload requested: looking at %s now", self.path)
+        self._now = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Until cancelled."""
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(),
+                                       self.poll_s if self.poll_s > 0 else None)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            now, self._now = self._now, False
+            await self.check(now)
+
+    async def check(self, now: bool = False) -> None:
+        stamp = FileStamp.of(self.path)
+        if stamp is None:
+            if now:
+                log.warning("model reload: %s does not exist; the current model keeps "
+                            "serving", self.path)
+            return
+        if stamp == self.current and not now:
+            return
+        stable = stamp == self._seen
+        self._seen = stamp
+        if not (stable or now):
+            return  # changed since the last look: wait until it stays the same
+        self.current = stamp  # tried once per version of the file, taken or refused
+        await self._reload(self.path)
+
+
+class ShadowComparison:
+    """Agreement of the shadow model with the live one, over every day both scored.
+
+    ``add`` per batch with both models' scores and alert decisions; the totals go to the
+    metrics (``stream.metrics``): alerts by both / only live / only shadow, their agreement
+    ratio (alerts both raised over alerts either raised; 1 while neither has alerted), the
+    mean absolute score difference, and the Spearman rank correlation of the scores over the
+    last ``window`` days."""
+
+    def __init__(self, window: int = 10_000) -> None:
+        self.days = 0
+        self.both = 0
+        self.live_only = 0
+        self.shadow_only = 0
+        self.abs_diff_sum = 0.0
+        self.finite_days = 0
+        self._live: deque[np.ndarray] = deque()
+        self._shadow: deque[np.ndarray] = deque()
+        self._held = 0
+        self.window = window
+
+    def add(self, live_score: np.ndarray, live_alert: np.ndarray, shadow_score: np.ndarray,
+            shadow_alert: np.ndarray) -> None:
+        ls = np.asarray(live_score, np.float64)
+        ss = np.asarray(shadow_score, np.float64)
+        la = np.asarray(live_alert, bool)
+        sa = np.asarray(shadow_alert, bool)
+        self.days += len(ls)
+        self.both += int((la & sa).sum())
+        self.live_only += int((la & ~sa).sum())
+        self.shadow_only += int((~la & sa).sum())
+        ok = np.isfinite(ls) & np.isfinite(ss)
+        self.abs_diff_sum += float(np.abs(ls[ok] - ss[ok]).sum())
+        self.finite_days += int(ok.sum())
+        self._live.append(ls[ok])
+        self._shadow.append(ss[ok])
+        self._held += int(ok.sum())
+        while self._held - len(self._live[0]) >= self.window:
+            self._held -= len(self._live.popleft())
+            self._shadow.popleft()
+
+    @property
+    def agreement(self) -> float:
+        either = self.both + self.live_only + self.shadow_only
+        return self.both / either if either else 1.0
+
+    @property
+    def mean_abs_diff(self) -> float:
+        return self.abs_diff_sum / self.finite_days if self.finite_days else 0.0
+
+    def rank_correlation(self) -> float:
+        """Spearman's rho of live and shadow scores over the recent window (NaN below 3)."""
+        if self._held < 3:
+            return float("nan")
+        a = np.concatenate(list(self._live))[-self.window:]
+        b = np.concatenate(list(self._shadow))[-self.window:]
+        ra, rb = _ranks(a), _ranks(b)
+        if ra.std() == 0 or rb.std() == 0:
+            return float("nan")
+        return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties averaged (Spearman)."""
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x), np.float64)
+    r[order] = np.arange(len(x), dtype=np.float64)
+    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=r)
+    return sums[inv] / counts[inv]

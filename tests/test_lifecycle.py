@@ -1,0 +1,373 @@
+"""Model lifecycle and the alert budget at run time (docs/serving.md).
+
+Unit parts: the candidate validation, the file watcher, the shadow comparison, the scorer's
+rolling threshold. Stream parts, through ``meterwatch run`` (a subprocess, default settings
+but for the setting under test) and the real broker: a model swapped mid-stream with every
+day scored exactly once and labelled with the version that scored it, broken checkpoints
+refused without loss, ``--target-far`` reaching the scorer process, shadow scoring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from meterwatch.model import Detector, HouseholdState, SyntheticConfig, generate
+from meterwatch.model.calibration import SEVERITIES
+from meterwatch.stream.lifecycle import ModelRejected, ModelWatcher, ShadowComparison, validate
+from meterwatch.stream.scorer import STATE_FIELDS, Scorer
+from meterwatch.stream.simulate import produce_synthetic
+from meterwatch.stream.testing import ServiceProcess
+from tests.cli_helpers import clean_env, meterwatch
+from tests.conftest import (
+    HISTORY_DAYS,
+    assert_unique,
+    inject_gross,
+    metric,
+    read_topic,
+    unique_settings,
+)
+
+N_HOUSEHOLDS = 30
+
+
+def _variant(src: Path, dst: Path, version: str, scale: float = 1.0,
+             nan: bool = False) -> Detector:
+    """A copy of the checkpoint at ``src`` under another version (weights scaled, or NaN),
+    written atomically to ``dst`` (as ``meterwatch train --out`` does)."""
+    det = Detector.load(src, device="cpu")
+    with torch.no_grad():
+        for p in det.model.parameters():
+            p.fill_(math.nan) if nan else p.mul_(scale)
+    det.version = version
+    det.save(dst)
+    return det
+
+
+def _wait(cond, timeout_s: float = 60.0, what: str = "") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"not within {timeout_s:.0f} s: {what}")
+
+
+# --------------------------------------------------------------------------- unit parts
+
+
+def test_validate_accepts_a_model_and_refuses_non_finite_ones(detector_path: Path,
+                                                               tmp_path: Path) -> None:
+    good = Detector.load(detector_path, device="cpu")
+    validate(good)
+    broken = _variant(detector_path, tmp_path / "nan.pt", "nan-weights", nan=True)
+    with pytest.raises(ModelRejected, match="non-finite"):
+        validate(broken, good)
+
+
+async def test_model_watcher_waits_for_a_stable_file_and_takes_sighup_at_once(
+        tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"v1")
+    seen: list[bytes] = []
+
+    async def reload(p: Path) -> bool:
+        seen.append(await asyncio.to_thread(p.read_bytes))
+        return True
+
+    w = ModelWatcher(path, 0.05, reload)
+    await w.check()
+    assert seen == []  # unchanged
+    tmp = tmp_path / "model.pt.tmp"
+    tmp.write_bytes(b"v2")
+    os.replace(tmp, path)
+    await w.check()
+    assert seen == []  # changed since the last look: waits one more
+    await w.check()
+    assert seen == [b"v2"]
+    await w.check()
+    assert seen == [b"v2"]  # each version of the file once
+    await w.check(now=True)  # SIGHUP: at once, even the same file
+    assert seen == [b"v2", b"v2"]
+    tmp.write_bytes(b"v3")
+    os.replace(tmp, path)
+    task = asyncio.create_task(w.run())
+    try:
+        for _ in range(100):
+            if seen[-1] == b"v3":
+                break
+            await asyncio.sleep(0.02)
+        assert seen[-1] == b"v3"
+    finally:
+        task.cancel()
+
+
+def test_shadow_comparison_counts_agreement() -> None:
+    cmp = ShadowComparison(window=4)
+    live = np.array([1.0, 5.0, 9.0, np.nan, 2.0])
+    cmp.add(live, live >= 5, live * 2, np.array([False, True, True, False, True]))
+    assert (cmp.both, cmp.live_only, cmp.shadow_only) == (2, 0, 1)
+    assert cmp.agreement == pytest.approx(2 / 3)
+    assert cmp.mean_abs_diff == pytest.approx((1 + 5 + 9 + 2) / 4)
+    assert cmp.rank_correlation() == pytest.approx(1.0)  # a monotone transform
+    cmp.add(np.array([1.0, 2.0, 3.0, 4.0]), np.zeros(4, bool), np.array([4.0, 3.0, 2.0, 1.0]),
+            np.zeros(4, bool))
+    assert cmp.rank_correlation() == pytest.approx(-1.0)  # only the last 4 days count
+    assert cmp.days == 9 and ShadowComparison().agreement == 1.0
+
+
+async def test_scorer_threshold_follows_live_scores_only_when_rolling(
+        detector_path: Path, synthetic) -> None:  # type: ignore[no-untyped-def]
+    """The budget reaches the worker that decides is_alert; rolling moves the threshold
+    once 500 household-days are in its window, fixed never does."""
+    thresholds: dict[str, set[float]] = {}
+    for mode in ("rolling", "fixed"):
+        det = Detector.load(detector_path, device="cpu")
+        det.set_target_far(0.05)
+        scorer = Scorer(det, synthetic.tables, process=False, rolling=mode == "rolling")
+        await scorer.start()
+        try:
+            n = len(synthetic.household_ids)
+            state = {k: v for k, v in vars(HouseholdState.empty(n)).items()}
+            keys = np.arange(n, dtype=np.int64)
+            seen = set()
+            for d in range(HISTORY_DAYS + 14):
+                scored = await scorer.score(
+                    synthetic.kwh[:, d], np.full(n, synthetic.days[d], np.int32),
+                    list(synthetic.household_ids), keys, state)
+                state = scored.state
+                seen.add(scored.threshold)
+                assert scored.model_version == det.version
+                assert scored.severity is not None
+                alert = scored.severity > 0
+                assert np.array_equal(alert, scored.is_alert)
+            thresholds[mode] = seen
+        finally:
+            await scorer.stop()
+    assert len(thresholds["fixed"]) == 1
+    assert len(thresholds["rolling"]) > 1
+    assert set(STATE_FIELDS) == set(state)
+
+
+@pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
+async def test_scorer_swap_between_batches_and_refusal(detector_path: Path, tmp_path: Path,
+                                                       synthetic, process: bool  # type: ignore[no-untyped-def]
+                                                       ) -> None:
+    a = Detector.load(detector_path, device="cpu")
+    b = _variant(detector_path, tmp_path / "b.pt", "test-model-B", scale=1.01)
+    nan = _variant(detector_path, tmp_path / "nan.pt", "test-model-nan", nan=True)
+    scorer = Scorer(a, synthetic.tables, process=process)
+    await scorer.start()
+    n = len(synthetic.household_ids)
+    keys = np.arange(n, dtype=np.int64)
+
+    async def day(d: int, state: dict[str, np.ndarray]):  # type: ignore[no-untyped-def]
+        return await scorer.score(synthetic.kwh[:, d], np.full(n, synthetic.days[d], np.int32),
+                                  list(synthetic.household_ids), keys, state)
+
+    try:
+        first = await day(0, dict(vars(HouseholdState.empty(n))))
+        assert first.model_version == a.version
+        await scorer.swap(b)
+        second = await day(1, first.state)
+        assert second.model_version == b.version and scorer.detector is b
+        with pytest.raises(ModelRejected, match="non-finite"):
+            await scorer.swap(nan)
+        third = await day(2, second.state)
+        assert third.model_version == b.version and np.isfinite(third.score).all()
+    finally:
+        await scorer.stop()
+
+
+def test_run_help_describes_the_new_flags() -> None:
+    out = meterwatch("run", "--help").stdout
+    for flag in ("--target-far", "--calibration", "--model-poll-s", "--shadow-model-path"):
+        assert flag in out, flag
+    assert "rolling" in out and "SIGHUP" in out
+
+
+def test_target_far_misconfigured_exits_2_with_one_line(detector_path: Path,
+                                                        tmp_path: Path) -> None:
+    out_of_range = meterwatch("run", "--model-path", str(detector_path), "--target-far", "0.5",
+                              "--metrics-port", "0")
+    assert out_of_range.returncode == 2
+    lines = out_of_range.stderr.strip().splitlines()
+    assert lines[-1].startswith("meterwatch: error: --target-far:"), lines
+    old = Detector.load(detector_path, device="cpu")
+    old.far_curve = None  # a checkpoint from before the curve
+    old.save(tmp_path / "old.pt")
+    no_curve = meterwatch("run", "--model-path", str(tmp_path / "old.pt"), "--target-far",
+                          "0.01", "--metrics-port", "0",
+                          env=clean_env(METERWATCH_BOOTSTRAP_SERVERS="127.0.0.1:1"))
+    assert no_curve.returncode == 2, no_curve.stderr[-2000:]
+    last = no_curve.stderr.strip().splitlines()[-1]
+    assert last.startswith("meterwatch: error: --target-far: the checkpoint"), last
+    assert "no calibration curve" in last and "Traceback" not in no_curve.stderr
+
+
+# --------------------------------------------------------------------------- in the stream
+
+
+@pytest.mark.integration
+def test_model_swap_mid_stream_loses_and_doubles_nothing(broker, detector_path: Path,
+                                                        tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    a = _variant(detector_path, path, "test-model-A")
+    settings = unique_settings(broker)  # default settings: scorer process, 5 s polling
+    n_days = 9
+    data = generate(SyntheticConfig(n_households=N_HOUSEHOLDS, n_days=HISTORY_DAYS + n_days,
+                                    anomaly_rate=0.0, seed=11))
+    truth = inject_gross(data, range(HISTORY_DAYS + 4, HISTORY_DAYS + n_days))
+    svc = ServiceProcess(settings, path, log_path=tmp_path / "service.log").start()
+
+    def produce(days: range, rate: float | None = None) -> None:
+        asyncio.run(produce_synthetic(settings.bootstrap_servers, settings.input_topic, data,
+                                      days=days, rate=rate))
+
+    def scored() -> float:
+        return metric(svc.port, "meterwatch_days_scored_total")
+
+    try:
+        svc.wait_ready()
+        assert svc.proc is not None
+        produce(range(HISTORY_DAYS, HISTORY_DAYS + 2))
+        _wait(lambda: scored() >= 2 * N_HOUSEHOLDS, what="the first two days scored")
+        # a truncated checkpoint, announced by SIGHUP: refused, A keeps serving
+        tmp = tmp_path / "partial.pt"
+        tmp.write_bytes(path.read_bytes()[:1000])
+        os.replace(tmp, path)
+        svc.proc.send_signal(signal.SIGHUP)
+        _wait(lambda: metric(svc.port, "meterwatch_model_reload_failures_total") >= 1,
+              what="the truncated checkpoint refused")
+        # a checkpoint that loads but scores NaN, noticed by polling: refused too
+        _variant(detector_path, path, "test-model-nan", nan=True)
+        _wait(lambda: metric(svc.port, "meterwatch_model_reload_failures_total") >= 2,
+              what="the NaN checkpoint refused")
+        assert metric(svc.port, "meterwatch_model_reloads_total") == 0
+        produce(range(HISTORY_DAYS + 2, HISTORY_DAYS + 3))
+        _wait(lambda: scored() >= 3 * N_HOUSEHOLDS, what="day 3 scored by A")
+        # B arrives while days are streaming
+        with ThreadPoolExecutor(1) as pool:  # 4 days at 1,440 readings/s: about 4 s
+            job = pool.submit(produce, range(HISTORY_DAYS + 3, HISTORY_DAYS + n_days - 2),
+                              N_HOUSEHOLDS * 48 * 1.0)
+            time.sleep(1.5)
+            b = _variant(detector_path, path, "test-model-B", scale=1.01)
+            svc.proc.send_signal(signal.SIGHUP)
+            job.result(120)
+        _wait(lambda: metric(svc.port, "meterwatch_model_reloads_total") >= 1,
+              what="B swapped in")
+        produce(range(HISTORY_DAYS + n_days - 2, HISTORY_DAYS + n_days - 1))  # after it
+        _wait(lambda: scored() >= N_HOUSEHOLDS * (n_days - 1), what="the day after the swap")
+        # a scorer process that dies after the swap comes back with the new model
+        scorers = [c for c in psutil.Process(svc.proc.pid).children()
+                   if any("spawn_main" in part for part in c.cmdline())]
+        assert len(scorers) == 1, scorers
+        scorers[0].send_signal(signal.SIGKILL)
+        _wait(lambda: metric(svc.port, "meterwatch_scorer_restarts_total") >= 1
+              and svc.ready(), what="the scorer restarted")
+        produce(range(HISTORY_DAYS + n_days - 1, HISTORY_DAYS + n_days))
+        total = N_HOUSEHOLDS * n_days
+        _wait(lambda: scored() >= total, what="every day scored")
+        scores = asyncio.run(read_topic(settings, settings.scores_topic, min_records=total))
+        alerts = asyncio.run(read_topic(settings, settings.alerts_topic,
+                                        min_records=len(truth)))
+        failures = metric(svc.port, "meterwatch_model_reload_failures_total")
+        info = _info(svc.port)
+        assert svc.terminate() == 0
+    finally:
+        if svc.proc is not None and svc.proc.poll() is None:
+            svc.kill()
+    log_text = (tmp_path / "service.log").read_text()
+    assert failures == 2 and "model reload refused" in log_text
+    assert 'version="test-model-B"' in info
+    # every day exactly once, labelled with the model that scored it
+    assert_unique([(s["household_id"], s["date"]) for s in scores])
+    assert len(scores) == total
+    versions = {s["model_version"] for s in scores}
+    assert versions == {a.version, b.version}, versions
+    dates = sorted({s["date"] for s in scores})
+    by_household: dict[str, list[tuple[str, str]]] = {}
+    for s in scores:
+        by_household.setdefault(s["household_id"], []).append((s["date"], s["model_version"]))
+        if s["date"] <= dates[2]:
+            assert s["model_version"] == a.version, s  # before B existed
+        if s["date"] >= dates[-2]:
+            assert s["model_version"] == b.version, s  # after the swap, and the restart
+    for days in by_household.values():  # A, then B: never back
+        seq = [v for _, v in sorted(days)]
+        assert seq == sorted(seq, key=lambda v: v == b.version), seq
+    # alerts carry the version of their day score and a severity from the curve
+    score_version = {(s["household_id"], s["date"]): s["model_version"] for s in scores}
+    assert set(truth) <= {(x["household_id"], x["date"]) for x in alerts}
+    for x in alerts:
+        assert x["model_version"] == score_version[(x["household_id"], x["date"])]
+        assert x["severity"] in SEVERITIES
+
+
+@pytest.mark.integration
+def test_target_far_and_shadow_scoring_in_the_scorer_process(broker, detector_path: Path,
+                                                             tmp_path: Path) -> None:
+    live = Detector.load(detector_path, device="cpu", target_far=0.05)
+    twin = _variant(detector_path, tmp_path / "twin.pt", "test-model-twin")
+    settings = unique_settings(broker, target_far=0.05, shadow_model_path=tmp_path / "twin.pt")
+    n_days = 3
+    data = generate(SyntheticConfig(n_households=N_HOUSEHOLDS, n_days=HISTORY_DAYS + n_days,
+                                    anomaly_rate=0.0, seed=11))
+    inject_gross(data, range(HISTORY_DAYS, HISTORY_DAYS + n_days))
+    svc = ServiceProcess(settings, detector_path, log_path=tmp_path / "service.log").start()
+    total = N_HOUSEHOLDS * n_days
+    try:
+        svc.wait_ready()
+        asyncio.run(produce_synthetic(settings.bootstrap_servers, settings.input_topic, data,
+                                      days=range(HISTORY_DAYS, HISTORY_DAYS + n_days)))
+        _wait(lambda: metric(svc.port, "meterwatch_shadow_days_total") >= total,
+              what="the shadow scored every day")
+        scores = asyncio.run(read_topic(settings, settings.scores_topic, min_records=total))
+        alerts = asyncio.run(read_topic(settings, settings.alerts_topic))
+        m = {name: metric(svc.port, name) for name in (
+            "meterwatch_shadow_alert_agreement_ratio", "meterwatch_shadow_score_mean_abs_diff",
+            "meterwatch_shadow_score_rank_correlation", "meterwatch_alert_threshold")}
+        both = metric(svc.port, "meterwatch_shadow_alerts_total", 'agreement="both"')
+        only = sum(metric(svc.port, "meterwatch_shadow_alerts_total", f'agreement="{k}"')
+                   for k in ("live_only", "shadow_only"))
+        assert svc.terminate() == 0
+    finally:
+        if svc.proc is not None and svc.proc.poll() is None:
+            svc.kill()
+    assert_unique([(s["household_id"], s["date"]) for s in scores])
+    assert len(scores) == total
+    # the shadow's results are never published: every record is the live model's
+    assert {s["model_version"] for s in scores} == {live.version} != {twin.version}
+    # the budget's threshold, computed in the scorer process, is on every record
+    assert live.threshold != pytest.approx(Detector.load(detector_path, device="cpu").threshold)
+    for s in scores:
+        assert s["threshold"] == pytest.approx(live.threshold, abs=1e-4)
+        if s["score"] is not None:
+            assert s["is_alert"] == (s["score"] >= s["threshold"]), s
+    assert m["meterwatch_alert_threshold"] == pytest.approx(live.threshold)
+    assert alerts and len(alerts) == sum(s["is_alert"] for s in scores)
+    expected = live.severity(np.array([x["score"] for x in alerts]))
+    assert [x["severity"] for x in alerts] == expected.tolist()
+    # a twin of the live model agrees exactly
+    assert both == len(alerts) and only == 0
+    assert m["meterwatch_shadow_alert_agreement_ratio"] == 1.0
+    assert m["meterwatch_shadow_score_mean_abs_diff"] == pytest.approx(0.0, abs=1e-6)
+    assert m["meterwatch_shadow_score_rank_correlation"] == pytest.approx(1.0)
+
+
+def _info(port: int) -> str:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return "\n".join(line for line in text.splitlines()
+                     if line.startswith("meterwatch_model_info"))
