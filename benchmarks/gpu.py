@@ -117,12 +117,10 @@ def environment(out: Path, device: str, child_env: dict[str, str]) -> dict[str, 
                            "cpu_count": os.cpu_count(), "started_utc": _utc()}
     smi = shutil.which("nvidia-smi")
     if smi:
-        r = subprocess.run([smi], capture_output=True, text=True, timeout=30)
-        (out / "nvidia-smi.txt").write_text(r.stdout + r.stderr)
-        q = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total,"
-                            "compute_cap", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=30)
-        env["nvidia_smi"] = q.stdout.strip() or q.stderr.strip()
+        full = _run([smi], 30)
+        (out / "nvidia-smi.txt").write_text(full)
+        env["nvidia_smi"] = _run([smi, "--query-gpu=name,driver_version,memory.total,"
+                                  "compute_cap", "--format=csv,noheader"], 30).strip()
     else:
         env["nvidia_smi"] = "nvidia-smi not found"
     probe = ("import json, torch, numpy; d = {'torch': torch.__version__, "
@@ -133,10 +131,12 @@ def environment(out: Path, device: str, child_env: dict[str, str]) -> dict[str, 
              "    d.update(gpu=p.name, gpu_memory_gib=p.total_memory / 2**30, "
              "bf16=torch.cuda.is_bf16_supported())\n"
              "print(json.dumps(d))")
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                       timeout=120, env=child_env)
     try:
+        r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                           timeout=120, env=child_env)
         env.update(json.loads(r.stdout.strip().splitlines()[-1]))
+    except subprocess.TimeoutExpired:
+        env["probe_error"] = "importing torch took more than 120 s"
     except (IndexError, json.JSONDecodeError):
         env["probe_error"] = r.stderr[-2000:]
     env["device"] = device
@@ -149,6 +149,15 @@ def environment(out: Path, device: str, child_env: dict[str, str]) -> dict[str, 
             env[f"{name}_free_gib"] = f"unknown: {exc}"
     (out / "env.json").write_text(json.dumps(env, indent=2))
     return env
+
+
+def _run(cmd: list[str], timeout: float) -> str:
+    """Output of a command that only reports (nvidia-smi); its failure is the output."""
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        return r.stdout + r.stderr
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{cmd[0]} failed: {exc}"
 
 
 def _utc() -> str:
