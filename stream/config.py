@@ -103,9 +103,10 @@ class Settings(BaseSettings):
         "the threshold comes from the checkpoint's calibration curve; default: the "
         "checkpoint's own threshold")
     calibration: Literal["rolling", "fixed"] = Field(
-        "rolling", description="with --target-far: rolling = the threshold follows the last "
-        "28 days of live scores (held the budget within x1.5 on unseen households, "
-        "docs/serving.md), fixed = the checkpoint's curve only")
+        "fixed", description="with --target-far: fixed = the checkpoint's curve (held the "
+        "budget within x1.5 on unseen households, docs/serving.md); rolling = the threshold "
+        "follows the last 28 days of live scores (for fleets that drift; anomalies in live "
+        "traffic raise it)")
     model_poll_s: float = Field(
         5.0, ge=0, description="how often --model-path is checked for a new checkpoint, "
         "swapped in without a restart (SIGHUP: at once); 0 = on SIGHUP only")
