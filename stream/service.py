@@ -659,9 +659,15 @@ class Service:
                 households.state_column(k)[hi[last]] = part.state[k][last]
         # scored rows first (they align with ``part``), then the incomplete ones
         days = ClosedDays.concat([scoreable, p.days.select(p.days.status == INCOMPLETE)])
-        docs = build_documents(days, part, days.seq,
-                               threshold=self.detector.threshold if self._threshold is None
-                               else self._threshold, model_version=self.detector.version,
+        # the model and threshold that scored these days (a swap lands between batches);
+        # days scored by no model (all incomplete) carry the latest
+        threshold = (part.threshold if part is not None and np.isfinite(part.threshold)
+                     else self._threshold if self._threshold is not None
+                     else self.detector.threshold)
+        version = part.model_version if part is not None and part.model_version \
+            else self.detector.version
+        docs = build_documents(days, part, days.seq, threshold=threshold,
+                               model_version=version,
                                signal_names=SIGNAL_NAMES, grid=self.grid,
                                top_slots=s.top_slots)
         partition = p.partition
