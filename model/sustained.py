@@ -177,6 +177,36 @@ class SustainedState:
         return out
 
 
+#: Prefix of the sustained state's columns in a store of many households (the stream's
+#: household table, the day score's ``state``): ``sustained_count``, ``sustained_mean`` ...
+COLUMN_PREFIX = "sustained_"
+
+
+def storage_columns(n: int) -> dict[str, np.ndarray]:
+    """The sustained state of ``n`` new households as named columns (``COLUMN_PREFIX``),
+    ``STATE_BYTES`` a household."""
+    fresh = SustainedState.empty(n)
+    return {COLUMN_PREFIX + f.name: getattr(fresh, f.name) for f in fields(SustainedState)}
+
+
+#: Bytes of one household's sustained state in a store (``storage_columns``).
+STATE_BYTES = sum(a.itemsize * int(np.prod(a.shape[1:])) for a in
+                  (getattr(SustainedState.empty(1), f.name) for f in fields(SustainedState)))
+
+
+def from_columns(columns: Mapping[str, np.ndarray], idx: np.ndarray) -> SustainedState:
+    """Rows ``idx`` of a store's columns (``storage_columns``) as a ``SustainedState``."""
+    return SustainedState(**{f.name: np.array(columns[COLUMN_PREFIX + f.name][idx])
+                             for f in fields(SustainedState)})
+
+
+def to_columns(state: SustainedState, columns: Mapping[str, np.ndarray], idx: np.ndarray
+               ) -> None:
+    """Write ``state`` into rows ``idx`` of a store's columns (in place)."""
+    for f in fields(SustainedState):
+        columns[COLUMN_PREFIX + f.name][idx] = getattr(state, f.name)
+
+
 @dataclass
 class SustainedResult:
     """What ``SustainedDetector.update`` found on N days (arrays of length N)."""

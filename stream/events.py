@@ -7,6 +7,7 @@ reading, and both answer to ``stream.validation``. ``tests/test_parse.py`` check
 
 from __future__ import annotations
 
+import datetime as _dt
 from datetime import date, datetime, timedelta, timezone
 from typing import Any, Literal
 
@@ -120,6 +121,38 @@ class Alert(BaseModel):
     summary: str = Field(description="one sentence a person can act on")
 
 
+class SustainedChange(BaseModel):
+    """A household whose behaviour changed and stayed changed (the alerts topic, told apart
+    from day alerts by ``type``): ``model.sustained``'s CUSUM over its recent days
+    (``stream.sustained``). ``date`` is the day it was detected on. At most one a household
+    per 28 days."""
+
+    model_config = _OUTPUT
+
+    schema_version: int = SCHEMA_VERSION
+    type: Literal["sustained_change"]
+    household_id: str
+    date: date  # the day the change was detected on
+    start_date: _dt.date = Field(description="estimated first day of the change")
+    days: int = Field(ge=1, description="days from start_date to date, both included")
+    statistic: Literal["total", "evening", "night_min", "zero_night"] = Field(
+        description="what changed most: total (daily use), evening (share of the day's use "
+                    "in 16:00-22:00), night_min (lowest reading 00:00-06:00), zero_night "
+                    "(share of zero readings 00:00-06:00)")
+    direction: Literal["up", "down"]
+    what: str = Field(description="the change in words")
+    shift: float = Field(description="estimated size, in the statistic's units (a log "
+                                     "ratio except for zero_night, a share)")
+    shift_sd: float = Field(description="the same in the household's standard deviations")
+    factor: float | None = Field(description="exp(shift): the new level over the old, for "
+                                             "the log statistics; null for zero_night")
+    changed: list[Literal["total", "evening", "night_min", "zero_night"]] = Field(
+        description="every statistic whose CUSUM passed its threshold that day")
+    created_at: datetime = Field(description="when the record was built (UTC)")
+    model_version: str = Field(description="the day model the service ran beside it")
+    summary: str = Field(description="one sentence a person can act on")
+
+
 class DayScore(BaseModel):
     """Exactly one per closed household-day (the scores topic); also the recovery ledger."""
 
@@ -143,6 +176,9 @@ class DayScore(BaseModel):
         description="household state after this day")
     alert: Alert | None = None
     error: str | None = Field(None, description="why the day failed (status failed only)")
+    sustained_change: SustainedChange | None = Field(
+        None, description="the sustained_change record this day raised (on the alerts "
+                          "topic too)")
 
 
 class DataQuality(BaseModel):
@@ -189,7 +225,7 @@ class DeadLetter(BaseModel):
 #: Output record classes by schema name (``stream/schemas/<name>.schema.json``).
 OUTPUT_RECORDS: dict[str, type[BaseModel]] = {
     "alert": Alert, "day_score": DayScore, "data_quality": DataQuality,
-    "dead_letter": DeadLetter}
+    "dead_letter": DeadLetter, "sustained_change": SustainedChange}
 
 
 def json_schema(name: str) -> dict[str, object]:
