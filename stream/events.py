@@ -122,10 +122,10 @@ class Alert(BaseModel):
 
 
 class SustainedChange(BaseModel):
-    """A household whose behaviour changed and stayed changed (the alerts topic, told apart
-    from day alerts by ``type``): ``model.sustained``'s CUSUM over its recent days
-    (``stream.sustained``). ``date`` is the day it was detected on. At most one a household
-    per 28 days."""
+    """A household whose use fell, or whose meter started reading zero at night, and stayed
+    so (the alerts topic, told apart from day alerts by ``type``): ``model.sustained``'s
+    CUSUMs over its recent days (``stream.sustained``). ``date`` is the day it was detected
+    on. At most one a household per 28 days."""
 
     model_config = _OUTPUT
 
@@ -135,11 +135,17 @@ class SustainedChange(BaseModel):
     date: date  # the day the change was detected on
     start_date: _dt.date = Field(description="estimated first day of the change")
     days: int = Field(ge=1, description="days from start_date to date, both included")
+    signature: Literal["evening_cut", "zeros_at_night", "scaled_down", "vacant"] = Field(
+        description="what the change looks like: evening_cut (the evening share fell), "
+                    "zeros_at_night (readings of exactly 0 at night), scaled_down (the daily "
+                    "total and the night base fell by about the same factor), vacant (only "
+                    "the base load is left: vacant, or away)")
     statistic: Literal["total", "evening", "night_min", "zero_night"] = Field(
-        description="what changed most: total (daily use), evening (share of the day's use "
-                    "in 16:00-22:00), night_min (lowest reading 00:00-06:00), zero_night "
+        description="the statistic the signature is measured by: total (daily use), "
+                    "evening (share of the day's use in 16:00-22:00), night_min (lowest "
+                    "reading 00:00-06:00), zero_night "
                     "(share of zero readings 00:00-06:00)")
-    direction: Literal["up", "down"]
+    direction: Literal["up", "down"] = Field(description="down, or up for zero_night")
     what: str = Field(description="the change in words")
     shift: float = Field(description="estimated size, in the statistic's units (a log "
                                      "ratio except for zero_night, a share)")
@@ -147,7 +153,7 @@ class SustainedChange(BaseModel):
     factor: float | None = Field(description="exp(shift): the new level over the old, for "
                                              "the log statistics; null for zero_night")
     changed: list[Literal["total", "evening", "night_min", "zero_night"]] = Field(
-        description="every statistic whose CUSUM passed its threshold that day")
+        description="every statistic whose CUSUM was past half its threshold that day")
     created_at: datetime = Field(description="when the record was built (UTC)")
     model_version: str = Field(description="the day model the service ran beside it")
     summary: str = Field(description="one sentence a person can act on")

@@ -60,8 +60,8 @@ def test_tracker_matches_the_detector_however_days_are_batched() -> None:
             for r, c in changes.items():
                 found[(int(rows_h[r]), int(rows_d[r]))] = c
             last = rows_d == d[-1]
-            np.testing.assert_array_equal(after["sustained_up"][last],
-                                          table.state["sustained_up"][rows_h[last]])
+            np.testing.assert_array_equal(after["sustained_cusum"][last],
+                                          table.state["sustained_cusum"][rows_h[last]])
         for h in range(n_h):
             np.testing.assert_allclose(table.state["sustained_mean"][hi[h]],
                                        ref[h].state.mean[0], rtol=1e-6)
@@ -71,7 +71,8 @@ def test_tracker_matches_the_detector_however_days_are_batched() -> None:
 
 
 def test_change_record_is_valid_and_named_by_its_day_score() -> None:
-    change = {"type": "sustained_change", "start_date": "2013-02-10", "statistic": "evening",
+    change = {"type": "sustained_change", "signature": "evening_cut",
+              "start_date": "2013-02-10", "statistic": "evening",
               "direction": "down", "what": "the evening peak (16:00-22:00) shrank",
               "shift": -0.81, "shift_sd": -4.1, "changed": ["evening"], "factor": 0.445}
     score: dict[str, Any] = {"household_id": "H1", "date": "2013-02-13"}
@@ -105,7 +106,7 @@ async def test_evening_cut_is_found_through_the_service_across_a_crash(
     assert first == [], first  # not yet: the CUSUM needs a few days
     building = next(s for s in scores if s["household_id"] == h0
                     and s["date"] == _iso(data.days[cut + 1]))
-    assert max(building["state"]["sustained_down"]) > 0  # the CUSUM is building up
+    assert max(building["state"]["sustained_cusum"]) > 0  # the CUSUM is building up
     proc.kill()
     t0 = time.monotonic()
     proc = ServiceProcess(settings, detector_path, log_path=log).start()
@@ -122,8 +123,8 @@ async def test_evening_cut_is_found_through_the_service_across_a_crash(
     assert "Traceback" not in log.read_text()
     # exactly one change, for the household that changed, with the right start date, found
     # within 7 days of it; its day score names it
-    assert [(c["household_id"], c["start_date"], c["statistic"], c["direction"])
-            for c in changes] == [(h0, cut_date, "evening", "down")], changes
+    assert [(c["household_id"], c["start_date"], c["signature"], c["direction"])
+            for c in changes] == [(h0, cut_date, "evening_cut", "down")], changes
     c = changes[0]
     SustainedChange.model_validate({k: v for k, v in c.items() if not k.startswith("_")})
     assert c["_key"] == h0 and 1 <= c["days"] <= 7, c
