@@ -23,7 +23,8 @@ capped at ``z_cap`` so that no single day can raise an alert. A CUSUM accumulate
 only when it matches a signature (``SIGNATURES``) and its estimated size (the mean
 deviation from the baseline over the run, uncapped) passes that signature's minimum:
 
-* ``evening_cut``: the evening share falls (a bypass of the evening load);
+* ``evening_cut``: the evening share falls, the daily total does not rise (a bypass of the
+  evening load);
 * ``zeros_at_night``: night-time readings of exactly zero appear (a meter fault, a bypass);
 * ``scaled_down``: the daily total and the night-time base fall together, by about the
   same factor, and the evening share stays (every reading scaled: a tampered meter);
@@ -35,7 +36,7 @@ crossed), the statistic, its direction and the size of the shift (in the statist
 and in z). After an alert the household learns its new regime from scratch (a new warm-up)
 and stays quiet for ``cooldown_days``.
 
-State per household: ``SustainedState``, 96 bytes of float32/int32/int16 arrays,
+State per household: ``SustainedState``, 100 bytes of float32/int32/int16 arrays,
 serialisable with ``to_doc``/``from_docs`` (and ``storage_columns`` for a store of many
 households). ``update`` is pure, like ``Detector.score``: it returns the new state and never
 modifies its inputs.
@@ -121,10 +122,13 @@ class SustainedConfig:
     # (log) fall, and by at most this much more (log units).
     scaled_night_share: float = 0.5
     scaled_tolerance: float = 0.3
-    # evening_cut: the daily total may have fallen by at most this (log units; a cut of the
-    # evening alone takes at most ~0.7 of the day; beyond, the whole day collapsed: a meter
-    # reading zero, reported by zeros_at_night).
+    # evening_cut: over the evening share's run, the daily total may have fallen by at most
+    # evening_total_max (log units; a cut of the evening alone takes at most ~0.7 of the
+    # day; beyond, the whole day collapsed: a meter reading zero, reported by
+    # zeros_at_night), and risen by at most -evening_total_min (a share that fell because
+    # the rest of the day rose, autumn's heating, is no cut).
     evening_total_max: float = 1.0
+    evening_total_min: float = -0.2
     # A day is in control (teaches the baseline) when its z towards the watched direction
     # is below this, on a statistic whose CUSUM is below h / 2 (``freeze``) or on any
     # statistic (not ``freeze``); its deviation is clipped at this many standard deviations.
@@ -166,6 +170,7 @@ class SustainedState:
     start: np.ndarray  # int32 (N, S): first day of the current run
     run_len: np.ndarray  # int16 (N, S): days in the current run (at most 32,767)
     run_sum: np.ndarray  # float32 (N, S): sum of the run's deviations from the baseline
+    evening_total: np.ndarray  # float32: sum of the daily total's fall over the evening run
     last_alert: np.ndarray  # int32: day of the household's last alert
 
     @classmethod
@@ -173,7 +178,7 @@ class SustainedState:
         z = np.zeros((n, N_SUSTAINED), np.float32)
         return cls(np.zeros(n, np.int32), z.copy(), z.copy(), z.copy(),
                    np.zeros((n, N_SUSTAINED), np.int32), np.zeros((n, N_SUSTAINED), np.int16),
-                   z.copy(), np.full(n, _NEVER, np.int32))
+                   z.copy(), np.zeros(n, np.float32), np.full(n, _NEVER, np.int32))
 
     def __len__(self) -> int:
         return len(self.count)
@@ -305,6 +310,11 @@ class SustainedDetector:
         dev_dir = np.where(ok[:, None], (f - s.mean) * DIRECTION, 0.0)  # not capped
         s.run_sum = np.where(a2, np.where(new > 0, np.where(started, 0.0, s.run_sum) + dev_dir,
                                           0.0), s.run_sum).astype(np.float32)
+        # the total's fall over the evening share's run (an evening cut is less use, not a
+        # share that fell because the rest of the day rose)
+        s.evening_total = np.where(armed, np.where(
+            new[:, _EVE] > 0, np.where(started[:, _EVE], 0.0, s.evening_total)
+            + dev_dir[:, _TOT], 0.0), s.evening_total).astype(np.float32)
         s.cusum = np.where(a2, new, s.cusum).astype(np.float32)
 
         # learn the baseline from in-control days only
@@ -333,8 +343,10 @@ class SustainedDetector:
         vacant = ((s.cusum[:, _TOT] > cfg.h_vacant) & armed & ~scaled
                   & (s.cusum[:, _NMIN] <= cfg.h / 2) & (tot >= min_size[3]))
         # an evening cut: less use in the evening, the rest of the day left as it was
+        eve_tot = s.evening_total / run[:, _EVE]
         evening = (over[:, _EVE] & (size[:, _EVE] >= min_size[0])
-                   & (tot <= cfg.evening_total_max) & (s.cusum[:, _ZERO] <= cfg.h / 2))
+                   & (eve_tot >= cfg.evening_total_min) & (eve_tot <= cfg.evening_total_max)
+                   & (s.cusum[:, _ZERO] <= cfg.h / 2))
         sig_hit = np.stack([evening,
                             over[:, _ZERO] & (size[:, _ZERO] >= min_size[1]),
                             scaled, vacant], axis=1)
@@ -355,6 +367,7 @@ class SustainedDetector:
         s.cusum[alert] = 0.0
         s.run_len[alert] = 0
         s.run_sum[alert] = 0.0
+        s.evening_total[alert] = 0.0
         s.last_alert = np.where(alert, day, s.last_alert).astype(np.int32)
         return SustainedResult(alert=alert, signature=signature, stat=stat,
                                start_day=np.where(alert, start, 0).astype(np.int32),
