@@ -10,7 +10,7 @@ Everything is columnar, with no Python object per household (1 M households cost
   its newest closed day and closed-day count (``seq``), and the model's running state
   (``model.state.STORAGE_DTYPES``: the time-of-day profile in float16, the rest float32),
   and the sustained-change detector's state (``model.sustained.storage_columns``, columns
-  ``sustained_*``, 136 bytes; ``stream.sustained``).
+  ``sustained_*``, 100 bytes; ``stream.sustained``).
 
 Days of a household close in date order (``stream.assembler``), so "closed" is one number
 per household: every day up to ``closed_max`` is closed (or will never be opened again).

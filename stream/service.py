@@ -95,7 +95,7 @@ class Service:
         self.source = Source(settings, on_revoked=self._on_revoked,
                              on_assigned=self._on_assigned)
         self.parts: dict[int, PartitionWork] = {}
-        self.sustained = SustainedTracker()  # sustained changes (stream.sustained)
+        self.sustained = SustainedTracker(registry=self.metrics.registry)  # stream.sustained
         self._process_lock = asyncio.Lock()
         self._publishing: asyncio.Task[None] | None = None  # the batch being published
         self._tasks: list[asyncio.Task[None]] = []

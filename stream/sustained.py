@@ -24,19 +24,23 @@ Where the state lives and how it survives (nothing here is new protocol):
 
 Readers of the alerts topic tell the two records apart by ``type``: ``sustained_change``
 records have it, day alerts do not.
+The counter ``meterwatch_sustained_changes_total{signature}`` counts the records built.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
 import numpy as np
+from prometheus_client import CollectorRegistry, Counter
 
 from meterwatch.model.sustained import (
     COLUMN_PREFIX,
+    SIGNATURES,
     SustainedDetector,
     SustainedState,
     from_columns,
@@ -45,6 +49,7 @@ from meterwatch.model.sustained import (
 from meterwatch.stream.events import SCHEMA_VERSION
 from meterwatch.stream.outputs import OutRecord, json_record
 
+log = logging.getLogger(__name__)
 _EPOCH = dt.date(1970, 1, 1)
 
 
@@ -52,8 +57,15 @@ class SustainedTracker:
     """Updates the sustained state of a household table for scored days; builds the
     ``sustained_change`` records (module docstring)."""
 
-    def __init__(self, detector: SustainedDetector | None = None) -> None:
+    def __init__(self, detector: SustainedDetector | None = None, *,
+                 registry: CollectorRegistry | None = None) -> None:
         self.detector = detector or SustainedDetector()
+        #: ``meterwatch_sustained_changes_total{signature}``: records published
+        self.changes = Counter("meterwatch_sustained_changes",
+                               "sustained_change records built, by signature", ["signature"],
+                               registry=registry)
+        for sig in SIGNATURES:
+            self.changes.labels(signature=sig)
 
     def update(self, columns: dict[str, np.ndarray], households: np.ndarray,
                kwh: np.ndarray, day: np.ndarray
@@ -63,7 +75,19 @@ class SustainedTracker:
         rows in date order. The columns are updated in place (each household ends at the
         state after its newest row). Returns the state after each row (columns named like
         the table's, for the day scores) and the changes raised, by row
-        (``SustainedResult.describe``)."""
+        (``SustainedResult.describe``). Should the update fail (a bug: nothing a valid
+        reading can cause), the batch's days keep their state and it is logged, rather
+        than the service stopping."""
+        try:
+            return self._update(columns, households, kwh, day)
+        except Exception:
+            log.exception("the sustained-change update of %d days failed; their sustained "
+                          "state is left as it was", len(day))
+            return {}, {}
+
+    def _update(self, columns: dict[str, np.ndarray], households: np.ndarray,
+                kwh: np.ndarray, day: np.ndarray
+                ) -> tuple[dict[str, np.ndarray], dict[int, dict[str, Any]]]:
         n = len(day)
         hi = np.asarray(households, np.int64)
         # wave w: every household's w-th row of the batch (a household's rows are in date
@@ -87,6 +111,7 @@ class SustainedTracker:
                 doc = res.describe(j)
                 assert doc is not None
                 changes[int(rows[j])] = doc
+                self.changes.labels(signature=doc["signature"]).inc()
         return after, changes
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from meterwatch.model import SyntheticConfig, generate
 from meterwatch.model.inject import persistent_change
@@ -23,7 +24,7 @@ from meterwatch.stream.events import DayScore, SustainedChange
 from meterwatch.stream.households import HouseholdTable
 from meterwatch.stream.simulate import produce_synthetic
 from meterwatch.stream.sustained import SustainedTracker, change_records
-from tests.conftest import ServiceProcess, assert_unique, read_topic, unique_settings
+from tests.conftest import ServiceProcess, assert_unique, metric, read_topic, unique_settings
 
 _EPOCH = dt.date(1970, 1, 1)
 
@@ -48,6 +49,8 @@ def test_tracker_matches_the_detector_however_days_are_batched() -> None:
     ref = [SustainedDetector().replay(data.kwh[h], data.days)[0] for h in range(n_h)]
     assert ref[0].alert[40:47].any() and not ref[0].alert[:40].any()
     for chunk in (1, 7, n_d):
+        registry = CollectorRegistry()
+        tracker = SustainedTracker(registry=registry)
         table = HouseholdTable()
         hi = table.lookup(data.household_ids)
         found: dict[tuple[int, int], dict] = {}
@@ -55,7 +58,7 @@ def test_tracker_matches_the_detector_however_days_are_batched() -> None:
             d = np.arange(lo, min(n_d, lo + chunk))
             rows_h = np.repeat(hi, len(d))  # household-major: each one's days in order
             rows_d = np.tile(d, n_h)
-            after, changes = SustainedTracker().update(
+            after, changes = tracker.update(
                 table.state, rows_h, data.kwh[rows_h, rows_d], data.days[rows_d])
             for r, c in changes.items():
                 found[(int(rows_h[r]), int(rows_d[r]))] = c
@@ -68,6 +71,8 @@ def test_tracker_matches_the_detector_however_days_are_batched() -> None:
         expected = {(int(hi[h]), int(d)): ref[h].describe(int(d))
                     for h in range(n_h) for d in np.flatnonzero(ref[h].alert)}
         assert found == expected, chunk
+        assert registry.get_sample_value("meterwatch_sustained_changes_total",
+                                         {"signature": "evening_cut"}) == len(expected)
 
 
 def test_change_record_is_valid_and_named_by_its_day_score() -> None:
@@ -119,7 +124,10 @@ async def test_evening_cut_is_found_through_the_service_across_a_crash(
     assert_unique([(s["household_id"], s["date"]) for s in scores])
     changes = [a for a in await read_topic(settings, settings.alerts_topic)
                if a.get("type") == "sustained_change"]
+    counted = metric(proc.port, "meterwatch_sustained_changes_total",
+                     'signature="evening_cut"')
     assert proc.terminate() == 0
+    assert counted == 1.0  # built after the restart, by this incarnation
     assert "Traceback" not in log.read_text()
     # exactly one change, for the household that changed, with the right start date, found
     # within 7 days of it; its day score names it
@@ -134,3 +142,11 @@ async def test_evening_cut_is_found_through_the_service_across_a_crash(
     assert named["sustained_change"]["created_at"] == c["created_at"]
     print(f"sustained change found {c['days']} days after its start; the run after the "
           f"crash took {time.monotonic() - t0:.1f} s")
+
+
+def test_a_failing_update_leaves_the_state_and_does_not_raise() -> None:
+    """A bug in the update must not stop the service: the days keep their state."""
+    kwh = np.ones((2, 48), np.float32)
+    after, changes = SustainedTracker().update({}, np.array([0, 1]), kwh,
+                                               np.array([16000, 16000], np.int32))
+    assert (after, changes) == ({}, {})

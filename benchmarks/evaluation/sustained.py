@@ -10,7 +10,8 @@ target changes within 7 days; if none does, the fewest false alerts, then the mo
 detections), and every setting of the trade-off front on half A is measured on half B too;
 without it, the defaults of
 ``SustainedConfig`` are measured (they are the choice of the last search). Writes
-``sustained.json`` (every number, the grid included) and ``sustained.md`` (the tables) into
+``sustained.json`` (every number), ``sustained_grid.jsonl`` (with ``--search``: every setting
+tried on half A, one a line) and ``sustained.md`` (the tables) into
 ``--out`` (default ``benchmarks/evaluation/sustained``).
 
 Measured per half (``model.sustained.evaluate_sustained``): every household's whole year
@@ -180,7 +181,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out["summary"] = {k: summarise(v) for k, v in results.items()}
     out["seconds"] = time.monotonic() - t0
     args.out.mkdir(parents=True, exist_ok=True)
+    grid = out.pop("grid", None)
     (args.out / "sustained.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
+    if grid is not None:  # one setting a line
+        (args.out / "sustained_grid.jsonl").write_text(
+            "".join(json.dumps(r, default=str) + "\n" for r in grid))
     lines = ["# Sustained changes on real households: settings on half A, measured on half B",
              "", f"- date: {out['date']}", f"- machine: {out['machine']}",
              f"- data: {out['data']}", f"- half A: {', '.join(half_a)}",
