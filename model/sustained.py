@@ -26,8 +26,9 @@ deviation from the baseline over the run, uncapped) passes that signature's mini
 * ``evening_cut``: the evening share falls, the daily total does not rise (a bypass of the
   evening load);
 * ``zeros_at_night``: night-time readings of exactly zero appear (a meter fault, a bypass);
-* ``scaled_down``: the daily total and the night-time base fall together, by about the
-  same factor, and the evening share stays (every reading scaled: a tampered meter);
+* ``scaled_down``: the daily total and the night-time base fall together (their CUSUMs
+  add up), by about the same factor, and the evening share stays (every reading scaled: a
+  tampered meter);
 * ``vacant``: the daily total falls while the night base stays (only the base load is
   left); a holiday away looks exactly like it, so it needs a longer run (``h_vacant``).
 
@@ -122,6 +123,9 @@ class SustainedConfig:
     # (log) fall, and by at most this much more (log units).
     scaled_night_share: float = 0.5
     scaled_tolerance: float = 0.3
+    # scaled_down: alert when the total's and the night base's CUSUMs together pass
+    # scaled_joint x h (each past h / 3); 0: the total's alone past h, the night's past h / 2.
+    scaled_joint: float = 1.5
     # evening_cut: over the evening share's run, the daily total may have fallen by at most
     # evening_total_max (log units; a cut of the evening alone takes at most ~0.7 of the
     # day; beyond, the whole day collapsed: a meter reading zero, reported by
@@ -337,7 +341,13 @@ class SustainedDetector:
         min_size = np.asarray(cfg.min_size, np.float32)
         tot, nmin = size[:, _TOT], size[:, _NMIN]
         evening_quiet = s.cusum[:, _EVE] <= cfg.h / 2
-        scaled = (over[:, _TOT] & (s.cusum[:, _NMIN] > cfg.h / 2) & evening_quiet
+        # total and night base together: their CUSUMs add up (a noisy total or a small
+        # night base alone would not reach h within a week), each past h / 3
+        joint = ((s.cusum[:, _TOT] + s.cusum[:, _NMIN] > cfg.scaled_joint * cfg.h)
+                 & (s.cusum[:, _TOT] > cfg.h / 3) & (s.cusum[:, _NMIN] > cfg.h / 3) & armed
+                 if cfg.scaled_joint > 0
+                 else over[:, _TOT] & (s.cusum[:, _NMIN] > cfg.h / 2))
+        scaled = (joint & evening_quiet
                   & (nmin >= cfg.scaled_night_share * tot)
                   & (nmin <= tot + cfg.scaled_tolerance) & (tot >= min_size[2]))
         vacant = ((s.cusum[:, _TOT] > cfg.h_vacant) & armed & ~scaled

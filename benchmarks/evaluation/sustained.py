@@ -44,10 +44,12 @@ DATA = Path("/work/shared/data/lcl-2013-sample")
 TARGETS = ("evening_cut", "level_40", "night_zero", "vacancy")
 #: Settings tried on half A (``--search``): the signatures' minimum sizes (log ratios of
 #: the evening share / the daily total; the share of zero readings at night), the threshold
-#: of the vacant signature, the baseline's weight and the scaled-down tolerance.
+#: of the vacant signature, the scaled-down rule (tolerance, joint CUSUM), frozen baselines
+#: and the baseline's weight.
 GRID: list[dict[str, Any]] = [
     {"min_size": (ev, 0.0, sc, va), "h_vacant": hv, "scaled_tolerance": tol,
-     "freeze": (fr,) * 4, "alpha": al}
+     "scaled_joint": sj, "freeze": (fr,) * 4, "alpha": al}
+    for sj in (0.0, 1.5)
     for ev in (0.0, 0.6)
     for sc in (0.0, 0.5)
     for va in (0.0, 0.8, 1.0, 1.3)
