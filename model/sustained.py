@@ -1,10 +1,11 @@
-"""Sustained changes: a CUSUM over each household's recent days.
+"""Sustained changes: a one-sided CUSUM per statistic over each household's recent days.
 
 The day scorer (``model.detector``) asks "is this day unusual for this household?"; it
 learns each household's level as it goes, so a change that persists (a bypass that cuts the
 evening peak every day, a level that drops to 40 %, a meter that reads zero every night, a
 vacant house) is alerted on its first days at best and then becomes the new normal. This
-module asks the other question: "has this household's behaviour changed, and since when?"
+module asks the other question: "has this household's use dropped, or its meter started to
+fail, and since when?"
 
 Each complete day is reduced to four statistics (``SUSTAINED_STATS``):
 
@@ -13,18 +14,33 @@ Each complete day is reduced to four statistics (``SUSTAINED_STATS``):
 * ``night_min``: log of the smallest reading in 00:00-06:00 (+ 0.01);
 * ``zero_night``: the share of 00:00-06:00 half-hours that read exactly 0.
 
-Against each household's baseline (exponentially weighted mean and variance over about a
-month of in-control days, frozen while a change is building up) a day's statistic becomes a
-z-score, capped at ``z_cap`` so that no single day can raise an alert (at least
-``h / (z_cap - k)`` days must agree). Two one-sided CUSUMs per statistic accumulate
-``z - k`` (upward) and ``-z - k`` (downward); a sum past ``h`` raises a ``sustained_change``
-with the estimated start day (the first day of the run that crossed), the statistic, its
-direction and the size of the shift (in the statistic's units and in z). After an alert the
-household is re-baselined to its new regime and stays quiet for ``cooldown_days``.
+Each is watched in one direction only, the one that loses revenue or signals a fault
+(``DIRECTION``: the first three down, zeros at night up); a household using more is not a
+sustained change here. Against each household's baseline (exponentially weighted mean and
+variance over about two months of in-control days) a day's statistic becomes a z-score,
+capped at ``z_cap`` so that no single day can raise an alert. A CUSUM accumulates
+``z - k``; past ``h`` it is a candidate, and the candidate becomes a ``sustained_change``
+only when it matches a signature (``SIGNATURES``) and its estimated size (the mean
+deviation from the baseline over the run, uncapped) passes that signature's minimum:
 
-State per household: a handful of float32/int32 arrays (``SustainedState``), a few hundred
-bytes, serialisable with ``to_doc``/``from_docs`` for the state topic. ``update`` is pure,
-like ``Detector.score``: it returns the new state and never modifies its inputs.
+* ``evening_cut``: the evening share falls, the daily total does not rise (a bypass of the
+  evening load);
+* ``zeros_at_night``: night-time readings of exactly zero appear (a meter fault, a bypass);
+* ``scaled_down``: the daily total and the night-time base fall together (their CUSUMs
+  add up), by about the same factor, and the evening share stays (every reading scaled: a
+  tampered meter);
+* ``vacant``: the daily total falls while the night base stays (only the base load is
+  left); a holiday away looks exactly like it, so it needs a longer run (``h_vacant``).
+
+A record carries the signature, the estimated start day (the first day of the run that
+crossed), the statistic, its direction and the size of the shift (in the statistic's units
+and in z). After an alert the household learns its new regime from scratch (a new warm-up)
+and stays quiet for ``cooldown_days``.
+
+State per household: ``SustainedState``, 100 bytes of float32/int32/int16 arrays,
+serialisable with ``to_doc``/``from_docs`` (and ``storage_columns`` for a store of many
+households). ``update`` is pure, like ``Detector.score``: it returns the new state and never
+modifies its inputs.
 """
 
 from __future__ import annotations
@@ -39,16 +55,22 @@ import numpy as np
 
 SUSTAINED_STATS: tuple[str, ...] = ("total", "evening", "night_min", "zero_night")
 N_SUSTAINED = len(SUSTAINED_STATS)
+#: The direction each statistic is watched in (-1: a fall, +1: a rise).
+DIRECTION = np.array([-1.0, -1.0, -1.0, 1.0], np.float32)
+#: What a sustained change can be (``SustainedResult.describe``'s ``signature``).
+SIGNATURES: tuple[str, ...] = ("evening_cut", "zeros_at_night", "scaled_down", "vacant")
+_TOT, _EVE, _NMIN, _ZERO = range(N_SUSTAINED)
+# The statistic each signature is reported by.
+_SIGNATURE_STAT = (_EVE, _ZERO, _TOT, _TOT)
 _NIGHT = slice(0, 12)  # 00:00-06:00
 _EVENING = slice(32, 44)  # 16:00-22:00
 
-# What a change of each statistic means, for the alert text: (up, down).
+# What each signature means, for the alert text.
 _WHAT = {
-    "total": ("daily use rose", "daily use fell"),
-    "evening": ("a larger share of use in the evening (16:00-22:00)",
-                "the evening peak (16:00-22:00) shrank"),
-    "night_min": ("night-time base load rose", "night-time base load fell"),
-    "zero_night": ("more zero readings at night", "fewer zero readings at night"),
+    "evening_cut": "the evening peak (16:00-22:00) shrank",
+    "zeros_at_night": "zero readings at night (00:00-06:00)",
+    "scaled_down": "every reading fell by about the same factor",
+    "vacant": "only the base load is left (vacant, or away)",
 }
 
 
@@ -74,35 +96,49 @@ def day_features(kwh: np.ndarray, min_observed: int = 40) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SustainedConfig:
-    """CUSUM settings (see the module docstring); chosen on the 2013 sample
-    (``benchmarks/evaluation/RESULTS.md``)."""
+    """CUSUM settings (see the module docstring); chosen on half of the 2013 sample and
+    measured on the other half (``benchmarks/evaluation/sustained.py``, docs/sustained.md)."""
 
     # Allowance: a shift smaller than k standard deviations is not accumulated.
     k: float = 0.75
     # Decision threshold on a CUSUM (standard deviations x days).
     h: float = 8.0
+    # The same for the ``vacant`` signature (a holiday away looks the same for a while).
+    h_vacant: float = 8.0
     # Per-day z-scores are capped at this: one wild day adds at most z_cap - k.
     z_cap: float = 4.0
     # Days a household needs before it can alert (the baseline is learnt first).
     warmup_days: int = 21
-    # Weight of the newest in-control day in the baseline mean and variance (~a month).
+    # Weight of the newest in-control day in the baseline mean and variance.
     alpha: float = 1 / 28
     # Floors of each statistic's standard deviation (SUSTAINED_STATS order).
     min_std: tuple[float, ...] = (0.12, 0.12, 0.15, 0.08)
-    # The smallest change worth an alert, in each statistic's units: log 0.5 is a factor
-    # of 1.65 (or 0.61); seasons, weather and routines move households by less. Days
-    # within half of it of the baseline add nothing to the CUSUMs.
+    # Shifts (in each statistic's units) that are not worth accumulating: days within half
+    # of it of the baseline add nothing to the CUSUM.
     min_shift: tuple[float, ...] = (0.5, 0.5, 0.7, 0.4)
-    # A day is in control (teaches the baseline) when |z| < this on a statistic whose CUSUMs
-    # are both below h / 2.
+    # The smallest estimated size of a change that alerts, per signature (SIGNATURES order,
+    # in the units of the statistic it is reported by: log ratios, a share for zeros).
+    min_size: tuple[float, ...] = (0.6, 0.0, 0.5, 1.0)
+    # scaled_down: the night base must have fallen by at least this share of the total's
+    # (log) fall, and by at most this much more (log units).
+    scaled_night_share: float = 0.5
+    scaled_tolerance: float = 0.3
+    # scaled_down: alert when the total's and the night base's CUSUMs together pass
+    # scaled_joint x h (each past h / 3); 0: the total's alone past h, the night's past h / 2.
+    scaled_joint: float = 1.5
+    # evening_cut: over the evening share's run, the daily total may have fallen by at most
+    # evening_total_max (log units; a cut of the evening alone takes at most ~0.7 of the
+    # day; beyond, the whole day collapsed: a meter reading zero, reported by
+    # zeros_at_night), and risen by at most -evening_total_min (a share that fell because
+    # the rest of the day rose, autumn's heating, is no cut).
+    evening_total_max: float = 1.0
+    evening_total_min: float = -0.2
+    # A day is in control (teaches the baseline) when its z towards the watched direction
+    # is below this, on a statistic whose CUSUM is below h / 2 (``freeze``) or on any
+    # statistic (not ``freeze``); its deviation is clipped at this many standard deviations.
     learn_z: float = 3.0
     # Days without a new alert for the household after one.
     cooldown_days: int = 28
-    # Alert at h only on the signatures of tampering and meter faults (the evening peak
-    # cut, zeros at night, the whole day scaled down: total and night-time base down
-    # together); other changes (a holiday away keeps the night base) need h_other.
-    signatures: bool = True
-    h_other: float = 40.0
     # Statistics whose baseline stops learning while a change builds up (CUSUM past h / 2);
     # the others keep learning from days within learn_z (seasons move the daily total and
     # the night base slowly; a frozen baseline would turn that into a change).
@@ -110,16 +146,15 @@ class SustainedConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["min_std"] = list(self.min_std)
-        d["min_shift"] = list(self.min_shift)
-        d["freeze"] = list(self.freeze)
+        for key in ("min_std", "min_shift", "min_size", "freeze"):
+            d[key] = list(d[key])
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SustainedConfig:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
-        for key in ("min_std", "min_shift", "freeze"):
+        for key in ("min_std", "min_shift", "min_size", "freeze"):
             if key in kw:
                 kw[key] = tuple(kw[key])
         return cls(**kw)
@@ -135,20 +170,19 @@ class SustainedState:
     count: np.ndarray  # int32: days learnt
     mean: np.ndarray  # float32 (N, S): baseline mean of each statistic
     var: np.ndarray  # float32 (N, S): baseline variance
-    up: np.ndarray  # float32 (N, S): upward CUSUM
-    down: np.ndarray  # float32 (N, S): downward CUSUM
-    up_start: np.ndarray  # int32 (N, S): first day of the current upward run
-    down_start: np.ndarray  # int32 (N, S)
-    up_len: np.ndarray  # int32 (N, S): days in the current upward run
-    down_len: np.ndarray  # int32 (N, S)
+    cusum: np.ndarray  # float32 (N, S): one-sided CUSUM in the statistic's DIRECTION
+    start: np.ndarray  # int32 (N, S): first day of the current run
+    run_len: np.ndarray  # int16 (N, S): days in the current run (at most 32,767)
+    run_sum: np.ndarray  # float32 (N, S): sum of the run's deviations from the baseline
+    evening_total: np.ndarray  # float32: sum of the daily total's fall over the evening run
     last_alert: np.ndarray  # int32: day of the household's last alert
 
     @classmethod
     def empty(cls, n: int) -> SustainedState:
         z = np.zeros((n, N_SUSTAINED), np.float32)
-        zi = np.zeros((n, N_SUSTAINED), np.int32)
-        return cls(np.zeros(n, np.int32), z.copy(), z.copy(), z.copy(), z.copy(), zi.copy(),
-                   zi.copy(), zi.copy(), zi.copy(), np.full(n, _NEVER, np.int32))
+        return cls(np.zeros(n, np.int32), z.copy(), z.copy(), z.copy(),
+                   np.zeros((n, N_SUSTAINED), np.int32), np.zeros((n, N_SUSTAINED), np.int16),
+                   z.copy(), np.zeros(n, np.float32), np.full(n, _NEVER, np.int32))
 
     def __len__(self) -> int:
         return len(self.count)
@@ -177,13 +211,43 @@ class SustainedState:
         return out
 
 
+#: Prefix of the sustained state's columns in a store of many households (the stream's
+#: household table, the day score's ``state``): ``sustained_count``, ``sustained_mean`` ...
+COLUMN_PREFIX = "sustained_"
+
+
+def storage_columns(n: int) -> dict[str, np.ndarray]:
+    """The sustained state of ``n`` new households as named columns (``COLUMN_PREFIX``),
+    ``STATE_BYTES`` a household."""
+    fresh = SustainedState.empty(n)
+    return {COLUMN_PREFIX + f.name: getattr(fresh, f.name) for f in fields(SustainedState)}
+
+
+#: Bytes of one household's sustained state in a store (``storage_columns``).
+STATE_BYTES = sum(a.itemsize * int(np.prod(a.shape[1:])) for a in
+                  (getattr(SustainedState.empty(1), f.name) for f in fields(SustainedState)))
+
+
+def from_columns(columns: Mapping[str, np.ndarray], idx: np.ndarray) -> SustainedState:
+    """Rows ``idx`` of a store's columns (``storage_columns``) as a ``SustainedState``."""
+    return SustainedState(**{f.name: np.array(columns[COLUMN_PREFIX + f.name][idx])
+                             for f in fields(SustainedState)})
+
+
+def to_columns(state: SustainedState, columns: Mapping[str, np.ndarray], idx: np.ndarray
+               ) -> None:
+    """Write ``state`` into rows ``idx`` of a store's columns (in place)."""
+    for f in fields(SustainedState):
+        columns[COLUMN_PREFIX + f.name][idx] = getattr(state, f.name)
+
+
 @dataclass
 class SustainedResult:
     """What ``SustainedDetector.update`` found on N days (arrays of length N)."""
 
     alert: np.ndarray  # bool: a sustained change was detected on this day
-    stat: np.ndarray  # int: index into SUSTAINED_STATS of the strongest change (-1: none)
-    direction: np.ndarray  # int8: +1 up, -1 down, 0 none
+    signature: np.ndarray  # int: index into SIGNATURES (-1: none)
+    stat: np.ndarray  # int: index into SUSTAINED_STATS of the statistic it is reported by
     start_day: np.ndarray  # int32: estimated first day of the change (days since 1970-01-01)
     shift: np.ndarray  # float32: estimated size, in the statistic's units (log for 3 of 4)
     shift_z: np.ndarray  # float32: the same in baseline standard deviations
@@ -194,23 +258,23 @@ class SustainedResult:
         """The ``sustained_change`` content of day ``i`` (None without an alert)."""
         if not self.alert[i]:
             return None
+        sig = SIGNATURES[int(self.signature[i])]
         name = SUSTAINED_STATS[int(self.stat[i])]
-        up = int(self.direction[i]) > 0
         shift = float(self.shift[i])
         start = dt.date(1970, 1, 1) + dt.timedelta(days=int(self.start_day[i]))
         out: dict[str, Any] = {
-            "type": "sustained_change", "start_date": start.isoformat(), "statistic": name,
-            "direction": "up" if up else "down", "what": _WHAT[name][0 if up else 1],
-            "shift": round(shift, 4), "shift_sd": round(float(self.shift_z[i]), 2),
+            "type": "sustained_change", "signature": sig, "start_date": start.isoformat(),
+            "statistic": name, "direction": "up" if shift > 0 else "down",
+            "what": _WHAT[sig], "shift": round(shift, 4),
+            "shift_sd": round(float(self.shift_z[i]), 2),
             "changed": [s for k, s in enumerate(SUSTAINED_STATS) if self.changed[i, k]],
+            "factor": None if name == "zero_night" else round(float(np.exp(shift)), 3),
         }
-        if name != "zero_night":  # log statistics: the factor is easier to read
-            out["factor"] = round(float(np.exp(shift)), 3)
         return out
 
 
 class SustainedDetector:
-    """Two-sided CUSUMs on per-day statistics of each household (module docstring)."""
+    """One-sided CUSUMs on per-day statistics of each household (module docstring)."""
 
     def __init__(self, config: SustainedConfig | None = None) -> None:
         self.config = config or SustainedConfig()
@@ -235,25 +299,32 @@ class SustainedDetector:
         s.mean[first] = f[first]
         s.var[first] = 0.0
         std = np.sqrt(np.maximum(s.var, np.asarray(cfg.min_std, np.float32) ** 2))
-        z = np.clip((f - s.mean) / std, -cfg.z_cap, cfg.z_cap)
+        # z towards each statistic's watched direction
+        z = np.clip((f - s.mean) / std, -cfg.z_cap, cfg.z_cap) * DIRECTION
         z = np.where(ok[:, None], z, 0.0).astype(np.float32)
         armed = ok & (s.count >= cfg.warmup_days)
         a2 = armed[:, None]
         allow = self.allowance(std)
-        new_up = np.maximum(s.up + z - allow, 0.0)
-        new_down = np.maximum(s.down - z - allow, 0.0)
-        started_up = (s.up <= 0) & (new_up > 0)
-        started_down = (s.down <= 0) & (new_down > 0)
-        s.up_start = np.where(a2 & started_up, day[:, None], s.up_start)
-        s.down_start = np.where(a2 & started_down, day[:, None], s.down_start)
-        s.up_len = np.where(a2, np.where(new_up > 0, s.up_len + 1, 0), s.up_len)
-        s.down_len = np.where(a2, np.where(new_down > 0, s.down_len + 1, 0), s.down_len)
-        s.up = np.where(a2, new_up, s.up).astype(np.float32)
-        s.down = np.where(a2, new_down, s.down).astype(np.float32)
+        new = np.maximum(s.cusum + z - allow, 0.0)
+        started = (s.cusum <= 0) & (new > 0)
+        s.start = np.where(a2 & started, day[:, None], s.start).astype(np.int32)
+        s.run_len = np.where(a2, np.where(new > 0, np.minimum(s.run_len.astype(np.int32) + 1,
+                                                              32767), 0),
+                             s.run_len).astype(np.int16)
+        dev_dir = np.where(ok[:, None], (f - s.mean) * DIRECTION, 0.0)  # not capped
+        s.run_sum = np.where(a2, np.where(new > 0, np.where(started, 0.0, s.run_sum) + dev_dir,
+                                          0.0), s.run_sum).astype(np.float32)
+        # the total's fall over the evening share's run (an evening cut is less use, not a
+        # share that fell because the rest of the day rose)
+        s.evening_total = np.where(armed, np.where(
+            new[:, _EVE] > 0, np.where(started[:, _EVE], 0.0, s.evening_total)
+            + dev_dir[:, _TOT], 0.0), s.evening_total).astype(np.float32)
+        s.cusum = np.where(a2, new, s.cusum).astype(np.float32)
 
         # learn the baseline from in-control days only
-        quiet = (np.abs(z) < cfg.learn_z) & (
-            ~np.asarray(cfg.freeze, bool) | ((s.up < cfg.h / 2) & (s.down < cfg.h / 2)))
+        # (a move away from the watched direction is always learnt, clipped: seasons and a
+        # return from a holiday raise the baseline again)
+        quiet = (z < cfg.learn_z) & (~np.asarray(cfg.freeze, bool) | (s.cusum < cfg.h / 2))
         learn = ok[:, None] & (quiet | (s.count < cfg.warmup_days)[:, None])
         w = np.maximum(cfg.alpha, 1.0 / (s.count + 1.0))[:, None]
         dev = np.where(np.isfinite(f), f - s.mean, 0.0)
@@ -262,56 +333,59 @@ class SustainedDetector:
         s.mean = np.where(learn, s.mean + w * dev_c, s.mean).astype(np.float32)
         s.count = np.where(ok, s.count + 1, s.count).astype(np.int32)
 
-        # alerts
+        # candidates, their estimated size, the signatures
+        run = np.maximum(s.run_len.astype(np.float32), 1.0)
+        size = np.where(s.cusum > 0, s.run_sum / run, 0.0)  # mean deviation of the run,
+        size_z = size / std  # in the statistic's units and in z, towards DIRECTION
+        over = (s.cusum > cfg.h) & a2
+        min_size = np.asarray(cfg.min_size, np.float32)
+        tot, nmin = size[:, _TOT], size[:, _NMIN]
+        evening_quiet = s.cusum[:, _EVE] <= cfg.h / 2
+        # total and night base together: their CUSUMs add up (a noisy total or a small
+        # night base alone would not reach h within a week), each past h / 3
+        joint = ((s.cusum[:, _TOT] + s.cusum[:, _NMIN] > cfg.scaled_joint * cfg.h)
+                 & (s.cusum[:, _TOT] > cfg.h / 3) & (s.cusum[:, _NMIN] > cfg.h / 3) & armed
+                 if cfg.scaled_joint > 0
+                 else over[:, _TOT] & (s.cusum[:, _NMIN] > cfg.h / 2))
+        scaled = (joint & evening_quiet
+                  & (nmin >= cfg.scaled_night_share * tot)
+                  & (nmin <= tot + cfg.scaled_tolerance) & (tot >= min_size[2]))
+        vacant = ((s.cusum[:, _TOT] > cfg.h_vacant) & armed & ~scaled
+                  & (s.cusum[:, _NMIN] <= cfg.h / 2) & (tot >= min_size[3]))
+        # an evening cut: less use in the evening, the rest of the day left as it was
+        eve_tot = s.evening_total / run[:, _EVE]
+        evening = (over[:, _EVE] & (size[:, _EVE] >= min_size[0])
+                   & (eve_tot >= cfg.evening_total_min) & (eve_tot <= cfg.evening_total_max)
+                   & (s.cusum[:, _ZERO] <= cfg.h / 2))
+        sig_hit = np.stack([evening,
+                            over[:, _ZERO] & (size[:, _ZERO] >= min_size[1]),
+                            scaled, vacant], axis=1)
         cooled = day - s.last_alert >= cfg.cooldown_days
-        over_up = (s.up > cfg.h) & armed[:, None]
-        over_down = (s.down > cfg.h) & armed[:, None]
-        if cfg.signatures:
-            # the patterns of tampering and meter faults alert at h; any other change of
-            # the daily total or the night-time base (a holiday away, a new appliance)
-            # only once it has lasted: at h_other
-            tot, eve, nmin, zero = range(N_SUSTAINED)
-            scaled = over_down[:, tot] & (s.down[:, nmin] > cfg.h / 2)
-            slow_up = (s.up > cfg.h_other) & armed[:, None]
-            slow_down = (s.down > cfg.h_other) & armed[:, None]
-            fast_up = np.zeros_like(over_up)
-            fast_down = np.zeros_like(over_down)
-            fast_down[:, eve] = over_down[:, eve]
-            fast_up[:, zero] = over_up[:, zero]
-            fast_down[:, tot] = scaled
-            fast_down[:, nmin] = scaled
-            over_up = fast_up | slow_up
-            over_down = fast_down | slow_down
-        changed = over_up | over_down
-        alert = changed.any(axis=1) & cooled
-        strength = np.maximum(np.where(over_up, s.up, 0), np.where(over_down, s.down, 0))
-        stat = np.where(alert, np.argmax(strength, axis=1), -1)
+        alert = sig_hit.any(axis=1) & cooled
+        signature = np.where(alert, np.argmax(sig_hit, axis=1), -1)
+        stat = np.where(alert, np.asarray(_SIGNATURE_STAT)[np.maximum(signature, 0)], -1)
         r = np.arange(n)
         k = np.maximum(stat, 0)
-        is_up = s.up[r, k] >= s.down[r, k]
-        direction = np.where(alert, np.where(is_up, 1, -1), 0).astype(np.int8)
-        run_len = np.maximum(np.where(is_up, s.up_len[r, k], s.down_len[r, k]), 1)
-        cusum = np.where(is_up, s.up[r, k], s.down[r, k])
-        shift_z = (cusum / run_len + allow[r, k]) * direction
-        shift = shift_z * std[r, k]
-        start = np.where(is_up, s.up_start[r, k], s.down_start[r, k])
+        changed = (s.cusum > cfg.h / 2) & a2
+        changed[r, k] |= alert
 
-        # re-baseline every changed statistic to its new regime; quiet after an alert
-        run_up = np.maximum(s.up_len, 1)
-        run_down = np.maximum(s.down_len, 1)
-        moved = (np.where(over_up, (s.up / run_up + allow), 0.0)
-                 - np.where(over_down, (s.down / run_down + allow), 0.0)) * std
-        s.mean = np.where(changed, s.mean + moved, s.mean).astype(np.float32)
-        for arr in (s.up, s.down):
-            arr[changed] = 0.0
-        s.up_len[changed] = 0
-        s.down_len[changed] = 0
+        # an alerting household learns its new regime from scratch (a warm-up, within the
+        # cooldown); its runs end
+        moved = changed & alert[:, None]
+        start = s.start[r, k]
+        s.count[alert] = 0
+        s.cusum[alert] = 0.0
+        s.run_len[alert] = 0
+        s.run_sum[alert] = 0.0
+        s.evening_total[alert] = 0.0
         s.last_alert = np.where(alert, day, s.last_alert).astype(np.int32)
-        return SustainedResult(alert=alert, stat=stat, direction=direction,
+        return SustainedResult(alert=alert, signature=signature, stat=stat,
                                start_day=np.where(alert, start, 0).astype(np.int32),
-                               shift=np.where(alert, shift, 0.0).astype(np.float32),
-                               shift_z=np.where(alert, shift_z, 0.0).astype(np.float32),
-                               changed=changed & alert[:, None], state=s)
+                               shift=np.where(alert, size[r, k] * DIRECTION[k], 0.0
+                                              ).astype(np.float32),
+                               shift_z=np.where(alert, size_z[r, k] * DIRECTION[k], 0.0
+                                                ).astype(np.float32),
+                               changed=moved, state=s)
 
     def replay(self, kwh: np.ndarray, day: np.ndarray) -> tuple[SustainedResult, SustainedState]:
         """One household's days (D, 48), (D,) in increasing order, from an empty state.
@@ -331,11 +405,11 @@ class SustainedDetector:
 
     def replay_many(self, kwh: np.ndarray, days: np.ndarray) -> np.ndarray:
         """S series of the same days, (S, D, 48) kWh (NaN = missing) and (D,) increasing
-        days, each from an empty state. Returns int32 (S, D, 3): per day, the alert flag,
-        the statistic (-1: none) and the estimated start day."""
+        days, each from an empty state. Returns int32 (S, D, 4): per day, the alert flag,
+        the statistic (-1: none), the estimated start day and the signature (-1: none)."""
         kwh = np.asarray(kwh, np.float32)
         n, d = kwh.shape[:2]
-        out = np.zeros((n, d, 3), np.int32)
+        out = np.zeros((n, d, 4), np.int32)
         state = SustainedState.empty(n)
         for j in range(d):
             res = self.update(kwh[:, j], np.full(n, days[j], np.int32), state)
@@ -343,6 +417,7 @@ class SustainedDetector:
             out[:, j, 0] = res.alert
             out[:, j, 1] = res.stat
             out[:, j, 2] = res.start_day
+            out[:, j, 3] = res.signature
         return out
 
 
@@ -391,6 +466,8 @@ def evaluate_sustained(
     observed = np.isfinite(grid).sum(axis=2) >= 40
     months = float(observed.sum()) / 30.44
     false = int(clean[:, :, 0].sum())
+    false_by = {sig: int(((clean[:, :, 0] > 0) & (clean[:, :, 3] == k)).sum())
+                for k, sig in enumerate(SIGNATURES)}
     rng = np.random.default_rng(seed)
     lo, hi = max(cfg.warmup_days + 30, 60), n_d - duration
     assert hi > lo, f"need at least {lo + duration} days, got {n_d}"
@@ -431,6 +508,7 @@ def evaluate_sustained(
         "config": cfg.to_dict(), "households": n_h, "days": n_d,
         "household_months_clean": months, "false_alerts_clean": false,
         "false_per_1000_household_months": 1000 * false / max(months, 1e-9),
+        "false_by_signature": false_by,
         "false_before_start": pre_false,
         "false_before_start_per_1000_household_months": 1000 * pre_false / max(pre_months,
                                                                                1e-9),

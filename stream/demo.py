@@ -172,6 +172,10 @@ async def _watch_alerts(settings: Settings, alerts: dict, quiet: bool) -> None:
     try:
         async for rec in consumer:
             doc = orjson.loads(rec.value)
+            if doc.get("type") == "sustained_change":  # not a day alert (stream.sustained)
+                if not quiet:
+                    print(f"  SUSTAINED CHANGE {doc['summary']}", flush=True)
+                continue
             alerts[(doc["household_id"], doc["date"])] = doc
             if not quiet:
                 print(f"  ALERT {doc['summary']}", flush=True)

@@ -7,6 +7,7 @@ reading, and both answer to ``stream.validation``. ``tests/test_parse.py`` check
 
 from __future__ import annotations
 
+import datetime as _dt
 from datetime import date, datetime, timedelta, timezone
 from typing import Any, Literal
 
@@ -120,6 +121,44 @@ class Alert(BaseModel):
     summary: str = Field(description="one sentence a person can act on")
 
 
+class SustainedChange(BaseModel):
+    """A household whose use fell, or whose meter started reading zero at night, and stayed
+    so (the alerts topic, told apart from day alerts by ``type``): ``model.sustained``'s
+    CUSUMs over its recent days (``stream.sustained``). ``date`` is the day it was detected
+    on. At most one a household per 28 days."""
+
+    model_config = _OUTPUT
+
+    schema_version: int = SCHEMA_VERSION
+    type: Literal["sustained_change"]
+    household_id: str
+    date: date  # the day the change was detected on
+    start_date: _dt.date = Field(description="estimated first day of the change")
+    days: int = Field(ge=1, description="days from start_date to date, both included")
+    signature: Literal["evening_cut", "zeros_at_night", "scaled_down", "vacant"] = Field(
+        description="what the change looks like: evening_cut (the evening share fell), "
+                    "zeros_at_night (readings of exactly 0 at night), scaled_down (the daily "
+                    "total and the night base fell by about the same factor), vacant (only "
+                    "the base load is left: vacant, or away)")
+    statistic: Literal["total", "evening", "night_min", "zero_night"] = Field(
+        description="the statistic the signature is measured by: total (daily use), "
+                    "evening (share of the day's use in 16:00-22:00), night_min (lowest "
+                    "reading 00:00-06:00), zero_night "
+                    "(share of zero readings 00:00-06:00)")
+    direction: Literal["up", "down"] = Field(description="down, or up for zero_night")
+    what: str = Field(description="the change in words")
+    shift: float = Field(description="estimated size, in the statistic's units (a log "
+                                     "ratio except for zero_night, a share)")
+    shift_sd: float = Field(description="the same in the household's standard deviations")
+    factor: float | None = Field(description="exp(shift): the new level over the old, for "
+                                             "the log statistics; null for zero_night")
+    changed: list[Literal["total", "evening", "night_min", "zero_night"]] = Field(
+        description="every statistic whose CUSUM was past half its threshold that day")
+    created_at: datetime = Field(description="when the record was built (UTC)")
+    model_version: str = Field(description="the day model the service ran beside it")
+    summary: str = Field(description="one sentence a person can act on")
+
+
 class DayScore(BaseModel):
     """Exactly one per closed household-day (the scores topic); also the recovery ledger."""
 
@@ -143,6 +182,9 @@ class DayScore(BaseModel):
         description="household state after this day")
     alert: Alert | None = None
     error: str | None = Field(None, description="why the day failed (status failed only)")
+    sustained_change: SustainedChange | None = Field(
+        None, description="the sustained_change record this day raised (on the alerts "
+                          "topic too)")
 
 
 class DataQuality(BaseModel):
@@ -189,7 +231,7 @@ class DeadLetter(BaseModel):
 #: Output record classes by schema name (``stream/schemas/<name>.schema.json``).
 OUTPUT_RECORDS: dict[str, type[BaseModel]] = {
     "alert": Alert, "day_score": DayScore, "data_quality": DataQuality,
-    "dead_letter": DeadLetter}
+    "dead_letter": DeadLetter, "sustained_change": SustainedChange}
 
 
 def json_schema(name: str) -> dict[str, object]:

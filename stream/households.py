@@ -8,7 +8,9 @@ Everything is columnar, with no Python object per household (1 M households cost
   bytes in one arena. Indices of evicted households are reused.
 * ``HouseholdTable`` holds, per index: the row of the household's open day (-1 if none),
   its newest closed day and closed-day count (``seq``), and the model's running state
-  (``model.state.STORAGE_DTYPES``: the time-of-day profile in float16, the rest float32).
+  (``model.state.STORAGE_DTYPES``: the time-of-day profile in float16, the rest float32),
+  and the sustained-change detector's state (``model.sustained.storage_columns``, columns
+  ``sustained_*``, 100 bytes; ``stream.sustained``).
 
 Days of a household close in date order (``stream.assembler``), so "closed" is one number
 per household: every day up to ``closed_max`` is closed (or will never be opened again).
@@ -23,6 +25,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from meterwatch.model.state import storage_columns
+from meterwatch.model.sustained import storage_columns as sustained_columns
 
 _EPOCH = _dt.date(1970, 1, 1)
 _date = _dt.date.fromisoformat
@@ -355,9 +358,10 @@ class HouseholdTable:
         self.reads = np.empty(0, dtype=np.uint8)
         self.established = 0  # alive households with ESTABLISHED readings or more
         self.established_before = 0  # the same before the last ``count_readings``
-        #: the model's per-household state, one column per ``model.HouseholdState`` field
-        self.state: dict[str, np.ndarray] = storage_columns(0)
-        self._fresh = storage_columns(1)
+        #: the model's per-household state, one column per ``model.HouseholdState`` field,
+        #: and the sustained-change state (``model.sustained``, columns ``sustained_*``)
+        self.state: dict[str, np.ndarray] = {**storage_columns(0), **sustained_columns(0)}
+        self._fresh = {**storage_columns(1), **sustained_columns(1)}
 
     def __len__(self) -> int:
         return self.index.alive

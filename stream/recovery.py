@@ -10,9 +10,9 @@ with ``p`` paused (``stream.service``), in this order:
    mark (keys carry the group id and input topic; anything else is skipped);
 3. reads ``scores`` from the mark's ``X``: those days are closed; their states (newer
    ``seq``) win. Only records with this application's ``meterwatch.app`` header count;
-4. reads ``alerts`` and ``data-quality`` from their ``X``; republishes any alert or
-   data-quality record that a day score promised but that is missing (a crash between
-   checkpoint steps 1 and 2);
+4. reads ``alerts`` and ``data-quality`` from their ``X``; republishes any alert,
+   ``sustained_change`` or data-quality record that a day score promised but that is
+   missing (a crash between checkpoint steps 1 and 2);
 5. seeks the input to the mark's ``C`` (no mark: the group's committed offset; none: the
    beginning) and replays: open days are rebuilt; readings of closed days are dropped as
    late, so no day is scored twice and no alert is published twice.
@@ -161,6 +161,8 @@ async def recover(settings: Settings, publisher: OutputPublisher, consumer: AIOK
             day = doc["household_id"] + doc["date"]
             if doc.get("alert"):
                 promised[(s.alerts_topic, day)] = doc["alert"]
+            if doc.get("sustained_change"):  # stream.sustained
+                promised[(s.alerts_topic, day + "sustained_change")] = doc["sustained_change"]
             if doc["status"] != "scored":
                 promised[(s.data_quality_topic, day)] = data_quality_record(
                     doc["household_id"], doc["date"], doc["status"], doc["readings"],
@@ -170,7 +172,7 @@ async def recover(settings: Settings, publisher: OutputPublisher, consumer: AIOK
             for r in outs[(t, p)].records:
                 if _is_ours(r, app):
                     d = orjson.loads(r.value)
-                    present.add((t, d["household_id"] + d["date"]))
+                    present.add((t, d["household_id"] + d["date"] + d.get("type", "")))
         for (t, k), doc in promised.items():
             if (t, k) not in present:
                 republish.append(json_record(t, p, doc["household_id"], doc))

@@ -71,6 +71,7 @@ from meterwatch.stream.preflight import (
 from meterwatch.stream.recovery import recover
 from meterwatch.stream.scorer import STATE_FIELDS, Scored, Scorer, set_cpu_threads
 from meterwatch.stream.source import Source
+from meterwatch.stream.sustained import SustainedTracker, change_records
 from meterwatch.stream.timegrid import TimeGrid
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class Service:
         self.source = Source(settings, on_revoked=self._on_revoked,
                              on_assigned=self._on_assigned)
         self.parts: dict[int, PartitionWork] = {}
+        self.sustained = SustainedTracker(registry=self.metrics.registry)  # stream.sustained
         self._process_lock = asyncio.Lock()
         self._publishing: asyncio.Task[None] | None = None  # the batch being published
         self._tasks: list[asyncio.Task[None]] = []
@@ -649,6 +651,7 @@ class Service:
             return  # lost while it was scored: the new owner replays these days
         households = work.assembler.households
         part = None
+        changes: dict[int, dict] = {}
         if scored is not None and len(scoreable):
             sl = slice(row, row + len(scoreable))
             part = _slice_scored(scored, sl)
@@ -657,6 +660,9 @@ class Service:
             last = len(hi) - 1 - np.unique(hi[::-1], return_index=True)[1]
             for k in STATE_FIELDS:
                 households.state_column(k)[hi[last]] = part.state[k][last]
+            sustained, changes = self.sustained.update(households.state, hi, scoreable.kwh,
+                                                       scoreable.day)
+            part.state.update(sustained)  # the day scores carry it (recovery)
         # scored rows first (they align with ``part``), then the incomplete ones
         days = ClosedDays.concat([scoreable, p.days.select(p.days.status == INCOMPLETE)])
         # the model and threshold that scored these days (a swap lands between batches);
@@ -671,6 +677,10 @@ class Service:
                                signal_names=SIGNAL_NAMES, grid=self.grid,
                                top_slots=s.top_slots)
         partition = p.partition
+        if part is not None and changes:
+            records[1].extend(change_records(changes, [doc.day_score for doc in docs],
+                                             s.alerts_topic, partition,
+                                             model_version=self.detector.version))
         last_ts = days.last_ts_ms.tolist()
         for i, doc in enumerate(docs):
             records[0].append(json_record(s.scores_topic, partition, doc.household_id,

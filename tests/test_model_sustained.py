@@ -122,3 +122,27 @@ def test_live_calibration_follows_the_recent_window() -> None:
     rules[:1] = True  # 1 % of days alert on a data-quality rule whatever the threshold
     live.add(np.full(100, 60), rng.exponential(2.0, 100), rules)
     assert live.curve().threshold(0.01) > curve.threshold(0.01)  # type: ignore[union-attr]
+
+
+def test_a_rise_is_learnt_and_a_later_level_cut_is_found() -> None:
+    """Only falls alert; the baseline follows a rise (seasons, a return from a holiday), so
+    a later cut to 40 % of the new level is still found, as a scaled-down meter."""
+    kwh = _household(260, seed=5)
+    kwh[100:] *= 2.0
+    kwh[200:] = persistent_change(kwh[200:], "level_40", np.random.default_rng(2))
+    res, _ = SustainedDetector().replay(kwh, np.arange(16000, 16260))
+    alerts = np.flatnonzero(res.alert)
+    assert len(alerts) == 1 and 200 <= alerts[0] < 207, alerts
+    doc = res.describe(int(alerts[0]))
+    assert doc is not None and doc["signature"] == "scaled_down", doc
+    assert doc["factor"] < 0.6 and doc["start_date"] == str(np.datetime64(16200, "D")), doc
+
+
+def test_a_meter_reading_zero_all_day_is_no_evening_cut() -> None:
+    kwh = _household(200, seed=6)
+    kwh[120:] = 0.0
+    res, _ = SustainedDetector().replay(kwh, np.arange(16000, 16200))
+    alerts = np.flatnonzero(res.alert)
+    assert len(alerts) == 1 and 120 <= alerts[0] < 127, alerts
+    doc = res.describe(int(alerts[0]))
+    assert doc is not None and doc["signature"] == "zeros_at_night", doc
