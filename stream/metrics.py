@@ -26,6 +26,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from meterwatch.model.sustained import SIGNATURES
+
 log = logging.getLogger(__name__)
 
 # Batch sizes are counts of household-days, spanning 1 .. a million on a GPU.
@@ -91,6 +93,7 @@ class Metrics:
     shadow_agreement: Gauge
     shadow_abs_diff: Gauge
     shadow_rank_correlation: Gauge
+    sustained_changes: Counter
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -194,7 +197,15 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         shadow_rank_correlation=gauge(
             "meterwatch_shadow_score_rank_correlation",
             "Spearman rank correlation of live and shadow scores over the last 10,000 days."),
+        sustained_changes=counter(
+            "meterwatch_sustained_changes",
+            "sustained_change records built, by signature (docs/sustained.md).",
+            ("signature",)),
     )
+    for sig in SIGNATURES:
+        m.sustained_changes.labels(sig)
+    for agreement in ("both", "live_only", "shadow_only"):
+        m.shadow_alerts.labels(agreement)
     for reason in INVALID_REASONS:  # every reason has a series (0) before its first record
         m.invalid_readings.labels(reason)
         m.dead_letters.labels(reason)

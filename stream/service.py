@@ -103,7 +103,8 @@ class Service:
         self.source = Source(settings, on_revoked=self._on_revoked,
                              on_assigned=self._on_assigned)
         self.parts: dict[int, PartitionWork] = {}
-        self.sustained = SustainedTracker(registry=self.metrics.registry)  # stream.sustained
+        # sustained changes (stream.sustained), updated after each scored batch
+        self.sustained = SustainedTracker(changes=self.metrics.sustained_changes)
         self._process_lock = asyncio.Lock()
         self._publishing: asyncio.Task[None] | None = None  # the batch being published
         self._tasks: list[asyncio.Task[None]] = []

@@ -40,7 +40,6 @@ from prometheus_client import CollectorRegistry, Counter
 
 from meterwatch.model.sustained import (
     COLUMN_PREFIX,
-    SIGNATURES,
     SustainedDetector,
     SustainedState,
     from_columns,
@@ -58,14 +57,13 @@ class SustainedTracker:
     ``sustained_change`` records (module docstring)."""
 
     def __init__(self, detector: SustainedDetector | None = None, *,
-                 registry: CollectorRegistry | None = None) -> None:
+                 changes: Counter | None = None) -> None:
         self.detector = detector or SustainedDetector()
-        #: ``meterwatch_sustained_changes_total{signature}``: records published
-        self.changes = Counter("meterwatch_sustained_changes",
-                               "sustained_change records built, by signature", ["signature"],
-                               registry=registry)
-        for sig in SIGNATURES:
-            self.changes.labels(signature=sig)
+        #: ``meterwatch_sustained_changes_total{signature}`` (``stream.metrics``): records
+        #: built; without one, a counter on a registry of its own
+        self.changes = changes if changes is not None else Counter(
+            "meterwatch_sustained_changes", "sustained_change records built, by signature",
+            ["signature"], registry=CollectorRegistry())
 
     def update(self, columns: dict[str, np.ndarray], households: np.ndarray,
                kwh: np.ndarray, day: np.ndarray

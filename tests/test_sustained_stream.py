@@ -22,6 +22,7 @@ from meterwatch.model.inject import persistent_change
 from meterwatch.model.sustained import SustainedDetector
 from meterwatch.stream.events import DayScore, SustainedChange
 from meterwatch.stream.households import HouseholdTable
+from meterwatch.stream.metrics import create_metrics
 from meterwatch.stream.simulate import produce_synthetic
 from meterwatch.stream.sustained import SustainedTracker, change_records
 from tests.conftest import ServiceProcess, assert_unique, metric, read_topic, unique_settings
@@ -49,8 +50,8 @@ def test_tracker_matches_the_detector_however_days_are_batched() -> None:
     ref = [SustainedDetector().replay(data.kwh[h], data.days)[0] for h in range(n_h)]
     assert ref[0].alert[40:47].any() and not ref[0].alert[:40].any()
     for chunk in (1, 7, n_d):
-        registry = CollectorRegistry()
-        tracker = SustainedTracker(registry=registry)
+        metrics = create_metrics(CollectorRegistry())
+        tracker = SustainedTracker(changes=metrics.sustained_changes)
         table = HouseholdTable()
         hi = table.lookup(data.household_ids)
         found: dict[tuple[int, int], dict] = {}
@@ -71,7 +72,7 @@ def test_tracker_matches_the_detector_however_days_are_batched() -> None:
         expected = {(int(hi[h]), int(d)): ref[h].describe(int(d))
                     for h in range(n_h) for d in np.flatnonzero(ref[h].alert)}
         assert found == expected, chunk
-        assert registry.get_sample_value("meterwatch_sustained_changes_total",
+        assert metrics.registry.get_sample_value("meterwatch_sustained_changes_total",
                                          {"signature": "evening_cut"}) == len(expected)
 
 
