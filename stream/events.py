@@ -105,10 +105,14 @@ class Alert(BaseModel):
     household_id: str
     date: date
     score: float = Field(description="anomaly score (4 decimals)")
-    threshold: float = Field(description="the model's calibrated threshold (4 decimals)")
+    threshold: float = Field(description="the threshold the day was scored against: the "
+                             "checkpoint's, or --target-far's (4 decimals)")
     severity: Literal["low", "medium", "high"] = Field(
-        description="score / threshold below 2: low, below 5: medium, else high "
-                    "(stream.alerts.severity)")
+        description="how rare the score is among normal household-days against the alert "
+                    "budget (the checkpoint's calibration curve): high at most a tenth of the "
+                    "budget's false-alarm rate, medium at most a third, else low; data-quality "
+                    "rule alerts high; checkpoints without a curve: score / threshold below 2 "
+                    "low, below 5 medium, else high (stream.alerts.severity)")
     created_at: datetime = Field(description="when the alert was built (UTC)")
     model_version: str
     signals: list[Literal["model", "zero_run", "flat_run", "impossible", "missing"]] = Field(

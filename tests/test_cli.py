@@ -122,6 +122,9 @@ def test_config_markdown_and_defaults() -> None:
     assert cfg["bootstrap_servers"] == "127.0.0.1:9092" and cfg["log_format"] == "text"
     table = meterwatch("config", "--markdown").stdout
     assert "| `--log-format` | `METERWATCH_LOG_FORMAT` | `text` |" in table
+    # the README's configuration table is this table (a new or changed setting shows there)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert table.strip() in readme, "README.md: paste `meterwatch config --markdown`"
 
 
 def test_checkpoint_errors_are_one_line(tiny_model: Path, tmp_path: Path) -> None:
