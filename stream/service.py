@@ -681,7 +681,7 @@ class Service:
         if part is not None and changes:
             records[1].extend(change_records(changes, [doc.day_score for doc in docs],
                                              s.alerts_topic, partition,
-                                             model_version=self.detector.version))
+                                             model_version=version))
         last_ts = days.last_ts_ms.tolist()
         for i, doc in enumerate(docs):
             records[0].append(json_record(s.scores_topic, partition, doc.household_id,
