@@ -667,17 +667,41 @@ def calibration_days(score: np.ndarray, household: np.ndarray, day: np.ndarray,
     sel = np.flatnonzero(usable)
     if len(sel) < 100:
         return sel
-    q = float(np.quantile(score[sel], 1.0 - target_far))
-    month = (np.asarray(day)[sel].astype("datetime64[D]").astype("datetime64[M]")
-             .astype(np.int64))
-    key = np.asarray(household)[sel].astype(np.int64) * 100_000 + month
-    _, inv = np.unique(key, return_inverse=True)
-    n = np.bincount(inv)
-    k = np.bincount(inv, score[sel] > q).astype(np.int64)
-    odd = np.array([_binomial_tail(int(kk), int(nn), target_far) < alpha
-                    for kk, nn in zip(k, n, strict=True)])
-    keep = ~odd[inv]
-    return sel[keep] if keep.sum() >= 100 else sel
+    months = _HouseholdMonths(np.asarray(household)[sel], np.asarray(day)[sel])
+    return sel[months.keep(np.asarray(score)[sel], target_far, alpha)]
+
+
+class _HouseholdMonths:
+    """The household-month of each of M days, for ``calibration_days`` at many rates."""
+
+    def __init__(self, household: np.ndarray, day: np.ndarray) -> None:
+        month = day.astype("datetime64[D]").astype("datetime64[M]").astype(np.int64)
+        key = household.astype(np.int64) * 100_000 + month
+        _, self.inv = np.unique(key, return_inverse=True)
+        self.n = np.bincount(self.inv)
+
+    def keep(self, score: np.ndarray, target_far: float, alpha: float = 0.01,
+             sorted_score: np.ndarray | None = None) -> np.ndarray:
+        """(M,) bool: the days outside household-months in a lasting unusual state
+        (all of them where fewer than 100 would be left). ``sorted_score``: ``score``
+        sorted, when the caller has it (the quantile is then read off it)."""
+        x = np.sort(score) if sorted_score is None else sorted_score
+        q = float(np.quantile(x, 1.0 - target_far))
+        above = np.bincount(self.inv, score > q).astype(np.int64)
+        odd = above >= _least_unlikely_count(int(self.n.max()), target_far, alpha)[self.n]
+        keep = ~odd[self.inv]
+        return keep if keep.sum() >= 100 else np.ones(len(score), bool)
+
+
+@functools.lru_cache(maxsize=1024)
+def _least_unlikely_count(n_max: int, p: float, alpha: float) -> np.ndarray:
+    """(n_max + 1,): for each month of n days, the least count k of days with
+    P(Binomial(n, p) >= k) < alpha (n + 1, never, where there is none)."""
+    out = np.empty(n_max + 1, np.int64)
+    for n in range(n_max + 1):
+        out[n] = next((k for k in range(n + 1) if _binomial_tail(k, n, p) < alpha), n + 1)
+    out.flags.writeable = False  # shared by every caller (cached)
+    return out
 
 
 def budget_curve(score: np.ndarray, rule: np.ndarray, household: np.ndarray,
@@ -693,10 +717,17 @@ def budget_curve(score: np.ndarray, rule: np.ndarray, household: np.ndarray,
     counted in the budget they took most of a 0.5 % target and the model alerted on 0.2 %
     of normal days."""
     far = np.geomspace(0.3, 1e-5, 81) if grid is None else np.asarray(grid, np.float64)
+    sel = np.flatnonzero(usable & ~rule)
+    s = np.asarray(score, np.float64)[sel]
+    order = np.argsort(s, kind="stable")
+    s_sorted = s[order]
+    months = _HouseholdMonths(np.asarray(household)[sel], np.asarray(day)[sel])
     cut = []
     for f in far:
-        rows = calibration_days(score, household, day, usable & ~rule, float(f))
-        cut.append(FarCurve.fit(score[rows], grid=far).threshold(float(f)))
+        keep = months.keep(s, float(f), sorted_score=s_sorted) if len(sel) >= 100 \
+            else np.ones(len(sel), bool)
+        # the kept scores, still sorted; the threshold as ``FarCurve.fit`` reads it
+        cut.append(tail_quantile(s_sorted[keep[order]], min(float(f), 0.5)))
     return FarCurve(far, np.asarray(cut), n_days=int(usable.sum()))
 
 
