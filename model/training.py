@@ -658,7 +658,7 @@ def calibration_days(score: np.ndarray, household: np.ndarray, day: np.ndarray,
 
     Measured on the real sample (``docs/detection.md``): two of 24 training households
     spent all of September 2013 far from their usual selves, and a threshold set on
-    September alone (the first design) gave 0.04 % false alarms in October-December for
+    September alone (the first design) gave 0.07 % false alarms in October-December for
     a 1 % target. Every usable day of the whole history, with such household-months left
     out, is the steadiest estimate of a normal month there is. Scores of the days the
     network trained on run like those of unseen households (the z-scores are per
