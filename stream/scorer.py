@@ -467,15 +467,9 @@ class _Worker:
         """The numpy reference path (``Detector.torch_scoring`` off): one call per wave."""
         t0 = time.perf_counter()
         n = len(day)
-        # Order each household's days by date; wave w holds every household's w-th day.
-        order = np.lexsort((day, keys))
-        sk = keys[order]
-        starts = np.r_[True, sk[1:] != sk[:-1]]
-        group_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
-        rank = np.empty(n, dtype=np.int64)
-        rank[order] = np.arange(n) - group_start
-        nxt = np.full(n, -1, dtype=np.int64)  # the same household's next day, if in this batch
-        nxt[order[:-1][~starts[1:]]] = order[1:][~starts[1:]]
+        # wave w holds every household's w-th day by date; nxt: the same household's next
+        # day, if in this batch
+        rank, nxt = torch_scoring.ranks(keys, day)
 
         cur = {k: v.copy() for k, v in state.items()}
         out_state = {k: np.empty_like(v) for k, v in state.items()}

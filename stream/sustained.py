@@ -45,6 +45,7 @@ from meterwatch.model.sustained import (
     from_columns,
     to_columns,
 )
+from meterwatch.model.torch_scoring import ranks
 from meterwatch.stream.events import SCHEMA_VERSION
 from meterwatch.stream.outputs import OutRecord, json_record
 
@@ -88,13 +89,8 @@ class SustainedTracker:
                 ) -> tuple[dict[str, np.ndarray], dict[int, dict[str, Any]]]:
         n = len(day)
         hi = np.asarray(households, np.int64)
-        # wave w: every household's w-th row of the batch (a household's rows are in date
-        # order, and a stable sort keeps that order within the household)
-        order = np.argsort(hi, kind="stable")
-        sh = hi[order]
-        first = np.r_[True, sh[1:] != sh[:-1]] if n else np.zeros(0, bool)
-        rank = np.empty(n, np.int64)
-        rank[order] = np.arange(n) - np.maximum.accumulate(np.where(first, np.arange(n), 0))
+        # wave w: every household's w-th row of the batch by date
+        rank, _ = ranks(hi, np.asarray(day))
         after = {COLUMN_PREFIX + f.name: np.empty((n, *columns[COLUMN_PREFIX + f.name].shape[1:]),
                                                   columns[COLUMN_PREFIX + f.name].dtype)
                  for f in fields(SustainedState)}
