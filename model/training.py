@@ -684,9 +684,9 @@ class _HouseholdMonths:
              sorted_score: np.ndarray | None = None) -> np.ndarray:
         """(M,) bool: the days outside household-months in a lasting unusual state
         (all of them where fewer than 100 would be left). ``sorted_score``: ``score``
-        sorted, when the caller has it (the quantile is then read off it)."""
-        x = np.sort(score) if sorted_score is None else sorted_score
-        q = float(np.quantile(x, 1.0 - target_far))
+        sorted, when the caller has it (the quantile is then cheaper to read off)."""
+        q = float(np.quantile(score if sorted_score is None else sorted_score,
+                              1.0 - target_far))
         above = np.bincount(self.inv, score > q).astype(np.int64)
         odd = above >= _least_unlikely_count(int(self.n.max()), target_far, alpha)[self.n]
         keep = ~odd[self.inv]
