@@ -6,7 +6,8 @@ output topics too small for the input. Those raise ``ConfigurationError`` (exit 
 one line naming the setting and the fix). Anything else stays retryable: the caller retries
 with backoff and reports ``broker_reachable: false`` on ``/readyz``.
 
-1. ``check_files``: the TLS files exist (before any client is built);
+1. ``check_files``: the TLS files, checkpoints and context CSVs exist (before any client
+   is built);
 2. ``check_connection``: one connection per bootstrap server, authenticating exactly as the
    clients will; aiokafka's clients hide why a bootstrap failed ("Unable to bootstrap"), a
    single connection does not (``SaslAuthenticationFailed``, ``ssl.SSLError``);
@@ -44,14 +45,30 @@ log = logging.getLogger(__name__)
 _SASL_FLAG = "--sasl-username/--sasl-password"
 
 
-def check_files(settings: Settings) -> None:
-    """Step 1: every TLS file that is set exists and is readable."""
+def check_files(settings: Settings, *, service: bool = True) -> None:
+    """Step 1: every TLS file that is set exists and is readable; with ``service``, so do
+    the checkpoints and the context CSVs ``meterwatch run`` reads (``meterwatch reset``
+    reads none of them)."""
     for flag, path in (("--ssl-cafile", settings.ssl_cafile),
                        ("--ssl-certfile", settings.ssl_certfile),
                        ("--ssl-keyfile", settings.ssl_keyfile)):
         if path is not None and not path.is_file():
             raise ConfigurationError(flag, f"{path} does not exist or is not a file",
                                      "point it at the PEM file")
+    if service:
+        for flag, path, fix in (
+                ("--model-path", settings.model_path,
+                 "give a checkpoint written by meterwatch train"),
+                ("--shadow-model-path", settings.shadow_model_path,
+                 "give a checkpoint written by meterwatch train, or leave it out"),
+                ("--household-info", settings.household_info,
+                 "point it at the household info CSV, or leave it out"),
+                ("--weather", settings.weather,
+                 "point it at the daily weather CSV, or leave it out"),
+                ("--holidays", settings.holidays,
+                 "point it at the bank holidays CSV, or leave it out")):
+            if path is not None and not path.is_file():
+                raise ConfigurationError(flag, f"{path} does not exist or is not a file", fix)
     if settings.security_protocol in ("SSL", "SASL_SSL"):
         try:
             settings.kafka_options()

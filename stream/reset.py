@@ -79,7 +79,7 @@ async def reset_application(settings: Settings, target: ResetTarget) -> dict[int
     """Steps 1-4; returns ``{partition: new offset}``."""
     s = settings
     # Step 1: connection, input topic, no active member
-    check_files(s)
+    check_files(s, service=False)
     await check_connection(s)
     admin = AIOKafkaAdminClient(**s.kafka_options())
     await admin.start()

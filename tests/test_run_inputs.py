@@ -1,0 +1,31 @@
+"""``meterwatch run`` with input files that are missing or unusable: exit 2, one line that
+names the flag (the installed console script, default settings, no broker needed: the
+files are checked before any client is built)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.cli_helpers import clean_env, meterwatch, one_line_error
+
+
+@pytest.mark.parametrize("flag", ["--model-path", "--shadow-model-path", "--household-info",
+                                  "--weather", "--holidays"])
+def test_missing_input_file_names_its_flag(flag: str, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.file"
+    model = tmp_path / "model.pt"  # also missing: the flag under test must be the one named
+    args = ["run", "--model-path", str(missing if flag == "--model-path" else model)]
+    if flag != "--model-path":
+        model.write_bytes(b"not read: the missing file is found first")
+        args += [flag, str(missing)]
+    line = one_line_error(meterwatch(*args, env=clean_env(METERWATCH_METRICS_PORT="0")))
+    assert line.startswith(f"meterwatch: error: {flag}: {missing} does not exist"), line
+    assert "; " in line  # ... and how to fix it
+
+
+def test_a_folder_is_not_a_checkpoint(tmp_path: Path) -> None:
+    line = one_line_error(meterwatch("run", "--model-path", str(tmp_path),
+                                     env=clean_env(METERWATCH_METRICS_PORT="0")))
+    assert line.startswith(f"meterwatch: error: --model-path: {tmp_path} "), line
