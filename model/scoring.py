@@ -128,13 +128,19 @@ def day_statistics(
     )
 
 
+class TooFewDays(ValueError):
+    """Too few days to learn a tail map (``_fit_tail``): a history too short to train on."""
+
+
 def _fit_tail(z: np.ndarray, n_points: int) -> tuple[np.ndarray, np.ndarray]:
     """Tail map of z-scores ``z`` (M, N_STATS) (NaN = not measured): (N_STATS, Q) quantiles
     at survival probabilities ``exp(-tail_s)``, and the (Q,) increasing ``tail_s``. A
     statistic measured on fewer than 20 days gets a map that is never reached (surprise 0)."""
     counts = np.isfinite(z).sum(axis=0)
     usable = counts >= 20  # a statistic measured on fewer days stays silent (surprise 0)
-    assert usable.any(), f"need at least 20 days to calibrate tails, got {counts.max()}"
+    if not usable.any():
+        raise TooFewDays(f"the score calibration needs at least 20 days with every statistic "
+                         f"measured, and this history has {int(counts.max(initial=0))}")
     m = int(counts[usable].min())
     surv = np.geomspace(1.0, 1.0 / m, n_points)
     tail_z = np.stack([np.quantile(col[np.isfinite(col)], 1.0 - surv) if ok

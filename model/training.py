@@ -53,10 +53,25 @@ from meterwatch.model.calibration import FarCurve
 from meterwatch.model.detector import DayScores, Detector, ScoringConfig
 from meterwatch.model.features import ContextTables, ModelInputs, mask_context, model_inputs
 from meterwatch.model.network import ConditionalAutoencoder, ModelConfig
-from meterwatch.model.scoring import N_BLOCKS, N_STATS, Calibration
+from meterwatch.model.scoring import N_BLOCKS, N_STATS, Calibration, TooFewDays
 from meterwatch.model.state import HouseholdState, absorb
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDataError(ValueError):
+    """The history given to ``train_detector`` is too small to train and calibrate on."""
+
+
+#: What trains, measured with complete synthetic days (a history with gaps needs more).
+SMALLEST_HISTORY = "8 households x 8 days, 4 x 10, 3 x 20 or 1 x 80 complete days"
+
+
+def _too_little(ids: Sequence[str], day: np.ndarray, why: str) -> str:
+    n_days = int(day.max() - day.min() + 1) if len(day) else 0
+    return (f"too little history to train: {len(set(ids))} households over {n_days} days "
+            f"({len(ids)} household-days); {why}. Give more households or more days "
+            f"(the smallest that trains: {SMALLEST_HISTORY})")
 
 
 @dataclass(frozen=True)
@@ -485,6 +500,11 @@ def train_detector(
     -------
     Detector
         On ``config.device``; ``detector.info`` holds the training history.
+
+    Raises
+    ------
+    TrainingDataError
+        A history too small to train and calibrate on (``SMALLEST_HISTORY``).
     """
     cfg = config or TrainConfig()
     kwh = np.asarray(kwh, dtype=np.float32)
@@ -494,6 +514,8 @@ def train_detector(
     assert kwh.shape == (m, 48) and day.shape == (m,) and len(ids) == m, (
         kwh.shape, day.shape, len(ids))
     assert cfg.model.n_context == 15, cfg.model
+    if m == 0:
+        raise TrainingDataError(_too_little(ids, day, "there are no days"))
     set_seeds(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
@@ -521,7 +543,8 @@ def train_detector(
         is_val = rng.random(len(fit_rows)) < cfg.val_fraction
         train_rows, val_rows = fit_rows[~is_val], fit_rows[is_val]
         new_rows = np.arange(m)
-    assert len(train_rows) > 0 and len(val_rows) > 0, (len(train_rows), len(val_rows))
+    if len(train_rows) == 0 or len(val_rows) == 0:
+        raise TrainingDataError(_too_little(ids, day, "nothing is left to train or validate on"))
 
     # Step 2: levels as the stream would know them, some hidden; some context hidden.
     level = trailing_levels(kwh, day, ids, cfg.scoring)
@@ -561,7 +584,10 @@ def train_detector(
     while warm_from > 0 and (count >= warm_from).mean() < 0.5:
         warm_from = max(e for e in [0, *cfg.cold_edges] if e < warm_from)
     prior = det.calibration
-    det.calibration = prior.with_tails(scores.stat_z[count >= warm_from])
+    try:
+        det.calibration = prior.with_tails(scores.stat_z[count >= warm_from])
+    except TooFewDays as exc:
+        raise TrainingDataError(_too_little(ids, day, str(exc))) from None
 
     # Step 6: new households. Replay the unseen households as if the service met them
     # first on each of their days (from an empty state; with all, some or none of the

@@ -336,6 +336,7 @@ def _train(args: argparse.Namespace) -> int:
         generate,
         train_detector,
     )
+    from meterwatch.model.training import TrainingDataError
 
     model_cfg = ModelConfig.reference() if args.preset == "reference" else ModelConfig.default()
     cfg = TrainConfig(model=model_cfg, device=args.device, seed=args.seed,
@@ -368,6 +369,9 @@ def _train(args: argparse.Namespace) -> int:
     trainer_log.addHandler(bar)
     try:
         det = train_detector(kwh, day, ids, tables, cfg)
+    except TrainingDataError as exc:
+        raise UsageError(f"{'--households/--days' if args.synthetic else '--data'}: {exc}") \
+            from None
     finally:
         trainer_log.removeHandler(bar)
         bar.close()

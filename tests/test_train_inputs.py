@@ -1,0 +1,46 @@
+"""``meterwatch train`` on a history too small to train on: exit 2 and one line that names
+the input and says how much is enough (it was a traceback)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meterwatch.model import SyntheticConfig, generate, train_detector
+from meterwatch.model.training import SMALLEST_HISTORY, TrainConfig, TrainingDataError
+from tests.cli_helpers import meterwatch, one_line_error, write_layout
+
+
+@pytest.mark.parametrize(("households", "days"), [(1, 1), (2, 14)])
+def test_synthetic_history_too_small(households: int, days: int, tmp_path: Path) -> None:
+    line = one_line_error(meterwatch("train", "--synthetic", "--households", str(households),
+                                     "--days", str(days), "--max-epochs", "1",
+                                     "--out", str(tmp_path / "m.pt")))
+    assert line.startswith("meterwatch: error: --households/--days: too little history to "
+                           f"train: {households} households over {days} days"), line
+    assert SMALLEST_HISTORY in line
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_data_too_small_names_data(tmp_path: Path) -> None:
+    data = generate(SyntheticConfig(n_households=2, n_days=5, anomaly_rate=0.0, seed=3))
+    path = write_layout(data, "csv", tmp_path / "d")
+    line = one_line_error(meterwatch("train", "--data", str(path), "--max-epochs", "1",
+                                     "--out", str(tmp_path / "m.pt")))
+    assert line.startswith("meterwatch: error: --data: too little history to train: "
+                           "2 households over 5 days (10 household-days)"), line
+
+
+def test_smallest_history_quoted_trains() -> None:
+    """The sizes the message quotes do train; 8 households x 5 days does not."""
+    for households, days in ((8, 8), (4, 10)):
+        data = generate(SyntheticConfig(n_households=households, n_days=days,
+                                        anomaly_rate=0.0, seed=0))
+        ids, day, kwh, _ = data.long()
+        det = train_detector(kwh, day, ids, data.tables, TrainConfig(max_epochs=1))
+        assert det.threshold > 0
+    data = generate(SyntheticConfig(n_households=8, n_days=5, anomaly_rate=0.0, seed=0))
+    ids, day, kwh, _ = data.long()
+    with pytest.raises(TrainingDataError, match="too little history"):
+        train_detector(kwh, day, ids, data.tables, TrainConfig(max_epochs=1))
