@@ -129,15 +129,22 @@ class ScoringConfig:
     winsor_z: float = 3.0
     # Usable half-hours a day needs to update the household state.
     min_observed: int = 24
+    # The level ratio's z-score is taken relative to this times the previous day's (when
+    # the household's last scored day was yesterday), over sqrt(1 - level_ar ** 2):
+    # day-to-day level residuals correlate (0.3-0.6 on the shared LCL households); 0.4 by
+    # evaluation, docs/detection.md (checkpoints without this setting used 0).
+    level_ar: float = 0.4
 
     def __post_init__(self) -> None:
         assert 1 <= self.timing_blocks <= 12, self.timing_blocks
+        assert 0.0 <= self.level_ar < 1.0, self.level_ar
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ScoringConfig:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         kw.setdefault("timing_blocks", 12)  # written before the setting existed
+        kw.setdefault("level_ar", 0.0)  # likewise
         for key in ("min_stat_std", "per_household"):
             if key in kw:
                 kw[key] = tuple(kw[key])
@@ -514,19 +521,27 @@ class Detector:
         return np.stack([c, c, np.maximum(c - 1.0, 0.0),
                          np.maximum(c - self.scoring.min_profile_days, 0.0)], axis=1)
 
-    def zscores(self, stats: np.ndarray, state: HouseholdState) -> tuple[np.ndarray, ...]:
-        """Per-household z-scores of ``stats`` (N, N_STATS), shrunk towards the population
-        for households with few days (``Calibration.shrink``; a household's own statistics
-        count for as many days as each was measured on, ``stat_counts``).
-        Returns (z, blended mean, blended std)."""
+    def zscores(self, stats: np.ndarray, state: HouseholdState, day: np.ndarray
+                ) -> tuple[np.ndarray, ...]:
+        """Per-household z-scores of ``stats`` (N, N_STATS) of ``day`` (N,), shrunk towards
+        the population for households with few days (``Calibration.shrink``; a household's
+        own statistics count for as many days as each was measured on, ``stat_counts``);
+        the level ratio's relative to ``level_ar`` times yesterday's (``ratio_z_last``).
+        Returns (z, blended mean, blended std, the level ratio's signed z before that)."""
         sc, cal = self.scoring, self.calibration
         c = self.stat_counts(state.count) * np.asarray(sc.per_household, np.float32)
         h_mean, h_var = state.stat_moments()
         mean, var = cal.shrink(c, h_mean, h_var, sc.prior_days)
         std = np.sqrt(np.maximum(var, np.asarray(sc.min_stat_std, np.float32) ** 2))
         z = (stats - mean) / std
+        level_z = z[:, 2].astype(np.float32)
+        if sc.level_ar:
+            phi = np.float32(sc.level_ar)
+            follows = (state.last_day == np.asarray(day) - 1) & (state.last_day > 0)
+            z[:, 2] = np.where(follows, (level_z - phi * state.ratio_z_last)
+                               / np.sqrt(1 - phi * phi), level_z)
         z[:, 2] = np.abs(z[:, 2])  # the level ratio is unusual in both directions
-        return z.astype(np.float32), mean, std
+        return z.astype(np.float32), mean, std, level_z
 
     def score(
         self,
@@ -572,7 +587,7 @@ class Detector:
 
         inp = model_inputs(kwh, day, household_ids, state.level, tables, sc.max_kwh)
         ds = self.statistics(inp, state)
-        z, mean, std = self.zscores(ds.stats, state)
+        z, mean, std, level_z = self.zscores(ds.stats, state, day)
         model_score = self.calibration.model_score(z, state.count)
 
         flags: QualityFlags = check(
@@ -612,6 +627,11 @@ class Detector:
                        sc.err_alpha, sc.fault_alpha, sc.alert_level_clip,
                        sc.alert_profile_weight, stat_counts=counts[alerts])
             new_state.put(alerts, a)
+        # the level z-score this day leaves for the next (``level_ar``), winsorised
+        measured = enough & np.isfinite(level_z)
+        new_state.ratio_z_last = np.where(measured, np.clip(level_z, -sc.winsor_z, sc.winsor_z),
+                                          0.0).astype(np.float32)
+        new_state.last_day = np.where(measured, day, 0).astype(np.int32)
         return DayScores(
             score=score,
             raw_error=ds.raw_error,

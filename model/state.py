@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 _STAT_FIELDS = (("err_mean", "err_var"), ("peak_mean", "peak_var"),
                 ("ratio_mean", "ratio_var"), ("timing_mean", "timing_var"))
 _PROFILE_FIELDS = ("profile_mean", "profile_var")
+_INT_FIELDS = ("count", "last_day")
 
 
 def _shape(name: str, n: int) -> tuple[int, ...]:
@@ -34,16 +35,17 @@ def _shape(name: str, n: int) -> tuple[int, ...]:
 
 #: How a store of many households keeps each field between days (the stream's household
 #: table): the (N, 12) time-of-day profile in float16 (half the bytes; a log share of a
-#: two-hour block needs no more than float16's 3 significant digits), everything else as
+#: two-hour block needs no more than float16's 3 significant digits) and the last level
+#: z-score in float16 too (winsorised at a few units), everything else as
 #: ``HouseholdState`` computes it. ``HouseholdState`` itself always computes in float32: a
 #: store's columns are converted when they are read into one and rounded when written back.
 #: The effect on scores is bounded by ``tests/test_assembler.py``.
 STORAGE_DTYPES: dict[str, np.dtype] = {
-    name: np.dtype(np.float16 if name in _PROFILE_FIELDS
-                   else np.int32 if name == "count" else np.float32)
+    name: np.dtype(np.float16 if name in _PROFILE_FIELDS or name == "ratio_z_last"
+                   else np.int32 if name in _INT_FIELDS else np.float32)
     for name in ("level", "err_mean", "err_var", "count", "peak_mean", "peak_var",
                  "ratio_mean", "ratio_var", "fault_rate", "timing_mean", "timing_var",
-                 *_PROFILE_FIELDS)}
+                 *_PROFILE_FIELDS, "ratio_z_last", "last_day")}
 
 
 def storage_columns(n: int) -> dict[str, np.ndarray]:
@@ -79,6 +81,12 @@ class HouseholdState:
     fault_rate
         float32: recent share of days on which a data-quality rule (zero run, flat run)
         fired; a household where that is routine is not alerted for it.
+    ratio_z_last, last_day
+        float32 and int32: the signed z-score of the level ratio on the household's last
+        scored day (winsorised; NaN = not measured) and that day (days since 1970-01-01;
+        0 = none). Day-to-day level residuals are correlated (a cold spell, guests staying):
+        the next day's level z-score is taken relative to ``ScoringConfig.level_ar`` times
+        this one (``Detector.zscores``).
 
     Fields after ``count`` have defaults, so ``HouseholdState(level, err_mean, err_var,
     count)`` works; stores should keep every field (``dataclasses.fields``; ``row`` /
@@ -105,12 +113,14 @@ class HouseholdState:
     timing_var: np.ndarray = None  # type: ignore[assignment]
     profile_mean: np.ndarray = None  # type: ignore[assignment]
     profile_var: np.ndarray = None  # type: ignore[assignment]
+    ratio_z_last: np.ndarray = None  # type: ignore[assignment]
+    last_day: np.ndarray = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         n = len(self.level)
         for f in fields(self):
             value = getattr(self, f.name)
-            dtype = np.int32 if f.name == "count" else np.float32
+            dtype = np.int32 if f.name in _INT_FIELDS else np.float32
             if value is None:
                 value = np.zeros(_shape(f.name, n), dtype)
             setattr(self, f.name, np.asarray(value, dtype=dtype))

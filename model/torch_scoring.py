@@ -254,6 +254,7 @@ class _Static:
     flat_run: Tensor  # (N,) bool
     impossible: Tensor  # (N,) bool
     missing: Tensor  # (N,) bool
+    day: Tensor  # (N,) int64 days since 1970-01-01
 
 
 def _static(det: Detector, kwh_np: np.ndarray, day_np: np.ndarray,
@@ -306,7 +307,7 @@ def _static(det: Detector, kwh_np: np.ndarray, day_np: np.ndarray,
     flat_run = run_lengths(same).amax(dim=1) >= sc.flat_run_slots - 1
     return _Static(kwh=kwh, observed=observed, n_obs=n_obs, day_mean=day_mean, context=ctx,
                    zero_any=zero_any, flat_run=flat_run,
-                   impossible=n_obs + n_nan < N_SLOTS, missing=n_nan > 0)
+                   impossible=n_obs + n_nan < N_SLOTS, missing=n_nan > 0, day=day)
 
 
 class PinnedArena:
@@ -344,7 +345,7 @@ class PinnedArena:
 
 _ARENAS: weakref.WeakKeyDictionary[Any, PinnedArena] = weakref.WeakKeyDictionary()
 #: Host bytes one household-day takes in a batch's staged inputs (readings, day, state).
-STAGED_BYTES_PER_DAY = 4 * (N_SLOTS + 2 + 11 + 2 * N_BLOCKS) + 8 * 4
+STAGED_BYTES_PER_DAY = 4 * (N_SLOTS + 2 + 13 + 2 * N_BLOCKS) + 8 * 4
 
 
 def arena(det: Detector) -> PinnedArena:
@@ -504,6 +505,13 @@ def _step(det: Detector, k: _Constants, s: _Static, st: dict[str, Tensor]
         var = own_v + within / (c + kk)
     std = torch.sqrt(torch.maximum(var, k.min_stat_std2))
     z = (stats - mean) / std
+    level_z = z[:, 2].clone()
+    if sc.level_ar:
+        phi = sc.level_ar
+        last = st["last_day"]
+        follows = (last.long() == s.day - 1) & (last > 0)
+        z[:, 2] = torch.where(follows, (level_z - phi * st["ratio_z_last"])
+                              / math.sqrt(1.0 - phi * phi), level_z)
     z[:, 2] = z[:, 2].abs()
 
     # surprises and the model score (Calibration.model_score)
@@ -549,6 +557,9 @@ def _step(det: Detector, k: _Constants, s: _Static, st: dict[str, Tensor]
     capped = torch.minimum(torch.maximum(stats, mean - w), mean + w)
     capped = torch.where(torch.isnan(stats), stats, capped)
     new = _absorb(st, s.day_mean, capped, shares, enough, fault, counts, det, is_alert)
+    measured = enough & torch.isfinite(level_z)
+    new["ratio_z_last"] = torch.where(measured, level_z.clamp(-sc.winsor_z, sc.winsor_z), 0.0)
+    new["last_day"] = torch.where(measured, s.day, 0).to(st["last_day"].dtype)
     out = {"score": score, "raw_error": sq.sum(dim=1) / n_obs, "model_score": model_score,
            "stat_z": z, "stats": stats, "is_alert": is_alert,
            "expected": expected, "slot_error": sq / n_obs[:, None], "signals": signals,
@@ -579,7 +590,8 @@ def ranks(keys: np.ndarray, day: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _state_tensors(state: HouseholdState | dict[str, np.ndarray], device: torch.device,
                    staging: PinnedArena | None = None) -> dict[str, Tensor]:
     get = state.get if isinstance(state, dict) else (lambda f: getattr(state, f))
-    return {f: _tensor(get(f), np.int32 if f == "count" else np.float32, device, staging)
+    return {f: _tensor(get(f), np.int32 if f in ("count", "last_day") else np.float32, device,
+                       staging)
             for f in STATE_FIELDS}
 
 

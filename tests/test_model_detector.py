@@ -280,3 +280,43 @@ def test_observe_recalibrates_from_recent_scores(detector, data) -> None:
     assert changed and det.threshold < high
     rate = float((clean.score >= det.threshold).mean())
     assert 0.01 / 1.5 <= rate <= 0.01 * 1.5, rate
+
+
+def test_level_z_follows_yesterday(detector, data, warm) -> None:
+    """``level_ar``: the day after the history, the level z-score is taken relative to
+    ``level_ar`` times yesterday's (carried in the state); after a gap it is not; a checkpoint
+    written before the setting scores as it did (0)."""
+    from dataclasses import replace
+
+    from meterwatch.model.detector import ScoringConfig
+
+    kwh, day, ids = _test_day(data, 0)
+    assert np.all(warm.last_day == day - 1)  # the replay left yesterday's level z-score
+    assert np.all(np.abs(warm.ratio_z_last) <= detector.scoring.winsor_z)
+    assert np.count_nonzero(warm.ratio_z_last) > len(warm) // 2
+    phi = detector.scoring.level_ar
+    assert phi == 0.4
+    out = detector.score(kwh, day, ids, warm)
+    gap = warm.copy()
+    gap.last_day -= 1  # the last scored day was two days ago
+    plain = detector.score(kwh, day, ids, gap)
+    signed = _signed_level_z(detector, kwh, day, ids, gap)
+    np.testing.assert_allclose(np.abs(signed), plain.stat_z[:, 2], atol=1e-6)
+    expect = np.abs((signed - phi * warm.ratio_z_last) / np.sqrt(1 - phi**2))
+    np.testing.assert_allclose(out.stat_z[:, 2], expect, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out.stat_z[:, [0, 1, 3]], plain.stat_z[:, [0, 1, 3]])
+    assert np.all(out.state.last_day == day)
+    np.testing.assert_allclose(out.state.ratio_z_last, np.clip(signed, -3, 3), atol=1e-5)
+    assert ScoringConfig.from_dict({}).level_ar == 0.0  # older checkpoints
+    old = Detector(detector.model, threshold=detector.threshold,
+                   calibration=detector.calibration,
+                   scoring=replace(detector.scoring, level_ar=0.0), device="cpu")
+    np.testing.assert_allclose(old.score(kwh, day, ids, warm).stat_z, plain.stat_z, atol=1e-6)
+
+
+def _signed_level_z(det: Detector, kwh, day, ids, state) -> np.ndarray:
+    """The level ratio's z-score before its sign is dropped (no ``level_ar`` term)."""
+    from meterwatch.model.features import model_inputs
+
+    inp = model_inputs(kwh, day, ids, state.level, None, det.scoring.max_kwh)
+    return det.zscores(det.statistics(inp, state).stats, state, day)[3]
