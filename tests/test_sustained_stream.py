@@ -35,7 +35,7 @@ def _iso(day: int) -> str:
     return (_EPOCH + dt.timedelta(days=int(day))).isoformat()
 
 
-def _data(households: int, days: int, cut_from: int, seed: int = 7):  # type: ignore[no-untyped-def]
+def _data(households: int, days: int, cut_from: int, seed: int = 7):
     data = generate(SyntheticConfig(n_households=households, n_days=days, anomaly_rate=0.0,
                                     seed=seed))
     data.kwh[0, cut_from:] = persistent_change(data.kwh[0, cut_from:], "evening_cut",
@@ -104,7 +104,7 @@ def test_change_record_is_valid_and_named_by_its_day_score() -> None:
 
 @pytest.mark.integration
 async def test_evening_cut_is_found_through_the_service_across_a_crash(
-        broker, detector_path, tmp_path):  # type: ignore[no-untyped-def]
+        broker, detector_path, tmp_path):
     cut = 40
     data = _data(6, 60, cut_from=cut)
     settings = unique_settings(broker)
