@@ -81,12 +81,19 @@ def breakdown(asm: Any, n: int) -> list[dict[str, Any]]:
         f"{ix._arena_used:,} bytes used")
     add("household table", "open_row/closed_max/seq (int32), reads (uint8)",
         hh.open_row.nbytes + hh.closed_max.nbytes + hh.seq.nbytes + hh.reads.nbytes)
-    scal = {k: v for k, v in hh.state.items() if v.ndim == 1}
-    vec = {k: v for k, v in hh.state.items() if v.ndim > 1}
+    from meterwatch.model.sustained import COLUMN_PREFIX, STATE_BYTES
+
+    day_model = {k: v for k, v in hh.state.items() if not k.startswith(COLUMN_PREFIX)}
+    scal = {k: v for k, v in day_model.items() if v.ndim == 1}
+    vec = {k: v for k, v in day_model.items() if v.ndim > 1}
+    sus = {k: v for k, v in hh.state.items() if k.startswith(COLUMN_PREFIX)}
     add("household table", f"model state: {len(scal)} scalar columns (float32/int32)",
         sum(v.nbytes for v in scal.values()), ", ".join(scal))
     add("household table", f"model state: {len(vec)} (N, 12) columns (float16)",
         sum(v.nbytes for v in vec.values()), ", ".join(vec))
+    add("household table", f"sustained state: {len(sus)} columns, {STATE_BYTES} B "
+        "(float16, int16, uint16 days)", sum(v.nbytes for v in sus.values()),
+        ", ".join(k.removeprefix(COLUMN_PREFIX) for k in sus))
     return rows
 
 

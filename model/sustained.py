@@ -37,10 +37,16 @@ crossed), the statistic, its direction and the size of the shift (in the statist
 and in z). After an alert the household learns its new regime from scratch (a new warm-up)
 and stays quiet for ``cooldown_days``.
 
-State per household: ``SustainedState``, 100 bytes of float32/int32/int16 arrays,
-serialisable with ``to_doc``/``from_docs`` (and ``storage_columns`` for a store of many
-households). ``update`` is pure, like ``Detector.score``: it returns the new state and never
-modifies its inputs.
+Heating switched off in spring is no change: with the day's temperature (``update``'s
+``temperature``, from the service's weather), each household learns how much its daily
+total follows the heating degree days; a ``scaled_down`` or ``vacant`` candidate that came
+with weather that much warmer, in a household that heats with electricity, is the season:
+the household learns its new level without an alert (``SustainedConfig.heat_warming``).
+
+State per household: ``SustainedState`` (float32/int32 while updating), serialisable with
+``to_doc``/``from_docs``; a store of many households keeps it in 62 bytes of float16,
+int16 and uint16 columns (``storage_columns``, ``STORAGE_DTYPES``). ``update`` is pure,
+like ``Detector.score``: it returns the new state and never modifies its inputs.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
+
+from meterwatch.model.features import ContextTables
 
 SUSTAINED_STATS: tuple[str, ...] = ("total", "evening", "night_min", "zero_night")
 N_SUSTAINED = len(SUSTAINED_STATS)
@@ -143,10 +151,27 @@ class SustainedConfig:
     # the others keep learning from days within learn_z (seasons move the daily total and
     # the night base slowly; a frozen baseline would turn that into a change).
     freeze: tuple[bool, ...] = (False, False, False, False)
+    # Heating. A day's heating degree days: hdd_base - its mean temperature, at least 0.
+    # How much a household's daily total follows them: the slope of a regression learnt
+    # online from its in-control days with weather (EW covariance of the log total with
+    # the degree days / (their EW variance + temp_ridge), at least 0).
+    hdd_base: float = 15.5
+    # Weight of the newest day in the regression's mean, variance and covariance.
+    temp_alpha: float = 1 / 56
+    # Shrinks the slope when the degree days hardly varied (in degree-days squared).
+    temp_ridge: float = 10.0
+    # Heating switched off: a scaled_down or vacant candidate whose run came with warmer
+    # weather (the run's degree days on average at least heat_warming below the
+    # baseline's) in a household whose daily total follows the degree days (slope at
+    # least heat_slope, log units per degree day) is the season, not a change: the
+    # household learns its new level from scratch (a warm-up) without an alert. Days
+    # without weather add nothing to the run's warming. inf: off.
+    heat_warming: float = 6.0
+    heat_slope: float = 0.015
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("min_std", "min_shift", "min_size", "freeze"):
+        for key in _TUPLE_FIELDS:
             d[key] = list(d[key])
         return d
 
@@ -154,12 +179,13 @@ class SustainedConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> SustainedConfig:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
-        for key in ("min_std", "min_shift", "min_size", "freeze"):
+        for key in _TUPLE_FIELDS:
             if key in kw:
                 kw[key] = tuple(kw[key])
         return cls(**kw)
 
 
+_TUPLE_FIELDS = ("min_std", "min_shift", "min_size", "freeze")
 _NEVER = -(2**30)
 
 
@@ -176,13 +202,19 @@ class SustainedState:
     run_sum: np.ndarray  # float32 (N, S): sum of the run's deviations from the baseline
     evening_total: np.ndarray  # float32: sum of the daily total's fall over the evening run
     last_alert: np.ndarray  # int32: day of the household's last alert
+    hdd_mean: np.ndarray  # float32: EW mean of the heating degree days of the learnt days
+    hdd_var: np.ndarray  # float32: their EW variance
+    hdd_cov: np.ndarray  # float32: EW covariance of the daily total (log) with them
+    hdd_run: np.ndarray  # float32: sum of the degree days' fall over the total's run
 
     @classmethod
     def empty(cls, n: int) -> SustainedState:
         z = np.zeros((n, N_SUSTAINED), np.float32)
         return cls(np.zeros(n, np.int32), z.copy(), z.copy(), z.copy(),
                    np.zeros((n, N_SUSTAINED), np.int32), np.zeros((n, N_SUSTAINED), np.int16),
-                   z.copy(), np.zeros(n, np.float32), np.full(n, _NEVER, np.int32))
+                   z.copy(), np.zeros(n, np.float32), np.full(n, _NEVER, np.int32),
+                   np.zeros(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.float32),
+                   np.zeros(n, np.float32))
 
     def __len__(self) -> int:
         return len(self.count)
@@ -207,7 +239,8 @@ class SustainedState:
             if doc is None:
                 continue
             for f in fields(out):
-                getattr(out, f.name)[i] = np.asarray(doc[f.name])
+                if f.name in doc:  # (older documents have no hdd_*: no regression yet)
+                    getattr(out, f.name)[i] = np.asarray(doc[f.name])
         return out
 
 
@@ -216,29 +249,73 @@ class SustainedState:
 COLUMN_PREFIX = "sustained_"
 
 
+#: How each field is stored (``storage_columns``): the update computes in float32/int32,
+#: a store keeps float16 (about 3 significant digits: a log level to 0.002, against
+#: standard deviations of at least 0.08), int16 day counts and uint16 days since
+#: 1970-01-01 (valid to 2149-06-06; 0 for "never" in ``last_alert``, whose update cannot
+#: alert on day 0). ``STATE_BYTES`` a household.
+STORAGE_DTYPES: dict[str, np.dtype] = {
+    "count": np.dtype(np.int16), "mean": np.dtype(np.float16), "var": np.dtype(np.float16),
+    "cusum": np.dtype(np.float16), "start": np.dtype(np.uint16),
+    "run_len": np.dtype(np.int16), "run_sum": np.dtype(np.float16),
+    "evening_total": np.dtype(np.float16), "last_alert": np.dtype(np.uint16),
+    "hdd_mean": np.dtype(np.float16), "hdd_var": np.dtype(np.float16),
+    "hdd_cov": np.dtype(np.float16), "hdd_run": np.dtype(np.float16)}
+_F16_MAX = float(np.finfo(np.float16).max)
+
+
+def to_storage(name: str, values: np.ndarray) -> np.ndarray:
+    """Field ``name``'s values as stored (``STORAGE_DTYPES``): integers clipped to the
+    type's range (never wrapped), floats to float16's (never infinite)."""
+    dtype = STORAGE_DTYPES[name]
+    v = np.asarray(values)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return np.clip(v, info.min, info.max).astype(dtype)
+    return np.clip(v, -_F16_MAX, _F16_MAX).astype(dtype)
+
+
+def from_storage(name: str, values: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """Inverse of ``to_storage`` into the dtype of ``like`` (the update's)."""
+    out = np.asarray(values).astype(like.dtype)
+    if name == "last_alert":
+        out[out == 0] = _NEVER
+    return out
+
+
 def storage_columns(n: int) -> dict[str, np.ndarray]:
-    """The sustained state of ``n`` new households as named columns (``COLUMN_PREFIX``),
-    ``STATE_BYTES`` a household."""
+    """The sustained state of ``n`` new households as named columns (``COLUMN_PREFIX``,
+    ``STORAGE_DTYPES``), ``STATE_BYTES`` a household."""
     fresh = SustainedState.empty(n)
-    return {COLUMN_PREFIX + f.name: getattr(fresh, f.name) for f in fields(SustainedState)}
+    return {COLUMN_PREFIX + f.name: to_storage(f.name, getattr(fresh, f.name))
+            for f in fields(SustainedState)}
 
 
 #: Bytes of one household's sustained state in a store (``storage_columns``).
-STATE_BYTES = sum(a.itemsize * int(np.prod(a.shape[1:])) for a in
-                  (getattr(SustainedState.empty(1), f.name) for f in fields(SustainedState)))
+STATE_BYTES = sum(a.itemsize * int(np.prod(a.shape[1:])) for a in storage_columns(1).values())
+_EMPTY = SustainedState.empty(1)
 
 
 def from_columns(columns: Mapping[str, np.ndarray], idx: np.ndarray) -> SustainedState:
     """Rows ``idx`` of a store's columns (``storage_columns``) as a ``SustainedState``."""
-    return SustainedState(**{f.name: np.array(columns[COLUMN_PREFIX + f.name][idx])
+    return SustainedState(**{f.name: from_storage(f.name, columns[COLUMN_PREFIX + f.name][idx],
+                                                  getattr(_EMPTY, f.name))
                              for f in fields(SustainedState)})
 
 
 def to_columns(state: SustainedState, columns: Mapping[str, np.ndarray], idx: np.ndarray
                ) -> None:
-    """Write ``state`` into rows ``idx`` of a store's columns (in place)."""
+    """Write ``state`` into rows ``idx`` of a store's columns (in place, ``to_storage``)."""
     for f in fields(SustainedState):
-        columns[COLUMN_PREFIX + f.name][idx] = getattr(state, f.name)
+        columns[COLUMN_PREFIX + f.name][idx] = to_storage(f.name, getattr(state, f.name))
+
+
+def stored(state: SustainedState) -> SustainedState:
+    """``state`` as a store gives it back (rounded to ``STORAGE_DTYPES``)."""
+    return SustainedState(**{
+        f.name: from_storage(f.name, to_storage(f.name, getattr(state, f.name)),
+                             getattr(_EMPTY, f.name))
+        for f in fields(SustainedState)})
 
 
 @dataclass
@@ -284,10 +361,11 @@ class SustainedDetector:
         half = 0.5 * np.asarray(self.config.min_shift, np.float32)
         return np.maximum(self.config.k, half / std).astype(np.float32)
 
-    def update(self, kwh: np.ndarray, day: np.ndarray, state: SustainedState
-               ) -> SustainedResult:
+    def update(self, kwh: np.ndarray, day: np.ndarray, state: SustainedState,
+               temperature: np.ndarray | None = None) -> SustainedResult:
         """One day of N households (each at most once): (N, 48) kWh, (N,) days, their
-        state before the day. Days with too few readings leave the state unchanged."""
+        state before the day, and optionally (N,) the day's mean temperature in °C (NaN:
+        unknown). Days with too few readings leave the state unchanged."""
         cfg = self.config
         day = np.asarray(day, np.int32)
         n = len(day)
@@ -299,6 +377,18 @@ class SustainedDetector:
         s.mean[first] = f[first]
         s.var[first] = 0.0
         std = np.sqrt(np.maximum(s.var, np.asarray(cfg.min_std, np.float32) ** 2))
+        # heating: the day's degree days against the household's learnt ones; the slope
+        # of its daily total on them
+        hdd = (np.maximum(cfg.hdd_base - np.asarray(temperature, np.float32), 0.0)
+               if temperature is not None else np.full(n, np.nan, np.float32))
+        warm = ok & np.isfinite(hdd)
+        hdd = np.where(warm, hdd, 0.0).astype(np.float32)
+        fresh_t = warm & (s.count == 0)
+        s.hdd_mean[fresh_t] = hdd[fresh_t]
+        s.hdd_var[fresh_t] = 0.0
+        s.hdd_cov[fresh_t] = 0.0
+        dx = np.where(warm, hdd - s.hdd_mean, 0.0).astype(np.float32)
+        slope = np.maximum(s.hdd_cov / (s.hdd_var + cfg.temp_ridge), 0.0)
         # z towards each statistic's watched direction
         z = np.clip((f - s.mean) / std, -cfg.z_cap, cfg.z_cap) * DIRECTION
         z = np.where(ok[:, None], z, 0.0).astype(np.float32)
@@ -319,6 +409,10 @@ class SustainedDetector:
         s.evening_total = np.where(armed, np.where(
             new[:, _EVE] > 0, np.where(started[:, _EVE], 0.0, s.evening_total)
             + dev_dir[:, _TOT], 0.0), s.evening_total).astype(np.float32)
+        # the weather's warming over the total's run (degree days below the baseline's)
+        s.hdd_run = np.where(armed, np.where(
+            new[:, _TOT] > 0, np.where(started[:, _TOT], 0.0, s.hdd_run) - dx, 0.0),
+            s.hdd_run).astype(np.float32)
         s.cusum = np.where(a2, new, s.cusum).astype(np.float32)
 
         # learn the baseline from in-control days only
@@ -329,6 +423,18 @@ class SustainedDetector:
         w = np.maximum(cfg.alpha, 1.0 / (s.count + 1.0))[:, None]
         dev = np.where(np.isfinite(f), f - s.mean, 0.0)
         dev_c = np.clip(dev, -cfg.learn_z * std, cfg.learn_z * std)
+        # the regression: degree days of the learnt days (any statistic learnt) and the
+        # daily total's covariance with them (its deviation, clipped, when it is learnt)
+        wt = np.maximum(cfg.temp_alpha, 1.0 / (s.count + 1.0))
+        learn_t = learn[:, _TOT] & warm
+        dy = np.clip(dev[:, _TOT], -cfg.learn_z * std[:, _TOT] - slope * np.abs(dx),
+                     cfg.learn_z * std[:, _TOT] + slope * np.abs(dx))
+        s.hdd_cov = np.where(learn_t, (1 - wt) * (s.hdd_cov + wt * dx * dy),
+                             s.hdd_cov).astype(np.float32)
+        learn_x = (learn & warm[:, None]).any(axis=1)
+        s.hdd_var = np.where(learn_x, (1 - wt) * (s.hdd_var + wt * dx**2), s.hdd_var
+                             ).astype(np.float32)
+        s.hdd_mean = np.where(learn_x, s.hdd_mean + wt * dx, s.hdd_mean).astype(np.float32)
         s.var = np.where(learn, (1 - w) * (s.var + w * dev_c**2), s.var).astype(np.float32)
         s.mean = np.where(learn, s.mean + w * dev_c, s.mean).astype(np.float32)
         s.count = np.where(ok, s.count + 1, s.count).astype(np.int32)
@@ -352,6 +458,11 @@ class SustainedDetector:
                   & (nmin <= tot + cfg.scaled_tolerance) & (tot >= min_size[2]))
         vacant = ((s.cusum[:, _TOT] > cfg.h_vacant) & armed & ~scaled
                   & (s.cusum[:, _NMIN] <= cfg.h / 2) & (tot >= min_size[3]))
+        # heating switched off with the season: no change, a new regime to learn
+        heat_off = ((scaled | vacant) & (slope >= cfg.heat_slope)
+                    & (s.hdd_run / run[:, _TOT] >= cfg.heat_warming))
+        scaled &= ~heat_off
+        vacant &= ~heat_off
         # an evening cut: less use in the evening, the rest of the day left as it was
         eve_tot = s.evening_total / run[:, _EVE]
         evening = (over[:, _EVE] & (size[:, _EVE] >= min_size[0])
@@ -373,11 +484,13 @@ class SustainedDetector:
         # cooldown); its runs end
         moved = changed & alert[:, None]
         start = s.start[r, k]
-        s.count[alert] = 0
-        s.cusum[alert] = 0.0
-        s.run_len[alert] = 0
-        s.run_sum[alert] = 0.0
-        s.evening_total[alert] = 0.0
+        again = alert | (heat_off & ~sig_hit.any(axis=1))
+        s.count[again] = 0
+        s.cusum[again] = 0.0
+        s.run_len[again] = 0
+        s.run_sum[again] = 0.0
+        s.evening_total[again] = 0.0
+        s.hdd_run[again] = 0.0
         s.last_alert = np.where(alert, day, s.last_alert).astype(np.int32)
         return SustainedResult(alert=alert, signature=signature, stat=stat,
                                start_day=np.where(alert, start, 0).astype(np.int32),
@@ -387,38 +500,61 @@ class SustainedDetector:
                                                 ).astype(np.float32),
                                changed=moved, state=s)
 
-    def replay(self, kwh: np.ndarray, day: np.ndarray) -> tuple[SustainedResult, SustainedState]:
-        """One household's days (D, 48), (D,) in increasing order, from an empty state.
-        Returns the stacked per-day results (their ``state`` is the final one) and it."""
+    def replay(self, kwh: np.ndarray, day: np.ndarray, temperature: np.ndarray | None = None,
+               *, rounded: bool = True) -> tuple[SustainedResult, SustainedState]:
+        """One household's days (D, 48), (D,) in increasing order (and their (D,) mean
+        temperatures, NaN: unknown), from an empty state; with ``rounded``, the state is
+        rounded to its storage after every day, as in the service (``stored``). Returns the
+        stacked per-day results (their ``state`` is the final one) and it."""
         kwh = np.asarray(kwh, np.float32)
         day = np.asarray(day, np.int32)
         assert len(day) < 2 or bool(np.all(np.diff(day) > 0)), "days must increase"
         state = SustainedState.empty(1)
         parts: list[SustainedResult] = []
         for i in range(len(day)):
-            res = self.update(kwh[i:i + 1], day[i:i + 1], state)
-            state = res.state
+            res = self.update(kwh[i:i + 1], day[i:i + 1], state,
+                              None if temperature is None else temperature[i:i + 1])
+            state = stored(res.state) if rounded else res.state
             parts.append(res)
         cat = {f.name: np.concatenate([getattr(p, f.name) for p in parts])
                for f in fields(SustainedResult) if f.name != "state"}
         return SustainedResult(**cat, state=state), state
 
-    def replay_many(self, kwh: np.ndarray, days: np.ndarray) -> np.ndarray:
+    def replay_many(self, kwh: np.ndarray, days: np.ndarray,
+                    temperature: np.ndarray | None = None, *, rounded: bool = True
+                    ) -> np.ndarray:
         """S series of the same days, (S, D, 48) kWh (NaN = missing) and (D,) increasing
-        days, each from an empty state. Returns int32 (S, D, 4): per day, the alert flag,
-        the statistic (-1: none), the estimated start day and the signature (-1: none)."""
+        days (and their (D,) mean temperatures), each from an empty state (``rounded``:
+        as ``replay``). Returns int32
+        (S, D, 4): per day, the alert flag, the statistic (-1: none), the estimated start
+        day and the signature (-1: none)."""
         kwh = np.asarray(kwh, np.float32)
         n, d = kwh.shape[:2]
         out = np.zeros((n, d, 4), np.int32)
         state = SustainedState.empty(n)
         for j in range(d):
-            res = self.update(kwh[:, j], np.full(n, days[j], np.int32), state)
-            state = res.state
+            res = self.update(kwh[:, j], np.full(n, days[j], np.int32), state,
+                              None if temperature is None
+                              else np.full(n, temperature[j], np.float32))
+            state = stored(res.state) if rounded else res.state
             out[:, j, 0] = res.alert
             out[:, j, 1] = res.stat
             out[:, j, 2] = res.start_day
             out[:, j, 3] = res.signature
         return out
+
+
+def daily_temperature(tables: ContextTables | None, day: np.ndarray) -> np.ndarray:
+    """(N,) float32 mean of each day's highest and lowest temperature (°C) from the weather
+    of ``tables`` (``model.features.ContextTables``); NaN where the day has none."""
+    day = np.asarray(day, np.int32)
+    out = np.full(len(day), np.nan, np.float32)
+    if tables is None or not len(tables.weather_day):
+        return out
+    i = np.clip(np.searchsorted(tables.weather_day, day), 0, len(tables.weather_day) - 1)
+    hit = tables.weather_day[i] == day
+    out[hit] = (tables.temp_max[i[hit]] + tables.temp_min[i[hit]]) / 2
+    return out
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -446,6 +582,8 @@ def evaluate_sustained(
     duration: int = 56,
     within: int = 7,
     seed: int = 0,
+    tables: ContextTables | None = None,
+    rounded: bool = True,
 ) -> dict[str, Any]:
     """Detection of injected persistent changes and false alerts on clean data.
 
@@ -455,6 +593,8 @@ def evaluate_sustained(
     for the change), ``model.inject.persistent_change`` from the start day for
     ``duration`` days; detected when an alert falls on one of the first ``within`` days
     (start day included). Alerts before the start day are counted with the clean ones.
+    ``tables``: the weather (``daily_temperature``); without it no day has a temperature.
+    ``rounded``: the state rounded to its storage after every day, as in the service.
     """
     from meterwatch.model.inject import PERSISTENT_TYPES, persistent_change
 
@@ -462,7 +602,8 @@ def evaluate_sustained(
     cfg = det.config
     grid, days, _ = household_grid(kwh, day, household_ids)
     n_h, n_d = grid.shape[:2]
-    clean = det.replay_many(grid, days)
+    temp = daily_temperature(tables, days)
+    clean = det.replay_many(grid, days, temp, rounded=rounded)
     observed = np.isfinite(grid).sum(axis=2) >= 40
     months = float(observed.sum()) / 30.44
     false = int(clean[:, :, 0].sum())
@@ -479,7 +620,7 @@ def evaluate_sustained(
                 g[s0:s0 + duration] = persistent_change(g[s0:s0 + duration], t, rng)
                 series.append(g)
                 meta.append((t, h, int(s0)))
-    res = det.replay_many(np.stack(series), days)
+    res = det.replay_many(np.stack(series), days, temp, rounded=rounded)
     per_type: dict[str, dict[str, Any]] = {}
     delays: dict[str, list[int]] = {t: [] for t in PERSISTENT_TYPES}
     start_err: dict[str, list[int]] = {t: [] for t in PERSISTENT_TYPES}

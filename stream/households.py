@@ -10,7 +10,7 @@ Everything is columnar, with no Python object per household (1 M households cost
   its newest closed day and closed-day count (``seq``), and the model's running state
   (``model.state.STORAGE_DTYPES``: the time-of-day profile in float16, the rest float32),
   and the sustained-change detector's state (``model.sustained.storage_columns``, columns
-  ``sustained_*``, 100 bytes; ``stream.sustained``).
+  ``sustained_*``, 62 bytes: float16, int16 and uint16 days; ``stream.sustained``).
 
 Days of a household close in date order (``stream.assembler``), so "closed" is one number
 per household: every day up to ``closed_max`` is closed (or will never be opened again).
@@ -497,4 +497,10 @@ def _load_row(columns: dict[str, np.ndarray], i: int, doc: dict) -> None:
                 v = [doc.get(f"{name}_{k}") for k in range(col.shape[1])]
             else:
                 continue
-        col[i] = np.array(v, dtype=np.float64)  # None inside a list becomes NaN
+        a = np.array(v, dtype=np.float64)  # None inside a list becomes NaN
+        if col.dtype.kind in "iu":  # a compact column (``model.sustained.STORAGE_DTYPES``)
+            info = np.iinfo(col.dtype)  # holds what fits: clipped, never wrapped (state
+            a = np.clip(a, info.min, info.max)  # written before it: int32 days, -2**30)
+        elif col.dtype == np.float16:
+            a = np.clip(a, -65504.0, 65504.0)
+        col[i] = a

@@ -662,7 +662,7 @@ class Service:
             for k in STATE_FIELDS:
                 households.state_column(k)[hi[last]] = part.state[k][last]
             sustained, changes = self.sustained.update(households.state, hi, scoreable.kwh,
-                                                       scoreable.day)
+                                                       scoreable.day, self.tables)
             part.state.update(sustained)  # the day scores carry it (recovery)
         # scored rows first (they align with ``part``), then the incomplete ones
         days = ClosedDays.concat([scoreable, p.days.select(p.days.status == INCOMPLETE)])

@@ -11,7 +11,8 @@ scorer process and back, and it leaves the scorer's interface unchanged.
 Where the state lives and how it survives (nothing here is new protocol):
 
 * the household table (``stream.households``) holds the sustained state as extra columns
-  (``model.sustained.storage_columns``, prefix ``sustained_``), next to the day model's;
+  (``model.sustained.storage_columns``, prefix ``sustained_``, 62 bytes a household in
+  float16, int16 and uint16 days), next to the day model's;
 * every day score's ``state`` carries the household's sustained state after that day too,
   and the state topic's snapshots carry the columns: recovery (``stream.recovery``)
   restores them exactly as it restores the day model's state, so a restarted or newly
@@ -38,12 +39,15 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter
 
+from meterwatch.model.features import ContextTables
 from meterwatch.model.sustained import (
     COLUMN_PREFIX,
     SustainedDetector,
     SustainedState,
+    daily_temperature,
     from_columns,
     to_columns,
+    to_storage,
 )
 from meterwatch.model.torch_scoring import ranks
 from meterwatch.stream.events import SCHEMA_VERSION
@@ -67,27 +71,31 @@ class SustainedTracker:
             ["signature"], registry=CollectorRegistry())
 
     def update(self, columns: dict[str, np.ndarray], households: np.ndarray,
-               kwh: np.ndarray, day: np.ndarray
+               kwh: np.ndarray, day: np.ndarray, tables: ContextTables | None = None
                ) -> tuple[dict[str, np.ndarray], dict[int, dict[str, Any]]]:
         """Days of a household table's households: ``households`` (N,) indices into
         ``columns`` (the table's state columns), (N, 48) kWh, (N,) days; each household's
-        rows in date order. The columns are updated in place (each household ends at the
-        state after its newest row). Returns the state after each row (columns named like
-        the table's, for the day scores) and the changes raised, by row
+        rows in date order; ``tables``: the service's side tables, whose daily weather
+        gives each day its temperature (``model.sustained.daily_temperature``; without
+        weather, or on a day it lacks, the heating rules stay out of it). The columns are
+        updated in place (each household ends at the state after its newest row). Returns
+        the state after each row (columns named like the table's, for the day scores) and
+        the changes raised, by row
         (``SustainedResult.describe``). Should the update fail (a bug: nothing a valid
         reading can cause), the batch's days keep their state and it is logged, rather
         than the service stopping."""
         try:
-            return self._update(columns, households, kwh, day)
+            return self._update(columns, households, kwh, day, tables)
         except Exception:
             log.exception("the sustained-change update of %d days failed; their sustained "
                           "state is left as it was", len(day))
             return {}, {}
 
     def _update(self, columns: dict[str, np.ndarray], households: np.ndarray,
-                kwh: np.ndarray, day: np.ndarray
+                kwh: np.ndarray, day: np.ndarray, tables: ContextTables | None
                 ) -> tuple[dict[str, np.ndarray], dict[int, dict[str, Any]]]:
         n = len(day)
+        temperature = daily_temperature(tables, np.asarray(day))
         hi = np.asarray(households, np.int64)
         # wave w: every household's w-th row of the batch by date
         rank, _ = ranks(hi, np.asarray(day))
@@ -97,10 +105,12 @@ class SustainedTracker:
         changes: dict[int, dict[str, Any]] = {}
         for w in range(int(rank.max()) + 1 if n else 0):
             rows = np.flatnonzero(rank == w)
-            res = self.detector.update(kwh[rows], day[rows], from_columns(columns, hi[rows]))
+            res = self.detector.update(kwh[rows], day[rows], from_columns(columns, hi[rows]),
+                                       temperature[rows])
             to_columns(res.state, columns, hi[rows])
             for f in fields(SustainedState):
-                after[COLUMN_PREFIX + f.name][rows] = getattr(res.state, f.name)
+                after[COLUMN_PREFIX + f.name][rows] = to_storage(f.name,
+                                                                 getattr(res.state, f.name))
             for j in np.flatnonzero(res.alert).tolist():
                 doc = res.describe(j)
                 assert doc is not None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import orjson
 
 from meterwatch.stream.households import NO_DAY, HouseholdIndex, HouseholdTable
 
@@ -59,3 +62,29 @@ def test_table_evicts_resets_and_snapshots():
     assert len(t) == 2 and t.lookup(["B"], insert=False)[0] == -1
     b = int(t.lookup(["D"])[0])  # reuses B's index, as a new household
     assert b == h[1] and np.isnan(t.state["level"][b]) and t.closed_max[b] == NO_DAY
+
+
+def test_sustained_state_is_compact_and_restores_older_documents():
+    """The sustained columns are float16 / int16 / uint16 days; a snapshot round-trips
+    through JSON, and a document written before (int32 days, "never" as -2**30, float32)
+    restores clipped to the columns, never wrapped."""
+    t = HouseholdTable()
+    h = int(t.lookup(["A"])[0])
+    assert t.state["sustained_mean"].dtype == np.float16
+    assert t.state["sustained_start"].dtype == np.uint16
+    t.state["sustained_mean"][h] = [-0.5, -1.25, -2.0, 0.125]
+    t.state["sustained_start"][h] = [15800, 15801, 0, 0]
+    t.state["sustained_count"][h] = 40
+    snap = json.loads(orjson.dumps(t.snapshot(h), option=orjson.OPT_SERIALIZE_NUMPY))
+    t2 = HouseholdTable()
+    t2.restore("A", snap)
+    a = int(t2.lookup(["A"])[0])
+    for name in ("sustained_mean", "sustained_start", "sustained_count", "sustained_var"):
+        np.testing.assert_array_equal(t2.state[name][a], t.state[name][h])
+    old = {**snap, "sustained_last_alert": -(2**30), "sustained_start": [15800, -3, 70000, 5],
+           "sustained_count": 40_000, "sustained_cusum": [1e6, 2.5, 0.0, 0.0]}
+    t2.restore("A", old)
+    assert int(t2.state["sustained_last_alert"][a]) == 0  # never
+    assert t2.state["sustained_start"][a].tolist() == [15800, 0, 65535, 5]
+    assert int(t2.state["sustained_count"][a]) == 32767
+    assert np.isfinite(t2.state["sustained_cusum"][a]).all()

@@ -1,6 +1,8 @@
 """Sustained-change detector, alert budget curve and the new injected shapes."""
 
+import datetime as dt
 import json
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
@@ -14,10 +16,15 @@ from meterwatch.model.inject import (
     persistent_change,
 )
 from meterwatch.model.sustained import (
+    STATE_BYTES,
     SUSTAINED_STATS,
     SustainedDetector,
     SustainedState,
     day_features,
+    from_columns,
+    storage_columns,
+    stored,
+    to_columns,
 )
 
 
@@ -41,7 +48,7 @@ def test_persistent_change_found_within_a_week(change: str) -> None:
     assert len(alerts) and start <= alerts[0] < start + 7, (change, alerts)
     doc = res.describe(int(alerts[0]))
     assert doc is not None and doc["type"] == "sustained_change"
-    assert abs((np.datetime64(doc["start_date"]) - np.datetime64("1970-01-01")).astype(int)
+    assert abs((dt.date.fromisoformat(doc["start_date"]) - dt.date(1970, 1, 1)).days
                - (16000 + start)) <= 2
     assert doc["statistic"] in SUSTAINED_STATS and doc["direction"] in ("up", "down")
 
@@ -121,7 +128,7 @@ def test_live_calibration_follows_the_recent_window() -> None:
     rules = np.zeros(100, bool)
     rules[:1] = True  # 1 % of days alert on a data-quality rule whatever the threshold
     live.add(np.full(100, 60), rng.exponential(2.0, 100), rules)
-    assert live.curve().threshold(0.01) > curve.threshold(0.01)  # type: ignore[union-attr]
+    assert live.curve().threshold(0.01) > curve.threshold(0.01)
 
 
 def test_a_rise_is_learnt_and_a_later_level_cut_is_found() -> None:
@@ -146,3 +153,66 @@ def test_a_meter_reading_zero_all_day_is_no_evening_cut() -> None:
     assert len(alerts) == 1 and 120 <= alerts[0] < 127, alerts
     doc = res.describe(int(alerts[0]))
     assert doc is not None and doc["signature"] == "zeros_at_night", doc
+
+
+def _heated(days: int = 200, off_from: int = 130, seed: int = 8
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """A household with electric heating that follows the degree days (every half-hour
+    up by 12 % a degree day), and the weather: a winter (about 5 °C) that turns warm
+    (about 15 °C) on day ``off_from``."""
+    rng = np.random.default_rng(seed + 1000)  # the weather: not the household's own noise
+    temp = np.where(np.arange(days) < off_from, 5.0, 15.0) + rng.normal(0, 2.5, days)
+    heating = 1.0 + 0.12 * np.maximum(15.5 - temp, 0.0)
+    return (_household(days, seed) * heating[:, None]).astype(np.float32), temp
+
+
+def test_heating_switched_off_in_spring_is_no_change() -> None:
+    """Warmer weather and the heating off: a fall the degree days explain is the season
+    (the household learns its new level, no alert); without the weather, or without the
+    rule, the same days are a ``scaled_down`` change; a later real cut is still found."""
+    kwh, temp = _heated()
+    days = np.arange(16000, 16200)
+    det = SustainedDetector()
+    assert np.isfinite(det.config.heat_warming)
+    res, state = det.replay(kwh, days, temp)
+    assert not res.alert.any(), np.flatnonzero(res.alert)
+    assert state.count[0] < 70  # learnt from scratch after the spring
+    for other, t in ((det, None), (SustainedDetector(replace(det.config,
+                                                             heat_warming=float("inf"))), temp)):
+        alerts = np.flatnonzero(other.replay(kwh, days, t)[0].alert)
+        assert len(alerts) and 130 <= alerts[0] < 140, alerts
+    cut = kwh.copy()
+    cut[170:] = persistent_change(cut[170:], "level_40", np.random.default_rng(3))
+    alerts = np.flatnonzero(det.replay(cut, days, temp)[0].alert)
+    assert len(alerts) == 1 and 170 <= alerts[0] < 177, alerts
+
+
+def test_compact_storage_round_trips_and_detects_the_same() -> None:
+    """The store keeps float16 / int16 / uint16 days (62 bytes); writing and reading it
+    back gives ``stored``'s state, and "never alerted" survives as itself."""
+    det = SustainedDetector()
+    kwh, temp = _heated(120)
+    _, state = det.replay(kwh, np.arange(16000, 16120), temp, rounded=False)
+    cols = storage_columns(3)
+    assert STATE_BYTES == 62 and cols["sustained_mean"].dtype == np.float16
+    to_columns(state, cols, np.array([1]))
+    back = from_columns(cols, np.array([1, 2]))
+    ref = stored(state)
+    for f in fields(SustainedState):
+        np.testing.assert_array_equal(getattr(back, f.name)[0], getattr(ref, f.name)[0])
+        np.testing.assert_allclose(getattr(back, f.name)[0], getattr(state, f.name)[0],
+                                   rtol=2e-3, atol=2e-3)
+    assert back.last_alert[1] == SustainedState.empty(1).last_alert[0]  # never
+    # days past the uint16 range and counts past int16 are clipped, never wrapped
+    big = state.take(slice(None))
+    big.count[:] = 100_000
+    big.start[:] = -5
+    to_columns(big, cols, np.array([0]))
+    assert cols["sustained_count"][0] == 32767 and (cols["sustained_start"][0] == 0).all()
+    # rounding after every day (the service) against float32 throughout: same alerts
+    cut = kwh.copy()
+    cut[90:] = persistent_change(cut[90:], "evening_cut", np.random.default_rng(4))
+    a = det.replay(cut, np.arange(16000, 16120), temp)[0]
+    b = det.replay(cut, np.arange(16000, 16120), temp, rounded=False)[0]
+    np.testing.assert_array_equal(a.alert, b.alert)
+    assert a.alert[90:97].any()

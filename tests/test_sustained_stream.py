@@ -18,8 +18,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from meterwatch.model import SyntheticConfig, generate
+from meterwatch.model.features import ContextTables
 from meterwatch.model.inject import persistent_change
-from meterwatch.model.sustained import SustainedDetector
+from meterwatch.model.sustained import SustainedDetector, daily_temperature, to_storage
 from meterwatch.stream.events import DayScore, SustainedChange
 from meterwatch.stream.households import HouseholdTable
 from meterwatch.stream.metrics import create_metrics
@@ -34,7 +35,7 @@ def _iso(day: int) -> str:
     return (_EPOCH + dt.timedelta(days=int(day))).isoformat()
 
 
-def _data(households: int, days: int, cut_from: int, seed: int = 7):  # type: ignore[no-untyped-def]
+def _data(households: int, days: int, cut_from: int, seed: int = 7):
     data = generate(SyntheticConfig(n_households=households, n_days=days, anomaly_rate=0.0,
                                     seed=seed))
     data.kwh[0, cut_from:] = persistent_change(data.kwh[0, cut_from:], "evening_cut",
@@ -42,12 +43,21 @@ def _data(households: int, days: int, cut_from: int, seed: int = 7):  # type: ig
     return data
 
 
-def test_tracker_matches_the_detector_however_days_are_batched() -> None:
+@pytest.mark.parametrize("weather", [False, True])
+def test_tracker_matches_the_detector_however_days_are_batched(weather: bool) -> None:
     """Days in one batch (several per household), one at a time, or in chunks: the same
-    states and the same change as ``SustainedDetector.replay`` of each household."""
+    states and the same change as ``SustainedDetector.replay`` of each household, with
+    the service's weather (every other day of it, the rest unknown) or without any."""
     data = _data(3, 60, cut_from=40)
     n_h, n_d = data.kwh.shape[:2]
-    ref = [SustainedDetector().replay(data.kwh[h], data.days)[0] for h in range(n_h)]
+    rng = np.random.default_rng(5)
+    tables = ContextTables(weather_day=data.days[::2].astype(np.int32),
+                           temp_max=rng.normal(12, 5, len(data.days[::2])).astype(np.float32),
+                           temp_min=rng.normal(4, 4, len(data.days[::2])).astype(np.float32)
+                           ) if weather else None
+    temp = daily_temperature(tables, data.days)
+    assert np.isfinite(temp).sum() == (30 if weather else 0)
+    ref = [SustainedDetector().replay(data.kwh[h], data.days, temp)[0] for h in range(n_h)]
     assert ref[0].alert[40:47].any() and not ref[0].alert[:40].any()
     for chunk in (1, 7, n_d):
         metrics = create_metrics(CollectorRegistry())
@@ -60,15 +70,17 @@ def test_tracker_matches_the_detector_however_days_are_batched() -> None:
             rows_h = np.repeat(hi, len(d))  # household-major: each one's days in order
             rows_d = np.tile(d, n_h)
             after, changes = tracker.update(
-                table.state, rows_h, data.kwh[rows_h, rows_d], data.days[rows_d])
+                table.state, rows_h, data.kwh[rows_h, rows_d], data.days[rows_d], tables)
             for r, c in changes.items():
                 found[(int(rows_h[r]), int(rows_d[r]))] = c
             last = rows_d == d[-1]
             np.testing.assert_array_equal(after["sustained_cusum"][last],
                                           table.state["sustained_cusum"][rows_h[last]])
         for h in range(n_h):
-            np.testing.assert_allclose(table.state["sustained_mean"][hi[h]],
-                                       ref[h].state.mean[0], rtol=1e-6)
+            for name in ("mean", "hdd_mean", "hdd_cov"):
+                np.testing.assert_array_equal(
+                    table.state[f"sustained_{name}"][hi[h]],
+                    to_storage(name, getattr(ref[h].state, name)[0]))
         expected = {(int(hi[h]), int(d)): ref[h].describe(int(d))
                     for h in range(n_h) for d in np.flatnonzero(ref[h].alert)}
         assert found == expected, chunk
@@ -92,7 +104,7 @@ def test_change_record_is_valid_and_named_by_its_day_score() -> None:
 
 @pytest.mark.integration
 async def test_evening_cut_is_found_through_the_service_across_a_crash(
-        broker, detector_path, tmp_path):  # type: ignore[no-untyped-def]
+        broker, detector_path, tmp_path):
     cut = 40
     data = _data(6, 60, cut_from=cut)
     settings = unique_settings(broker)
