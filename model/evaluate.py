@@ -736,7 +736,7 @@ def run_protocol_folds(args: argparse.Namespace, command: str) -> dict[str, Any]
             "shorter data") from exc
     t_sus = time.monotonic()
     summary["sustained"] = evaluate_sustained(data.kwh, data.day, data.household_ids,
-                                              seed=cfg.seeds[0])
+                                              seed=cfg.seeds[0], tables=tables)
     summary["sustained"]["seconds"] = time.monotonic() - t_sus
     summary.update({
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
