@@ -1,5 +1,9 @@
 """Model lifecycle: swapping the checkpoint of a running service, and shadow scoring.
 
+``ModelLifecycle`` is what the service (``stream.service``, the data path) calls: it loads
+the models at start, watches their files, validates candidates, swaps them into the scorer
+between two batches, accounts for refusals and turns the shadow's results into metrics.
+
 **Swap without a restart.** ``ModelWatcher`` watches ``--model-path``: every
 ``--model-poll-s`` seconds (default 5) it compares the file's modification time, size and
 inode with the checkpoint being served, and ``SIGHUP`` makes it look at once. A changed file
@@ -41,11 +45,18 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from meterwatch.model import ContextTables, Detector, SyntheticConfig, generate
 from meterwatch.model.features import FEATURE_NAMES, N_SLOTS, model_inputs
+from meterwatch.stream.config import Settings
+from meterwatch.stream.errors import ConfigurationError
+from meterwatch.stream.metrics import Metrics
+
+if TYPE_CHECKING:  # stream.scorer imports this module (validate)
+    from meterwatch.stream.scorer import Scored, Scorer
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +231,193 @@ class ShadowComparison:
         if ra.std() == 0 or rb.std() == 0:
             return float("nan")
         return float(np.corrcoef(ra, rb)[0, 1])
+
+
+class ModelLifecycle:
+    """The models of a running service: the live one, the shadow, and their files.
+
+    What the service calls (``stream.service`` keeps only the data path):
+
+    - ``await load_model()`` then ``await load_shadow(tables)`` at start (raise
+      ``ConfigurationError``: exit status 2), ``attach(scorer)`` once the scorer runs;
+    - ``run()`` as a task while ``watching`` (the watcher of ``--model-path``, until
+      cancelled); ``request_reload()`` on SIGHUP;
+    - ``observe(scored)`` after each scored batch (the threshold gauge and the shadow's
+      agreement metrics); ``latest()`` for days scored by no model.
+
+    A candidate is loaded and validated (``validate``) on a worker thread, then handed to the
+    scorer under ``boundary``, the lock the service holds while it scores a batch: the swap
+    lands between two batches. A refused candidate counts in
+    ``meterwatch_model_reload_failures_total`` and the model before it goes on.
+    """
+
+    def __init__(self, settings: Settings, metrics: Metrics, boundary: asyncio.Lock,
+                 detector: Detector | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._boundary = boundary
+        #: the live model as this process holds it (with a scorer process: a CPU copy that
+        #: answers questions only; the process holds its own on the device)
+        self.detector = detector
+        self.shadow: Detector | None = None
+        self.tables: ContextTables | None = None
+        self.scorer: Scorer | None = None
+        self.comparison = ShadowComparison()
+        self._threshold: float | None = None  # of the latest scored batch
+        self._watchers: list[ModelWatcher] = []
+
+    # -- start -----------------------------------------------------------------------------
+    def _load(self, path: Path) -> Detector:
+        """A checkpoint as this service holds it: on the CPU with a scorer process (which
+        puts its own copy on the device), else on ``--device``; raises ``CheckpointError``."""
+        s = self.settings
+        return Detector.load(path, device="cpu" if s.scorer == "process" else s.device,
+                             dtype=s.precision)
+
+    async def load_model(self) -> None:
+        """The live model from ``--model-path`` (unless one was handed in, which is not
+        watched), with ``--target-far`` applied."""
+        s = self.settings
+        if self.detector is None:
+            if s.model_path is None:
+                raise ConfigurationError("--model-path", "no model given",
+                                         "train one with meterwatch train and pass its path")
+            self.detector = await asyncio.to_thread(self._load, s.model_path)
+            self._watchers.append(ModelWatcher(s.model_path, s.model_poll_s,
+                                               self._reload_model))
+        self.apply_budget(self.detector, "--target-far")
+
+    async def load_shadow(self, tables: ContextTables | None) -> None:
+        """The shadow model from ``--shadow-model-path``, if given (validated against the
+        live model)."""
+        self.tables = tables
+        path = self.settings.shadow_model_path
+        if path is None:
+            return
+        try:
+            shadow = await asyncio.to_thread(self._shadow_candidate, path)
+        except (ValueError, OSError) as exc:  # CheckpointError, ModelRejected, ...
+            raise ConfigurationError("--shadow-model-path", str(exc).split(";")[0],
+                                     "give a checkpoint written by meterwatch train") from None
+        self.shadow = shadow
+        self.metrics.shadow_info.info({"version": shadow.version})
+        log.info("shadow model %s scores every batch too (never published)", shadow.version)
+
+    def attach(self, scorer: Scorer) -> None:
+        """The scorer that serves ``detector`` (and ``shadow``); swaps go to it."""
+        self.scorer = scorer
+        self._model_info()
+
+    def apply_budget(self, det: Detector, flag: str) -> None:
+        """``--target-far`` on ``det``: raises ``ConfigurationError`` (exit status 2) for a
+        checkpoint without a calibration curve or a rate outside its range."""
+        far = self.settings.target_far
+        if far is None:
+            return
+        if det.far_curve is None:
+            raise ConfigurationError(
+                flag, f"the checkpoint {det.version} has no calibration curve, so it cannot "
+                f"take --target-far {far:g}", "retrain it with this version of meterwatch "
+                "train, or leave --target-far out (the checkpoint's own threshold)")
+        try:
+            det.set_target_far(far)
+        except ValueError as exc:
+            raise ConfigurationError(flag, str(exc).split(";")[0],
+                                     "choose a --target-far inside that range") from None
+
+    def _shadow_candidate(self, path: Path) -> Detector:
+        """Load the shadow at ``path`` with the budget (its own threshold, with a warning,
+        when it has no curve) and validate it against the live model (a worker thread)."""
+        shadow = self._load(path)
+        if self.settings.target_far is not None and shadow.far_curve is None:
+            log.warning("the shadow model %s has no calibration curve: it alerts at its "
+                        "own threshold, not at --target-far", shadow.version)
+        else:
+            self.apply_budget(shadow, "--shadow-model-path")
+        validate(shadow, self.detector, self.tables)
+        return shadow
+
+    def _model_info(self) -> None:
+        assert self.detector is not None and self.scorer is not None
+        det = self.detector
+        self.metrics.model_info.info({
+            "version": det.version, "device": self.scorer.device,
+            "threshold": f"{det.threshold:.6g}",
+            "target_far": "" if det.target_far is None else f"{det.target_far:g}",
+            "calibration": self.settings.calibration if det.target_far is not None
+            else "checkpoint"})
+
+    # -- watching and swapping -------------------------------------------------------------
+    @property
+    def watching(self) -> bool:
+        """Whether there is a file to watch (``run`` returns at once otherwise)."""
+        return bool(self._watchers)
+
+    async def run(self) -> None:
+        """Watch the files until cancelled."""
+        await asyncio.gather(*(w.run() for w in self._watchers))
+
+    def request_reload(self) -> None:
+        """Look at the model file now (SIGHUP)."""
+        for w in self._watchers:
+            w.trigger()
+
+    async def _reload_model(self, path: Path) -> bool:
+        """Validate the checkpoint at ``path`` and swap it in between two batches; refuse it
+        (log line, ``meterwatch_model_reload_failures_total``) if anything is wrong, the old
+        model serving on. Returns whether the model changed."""
+        assert self.scorer is not None and self.detector is not None
+        old = self.detector
+        try:
+            cand = await asyncio.to_thread(self._load, path)
+            self.apply_budget(cand, "--target-far")
+            if cand.version == old.version:
+                log.info("model reload: %s holds %s, already serving", path, cand.version)
+                return False
+            await asyncio.to_thread(validate, cand, old, self.tables)
+            async with self._boundary:  # at a batch boundary: none is being scored
+                await self.scorer.swap(cand)
+        except Exception as exc:  # CheckpointError, ConfigurationError, ModelRejected, ...
+            self.metrics.model_reload_failures.inc()
+            log.error("model reload refused: %s; %s keeps serving", _first_line(exc),
+                      old.version)
+            return False
+        self.detector = cand
+        self.metrics.model_reloads.inc()
+        self._model_info()
+        log.info("model swapped without a restart: %s -> %s (threshold %.4f)", old.version,
+                 cand.version, cand.threshold)
+        return True
+
+    # -- per batch -------------------------------------------------------------------------
+    def observe(self, scored: Scored) -> None:
+        """Metrics of a scored batch: its threshold, and the shadow's agreement."""
+        m = self.metrics
+        self._threshold = scored.threshold
+        m.alert_threshold.set(scored.threshold)
+        if scored.shadow_score is None or scored.shadow_is_alert is None:
+            return
+        cmp = self.comparison
+        before = (cmp.both, cmp.live_only, cmp.shadow_only)
+        cmp.add(scored.score, scored.is_alert, scored.shadow_score, scored.shadow_is_alert)
+        m.shadow_days.inc(len(scored.score))
+        for label, b, a in zip(("both", "live_only", "shadow_only"), before,
+                               (cmp.both, cmp.live_only, cmp.shadow_only), strict=True):
+            m.shadow_alerts.labels(label).inc(a - b)
+        m.shadow_agreement.set(cmp.agreement)
+        m.shadow_abs_diff.set(cmp.mean_abs_diff)
+        m.shadow_rank_correlation.set(cmp.rank_correlation())
+
+    def latest(self) -> tuple[float, str]:
+        """The threshold and model version for days scored by no model (all incomplete):
+        the latest batch's threshold, else the live model's."""
+        assert self.detector is not None
+        threshold = self._threshold if self._threshold is not None else self.detector.threshold
+        return threshold, self.detector.version
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
