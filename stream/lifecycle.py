@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -240,15 +241,18 @@ class ModelLifecycle:
 
     - ``await load_model()`` then ``await load_shadow(tables)`` at start (raise
       ``ConfigurationError``: exit status 2), ``attach(scorer)`` once the scorer runs;
-    - ``run()`` as a task while ``watching`` (the watcher of ``--model-path``, until
-      cancelled); ``request_reload()`` on SIGHUP;
+    - ``run()`` as a task while ``watching`` (the watchers of ``--model-path`` and
+      ``--shadow-model-path``, until cancelled); ``request_reload()`` on SIGHUP (both);
     - ``observe(scored)`` after each scored batch (the threshold gauge and the shadow's
       agreement metrics); ``latest()`` for days scored by no model.
 
-    A candidate is loaded and validated (``validate``) on a worker thread, then handed to the
-    scorer under ``boundary``, the lock the service holds while it scores a batch: the swap
-    lands between two batches. A refused candidate counts in
-    ``meterwatch_model_reload_failures_total`` and the model before it goes on.
+    A candidate for either file is loaded and validated (``validate``) on a worker thread,
+    then handed to the scorer under ``boundary``, the lock the service holds while it scores
+    a batch: the swap lands between two batches. A refused live candidate counts in
+    ``meterwatch_model_reload_failures_total``, a refused shadow candidate in
+    ``meterwatch_shadow_reload_failures_total`` (not in the former: the model alert
+    ``MeterwatchModelReloadRefused`` is about what serves); either way the model before it
+    goes on.
     """
 
     def __init__(self, settings: Settings, metrics: Metrics, boundary: asyncio.Lock,
@@ -263,6 +267,7 @@ class ModelLifecycle:
         self.tables: ContextTables | None = None
         self.scorer: Scorer | None = None
         self.comparison = ShadowComparison()
+        self._compared = ""  # the shadow version ``comparison`` is about
         self._threshold: float | None = None  # of the latest scored batch
         self._watchers: list[ModelWatcher] = []
 
@@ -289,18 +294,20 @@ class ModelLifecycle:
 
     async def load_shadow(self, tables: ContextTables | None) -> None:
         """The shadow model from ``--shadow-model-path``, if given (validated against the
-        live model)."""
+        live model), and its watcher."""
         self.tables = tables
         path = self.settings.shadow_model_path
         if path is None:
             return
         try:
-            shadow = await asyncio.to_thread(self._shadow_candidate, path)
+            shadow = await asyncio.to_thread(lambda: self._shadow_ready(self._load(path)))
         except (ValueError, OSError) as exc:  # CheckpointError, ModelRejected, ...
             raise ConfigurationError("--shadow-model-path", str(exc).split(";")[0],
                                      "give a checkpoint written by meterwatch train") from None
         self.shadow = shadow
         self.metrics.shadow_info.info({"version": shadow.version})
+        self._watchers.append(ModelWatcher(path, self.settings.model_poll_s,
+                                           self._reload_shadow))
         log.info("shadow model %s scores every batch too (never published)", shadow.version)
 
     def attach(self, scorer: Scorer) -> None:
@@ -325,10 +332,9 @@ class ModelLifecycle:
             raise ConfigurationError(flag, str(exc).split(";")[0],
                                      "choose a --target-far inside that range") from None
 
-    def _shadow_candidate(self, path: Path) -> Detector:
-        """Load the shadow at ``path`` with the budget (its own threshold, with a warning,
-        when it has no curve) and validate it against the live model (a worker thread)."""
-        shadow = self._load(path)
+    def _shadow_ready(self, shadow: Detector) -> Detector:
+        """``shadow`` with the budget (its own threshold, with a warning, when it has no
+        curve), validated against the live model (on a worker thread)."""
         if self.settings.target_far is not None and shadow.far_curve is None:
             log.warning("the shadow model %s has no calibration curve: it alerts at its "
                         "own threshold, not at --target-far", shadow.version)
@@ -358,7 +364,7 @@ class ModelLifecycle:
         await asyncio.gather(*(w.run() for w in self._watchers))
 
     def request_reload(self) -> None:
-        """Look at the model file now (SIGHUP)."""
+        """Look at both files now (SIGHUP)."""
         for w in self._watchers:
             w.trigger()
 
@@ -376,7 +382,9 @@ class ModelLifecycle:
                 return False
             await asyncio.to_thread(validate, cand, old, self.tables)
             async with self._boundary:  # at a batch boundary: none is being scored
+                t0 = time.perf_counter()
                 await self.scorer.swap(cand)
+                waited = time.perf_counter() - t0
         except Exception as exc:  # CheckpointError, ConfigurationError, ModelRejected, ...
             self.metrics.model_reload_failures.inc()
             log.error("model reload refused: %s; %s keeps serving", _first_line(exc),
@@ -385,18 +393,51 @@ class ModelLifecycle:
         self.detector = cand
         self.metrics.model_reloads.inc()
         self._model_info()
-        log.info("model swapped without a restart: %s -> %s (threshold %.4f)", old.version,
-                 cand.version, cand.threshold)
+        log.info("model swapped without a restart: %s -> %s (threshold %.4f; scoring waited "
+                 "%.3f s)", old.version, cand.version, cand.threshold, waited)
+        return True
+
+    async def _reload_shadow(self, path: Path) -> bool:
+        """The same for the shadow: refused candidates count in
+        ``meterwatch_shadow_reload_failures_total`` and the old shadow goes on; the live
+        model's scoring is never stopped by one (a failure in the scorer process while it
+        builds the candidate restarts it with the old shadow)."""
+        assert self.scorer is not None and self.shadow is not None
+        old = self.shadow
+        try:
+            cand = await asyncio.to_thread(self._load, path)
+            if cand.version == old.version:
+                log.info("shadow reload: %s holds %s, already shadowing", path, cand.version)
+                return False
+            await asyncio.to_thread(self._shadow_ready, cand)
+            async with self._boundary:  # scoring waits from here
+                t0 = time.perf_counter()
+                await self.scorer.swap_shadow(cand)
+                waited = time.perf_counter() - t0
+        except Exception as exc:
+            self.metrics.shadow_reload_failures.inc()
+            log.error("shadow reload refused: %s; %s keeps shadowing", _first_line(exc),
+                      old.version)
+            return False
+        self.shadow = cand
+        self.metrics.shadow_reloads.inc()
+        self.metrics.shadow_info.info({"version": cand.version})
+        log.info("shadow model swapped without a restart: %s -> %s (scoring waited %.3f s)",
+                 old.version, cand.version, waited)
         return True
 
     # -- per batch -------------------------------------------------------------------------
     def observe(self, scored: Scored) -> None:
-        """Metrics of a scored batch: its threshold, and the shadow's agreement."""
+        """Metrics of a scored batch: its threshold, and the shadow's agreement (the gauges
+        since the shadow that scored it first scored; the counters since start)."""
         m = self.metrics
         self._threshold = scored.threshold
         m.alert_threshold.set(scored.threshold)
         if scored.shadow_score is None or scored.shadow_is_alert is None:
             return
+        if scored.shadow_version != self._compared:  # a new shadow: compared afresh
+            self.comparison = ShadowComparison()
+            self._compared = scored.shadow_version
         cmp = self.comparison
         before = (cmp.both, cmp.live_only, cmp.shadow_only)
         cmp.add(scored.score, scored.is_alert, scored.shadow_score, scored.shadow_is_alert)

@@ -310,6 +310,33 @@ class Scorer:
                                     "loading it") from None
         self.detector = detector  # what a restarted scorer process loads
 
+    async def swap_shadow(self, detector: Detector) -> None:
+        """Shadow with ``detector`` from the next batch on (the scorer was started with a
+        shadow), validated on the worker's own device first, as ``swap`` does. Raises
+        ``ModelRejected`` (the old shadow goes on) when that fails; if the scorer process
+        dies meanwhile it is restarted with the old shadow."""
+        loop = asyncio.get_running_loop()
+        executor = self._executor
+        assert executor is not None, "scorer not started"
+        assert self.shadow is not None, "started without a shadow"
+        if self._worker is not None:
+            worker = self._worker
+
+            def swap_here() -> None:
+                validate(detector, worker.detector, worker.tables)
+                worker.shadow = _Worker(detector, worker.tables, rolling=worker.rolling)
+
+            await loop.run_in_executor(executor, swap_here)
+        else:
+            try:
+                await loop.run_in_executor(executor, _process_swap_shadow,
+                                           detector.checkpoint(), detector.target_far)
+            except BrokenProcessPool:
+                await self._restart()  # with the shadow that was shadowing
+                raise ModelRejected(f"{detector.version}: the scorer process died while "
+                                    "loading it as the shadow") from None
+        self.shadow = detector  # what a restarted scorer process loads
+
     async def score(self, kwh: np.ndarray, day: np.ndarray, household_ids: list[str],
                     keys: np.ndarray, state: dict[str, np.ndarray]) -> Scored:
         """Score days; ``keys`` identify households (equal key = same household).
@@ -539,9 +566,12 @@ def _init_process(checkpoint: dict, device: str, dtype: DtypeName,
                                         target_far=target_far)
     shadow = None
     if shadow_checkpoint is not None:
-        shadow = _Worker(Detector.from_checkpoint(shadow_checkpoint, device=device, dtype=dtype,
-                                                  target_far=shadow_target_far),
-                         tables, rolling=rolling)
+        try:
+            shadow = _Worker(Detector.from_checkpoint(shadow_checkpoint, device=device,
+                                                      dtype=dtype, target_far=shadow_target_far),
+                             tables, rolling=rolling)
+        except Exception:  # the shadow never stops the live model (validated before, though)
+            log.exception("the shadow model could not be built; scoring without it")
     _PROCESS_WORKER = _Worker(detector, tables, rolling=rolling, shadow=shadow)
 
 
@@ -560,6 +590,25 @@ def _process_swap(checkpoint: dict, target_far: float | None) -> str:
     validate(det, old.detector, old.tables)
     _PROCESS_WORKER = old.with_detector(det)
     log.info("now serving %s (was %s)", det.version, old.detector.version)
+    return det.version
+
+
+def _process_swap_shadow(checkpoint: dict, target_far: float | None) -> str:
+    """``Scorer.swap_shadow`` in the scorer process (between two batches)."""
+    worker = _PROCESS_WORKER
+    assert worker is not None
+    device = worker.detector.device
+    try:
+        det = Detector.from_checkpoint(checkpoint, device=device,
+                                       dtype=worker.detector.dtype_name, target_far=target_far)
+    except Exception as exc:
+        raise ModelRejected(f"{checkpoint.get('version')}: cannot be built on {device} "
+                            f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    validate(det, worker.detector, worker.tables)
+    old = worker.shadow
+    worker.shadow = _Worker(det, worker.tables, rolling=worker.rolling)
+    log.info("now shadowing with %s (was %s)", det.version,
+             old.detector.version if old is not None else "none")
     return det.version
 
 
