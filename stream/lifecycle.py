@@ -17,8 +17,10 @@ changes:
 2. it has the same input contract as this code and the model being served (48 half-hours, the
    same context features and signals);
 3. its network reconstructs, and it scores, a small synthetic history (8 households x 6
-   days, ``model.synthetic``) to finite values on the CPU, and again on the scorer's own
-   device inside the scorer (``stream.scorer.Scorer.swap``).
+   days, ``model.synthetic``) to finite values: in the service, and with a scorer process
+   again on that process's own device (``stream.scorer.Scorer.swap``). A worker thread
+   scores the very object the service validated, on the device it was validated on, so it
+   is validated once.
 
 A candidate that fails any step is refused: one log line with the reason,
 ``meterwatch_model_reload_failures_total`` counts it, and the old model keeps serving (the
@@ -383,7 +385,8 @@ class ModelLifecycle:
             await asyncio.to_thread(validate, cand, old, self.tables)
             async with self._boundary:  # at a batch boundary: none is being scored
                 t0 = time.perf_counter()
-                await self.scorer.swap(cand)
+                # a worker thread scores this very object: validated above, on its device
+                await self.scorer.swap(cand, validated=True)
                 waited = time.perf_counter() - t0
         except Exception as exc:  # CheckpointError, ConfigurationError, ModelRejected, ...
             self.metrics.model_reload_failures.inc()
@@ -412,7 +415,7 @@ class ModelLifecycle:
             await asyncio.to_thread(self._shadow_ready, cand)
             async with self._boundary:  # scoring waits from here
                 t0 = time.perf_counter()
-                await self.scorer.swap_shadow(cand)
+                await self.scorer.swap_shadow(cand, validated=True)
                 waited = time.perf_counter() - t0
         except Exception as exc:
             self.metrics.shadow_reload_failures.inc()

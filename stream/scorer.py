@@ -284,11 +284,16 @@ class Scorer:
             self._shm.close()
             self._shm = None
 
-    async def swap(self, detector: Detector) -> None:
+    async def swap(self, detector: Detector, *, validated: bool = False) -> None:
         """Serve ``detector`` from the next batch on. The worker takes one request at a
-        time, so this waits for the batch being scored; it validates the model again on
-        the worker's own device (``stream.lifecycle.validate``) before replacing the old
-        one. Raises ``ModelRejected`` (the old model keeps serving) when that fails."""
+        time, so this waits for the batch being scored; it validates the model on the
+        worker's own device (``stream.lifecycle.validate``) before replacing the old one.
+        Raises ``ModelRejected`` (the old model keeps serving) when that fails.
+
+        ``validated``: the caller has run ``validate`` on this very object against the model
+        serving. A worker thread then scores that object, on the device it was validated
+        on, so it is not validated twice; a scorer process always validates the copy it
+        builds on its own device."""
         loop = asyncio.get_running_loop()
         executor = self._executor
         assert executor is not None, "scorer not started"
@@ -296,7 +301,8 @@ class Scorer:
             worker = self._worker
 
             def swap_here() -> _Worker:
-                validate(detector, worker.detector, worker.tables)
+                if not validated:
+                    validate(detector, worker.detector, worker.tables)
                 return worker.with_detector(detector)
 
             self._worker = await loop.run_in_executor(executor, swap_here)
@@ -310,9 +316,10 @@ class Scorer:
                                     "loading it") from None
         self.detector = detector  # what a restarted scorer process loads
 
-    async def swap_shadow(self, detector: Detector) -> None:
+    async def swap_shadow(self, detector: Detector, *, validated: bool = False) -> None:
         """Shadow with ``detector`` from the next batch on (the scorer was started with a
-        shadow), validated on the worker's own device first, as ``swap`` does. Raises
+        shadow), validated on the worker's own device first, as ``swap`` does (and skipped
+        as there for a worker thread when ``validated``: against the live model). Raises
         ``ModelRejected`` (the old shadow goes on) when that fails; if the scorer process
         dies meanwhile it is restarted with the old shadow."""
         loop = asyncio.get_running_loop()
@@ -323,7 +330,8 @@ class Scorer:
             worker = self._worker
 
             def swap_here() -> None:
-                validate(detector, worker.detector, worker.tables)
+                if not validated:
+                    validate(detector, worker.detector, worker.tables)
                 worker.shadow = _Worker(detector, worker.tables, rolling=worker.rolling)
 
             await loop.run_in_executor(executor, swap_here)

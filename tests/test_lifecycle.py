@@ -22,10 +22,19 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from meterwatch.model import Detector, HouseholdState, SyntheticConfig, generate
 from meterwatch.model.calibration import SEVERITIES
-from meterwatch.stream.lifecycle import ModelRejected, ModelWatcher, ShadowComparison, validate
+from meterwatch.stream.config import Settings
+from meterwatch.stream.lifecycle import (
+    ModelLifecycle,
+    ModelRejected,
+    ModelWatcher,
+    ShadowComparison,
+    validate,
+)
+from meterwatch.stream.metrics import create_metrics
 from meterwatch.stream.scorer import STATE_FIELDS, Scorer
 from meterwatch.stream.simulate import produce_synthetic
 from meterwatch.stream.testing import ServiceProcess
@@ -221,6 +230,49 @@ async def test_scorer_swaps_the_shadow_between_batches_and_refuses_a_broken_one(
         third = await day(HISTORY_DAYS + 2, second.state)
         assert third.shadow_version == b.version and third.model_version == live.version
         assert third.shadow_score is not None and np.isfinite(third.shadow_score).all()
+    finally:
+        await scorer.stop()
+
+
+async def test_lifecycle_with_the_thread_scorer_validates_once_and_still_refuses(
+        detector_path: Path, tmp_path: Path) -> None:
+    """With a worker thread the scorer no longer validates what the service validated (the
+    same object, the same device): a broken live or shadow candidate is still refused,
+    counted in its own counter, and a good one serves from the next batch."""
+    path, shadow_path = tmp_path / "model.pt", tmp_path / "shadow.pt"
+    _variant(detector_path, path, "test-model-A")
+    _variant(detector_path, shadow_path, "test-shadow-A")
+    settings = Settings(scorer="thread", device="cpu", model_path=path,
+                        shadow_model_path=shadow_path, metrics_port=0)
+    metrics = create_metrics(CollectorRegistry())
+    models = ModelLifecycle(settings, metrics, asyncio.Lock())
+    await models.load_model()
+    await models.load_shadow(None)
+    assert models.detector is not None and models.watching
+    scorer = Scorer(models.detector, None, process=False, shadow=models.shadow)
+    await scorer.start()
+    models.attach(scorer)
+
+    def count(name: str) -> float:
+        return metrics.registry.get_sample_value(name) or 0.0
+
+    try:
+        for p, reload in ((path, models._reload_model), (shadow_path, models._reload_shadow)):
+            _variant(detector_path, p, "test-nan", nan=True)
+            assert await reload(p) is False
+            _variant(detector_path, p, "test-B", scale=1.01)
+            assert await reload(p) is True
+        assert (scorer.detector.version, scorer.shadow.version) == ("test-B", "test-B")
+        assert count("meterwatch_model_reload_failures_total") == 1
+        assert count("meterwatch_shadow_reload_failures_total") == 1
+        assert count("meterwatch_model_reloads_total") == 1
+        assert count("meterwatch_shadow_reloads_total") == 1
+        ids = ["H1", "H2"]
+        state = dict(vars(HouseholdState.empty(2)))
+        scored = await scorer.score(np.full((2, 48), 0.2, np.float32),
+                                    np.array([16000, 16000], np.int32), ids,
+                                    np.arange(2, dtype=np.int64), state)
+        assert scored.model_version == "test-B" and scored.shadow_version == "test-B"
     finally:
         await scorer.stop()
 
