@@ -130,7 +130,8 @@ class ModelWatcher:
     ``trigger()``, which the service calls on SIGHUP) and hands it to ``reload``."""
 
     def __init__(self, path: Path, poll_s: float,
-                 reload: Callable[[Path], Awaitable[bool]]) -> None:
+                 reload: Callable[[Path], Awaitable[bool]], what: str = "model") -> None:
+        self.what = what  # for the log: "model" or "shadow"
         self.path = Path(path)
         self.poll_s = poll_s
         self._reload = reload
@@ -141,7 +142,7 @@ class ModelWatcher:
 
     def trigger(self) -> None:
         """Look now and take the file as it is (SIGHUP)."""
-        log.info("model reload requested: looking at %s now", self.path)
+        log.info("%s reload requested: looking at %s now", self.what, self.path)
         self._now = True
         self._wake.set()
 
@@ -161,8 +162,8 @@ class ModelWatcher:
         stamp = FileStamp.of(self.path)
         if stamp is None:
             if now:
-                log.warning("model reload: %s does not exist; the current model keeps "
-                            "serving", self.path)
+                log.warning("%s reload: %s does not exist; the current %s goes on",
+                            self.what, self.path, self.what)
             return
         if stamp == self.current and not now:
             return
@@ -309,7 +310,7 @@ class ModelLifecycle:
         self.shadow = shadow
         self.metrics.shadow_info.info({"version": shadow.version})
         self._watchers.append(ModelWatcher(path, self.settings.model_poll_s,
-                                           self._reload_shadow))
+                                           self._reload_shadow, what="shadow"))
         log.info("shadow model %s scores every batch too (never published)", shadow.version)
 
     def attach(self, scorer: Scorer) -> None:
