@@ -458,8 +458,8 @@ def test_shadow_follows_its_file_mid_stream_and_never_touches_the_alerts(
         broker, detector_path: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The shadow is swapped like the live model: a broken candidate (SIGHUP) is refused and
     counted apart, a good one (found by polling, while days stream) shadows from the next
-    batch and the agreement gauges are about it alone; the published records are the live
-    model's, exactly as it scores the same days on its own."""
+    batch, survives a scorer restart, and the agreement gauges are about it alone; the
+    published records are the live model's, exactly as it scores the same days on its own."""
     live = _variant(detector_path, tmp_path / "model.pt", "test-model-live")
     shadow_path = tmp_path / "shadow.pt"
     twin = _variant(detector_path, shadow_path, "test-shadow-twin")
@@ -505,6 +505,14 @@ def test_shadow_follows_its_file_mid_stream_and_never_touches_the_alerts(
             b = _variant(detector_path, shadow_path, "test-shadow-B", scale=1.2)
             job.result(120)
         _wait(lambda: m("meterwatch_shadow_reloads_total") >= 1, what="B shadows")
+        # a scorer process that dies now comes back with B as its shadow (were it the twin,
+        # the gauges would restart on the twin's exact agreement)
+        scorers = [c for c in psutil.Process(svc.proc.pid).children()
+                   if any("spawn_main" in part for part in c.cmdline())]
+        assert len(scorers) == 1, scorers
+        scorers[0].send_signal(signal.SIGKILL)
+        _wait(lambda: m("meterwatch_scorer_restarts_total") >= 1 and svc.ready(),
+              what="the scorer restarted")
         after_swap = m("meterwatch_shadow_days_total")
         produce(range(HISTORY_DAYS + n_days - 1, HISTORY_DAYS + n_days))
         _wait(lambda: m("meterwatch_days_scored_total") >= total
