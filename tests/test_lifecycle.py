@@ -303,6 +303,20 @@ def test_target_far_misconfigured_exits_2_with_one_line(detector_path: Path,
     assert "no calibration curve" in last and "Traceback" not in no_curve.stderr
 
 
+def test_a_broken_shadow_at_start_exits_2_with_one_line(detector_path: Path,
+                                                         tmp_path: Path) -> None:
+    """At start a shadow that cannot serve is a misconfiguration (later ones are refused)."""
+    bad = tmp_path / "shadow.pt"
+    bad.write_bytes(detector_path.read_bytes()[:1000])
+    proc = meterwatch("run", "--model-path", str(detector_path), "--shadow-model-path",
+                      str(bad), "--metrics-port", "0",
+                      env=clean_env(METERWATCH_BOOTSTRAP_SERVERS="127.0.0.1:1"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("meterwatch: error: --shadow-model-path: "), last
+    assert "Traceback" not in proc.stderr
+
+
 # --------------------------------------------------------------------------- in the stream
 
 
