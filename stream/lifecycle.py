@@ -1,5 +1,9 @@
 """Model lifecycle: swapping the checkpoint of a running service, and shadow scoring.
 
+``ModelLifecycle`` is what the service (``stream.service``, the data path) calls: it loads
+the models at start, watches their files, validates candidates, swaps them into the scorer
+between two batches, accounts for refusals and turns the shadow's results into metrics.
+
 **Swap without a restart.** ``ModelWatcher`` watches ``--model-path``: every
 ``--model-poll-s`` seconds (default 5) it compares the file's modification time, size and
 inode with the checkpoint being served, and ``SIGHUP`` makes it look at once. A changed file
@@ -13,8 +17,10 @@ changes:
 2. it has the same input contract as this code and the model being served (48 half-hours, the
    same context features and signals);
 3. its network reconstructs, and it scores, a small synthetic history (8 households x 6
-   days, ``model.synthetic``) to finite values on the CPU, and again on the scorer's own
-   device inside the scorer (``stream.scorer.Scorer.swap``).
+   days, ``model.synthetic``) to finite values: in the service, and with a scorer process
+   again on that process's own device (``stream.scorer.Scorer.swap``). A worker thread
+   scores the very object the service validated, on the device it was validated on, so it
+   is validated once.
 
 A candidate that fails any step is refused: one log line with the reason,
 ``meterwatch_model_reload_failures_total`` counts it, and the old model keeps serving (the
@@ -37,15 +43,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from meterwatch.model import ContextTables, Detector, SyntheticConfig, generate
 from meterwatch.model.features import FEATURE_NAMES, N_SLOTS, model_inputs
+from meterwatch.stream.config import Settings
+from meterwatch.stream.errors import ConfigurationError
+from meterwatch.stream.metrics import Metrics
+
+if TYPE_CHECKING:  # stream.scorer imports this module (validate)
+    from meterwatch.stream.scorer import Scored, Scorer
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +130,8 @@ class ModelWatcher:
     ``trigger()``, which the service calls on SIGHUP) and hands it to ``reload``."""
 
     def __init__(self, path: Path, poll_s: float,
-                 reload: Callable[[Path], Awaitable[bool]]) -> None:
+                 reload: Callable[[Path], Awaitable[bool]], what: str = "model") -> None:
+        self.what = what  # for the log: "model" or "shadow"
         self.path = Path(path)
         self.poll_s = poll_s
         self._reload = reload
@@ -127,7 +142,7 @@ class ModelWatcher:
 
     def trigger(self) -> None:
         """Look now and take the file as it is (SIGHUP)."""
-        log.info("model reload requested: looking at %s now", self.path)
+        log.info("%s reload requested: looking at %s now", self.what, self.path)
         self._now = True
         self._wake.set()
 
@@ -147,8 +162,8 @@ class ModelWatcher:
         stamp = FileStamp.of(self.path)
         if stamp is None:
             if now:
-                log.warning("model reload: %s does not exist; the current model keeps "
-                            "serving", self.path)
+                log.warning("%s reload: %s does not exist; the current %s goes on",
+                            self.what, self.path, self.what)
             return
         if stamp == self.current and not now:
             return
@@ -220,6 +235,234 @@ class ShadowComparison:
         if ra.std() == 0 or rb.std() == 0:
             return float("nan")
         return float(np.corrcoef(ra, rb)[0, 1])
+
+
+class ModelLifecycle:
+    """The models of a running service: the live one, the shadow, and their files.
+
+    What the service calls (``stream.service`` keeps only the data path):
+
+    - ``await load_model()`` then ``await load_shadow(tables)`` at start (raise
+      ``ConfigurationError``: exit status 2), ``attach(scorer)`` once the scorer runs;
+    - ``run()`` as a task while ``watching`` (the watchers of ``--model-path`` and
+      ``--shadow-model-path``, until cancelled); ``request_reload()`` on SIGHUP (both);
+    - ``observe(scored)`` after each scored batch (the threshold gauge and the shadow's
+      agreement metrics); ``latest()`` for days scored by no model.
+
+    A candidate for either file is loaded and validated (``validate``) on a worker thread,
+    then handed to the scorer under ``boundary``, the lock the service holds while it scores
+    a batch: the swap lands between two batches. A refused live candidate counts in
+    ``meterwatch_model_reload_failures_total``, a refused shadow candidate in
+    ``meterwatch_shadow_reload_failures_total`` (not in the former: the model alert
+    ``MeterwatchModelReloadRefused`` is about what serves); either way the model before it
+    goes on.
+    """
+
+    def __init__(self, settings: Settings, metrics: Metrics, boundary: asyncio.Lock,
+                 detector: Detector | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._boundary = boundary
+        #: the live model as this process holds it (with a scorer process: a CPU copy that
+        #: answers questions only; the process holds its own on the device)
+        self.detector = detector
+        self.shadow: Detector | None = None
+        self.tables: ContextTables | None = None
+        self.scorer: Scorer | None = None
+        self.comparison = ShadowComparison()
+        self._compared = ""  # the shadow version ``comparison`` is about
+        self._threshold: float | None = None  # of the latest scored batch
+        self._watchers: list[ModelWatcher] = []
+
+    # -- start -----------------------------------------------------------------------------
+    def _load(self, path: Path) -> Detector:
+        """A checkpoint as this service holds it: on the CPU with a scorer process (which
+        puts its own copy on the device), else on ``--device``; raises ``CheckpointError``."""
+        s = self.settings
+        return Detector.load(path, device="cpu" if s.scorer == "process" else s.device,
+                             dtype=s.precision)
+
+    async def load_model(self) -> None:
+        """The live model from ``--model-path`` (unless one was handed in, which is not
+        watched), with ``--target-far`` applied."""
+        s = self.settings
+        if self.detector is None:
+            if s.model_path is None:
+                raise ConfigurationError("--model-path", "no model given",
+                                         "train one with meterwatch train and pass its path")
+            self.detector = await asyncio.to_thread(self._load, s.model_path)
+            self._watchers.append(ModelWatcher(s.model_path, s.model_poll_s,
+                                               self._reload_model))
+        self.apply_budget(self.detector, "--target-far")
+
+    async def load_shadow(self, tables: ContextTables | None) -> None:
+        """The shadow model from ``--shadow-model-path``, if given (validated against the
+        live model), and its watcher."""
+        self.tables = tables
+        path = self.settings.shadow_model_path
+        if path is None:
+            return
+        try:
+            shadow = await asyncio.to_thread(lambda: self._shadow_ready(self._load(path)))
+        except (ValueError, OSError) as exc:  # CheckpointError, ModelRejected, ...
+            raise ConfigurationError("--shadow-model-path", str(exc).split(";")[0],
+                                     "give a checkpoint written by meterwatch train") from None
+        self.shadow = shadow
+        self.metrics.shadow_info.info({"version": shadow.version})
+        self._watchers.append(ModelWatcher(path, self.settings.model_poll_s,
+                                           self._reload_shadow, what="shadow"))
+        log.info("shadow model %s scores every batch too (never published)", shadow.version)
+
+    def attach(self, scorer: Scorer) -> None:
+        """The scorer that serves ``detector`` (and ``shadow``); swaps go to it."""
+        self.scorer = scorer
+        self._model_info()
+
+    def apply_budget(self, det: Detector, flag: str) -> None:
+        """``--target-far`` on ``det``: raises ``ConfigurationError`` (exit status 2) for a
+        checkpoint without a calibration curve or a rate outside its range."""
+        far = self.settings.target_far
+        if far is None:
+            return
+        if det.far_curve is None:
+            raise ConfigurationError(
+                flag, f"the checkpoint {det.version} has no calibration curve, so it cannot "
+                f"take --target-far {far:g}", "retrain it with this version of meterwatch "
+                "train, or leave --target-far out (the checkpoint's own threshold)")
+        try:
+            det.set_target_far(far)
+        except ValueError as exc:
+            raise ConfigurationError(flag, str(exc).split(";")[0],
+                                     "choose a --target-far inside that range") from None
+
+    def _shadow_ready(self, shadow: Detector) -> Detector:
+        """``shadow`` with the budget (its own threshold, with a warning, when it has no
+        curve), validated against the live model (on a worker thread)."""
+        if self.settings.target_far is not None and shadow.far_curve is None:
+            log.warning("the shadow model %s has no calibration curve: it alerts at its "
+                        "own threshold, not at --target-far", shadow.version)
+        else:
+            self.apply_budget(shadow, "--shadow-model-path")
+        validate(shadow, self.detector, self.tables)
+        return shadow
+
+    def _model_info(self) -> None:
+        assert self.detector is not None and self.scorer is not None
+        det = self.detector
+        self.metrics.model_info.info({
+            "version": det.version, "device": self.scorer.device,
+            "threshold": f"{det.threshold:.6g}",
+            "target_far": "" if det.target_far is None else f"{det.target_far:g}",
+            "calibration": self.settings.calibration if det.target_far is not None
+            else "checkpoint"})
+
+    # -- watching and swapping -------------------------------------------------------------
+    @property
+    def watching(self) -> bool:
+        """Whether there is a file to watch (``run`` returns at once otherwise)."""
+        return bool(self._watchers)
+
+    async def run(self) -> None:
+        """Watch the files until cancelled."""
+        await asyncio.gather(*(w.run() for w in self._watchers))
+
+    def request_reload(self) -> None:
+        """Look at both files now (SIGHUP)."""
+        for w in self._watchers:
+            w.trigger()
+
+    async def _reload_model(self, path: Path) -> bool:
+        """Validate the checkpoint at ``path`` and swap it in between two batches; refuse it
+        (log line, ``meterwatch_model_reload_failures_total``) if anything is wrong, the old
+        model serving on. Returns whether the model changed."""
+        assert self.scorer is not None and self.detector is not None
+        old = self.detector
+        try:
+            cand = await asyncio.to_thread(self._load, path)
+            self.apply_budget(cand, "--target-far")
+            if cand.version == old.version:
+                log.info("model reload: %s holds %s, already serving", path, cand.version)
+                return False
+            await asyncio.to_thread(validate, cand, old, self.tables)
+            async with self._boundary:  # at a batch boundary: none is being scored
+                t0 = time.perf_counter()
+                # a worker thread scores this very object: validated above, on its device
+                await self.scorer.swap(cand, validated=True)
+                waited = time.perf_counter() - t0
+        except Exception as exc:  # CheckpointError, ConfigurationError, ModelRejected, ...
+            self.metrics.model_reload_failures.inc()
+            log.error("model reload refused: %s; %s keeps serving", _first_line(exc),
+                      old.version)
+            return False
+        self.detector = cand
+        self.metrics.model_reloads.inc()
+        self._model_info()
+        log.info("model swapped without a restart: %s -> %s (threshold %.4f; scoring waited "
+                 "%.3f s)", old.version, cand.version, cand.threshold, waited)
+        return True
+
+    async def _reload_shadow(self, path: Path) -> bool:
+        """The same for the shadow: refused candidates count in
+        ``meterwatch_shadow_reload_failures_total`` and the old shadow goes on; the live
+        model's scoring is never stopped by one (a failure in the scorer process while it
+        builds the candidate restarts it with the old shadow)."""
+        assert self.scorer is not None and self.shadow is not None
+        old = self.shadow
+        try:
+            cand = await asyncio.to_thread(self._load, path)
+            if cand.version == old.version:
+                log.info("shadow reload: %s holds %s, already shadowing", path, cand.version)
+                return False
+            await asyncio.to_thread(self._shadow_ready, cand)
+            async with self._boundary:  # scoring waits from here
+                t0 = time.perf_counter()
+                await self.scorer.swap_shadow(cand, validated=True)
+                waited = time.perf_counter() - t0
+        except Exception as exc:
+            self.metrics.shadow_reload_failures.inc()
+            log.error("shadow reload refused: %s; %s keeps shadowing", _first_line(exc),
+                      old.version)
+            return False
+        self.shadow = cand
+        self.metrics.shadow_reloads.inc()
+        self.metrics.shadow_info.info({"version": cand.version})
+        log.info("shadow model swapped without a restart: %s -> %s (scoring waited %.3f s)",
+                 old.version, cand.version, waited)
+        return True
+
+    # -- per batch -------------------------------------------------------------------------
+    def observe(self, scored: Scored) -> None:
+        """Metrics of a scored batch: its threshold, and the shadow's agreement (the gauges
+        since the shadow that scored it first scored; the counters since start)."""
+        m = self.metrics
+        self._threshold = scored.threshold
+        m.alert_threshold.set(scored.threshold)
+        if scored.shadow_score is None or scored.shadow_is_alert is None:
+            return
+        if scored.shadow_version != self._compared:  # a new shadow: compared afresh
+            self.comparison = ShadowComparison()
+            self._compared = scored.shadow_version
+        cmp = self.comparison
+        before = (cmp.both, cmp.live_only, cmp.shadow_only)
+        cmp.add(scored.score, scored.is_alert, scored.shadow_score, scored.shadow_is_alert)
+        m.shadow_days.inc(len(scored.score))
+        for label, b, a in zip(("both", "live_only", "shadow_only"), before,
+                               (cmp.both, cmp.live_only, cmp.shadow_only), strict=True):
+            m.shadow_alerts.labels(label).inc(a - b)
+        m.shadow_agreement.set(cmp.agreement)
+        m.shadow_abs_diff.set(cmp.mean_abs_diff)
+        m.shadow_rank_correlation.set(cmp.rank_correlation())
+
+    def latest(self) -> tuple[float, str]:
+        """The threshold and model version for days scored by no model (all incomplete):
+        the latest batch's threshold, else the live model's."""
+        assert self.detector is not None
+        threshold = self._threshold if self._threshold is not None else self.detector.threshold
+        return threshold, self.detector.version
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:

@@ -88,6 +88,8 @@ class Metrics:
     model_reload_failures: Counter
     alert_threshold: Gauge
     shadow_info: Info
+    shadow_reloads: Counter
+    shadow_reload_failures: Counter
     shadow_days: Counter
     shadow_alerts: Counter
     shadow_agreement: Gauge
@@ -181,6 +183,13 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         shadow_info=Info("meterwatch_shadow_model",
                          "The shadow model (--shadow-model-path), when there is one.",
                          registry=reg),
+        shadow_reloads=counter("meterwatch_shadow_reloads",
+                               "Shadow checkpoints swapped in without a restart."),
+        shadow_reload_failures=counter(
+            "meterwatch_shadow_reload_failures",
+            "Candidate shadow checkpoints refused (unloadable, incompatible, non-finite "
+            "scores); the old shadow kept shadowing. Not counted in "
+            "meterwatch_model_reload_failures_total."),
         shadow_days=counter("meterwatch_shadow_days",
                             "Household-days scored by the shadow model too."),
         shadow_alerts=counter(
@@ -189,11 +198,12 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "shadow_only).", ("agreement",)),
         shadow_agreement=gauge(
             "meterwatch_shadow_alert_agreement_ratio",
-            "Alerts both models raised over alerts either raised, since start (1 while "
-            "neither alerted)."),
+            "Alerts both models raised over alerts either raised, since the shadow serving "
+            "first scored (1 while neither alerted)."),
         shadow_abs_diff=gauge(
             "meterwatch_shadow_score_mean_abs_diff",
-            "Mean absolute difference of live and shadow scores, since start."),
+            "Mean absolute difference of live and shadow scores, since the shadow serving "
+            "first scored."),
         shadow_rank_correlation=gauge(
             "meterwatch_shadow_score_rank_correlation",
             "Spearman rank correlation of live and shadow scores over the last 10,000 days."),

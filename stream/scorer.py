@@ -284,11 +284,16 @@ class Scorer:
             self._shm.close()
             self._shm = None
 
-    async def swap(self, detector: Detector) -> None:
+    async def swap(self, detector: Detector, *, validated: bool = False) -> None:
         """Serve ``detector`` from the next batch on. The worker takes one request at a
-        time, so this waits for the batch being scored; it validates the model again on
-        the worker's own device (``stream.lifecycle.validate``) before replacing the old
-        one. Raises ``ModelRejected`` (the old model keeps serving) when that fails."""
+        time, so this waits for the batch being scored; it validates the model on the
+        worker's own device (``stream.lifecycle.validate``) before replacing the old one.
+        Raises ``ModelRejected`` (the old model keeps serving) when that fails.
+
+        ``validated``: the caller has run ``validate`` on this very object against the model
+        serving. A worker thread then scores that object, on the device it was validated
+        on, so it is not validated twice; a scorer process always validates the copy it
+        builds on its own device."""
         loop = asyncio.get_running_loop()
         executor = self._executor
         assert executor is not None, "scorer not started"
@@ -296,7 +301,8 @@ class Scorer:
             worker = self._worker
 
             def swap_here() -> _Worker:
-                validate(detector, worker.detector, worker.tables)
+                if not validated:
+                    validate(detector, worker.detector, worker.tables)
                 return worker.with_detector(detector)
 
             self._worker = await loop.run_in_executor(executor, swap_here)
@@ -309,6 +315,35 @@ class Scorer:
                 raise ModelRejected(f"{detector.version}: the scorer process died while "
                                     "loading it") from None
         self.detector = detector  # what a restarted scorer process loads
+
+    async def swap_shadow(self, detector: Detector, *, validated: bool = False) -> None:
+        """Shadow with ``detector`` from the next batch on (the scorer was started with a
+        shadow), validated on the worker's own device first, as ``swap`` does (and skipped
+        as there for a worker thread when ``validated``: against the live model). Raises
+        ``ModelRejected`` (the old shadow goes on) when that fails; if the scorer process
+        dies meanwhile it is restarted with the old shadow."""
+        loop = asyncio.get_running_loop()
+        executor = self._executor
+        assert executor is not None, "scorer not started"
+        assert self.shadow is not None, "started without a shadow"
+        if self._worker is not None:
+            worker = self._worker
+
+            def swap_here() -> None:
+                if not validated:
+                    validate(detector, worker.detector, worker.tables)
+                worker.shadow = _Worker(detector, worker.tables, rolling=worker.rolling)
+
+            await loop.run_in_executor(executor, swap_here)
+        else:
+            try:
+                await loop.run_in_executor(executor, _process_swap_shadow,
+                                           detector.checkpoint(), detector.target_far)
+            except BrokenProcessPool:
+                await self._restart()  # with the shadow that was shadowing
+                raise ModelRejected(f"{detector.version}: the scorer process died while "
+                                    "loading it as the shadow") from None
+        self.shadow = detector  # what a restarted scorer process loads
 
     async def score(self, kwh: np.ndarray, day: np.ndarray, household_ids: list[str],
                     keys: np.ndarray, state: dict[str, np.ndarray]) -> Scored:
@@ -539,9 +574,12 @@ def _init_process(checkpoint: dict, device: str, dtype: DtypeName,
                                         target_far=target_far)
     shadow = None
     if shadow_checkpoint is not None:
-        shadow = _Worker(Detector.from_checkpoint(shadow_checkpoint, device=device, dtype=dtype,
-                                                  target_far=shadow_target_far),
-                         tables, rolling=rolling)
+        try:
+            shadow = _Worker(Detector.from_checkpoint(shadow_checkpoint, device=device,
+                                                      dtype=dtype, target_far=shadow_target_far),
+                             tables, rolling=rolling)
+        except Exception:  # the shadow never stops the live model (validated before, though)
+            log.exception("the shadow model could not be built; scoring without it")
     _PROCESS_WORKER = _Worker(detector, tables, rolling=rolling, shadow=shadow)
 
 
@@ -560,6 +598,25 @@ def _process_swap(checkpoint: dict, target_far: float | None) -> str:
     validate(det, old.detector, old.tables)
     _PROCESS_WORKER = old.with_detector(det)
     log.info("now serving %s (was %s)", det.version, old.detector.version)
+    return det.version
+
+
+def _process_swap_shadow(checkpoint: dict, target_far: float | None) -> str:
+    """``Scorer.swap_shadow`` in the scorer process (between two batches)."""
+    worker = _PROCESS_WORKER
+    assert worker is not None
+    device = worker.detector.device
+    try:
+        det = Detector.from_checkpoint(checkpoint, device=device,
+                                       dtype=worker.detector.dtype_name, target_far=target_far)
+    except Exception as exc:
+        raise ModelRejected(f"{checkpoint.get('version')}: cannot be built on {device} "
+                            f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    validate(det, worker.detector, worker.tables)
+    old = worker.shadow
+    worker.shadow = _Worker(det, worker.tables, rolling=worker.rolling)
+    log.info("now shadowing with %s (was %s)", det.version,
+             old.detector.version if old is not None else "none")
     return det.version
 
 

@@ -3,7 +3,8 @@
 Stages, one module each: ``stream.parse`` (records → columns) → ``stream.assembler`` (columns →
 closed household-days) → ``stream.batcher`` (days → model batches) → ``stream.scorer`` (batches →
 scores, in a scorer process or thread) → ``stream.alerts`` (scores → documents) → ``stream.outputs``
-(documents → Kafka) → offsets committed here.
+(documents → Kafka) → offsets committed here. The models they score with (loading, swaps
+without a restart, the shadow) are ``stream.lifecycle``'s.
 
 Protocols, each written out in the module that implements it: the commit protocol in
 ``stream.checkpoint`` (steps 1-6), recovery in ``stream.recovery``, producers, keys and
@@ -30,7 +31,6 @@ import signal
 import time
 from collections import deque
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,7 +53,7 @@ from meterwatch.stream.config import Settings
 from meterwatch.stream.errors import ConfigurationError, PartitionLost
 from meterwatch.stream.gctuning import GC as _GC
 from meterwatch.stream.http import HttpServer
-from meterwatch.stream.lifecycle import ModelWatcher, ShadowComparison, validate
+from meterwatch.stream.lifecycle import ModelLifecycle
 from meterwatch.stream.metrics import Metrics, create_metrics
 from meterwatch.stream.outputs import (
     OutputPublisher,
@@ -87,14 +87,11 @@ class Service:
         self.settings = settings
         self.metrics: Metrics = create_metrics(registry)
         self.grid = TimeGrid(settings.timezone)
-        self.detector = detector
         self.tables: ContextTables | None = None
         self.scorer: Scorer | None = None
-        self.shadow: Detector | None = None
-        self.shadow_comparison = ShadowComparison()
-        self.watcher: ModelWatcher | None = None
-        #: the threshold of the latest scored batch (for days scored by no model)
-        self._threshold: float | None = None
+        self._process_lock = asyncio.Lock()  # held while a batch is scored: the batch boundary
+        #: the models: loading, watching, validating, swapping, shadow metrics
+        self.lifecycle = ModelLifecycle(settings, self.metrics, self._process_lock, detector)
         self._gc_tuned = False
         self.batcher = DynamicBatcher(max_size=settings.batch_max_size,
                                       max_delay_s=settings.batch_max_delay_ms / 1000)
@@ -105,7 +102,6 @@ class Service:
         self.parts: dict[int, PartitionWork] = {}
         # sustained changes (stream.sustained), updated after each scored batch
         self.sustained = SustainedTracker(changes=self.metrics.sustained_changes)
-        self._process_lock = asyncio.Lock()
         self._publishing: asyncio.Task[None] | None = None  # the batch being published
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -161,36 +157,27 @@ class Service:
 
     async def _start(self) -> None:
         await self.http.start()
-        loop = asyncio.get_running_loop()
         s = self.settings
         check_files(s)
         in_process = s.scorer == "process"
         if not in_process and (s.device == "cpu" or not torch.cuda.is_available()):
             set_cpu_threads(s.torch_threads)
-        if self.detector is None:
-            if s.model_path is None:
-                raise ConfigurationError("--model-path", "no model given",
-                                         "train one with meterwatch train and pass its path")
-            # with a scorer process, this copy only answers questions (threshold, version):
-            # it stays on the CPU and the process puts its own on the device
-            self.detector = await loop.run_in_executor(None, self._load, s.model_path)
-            self.watcher = ModelWatcher(s.model_path, s.model_poll_s, self._reload_model)
-        self._apply_budget(self.detector, "--target-far")
+        models = self.lifecycle
+        await models.load_model()
         if s.household_info or s.weather or s.holidays:
             self.tables = ContextTables.from_files(household_csv=s.household_info,
                                                    weather_csv=s.weather, holidays_csv=s.holidays)
-        if s.shadow_model_path is not None:
-            await self._load_shadow(s.shadow_model_path)
-        assert self.detector is not None
-        self.scorer = Scorer(self.detector, self.tables, torch_threads=s.torch_threads,
+        await models.load_shadow(self.tables)
+        assert models.detector is not None
+        self.scorer = Scorer(models.detector, self.tables, torch_threads=s.torch_threads,
                              process=in_process, device=s.device, dtype=s.precision,
                              on_change=self._scorer_changed,
-                             rolling=s.calibration == "rolling", shadow=self.shadow)
+                             rolling=s.calibration == "rolling", shadow=models.shadow)
         await self.scorer.start()
         self.batcher.cap = min(self.batcher.max_size, self.scorer.memory_cap)
         self.scorer.on_memory_cap = lambda cap: setattr(  # lowered by an out-of-memory split
             self.batcher, "cap", min(self.batcher.max_size, cap))
-        self._model_info()
+        models.attach(self.scorer)
         await self._connect()
         if s.gc_gen0_threshold:
             _GC.acquire(s.gc_gen0_threshold)
@@ -201,115 +188,15 @@ class Service:
         if in_process:
             self._tasks.append(asyncio.create_task(self.scorer.supervise(),
                                                    name="meterwatch-scorer-supervisor"))
-        if self.watcher is not None:
-            self._tasks.append(asyncio.create_task(self.watcher.run(),
+        if models.watching:
+            self._tasks.append(asyncio.create_task(models.run(),
                                                    name="meterwatch-model-watcher"))
         for t in self._tasks:
             t.add_done_callback(self._task_done)
 
-    # -- the model: budget, swap, shadow (stream.lifecycle) ----------------------------------
-    def _load(self, path: Path) -> Detector:
-        """A checkpoint as this service holds it: on the CPU with a scorer process (which
-        puts its own copy on the device), else on ``--device``; raises ``CheckpointError``."""
-        s = self.settings
-        return Detector.load(path, device="cpu" if s.scorer == "process" else s.device,
-                             dtype=s.precision)
-
-    def _apply_budget(self, det: Detector, flag: str) -> None:
-        """``--target-far`` on ``det``: raises ``ConfigurationError`` (exit status 2) for a
-        checkpoint without a calibration curve or a rate outside its range."""
-        far = self.settings.target_far
-        if far is None:
-            return
-        if det.far_curve is None:
-            raise ConfigurationError(
-                flag, f"the checkpoint {det.version} has no calibration curve, so it cannot "
-                f"take --target-far {far:g}", "retrain it with this version of meterwatch "
-                "train, or leave --target-far out (the checkpoint's own threshold)")
-        try:
-            det.set_target_far(far)
-        except ValueError as exc:
-            raise ConfigurationError(flag, str(exc).split(";")[0],
-                                     "choose a --target-far inside that range") from None
-
-    async def _load_shadow(self, path: Path) -> None:
-        flag = "--shadow-model-path"
-        loop = asyncio.get_running_loop()
-        try:
-            shadow = await loop.run_in_executor(None, self._load, path)
-            if self.settings.target_far is not None and shadow.far_curve is None:
-                log.warning("the shadow model %s has no calibration curve: it alerts at its "
-                            "own threshold, not at --target-far", shadow.version)
-            elif self.settings.target_far is not None:
-                self._apply_budget(shadow, flag)
-            await loop.run_in_executor(None, validate, shadow, self.detector, self.tables)
-        except (ValueError, OSError) as exc:  # CheckpointError, ModelRejected, ...
-            raise ConfigurationError(flag, str(exc).split(";")[0],
-                                     "give a checkpoint written by meterwatch train") from None
-        self.shadow = shadow
-        self.metrics.shadow_info.info({"version": shadow.version})
-        log.info("shadow model %s scores every batch too (never published)", shadow.version)
-
-    def _model_info(self) -> None:
-        assert self.detector is not None and self.scorer is not None
-        det = self.detector
-        self.metrics.model_info.info({
-            "version": det.version, "device": self.scorer.device,
-            "threshold": f"{det.threshold:.6g}",
-            "target_far": "" if det.target_far is None else f"{det.target_far:g}",
-            "calibration": self.settings.calibration if det.target_far is not None
-            else "checkpoint"})
-
     def reload_model(self) -> None:
-        """Look at ``--model-path`` now (SIGHUP)."""
-        if self.watcher is not None:
-            self.watcher.trigger()
-
-    async def _reload_model(self, path: Path) -> bool:
-        """Validate the checkpoint at ``path`` and swap it in between two batches; refuse it
-        (log line, ``meterwatch_model_reload_failures_total``) if anything is wrong, the old
-        model serving on. Returns whether the model changed."""
-        assert self.scorer is not None and self.detector is not None
-        loop = asyncio.get_running_loop()
-        old = self.detector
-        try:
-            cand = await loop.run_in_executor(None, self._load, path)
-            self._apply_budget(cand, "--target-far")
-            if cand.version == old.version:
-                log.info("model reload: %s holds %s, already serving", path, cand.version)
-                return False
-            await loop.run_in_executor(None, validate, cand, old, self.tables)
-            async with self._process_lock:  # at a batch boundary: none is being scored
-                await self.scorer.swap(cand)
-        except Exception as exc:  # CheckpointError, ConfigurationError, ModelRejected, ...
-            self.metrics.model_reload_failures.inc()
-            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            log.error("model reload refused: %s; %s keeps serving", text, old.version)
-            return False
-        self.detector = cand
-        self.metrics.model_reloads.inc()
-        self._model_info()
-        log.info("model swapped without a restart: %s -> %s (threshold %.4f)", old.version,
-                 cand.version, cand.threshold)
-        return True
-
-    def _observe_scored(self, scored: Scored) -> None:
-        """Metrics of a scored batch: its threshold, and the shadow's agreement."""
-        m = self.metrics
-        self._threshold = scored.threshold
-        m.alert_threshold.set(scored.threshold)
-        if scored.shadow_score is None or scored.shadow_is_alert is None:
-            return
-        cmp = self.shadow_comparison
-        before = (cmp.both, cmp.live_only, cmp.shadow_only)
-        cmp.add(scored.score, scored.is_alert, scored.shadow_score, scored.shadow_is_alert)
-        m.shadow_days.inc(len(scored.score))
-        for label, b, a in zip(("both", "live_only", "shadow_only"), before,
-                               (cmp.both, cmp.live_only, cmp.shadow_only), strict=True):
-            m.shadow_alerts.labels(label).inc(a - b)
-        m.shadow_agreement.set(cmp.agreement)
-        m.shadow_abs_diff.set(cmp.mean_abs_diff)
-        m.shadow_rank_correlation.set(cmp.rank_correlation())
+        """Look at the model files now (SIGHUP; ``stream.lifecycle``)."""
+        self.lifecycle.request_reload()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         """A stage that dies takes the service down (loudly) rather than stalling it."""
@@ -581,7 +468,7 @@ class Service:
         publishing fails or is cancelled is never released: no commit passes its days, and
         the next owner replays them.
         """
-        assert self.scorer is not None and self.detector is not None
+        assert self.scorer is not None
         m = self.metrics
         # days of a partition revoked since they closed are the new owner's to replay
         batch = [p for p in taken.items if self.parts.get(p.partition) is p.owner]
@@ -602,7 +489,7 @@ class Service:
                 self.parts[p.partition].assembler.households.state_column(k)[d.household_index]
                 for p, d in zip(batch, scoreable, strict=True)]) for k in STATE_FIELDS}
             scored = await self.scorer.score(kwh, day, ids, keys, state)
-            self._observe_scored(scored)
+            self.lifecycle.observe(scored)
             m.batch_size.observe(n)
             m.inferences.inc(n)
             m.executions.inc()
@@ -646,7 +533,6 @@ class Service:
                  records: list[list[OutRecord]], complete_at: list[list[int]]) -> None:
         """Write back household state and build the output records of one chunk."""
         s = self.settings
-        assert self.detector is not None
         work = self.parts.get(p.partition)
         if work is None or work is not p.owner:
             return  # lost while it was scored: the new owner replays these days
@@ -668,11 +554,10 @@ class Service:
         days = ClosedDays.concat([scoreable, p.days.select(p.days.status == INCOMPLETE)])
         # the model and threshold that scored these days (a swap lands between batches);
         # days scored by no model (all incomplete) carry the latest
-        threshold = (part.threshold if part is not None and np.isfinite(part.threshold)
-                     else self._threshold if self._threshold is not None
-                     else self.detector.threshold)
-        version = part.model_version if part is not None and part.model_version \
-            else self.detector.version
+        threshold, version = self.lifecycle.latest()
+        if part is not None:
+            threshold = part.threshold if np.isfinite(part.threshold) else threshold
+            version = part.model_version or version
         docs = build_documents(days, part, days.seq, threshold=threshold,
                                model_version=version,
                                signal_names=SIGNAL_NAMES, grid=self.grid,

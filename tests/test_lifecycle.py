@@ -10,6 +10,7 @@ refused without loss, ``--target-far`` reaching the scorer process, shadow scori
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import math
 import os
 import signal
@@ -21,10 +22,19 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from meterwatch.model import Detector, HouseholdState, SyntheticConfig, generate
 from meterwatch.model.calibration import SEVERITIES
-from meterwatch.stream.lifecycle import ModelRejected, ModelWatcher, ShadowComparison, validate
+from meterwatch.stream.config import Settings
+from meterwatch.stream.lifecycle import (
+    ModelLifecycle,
+    ModelRejected,
+    ModelWatcher,
+    ShadowComparison,
+    validate,
+)
+from meterwatch.stream.metrics import create_metrics
 from meterwatch.stream.scorer import STATE_FIELDS, Scorer
 from meterwatch.stream.simulate import produce_synthetic
 from meterwatch.stream.testing import ServiceProcess
@@ -189,6 +199,84 @@ async def test_scorer_swap_between_batches_and_refusal(detector_path: Path, tmp_
         await scorer.stop()
 
 
+@pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
+async def test_scorer_swaps_the_shadow_between_batches_and_refuses_a_broken_one(
+        detector_path: Path, tmp_path: Path, synthetic, process: bool  # type: ignore[no-untyped-def]
+        ) -> None:
+    live = Detector.load(detector_path, device="cpu")
+    twin = _variant(detector_path, tmp_path / "twin.pt", "test-shadow-twin")
+    b = _variant(detector_path, tmp_path / "b.pt", "test-shadow-B", scale=1.2)
+    nan = _variant(detector_path, tmp_path / "nan.pt", "test-shadow-nan", nan=True)
+    scorer = Scorer(live, synthetic.tables, process=process, shadow=twin)
+    await scorer.start()
+    n = len(synthetic.household_ids)
+    keys = np.arange(n, dtype=np.int64)
+
+    async def day(d: int, state: dict[str, np.ndarray]):  # type: ignore[no-untyped-def]
+        return await scorer.score(synthetic.kwh[:, d], np.full(n, synthetic.days[d], np.int32),
+                                  list(synthetic.household_ids), keys, state)
+
+    try:
+        first = await day(HISTORY_DAYS, dict(vars(HouseholdState.empty(n))))
+        assert first.shadow_version == twin.version and first.shadow_score is not None
+        assert np.allclose(first.shadow_score, first.score, equal_nan=True)
+        await scorer.swap_shadow(b)
+        second = await day(HISTORY_DAYS + 1, first.state)
+        assert second.shadow_version == b.version and scorer.shadow is b
+        assert second.shadow_score is not None
+        assert not np.allclose(second.shadow_score, second.score, equal_nan=True)
+        with pytest.raises(ModelRejected, match="non-finite"):
+            await scorer.swap_shadow(nan)
+        third = await day(HISTORY_DAYS + 2, second.state)
+        assert third.shadow_version == b.version and third.model_version == live.version
+        assert third.shadow_score is not None and np.isfinite(third.shadow_score).all()
+    finally:
+        await scorer.stop()
+
+
+async def test_lifecycle_with_the_thread_scorer_validates_once_and_still_refuses(
+        detector_path: Path, tmp_path: Path) -> None:
+    """With a worker thread the scorer no longer validates what the service validated (the
+    same object, the same device): a broken live or shadow candidate is still refused,
+    counted in its own counter, and a good one serves from the next batch."""
+    path, shadow_path = tmp_path / "model.pt", tmp_path / "shadow.pt"
+    _variant(detector_path, path, "test-model-A")
+    _variant(detector_path, shadow_path, "test-shadow-A")
+    settings = Settings(scorer="thread", device="cpu", model_path=path,
+                        shadow_model_path=shadow_path, metrics_port=0)
+    metrics = create_metrics(CollectorRegistry())
+    models = ModelLifecycle(settings, metrics, asyncio.Lock())
+    await models.load_model()
+    await models.load_shadow(None)
+    assert models.detector is not None and models.watching
+    scorer = Scorer(models.detector, None, process=False, shadow=models.shadow)
+    await scorer.start()
+    models.attach(scorer)
+
+    def count(name: str) -> float:
+        return metrics.registry.get_sample_value(name) or 0.0
+
+    try:
+        for p, reload in ((path, models._reload_model), (shadow_path, models._reload_shadow)):
+            _variant(detector_path, p, "test-nan", nan=True)
+            assert await reload(p) is False
+            _variant(detector_path, p, "test-B", scale=1.01)
+            assert await reload(p) is True
+        assert (scorer.detector.version, scorer.shadow.version) == ("test-B", "test-B")
+        assert count("meterwatch_model_reload_failures_total") == 1
+        assert count("meterwatch_shadow_reload_failures_total") == 1
+        assert count("meterwatch_model_reloads_total") == 1
+        assert count("meterwatch_shadow_reloads_total") == 1
+        ids = ["H1", "H2"]
+        state = dict(vars(HouseholdState.empty(2)))
+        scored = await scorer.score(np.full((2, 48), 0.2, np.float32),
+                                    np.array([16000, 16000], np.int32), ids,
+                                    np.arange(2, dtype=np.int64), state)
+        assert scored.model_version == "test-B" and scored.shadow_version == "test-B"
+    finally:
+        await scorer.stop()
+
+
 def test_run_help_describes_the_new_flags() -> None:
     out = meterwatch("run", "--help").stdout
     for flag in ("--target-far", "--calibration", "--model-poll-s", "--shadow-model-path"):
@@ -213,6 +301,20 @@ def test_target_far_misconfigured_exits_2_with_one_line(detector_path: Path,
     last = no_curve.stderr.strip().splitlines()[-1]
     assert last.startswith("meterwatch: error: --target-far: the checkpoint"), last
     assert "no calibration curve" in last and "Traceback" not in no_curve.stderr
+
+
+def test_a_broken_shadow_at_start_exits_2_with_one_line(detector_path: Path,
+                                                         tmp_path: Path) -> None:
+    """At start a shadow that cannot serve is a misconfiguration (later ones are refused)."""
+    bad = tmp_path / "shadow.pt"
+    bad.write_bytes(detector_path.read_bytes()[:1000])
+    proc = meterwatch("run", "--model-path", str(detector_path), "--shadow-model-path",
+                      str(bad), "--metrics-port", "0",
+                      env=clean_env(METERWATCH_BOOTSTRAP_SERVERS="127.0.0.1:1"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("meterwatch: error: --shadow-model-path: "), last
+    assert "Traceback" not in proc.stderr
 
 
 # --------------------------------------------------------------------------- in the stream
@@ -365,9 +467,116 @@ def test_target_far_and_shadow_scoring_in_the_scorer_process(broker, detector_pa
     assert m["meterwatch_shadow_score_rank_correlation"] == pytest.approx(1.0)
 
 
-def _info(port: int) -> str:
+@pytest.mark.integration
+def test_shadow_follows_its_file_mid_stream_and_never_touches_the_alerts(
+        broker, detector_path: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The shadow is swapped like the live model: a broken candidate (SIGHUP) is refused and
+    counted apart, a good one (found by polling, while days stream) shadows from the next
+    batch, survives a scorer restart, and the agreement gauges are about it alone; the
+    published records are the live model's, exactly as it scores the same days on its own."""
+    live = _variant(detector_path, tmp_path / "model.pt", "test-model-live")
+    shadow_path = tmp_path / "shadow.pt"
+    twin = _variant(detector_path, shadow_path, "test-shadow-twin")
+    settings = unique_settings(broker, shadow_model_path=shadow_path)  # else default settings
+    n_days = 7
+    data = generate(SyntheticConfig(n_households=N_HOUSEHOLDS, n_days=HISTORY_DAYS + n_days,
+                                    anomaly_rate=0.0, seed=13))
+    truth = inject_gross(data, range(HISTORY_DAYS, HISTORY_DAYS + n_days))
+    svc = ServiceProcess(settings, tmp_path / "model.pt",
+                         log_path=tmp_path / "service.log").start()
+
+    def produce(days: range, rate: float | None = None) -> None:
+        asyncio.run(produce_synthetic(settings.bootstrap_servers, settings.input_topic, data,
+                                      days=days, rate=rate))
+
+    def m(name: str, labels: str = "") -> float:
+        return metric(svc.port, name, labels)
+
+    total = N_HOUSEHOLDS * n_days
+    try:
+        svc.wait_ready()
+        assert svc.proc is not None
+        produce(range(HISTORY_DAYS, HISTORY_DAYS + 2))
+        _wait(lambda: m("meterwatch_shadow_days_total") >= 2 * N_HOUSEHOLDS,
+              what="the twin shadowed two days")
+        twin_diff = m("meterwatch_shadow_score_mean_abs_diff")
+        twin_agreement = m("meterwatch_shadow_alert_agreement_ratio")
+        # a shadow that scores NaN, announced by SIGHUP: refused, counted apart, twin goes on
+        _variant(detector_path, shadow_path, "test-shadow-nan", nan=True)
+        svc.proc.send_signal(signal.SIGHUP)
+        _wait(lambda: m("meterwatch_shadow_reload_failures_total") >= 1,
+              what="the NaN shadow refused")
+        produce(range(HISTORY_DAYS + 2, HISTORY_DAYS + 3))
+        _wait(lambda: m("meterwatch_shadow_days_total") >= 3 * N_HOUSEHOLDS,
+              what="the twin shadowed day 3")
+        assert m("meterwatch_shadow_score_mean_abs_diff") == pytest.approx(0.0, abs=1e-6)
+        assert 'version="test-shadow-twin"' in _info(svc.port, "meterwatch_shadow_model_info")
+        # B replaces the file while days stream; found by polling, no signal
+        with ThreadPoolExecutor(1) as pool:  # 3 days at 1,440 readings/s: about 3 s
+            job = pool.submit(produce, range(HISTORY_DAYS + 3, HISTORY_DAYS + n_days - 1),
+                              N_HOUSEHOLDS * 48 * 1.0)
+            time.sleep(1.0)
+            b = _variant(detector_path, shadow_path, "test-shadow-B", scale=1.2)
+            job.result(120)
+        _wait(lambda: m("meterwatch_shadow_reloads_total") >= 1, what="B shadows")
+        # a scorer process that dies now comes back with B as its shadow (were it the twin,
+        # the gauges would restart on the twin's exact agreement)
+        scorers = [c for c in psutil.Process(svc.proc.pid).children()
+                   if any("spawn_main" in part for part in c.cmdline())]
+        assert len(scorers) == 1, scorers
+        scorers[0].send_signal(signal.SIGKILL)
+        _wait(lambda: m("meterwatch_scorer_restarts_total") >= 1 and svc.ready(),
+              what="the scorer restarted")
+        after_swap = m("meterwatch_shadow_days_total")
+        produce(range(HISTORY_DAYS + n_days - 1, HISTORY_DAYS + n_days))
+        _wait(lambda: m("meterwatch_days_scored_total") >= total
+              and m("meterwatch_shadow_days_total") >= after_swap + N_HOUSEHOLDS,
+              what="every day scored, the last by B too")
+        scores = asyncio.run(read_topic(settings, settings.scores_topic, min_records=total))
+        alerts = asyncio.run(read_topic(settings, settings.alerts_topic,
+                                        min_records=len(truth)))
+        b_diff = m("meterwatch_shadow_score_mean_abs_diff")
+        counts = {name: m(name) for name in (
+            "meterwatch_shadow_reloads_total", "meterwatch_shadow_reload_failures_total",
+            "meterwatch_model_reloads_total", "meterwatch_model_reload_failures_total",
+            "meterwatch_shadow_days_total")}
+        shadow_info = _info(svc.port, "meterwatch_shadow_model_info")
+        assert svc.terminate() == 0
+    finally:
+        if svc.proc is not None and svc.proc.poll() is None:
+            svc.kill()
+    log_text = (tmp_path / "service.log").read_text()
+    assert "shadow reload refused: test-shadow-nan" in log_text
+    assert counts == {"meterwatch_shadow_reloads_total": 1,
+                      "meterwatch_shadow_reload_failures_total": 1,
+                      "meterwatch_model_reloads_total": 0,
+                      "meterwatch_model_reload_failures_total": 0,
+                      "meterwatch_shadow_days_total": total}, counts
+    # the gauges follow the shadow serving: the twin agreed exactly, B does not
+    assert twin_diff == pytest.approx(0.0, abs=1e-6) and twin_agreement == 1.0
+    assert b_diff > 1e-3
+    assert f'version="{b.version}"' in shadow_info and twin.version not in shadow_info
+    # the published records are the live model's, as it scores these days on its own
+    assert_unique([(s["household_id"], s["date"]) for s in scores])
+    assert len(scores) == total and {s["model_version"] for s in scores} == {live.version}
+    ids, day, kwh, _ = data.long(slice(HISTORY_DAYS, HISTORY_DAYS + n_days))
+    alone, _ = live.replay(kwh, day, ids)
+    iso = [(dt.date(1970, 1, 1) + dt.timedelta(days=int(d))).isoformat() for d in day]
+    expected = {(h, d): float(x) for h, d, x in zip(ids, iso, alone.score, strict=True)}
+    for s in scores:
+        want = expected[(s["household_id"], s["date"])]
+        if s["score"] is None:
+            assert not np.isfinite(want), s
+        else:
+            assert s["score"] == pytest.approx(want, rel=1e-3, abs=1e-3), s
+    day_alerts = {(x["household_id"], x["date"]) for x in alerts if "type" not in x}
+    assert day_alerts == {(s["household_id"], s["date"]) for s in scores if s["is_alert"]}
+    want_alerts = {(h, d) for h, d, a in zip(ids, iso, alone.is_alert, strict=True) if a}
+    assert set(truth) <= day_alerts == want_alerts
+
+
+def _info(port: int, name: str = "meterwatch_model_info") -> str:
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return "\n".join(line for line in text.splitlines()
-                     if line.startswith("meterwatch_model_info"))
+    return "\n".join(line for line in text.splitlines() if line.startswith(name))
