@@ -377,10 +377,11 @@ class Detector:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             det = cls.from_checkpoint(ckpt, device=device, dtype=dtype, target_far=target_far)
         except Exception as e:  # truncated, corrupt, not a checkpoint, other code version
+            # the first sentence of the reason (torch's unpickling errors run to a paragraph)
+            why = (str(e).splitlines() or [""])[0].split(". ")[0][:160]
             raise CheckpointError(
                 f"{os.fspath(path)}: not a usable meterwatch checkpoint "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-                "retrain with meterwatch train") from e
+                f"({type(e).__name__}: {why}); retrain with meterwatch train") from e
         log.info("loaded %r from %s", det, path)
         return det
 

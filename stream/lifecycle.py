@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from meterwatch.model import ContextTables, Detector, SyntheticConfig, generate
+from meterwatch.model.detector import CheckpointError
 from meterwatch.model.features import FEATURE_NAMES, N_SLOTS, model_inputs
 from meterwatch.stream.config import Settings
 from meterwatch.stream.errors import ConfigurationError
@@ -290,7 +291,12 @@ class ModelLifecycle:
             if s.model_path is None:
                 raise ConfigurationError("--model-path", "no model given",
                                          "train one with meterwatch train and pass its path")
-            self.detector = await asyncio.to_thread(self._load, s.model_path)
+            try:
+                self.detector = await asyncio.to_thread(self._load, s.model_path)
+            except CheckpointError as exc:
+                raise ConfigurationError("--model-path", str(exc).split(";")[0],
+                                         "give a checkpoint written by meterwatch train") \
+                    from None
             self._watchers.append(ModelWatcher(s.model_path, s.model_poll_s,
                                                self._reload_model))
         self.apply_budget(self.detector, "--target-far")

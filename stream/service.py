@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import logging
 import operator
+import os
 import signal
 import time
 from collections import deque
@@ -45,6 +46,7 @@ from aiokafka.errors import (
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from meterwatch.model import SIGNAL_NAMES, ContextTables, Detector
+from meterwatch.model.loaders import LoadError
 from meterwatch.stream.alerts import build_documents
 from meterwatch.stream.assembler import INCOMPLETE, ClosedDays
 from meterwatch.stream.batcher import Batch, DynamicBatcher, Pending
@@ -165,8 +167,7 @@ class Service:
         models = self.lifecycle
         await models.load_model()
         if s.household_info or s.weather or s.holidays:
-            self.tables = ContextTables.from_files(household_csv=s.household_info,
-                                                   weather_csv=s.weather, holidays_csv=s.holidays)
+            self.tables = _context_tables(s)
         await models.load_shadow(self.tables)
         assert models.detector is not None
         self.scorer = Scorer(models.detector, self.tables, torch_threads=s.torch_threads,
@@ -699,3 +700,19 @@ async def run_service(settings: Settings) -> int:
     if isinstance(service.failed, ConfigurationError):
         raise service.failed
     return 1 if service.failed is not None else 0
+
+
+def _context_tables(s: Settings) -> ContextTables:
+    """``--household-info``, ``--weather`` and ``--holidays`` read; a file that cannot be used
+    raises ``ConfigurationError`` naming its flag (the reason names the line)."""
+    try:
+        return ContextTables.from_files(household_csv=s.household_info, weather_csv=s.weather,
+                                        holidays_csv=s.holidays)
+    except LoadError as exc:
+        given = (("--household-info", s.household_info, "household_information.csv"),
+                 ("--weather", s.weather, "weather_daily_darksky.csv"),
+                 ("--holidays", s.holidays, "uk_bank_holidays.csv"))
+        flag, like = next(((f, like) for f, p, like in given
+                           if p is not None and os.fspath(p) == exc.path), given[1][::2])
+        raise ConfigurationError(flag, str(exc), f"give a CSV laid out like the Low Carbon "
+                                 f"London data's {like}, or leave it out") from None

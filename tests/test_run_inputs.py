@@ -29,3 +29,35 @@ def test_a_folder_is_not_a_checkpoint(tmp_path: Path) -> None:
     line = one_line_error(meterwatch("run", "--model-path", str(tmp_path),
                                      env=clean_env(METERWATCH_METRICS_PORT="0")))
     assert line.startswith(f"meterwatch: error: --model-path: {tmp_path} "), line
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run-inputs") / "tiny.pt"
+    proc = meterwatch("train", "--synthetic", "--households", "8", "--days", "10",
+                      "--max-epochs", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_unusable_checkpoint_names_model_path(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint\n" * 50)
+    line = one_line_error(meterwatch("run", "--model-path", str(garbage),
+                                     env=clean_env(METERWATCH_METRICS_PORT="0")))
+    assert line.startswith(f"meterwatch: error: --model-path: {garbage}: not a usable "), line
+    assert line.endswith("give a checkpoint written by meterwatch train"), line
+    assert len(line) < 300, line  # torch's paragraph-long unpickling error is cut to a sentence
+
+
+@pytest.mark.parametrize(("flag", "header"), [("--weather", "a,b"),
+                                              ("--household-info", "LCLid,x"),
+                                              ("--holidays", "a,b")])
+def test_unusable_context_csv_names_its_flag(flag: str, header: str, tiny_model: Path,
+                                             tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"{header}\n1,2\n")
+    line = one_line_error(meterwatch("run", "--model-path", str(tiny_model), flag, str(bad),
+                                     env=clean_env(METERWATCH_METRICS_PORT="0")))
+    assert line.startswith(f"meterwatch: error: {flag}: {bad}:1: missing column "), line
+    assert "Low Carbon London" in line and "leave it out" in line
