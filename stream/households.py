@@ -8,7 +8,7 @@ Everything is columnar, with no Python object per household (1 M households cost
   bytes in one arena. Indices of evicted households are reused.
 * ``HouseholdTable`` holds, per index: the row of the household's open day (-1 if none),
   its newest closed day and closed-day count (``seq``), and the model's running state
-  (``model.state.STORAGE_DTYPES``: the time-of-day profile in float16, the rest float32),
+  (``model.state.STORAGE_DTYPES``: float16 statistics and profile, uint16 count and day),
   and the sustained-change detector's state (``model.sustained.storage_columns``, columns
   ``sustained_*``, 62 bytes: float16, int16 and uint16 days; ``stream.sustained``).
 
@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from meterwatch.model.state import storage_columns
+from meterwatch.model.state import storage_columns, to_storage
 from meterwatch.model.sustained import storage_columns as sustained_columns
 
 _EPOCH = _dt.date(1970, 1, 1)
@@ -344,6 +344,20 @@ class _Ids(Sequence[str]):
         return self._index.id_of(int(h))
 
 
+class StateColumn:
+    """``table.state_column(name)[idx]`` reads the stored values; assigning rounds them to
+    the column's storage type (``model.state.to_storage``)."""
+
+    def __init__(self, name: str, column: np.ndarray) -> None:
+        self.name, self.column = name, column
+
+    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+        return self.column[idx]
+
+    def __setitem__(self, idx: np.ndarray, values: np.ndarray) -> None:
+        self.column[idx] = to_storage(self.name, values)
+
+
 class HouseholdTable:
     """Households of one partition (see the module docstring)."""
 
@@ -416,8 +430,10 @@ class HouseholdTable:
         for name, arr in self.state.items():
             self.state[name] = grown(arr, cap)
 
-    def state_column(self, name: str) -> np.ndarray:
-        return self.state[name]
+    def state_column(self, name: str) -> StateColumn:
+        """Model-state column ``name``: read as stored, written rounded to storage
+        (``model.state.to_storage``: clipped, never overflowed or wrapped)."""
+        return StateColumn(name, self.state[name])
 
     def reset(self, hs: np.ndarray) -> None:
         """These households start again as new ones (population statistics, seq 0)."""
@@ -500,7 +516,7 @@ def _load_row(columns: dict[str, np.ndarray], i: int, doc: dict) -> None:
         a = np.array(v, dtype=np.float64)  # None inside a list becomes NaN
         if col.dtype.kind in "iu":  # a compact column (``model.sustained.STORAGE_DTYPES``)
             info = np.iinfo(col.dtype)  # holds what fits: clipped, never wrapped (state
-            a = np.clip(a, info.min, info.max)  # written before it: int32 days, -2**30)
+            a = np.clip(np.nan_to_num(a), info.min, info.max)  # before it: int32 days, -2**30)
         elif col.dtype == np.float16:
             a = np.clip(a, -65504.0, 65504.0)
         col[i] = a
