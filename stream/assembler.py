@@ -5,9 +5,9 @@ State is columnar and compact (no Python object per reading, per day or per hous
 * per household (``stream.households.HouseholdTable``): id, the row of its open day, its
   newest closed day and closed-day count (``seq``), the model's running state;
 * per open day (row ``r``): 48 slots of 1/10,000 kWh in uint16 (exact for readings with at
-  most 4 decimals up to 6.5535 kWh; a day with any other reading keeps float32 slots in
-  ``_wide``), a bitmap of the slots seen, the household, the day, the readings count, the
-  first Kafka offset and the latest Kafka timestamp. A household rarely has two open days
+  most 4 decimals up to 6.5534 kWh; 65535 marks a slot not seen yet; a day with any other
+  reading keeps float32 slots in ``_wide``), the household, the day, the readings count,
+  the first Kafka offset and the latest Kafka timestamp. A household rarely has two open days
   (around midnight); the others live in ``_extra``.
 
 Rules (docs/assembler.md; tested in ``tests/test_assembler.py``). Readings are taken in
@@ -152,8 +152,8 @@ class DayAssembler:
         self._top_ts = np.empty(0, dtype=np.int64)
         self._next_close_check = _MIN_TS
         n = initial_rows
-        self.kwh = np.zeros((n, SLOTS), dtype=np.uint16)  # 1/10,000 kWh; see _wide
-        self.seen = np.zeros(n, dtype=np.uint64)  # bitmap of first-occurrence slots
+        # 1/10,000 kWh, _MISSING where no reading yet (see _wide); set when allocated
+        self.kwh = np.zeros((n, SLOTS), dtype=np.uint16)
         self.row_hh = np.full(n, -1, dtype=np.int32)
         self.row_day = np.zeros(n, dtype=np.int32)
         self.row_n = np.zeros(n, dtype=np.uint8)
@@ -183,7 +183,7 @@ class DayAssembler:
 
     def memory_bytes(self) -> int:
         """Bytes of the day rows and the household table (arrays; not Python overhead)."""
-        arrays = (self.kwh, self.seen, self.row_hh, self.row_day, self.row_n, self.row_first,
+        arrays = (self.kwh, self.row_hh, self.row_day, self.row_n, self.row_first,
                   self.row_last_ts, self._free)
         return (sum(a.nbytes for a in arrays) + SLOTS * 4 * len(self._wide)
                 + self.households.memory_bytes())
@@ -227,10 +227,9 @@ class DayAssembler:
         _, first = np.unique(key, return_index=True)
         dup_mask = np.ones(len(key), dtype=bool)
         dup_mask[first] = False
-        # Duplicates against what the rows already hold.
-        bits = np.left_shift(np.uint64(1), slot.astype(np.uint64))
+        # Duplicates against what the rows already hold (a stored slot is not _MISSING).
         primary = ~repeat
-        dup_mask |= primary & ((self.seen[rows] & bits) != 0)
+        dup_mask |= primary & (self.kwh[rows, slot] != _MISSING)
         if repeat.any():
             for j in np.flatnonzero(repeat & ~dup_mask):
                 k = (int(rows[j]), int(slot[j]))
@@ -242,7 +241,6 @@ class DayAssembler:
         new = ~dup_mask
         p = new & primary
         self._store(rows[p], slot[p], kwh[p])
-        np.bitwise_or.at(self.seen, rows[p], bits[p])
         np.add.at(self.row_n, rows[new], 1)
         np.minimum.at(self.row_first, rows, off)
         np.maximum.at(self.row_last_ts, rows[new], kts[new])
@@ -295,7 +293,6 @@ class DayAssembler:
     def drop_all(self) -> None:
         """Forget every open day (the partition was revoked)."""
         self.row_hh[:] = -1
-        self.seen[:] = 0
         self.row_n[:] = 0
         n = len(self.row_hh)
         self._free = np.arange(n - 1, -1, -1, dtype=np.int32)
@@ -397,9 +394,10 @@ class DayAssembler:
 
     def _store(self, rows: np.ndarray, slots: np.ndarray, kwh: np.ndarray) -> None:
         """Write first readings: as 1/10,000 kWh in uint16 where that is exact (every value
-        with at most 4 decimals up to 6.5535 kWh), else the row goes float32 (``_wide``)."""
+        with at most 4 decimals up to 6.5534 kWh), else the row goes float32 (``_wide``: NaN
+        where no reading yet; the uint16 slot then only marks the slot as seen)."""
         q = np.rint(kwh.astype(np.float64) * _SCALE)
-        ok = (q >= 0) & (q <= 65535)
+        ok = (q >= 0) & (q < _MISSING)
         q = np.where(ok, q, 0).astype(np.uint16)
         ok &= _decode(q) == kwh
         if self._wide:
@@ -411,6 +409,7 @@ class DayAssembler:
             if w is None:
                 w = self._wide[r] = _decode(self.kwh[r])
             w[slots[j]] = kwh[j]
+        self.kwh[rows[~ok], slots[~ok]] = 0  # seen (the value is in _wide)
 
     def _rows_for(self, hh: np.ndarray, day: np.ndarray) -> np.ndarray:
         """Row of each (household, day), allocating rows for days not open yet."""
@@ -450,7 +449,7 @@ class DayAssembler:
         self.row_n[rows] = 0
         self.row_first[rows] = np.iinfo(np.int64).max
         self.row_last_ts[rows] = 0
-        self.seen[rows] = 0
+        self.kwh[rows] = _MISSING
         open_row = self.households.open_row
         first = np.r_[True, hs[1:] != hs[:-1]]
         primary = first & (open_row[hs] < 0)
@@ -466,7 +465,6 @@ class DayAssembler:
         n = len(self.row_hh)
         m = next_capacity(n, n + 1)
         self.kwh = grown(self.kwh, m)  # rows are set when allocated (_allocate)
-        self.seen = grown(self.seen, m)
         self.row_hh = grown(self.row_hh, m, -1)
         self.row_day = grown(self.row_day, m)
         self.row_n = grown(self.row_n, m)
@@ -534,17 +532,12 @@ class DayAssembler:
         kwh = np.empty((len(rows), SLOTS), dtype=np.float32)
         for lo in range(0, len(rows), 1 << 16):  # slices: a bounded transient however many
             r = rows[lo:lo + (1 << 16)]
-            k = _decode(self.kwh[r])
-            seen = np.unpackbits(self.seen[r].astype("<u8").view(np.uint8).reshape(-1, 8),
-                                 axis=1, bitorder="little")[:, :SLOTS]
-            k[seen == 0] = np.nan
-            kwh[lo:lo + len(r)] = k
+            kwh[lo:lo + len(r)] = _decode(self.kwh[r])
         if self._wide:
             for i, r in enumerate(rows.tolist()):
                 w = self._wide.pop(r, None)
                 if w is not None:
-                    seen_i = kwh[i] == kwh[i]
-                    kwh[i] = np.where(seen_i, w, np.nan)
+                    kwh[i] = w
         if self._repeats:  # autumn DST: a repeated slot scores the mean of its two readings
             for i, r in enumerate(rows.tolist()):
                 for s in range(SLOTS):
@@ -581,8 +574,12 @@ class DayAssembler:
 
 
 _SCALE = 10_000
+_MISSING = 65535  # a uint16 slot with no reading yet
 
 
 def _decode(q: np.ndarray) -> np.ndarray:
-    """kWh from 1/10,000 kWh steps (float32, exactly as ``_store`` checks it)."""
-    return q.astype(np.float32) / np.float32(_SCALE)
+    """kWh from 1/10,000 kWh steps (float32, exactly as ``_store`` checks it); NaN where
+    ``_MISSING``."""
+    k = q.astype(np.float32) / np.float32(_SCALE)
+    k[q == _MISSING] = np.nan
+    return k

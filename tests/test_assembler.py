@@ -306,6 +306,32 @@ def test_readings_are_stored_exactly():
     assert not asm._wide  # emitted rows leave no float32 copy behind
 
 
+def test_missing_slots_and_the_largest_uint16_value_stay_apart():
+    """A slot with no reading is the uint16 value 65535 (no bitmap): 6.5535 kWh (not
+    representable then) keeps float32 slots, 6.5534 and 0 stay uint16, missing slots come
+    out NaN, and a second reading for a slot holding one of them is a duplicate."""
+    hh, ts, _ = readings(2, 1)
+    kwh = np.full(96, 0.5, np.float32)
+    kwh[[0, 1, 2]] = [6.5535, 6.5534, 0.0]  # H0: one not representable
+    kwh[[48, 49]] = [6.5534, 0.0]  # H1: all representable
+    keep = np.ones(96, bool)
+    keep[[10, 11, 60, 61]] = False  # two missing slots each
+    hh_k, ts_k, kwh_k = [h for h, k in zip(hh, keep, strict=True) if k], ts[keep], kwh[keep]
+    asm = DayAssembler(TimeGrid(), max_imputed=4)
+    res = asm.add(*batch(hh_k[:50], ts_k[:50], kwh_k[:50]))
+    assert len(res.closed) == 0 and list(asm._wide) == [int(asm.households.open_row[0])]
+    again = asm.add(*batch(hh_k[:3] + hh_k[46:49], ts_k[[0, 1, 2, 46, 47, 48]],
+                           np.full(6, 9.0, np.float32)))
+    assert again.duplicates == 6 and again.accepted == 0
+    res = asm.add(*batch(hh_k[50:], ts_k[50:], kwh_k[50:]))
+    res = asm.close_expired(force=True) if len(res.closed) < 2 else res.closed
+    got = {h: res.kwh[i] for i, h in enumerate(res.household_ids)}
+    for h in (0, 1):
+        want = np.where(keep[48 * h:48 * (h + 1)], kwh[48 * h:48 * (h + 1)], np.nan)
+        np.testing.assert_array_equal(got[f"H{h}"], want.astype(np.float32))
+    assert not asm._wide
+
+
 def test_state_storage_precision_changes_scores_little(detector, synthetic):
     """The household table keeps the state compactly (``model.state.STORAGE_DTYPES``:
     float16 statistics and profile, uint16 count and day): 14 streamed days of 60
