@@ -67,7 +67,9 @@ def breakdown(asm: Any, n: int) -> list[dict[str, Any]]:
         f"capacity {cap:,} rows")
     add("day rows", "row_hh/row_day (int32)", asm.row_hh.nbytes + asm.row_day.nbytes)
     add("day rows", "row_n (uint8)", asm.row_n.nbytes)
-    add("day rows", "row_first/row_last_ts (int64)",
+    kinds = "/".join(sorted({str(asm.row_first.values.dtype),
+                             str(asm.row_last_ts.values.dtype)}))
+    add("day rows", f"row_first/row_last_ts ({kinds} above a base)",
         asm.row_first.nbytes + asm.row_last_ts.nbytes)
     add("day rows", "free-row stack (int32)", asm._free.nbytes)
     add("day rows", "float32 rows (_wide)", sys.getsizeof(asm._wide) + 4 * 48 * len(asm._wide),

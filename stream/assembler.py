@@ -7,7 +7,8 @@ State is columnar and compact (no Python object per reading, per day or per hous
 * per open day (row ``r``): 48 slots of 1/10,000 kWh in uint16 (exact for readings with at
   most 4 decimals up to 6.5534 kWh; 65535 marks a slot not seen yet; a day with any other
   reading keeps float32 slots in ``_wide``), the household, the day, the readings count,
-  the first Kafka offset and the latest Kafka timestamp. A household rarely has two open days
+  the first Kafka offset and the latest Kafka timestamp (uint32 above a base, exact:
+  ``RelativeColumn``). A household rarely has two open days
   (around midnight); the others live in ``_extra``.
 
 Rules (docs/assembler.md; tested in ``tests/test_assembler.py``). Readings are taken in
@@ -157,8 +158,8 @@ class DayAssembler:
         self.row_hh = np.full(n, -1, dtype=np.int32)
         self.row_day = np.zeros(n, dtype=np.int32)
         self.row_n = np.zeros(n, dtype=np.uint8)
-        self.row_first = np.zeros(n, dtype=np.int64)
-        self.row_last_ts = np.zeros(n, dtype=np.int64)
+        self.row_first = RelativeColumn(n, empty=_NONE, wide_empty=np.iinfo(np.int64).max)
+        self.row_last_ts = RelativeColumn(n, empty=0, wide_empty=0)
         self._free = np.arange(n - 1, -1, -1, dtype=np.int32)  # a stack: _free[:_nfree]
         self._nfree = n
         self._open = 0
@@ -179,7 +180,7 @@ class DayAssembler:
         if self._open == 0:
             return None
         used = self.row_hh >= 0
-        return int(self.row_first[used].min())
+        return int(self.row_first.get(used).min())
 
     def memory_bytes(self) -> int:
         """Bytes of the day rows and the household table (arrays; not Python overhead)."""
@@ -219,6 +220,9 @@ class DayAssembler:
         keep = ~late_mask
         hh, day, slot, repeat, kwh, off, kts = (a[keep] for a in (hh, day, slot, repeat,
                                                                   kwh_in, off, kts))
+        if len(off):  # (before rows are allocated: only rows in use are rebased)
+            self.row_first.fit(int(off.min()), int(off.max()), self.row_hh)
+            self.row_last_ts.fit(int(kts.min()), int(kts.max()), self.row_hh)
         self._restart_idle(hh, day)
         rows = self._rows_for(hh, day)
 
@@ -242,8 +246,8 @@ class DayAssembler:
         p = new & primary
         self._store(rows[p], slot[p], kwh[p])
         np.add.at(self.row_n, rows[new], 1)
-        np.minimum.at(self.row_first, rows, off)
-        np.maximum.at(self.row_last_ts, rows[new], kts[new])
+        np.minimum.at(self.row_first.values, rows, self.row_first.encode(off))
+        np.maximum.at(self.row_last_ts.values, rows[new], self.row_last_ts.encode(kts[new]))
 
         touched = np.unique(rows[new])
         exp = self._expected(self.row_day[touched])
@@ -295,6 +299,8 @@ class DayAssembler:
         self.row_hh[:] = -1
         self.row_n[:] = 0
         n = len(self.row_hh)
+        self.row_first = RelativeColumn(n, empty=_NONE, wide_empty=np.iinfo(np.int64).max)
+        self.row_last_ts = RelativeColumn(n, empty=0, wide_empty=0)
         self._free = np.arange(n - 1, -1, -1, dtype=np.int32)
         self._nfree = n
         self._open = 0
@@ -447,8 +453,8 @@ class DayAssembler:
         self.row_hh[rows] = hs
         self.row_day[rows] = days
         self.row_n[rows] = 0
-        self.row_first[rows] = np.iinfo(np.int64).max
-        self.row_last_ts[rows] = 0
+        self.row_first.clear(rows)
+        self.row_last_ts.clear(rows)
         self.kwh[rows] = _MISSING
         open_row = self.households.open_row
         first = np.r_[True, hs[1:] != hs[:-1]]
@@ -468,8 +474,8 @@ class DayAssembler:
         self.row_hh = grown(self.row_hh, m, -1)
         self.row_day = grown(self.row_day, m)
         self.row_n = grown(self.row_n, m)
-        self.row_first = grown(self.row_first, m)
-        self.row_last_ts = grown(self.row_last_ts, m)
+        self.row_first.grow(m)
+        self.row_last_ts.grow(m)
         free = zeros((m,), np.int32)
         free[:m - n] = np.arange(m - 1, n - 1, -1, dtype=np.int32)
         free[m - n:m - n + self._nfree] = self._free[:self._nfree]
@@ -548,8 +554,8 @@ class DayAssembler:
         out = ClosedDays(
             household_index=hh, household_ids=households.index.ids_of(hh),
             day=days, kwh=kwh, status=status, readings=self.row_n[rows].astype(np.int16),
-            expected=self._expected(days), first_offset=self.row_first[rows].copy(),
-            last_ts_ms=self.row_last_ts[rows].copy(), seq=seq)
+            expected=self._expected(days), first_offset=self.row_first.get(rows),
+            last_ts_ms=self.row_last_ts.get(rows), seq=seq)
         # free the rows; a household's next open day (if any) becomes its open row
         open_row = households.open_row
         if self._extra:
@@ -573,6 +579,62 @@ class DayAssembler:
         return out
 
 
+class RelativeColumn:
+    """Per-row int64 values (Kafka offsets, Kafka timestamps) stored as uint32 above a base.
+
+    ``fit(lo, hi, row_hh)`` before values in [lo, hi] are written: where they or the values
+    of the rows in use (``row_hh >= 0``) would not fit, the base moves and the stored values
+    shift with it; where even that cannot hold them (a spread of 2**32 - 1: 4.29 G offsets,
+    or 49.7 days of timestamps among open days) the column becomes int64 for good. Always
+    exact; ``get`` returns int64. ``empty`` (relative) / ``wide_empty`` (int64) is a new
+    row's value.
+    """
+
+    def __init__(self, n: int, *, empty: int, wide_empty: int) -> None:
+        self.values: np.ndarray = zeros((n,), np.uint32)
+        self.base = 0
+        self.empty, self.wide_empty = empty, wide_empty
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.values.nbytes)
+
+    def fit(self, lo: int, hi: int, row_hh: np.ndarray) -> None:
+        if self.values.dtype == np.int64 or (lo >= self.base and hi - self.base < _NONE):
+            return
+        keep = row_hh >= 0
+        keep &= self.values != _NONE
+        cur = self.values[keep]
+        if len(cur):
+            lo = min(lo, self.base + int(cur.min()))
+            hi = max(hi, self.base + int(cur.max()))
+        if hi - lo >= _NONE:  # cannot be held relative to any base: int64 from now on
+            wide = zeros(self.values.shape, np.int64)
+            wide[:] = self.values.astype(np.int64) + self.base
+            wide[self.values == _NONE] = self.wide_empty
+            self.values, self.base = wide, 0
+            return
+        self.values[keep] = cur.astype(np.int64) + (self.base - lo)
+        self.base = lo
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Values (int64, fitted) as stored."""
+        if self.values.dtype == np.int64:
+            return x
+        return (x - self.base).astype(np.uint32)
+
+    def get(self, rows: np.ndarray) -> np.ndarray:
+        """The int64 values of ``rows`` (a copy)."""
+        return self.values[rows].astype(np.int64) + self.base
+
+    def clear(self, rows: np.ndarray) -> None:
+        self.values[rows] = self.wide_empty if self.values.dtype == np.int64 else self.empty
+
+    def grow(self, m: int) -> None:
+        self.values = grown(self.values, m)
+
+
+_NONE = 2**32 - 1  # a RelativeColumn's "no value" (row_first of a new row)
 _SCALE = 10_000
 _MISSING = 65535  # a uint16 slot with no reading yet
 

@@ -366,3 +366,44 @@ def test_state_storage_precision_changes_scores_little(detector, synthetic):
     # in float16 it was max 0.054, p99 0.013)
     assert np.quantile(diff, 0.99) <= 0.04 and diff.max() <= 0.1
     assert flips <= max(1, n // 500)
+
+
+def test_offsets_and_timestamps_stay_exact_however_far_apart():
+    """Day rows keep their first Kafka offset and newest Kafka timestamp as uint32 above a
+    base (``RelativeColumn``): the base moves down and up with the values in use, and a
+    spread no uint32 can hold turns the column int64; every value comes out exact."""
+
+    def one(asm: DayAssembler, h: str, day: int, offset: int, stamp: int):
+        pb = ParsedBatch.of([h], np.array([day * 86400], np.int64),
+                            np.array([0.5], np.float32), np.zeros(1, np.int32))
+        return asm.add(pb, np.array([offset], np.int64), np.array([stamp], np.int64))
+
+    asm = DayAssembler(TimeGrid(), grace_s=400 * 86400)  # nothing closes by the watermark
+    t0, o0 = 1_700_000_000_000, 10**10
+    one(asm, "A", DAY0, o0, t0)
+    one(asm, "B", DAY0, o0 + 3_000_000_000, t0 + 40 * 86_400_000)  # fits above the base
+    assert asm.row_first.values.dtype == np.uint32 and asm.row_first.base == o0
+    one(asm, "C", DAY0, o0 - 3, t0 - 5 * 86_400_000)  # below the base: it moves down
+    assert asm.row_first.values.dtype == np.uint32 and asm.row_first.base == o0 - 3
+    assert asm.low_offset() == o0 - 3
+    assert asm.row_last_ts.values.dtype == np.uint32  # 45 days of timestamps fit
+    one(asm, "D", DAY0, o0 - 3 + 2**32, t0 + 60 * 86_400_000)  # neither fits: int64 now
+    assert asm.row_first.values.dtype == np.int64 and asm.row_last_ts.values.dtype == np.int64
+    assert asm.low_offset() == o0 - 3
+    closed = asm.close_expired(force=True)
+    got = {h: (int(o), int(t)) for h, o, t in zip(closed.household_ids, closed.first_offset,
+                                                  closed.last_ts_ms, strict=True)}
+    assert got == {"A": (o0, t0), "B": (o0 + 3_000_000_000, t0 + 40 * 86_400_000),
+                   "C": (o0 - 3, t0 - 5 * 86_400_000),
+                   "D": (o0 - 3 + 2**32, t0 + 60 * 86_400_000)}
+
+    asm = DayAssembler(TimeGrid(), grace_s=400 * 86400)
+    one(asm, "A", DAY0, 7, t0)
+    asm.close_expired(force=True)
+    one(asm, "B", DAY0, 7 + 2**33, t0 + 400 * 86_400_000)  # nothing open: the base moves up
+    assert asm.row_first.values.dtype == np.uint32 and asm.low_offset() == 7 + 2**33
+    one(asm, "C", DAY0, 9 + 2**33, t0 + 401 * 86_400_000)
+    closed = asm.close_expired(force=True)
+    assert closed.first_offset.tolist() == [7 + 2**33, 9 + 2**33]
+    assert closed.last_ts_ms.tolist() == [t0 + 400 * 86_400_000, t0 + 401 * 86_400_000]
+    assert asm.row_last_ts.values.dtype == np.uint32
