@@ -65,7 +65,8 @@ def breakdown(asm: Any, n: int) -> list[dict[str, Any]]:
     cap = len(asm.row_hh)
     add("day rows", "kwh (48 x uint16, 1/10,000 kWh; 65535 = missing)", asm.kwh.nbytes,
         f"capacity {cap:,} rows")
-    add("day rows", "row_hh/row_day (int32)", asm.row_hh.nbytes + asm.row_day.nbytes)
+    add("day rows", f"row_hh (int32), row_day ({asm.row_day.values.dtype} above a base)",
+        asm.row_hh.nbytes + asm.row_day.nbytes)
     add("day rows", "row_n (uint8)", asm.row_n.nbytes)
     kinds = "/".join(sorted({str(asm.row_first.values.dtype),
                              str(asm.row_last_ts.values.dtype)}))

@@ -6,9 +6,9 @@ State is columnar and compact (no Python object per reading, per day or per hous
   newest closed day and closed-day count (``seq``), the model's running state;
 * per open day (row ``r``): 48 slots of 1/10,000 kWh in uint16 (exact for readings with at
   most 4 decimals up to 6.5534 kWh; 65535 marks a slot not seen yet; a day with any other
-  reading keeps float32 slots in ``_wide``), the household, the day, the readings count,
-  the first Kafka offset and the latest Kafka timestamp (uint32 above a base, exact:
-  ``RelativeColumn``). A household rarely has two open days
+  reading keeps float32 slots in ``_wide``), the household, the day (uint16 above a base),
+  the readings count, the first Kafka offset and the latest Kafka timestamp (uint32 above
+  a base; exact, ``RelativeColumn``). A household rarely has two open days
   (around midnight); the others live in ``_extra``.
 
 Rules (docs/assembler.md; tested in ``tests/test_assembler.py``). Readings are taken in
@@ -156,10 +156,8 @@ class DayAssembler:
         # 1/10,000 kWh, _MISSING where no reading yet (see _wide); set when allocated
         self.kwh = np.zeros((n, SLOTS), dtype=np.uint16)
         self.row_hh = np.full(n, -1, dtype=np.int32)
-        self.row_day = np.zeros(n, dtype=np.int32)
         self.row_n = np.zeros(n, dtype=np.uint8)
-        self.row_first = RelativeColumn(n, empty=_NONE, wide_empty=np.iinfo(np.int64).max)
-        self.row_last_ts = RelativeColumn(n, empty=0, wide_empty=0)
+        self._relative_columns(n)
         self._free = np.arange(n - 1, -1, -1, dtype=np.int32)  # a stack: _free[:_nfree]
         self._nfree = n
         self._open = 0
@@ -169,6 +167,12 @@ class DayAssembler:
         self._waiting: set[int] = set()  # complete rows behind an open earlier day
         self._repeats: dict[tuple[int, int], float] = {}  # (row, slot) -> repeated reading
         self.evicted = 0
+
+    def _relative_columns(self, n: int) -> None:
+        self.row_day = RelativeColumn(n, empty=0, wide_empty=0, dtype=np.uint16,
+                                      wide=np.int32)  # days since 1970
+        self.row_first = RelativeColumn(n, empty=_NONE, wide_empty=np.iinfo(np.int64).max)
+        self.row_last_ts = RelativeColumn(n, empty=0, wide_empty=0)
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -221,6 +225,7 @@ class DayAssembler:
         hh, day, slot, repeat, kwh, off, kts = (a[keep] for a in (hh, day, slot, repeat,
                                                                   kwh_in, off, kts))
         if len(off):  # (before rows are allocated: only rows in use are rebased)
+            self.row_day.fit(int(day.min()), int(day.max()), self.row_hh)
             self.row_first.fit(int(off.min()), int(off.max()), self.row_hh)
             self.row_last_ts.fit(int(kts.min()), int(kts.max()), self.row_hh)
         self._restart_idle(hh, day)
@@ -250,7 +255,7 @@ class DayAssembler:
         np.maximum.at(self.row_last_ts.values, rows[new], self.row_last_ts.encode(kts[new]))
 
         touched = np.unique(rows[new])
-        exp = self._expected(self.row_day[touched])
+        exp = self._expected(self.row_day.get(touched))
         done = touched[self.row_n[touched] >= exp]
         return AddResult(self._close_round(done), accepted=int(new.sum()),
                          duplicates=duplicates, late=late)
@@ -299,8 +304,7 @@ class DayAssembler:
         self.row_hh[:] = -1
         self.row_n[:] = 0
         n = len(self.row_hh)
-        self.row_first = RelativeColumn(n, empty=_NONE, wide_empty=np.iinfo(np.int64).max)
-        self.row_last_ts = RelativeColumn(n, empty=0, wide_empty=0)
+        self._relative_columns(n)
         self._free = np.arange(n - 1, -1, -1, dtype=np.int32)
         self._nfree = n
         self._open = 0
@@ -421,7 +425,7 @@ class DayAssembler:
         """Row of each (household, day), allocating rows for days not open yet."""
         open_row = self.households.open_row
         rows = open_row[hh]
-        ok = (rows >= 0) & (self.row_day[np.maximum(rows, 0)] == day)
+        ok = (rows >= 0) & (self.row_day.get(np.maximum(rows, 0)) == day)
         if ok.all():
             return rows
         rows = rows.copy()
@@ -451,7 +455,7 @@ class DayAssembler:
         self._nfree -= m
         self._open += m
         self.row_hh[rows] = hs
-        self.row_day[rows] = days
+        self.row_day.values[rows] = self.row_day.encode(days)
         self.row_n[rows] = 0
         self.row_first.clear(rows)
         self.row_last_ts.clear(rows)
@@ -472,7 +476,7 @@ class DayAssembler:
         m = next_capacity(n, n + 1)
         self.kwh = grown(self.kwh, m)  # rows are set when allocated (_allocate)
         self.row_hh = grown(self.row_hh, m, -1)
-        self.row_day = grown(self.row_day, m)
+        self.row_day.grow(m)
         self.row_n = grown(self.row_n, m)
         self.row_first.grow(m)
         self.row_last_ts.grow(m)
@@ -492,7 +496,7 @@ class DayAssembler:
         if force or self.watermark >= self._next_close_check:
             used = np.flatnonzero(self.row_hh >= 0)
             if len(used):
-                ends = self.grid.day_ends(self.row_day[used]) + int(self.grace_s)
+                ends = self.grid.day_ends(self.row_day.get(used)) + int(self.grace_s)
                 passed = ends <= self.watermark
                 parts.append(used if force else used[passed])
                 pending = ends[~passed]
@@ -512,7 +516,7 @@ class DayAssembler:
                 for h in np.unique(hc[multi]).tolist():
                     open_rows = sorted([int(self.households.open_row[h]),
                                         *self._extra[h].values()],
-                                       key=lambda r: int(self.row_day[r]))
+                                       key=lambda r: int(self.row_day.get(r)))
                     blocked = False
                     for r in open_rows:
                         if blocked or r not in cset:
@@ -523,7 +527,7 @@ class DayAssembler:
                             go.append(r)
                 cand = np.concatenate([cand[~multi], np.array(go, dtype=np.int64)])
         self._waiting.difference_update(cand.tolist())
-        days = self.row_day[cand]
+        days = self.row_day.get(cand)
         missing = self._expected(days) - self.row_n[cand].astype(np.int16)
         status = np.where(missing <= 0, COMPLETE,
                           np.where(missing <= self.max_imputed, IMPUTED, INCOMPLETE))
@@ -532,7 +536,7 @@ class DayAssembler:
     def _emit(self, rows: np.ndarray, status: np.ndarray) -> ClosedDays:
         households = self.households
         hh = self.row_hh[rows]
-        days = self.row_day[rows]
+        days = self.row_day.get(rows)
         o = np.lexsort((days, hh))  # each household's days in date order
         rows, hh, days, status = rows[o], hh[o], days[o], status[o]
         kwh = np.empty((len(rows), SLOTS), dtype=np.float32)
@@ -580,55 +584,60 @@ class DayAssembler:
 
 
 class RelativeColumn:
-    """Per-row int64 values (Kafka offsets, Kafka timestamps) stored as uint32 above a base.
+    """Per-row integers (days, Kafka offsets, Kafka timestamps) stored unsigned above a base
+    (``dtype``: uint32, or uint16 for days).
 
     ``fit(lo, hi, row_hh)`` before values in [lo, hi] are written: where they or the values
     of the rows in use (``row_hh >= 0``) would not fit, the base moves and the stored values
-    shift with it; where even that cannot hold them (a spread of 2**32 - 1: 4.29 G offsets,
-    or 49.7 days of timestamps among open days) the column becomes int64 for good. Always
-    exact; ``get`` returns int64. ``empty`` (relative) / ``wide_empty`` (int64) is a new
-    row's value.
+    shift with it; where even that cannot hold them (a spread of the dtype's maximum: 4.29 G
+    offsets, 49.7 days of timestamps, 179 years of days among open days) the column becomes
+    ``wide`` (int64; int32 for days) for good. Always exact; ``get`` returns ``wide``
+    values. ``empty`` (relative) / ``wide_empty`` (wide) is a new row's value.
     """
 
-    def __init__(self, n: int, *, empty: int, wide_empty: int) -> None:
-        self.values: np.ndarray = zeros((n,), np.uint32)
+    def __init__(self, n: int, *, empty: int, wide_empty: int, dtype: type = np.uint32,
+                 wide: type = np.int64) -> None:
+        self.values: np.ndarray = zeros((n,), dtype)
         self.base = 0
         self.empty, self.wide_empty = empty, wide_empty
+        self.none = int(np.iinfo(dtype).max)  # no value (``empty`` of row_first)
+        self.wide = np.dtype(wide)
 
     @property
     def nbytes(self) -> int:
         return int(self.values.nbytes)
 
     def fit(self, lo: int, hi: int, row_hh: np.ndarray) -> None:
-        if self.values.dtype == np.int64 or (lo >= self.base and hi - self.base < _NONE):
+        none = self.none
+        if self.values.dtype == self.wide or (lo >= self.base and hi - self.base < none):
             return
         keep = row_hh >= 0
-        keep &= self.values != _NONE
+        keep &= self.values != none
         cur = self.values[keep]
         if len(cur):
             lo = min(lo, self.base + int(cur.min()))
             hi = max(hi, self.base + int(cur.max()))
-        if hi - lo >= _NONE:  # cannot be held relative to any base: int64 from now on
-            wide = zeros(self.values.shape, np.int64)
+        if hi - lo >= none:  # cannot be held relative to any base: wide from now on
+            wide = zeros(self.values.shape, self.wide)
             wide[:] = self.values.astype(np.int64) + self.base
-            wide[self.values == _NONE] = self.wide_empty
+            wide[self.values == none] = self.wide_empty
             self.values, self.base = wide, 0
             return
         self.values[keep] = cur.astype(np.int64) + (self.base - lo)
         self.base = lo
 
     def encode(self, x: np.ndarray) -> np.ndarray:
-        """Values (int64, fitted) as stored."""
-        if self.values.dtype == np.int64:
+        """Values (fitted) as stored."""
+        if self.values.dtype == self.wide:
             return x
-        return (x - self.base).astype(np.uint32)
+        return (x.astype(np.int64) - self.base).astype(self.values.dtype)
 
-    def get(self, rows: np.ndarray) -> np.ndarray:
-        """The int64 values of ``rows`` (a copy)."""
-        return self.values[rows].astype(np.int64) + self.base
+    def get(self, rows: np.ndarray | int) -> np.ndarray:
+        """The values of ``rows`` (a copy, ``wide``)."""
+        return (self.values[rows].astype(np.int64) + self.base).astype(self.wide)
 
     def clear(self, rows: np.ndarray) -> None:
-        self.values[rows] = self.wide_empty if self.values.dtype == np.int64 else self.empty
+        self.values[rows] = self.wide_empty if self.values.dtype == self.wide else self.empty
 
     def grow(self, m: int) -> None:
         self.values = grown(self.values, m)

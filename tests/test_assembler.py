@@ -383,7 +383,8 @@ def test_offsets_and_timestamps_stay_exact_however_far_apart():
     one(asm, "A", DAY0, o0, t0)
     one(asm, "B", DAY0, o0 + 3_000_000_000, t0 + 40 * 86_400_000)  # fits above the base
     assert asm.row_first.values.dtype == np.uint32 and asm.row_first.base == o0
-    one(asm, "C", DAY0, o0 - 3, t0 - 5 * 86_400_000)  # below the base: it moves down
+    one(asm, "C", DAY0 - 1, o0 - 3, t0 - 5 * 86_400_000)  # below the base: it moves down
+    assert asm.row_day.values.dtype == np.uint16
     assert asm.row_first.values.dtype == np.uint32 and asm.row_first.base == o0 - 3
     assert asm.low_offset() == o0 - 3
     assert asm.row_last_ts.values.dtype == np.uint32  # 45 days of timestamps fit
@@ -393,6 +394,8 @@ def test_offsets_and_timestamps_stay_exact_however_far_apart():
     closed = asm.close_expired(force=True)
     got = {h: (int(o), int(t)) for h, o, t in zip(closed.household_ids, closed.first_offset,
                                                   closed.last_ts_ms, strict=True)}
+    assert dict(zip(closed.household_ids, closed.day.tolist(), strict=True)) == {
+        "A": DAY0, "B": DAY0, "C": DAY0 - 1, "D": DAY0}
     assert got == {"A": (o0, t0), "B": (o0 + 3_000_000_000, t0 + 40 * 86_400_000),
                    "C": (o0 - 3, t0 - 5 * 86_400_000),
                    "D": (o0 - 3 + 2**32, t0 + 60 * 86_400_000)}
@@ -407,3 +410,11 @@ def test_offsets_and_timestamps_stay_exact_however_far_apart():
     assert closed.first_offset.tolist() == [7 + 2**33, 9 + 2**33]
     assert closed.last_ts_ms.tolist() == [t0 + 400 * 86_400_000, t0 + 401 * 86_400_000]
     assert asm.row_last_ts.values.dtype == np.uint32
+
+    asm = DayAssembler(TimeGrid(), grace_s=400 * 86400)  # days 70,000 apart: int32 days
+    one(asm, "A", DAY0, 1, t0)
+    one(asm, "B", DAY0 + 70_000, 2, t0)
+    assert asm.row_day.values.dtype == np.int32
+    closed = asm.close_expired(force=True)
+    assert dict(zip(closed.household_ids, closed.day.tolist(), strict=True)) == {
+        "A": DAY0, "B": DAY0 + 70_000}
