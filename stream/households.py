@@ -349,8 +349,11 @@ class _Ids(Sequence[str]):
 
 
 class StateColumn:
-    """``table.state_column(name)[idx]`` reads the stored values; assigning rounds them to
-    the column's storage type (``model.state.to_storage``)."""
+    """``table.state_column(name)[idx]`` reads the stored values, in the storage type: the
+    scorer keeps that type for a household's next day in the same batch, so a day's state
+    is rounded alike however the days were batched (in range: readings are at most
+    ``stream.validation.MAX_KWH``, the statistics winsorised); assigning rounds and clips
+    them to the column's storage type (``model.state.to_storage``)."""
 
     def __init__(self, name: str, column: np.ndarray) -> None:
         self.name, self.column = name, column
