@@ -513,10 +513,11 @@ class DayAssembler:
             if multi.any():
                 cset = set(cand[multi].tolist())
                 go: list[int] = []
+                day_values = self.row_day.values  # (one base: the order is the days')
                 for h in np.unique(hc[multi]).tolist():
                     open_rows = sorted([int(self.households.open_row[h]),
                                         *self._extra[h].values()],
-                                       key=lambda r: int(self.row_day.get(r)))
+                                       key=lambda r: int(day_values[r]))
                     blocked = False
                     for r in open_rows:
                         if blocked or r not in cset:
