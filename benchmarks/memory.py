@@ -63,11 +63,14 @@ def breakdown(asm: Any, n: int) -> list[dict[str, Any]]:
                      "bytes_per_household_day": nbytes / n, "note": note})
 
     cap = len(asm.row_hh)
-    add("day rows", "kwh (48 x uint16, 1/10,000 kWh)", asm.kwh.nbytes, f"capacity {cap:,} rows")
-    add("day rows", "seen bitmap (uint64)", asm.seen.nbytes)
-    add("day rows", "row_hh/row_day (int32)", asm.row_hh.nbytes + asm.row_day.nbytes)
+    add("day rows", "kwh (48 x uint16, 1/10,000 kWh; 65535 = missing)", asm.kwh.nbytes,
+        f"capacity {cap:,} rows")
+    add("day rows", f"row_hh (int32), row_day ({asm.row_day.values.dtype} above a base)",
+        asm.row_hh.nbytes + asm.row_day.nbytes)
     add("day rows", "row_n (uint8)", asm.row_n.nbytes)
-    add("day rows", "row_first/row_last_ts (int64)",
+    kinds = "/".join(sorted({str(asm.row_first.values.dtype),
+                             str(asm.row_last_ts.values.dtype)}))
+    add("day rows", f"row_first/row_last_ts ({kinds} above a base)",
         asm.row_first.nbytes + asm.row_last_ts.nbytes)
     add("day rows", "free-row stack (int32)", asm._free.nbytes)
     add("day rows", "float32 rows (_wide)", sys.getsizeof(asm._wide) + 4 * 48 * len(asm._wide),
@@ -87,7 +90,8 @@ def breakdown(asm: Any, n: int) -> list[dict[str, Any]]:
     scal = {k: v for k, v in day_model.items() if v.ndim == 1}
     vec = {k: v for k, v in day_model.items() if v.ndim > 1}
     sus = {k: v for k, v in hh.state.items() if k.startswith(COLUMN_PREFIX)}
-    add("household table", f"model state: {len(scal)} scalar columns (float32/int32)",
+    kinds = "/".join(sorted({str(v.dtype) for v in scal.values()}))
+    add("household table", f"model state: {len(scal)} scalar columns ({kinds})",
         sum(v.nbytes for v in scal.values()), ", ".join(scal))
     add("household table", f"model state: {len(vec)} (N, 12) columns (float16)",
         sum(v.nbytes for v in vec.values()), ", ".join(vec))

@@ -34,25 +34,39 @@ def _shape(name: str, n: int) -> tuple[int, ...]:
 
 
 #: How a store of many households keeps each field between days (the stream's household
-#: table): the (N, 12) time-of-day profile in float16 (half the bytes; a log share of a
-#: two-hour block needs no more than float16's 3 significant digits) and the last level
-#: z-score in float16 too (winsorised at a few units), everything else as
-#: ``HouseholdState`` computes it. ``HouseholdState`` itself always computes in float32: a
-#: store's columns are converted when they are read into one and rounded when written back.
-#: The effect on scores is bounded by ``tests/test_assembler.py``.
+#: table), 26 bytes a household besides the profile: every statistic (level, the error
+#: moments, fault rate, the last level z-score) and the (N, 12) time-of-day profile in
+#: float16 (3 significant digits; the winsorised statistics and the log shares need no
+#: more), ``count`` as uint16 (saturating at 65,535 days) and ``last_day`` as uint16 days
+#: since 1970 (valid to 2149; 0 = none, as in the sustained-change state).
+#: ``HouseholdState`` itself always computes in float32/int32: a store's columns are
+#: converted when they are read into one and rounded when written back (``to_storage``:
+#: clipped into range, never overflowed or wrapped). The effect on scores is bounded by
+#: ``tests/test_assembler.py`` and measured on real households by ``benchmarks/state_precision.py``.
 STORAGE_DTYPES: dict[str, np.dtype] = {
-    name: np.dtype(np.float16 if name in _PROFILE_FIELDS or name == "ratio_z_last"
-                   else np.int32 if name in _INT_FIELDS else np.float32)
+    name: np.dtype(np.uint16 if name in _INT_FIELDS else np.float16)
     for name in ("level", "err_mean", "err_var", "count", "peak_mean", "peak_var",
                  "ratio_mean", "ratio_var", "fault_rate", "timing_mean", "timing_var",
                  *_PROFILE_FIELDS, "ratio_z_last", "last_day")}
+_F16_MAX = float(np.finfo(np.float16).max)
+
+
+def to_storage(name: str, values: np.ndarray) -> np.ndarray:
+    """``values`` of field ``name`` rounded to ``STORAGE_DTYPES[name]``: floats clipped to
+    float16's finite range (NaN stays NaN, a finite value never becomes inf), integers
+    clipped to the column's range (never wrapped)."""
+    dtype = STORAGE_DTYPES[name]
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        a = np.asarray(values, dtype=np.float64)
+        return np.clip(np.nan_to_num(a), info.min, info.max).astype(dtype)
+    return np.clip(np.asarray(values, dtype=np.float32), -_F16_MAX, _F16_MAX).astype(dtype)
 
 
 def storage_columns(n: int) -> dict[str, np.ndarray]:
     """The state of ``n`` new households as storage columns (``STORAGE_DTYPES``)."""
     fresh = HouseholdState.empty(n)
-    return {f.name: getattr(fresh, f.name).astype(STORAGE_DTYPES[f.name])
-            for f in fields(HouseholdState)}
+    return {f.name: to_storage(f.name, getattr(fresh, f.name)) for f in fields(HouseholdState)}
 
 
 @dataclass

@@ -5,9 +5,10 @@ State is columnar and compact (no Python object per reading, per day or per hous
 * per household (``stream.households.HouseholdTable``): id, the row of its open day, its
   newest closed day and closed-day count (``seq``), the model's running state;
 * per open day (row ``r``): 48 slots of 1/10,000 kWh in uint16 (exact for readings with at
-  most 4 decimals up to 6.5535 kWh; a day with any other reading keeps float32 slots in
-  ``_wide``), a bitmap of the slots seen, the household, the day, the readings count, the
-  first Kafka offset and the latest Kafka timestamp. A household rarely has two open days
+  most 4 decimals up to 6.5534 kWh; 65535 marks a slot not seen yet; a day with any other
+  reading keeps float32 slots in ``_wide``), the household, the day (uint16 above a base),
+  the readings count, the first Kafka offset and the latest Kafka timestamp (uint32 above
+  a base; exact, ``RelativeColumn``). A household rarely has two open days
   (around midnight); the others live in ``_extra``.
 
 Rules (docs/assembler.md; tested in ``tests/test_assembler.py``). Readings are taken in
@@ -152,13 +153,11 @@ class DayAssembler:
         self._top_ts = np.empty(0, dtype=np.int64)
         self._next_close_check = _MIN_TS
         n = initial_rows
-        self.kwh = np.zeros((n, SLOTS), dtype=np.uint16)  # 1/10,000 kWh; see _wide
-        self.seen = np.zeros(n, dtype=np.uint64)  # bitmap of first-occurrence slots
+        # 1/10,000 kWh, _MISSING where no reading yet (see _wide); set when allocated
+        self.kwh = np.zeros((n, SLOTS), dtype=np.uint16)
         self.row_hh = np.full(n, -1, dtype=np.int32)
-        self.row_day = np.zeros(n, dtype=np.int32)
         self.row_n = np.zeros(n, dtype=np.uint8)
-        self.row_first = np.zeros(n, dtype=np.int64)
-        self.row_last_ts = np.zeros(n, dtype=np.int64)
+        self._relative_columns(n)
         self._free = np.arange(n - 1, -1, -1, dtype=np.int32)  # a stack: _free[:_nfree]
         self._nfree = n
         self._open = 0
@@ -168,6 +167,12 @@ class DayAssembler:
         self._waiting: set[int] = set()  # complete rows behind an open earlier day
         self._repeats: dict[tuple[int, int], float] = {}  # (row, slot) -> repeated reading
         self.evicted = 0
+
+    def _relative_columns(self, n: int) -> None:
+        self.row_day = RelativeColumn(n, empty=0, wide_empty=0, dtype=np.uint16,
+                                      wide=np.int32)  # days since 1970
+        self.row_first = RelativeColumn(n, empty=_NONE, wide_empty=np.iinfo(np.int64).max)
+        self.row_last_ts = RelativeColumn(n, empty=0, wide_empty=0)
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -179,11 +184,11 @@ class DayAssembler:
         if self._open == 0:
             return None
         used = self.row_hh >= 0
-        return int(self.row_first[used].min())
+        return int(self.row_first.get(used).min())
 
     def memory_bytes(self) -> int:
         """Bytes of the day rows and the household table (arrays; not Python overhead)."""
-        arrays = (self.kwh, self.seen, self.row_hh, self.row_day, self.row_n, self.row_first,
+        arrays = (self.kwh, self.row_hh, self.row_day, self.row_n, self.row_first,
                   self.row_last_ts, self._free)
         return (sum(a.nbytes for a in arrays) + SLOTS * 4 * len(self._wide)
                 + self.households.memory_bytes())
@@ -219,6 +224,10 @@ class DayAssembler:
         keep = ~late_mask
         hh, day, slot, repeat, kwh, off, kts = (a[keep] for a in (hh, day, slot, repeat,
                                                                   kwh_in, off, kts))
+        if len(off):  # (before rows are allocated: only rows in use are rebased)
+            self.row_day.fit(int(day.min()), int(day.max()), self.row_hh)
+            self.row_first.fit(int(off.min()), int(off.max()), self.row_hh)
+            self.row_last_ts.fit(int(kts.min()), int(kts.max()), self.row_hh)
         self._restart_idle(hh, day)
         rows = self._rows_for(hh, day)
 
@@ -227,10 +236,9 @@ class DayAssembler:
         _, first = np.unique(key, return_index=True)
         dup_mask = np.ones(len(key), dtype=bool)
         dup_mask[first] = False
-        # Duplicates against what the rows already hold.
-        bits = np.left_shift(np.uint64(1), slot.astype(np.uint64))
+        # Duplicates against what the rows already hold (a stored slot is not _MISSING).
         primary = ~repeat
-        dup_mask |= primary & ((self.seen[rows] & bits) != 0)
+        dup_mask |= primary & (self.kwh[rows, slot] != _MISSING)
         if repeat.any():
             for j in np.flatnonzero(repeat & ~dup_mask):
                 k = (int(rows[j]), int(slot[j]))
@@ -242,13 +250,12 @@ class DayAssembler:
         new = ~dup_mask
         p = new & primary
         self._store(rows[p], slot[p], kwh[p])
-        np.bitwise_or.at(self.seen, rows[p], bits[p])
         np.add.at(self.row_n, rows[new], 1)
-        np.minimum.at(self.row_first, rows, off)
-        np.maximum.at(self.row_last_ts, rows[new], kts[new])
+        np.minimum.at(self.row_first.values, rows, self.row_first.encode(off))
+        np.maximum.at(self.row_last_ts.values, rows[new], self.row_last_ts.encode(kts[new]))
 
         touched = np.unique(rows[new])
-        exp = self._expected(self.row_day[touched])
+        exp = self._expected(self.row_day.get(touched))
         done = touched[self.row_n[touched] >= exp]
         return AddResult(self._close_round(done), accepted=int(new.sum()),
                          duplicates=duplicates, late=late)
@@ -295,9 +302,9 @@ class DayAssembler:
     def drop_all(self) -> None:
         """Forget every open day (the partition was revoked)."""
         self.row_hh[:] = -1
-        self.seen[:] = 0
         self.row_n[:] = 0
         n = len(self.row_hh)
+        self._relative_columns(n)
         self._free = np.arange(n - 1, -1, -1, dtype=np.int32)
         self._nfree = n
         self._open = 0
@@ -397,9 +404,10 @@ class DayAssembler:
 
     def _store(self, rows: np.ndarray, slots: np.ndarray, kwh: np.ndarray) -> None:
         """Write first readings: as 1/10,000 kWh in uint16 where that is exact (every value
-        with at most 4 decimals up to 6.5535 kWh), else the row goes float32 (``_wide``)."""
+        with at most 4 decimals up to 6.5534 kWh), else the row goes float32 (``_wide``: NaN
+        where no reading yet; the uint16 slot then only marks the slot as seen)."""
         q = np.rint(kwh.astype(np.float64) * _SCALE)
-        ok = (q >= 0) & (q <= 65535)
+        ok = (q >= 0) & (q < _MISSING)
         q = np.where(ok, q, 0).astype(np.uint16)
         ok &= _decode(q) == kwh
         if self._wide:
@@ -411,12 +419,13 @@ class DayAssembler:
             if w is None:
                 w = self._wide[r] = _decode(self.kwh[r])
             w[slots[j]] = kwh[j]
+        self.kwh[rows[~ok], slots[~ok]] = 0  # seen (the value is in _wide)
 
     def _rows_for(self, hh: np.ndarray, day: np.ndarray) -> np.ndarray:
         """Row of each (household, day), allocating rows for days not open yet."""
         open_row = self.households.open_row
         rows = open_row[hh]
-        ok = (rows >= 0) & (self.row_day[np.maximum(rows, 0)] == day)
+        ok = (rows >= 0) & (self.row_day.get(np.maximum(rows, 0)) == day)
         if ok.all():
             return rows
         rows = rows.copy()
@@ -446,11 +455,11 @@ class DayAssembler:
         self._nfree -= m
         self._open += m
         self.row_hh[rows] = hs
-        self.row_day[rows] = days
+        self.row_day.values[rows] = self.row_day.encode(days)
         self.row_n[rows] = 0
-        self.row_first[rows] = np.iinfo(np.int64).max
-        self.row_last_ts[rows] = 0
-        self.seen[rows] = 0
+        self.row_first.clear(rows)
+        self.row_last_ts.clear(rows)
+        self.kwh[rows] = _MISSING
         open_row = self.households.open_row
         first = np.r_[True, hs[1:] != hs[:-1]]
         primary = first & (open_row[hs] < 0)
@@ -466,12 +475,11 @@ class DayAssembler:
         n = len(self.row_hh)
         m = next_capacity(n, n + 1)
         self.kwh = grown(self.kwh, m)  # rows are set when allocated (_allocate)
-        self.seen = grown(self.seen, m)
         self.row_hh = grown(self.row_hh, m, -1)
-        self.row_day = grown(self.row_day, m)
+        self.row_day.grow(m)
         self.row_n = grown(self.row_n, m)
-        self.row_first = grown(self.row_first, m)
-        self.row_last_ts = grown(self.row_last_ts, m)
+        self.row_first.grow(m)
+        self.row_last_ts.grow(m)
         free = zeros((m,), np.int32)
         free[:m - n] = np.arange(m - 1, n - 1, -1, dtype=np.int32)
         free[m - n:m - n + self._nfree] = self._free[:self._nfree]
@@ -488,7 +496,7 @@ class DayAssembler:
         if force or self.watermark >= self._next_close_check:
             used = np.flatnonzero(self.row_hh >= 0)
             if len(used):
-                ends = self.grid.day_ends(self.row_day[used]) + int(self.grace_s)
+                ends = self.grid.day_ends(self.row_day.get(used)) + int(self.grace_s)
                 passed = ends <= self.watermark
                 parts.append(used if force else used[passed])
                 pending = ends[~passed]
@@ -505,10 +513,11 @@ class DayAssembler:
             if multi.any():
                 cset = set(cand[multi].tolist())
                 go: list[int] = []
+                day_values = self.row_day.values  # (one base: the order is the days')
                 for h in np.unique(hc[multi]).tolist():
                     open_rows = sorted([int(self.households.open_row[h]),
                                         *self._extra[h].values()],
-                                       key=lambda r: int(self.row_day[r]))
+                                       key=lambda r: int(day_values[r]))
                     blocked = False
                     for r in open_rows:
                         if blocked or r not in cset:
@@ -519,7 +528,7 @@ class DayAssembler:
                             go.append(r)
                 cand = np.concatenate([cand[~multi], np.array(go, dtype=np.int64)])
         self._waiting.difference_update(cand.tolist())
-        days = self.row_day[cand]
+        days = self.row_day.get(cand)
         missing = self._expected(days) - self.row_n[cand].astype(np.int16)
         status = np.where(missing <= 0, COMPLETE,
                           np.where(missing <= self.max_imputed, IMPUTED, INCOMPLETE))
@@ -528,23 +537,18 @@ class DayAssembler:
     def _emit(self, rows: np.ndarray, status: np.ndarray) -> ClosedDays:
         households = self.households
         hh = self.row_hh[rows]
-        days = self.row_day[rows]
+        days = self.row_day.get(rows)
         o = np.lexsort((days, hh))  # each household's days in date order
         rows, hh, days, status = rows[o], hh[o], days[o], status[o]
         kwh = np.empty((len(rows), SLOTS), dtype=np.float32)
         for lo in range(0, len(rows), 1 << 16):  # slices: a bounded transient however many
             r = rows[lo:lo + (1 << 16)]
-            k = _decode(self.kwh[r])
-            seen = np.unpackbits(self.seen[r].astype("<u8").view(np.uint8).reshape(-1, 8),
-                                 axis=1, bitorder="little")[:, :SLOTS]
-            k[seen == 0] = np.nan
-            kwh[lo:lo + len(r)] = k
+            kwh[lo:lo + len(r)] = _decode(self.kwh[r])
         if self._wide:
             for i, r in enumerate(rows.tolist()):
                 w = self._wide.pop(r, None)
                 if w is not None:
-                    seen_i = kwh[i] == kwh[i]
-                    kwh[i] = np.where(seen_i, w, np.nan)
+                    kwh[i] = w
         if self._repeats:  # autumn DST: a repeated slot scores the mean of its two readings
             for i, r in enumerate(rows.tolist()):
                 for s in range(SLOTS):
@@ -555,8 +559,8 @@ class DayAssembler:
         out = ClosedDays(
             household_index=hh, household_ids=households.index.ids_of(hh),
             day=days, kwh=kwh, status=status, readings=self.row_n[rows].astype(np.int16),
-            expected=self._expected(days), first_offset=self.row_first[rows].copy(),
-            last_ts_ms=self.row_last_ts[rows].copy(), seq=seq)
+            expected=self._expected(days), first_offset=self.row_first.get(rows),
+            last_ts_ms=self.row_last_ts.get(rows), seq=seq)
         # free the rows; a household's next open day (if any) becomes its open row
         open_row = households.open_row
         if self._extra:
@@ -580,9 +584,74 @@ class DayAssembler:
         return out
 
 
+class RelativeColumn:
+    """Per-row integers (days, Kafka offsets, Kafka timestamps) stored unsigned above a base
+    (``dtype``: uint32, or uint16 for days).
+
+    ``fit(lo, hi, row_hh)`` before values in [lo, hi] are written: where they or the values
+    of the rows in use (``row_hh >= 0``) would not fit, the base moves and the stored values
+    shift with it; where even that cannot hold them (a spread of the dtype's maximum: 4.29 G
+    offsets, 49.7 days of timestamps, 179 years of days among open days) the column becomes
+    ``wide`` (int64; int32 for days) for good. Always exact; ``get`` returns ``wide``
+    values. ``empty`` (relative) / ``wide_empty`` (wide) is a new row's value.
+    """
+
+    def __init__(self, n: int, *, empty: int, wide_empty: int, dtype: type = np.uint32,
+                 wide: type = np.int64) -> None:
+        self.values: np.ndarray = zeros((n,), dtype)
+        self.base = 0
+        self.empty, self.wide_empty = empty, wide_empty
+        self.none = int(np.iinfo(dtype).max)  # no value (``empty`` of row_first)
+        self.wide = np.dtype(wide)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.values.nbytes)
+
+    def fit(self, lo: int, hi: int, row_hh: np.ndarray) -> None:
+        none = self.none
+        if self.values.dtype == self.wide or (lo >= self.base and hi - self.base < none):
+            return
+        keep = row_hh >= 0
+        keep &= self.values != none
+        cur = self.values[keep]
+        if len(cur):
+            lo = min(lo, self.base + int(cur.min()))
+            hi = max(hi, self.base + int(cur.max()))
+        if hi - lo >= none:  # cannot be held relative to any base: wide from now on
+            wide = zeros(self.values.shape, self.wide)
+            wide[:] = self.values.astype(np.int64) + self.base
+            wide[self.values == none] = self.wide_empty
+            self.values, self.base = wide, 0
+            return
+        self.values[keep] = cur.astype(np.int64) + (self.base - lo)
+        self.base = lo
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Values (fitted) as stored."""
+        if self.values.dtype == self.wide:
+            return x
+        return (x.astype(np.int64) - self.base).astype(self.values.dtype)
+
+    def get(self, rows: np.ndarray | int) -> np.ndarray:
+        """The values of ``rows`` (a copy, ``wide``)."""
+        return (self.values[rows].astype(np.int64) + self.base).astype(self.wide)
+
+    def clear(self, rows: np.ndarray) -> None:
+        self.values[rows] = self.wide_empty if self.values.dtype == self.wide else self.empty
+
+    def grow(self, m: int) -> None:
+        self.values = grown(self.values, m)
+
+
+_NONE = 2**32 - 1  # a RelativeColumn's "no value" (row_first of a new row)
 _SCALE = 10_000
+_MISSING = 65535  # a uint16 slot with no reading yet
 
 
 def _decode(q: np.ndarray) -> np.ndarray:
-    """kWh from 1/10,000 kWh steps (float32, exactly as ``_store`` checks it)."""
-    return q.astype(np.float32) / np.float32(_SCALE)
+    """kWh from 1/10,000 kWh steps (float32, exactly as ``_store`` checks it); NaN where
+    ``_MISSING``."""
+    k = q.astype(np.float32) / np.float32(_SCALE)
+    k[q == _MISSING] = np.nan
+    return k

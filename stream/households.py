@@ -8,7 +8,7 @@ Everything is columnar, with no Python object per household (1 M households cost
   bytes in one arena. Indices of evicted households are reused.
 * ``HouseholdTable`` holds, per index: the row of the household's open day (-1 if none),
   its newest closed day and closed-day count (``seq``), and the model's running state
-  (``model.state.STORAGE_DTYPES``: the time-of-day profile in float16, the rest float32),
+  (``model.state.STORAGE_DTYPES``: float16 statistics and profile, uint16 count and day),
   and the sustained-change detector's state (``model.sustained.storage_columns``, columns
   ``sustained_*``, 62 bytes: float16, int16 and uint16 days; ``stream.sustained``).
 
@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from meterwatch.model.state import storage_columns
+from meterwatch.model.state import storage_columns, to_storage
 from meterwatch.model.sustained import storage_columns as sustained_columns
 
 _EPOCH = _dt.date(1970, 1, 1)
@@ -287,7 +287,11 @@ class HouseholdIndex:
             size *= 2
         self._table = np.full(size, _EMPTY, dtype=np.int32)
         self._used_slots = 0
-        self._place(np.flatnonzero(self.alive_mask()).astype(np.int32))
+        # in slices: bounded transients (glibc keeps freed heap below its dynamic mmap
+        # threshold, so big temporaries here stayed resident: +6 B per household at 1 M)
+        for lo in range(0, self.size, 1 << 16):
+            live = np.flatnonzero(self.length[lo:min(self.size, lo + (1 << 16))] >= 0)
+            self._place((live + lo).astype(np.int32))
 
     def _compact(self, need: int) -> None:
         """Drop the bytes of evicted ids when they are at least half the arena."""
@@ -342,6 +346,23 @@ class _Ids(Sequence[str]):
         if isinstance(h, slice):
             return self._index.ids_of(range(*h.indices(len(self))))
         return self._index.id_of(int(h))
+
+
+class StateColumn:
+    """``table.state_column(name)[idx]`` reads the stored values, in the storage type: the
+    scorer keeps that type for a household's next day in the same batch, so a day's state
+    is rounded alike however the days were batched (in range: readings are at most
+    ``stream.validation.MAX_KWH``, the statistics winsorised); assigning rounds and clips
+    them to the column's storage type (``model.state.to_storage``)."""
+
+    def __init__(self, name: str, column: np.ndarray) -> None:
+        self.name, self.column = name, column
+
+    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+        return self.column[idx]
+
+    def __setitem__(self, idx: np.ndarray, values: np.ndarray) -> None:
+        self.column[idx] = to_storage(self.name, values)
 
 
 class HouseholdTable:
@@ -416,8 +437,10 @@ class HouseholdTable:
         for name, arr in self.state.items():
             self.state[name] = grown(arr, cap)
 
-    def state_column(self, name: str) -> np.ndarray:
-        return self.state[name]
+    def state_column(self, name: str) -> StateColumn:
+        """Model-state column ``name``: read as stored, written rounded to storage
+        (``model.state.to_storage``: clipped, never overflowed or wrapped)."""
+        return StateColumn(name, self.state[name])
 
     def reset(self, hs: np.ndarray) -> None:
         """These households start again as new ones (population statistics, seq 0)."""
@@ -500,7 +523,7 @@ def _load_row(columns: dict[str, np.ndarray], i: int, doc: dict) -> None:
         a = np.array(v, dtype=np.float64)  # None inside a list becomes NaN
         if col.dtype.kind in "iu":  # a compact column (``model.sustained.STORAGE_DTYPES``)
             info = np.iinfo(col.dtype)  # holds what fits: clipped, never wrapped (state
-            a = np.clip(a, info.min, info.max)  # written before it: int32 days, -2**30)
+            a = np.clip(np.nan_to_num(a), info.min, info.max)  # before it: int32 days, -2**30)
         elif col.dtype == np.float16:
             a = np.clip(a, -65504.0, 65504.0)
         col[i] = a

@@ -88,3 +88,48 @@ def test_sustained_state_is_compact_and_restores_older_documents():
     assert t2.state["sustained_start"][a].tolist() == [15800, 0, 65535, 5]
     assert int(t2.state["sustained_count"][a]) == 32767
     assert np.isfinite(t2.state["sustained_cusum"][a]).all()
+
+
+def test_model_state_is_compact_clipped_and_restores_older_documents():
+    """The model-state columns are float16 and uint16 (``model.state.STORAGE_DTYPES``):
+    writing through ``state_column`` rounds and clips (a finite value never becomes inf, a
+    count never wraps), a snapshot round-trips through JSON, and a document written with
+    float32/int32 state restores clipped into range."""
+    from meterwatch.model import HouseholdState
+
+    t = HouseholdTable()
+    h = t.lookup(["A", "B", "C"])
+    assert t.state["level"].dtype == np.float16 and t.state["err_var"].dtype == np.float16
+    assert t.state["count"].dtype == np.uint16 and t.state["last_day"].dtype == np.uint16
+    assert sum(t.state[k][0].nbytes for k in ("level", "err_mean", "err_var", "count",
+               "peak_mean", "peak_var", "ratio_mean", "ratio_var", "fault_rate",
+               "timing_mean", "timing_var", "ratio_z_last", "last_day")) == 26
+    t.state_column("level")[h] = np.array([0.123, 1e9, np.nan], np.float32)
+    t.state_column("err_var")[h] = np.array([1e-9, -1e9, 3.0], np.float32)
+    t.state_column("count")[h] = np.array([70_000, 12, -4], np.int32)
+    t.state_column("last_day")[h] = np.array([15_800, 0, 80_000], np.int32)
+    level = t.state_column("level")[h].astype(np.float32)
+    assert level[0] == np.float32(np.float16(0.123)) and level[1] == 65504
+    assert np.isnan(level[2]) and np.isfinite(t.state["err_var"][h]).all()
+    assert t.state["count"][h].tolist() == [65535, 12, 0]
+    assert t.state["last_day"][h].tolist() == [15_800, 0, 65535]
+    # the scorer reads the columns back into float32 / int32
+    st = HouseholdState(**{k: t.state_column(k)[h] for k in ("level", "err_mean", "err_var",
+                                                             "count", "last_day")})
+    assert st.level.dtype == np.float32 and st.count.dtype == np.int32
+    assert st.count.tolist() == [65535, 12, 0]
+
+    a = int(h[0])
+    snap = json.loads(orjson.dumps(t.snapshot(a), option=orjson.OPT_SERIALIZE_NUMPY))
+    t2 = HouseholdTable()
+    t2.restore("A", snap)
+    a2 = int(t2.lookup(["A"])[0])
+    for name in ("level", "err_var", "count", "last_day", "profile_mean"):
+        np.testing.assert_array_equal(t2.state[name][a2], t.state[name][a])
+    old = {**snap, "level": 1e6, "err_mean": -3.3, "count": 100_000, "last_day": 15_900.0,
+           "ratio_var": 1e-12, "timing_mean": None}
+    t2.restore("A", old)
+    assert float(t2.state["level"][a2]) == 65504 and int(t2.state["count"][a2]) == 65535
+    assert int(t2.state["last_day"][a2]) == 15_900
+    assert float(t2.state["err_mean"][a2]) == float(np.float16(-3.3))
+    assert np.isfinite(t2.state["ratio_var"][a2]) and t2.state["ratio_var"][a2] >= 0
