@@ -1,7 +1,8 @@
 """The households of one input partition: ids, closed days, model state, snapshots.
 
 Everything is columnar, with no Python object per household (1 M households cost about
-140 bytes each here, ``benchmarks/memory.py``):
+200 bytes each here, ids, day-model and sustained-change state included,
+``benchmarks/memory.py``):
 
 * ``HouseholdIndex`` maps a household id to a dense index ``h``: an open-addressing hash
   table of int32 indices (load at most 0.7) over the ids' 64-bit hashes, the ids' UTF-8
