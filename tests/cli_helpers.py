@@ -38,6 +38,16 @@ def meterwatch(*args: str, env: dict[str, str] | None = None, timeout: float = 6
                           cwd=cwd, check=False)
 
 
+def tiny_checkpoint(out: Path) -> Path:
+    """``meterwatch train --synthetic`` at its smallest quick size (8 households x 10 days,
+    2 epochs) to ``out``."""
+    proc = meterwatch("train", "--synthetic", "--households", "8", "--days", "10",
+                      "--max-epochs", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert f"to {out}" in proc.stdout
+    return out
+
+
 def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
     """The single error line of a failed command (exit 2, no traceback)."""
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)

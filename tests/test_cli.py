@@ -13,18 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli_helpers import SECRET, clean_env, meterwatch, one_line_error
+from tests.cli_helpers import SECRET, clean_env, meterwatch, one_line_error, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint from ``meterwatch train --synthetic`` (small and quick)."""
-    out = tmp_path_factory.mktemp("cli-model") / "tiny.pt"
-    proc = meterwatch("train", "--synthetic", "--households", "8", "--days", "10",
-                      "--max-epochs", "2", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
-    assert f"to {out}" in proc.stdout
-    return out
+    return tiny_checkpoint(tmp_path_factory.mktemp("cli-model") / "tiny.pt")
 
 
 def test_version_and_help() -> None:

@@ -51,6 +51,17 @@ from tests.conftest import (
 N_HOUSEHOLDS = 30
 
 
+def _day_scorer(scorer: Scorer, synthetic):  # type: ignore[no-untyped-def]
+    """``day(d, state)``: every synthetic household's day ``d`` scored by ``scorer``."""
+    n = len(synthetic.household_ids)
+    keys = np.arange(n, dtype=np.int64)
+
+    async def day(d: int, state: dict[str, np.ndarray]):  # type: ignore[no-untyped-def]
+        return await scorer.score(synthetic.kwh[:, d], np.full(n, synthetic.days[d], np.int32),
+                                  list(synthetic.household_ids), keys, state)
+    return day
+
+
 def _variant(src: Path, dst: Path, version: str, scale: float = 1.0,
              nan: bool = False) -> Detector:
     """A copy of the checkpoint at ``src`` under another version (weights scaled, or NaN),
@@ -179,11 +190,7 @@ async def test_scorer_swap_between_batches_and_refusal(detector_path: Path, tmp_
     scorer = Scorer(a, synthetic.tables, process=process)
     await scorer.start()
     n = len(synthetic.household_ids)
-    keys = np.arange(n, dtype=np.int64)
-
-    async def day(d: int, state: dict[str, np.ndarray]):  # type: ignore[no-untyped-def]
-        return await scorer.score(synthetic.kwh[:, d], np.full(n, synthetic.days[d], np.int32),
-                                  list(synthetic.household_ids), keys, state)
+    day = _day_scorer(scorer, synthetic)
 
     try:
         first = await day(0, dict(vars(HouseholdState.empty(n))))
@@ -210,11 +217,7 @@ async def test_scorer_swaps_the_shadow_between_batches_and_refuses_a_broken_one(
     scorer = Scorer(live, synthetic.tables, process=process, shadow=twin)
     await scorer.start()
     n = len(synthetic.household_ids)
-    keys = np.arange(n, dtype=np.int64)
-
-    async def day(d: int, state: dict[str, np.ndarray]):  # type: ignore[no-untyped-def]
-        return await scorer.score(synthetic.kwh[:, d], np.full(n, synthetic.days[d], np.int32),
-                                  list(synthetic.household_ids), keys, state)
+    day = _day_scorer(scorer, synthetic)
 
     try:
         first = await day(HISTORY_DAYS, dict(vars(HouseholdState.empty(n))))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import clean_env, meterwatch, one_line_error
+from tests.cli_helpers import clean_env, meterwatch, one_line_error, tiny_checkpoint
 
 
 @pytest.mark.parametrize("flag", ["--model-path", "--shadow-model-path", "--household-info",
@@ -33,11 +33,7 @@ def test_a_folder_is_not_a_checkpoint(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("run-inputs") / "tiny.pt"
-    proc = meterwatch("train", "--synthetic", "--households", "8", "--days", "10",
-                      "--max-epochs", "1", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
-    return out
+    return tiny_checkpoint(tmp_path_factory.mktemp("run-inputs") / "tiny.pt")
 
 
 def test_unusable_checkpoint_names_model_path(tmp_path: Path) -> None:
