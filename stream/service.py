@@ -158,9 +158,9 @@ class Service:
             raise
 
     async def _start(self) -> None:
-        await self.http.start()
         s = self.settings
-        check_files(s)
+        check_files(s)  # before anything starts: a missing file is one line, nothing else
+        await self.http.start()  # probes answer while the model loads
         in_process = s.scorer == "process"
         if not in_process and (s.device == "cpu" or not torch.cuda.is_available()):
             set_cpu_threads(s.torch_threads)

@@ -20,9 +20,11 @@ def test_missing_input_file_names_its_flag(flag: str, tmp_path: Path) -> None:
     if flag != "--model-path":
         model.write_bytes(b"not read: the missing file is found first")
         args += [flag, str(missing)]
-    line = one_line_error(meterwatch(*args, env=clean_env(METERWATCH_METRICS_PORT="0")))
+    proc = meterwatch(*args, env=clean_env(METERWATCH_METRICS_PORT="0"))
+    line = one_line_error(proc)
     assert line.startswith(f"meterwatch: error: {flag}: {missing} does not exist"), line
     assert "; " in line  # ... and how to fix it
+    assert "metrics and probes on" not in proc.stderr  # found before anything started
 
 
 def test_a_folder_is_not_a_checkpoint(tmp_path: Path) -> None:
