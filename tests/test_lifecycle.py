@@ -24,8 +24,10 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from benchmarks.state_precision import replay as stored_replay
 from meterwatch.model import Detector, HouseholdState, SyntheticConfig, generate
 from meterwatch.model.calibration import SEVERITIES
+from meterwatch.model.state import STORAGE_DTYPES
 from meterwatch.stream.config import Settings
 from meterwatch.stream.lifecycle import (
     ModelLifecycle,
@@ -559,13 +561,15 @@ def test_shadow_follows_its_file_mid_stream_and_never_touches_the_alerts(
     assert twin_diff == pytest.approx(0.0, abs=1e-6) and twin_agreement == 1.0
     assert b_diff > 1e-3
     assert f'version="{b.version}"' in shadow_info and twin.version not in shadow_info
-    # the published records are the live model's, as it scores these days on its own
+    # the published records are the live model's, as it scores these days on its own (with
+    # the state kept as the household table keeps it: rounded to storage after every day)
     assert_unique([(s["household_id"], s["date"]) for s in scores])
     assert len(scores) == total and {s["model_version"] for s in scores} == {live.version}
     ids, day, kwh, _ = data.long(slice(HISTORY_DAYS, HISTORY_DAYS + n_days))
-    alone, _ = live.replay(kwh, day, ids)
+    alone_score, alone_alert, _ = stored_replay(live, list(ids), day, kwh, None,
+                                                set(STORAGE_DTYPES))
     iso = [(dt.date(1970, 1, 1) + dt.timedelta(days=int(d))).isoformat() for d in day]
-    expected = {(h, d): float(x) for h, d, x in zip(ids, iso, alone.score, strict=True)}
+    expected = {(h, d): float(x) for h, d, x in zip(ids, iso, alone_score, strict=True)}
     for s in scores:
         want = expected[(s["household_id"], s["date"])]
         if s["score"] is None:
@@ -574,7 +578,7 @@ def test_shadow_follows_its_file_mid_stream_and_never_touches_the_alerts(
             assert s["score"] == pytest.approx(want, rel=1e-3, abs=1e-3), s
     day_alerts = {(x["household_id"], x["date"]) for x in alerts if "type" not in x}
     assert day_alerts == {(s["household_id"], s["date"]) for s in scores if s["is_alert"]}
-    want_alerts = {(h, d) for h, d, a in zip(ids, iso, alone.is_alert, strict=True) if a}
+    want_alerts = {(h, d) for h, d, a in zip(ids, iso, alone_alert, strict=True) if a}
     assert set(truth) <= day_alerts == want_alerts
 
 
