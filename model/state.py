@@ -48,19 +48,25 @@ STORAGE_DTYPES: dict[str, np.dtype] = {
     for name in ("level", "err_mean", "err_var", "count", "peak_mean", "peak_var",
                  "ratio_mean", "ratio_var", "fault_rate", "timing_mean", "timing_var",
                  *_PROFILE_FIELDS, "ratio_z_last", "last_day")}
-_F16_MAX = float(np.finfo(np.float16).max)
+
+
+def clip_to(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``values`` as ``dtype`` (a compact storage column's): integers clipped to its range
+    (NaN as 0; never wrapped), floats to its finite range (NaN stays NaN, a finite value
+    never becomes inf)."""
+    a = np.asarray(values)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if a.dtype.kind == "f":
+            a = np.nan_to_num(a)
+        return np.clip(a, info.min, info.max).astype(dtype)
+    big = float(np.finfo(dtype).max)
+    return np.clip(a, -big, big).astype(dtype)
 
 
 def to_storage(name: str, values: np.ndarray) -> np.ndarray:
-    """``values`` of field ``name`` rounded to ``STORAGE_DTYPES[name]``: floats clipped to
-    float16's finite range (NaN stays NaN, a finite value never becomes inf), integers
-    clipped to the column's range (never wrapped)."""
-    dtype = STORAGE_DTYPES[name]
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        a = np.asarray(values, dtype=np.float64)
-        return np.clip(np.nan_to_num(a), info.min, info.max).astype(dtype)
-    return np.clip(np.asarray(values, dtype=np.float32), -_F16_MAX, _F16_MAX).astype(dtype)
+    """``values`` of field ``name`` rounded to ``STORAGE_DTYPES[name]`` (``clip_to``)."""
+    return clip_to(values, STORAGE_DTYPES[name])
 
 
 def storage_columns(n: int) -> dict[str, np.ndarray]:

@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from meterwatch.model.features import ContextTables
+from meterwatch.model.state import clip_to
 
 SUSTAINED_STATS: tuple[str, ...] = ("total", "evening", "night_min", "zero_night")
 N_SUSTAINED = len(SUSTAINED_STATS)
@@ -261,18 +262,12 @@ STORAGE_DTYPES: dict[str, np.dtype] = {
     "evening_total": np.dtype(np.float16), "last_alert": np.dtype(np.uint16),
     "hdd_mean": np.dtype(np.float16), "hdd_var": np.dtype(np.float16),
     "hdd_cov": np.dtype(np.float16), "hdd_run": np.dtype(np.float16)}
-_F16_MAX = float(np.finfo(np.float16).max)
 
 
 def to_storage(name: str, values: np.ndarray) -> np.ndarray:
     """Field ``name``'s values as stored (``STORAGE_DTYPES``): integers clipped to the
-    type's range (never wrapped), floats to float16's (never infinite)."""
-    dtype = STORAGE_DTYPES[name]
-    v = np.asarray(values)
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        return np.clip(v, info.min, info.max).astype(dtype)
-    return np.clip(v, -_F16_MAX, _F16_MAX).astype(dtype)
+    type's range (never wrapped), floats to float16's (never infinite); ``clip_to``."""
+    return clip_to(values, STORAGE_DTYPES[name])
 
 
 def from_storage(name: str, values: np.ndarray, like: np.ndarray) -> np.ndarray:

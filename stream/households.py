@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from meterwatch.model.state import storage_columns, to_storage
+from meterwatch.model.state import clip_to, storage_columns, to_storage
 from meterwatch.model.sustained import storage_columns as sustained_columns
 
 _EPOCH = _dt.date(1970, 1, 1)
@@ -521,10 +521,6 @@ def _load_row(columns: dict[str, np.ndarray], i: int, doc: dict) -> None:
                 v = [doc.get(f"{name}_{k}") for k in range(col.shape[1])]
             else:
                 continue
-        a = np.array(v, dtype=np.float64)  # None inside a list becomes NaN
-        if col.dtype.kind in "iu":  # a compact column (``model.sustained.STORAGE_DTYPES``)
-            info = np.iinfo(col.dtype)  # holds what fits: clipped, never wrapped (state
-            a = np.clip(np.nan_to_num(a), info.min, info.max)  # before it: int32 days, -2**30)
-        elif col.dtype == np.float16:
-            a = np.clip(a, -65504.0, 65504.0)
-        col[i] = a
+        # None inside a list becomes NaN; a compact column holds what fits: clipped, never
+        # wrapped (state written before it: int32 days, -2**30)
+        col[i] = clip_to(np.array(v, dtype=np.float64), col.dtype)
