@@ -583,19 +583,26 @@ def _init_process(checkpoint: dict, device: str, dtype: DtypeName,
     _PROCESS_WORKER = _Worker(detector, tables, rolling=rolling, shadow=shadow)
 
 
+def _build_checked(checkpoint: dict, target_far: float | None, worker: _Worker) -> Detector:
+    """A candidate built from ``checkpoint`` on this process's device and validated against
+    the model ``worker`` serves; ``ModelRejected`` if either fails."""
+    device = worker.detector.device
+    try:
+        det = Detector.from_checkpoint(checkpoint, device=device,
+                                       dtype=worker.detector.dtype_name, target_far=target_far)
+    except Exception as exc:
+        raise ModelRejected(f"{checkpoint.get('version')}: cannot be built on {device} "
+                            f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    validate(det, worker.detector, worker.tables)
+    return det
+
+
 def _process_swap(checkpoint: dict, target_far: float | None) -> str:
     """``Scorer.swap`` in the scorer process: between two batches (one request at a time)."""
     global _PROCESS_WORKER
     old = _PROCESS_WORKER
     assert old is not None
-    try:
-        det = Detector.from_checkpoint(checkpoint, device=old.detector.device,
-                                       dtype=old.detector.dtype_name, target_far=target_far)
-    except Exception as exc:
-        raise ModelRejected(f"{checkpoint.get('version')}: cannot be built on "
-                            f"{old.detector.device} ({type(exc).__name__}: "
-                            f"{str(exc)[:200]})") from None
-    validate(det, old.detector, old.tables)
+    det = _build_checked(checkpoint, target_far, old)
     _PROCESS_WORKER = old.with_detector(det)
     log.info("now serving %s (was %s)", det.version, old.detector.version)
     return det.version
@@ -605,14 +612,7 @@ def _process_swap_shadow(checkpoint: dict, target_far: float | None) -> str:
     """``Scorer.swap_shadow`` in the scorer process (between two batches)."""
     worker = _PROCESS_WORKER
     assert worker is not None
-    device = worker.detector.device
-    try:
-        det = Detector.from_checkpoint(checkpoint, device=device,
-                                       dtype=worker.detector.dtype_name, target_far=target_far)
-    except Exception as exc:
-        raise ModelRejected(f"{checkpoint.get('version')}: cannot be built on {device} "
-                            f"({type(exc).__name__}: {str(exc)[:200]})") from None
-    validate(det, worker.detector, worker.tables)
+    det = _build_checked(checkpoint, target_far, worker)
     old = worker.shadow
     worker.shadow = _Worker(det, worker.tables, rolling=worker.rolling)
     log.info("now shadowing with %s (was %s)", det.version,
