@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from meterwatch.stream.errors import first_line
+
 log = logging.getLogger("meterwatch")
 
 #: Extras that hold the optional dependencies of a command (pip install 'meterwatch[X]').
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, OSError) as exc:
         # ValueError covers SettingsError, LoadError and CheckpointError: each message
         # names the flag or file. Nothing here prints a settings value.
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        text = first_line(exc)
         log.debug("the error in full (--log-level DEBUG)", exc_info=True)
         print(f"meterwatch: error: {text}", file=sys.stderr)
         return 2

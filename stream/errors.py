@@ -27,3 +27,9 @@ class PartitionLost(RuntimeError):
     def __init__(self, partitions: set[int], reason: str) -> None:
         self.partitions = set(partitions)
         super().__init__(f"partitions {sorted(partitions)} lost: {reason}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message, or its type's name when it has none (what a
+    one-line error or log line says of it)."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

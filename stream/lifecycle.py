@@ -56,7 +56,7 @@ from meterwatch.model import ContextTables, Detector, SyntheticConfig, generate
 from meterwatch.model.detector import CheckpointError
 from meterwatch.model.features import FEATURE_NAMES, N_SLOTS, model_inputs
 from meterwatch.stream.config import Settings
-from meterwatch.stream.errors import ConfigurationError
+from meterwatch.stream.errors import ConfigurationError, first_line
 from meterwatch.stream.metrics import Metrics
 
 if TYPE_CHECKING:  # stream.scorer imports this module (validate)
@@ -397,7 +397,7 @@ class ModelLifecycle:
                 waited = time.perf_counter() - t0
         except Exception as exc:  # CheckpointError, ConfigurationError, ModelRejected, ...
             self.metrics.model_reload_failures.inc()
-            log.error("model reload refused: %s; %s keeps serving", _first_line(exc),
+            log.error("model reload refused: %s; %s keeps serving", first_line(exc),
                       old.version)
             return False
         self.detector = cand
@@ -426,7 +426,7 @@ class ModelLifecycle:
                 waited = time.perf_counter() - t0
         except Exception as exc:
             self.metrics.shadow_reload_failures.inc()
-            log.error("shadow reload refused: %s; %s keeps shadowing", _first_line(exc),
+            log.error("shadow reload refused: %s; %s keeps shadowing", first_line(exc),
                       old.version)
             return False
         self.shadow = cand
@@ -465,10 +465,6 @@ class ModelLifecycle:
         assert self.detector is not None
         threshold = self._threshold if self._threshold is not None else self.detector.threshold
         return threshold, self.detector.version
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
