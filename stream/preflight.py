@@ -44,6 +44,13 @@ log = logging.getLogger(__name__)
 
 _SASL_FLAG = "--sasl-username/--sasl-password"
 
+#: The context CSVs ``meterwatch run`` reads: flag, setting, what it is, and the Low Carbon
+#: London file whose layout it takes.
+CONTEXT_CSVS = (
+    ("--household-info", "household_info", "household info CSV", "household_information.csv"),
+    ("--weather", "weather", "daily weather CSV", "weather_daily_darksky.csv"),
+    ("--holidays", "holidays", "bank holidays CSV", "uk_bank_holidays.csv"))
+
 
 def check_files(settings: Settings, *, service: bool = True) -> None:
     """Step 1: every TLS file that is set exists and is readable; with ``service``, so do
@@ -56,17 +63,13 @@ def check_files(settings: Settings, *, service: bool = True) -> None:
             raise ConfigurationError(flag, f"{path} does not exist or is not a file",
                                      "point it at the PEM file")
     if service:
-        for flag, path, fix in (
-                ("--model-path", settings.model_path,
-                 "give a checkpoint written by meterwatch train"),
-                ("--shadow-model-path", settings.shadow_model_path,
-                 "give a checkpoint written by meterwatch train, or leave it out"),
-                ("--household-info", settings.household_info,
-                 "point it at the household info CSV, or leave it out"),
-                ("--weather", settings.weather,
-                 "point it at the daily weather CSV, or leave it out"),
-                ("--holidays", settings.holidays,
-                 "point it at the bank holidays CSV, or leave it out")):
+        given = [("--model-path", settings.model_path,
+                  "give a checkpoint written by meterwatch train"),
+                 ("--shadow-model-path", settings.shadow_model_path,
+                  "give a checkpoint written by meterwatch train, or leave it out")]
+        given += [(flag, getattr(settings, attr), f"point it at the {what}, or leave it out")
+                  for flag, attr, what, _ in CONTEXT_CSVS]
+        for flag, path, fix in given:
             if path is not None and not path.is_file():
                 raise ConfigurationError(flag, f"{path} does not exist or is not a file", fix)
     if settings.security_protocol in ("SSL", "SASL_SSL"):

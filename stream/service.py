@@ -66,6 +66,7 @@ from meterwatch.stream.outputs import (
 )
 from meterwatch.stream.parse import parse_records
 from meterwatch.stream.preflight import (
+    CONTEXT_CSVS,
     check_connection,
     check_files,
     check_topics,
@@ -709,10 +710,10 @@ def _context_tables(s: Settings) -> ContextTables:
         return ContextTables.from_files(household_csv=s.household_info, weather_csv=s.weather,
                                         holidays_csv=s.holidays)
     except LoadError as exc:
-        given = (("--household-info", s.household_info, "household_information.csv"),
-                 ("--weather", s.weather, "weather_daily_darksky.csv"),
-                 ("--holidays", s.holidays, "uk_bank_holidays.csv"))
-        flag, like = next(((f, like) for f, p, like in given
-                           if p is not None and os.fspath(p) == exc.path), given[1][::2])
-        raise ConfigurationError(flag, str(exc), f"give a CSV laid out like the Low Carbon "
-                                 f"London data's {like}, or leave it out") from None
+        for flag, attr, _, like in CONTEXT_CSVS:
+            path = getattr(s, attr)
+            if path is not None and os.fspath(path) == exc.path:
+                raise ConfigurationError(flag, str(exc), f"give a CSV laid out like the Low "
+                                         f"Carbon London data's {like}, or leave it out") \
+                    from None
+        raise  # (names its file and line)
