@@ -81,6 +81,17 @@ class ContextTables:
         """No side information: every household and day is 'unknown'."""
         return cls()
 
+    def max_temperature(self, day: np.ndarray) -> np.ndarray:
+        """float32 (N,): the maximum temperature (°C) of each day (days since 1970-01-01);
+        NaN where the weather table has no such day."""
+        day = np.asarray(day)
+        out = np.full(len(day), np.nan, np.float32)
+        if len(self.weather_day):
+            i = np.minimum(np.searchsorted(self.weather_day, day), len(self.weather_day) - 1)
+            hit = self.weather_day[i] == day
+            out[hit] = self.temp_max[i[hit]]
+        return out
+
     @classmethod
     def from_files(
         cls,

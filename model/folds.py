@@ -124,16 +124,6 @@ def _state_before(scores_state: HouseholdState, day: np.ndarray, hh: np.ndarray)
     return out
 
 
-def _temp_max(tables: ContextTables, day: np.ndarray) -> np.ndarray:
-    out = np.full(len(day), np.nan, np.float32)
-    if len(tables.weather_day):
-        i = np.searchsorted(tables.weather_day, day)
-        i = np.minimum(i, len(tables.weather_day) - 1)
-        hit = tables.weather_day[i] == day
-        out[hit] = tables.temp_max[i[hit]]
-    return out
-
-
 def _profile_scorer(kwh: np.ndarray, hh: np.ndarray, history: np.ndarray) -> Any:
     """Per-household per-slot mean/std over ``history`` rows; returns score(rows_hh, kwh)."""
     stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -213,7 +203,7 @@ def run_fold(data: Readings, tables: ContextTables, test_hh: Sequence[str],
         c = win.curve() or curves["history"]  # too few live days yet: the history's
         for b in cfg.budgets:
             budget["rolling_28_days"][b][t_day == d] = c.threshold(b)
-    t_temp = _temp_max(tables, t_day)
+    t_temp = tables.max_temperature(t_day)
     check = det.score(t_kwh, t_day, t_ids, t_state, tables)
     np.testing.assert_allclose(np.nan_to_num(check.score), np.nan_to_num(rs.score[is_test]),
                                rtol=1e-4, atol=1e-4)

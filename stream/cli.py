@@ -96,16 +96,24 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-dir", type=Path, help="per-epoch checkpoints (resumable)")
     train.add_argument("--seed", type=int, default=0, help="random seed")
 
-    sim = command("simulate", "produce synthetic readings (with injected anomalies) to the "
-                              "input topic; connection settings as for run")
+    sim = command("simulate", "produce synthetic readings, or recorded ones with --data (with "
+                              "injected anomalies), to the input topic; connection settings "
+                              "as for run")
     Settings.add_arguments(sim, only=("bootstrap_servers", "input_topic", "client_id",
                                       "security_protocol", "sasl_mechanism", "sasl_username",
                                       "sasl_password", "ssl_cafile", "ssl_certfile",
                                       "ssl_keyfile", "log_level", "log_format"))
-    sim.add_argument("--households", type=int, default=200, help="households")
-    sim.add_argument("--days", type=int, default=14,
-                     help="days to produce (with --duration: at most)")
-    sim.add_argument("--start", default="2013-03-01", help="first day (YYYY-MM-DD)")
+    sim.add_argument("--data", type=Path,
+                     help="produce these recorded readings instead of synthetic ones (any "
+                          "layout train --data reads), day by day in time order")
+    sim.add_argument("--households", type=int,
+                     help="households (default: 200; with --data: every one in it)")
+    sim.add_argument("--days", type=int,
+                     help="days to produce, with --duration at most (default: 14; with "
+                          "--data: to its last day)")
+    sim.add_argument("--start",
+                     help="first day, YYYY-MM-DD (default: 2013-03-01; with --data: its "
+                          "first day)")
     sim.add_argument("--rate", type=float,
                      help="readings per second (default: as fast as the broker takes them)")
     sim.add_argument("--duration", type=float,
@@ -415,16 +423,23 @@ async def _simulate(args: argparse.Namespace) -> int:
     from meterwatch.stream.simulate import produce_synthetic
 
     settings = _settings(args)
-    if args.households < 1 or args.days < 1:
+    if (args.households is not None and args.households < 1) or (
+            args.days is not None and args.days < 1):
         raise UsageError("--households/--days: must be at least 1")
     if args.rate is not None and args.rate <= 0:
         raise UsageError("--rate: must be a positive number of readings per second")
     if args.duration is not None and args.duration <= 0:
         raise UsageError("--duration: must be a positive number of seconds")
-    start = _day(args.start, "--start")
-    data = generate(SyntheticConfig(n_households=args.households, n_days=args.days,
-                                    start_day=start, anomaly_rate=args.anomaly_rate,
-                                    seed=args.seed))
+    if not 0.0 <= args.anomaly_rate <= 1.0:
+        raise UsageError("--anomaly-rate: must be a share of household-days, 0 to 1")
+    if args.data is not None:
+        data = _recorded(args)
+    else:
+        data = generate(SyntheticConfig(
+            n_households=200 if args.households is None else args.households,
+            n_days=14 if args.days is None else args.days,
+            start_day=_day(args.start or "2013-03-01", "--start"),
+            anomaly_rate=args.anomaly_rate, seed=args.seed))
     stats = await produce_synthetic(settings.bootstrap_servers, settings.input_topic, data,
                                     malformed_every=args.malformed_every, seed=args.seed,
                                     rate=args.rate, duration=args.duration,
@@ -434,6 +449,20 @@ async def _simulate(args: argparse.Namespace) -> int:
           f"({stats.malformed} malformed) in {stats.seconds:.1f} s to {settings.input_topic}; "
           f"{n_labels} injected anomalies listed in {args.labels}")
     return 0
+
+
+def _recorded(args: argparse.Namespace) -> Any:
+    """``simulate --data``: the recorded readings on the grid the producer sends."""
+    from meterwatch.model import ContextTables
+    from meterwatch.model.loaders import load_dataset
+    from meterwatch.stream.simulate import recorded
+
+    readings, sides = load_dataset(args.data)
+    weather = sides.get("weather")
+    return recorded(readings, start=None if args.start is None else _day(args.start, "--start"),
+                    days=args.days, households=args.households,
+                    anomaly_rate=args.anomaly_rate, seed=args.seed,
+                    tables=ContextTables.from_files(weather_csv=weather) if weather else None)
 
 
 def _client_options(settings: Any) -> dict[str, Any]:

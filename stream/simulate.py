@@ -1,4 +1,4 @@
-"""Producing meter readings to Kafka: synthetic households, as the field sends them.
+"""Producing meter readings to Kafka: synthetic or recorded households, as the field sends them.
 
 Readings are keyed by household id (so a household stays on one partition), produced day by
 day, shuffled within each day, a share of them batched as JSON arrays, optionally with
@@ -18,7 +18,9 @@ import numpy as np
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from meterwatch.model import SyntheticData
+from meterwatch.model import ContextTables, SyntheticData
+from meterwatch.model.inject import inject, random_labels
+from meterwatch.model.loaders import Readings
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,63 @@ class ProduceStats:
     days_produced: int = 0
     #: (household_id, day) -> wall time its last reading was acknowledged
     last_sent: dict[tuple[str, int], float] = field(default_factory=dict)
+
+
+def recorded(readings: Readings, *, start: int | None = None, days: int | None = None,
+             households: int | None = None, anomaly_rate: float = 0.0,
+             seed: int = 0, tables: ContextTables | None = None) -> SyntheticData:
+    """Recorded readings (``model.loaders``: any layout ``meterwatch train --data`` reads) on
+    the grid ``produce_synthetic`` sends: the first ``households`` households (all by
+    default, in the order of the data) over ``days`` days from ``start`` (days since
+    1970-01-01; default: from the first day of the data to its last). A missing reading stays
+    NaN and is never sent. With ``anomaly_rate`` a share of the household-days that have
+    readings get one anomaly of ``model.inject`` each (any type that applies to the day), and
+    ``labels`` says which, as for synthetic data; ``tables``' weather tells heating on a
+    mild day where to go (without it every day counts as mild).
+
+    >>> r = Readings(["A", "A", "B"], np.array([10, 12, 11], np.int32),
+    ...              np.ones((3, 48), np.float32))
+    >>> g = recorded(r)
+    >>> g.household_ids, g.days.tolist(), int(np.isnan(g.kwh[:, :, 0]).sum())
+    (['A', 'B'], [10, 11, 12], 3)
+    """
+    ids = np.asarray(readings.household_ids, dtype=str)
+    order = list(dict.fromkeys(ids.tolist()))[:households]
+    if not len(readings) or not order:
+        raise ValueError("--data: no readings to produce")
+    first = int(readings.day.min()) if start is None else start
+    n_days = int(readings.day.max()) - first + 1 if days is None else days
+    if n_days < 1:
+        raise ValueError(f"--start: the data ends on {_date(int(readings.day.max()))}, before "
+                         f"{_date(first)}; give an earlier --start")
+    code = {h: i for i, h in enumerate(order)}
+    keep = np.flatnonzero(np.isin(ids, order) & (readings.day >= first)
+                          & (readings.day < first + n_days))
+    if not len(keep):
+        raise ValueError("--start/--days: the data has no readings in that window")
+    kwh = np.full((len(order), n_days, 48), np.nan, np.float32)
+    labels = np.zeros((len(order), n_days), np.int8)
+    rows = np.array([code[h] for h in ids[keep]], dtype=np.int64)
+    cols = readings.day[keep].astype(np.int64) - first
+    day_kwh = readings.kwh[keep]
+    if anomaly_rate > 0:
+        rng = np.random.default_rng(seed)
+        day_labels = random_labels(len(keep), anomaly_rate, rng, day=readings.day[keep])
+        temp = None if tables is None else tables.max_temperature(readings.day[keep])
+        hit = inject(day_kwh, day_labels, rng, day=readings.day[keep], temp_max=temp)
+        # a type that changed nothing (heating on a day that was not mild) is no anomaly
+        changed = (np.abs(np.nan_to_num(hit) - np.nan_to_num(day_kwh)) > 1e-6).any(axis=1)
+        labels[rows, cols] = np.where(changed, day_labels, 0)
+        day_kwh = hit
+    kwh[rows, cols] = day_kwh
+    return SyntheticData(household_ids=order,
+                         days=np.arange(first, first + n_days, dtype=np.int32), kwh=kwh,
+                         labels=labels, acorn_group=[""] * len(order),
+                         tariff=[""] * len(order), tables=tables or ContextTables.empty())
+
+
+def _date(day: int) -> str:
+    return (dt.date(1970, 1, 1) + dt.timedelta(days=day)).isoformat()
 
 
 def day_records(data: SyntheticData, d: int, rng: np.random.Generator, *,

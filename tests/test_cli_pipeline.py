@@ -232,3 +232,63 @@ def test_demo(tmp_path: Path) -> None:
     produced = int(dead.split("malformed produced: ")[1].rstrip(")"))
     assert dead.split()[2] == str(produced), dead
     assert (tmp_path / "artifacts" / "demo-model.pt").exists()
+
+
+def test_simulate_recorded_data(history, broker: Broker,  # type: ignore[no-untyped-def]
+                                tmp_path: Path) -> None:
+    """`simulate --data` sends the recorded readings of a folder (the days asked for), every
+    one exactly once and as recorded, except on the days its labels file lists."""
+    data, folder = history
+    env = _env(broker, uuid.uuid4().hex[:8])
+    settings = _settings(env)
+    asyncio.run(create_topics(settings.bootstrap_servers, {settings.input_topic: 4}))
+    first = START - dt.timedelta(days=HISTORY)
+    start = first + dt.timedelta(days=5)
+    labels = tmp_path / "labels.csv"
+    proc = meterwatch("simulate", "--data", str(folder), "--start", start.isoformat(),
+                      "--days", "3", "--anomaly-rate", "0.2", "--labels", str(labels), env=env)
+    assert proc.returncode == 0, proc.stderr
+    injected = {(r["household_id"], r["date"]) for r in csv.DictReader(labels.open())}
+    assert injected and {d for _, d in injected} <= {
+        (start + dt.timedelta(days=i)).isoformat() for i in range(3)}
+    sent = asyncio.run(_raw_readings(settings, 40 * 3 * 48))
+    assert len(sent) == HOUSEHOLDS * 3 * 48, len(sent)  # each once: the keys below are unique
+    for (hid, ts), kwh in sent.items():
+        date = ts[:10]
+        if (hid, date) in injected:
+            continue
+        h = data.household_ids.index(hid)
+        d = (dt.date.fromisoformat(date) - first).days
+        slot = int(ts[11:13]) * 2 + int(ts[14:16]) // 30
+        assert kwh == pytest.approx(float(data.kwh[h, d, slot]), abs=1e-3), (hid, ts)
+    assert f"produced {HOUSEHOLDS * 3 * 48:,} readings" in proc.stdout, proc.stdout
+
+    bad = meterwatch("simulate", "--data", str(folder), "--start", "2030-01-01", env=env)
+    last = bad.stderr.strip().splitlines()[-1]  # after the loader's line of what it read
+    assert bad.returncode == 2 and bad.stderr.count("error") == 1, bad.stderr
+    assert last.startswith("meterwatch: error: --start: the data ends on 2013-"), last
+    assert "before 2030-01-01; give an earlier --start" in last, last
+
+
+async def _raw_readings(settings: Settings, expected: int) -> dict[tuple[str, str], float]:
+    """(household, ts) -> kWh of every reading on the input topic (single or in arrays)."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(settings.input_topic, bootstrap_servers=settings.bootstrap_servers,
+                                group_id=None, auto_offset_reset="earliest")
+    await consumer.start()
+    out: dict[tuple[str, str], float] = {}
+    n = 0
+    try:
+        deadline = time.monotonic() + 60
+        while n < expected and time.monotonic() < deadline:
+            for recs in (await consumer.getmany(timeout_ms=500)).values():
+                for r in recs:
+                    doc = orjson.loads(r.value)
+                    for one in doc if isinstance(doc, list) else [doc]:
+                        out[(one["household_id"], one["ts"])] = one["kwh"]
+                        n += 1
+    finally:
+        await consumer.stop()
+    assert n == len(out), (n, len(out))  # no reading sent twice
+    return out

@@ -51,7 +51,6 @@ from meterwatch.model.folds import (
     FoldConfig,
     _cut,
     _default_magnitude,
-    _temp_max,
     household_folds,
 )
 from meterwatch.model.inject import InjectionConfig, applicable, inject_type
@@ -156,7 +155,7 @@ def run(data_dir: Path) -> dict[str, Any]:
                                   & (data.day >= cfg.test_start))
             kwh, day, hh = data.kwh[test], data.day[test], ids[test]
             weekend = ((day + 3) % 7) >= 5  # 1970-01-01 was a Thursday
-            temp = _temp_max(tables, day)
+            temp = tables.max_temperature(day)
             rng = np.random.default_rng(1000 * seed + fold)
             for name in CEILING_TYPES:
                 ok = applicable(name, day)
