@@ -61,6 +61,13 @@ FAULT_BITS = sum(1 << SIGNAL_NAMES.index(n) for n in ("zero_run", "flat_run", "i
 CHECKPOINT_FORMAT = 1
 
 
+def unusual_bits(passed: np.ndarray, scorable: np.ndarray) -> np.ndarray:
+    """uint8 (N,) bitmask of ``passed`` (N, N_STATS) on ``scorable`` (N,) days
+    (``DayScores.unusual``)."""
+    weights = (1 << np.arange(N_STATS)).astype(np.uint8)
+    return ((passed & scorable[:, None]).astype(np.uint8) * weights).sum(axis=1).astype(np.uint8)
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file."""
 
@@ -187,6 +194,10 @@ class DayScores:
         float32 (N, 48): each half-hour's non-negative share of ``raw_error`` (0 where imputed).
     signals
         uint8 bitmask: bit i set when ``SIGNAL_NAMES[i]`` fired.
+    unusual
+        uint8 bitmask: bit k set when statistic k (``model.scoring.STAT_NAMES``) passes the
+        threshold on its own (``Calibration.stat_scores``): what about a model alert's day
+        is unusual (at least one bit on every day the model fired).
     imputed
         bool (N, 48): half-hours without a usable reading, imputed before the model.
     state
@@ -202,6 +213,7 @@ class DayScores:
     expected: np.ndarray
     slot_error: np.ndarray
     signals: np.ndarray
+    unusual: np.ndarray
     imputed: np.ndarray
     state: HouseholdState
 
@@ -589,7 +601,8 @@ class Detector:
         inp = model_inputs(kwh, day, household_ids, state.level, tables, sc.max_kwh)
         ds = self.statistics(inp, state)
         z, mean, std, level_z = self.zscores(ds.stats, state, day)
-        model_score = self.calibration.model_score(z, state.count)
+        stat_scores = self.calibration.stat_scores(z, state.count)
+        model_score = stat_scores.max(axis=1)
 
         flags: QualityFlags = check(
             kwh, inp.observed, state.level, max_kwh=sc.max_kwh,
@@ -643,6 +656,7 @@ class Detector:
             expected=ds.expected,
             slot_error=ds.slot_error,
             signals=signals,
+            unusual=unusual_bits(stat_scores >= self.threshold, scorable),
             imputed=~inp.observed,
             state=new_state,
         )

@@ -296,11 +296,17 @@ class Calibration:
     def model_score(self, z: np.ndarray, count: np.ndarray | None = None) -> np.ndarray:
         """(N,) the largest surprise of each day, less its cold-start bucket's offset (at
         least 0; an infinite offset: the model abstains on that bucket)."""
-        score = self.surprise(z, count).max(axis=1)
+        return self.stat_scores(z, count).max(axis=1)
+
+    def stat_scores(self, z: np.ndarray, count: np.ndarray | None = None) -> np.ndarray:
+        """(N, N_STATS) each statistic's own score: its surprise less the day's cold-start
+        offset (as ``model_score``, whose largest it is); which of them pass the threshold
+        is what an alert says is unusual."""
+        score = self.surprise(z, count)
         if count is None or len(self.cold_edges) == 0:
             return score
         b = self.bucket(count)
-        offset = np.where(b >= 0, self.cold_offset[np.maximum(b, 0)], 0.0)
+        offset = np.where(b >= 0, self.cold_offset[np.maximum(b, 0)], 0.0)[:, None]
         with np.errstate(invalid="ignore"):
             return np.where(np.isposinf(offset), 0.0, np.maximum(score - offset, 0.0))
 

@@ -44,7 +44,7 @@ from meterwatch.model.features import (
     ContextTables,
     household_codes,
 )
-from meterwatch.model.scoring import N_BLOCKS
+from meterwatch.model.scoring import N_BLOCKS, N_STATS
 from meterwatch.model.state import HouseholdState
 
 if TYPE_CHECKING:
@@ -82,6 +82,10 @@ class _Constants:
         self.cold_offset = t(cal.cold_offset)
         self.min_stat_std2 = t(np.asarray(sc.min_stat_std, np.float32) ** 2)
         self.per_household = t(np.asarray(sc.per_household, np.float32))
+
+
+#: 1 << k for each statistic k: DayScores.unusual's bits
+_STAT_BITS = torch.tensor([1 << k for k in range(N_STATS)], dtype=torch.uint8)
 
 
 def _tail_lo(s: np.ndarray) -> int:
@@ -514,7 +518,7 @@ def _step(det: Detector, k: _Constants, s: _Static, st: dict[str, Tensor]
                               / math.sqrt(1.0 - phi * phi), level_z)
     z[:, 2] = z[:, 2].abs()
 
-    # surprises and the model score (Calibration.model_score)
+    # surprises, each statistic's score and the model score (Calibration.stat_scores)
     count = st["count"]
     sur = _surprise(z, *k.tail)
     if len(k.cold):
@@ -528,12 +532,11 @@ def _step(det: Detector, k: _Constants, s: _Static, st: dict[str, Tensor]
                     sur[rows] = _surprise(z[rows], *cold)
             else:  # every row, then select: no host synchronisation on a GPU
                 sur = torch.where((b == j)[:, None], _surprise(z, *cold), sur)
-        model_score = sur.amax(dim=1)
-        offset = torch.where(b >= 0, k.cold_offset[b.clamp_min(0)], 0.0)
-        model_score = torch.where(torch.isposinf(offset), 0.0,
-                                  (model_score - offset).clamp_min(0.0))
+        offset = torch.where(b >= 0, k.cold_offset[b.clamp_min(0)], 0.0)[:, None]
+        stat_scores = torch.where(torch.isposinf(offset), 0.0, (sur - offset).clamp_min(0.0))
     else:
-        model_score = sur.amax(dim=1)
+        stat_scores = sur
+    model_score = stat_scores.amax(dim=1)
     del cal
 
     # data-quality rules and fusion
@@ -563,7 +566,8 @@ def _step(det: Detector, k: _Constants, s: _Static, st: dict[str, Tensor]
     out = {"score": score, "raw_error": sq.sum(dim=1) / n_obs, "model_score": model_score,
            "stat_z": z, "stats": stats, "is_alert": is_alert,
            "expected": expected, "slot_error": sq / n_obs[:, None], "signals": signals,
-           "imputed": ~obs}
+           "unusual": ((stat_scores >= det.threshold) & scorable[:, None]).to(torch.uint8)
+           .mul(_STAT_BITS.to(z.device)).sum(dim=1).to(torch.uint8), "imputed": ~obs}
     return out, new
 
 

@@ -3,6 +3,9 @@
 An alert explains itself so that a subscriber can act on it:
 
 * ``signals``: which detectors fired (``model``, ``zero_run``, ``flat_run``, ``impossible``);
+* ``unusual``: when the model fired, what about the day is unusual for this household: each
+  of its statistics that passes the threshold on its own (``UNUSUAL``: the day's ``total``,
+  one ``half_hour``, the ``hours`` its use fell in, the ``shape`` of the day);
 * ``where``: for each signal, the half-hours it fired on, as from-to spans (``zero_run``
   01:00-07:00 is the run of zero readings; ``model`` spans are its largest errors);
 * ``top_slots``: the half-hours that point at the fault (inside a data-quality rule's span
@@ -15,7 +18,7 @@ An alert explains itself so that a subscriber can act on it:
 * kWh and scores rounded to 4 decimals; a one-sentence summary such as::
 
     MAC000002 on 2013-03-04 (high): 41.8 kWh used vs 8.3 kWh expected (5.0x); model
-    17:00-19:00 (observed 3.10 vs expected 0.62 kWh at 18:00)
+    (unusual: the day's total) 17:00-19:00 (observed 3.10 vs expected 0.62 kWh at 18:00)
 
 The JSON Schemas of every output record are in ``stream/schemas`` (package data).
 """
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from meterwatch.model.calibration import SEVERITIES
+from meterwatch.model.scoring import STAT_NAMES
 from meterwatch.stream.assembler import COMPLETE, INCOMPLETE, STATUS_NAMES, ClosedDays, state_rows
 from meterwatch.stream.events import SCHEMA_VERSION
 from meterwatch.stream.scorer import Scored
@@ -48,6 +52,15 @@ _ZERO_RUN_SLOTS = 8
 _FLAT_RUN_SLOTS = 10
 _FLAT_MIN_KWH = 0.02
 _MAX_KWH = 12.0
+#: The model's statistics (``model.scoring.STAT_NAMES``) as an alert's ``unusual`` lists
+#: them (in this order) and as its summary words them.
+UNUSUAL: dict[str, tuple[str, str]] = {
+    "level": ("total", "the day's total"),
+    "peak": ("half_hour", "one half-hour"),
+    "timing": ("hours", "the hours of use"),
+    "shape": ("shape", "the shape of the day"),
+}
+assert set(UNUSUAL) == set(STAT_NAMES), STAT_NAMES
 
 
 def severity(score: float, threshold: float) -> str:
@@ -290,6 +303,14 @@ def _alert(base: dict, days: ClosedDays, i: int, scored: Scored, j: int, thresho
     by_signal: dict[str, list[str]] = {}
     for w in where:
         by_signal.setdefault(w["signal"], []).append(f"{w['from']}-{w['to']}")
+    unusual: list[str] = []
+    if "model" in signals and scored.unusual is not None:
+        bits = int(scored.unusual[j])
+        found = [UNUSUAL[s] for s in UNUSUAL if bits >> STAT_NAMES.index(s) & 1]
+        unusual = [name for name, _ in found]
+        words = ", ".join(text for _, text in found)
+        by_signal = {(f"model (unusual: {words})" if k == "model" and words else k): v
+                     for k, v in by_signal.items()}
     spans = "; ".join(f"{name} {', '.join(v)}" for name, v in by_signal.items()) or "no span"
     summary = (
         f"{base['household_id']} on {base['date']} ({sev}): {observed_total:.1f} kWh used vs "
@@ -299,7 +320,8 @@ def _alert(base: dict, days: ClosedDays, i: int, scored: Scored, j: int, thresho
     return {**base, "score": round(score, DECIMALS), "threshold": round(threshold, DECIMALS),
             "severity": sev,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
-            "model_version": model_version, "signals": signals, "where": where,
+            "model_version": model_version, "signals": signals, "unusual": unusual,
+            "where": where,
             "imputed_slots": missing,
             "observed_kwh_total": round(observed_total, DECIMALS),
             "expected_kwh_total": round(expected_total, DECIMALS), "top_slots": slots,

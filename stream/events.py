@@ -117,6 +117,12 @@ class Alert(BaseModel):
     model_version: str
     signals: list[Literal["model", "zero_run", "flat_run", "impossible", "missing"]] = Field(
         description="which detectors fired: model, zero_run, flat_run, impossible")
+    unusual: list[Literal["total", "half_hour", "hours", "shape"]] = Field(
+        default_factory=list,
+        description="when the model fired: what about the day is unusual for this household, "
+                    "each of its statistics that passes the threshold on its own: the day's "
+                    "total use, one half-hour, the hours its use fell in, the shape of the "
+                    "day; empty when only a data-quality rule fired")
     where: list[Span] = Field(description="the half-hours each signal fired on, from-to")
     imputed_slots: list[int] = Field(default_factory=list)
     observed_kwh_total: float

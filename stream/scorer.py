@@ -113,6 +113,9 @@ class Scored:
     #: uint8 per day: 0 no alert, k = ``SEVERITIES[k - 1]`` (``Detector.severity``, from the
     #: calibration curve); None: the checkpoint has no curve (``stream.alerts.severity``)
     severity: np.ndarray | None = None
+    #: uint8 bitmask per day: the statistics that pass the threshold on their own
+    #: (``DayScores.unusual``, bits in ``model.scoring.STAT_NAMES`` order); None: not said
+    unusual: np.ndarray | None = None
     shadow_score: np.ndarray | None = None  # the shadow model's scores (never published)
     shadow_is_alert: np.ndarray | None = None
     shadow_version: str = ""
@@ -448,7 +451,7 @@ class _Worker:
             out, new = self._split(kwh, day, household_ids, keys, state)
             return Scored(out["score"], out["is_alert"], out["expected"], out["slot_error"],
                           out["signals"], new, time.perf_counter() - t0,
-                          self.memory_cap), out["model_score"]
+                          self.memory_cap, unusual=out["unusual"]), out["model_score"]
         return self._score_waves(kwh, day, household_ids, keys, state)
 
     def _split(self, kwh: np.ndarray, day: np.ndarray, ids: list[str], keys: np.ndarray,
@@ -514,6 +517,7 @@ class _Worker:
         expected = np.empty((n, SLOTS), np.float32)
         slot_err = np.empty((n, SLOTS), np.float32)
         signals = np.zeros(n, np.uint8)
+        unusual = np.zeros(n, np.uint8)
         for w in range(int(rank.max()) + 1 if n else 0):
             idx = np.flatnonzero(rank == w)
             st = HouseholdState(**{k: cur[k][idx] for k in STATE_FIELDS})
@@ -524,6 +528,7 @@ class _Worker:
             expected[idx] = res.expected
             slot_err[idx] = res.slot_error
             signals[idx] = res.signals
+            unusual[idx] = res.unusual
             follow = nxt[idx]
             has = follow >= 0
             for k in STATE_FIELDS:
@@ -531,7 +536,7 @@ class _Worker:
                 out_state[k][idx] = new
                 cur[k][follow[has]] = new[has]
         return Scored(score, alert, expected, slot_err, signals, out_state,
-                      time.perf_counter() - t0, self.memory_cap), model_score
+                      time.perf_counter() - t0, self.memory_cap, unusual=unusual), model_score
 
     def _score_split(self, kwh: np.ndarray, day: np.ndarray, ids: list[str],
                      st: HouseholdState):

@@ -131,3 +131,33 @@ def test_a_day_whose_documents_fail_is_reported_and_the_others_go_on(monkeypatch
     assert "KeyError" in failed.data_quality["reason"]
     jsonschema.validate(failed.day_score, load_schema("day_score"))
     jsonschema.validate(failed.data_quality, load_schema("data_quality"))
+
+
+def test_model_alert_says_what_is_unusual() -> None:
+    """A model alert lists the statistics that pass the threshold on their own (``unusual``,
+    in a fixed order) in the record and in its summary; a rule-only alert lists none."""
+    kwh = np.full((1, 48), 2.0, np.float32)
+    err = np.zeros(48, np.float32)
+    err[30:34] = 0.5
+    # bits in STAT_NAMES order: shape 1, peak 2, level 4, timing 8
+    for bits, names, text in [(4, ["total"], "the day's total"),
+                              (2 | 4, ["total", "half_hour"], "the day's total, one half-hour"),
+                              (8, ["hours"], "the hours of use"),
+                              (1 | 8, ["hours", "shape"],
+                               "the hours of use, the shape of the day")]:
+        scored = _scored(kwh, 9.0, ["model"], err)
+        scored.unusual = np.array([bits], np.uint8)
+        docs = build_documents(_closed(kwh), scored, np.array([1]), threshold=5.0,
+                               model_version="m-1", signal_names=SIGNAL_NAMES,
+                               grid=TimeGrid("Europe/London"), top_slots=4)
+        alert = docs[0].alert
+        assert alert is not None and alert["unusual"] == names
+        assert f"model (unusual: {text}) 15:00-17:00" in alert["summary"], alert["summary"]
+        jsonschema.validate(alert, load_schema("alert"))
+    kwh[0, 2:14] = 0.0
+    scored = _scored(kwh, 101.0, ["zero_run"], err)
+    scored.unusual = np.array([4], np.uint8)
+    alert = build_documents(_closed(kwh), scored, np.array([1]), threshold=5.0,
+                            model_version="m-1", signal_names=SIGNAL_NAMES,
+                            grid=TimeGrid("Europe/London"), top_slots=4)[0].alert
+    assert alert is not None and alert["unusual"] == [] and "unusual" not in alert["summary"]

@@ -20,6 +20,7 @@ from meterwatch.model import (
 )
 from meterwatch.model.detector import CheckpointError
 from meterwatch.model.inject import inject
+from meterwatch.model.scoring import STAT_NAMES
 
 HISTORY_DAYS = 28
 
@@ -175,6 +176,31 @@ def _evaluate(detector, data, warm, label: str, seed: int):
 def test_gross_anomalies_detected(detector, data, warm, label: str) -> None:
     recall, far, _auc = _evaluate(detector, data, warm, label, seed=5)
     assert recall >= 0.9 and far <= 0.02, (label, recall, far)
+
+
+@pytest.mark.parametrize(("label", "statistics"), [
+    ("level_up", ("level",)), ("spike", ("peak",)), ("time_shift", ("timing", "shape"))])
+def test_unusual_names_what_the_anomaly_moved(detector, data, warm, label: str,
+                                              statistics: tuple[str, ...]) -> None:
+    """On every day the model fired, ``DayScores.unusual`` lists at least one statistic (the
+    one behind its score passes on its own), and nearly always one the anomaly moves: a whole
+    day x5 its total, a spike one half-hour, a moved schedule the hours of use or the shape
+    of the day. On days it did not fire, none."""
+    rng = np.random.default_rng(11)
+    bits = sum(1 << STAT_NAMES.index(name) for name in statistics)
+    state, moved = warm, []
+    for d in range(14):
+        kwh, day, ids = _test_day(data, d)
+        hit = rng.random(len(kwh)) < 0.3
+        labels = np.where(hit, ANOMALY_TYPES.index(label), 0)
+        out = detector.score(inject(kwh, labels, rng), day, ids, state, data.tables)
+        state = out.state
+        fired = (out.signals & 1).astype(bool)
+        assert (out.unusual[fired] > 0).all() and (out.unusual[~fired] == 0).all()
+        moved.append(out.unusual[fired & hit] & bits)
+    found = np.concatenate(moved)
+    assert len(found) >= 10, (label, len(found))
+    assert (found > 0).mean() >= 0.9, (label, (found > 0).mean())
 
 
 def test_beats_chance_on_mixed_anomalies(detector, data, warm) -> None:
