@@ -656,7 +656,7 @@ class Detector:
             expected=ds.expected,
             slot_error=ds.slot_error,
             signals=signals,
-            unusual=unusual_bits(stat_scores >= self.threshold, scorable),
+            unusual=unusual_bits(stat_scores >= self.threshold, np.asarray(scorable)),
             imputed=~inp.observed,
             state=new_state,
         )
