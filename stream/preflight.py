@@ -32,18 +32,21 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import socket
 import ssl
 import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
+    InvalidTopicError,
     SaslAuthenticationFailed,
     TopicAlreadyExistsError,
     UnsupportedSaslMechanismError,
+    for_code,
 )
 
 from meterwatch.stream.config import Settings
@@ -65,10 +68,12 @@ CONTEXT_CSVS = (
 
 
 def check_files(settings: Settings, *, service: bool = True) -> None:
-    """Step 1: ``--bootstrap-servers`` is a list of host:port; every TLS file that is set
+    """Step 1: ``--bootstrap-servers`` is a list of host:port, the topic names and the
+    group id are ones Kafka takes (``check_names``); every TLS file that is set
     exists and is readable; with ``service``, so do the checkpoints and the context CSVs
     ``meterwatch run`` reads (``meterwatch reset`` reads none of them)."""
     check_bootstrap(settings.bootstrap_servers)
+    check_names(settings)
     for flag, path in (("--ssl-cafile", settings.ssl_cafile),
                        ("--ssl-certfile", settings.ssl_certfile),
                        ("--ssl-keyfile", settings.ssl_keyfile)):
@@ -114,6 +119,35 @@ def check_bootstrap(servers: str) -> list[tuple[str, int]]:
                 "(an IPv6 address in brackets: [::1]:9092)")
         out.append((host, int(port or 9092)))
     return out
+
+
+#: What Kafka accepts as a topic name (``org.apache.kafka.common.internals.Topic``).
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+#: The topics of an application, in the order their flags are listed.
+TOPIC_SETTINGS = ("input_topic", "scores_topic", "alerts_topic", "data_quality_topic",
+                  "dead_letter_topic", "state_topic")
+
+
+def check_names(settings: Settings) -> None:
+    """Every topic name is one Kafka accepts, the six topics are six different ones (an
+    output written to the input would be read back as readings; two outputs sharing a
+    topic would mix the ledger with alerts), and the group id is not empty. A broker would
+    refuse the first and the last only later, as a retryable-looking error or an empty
+    topic; the second it would take."""
+    seen: dict[str, str] = {}
+    for attr in TOPIC_SETTINGS:
+        name, flag = getattr(settings, attr), "--" + attr.replace("_", "-")
+        if not _TOPIC_NAME.fullmatch(name) or name in (".", ".."):
+            raise ConfigurationError(
+                flag, f"{name[:60]!r} is not a Kafka topic name",
+                "use 1-249 letters, digits, '.', '_' or '-'")
+        if name in seen:
+            raise ConfigurationError(flag, f"{name!r} is also {seen[name]}",
+                                     "give each topic its own name")
+        seen[name] = flag
+    if not settings.group_id.strip():
+        raise ConfigurationError("--group-id", "empty", "give the consumer group a name "
+                                 "(every member of one application uses the same)")
 
 
 def check_metrics_address(settings: Settings) -> None:
@@ -326,9 +360,11 @@ async def check_topics(settings: Settings, admin: AIOKafkaAdminClient,
         new = [NewTopic(t, n, 1, topic_configs={"cleanup.policy": "compact"}
                         if t in compacted else {}) for t in missing]
         try:
-            await admin.create_topics(new)
+            answer = await admin.create_topics(new)
         except TopicAlreadyExistsError:
             pass
+        else:
+            _creation_refused(answer, n, s)
         log.info("created topics %s with %d partitions", missing, n)
     elif missing:
         raise ConfigurationError(
@@ -343,6 +379,25 @@ async def check_topics(settings: Settings, admin: AIOKafkaAdminClient,
                 f"the {n_input} of input topic {s.input_topic!r}",
                 f"recreate {t!r} (or add partitions) with at least {n_input}")
     return n_input
+
+
+def _creation_refused(answer: Any, n: int, settings: Settings) -> None:
+    """Raise ``ConfigurationError`` for a topic the broker would not create (an ACL, a
+    creation policy, a name that collides with an existing one): the admin client returns
+    those as error codes, and the topic would otherwise show as one with no partitions."""
+    for topic, code, *rest in getattr(answer, "topic_errors", ()):
+        if code in (0, TopicAlreadyExistsError.errno):
+            continue
+        error = for_code(code)
+        why = error.__name__ + (f": {rest[0]}" if rest and rest[0] else "")
+        problem = f"the broker refused to create {topic!r} ({why[:200]})"
+        if error is InvalidTopicError:  # e.g. 'a_b' beside an existing 'a.b'
+            flag = next((f"--{a.replace('_', '-')}" for a in TOPIC_SETTINGS
+                         if getattr(settings, a) == topic), "--create-topics")
+            raise ConfigurationError(flag, problem, "give it another name")
+        raise ConfigurationError(
+            "--create-topics", problem, f"create the output topics yourself with at least "
+            f"{n} partitions (and --create-topics false), or allow the service to create them")
 
 
 async def input_partitions(admin: AIOKafkaAdminClient, topic: str) -> int:

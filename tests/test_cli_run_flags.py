@@ -4,7 +4,10 @@ before anything started (no settings line, no probes server, no Kafka client). B
 these checks, the values below gave a traceback (``--log-level debug``, ``--device cuda``
 without CUDA), a line naming no flag (``[Errno -2] Name or service not known``, ``invalid
 literal for int()``), or were taken and retried against forever (``--bootstrap-servers
-b1:9092,,b2:9092``) or silently (``--grace-s inf``, ``--commit-interval-s inf``)."""
+b1:9092,,b2:9092``, ``--group-id ""``), taken silently (``--grace-s inf``, ``--commit-interval-s
+inf``, ``--alerts-topic`` the input topic: the service would read its own alerts back as
+readings), or reported as something else 10 s later (``--input-topic 'meter readings'``:
+"topic does not exist"; an output topic name Kafka refuses: "has 0 partitions")."""
 
 from __future__ import annotations
 
@@ -59,6 +62,14 @@ def run(model: Path, *args: str, **env: str) -> str:
      "--metrics-host: cannot resolve 'no-such-host.invalid'"),
     (["--metrics-host", "192.0.2.1"], {},  # TEST-NET-1: never an address of this machine
      "--metrics-host: cannot listen on 192.0.2.1:0 (Cannot assign requested address)"),
+    (["--alerts-topic", "meterwatch.readings"], {},
+     "--alerts-topic: 'meterwatch.readings' is also --input-topic; give each topic its own"),
+    ([], {"METERWATCH_STATE_TOPIC": "meterwatch.scores"},
+     "--state-topic: 'meterwatch.scores' is also --scores-topic"),
+    (["--input-topic", "meter readings"], {},
+     "--input-topic: 'meter readings' is not a Kafka topic name; use 1-249 letters"),
+    (["--dead-letter-topic", "d" * 250], {}, "--dead-letter-topic: 'ddd"),
+    (["--group-id", ""], {}, "--group-id: empty; give the consumer group a name"),
     # a CPU build of torch says so; a CUDA build with no GPU visible says that
     (["--device", "cuda"], {"CUDA_VISIBLE_DEVICES": ""}, "--device: cuda, but "),
 ])
