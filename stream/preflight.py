@@ -215,9 +215,11 @@ def context_tables(settings: Settings) -> ContextTables | None:
     s = settings
     if not (s.household_info or s.weather or s.holidays):
         return None
+    keyword = {"household_info": "household_csv", "weather": "weather_csv",
+               "holidays": "holidays_csv"}
     try:
-        return ContextTables.from_files(household_csv=s.household_info, weather_csv=s.weather,
-                                        holidays_csv=s.holidays)
+        return ContextTables.from_files(**{keyword[a]: getattr(s, a) for _, a, _, _ in
+                                           CONTEXT_CSVS})
     except LoadError as exc:
         for flag, attr, _, like in CONTEXT_CSVS:
             path = getattr(s, attr)
@@ -226,6 +228,20 @@ def context_tables(settings: Settings) -> ContextTables | None:
                                          f"Carbon London data's {like}, or leave it out") \
                     from None
         raise  # (names its file and line)
+    except UnicodeDecodeError as exc:  # a binary file: which one? each alone says
+        for flag, attr, _, like in CONTEXT_CSVS:
+            path = getattr(s, attr)
+            try:
+                if path is not None:
+                    ContextTables.from_files(**{keyword[attr]: path})
+            except UnicodeDecodeError:
+                raise ConfigurationError(
+                    flag, f"{path}: not a text CSV ({exc.reason} at byte {exc.start})",
+                    f"give a CSV laid out like the Low Carbon London data's {like}, or "
+                    "leave it out") from None
+            except (LoadError, OSError):
+                pass
+        raise
 
 
 def check_inputs(settings: Settings) -> None:

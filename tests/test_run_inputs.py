@@ -189,3 +189,13 @@ def test_unusable_context_csv_names_its_flag(flag: str, header: str, tiny_model:
                                 env=clean_env(**NO_BROKER)))
     assert line.startswith(f"meterwatch: error: {flag}: {bad}:1: missing column "), line
     assert "Low Carbon London" in line and "leave it out" in line
+
+
+@pytest.mark.parametrize("flag", ["--weather", "--household-info", "--holidays"])
+def test_a_binary_file_given_as_a_csv_names_its_flag(flag: str, tiny_model: Path) -> None:
+    """A checkpoint passed where a CSV goes (was: "meterwatch: error: 'utf-8' codec can't
+    decode byte 0x80 in position 64", naming neither the flag nor the file)."""
+    line = only_line(meterwatch("run", "--model-path", str(tiny_model), flag, str(tiny_model),
+                                env=clean_env(**NO_BROKER)))
+    assert line.startswith(f"meterwatch: error: {flag}: {tiny_model}: not a text CSV ("), line
+    assert "Low Carbon London" in line and line.endswith("or leave it out"), line
