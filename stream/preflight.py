@@ -413,7 +413,7 @@ def _creation_refused(answer: Any, n: int, settings: Settings) -> None:
             raise ConfigurationError(flag, problem, "give it another name")
         raise ConfigurationError(
             "--create-topics", problem, f"create the output topics yourself with at least "
-            f"{n} partitions (and --create-topics false), or allow the service to create them")
+            f"{n} partitions (and --no-create-topics), or allow the service to create them")
 
 
 async def input_partitions(admin: AIOKafkaAdminClient, topic: str) -> int:
