@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import inspect
 import logging
 import os
 import re
@@ -74,6 +75,7 @@ def check_files(settings: Settings, *, service: bool = True) -> None:
     ``meterwatch run`` reads (``meterwatch reset`` reads none of them)."""
     check_bootstrap(settings.bootstrap_servers)
     check_names(settings)
+    check_fetch_wait(settings)
     for flag, path in (("--ssl-cafile", settings.ssl_cafile),
                        ("--ssl-certfile", settings.ssl_certfile),
                        ("--ssl-keyfile", settings.ssl_keyfile)):
@@ -148,6 +150,22 @@ def check_names(settings: Settings) -> None:
     if not settings.group_id.strip():
         raise ConfigurationError("--group-id", "empty", "give the consumer group a name "
                                  "(every member of one application uses the same)")
+
+
+def check_fetch_wait(settings: Settings) -> None:
+    """``--fetch-max-wait-ms`` below the consumer's request timeout (aiokafka's default,
+    which the service keeps): a fetch the broker holds longer than that times out on every
+    quiet partition (``RequestTimedOutError`` every 40 s, nothing read) instead of
+    returning empty. (Kafka's Java consumer once refused the same combination.)"""
+    from aiokafka import AIOKafkaConsumer
+
+    limit = inspect.signature(AIOKafkaConsumer).parameters["request_timeout_ms"].default
+    if settings.fetch_max_wait_ms >= limit:
+        raise ConfigurationError(
+            "--fetch-max-wait-ms", f"{settings.fetch_max_wait_ms} ms is not below the "
+            f"consumer's request timeout ({limit} ms): a fetch on a quiet partition would "
+            "time out instead of returning",
+            f"use less than {limit} ms (the default, 25, keeps latency low)")
 
 
 def check_metrics_address(settings: Settings) -> None:

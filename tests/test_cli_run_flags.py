@@ -6,7 +6,8 @@ without CUDA), a line naming no flag (``[Errno -2] Name or service not known``, 
 literal for int()``), or were taken and retried against forever (``--bootstrap-servers
 b1:9092,,b2:9092``, ``--group-id ""``), taken silently (``--grace-s inf``, ``--commit-interval-s
 inf``, ``--alerts-topic`` the input topic: the service would read its own alerts back as
-readings), or reported as something else 10 s later (``--input-topic 'meter readings'``:
+readings; ``--fetch-max-wait-ms 60000``: every fetch on a quiet partition timed out), or
+reported as something else 10 s later (``--input-topic 'meter readings'``:
 "topic does not exist"; an output topic name Kafka refuses: "has 0 partitions")."""
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def run(model: Path, *args: str, **env: str) -> str:
      "--input-topic: 'meter readings' is not a Kafka topic name; use 1-249 letters"),
     (["--dead-letter-topic", "d" * 250], {}, "--dead-letter-topic: 'ddd"),
     (["--group-id", ""], {}, "--group-id: empty; give the consumer group a name"),
+    (["--fetch-max-wait-ms", "60000"], {},  # each quiet fetch timed out (RequestTimedOutError)
+     "--fetch-max-wait-ms: 60000 ms is not below the consumer's request timeout (40000 ms)"),
     # a CPU build of torch says so; a CUDA build with no GPU visible says that
     (["--device", "cuda"], {"CUDA_VISIBLE_DEVICES": ""}, "--device: cuda, but "),
 ])
