@@ -181,7 +181,9 @@ def check_metrics_address(settings: Settings) -> None:
         raise ConfigurationError("--metrics-host", f"cannot resolve {host!r} "
                                  f"({exc.strerror or exc})", "give an address or name of "
                                  "this machine (0.0.0.0 = every interface)") from None
-    for family, kind, proto, _, addr in dict.fromkeys(infos):
+    addresses = list(dict.fromkeys(infos))
+    not_here: list[str] = []  # asyncio skips these (a family not enabled): all of them fail
+    for family, kind, proto, _, addr in addresses:
         with socket.socket(family, kind, proto) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
@@ -199,9 +201,16 @@ def check_metrics_address(settings: Settings) -> None:
                     raise ConfigurationError(
                         "--metrics-port", f"binding {where} is not permitted",
                         "use a port above 1023") from None
-                raise ConfigurationError(
-                    "--metrics-host", f"cannot listen on {where} ({exc.strerror or exc})",
-                    "give an address of this machine (0.0.0.0 = every interface)") from None
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    raise ConfigurationError(
+                        "--metrics-host", f"cannot listen on {where} ({exc.strerror})",
+                        "give an address of this machine (0.0.0.0 = every interface)") \
+                        from None
+                not_here.append(where)
+    if len(not_here) == len(addresses):
+        raise ConfigurationError(
+            "--metrics-host", f"cannot listen on {not_here[0]} (not an address of this "
+            "machine)", "give an address of this machine (0.0.0.0 = every interface)")
 
 
 def check_device(settings: Settings) -> None:

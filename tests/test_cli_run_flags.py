@@ -62,7 +62,7 @@ def run(model: Path, *args: str, **env: str) -> str:
     (["--metrics-host", "no-such-host.invalid"], {},
      "--metrics-host: cannot resolve 'no-such-host.invalid'"),
     (["--metrics-host", "192.0.2.1"], {},  # TEST-NET-1: never an address of this machine
-     "--metrics-host: cannot listen on 192.0.2.1:0 (Cannot assign requested address)"),
+     "--metrics-host: cannot listen on 192.0.2.1:0 (not an address of this machine)"),
     (["--alerts-topic", "meterwatch.readings"], {},
      "--alerts-topic: 'meterwatch.readings' is also --input-topic; give each topic its own"),
     ([], {"METERWATCH_STATE_TOPIC": "meterwatch.scores"},
