@@ -6,18 +6,22 @@ output topics too small for the input. Those raise ``ConfigurationError`` (exit 
 one line naming the setting and the fix). Anything else stays retryable: the caller retries
 with backoff and reports ``broker_reachable: false`` on ``/readyz``.
 
-1. ``check_files``: the TLS files, checkpoints and context CSVs exist (before any client
-   is built); ``check_inputs`` (``meterwatch run``, before the probes server): the context
-   CSVs parse and each checkpoint is usable: it loads (weights only, on the CPU: this
-   process never touches a GPU, ``docs/gpu.md``), takes ``--target-far`` and scores a small
-   synthetic history to finite values (``stream.lifecycle.validate``), the shadow against
-   the live model;
+1. without a broker, before any client is built: ``check_files`` (``--bootstrap-servers``
+   is host:port, topic names Kafka takes and six different ones, a group id,
+   ``--fetch-max-wait-ms`` below the request timeout; the TLS files, checkpoints and
+   context CSVs exist); ``check_inputs`` (``meterwatch run``, which calls both before it
+   logs anything, so a refusal is the only line on stderr): ``--device cuda`` has a GPU,
+   the probes' address can be bound, the context CSVs parse and each checkpoint is usable:
+   it loads (weights only, on the CPU: this process never touches a GPU, ``docs/gpu.md``),
+   takes ``--target-far`` and scores a small synthetic history to finite values
+   (``stream.lifecycle.validate``), the shadow against the live model;
 2. ``check_connection``: one connection per bootstrap server, authenticating exactly as the
    clients will; aiokafka's clients hide why a bootstrap failed ("Unable to bootstrap"), a
    single connection does not (``SaslAuthenticationFailed``, ``ssl.SSLError``);
 3. ``check_topics``: the input topic exists (it is never created: a typo must not become an
    empty topic the service waits on forever); missing output topics are created when
-   ``--create-topics`` (with at least the input's partition count), and every output topic
+   ``--create-topics`` (with at least the input's partition count; a topic the broker
+   will not create is refused by name), and every output topic
    has at least as many partitions as the input (records about input partition ``p`` go to
    partition ``p`` of each output).
 
