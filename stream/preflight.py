@@ -246,11 +246,9 @@ def context_tables(settings: Settings) -> ContextTables | None:
     s = settings
     if not (s.household_info or s.weather or s.holidays):
         return None
-    keyword = {"household_info": "household_csv", "weather": "weather_csv",
-               "holidays": "holidays_csv"}
     try:
-        return ContextTables.from_files(**{keyword[a]: getattr(s, a) for _, a, _, _ in
-                                           CONTEXT_CSVS})
+        return ContextTables.from_files(household_csv=s.household_info, weather_csv=s.weather,
+                                        holidays_csv=s.holidays)
     except LoadError as exc:
         for flag, attr, _, like in CONTEXT_CSVS:
             path = getattr(s, attr)
@@ -263,8 +261,8 @@ def context_tables(settings: Settings) -> ContextTables | None:
         for flag, attr, _, like in CONTEXT_CSVS:
             path = getattr(s, attr)
             try:
-                if path is not None:
-                    ContextTables.from_files(**{keyword[attr]: path})
+                if path is not None:  # (from_files' keywords: household_csv, ...)
+                    ContextTables.from_files(**{f"{attr.split('_')[0]}_csv": path})
             except UnicodeDecodeError:
                 raise ConfigurationError(
                     flag, f"{path}: not a text CSV ({exc.reason} at byte {exc.start})",
