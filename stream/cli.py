@@ -226,7 +226,9 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
-    setup_logging(getattr(args, "log_level", None) or "INFO",
+    level = getattr(args, "log_level", None) or "INFO"  # checked with the settings, later:
+    known = isinstance(logging.getLevelName(level), int)  # "debug" must not raise here
+    setup_logging(level if known else "INFO",
                   getattr(args, "log_format", None) or "text")
     try:
         return _dispatch(args)
@@ -273,7 +275,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"reset: partition -> offset {offsets}")
         return 0
     if args.command == "run":
+        from meterwatch.stream.preflight import check_files, check_inputs
+
         settings = _settings(args)
+        check_files(settings)  # misconfiguration: one line, before anything is printed
+        check_inputs(settings)  # or started (docs/serving.md)
         log.info("meterwatch %s starting: %s", package_version(), settings.summary())
         return asyncio.run(_run(settings))
     if args.command == "train":

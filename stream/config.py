@@ -36,7 +36,8 @@ class SettingsError(ValueError):
 class Settings(BaseSettings):
     """Settings of the meterwatch service."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid",
+                                      allow_inf_nan=False)  # no "inf" seconds
 
     # Kafka
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")

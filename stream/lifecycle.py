@@ -109,6 +109,29 @@ def validate(det: Detector, current: Detector | None = None,
         raise ModelRejected(f"{det.version}: threshold {det.threshold} is not finite")
 
 
+def apply_budget(det: Detector, far: float | None, flag: str, *,
+                 optional: bool = False) -> bool:
+    """``--target-far`` (``far``) on ``det``; returns whether it was applied. Raises
+    ``ConfigurationError`` naming ``flag`` (exit status 2 at start) for a rate outside the
+    checkpoint's curve, and for a checkpoint without a curve unless ``optional`` (the
+    shadow, which then keeps its own threshold: False)."""
+    if far is None:
+        return False
+    if det.far_curve is None:
+        if optional:
+            return False
+        raise ConfigurationError(
+            flag, f"the checkpoint {det.version} has no calibration curve, so it cannot "
+            f"take --target-far {far:g}", "retrain it with this version of meterwatch "
+            "train, or leave --target-far out (the checkpoint's own threshold)")
+    try:
+        det.set_target_far(far)
+    except ValueError as exc:
+        raise ConfigurationError(flag, str(exc).split(";")[0],
+                                 "choose a --target-far inside that range") from None
+    return True
+
+
 @dataclass(frozen=True)
 class FileStamp:
     """What identifies one version of a file: a different stamp is a different file."""
@@ -325,30 +348,17 @@ class ModelLifecycle:
         self._model_info()
 
     def apply_budget(self, det: Detector, flag: str) -> None:
-        """``--target-far`` on ``det``: raises ``ConfigurationError`` (exit status 2) for a
-        checkpoint without a calibration curve or a rate outside its range."""
-        far = self.settings.target_far
-        if far is None:
-            return
-        if det.far_curve is None:
-            raise ConfigurationError(
-                flag, f"the checkpoint {det.version} has no calibration curve, so it cannot "
-                f"take --target-far {far:g}", "retrain it with this version of meterwatch "
-                "train, or leave --target-far out (the checkpoint's own threshold)")
-        try:
-            det.set_target_far(far)
-        except ValueError as exc:
-            raise ConfigurationError(flag, str(exc).split(";")[0],
-                                     "choose a --target-far inside that range") from None
+        """``--target-far`` on ``det`` (``apply_budget``)."""
+        apply_budget(det, self.settings.target_far, flag)
 
     def _shadow_ready(self, shadow: Detector) -> Detector:
         """``shadow`` with the budget (its own threshold, with a warning, when it has no
         curve), validated against the live model (on a worker thread)."""
-        if self.settings.target_far is not None and shadow.far_curve is None:
+        far = self.settings.target_far
+        if not apply_budget(shadow, far, "--shadow-model-path", optional=True) \
+                and far is not None:
             log.warning("the shadow model %s has no calibration curve: it alerts at its "
                         "own threshold, not at --target-far", shadow.version)
-        else:
-            self.apply_budget(shadow, "--shadow-model-path")
         validate(shadow, self.detector, self.tables)
         return shadow
 

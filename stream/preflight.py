@@ -6,14 +6,22 @@ output topics too small for the input. Those raise ``ConfigurationError`` (exit 
 one line naming the setting and the fix). Anything else stays retryable: the caller retries
 with backoff and reports ``broker_reachable: false`` on ``/readyz``.
 
-1. ``check_files``: the TLS files, checkpoints and context CSVs exist (before any client
-   is built);
+1. without a broker, before any client is built: ``check_files`` (``--bootstrap-servers``
+   is host:port, topic names Kafka takes and six different ones, a group id,
+   ``--fetch-max-wait-ms`` below the request timeout; the TLS files, checkpoints and
+   context CSVs exist); ``check_inputs`` (``meterwatch run``, which calls both before it
+   logs anything, so a refusal is the only line on stderr): ``--device cuda`` has a GPU,
+   the probes' address can be bound, the context CSVs parse and each checkpoint is usable:
+   it loads (weights only, on the CPU: this process never touches a GPU, ``docs/gpu.md``),
+   takes ``--target-far`` and scores a small synthetic history to finite values
+   (``stream.lifecycle.validate``), the shadow against the live model;
 2. ``check_connection``: one connection per bootstrap server, authenticating exactly as the
    clients will; aiokafka's clients hide why a bootstrap failed ("Unable to bootstrap"), a
    single connection does not (``SaslAuthenticationFailed``, ``ssl.SSLError``);
 3. ``check_topics``: the input topic exists (it is never created: a typo must not become an
    empty topic the service waits on forever); missing output topics are created when
-   ``--create-topics`` (with at least the input's partition count), and every output topic
+   ``--create-topics`` (with at least the input's partition count; a topic the broker
+   will not create is refused by name), and every output topic
    has at least as many partitions as the input (records about input partition ``p`` go to
    partition ``p`` of each output).
 
@@ -24,21 +32,33 @@ A session timeout outside the broker's bounds is only refused when the group is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import inspect
 import logging
+import os
+import re
+import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
+    InvalidTopicError,
     SaslAuthenticationFailed,
     TopicAlreadyExistsError,
     UnsupportedSaslMechanismError,
+    for_code,
 )
 
 from meterwatch.stream.config import Settings
 from meterwatch.stream.errors import ConfigurationError
+
+if TYPE_CHECKING:  # imported where used: ``meterwatch reset`` needs neither torch nor a model
+    from meterwatch.model import ContextTables, Detector
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +73,13 @@ CONTEXT_CSVS = (
 
 
 def check_files(settings: Settings, *, service: bool = True) -> None:
-    """Step 1: every TLS file that is set exists and is readable; with ``service``, so do
-    the checkpoints and the context CSVs ``meterwatch run`` reads (``meterwatch reset``
-    reads none of them)."""
+    """Step 1: ``--bootstrap-servers`` is a list of host:port, the topic names and the
+    group id are ones Kafka takes (``check_names``); every TLS file that is set
+    exists and is readable; with ``service``, so do the checkpoints and the context CSVs
+    ``meterwatch run`` reads (``meterwatch reset`` reads none of them)."""
+    check_bootstrap(settings.bootstrap_servers)
+    check_names(settings)
+    check_fetch_wait(settings)
     for flag, path in (("--ssl-cafile", settings.ssl_cafile),
                        ("--ssl-certfile", settings.ssl_certfile),
                        ("--ssl-keyfile", settings.ssl_keyfile)):
@@ -80,6 +104,236 @@ def check_files(settings: Settings, *, service: bool = True) -> None:
                                      "give PEM files (CA, certificate, key)") from None
 
 
+def check_bootstrap(servers: str) -> list[tuple[str, int]]:
+    """``--bootstrap-servers`` as (host, port) pairs: comma-separated ``host[:port]`` (port
+    9092 by default; an IPv6 address in brackets). A malformed list raises
+    ``ConfigurationError`` here instead of being retried against forever."""
+    out = []
+    for entry in servers.split(","):
+        entry = entry.strip()
+        if entry.startswith("["):  # [v6] or [v6]:port
+            host, bracket, rest = entry[1:].partition("]")
+            colon, port = rest[:1], rest[1:]
+            ok = bool(bracket) and colon in ("", ":") and bool(port or not colon)
+        else:  # host or host:port (a bare IPv6 address would be ambiguous)
+            host, colon, port = entry.partition(":")
+            ok = ":" not in port and bool(port or not colon)
+        if not (ok and host and (not port or (port.isdigit() and 0 < int(port) < 65536))):
+            raise ConfigurationError(
+                "--bootstrap-servers", f"{entry!r} is not host:port",
+                "give a comma-separated list like broker-1:9092,broker-2:9092 "
+                "(an IPv6 address in brackets: [::1]:9092)")
+        out.append((host, int(port or 9092)))
+    return out
+
+
+#: What Kafka accepts as a topic name (``org.apache.kafka.common.internals.Topic``).
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+#: The topics of an application, in the order their flags are listed.
+TOPIC_SETTINGS = ("input_topic", "scores_topic", "alerts_topic", "data_quality_topic",
+                  "dead_letter_topic", "state_topic")
+
+
+def check_names(settings: Settings) -> None:
+    """Every topic name is one Kafka accepts, the six topics are six different ones (an
+    output written to the input would be read back as readings; two outputs sharing a
+    topic would mix the ledger with alerts), and the group id is not empty. A broker would
+    refuse the first and the last only later, as a retryable-looking error or an empty
+    topic; the second it would take."""
+    seen: dict[str, str] = {}
+    for attr in TOPIC_SETTINGS:
+        name, flag = getattr(settings, attr), "--" + attr.replace("_", "-")
+        if not _TOPIC_NAME.fullmatch(name) or name in (".", ".."):
+            raise ConfigurationError(
+                flag, f"{name[:60]!r} is not a Kafka topic name",
+                "use 1-249 letters, digits, '.', '_' or '-'")
+        if name in seen:
+            raise ConfigurationError(flag, f"{name!r} is also {seen[name]}",
+                                     "give each topic its own name")
+        seen[name] = flag
+    if not settings.group_id.strip():
+        raise ConfigurationError("--group-id", "empty", "give the consumer group a name "
+                                 "(every member of one application uses the same)")
+
+
+def check_fetch_wait(settings: Settings) -> None:
+    """``--fetch-max-wait-ms`` below the consumer's request timeout (aiokafka's default,
+    which the service keeps): a fetch the broker holds longer than that times out on every
+    quiet partition (``RequestTimedOutError`` every 40 s, nothing read) instead of
+    returning empty. (Kafka's Java consumer once refused the same combination.)"""
+    from aiokafka import AIOKafkaConsumer
+
+    limit = inspect.signature(AIOKafkaConsumer).parameters["request_timeout_ms"].default
+    if settings.fetch_max_wait_ms >= limit:
+        raise ConfigurationError(
+            "--fetch-max-wait-ms", f"{settings.fetch_max_wait_ms} ms is not below the "
+            f"consumer's request timeout ({limit} ms): a fetch on a quiet partition would "
+            "time out instead of returning",
+            f"use less than {limit} ms (the default, 25, keeps latency low)")
+
+
+def check_metrics_address(settings: Settings) -> None:
+    """``--metrics-host`` resolves to addresses of this machine and ``--metrics-port`` can
+    be bound there (as the probes server binds it: ``SO_REUSEADDR``, each address the name
+    resolves to); else ``ConfigurationError``, before anything started. The port is
+    released again at once (the server binds it a moment later)."""
+    host, port = settings.metrics_host, settings.metrics_port
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise ConfigurationError("--metrics-host", f"cannot resolve {host!r} "
+                                 f"({exc.strerror or exc})", "give an address or name of "
+                                 "this machine (0.0.0.0 = every interface)") from None
+    addresses = list(dict.fromkeys(infos))
+    not_here: list[str] = []  # asyncio skips these (a family not enabled): all of them fail
+    for family, kind, proto, _, addr in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                where = f"{addr[0]}:{port}"
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigurationError(
+                        "--metrics-port", f"{where} is already in use",
+                        "stop what holds it, or choose another port (0 = any free one)") \
+                        from None
+                if exc.errno in (errno.EACCES, errno.EPERM):
+                    raise ConfigurationError(
+                        "--metrics-port", f"binding {where} is not permitted",
+                        "use a port above 1023") from None
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    raise ConfigurationError(
+                        "--metrics-host", f"cannot listen on {where} ({exc.strerror})",
+                        "give an address of this machine (0.0.0.0 = every interface)") \
+                        from None
+                not_here.append(where)
+    if len(not_here) == len(addresses):
+        raise ConfigurationError(
+            "--metrics-host", f"cannot listen on {not_here[0]} (not an address of this "
+            "machine)", "give an address of this machine (0.0.0.0 = every interface)")
+
+
+def check_device(settings: Settings) -> None:
+    """``--device cuda`` needs a CUDA build of torch and a visible GPU; ``auto`` falls back
+    to the CPU by itself. Asks without creating a CUDA context (``device_count`` is
+    answered by the driver or NVML; the scorer process, which owns the device, creates
+    it)."""
+    if settings.device != "cuda":
+        return
+    import torch
+
+    if not torch.backends.cuda.is_built():
+        raise ConfigurationError(
+            "--device", f"cuda, but this torch ({torch.__version__}) is built without CUDA",
+            "install a CUDA build of torch, or use --device auto (the CPU without a GPU)")
+    if torch.cuda.device_count() == 0:
+        raise ConfigurationError(
+            "--device", "cuda, but no GPU is visible to this process (driver, "
+            "CUDA_VISIBLE_DEVICES)", "make one visible, or use --device auto or cpu")
+
+
+def context_tables(settings: Settings) -> ContextTables | None:
+    """``--household-info``, ``--weather`` and ``--holidays`` read (None when none is set);
+    a file that cannot be used raises ``ConfigurationError`` naming its flag (the reason
+    names the line)."""
+    from meterwatch.model import ContextTables
+    from meterwatch.model.loaders import LoadError
+
+    s = settings
+    if not (s.household_info or s.weather or s.holidays):
+        return None
+    try:
+        return ContextTables.from_files(household_csv=s.household_info, weather_csv=s.weather,
+                                        holidays_csv=s.holidays)
+    except LoadError as exc:
+        for flag, attr, _, like in CONTEXT_CSVS:
+            path = getattr(s, attr)
+            if path is not None and os.fspath(path) == exc.path:
+                raise ConfigurationError(flag, str(exc), f"give a CSV laid out like the Low "
+                                         f"Carbon London data's {like}, or leave it out") \
+                    from None
+        raise  # (names its file and line)
+    except UnicodeDecodeError as exc:  # a binary file: which one? each alone says
+        for flag, attr, _, like in CONTEXT_CSVS:
+            path = getattr(s, attr)
+            try:
+                if path is not None:  # (from_files' keywords: household_csv, ...)
+                    ContextTables.from_files(**{f"{attr.split('_')[0]}_csv": path})
+            except UnicodeDecodeError:
+                raise ConfigurationError(
+                    flag, f"{path}: not a text CSV ({exc.reason} at byte {exc.start})",
+                    f"give a CSV laid out like the Low Carbon London data's {like}, or "
+                    "leave it out") from None
+            except (LoadError, OSError):
+                pass
+        raise
+
+
+def check_inputs(settings: Settings) -> None:
+    """Step 1 of ``meterwatch run``, after ``check_files`` and before anything starts (no
+    probes server, no Kafka client): ``--device`` is there, the probes' address can be
+    bound, the context CSVs parse, and each checkpoint is usable as the service will hold
+    it. Raises ``ConfigurationError`` naming ``--device``, ``--metrics-host`` or
+    ``--metrics-port``, ``--model-path``, ``--shadow-model-path``, ``--target-far`` or a
+    CSV's flag.
+
+    Each checkpoint is read with ``weights_only`` and built on the CPU whatever ``--device``
+    says (the service process never creates a CUDA context; the scorer process owns the
+    device), takes the alert budget, and must score the lifecycle's synthetic history to
+    finite values (``stream.lifecycle.validate``; a checkpoint with NaN weights loads
+    fine). The service then loads the models for real (on their device, watched); this
+    costs one more load and validation per model at start (~0.3 s each here)."""
+    from meterwatch.model import Detector
+    from meterwatch.model.detector import CheckpointError
+    from meterwatch.stream.lifecycle import ModelRejected, apply_budget, validate
+
+    s = settings
+    check_device(s)
+    check_metrics_address(s)
+    tables = context_tables(s)
+    if s.model_path is None:
+        raise ConfigurationError("--model-path", "no model given",
+                                 "train one with meterwatch train and pass its path")
+
+    def usable(flag: str, path: os.PathLike[str], live: Detector | None) -> Detector:
+        fix = "give a checkpoint written by meterwatch train" + (
+            ", or leave it out" if live is not None else "")
+        try:
+            det = Detector.load(path, device="cpu")
+        except CheckpointError as exc:
+            raise ConfigurationError(flag, str(exc).split(";")[0], fix) from None
+        if live is None:
+            apply_budget(det, s.target_far, "--target-far")
+        else:  # a shadow without a curve keeps its own threshold (the service warns)
+            apply_budget(det, s.target_far, flag, optional=True)
+        try:
+            validate(det, live, tables)
+        except ModelRejected as exc:
+            raise ConfigurationError(flag, f"{os.fspath(path)}: {exc}", fix) from None
+        return det
+
+    with _quiet("meterwatch.model"):  # the service logs the loads; an error is one line
+        live = usable("--model-path", s.model_path, None)
+        if s.shadow_model_path is not None:
+            usable("--shadow-model-path", s.shadow_model_path, live)
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """INFO lines of ``logger`` held back for the duration (warnings still show)."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(max(logging.WARNING, target.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
 def session_timeout_error(settings: Settings) -> ConfigurationError:
     return ConfigurationError(
         "--session-timeout-ms", f"the broker refused {settings.session_timeout_ms} ms",
@@ -91,11 +345,11 @@ async def check_connection(settings: Settings, timeout_s: float = 10.0) -> None:
     """Step 2: raise ``ConfigurationError`` if a bootstrap server refuses our credentials or
     our TLS; return when one server accepted them or none answered (retryable)."""
     opts = settings.kafka_options()
-    for server in opts["bootstrap_servers"].split(","):
-        host, _, port = server.strip().rpartition(":")
+    for host, port in check_bootstrap(settings.bootstrap_servers):
+        server = f"{host}:{port}"
         try:
             conn = await create_conn(
-                host.strip("[]") or "localhost", int(port or 9092),
+                host, port,
                 client_id=opts["client_id"], request_timeout_ms=int(timeout_s * 1000),
                 ssl_context=opts.get("ssl_context"),
                 security_protocol=settings.security_protocol,
@@ -151,9 +405,11 @@ async def check_topics(settings: Settings, admin: AIOKafkaAdminClient,
         new = [NewTopic(t, n, 1, topic_configs={"cleanup.policy": "compact"}
                         if t in compacted else {}) for t in missing]
         try:
-            await admin.create_topics(new)
+            answer = await admin.create_topics(new)
         except TopicAlreadyExistsError:
             pass
+        else:
+            _creation_refused(answer, n, s)
         log.info("created topics %s with %d partitions", missing, n)
     elif missing:
         raise ConfigurationError(
@@ -168,6 +424,25 @@ async def check_topics(settings: Settings, admin: AIOKafkaAdminClient,
                 f"the {n_input} of input topic {s.input_topic!r}",
                 f"recreate {t!r} (or add partitions) with at least {n_input}")
     return n_input
+
+
+def _creation_refused(answer: Any, n: int, settings: Settings) -> None:
+    """Raise ``ConfigurationError`` for a topic the broker would not create (an ACL, a
+    creation policy, a name that collides with an existing one): the admin client returns
+    those as error codes, and the topic would otherwise show as one with no partitions."""
+    for topic, code, *rest in getattr(answer, "topic_errors", ()):
+        if code in (0, TopicAlreadyExistsError.errno):
+            continue
+        error = for_code(code)
+        why = error.__name__ + (f": {rest[0]}" if rest and rest[0] else "")
+        problem = f"the broker refused to create {topic!r} ({why[:200]})"
+        if error is InvalidTopicError:  # e.g. 'a_b' beside an existing 'a.b'
+            flag = next((f"--{a.replace('_', '-')}" for a in TOPIC_SETTINGS
+                         if getattr(settings, a) == topic), "--create-topics")
+            raise ConfigurationError(flag, problem, "give it another name")
+        raise ConfigurationError(
+            "--create-topics", problem, f"create the output topics yourself with at least "
+            f"{n} partitions (and --no-create-topics), or allow the service to create them")
 
 
 async def input_partitions(admin: AIOKafkaAdminClient, topic: str) -> int:

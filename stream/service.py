@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import logging
 import operator
-import os
 import signal
 import time
 from collections import deque
@@ -46,7 +45,6 @@ from aiokafka.errors import (
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from meterwatch.model import SIGNAL_NAMES, ContextTables, Detector
-from meterwatch.model.loaders import LoadError
 from meterwatch.stream.alerts import build_documents
 from meterwatch.stream.assembler import INCOMPLETE, ClosedDays
 from meterwatch.stream.batcher import Batch, DynamicBatcher, Pending
@@ -66,10 +64,10 @@ from meterwatch.stream.outputs import (
 )
 from meterwatch.stream.parse import parse_records
 from meterwatch.stream.preflight import (
-    CONTEXT_CSVS,
     check_connection,
     check_files,
     check_topics,
+    context_tables,
 )
 from meterwatch.stream.recovery import recover
 from meterwatch.stream.scorer import STATE_FIELDS, Scored, Scorer, set_cpu_threads
@@ -167,8 +165,7 @@ class Service:
             set_cpu_threads(s.torch_threads)
         models = self.lifecycle
         await models.load_model()
-        if s.household_info or s.weather or s.holidays:
-            self.tables = _context_tables(s)
+        self.tables = context_tables(s)
         await models.load_shadow(self.tables)
         assert models.detector is not None
         self.scorer = Scorer(models.detector, self.tables, torch_threads=s.torch_threads,
@@ -701,19 +698,3 @@ async def run_service(settings: Settings) -> int:
     if isinstance(service.failed, ConfigurationError):
         raise service.failed
     return 1 if service.failed is not None else 0
-
-
-def _context_tables(s: Settings) -> ContextTables:
-    """``--household-info``, ``--weather`` and ``--holidays`` read; a file that cannot be used
-    raises ``ConfigurationError`` naming its flag (the reason names the line)."""
-    try:
-        return ContextTables.from_files(household_csv=s.household_info, weather_csv=s.weather,
-                                        holidays_csv=s.holidays)
-    except LoadError as exc:
-        for flag, attr, _, like in CONTEXT_CSVS:
-            path = getattr(s, attr)
-            if path is not None and os.fspath(path) == exc.path:
-                raise ConfigurationError(flag, str(exc), f"give a CSV laid out like the Low "
-                                         f"Carbon London data's {like}, or leave it out") \
-                    from None
-        raise  # (names its file and line)

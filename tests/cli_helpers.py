@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,32 @@ def meterwatch(*args: str, env: dict[str, str] | None = None, timeout: float = 6
     return subprocess.run([str(METERWATCH), *args], capture_output=True, text=True,
                           timeout=timeout, env=env if env is not None else clean_env(),
                           cwd=cwd, check=False)
+
+
+def stderr_until(args: list[str], marker: str, env: dict[str, str] | None = None,
+                 timeout_s: float = 60) -> str:
+    """Start ``meterwatch ARGS`` (the installed script), read its stderr until a line holds
+    ``marker``, then kill it; the stderr read so far (for a service that would run on)."""
+    proc = subprocess.Popen([str(METERWATCH), *args], stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.DEVNULL,
+                            env=env if env is not None else clean_env())
+    assert proc.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            if marker in line:
+                break
+    finally:
+        proc.kill()
+        proc.wait(30)
+    text = "".join(lines)
+    assert marker in text, text
+    return text
 
 
 def tiny_checkpoint(out: Path) -> Path:

@@ -52,7 +52,8 @@ REQUIRED_ALERTS = {
     "MeterwatchServiceDown", "MeterwatchAbsent", "MeterwatchNotReady",
     "MeterwatchInputStopped", "MeterwatchConsumerLagGrowing", "MeterwatchDeadLetterRateHigh",
     "MeterwatchLatencyBudgetBurnFast", "MeterwatchLatencyBudgetBurnSlow",
-    "MeterwatchAnomalyRateSpike",
+    "MeterwatchAnomalyRateSpike", "MeterwatchModelReloadRefused",
+    "MeterwatchShadowReloadRefused",
 }
 TOPICS = ("meterwatch.readings", "meterwatch.alerts", "meterwatch.scores",
           "meterwatch.dead-letter", "meterwatch.data-quality", "meterwatch.state")
