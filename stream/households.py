@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 import mmap
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +38,9 @@ ESTABLISHED = 48
 _EMPTY, _TOMB = -1, -2
 _MAX_LOAD = 0.7
 _NONE = np.empty(0, dtype=np.int32)
+#: Entries per slice of the index's rehash: its temporaries (int64) stay below glibc's
+#: default mmap threshold (128 KiB), so their frees never raise it (see ``zeros``)
+_SLICE = 1 << 13
 GROWTH = 1.25  # capacity steps of every growable array (a doubling wastes up to half)
 
 
@@ -54,6 +58,13 @@ def zeros(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
     if nbytes < 1 << 16:
         return np.zeros(shape, dtype=dt)
     return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dt).reshape(shape)
+
+
+def full(shape: tuple[int, ...], fill: object, dtype: np.dtype | type) -> np.ndarray:
+    """``zeros`` filled with ``fill`` (from 64 KiB on, in a memory map of its own)."""
+    a = zeros(shape, dtype)
+    a.fill(fill)
+    return a
 
 
 def grown(a: np.ndarray, cap: int, fill: object = None) -> np.ndarray:
@@ -286,12 +297,12 @@ class HouseholdIndex:
         size = 1024
         while size < 2 * n:  # load at most 0.5 after a rehash, 0.7 before the next
             size *= 2
-        self._table = np.full(size, _EMPTY, dtype=np.int32)
+        self._table = full((size,), _EMPTY, np.int32)
         self._used_slots = 0
         # in slices: bounded transients (glibc keeps freed heap below its dynamic mmap
         # threshold, so big temporaries here stayed resident: +6 B per household at 1 M)
-        for lo in range(0, self.size, 1 << 16):
-            live = np.flatnonzero(self.length[lo:min(self.size, lo + (1 << 16))] >= 0)
+        for lo in range(0, self.size, _SLICE):
+            live = np.flatnonzero(self.length[lo:min(self.size, lo + _SLICE)] >= 0)
             self._place((live + lo).astype(np.int32))
 
     def _compact(self, need: int) -> None:
@@ -349,6 +360,98 @@ class _Ids(Sequence[str]):
         return self._index.id_of(int(h))
 
 
+class NarrowColumn:
+    """Per-household integers (``closed_max``: days; ``seq``: closed-day counts) kept in
+    uint16 while they fit, exact always.
+
+    Stored: ``base + code``, with code 0 meaning ``none`` where the column has one
+    (``closed_max``: ``NO_DAY``, which is also a new household's value, so capacity that
+    was never handed out is already "none"); without ``none`` the base stays 0 and codes
+    are the values. ``relative``: the base moves (the stored codes shift with it) when a
+    value would not fit and all the values held still span at most 65,534 (179 years of
+    days); otherwise, as soon as any value falls outside (a negative ``seq``, one above
+    65,535), the column turns ``wide`` (int32, the type it had before) for good. Reading
+    gives ``wide`` values (a copy); writing fits first, so a value is never wrapped or
+    clipped (writing a value outside ``wide`` fails or wraps exactly as assigning it to an
+    int32 array does).
+    """
+
+    def __init__(self, *, none: int | None = None, relative: bool = False,
+                 wide: type[np.signedinteger[Any]] = np.int32) -> None:
+        self.values: np.ndarray = np.empty(0, dtype=np.uint16)
+        self.base = 0
+        self.none, self.relative, self.wide = none, relative, np.dtype(wide)
+        self._wide_range = (int(np.iinfo(wide).min), int(np.iinfo(wide).max))
+        self._lo = 1 if none is not None else 0  # the smallest code of a value
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.values.nbytes)
+
+    @property
+    def is_wide(self) -> bool:
+        return self.values.dtype == self.wide
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, idx: Any) -> Any:
+        v = self.values[idx]
+        if self.is_wide:
+            return v.copy() if isinstance(v, np.ndarray) else v
+        code = np.asarray(v)
+        x = np.array(code, dtype=np.int64)
+        x += self.base
+        x = x.astype(self.wide)
+        if self.none is not None:
+            x[code == 0] = self.none
+        return x[()] if x.ndim == 0 else x
+
+    def __setitem__(self, idx: Any, values: Any) -> None:
+        if not self.is_wide:
+            x = np.asarray(values)
+            if x.dtype.kind not in "iu":  # (what an int32 column would take, as integers)
+                x = x.astype(np.int64)
+            real = x if self.none is None else x[x != self.none]
+            if real.size:
+                self._fit(int(real.min()), int(real.max()))
+            if not self.is_wide:
+                code = x.astype(np.int64) - self.base
+                if self.none is not None:
+                    code = np.where(x == self.none, 0, code)
+                self.values[idx] = code.astype(np.uint16)
+                return
+        self.values[idx] = values
+
+    def _fit(self, lo: int, hi: int) -> None:
+        """Make [lo, hi] storable: nothing, a new base, or wide for good."""
+        top = int(np.iinfo(np.uint16).max)
+        if lo - self.base >= self._lo and hi - self.base <= top:
+            return
+        if self.relative and self._wide_range[0] <= lo and hi <= self._wide_range[1]:
+            held = self.values[self.values != 0] if self.none is not None else self.values
+            if len(held):
+                lo = min(lo, self.base + int(held.min()))
+                hi = max(hi, self.base + int(held.max()))
+            if hi - lo <= top - self._lo:
+                new_base = lo - self._lo
+                if len(held):
+                    nz = self.values != 0 if self.none is not None else slice(None)
+                    self.values[nz] = (self.values[nz].astype(np.int64)
+                                       + (self.base - new_base)).astype(np.uint16)
+                self.base = new_base
+                return
+        wide = zeros(self.values.shape, self.wide)
+        wide[:] = self.values.astype(np.int64) + self.base
+        if self.none is not None:
+            wide[self.values == 0] = self.none
+        self.values, self.base = wide, 0
+
+    def grow(self, cap: int) -> None:
+        """Room for ``cap`` households (new entries: ``none``, or 0)."""
+        self.values = grown(self.values, cap, self.none if self.is_wide else None)
+
+
 class StateColumn:
     """``table.state_column(name)[idx]`` reads the stored values, in the storage type: the
     scorer keeps that type for a household's next day in the same batch, so a day's state
@@ -373,8 +476,10 @@ class HouseholdTable:
         self.index = HouseholdIndex()
         self.ids = _Ids(self.index)
         self.open_row = np.empty(0, dtype=np.int32)
-        self.closed_max = np.empty(0, dtype=np.int32)
-        self.seq = np.empty(0, dtype=np.int32)
+        #: the newest closed day (NO_DAY: none) and the closed-day count: uint16 while
+        #: they fit (``NarrowColumn``), int32 for good once one does not
+        self.closed_max = NarrowColumn(none=NO_DAY, relative=True)
+        self.seq = NarrowColumn()
         #: readings seen (any, late and duplicates included), up to ESTABLISHED: a household
         #: with that many counts towards the watermark's quorum
         self.reads = np.empty(0, dtype=np.uint8)
@@ -389,8 +494,8 @@ class HouseholdTable:
         return self.index.alive
 
     def memory_bytes(self) -> int:
-        cols: list[np.ndarray] = [self.open_row, self.closed_max, self.seq, self.reads,
-                                  *self.state.values()]
+        cols: list[np.ndarray | NarrowColumn] = [self.open_row, self.closed_max, self.seq,
+                                                 self.reads, *self.state.values()]
         return self.index.memory_bytes() + sum(a.nbytes for a in cols)
 
     def lookup(self, households: Sequence[str], *, insert: bool = True) -> np.ndarray:
@@ -432,8 +537,8 @@ class HouseholdTable:
         if cap <= len(self.open_row):
             return
         self.open_row = grown(self.open_row, cap)
-        self.closed_max = grown(self.closed_max, cap)
-        self.seq = grown(self.seq, cap)
+        self.closed_max.grow(cap)
+        self.seq.grow(cap)
         self.reads = grown(self.reads, cap)
         for name, arr in self.state.items():
             self.state[name] = grown(arr, cap)

@@ -133,3 +133,47 @@ def test_model_state_is_compact_clipped_and_restores_older_documents():
     assert int(t2.state["last_day"][a2]) == 15_900
     assert float(t2.state["err_mean"][a2]) == float(np.float16(-3.3))
     assert np.isfinite(t2.state["ratio_var"][a2]) and t2.state["ratio_var"][a2] >= 0
+
+
+def test_closed_days_and_seq_stay_exact_past_uint16():
+    """``closed_max`` and ``seq`` are uint16 while they fit (``NarrowColumn``): the days'
+    base moves down and up with the values held, and a spread no uint16 holds (days
+    70,000 apart; a seq of 65,536; a negative seq from a document) turns the column int32
+    for good; every value, NO_DAY included, comes back exact and round-trips."""
+    t = HouseholdTable()
+    a, b, c = (int(i) for i in t.lookup(["A", "B", "C"]))
+    assert t.closed_max.values.dtype == np.uint16 and t.seq.values.dtype == np.uint16
+    assert t.closed_max[c] == NO_DAY and t.seq[c] == 0
+    t.mark_closed(np.array([a]), np.array([15_000]))
+    t.mark_closed(np.array([b]), np.array([15_000 - 40_000]))  # below the base: it moves
+    assert t.closed_max.values.dtype == np.uint16
+    assert t.closed_max[[a, b, c]].tolist() == [15_000, -25_000, NO_DAY]
+    assert t.is_closed(np.array([a, a, b, c]), np.array([15_000, 15_001, -25_001, 0])).tolist() \
+        == [True, False, True, False]
+    t.mark_closed(np.array([c]), np.array([15_000 + 30_000]))  # 70,000 apart: int32 now
+    assert t.closed_max.values.dtype == np.int32
+    assert t.closed_max[[a, b, c]].tolist() == [15_000, -25_000, 45_000]
+    d = int(t.lookup(["D"])[0])  # a new household after the change: no day yet
+    assert t.closed_max[d] == NO_DAY and t.seq[d] == 0
+
+    t.seq[a] = 65_535
+    assert t.seq.values.dtype == np.uint16
+    seq = t.mark_closed(np.array([a, a]), np.array([45_001, 45_002]))
+    assert seq.tolist() == [65_536, 65_537] and t.seq.values.dtype == np.int32
+    assert t.seq[[a, b, c, d]].tolist() == [65_537, 1, 1, 0]
+    for h, name in ((a, "A"), (b, "B"), (c, "C"), (d, "D")):
+        snap = json.loads(orjson.dumps(t.snapshot(h), option=orjson.OPT_SERIALIZE_NUMPY))
+        t2 = HouseholdTable()
+        t2.restore(name, snap)
+        h2 = int(t2.lookup([name])[0])
+        assert (int(t2.seq[h2]), int(t2.closed_max[h2])) == (int(t.seq[h]),
+                                                             int(t.closed_max[h]))
+    t3 = HouseholdTable()  # a document's seq below zero: kept exactly too
+    t3.restore("E", {"seq": -3, "closed_max": 15_000})
+    e = int(t3.lookup(["E"])[0])
+    assert t3.seq.values.dtype == np.int32 and t3.seq[e] == -3 and t3.closed_max[e] == 15_000
+    t3.restore_day({"household_id": "E", "date": "2013-03-01", "seq": -10})
+    assert (t3.seq[e], t3.closed_max[e]) == (-2, 15_765)
+    t3.evict(np.array([e]))
+    f = int(t3.lookup(["F"])[0])
+    assert f == e and t3.closed_max[f] == NO_DAY and t3.seq[f] == 0
