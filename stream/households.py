@@ -86,7 +86,10 @@ class HouseholdIndex:
     def __init__(self) -> None:
         self._table = np.full(1024, _EMPTY, dtype=np.int32)
         self._used_slots = 0  # live entries + tombstones
-        self.hash = np.empty(0, dtype=np.uint32)  # low 32 bits of the id's hash
+        #: bits 24-31 of the id's hash (its low 32 bits place it in the table): a filter
+        #: before the bytes are compared; the full hash is recomputed from the id when a
+        #: rehash or a removal needs it (``_hashes``)
+        self.tag = np.empty(0, dtype=np.uint8)
         self.offset = np.empty(0, dtype=np.uint32)  # in the arena (compacted below 4 GiB)
         self.length = np.empty(0, dtype=np.int16)  # bytes (ids: at most 64 characters); -1: free
         self._arena = np.empty(1 << 16, dtype=np.uint8)
@@ -100,10 +103,10 @@ class HouseholdIndex:
 
     # -- queries ---------------------------------------------------------------------------
     def capacity(self) -> int:
-        return len(self.hash)
+        return len(self.tag)
 
     def memory_bytes(self) -> int:
-        return (self._table.nbytes + self.hash.nbytes + self.offset.nbytes
+        return (self._table.nbytes + self.tag.nbytes + self.offset.nbytes
                 + self.length.nbytes + self._arena.nbytes + self._free.nbytes)
 
     def id_of(self, h: int) -> str:
@@ -169,14 +172,15 @@ class HouseholdIndex:
 
     def _find(self, qbytes: np.ndarray, qstart: np.ndarray, hashes: np.ndarray,
               lens: np.ndarray) -> np.ndarray:
-        """Probe for each query (``qbytes[qstart:qstart+lens]``, its hash): the hash and
-        length select a candidate, then the bytes of all candidates are compared at once
-        (a 32-bit hash match with other bytes is rare; those probe on)."""
+        """Probe for each query (``qbytes[qstart:qstart+lens]``, its hash): the hash's tag
+        and the length select a candidate, then the bytes of all candidates are compared at
+        once (a tag and length match with other bytes, 1 in 256, probes on)."""
         n = len(hashes)
         out = np.full(n, -1, dtype=np.int32)
         if self.alive == 0 or n == 0:
             return out
-        table, hsh, length = self._table, self.hash, self.length
+        table, tag, length = self._table, self.tag, self.length
+        qtag = (hashes >> 24).astype(np.uint8)
         mask = len(table) - 1
         pos = (hashes & mask).astype(np.int64)
         active = np.arange(n)
@@ -186,18 +190,18 @@ class HouseholdIndex:
             while len(pending) > 64:  # vectorised rounds while many queries still probe
                 t = table[pos[pending]]
                 hit = t >= 0
-                hit[hit] = (hsh[t[hit]] == hashes[pending[hit]]) & (length[t[hit]]
-                                                                    == lens[pending[hit]])
+                hit[hit] = (tag[t[hit]] == qtag[pending[hit]]) & (length[t[hit]]
+                                                                  == lens[pending[hit]])
                 cand[pending[hit]] = t[hit]
                 pending = pending[~hit & (t != _EMPTY)]
                 pos[pending] = (pos[pending] + 1) & mask
             for j in pending.tolist():  # the few long probe sequences, one by one
-                p, hq, lq = int(pos[j]), int(hashes[j]), int(lens[j])
+                p, hq, lq = int(pos[j]), int(qtag[j]), int(lens[j])
                 while True:
                     slot = int(table[p])
                     if slot == _EMPTY:
                         break
-                    if slot >= 0 and int(hsh[slot]) == hq and int(length[slot]) == lq:
+                    if slot >= 0 and int(tag[slot]) == hq and int(length[slot]) == lq:
                         cand[j] = slot
                         break
                     p = (p + 1) & mask
@@ -206,20 +210,20 @@ class HouseholdIndex:
             c = cand[found]
             ok = self._same_bytes(qbytes, qstart[found], lens[found], c)
             out[found[ok]] = c[ok]
-            active = found[~ok]  # a hash match with other bytes: probe on
+            active = found[~ok]  # a tag match with other bytes: probe on
             pos[active] = (pos[active] + 1) & mask
         return out
 
     def _find_one(self, household_id: str) -> int:
         data = household_id.encode("utf-8", "surrogatepass")
         hq, lq = hash(household_id) & 0xFFFFFFFF, len(data)
-        table, mask = self._table, len(self._table) - 1
+        table, mask, tq = self._table, len(self._table) - 1, hq >> 24
         p = hq & mask
         while True:
             slot = int(table[p])
             if slot == _EMPTY:
                 return -1
-            if slot >= 0 and int(self.hash[slot]) == hq and int(self.length[slot]) == lq:
+            if slot >= 0 and int(self.tag[slot]) == tq and int(self.length[slot]) == lq:
                 o = int(self.offset[slot])
                 if self._arena[o:o + lq].tobytes() == data:
                     return slot
@@ -248,9 +252,9 @@ class HouseholdIndex:
             self._nfree -= reuse
         idx[reuse:] = np.arange(self.size, self.size + m - reuse, dtype=np.int32)
         self.size += m - reuse
-        if self.size > len(self.hash):
-            cap = next_capacity(len(self.hash), self.size)
-            self.hash = grown(self.hash, cap)
+        if self.size > len(self.tag):
+            cap = next_capacity(len(self.tag), self.size)
+            self.tag = grown(self.tag, cap)
             self.offset = grown(self.offset, cap)
             self.length = grown(self.length, cap)
         total = int(lens.sum())
@@ -267,18 +271,25 @@ class HouseholdIndex:
         self.offset[idx] = self._arena_used + np.cumsum(lens) - lens
         self._arena_used = need
         self.length[idx] = lens
-        self.hash[idx] = hashes
+        self.tag[idx] = hashes >> 24
         self.alive += m
         if (self._used_slots + m) > _MAX_LOAD * len(self._table):
             self._rehash(self.alive)
         else:
-            self._place(idx)
+            self._place(idx, hashes)
         return idx
 
-    def _place(self, idx: np.ndarray) -> None:
-        """Put new indices (of ids not in the table) into free slots, linear probing."""
+    def _hashes(self, idx: np.ndarray) -> np.ndarray:
+        """The low 32 bits of the hashes of these (alive) indices' ids, as ``lookup`` takes
+        them (``hash`` of the id: the same str, so the same hash, in this process)."""
+        return np.fromiter(map(hash, self.ids_of(idx)), dtype=np.int64,
+                           count=len(idx)).astype(np.uint32)
+
+    def _place(self, idx: np.ndarray, hashes: np.ndarray) -> None:
+        """Put new indices (of ids not in the table; ``hashes``: theirs) into free slots,
+        linear probing."""
         mask = len(self._table) - 1
-        pos = self.hash[idx] & mask
+        pos = (hashes & mask).astype(np.int64)
         active = np.arange(len(idx))
         while len(active):
             p = pos[active]
@@ -302,8 +313,9 @@ class HouseholdIndex:
         # in slices: bounded transients (glibc keeps freed heap below its dynamic mmap
         # threshold, so big temporaries here stayed resident: +6 B per household at 1 M)
         for lo in range(0, self.size, _SLICE):
-            live = np.flatnonzero(self.length[lo:min(self.size, lo + _SLICE)] >= 0)
-            self._place((live + lo).astype(np.int32))
+            live = (np.flatnonzero(self.length[lo:min(self.size, lo + _SLICE)] >= 0)
+                    + lo).astype(np.int32)
+            self._place(live, self._hashes(live))
 
     def _compact(self, need: int) -> None:
         """Drop the bytes of evicted ids when they are at least half the arena."""
@@ -327,7 +339,7 @@ class HouseholdIndex:
         if len(idx) == 0:
             return
         mask = len(self._table) - 1
-        pos = self.hash[idx] & mask
+        pos = (self._hashes(idx) & mask).astype(np.int64)
         active = np.arange(len(idx))
         while len(active):
             t = self._table[pos[active]]

@@ -44,6 +44,24 @@ def test_hash_collisions_are_told_apart_by_the_bytes():
     assert ix.ids_of([0, 1]) == ["first", "second"]
 
 
+def test_rehash_and_removal_recompute_hashes_from_the_ids():
+    """The index keeps one byte of each id's hash (a filter); rehashes and removals
+    recompute the hash from the stored bytes, so every kind of id (non-ASCII, astral, a
+    lone surrogate, NUL) is found again after many rehashes and removals."""
+    ix = HouseholdIndex()
+    odd = ["é-ü", "\U0001f600" * 64, "\ud800x", "a\x00", "x" * 64, "MAC000002"]
+    ix.lookup(odd)
+    assert ix.tag.dtype == np.uint8
+    for k in range(6):  # 6 rounds: inserts past several rehashes, half removed each time
+        ids = [f"R{k}-{i}" for i in range(20_000)]
+        got = ix.lookup(ids)
+        ix.remove(got[::2].astype(np.int32))
+        assert (ix.lookup(ids[::2], insert=False) == -1).all()
+        assert ix.lookup(ids[1::2], insert=False).tolist() == got[1::2].tolist()
+        assert ix.lookup(odd, insert=False).tolist() == list(range(len(odd)))
+    assert ix.ids_of(list(range(len(odd)))) == odd
+
+
 def test_table_evicts_resets_and_snapshots():
     t = HouseholdTable()
     h = t.lookup(["A", "B", "C"])
