@@ -55,7 +55,7 @@ def zeros(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
     """
     dt = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dt.itemsize
-    if nbytes < 1 << 16:
+    if nbytes < 1 << 12:
         return np.zeros(shape, dtype=dt)
     return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dt).reshape(shape)
 
@@ -80,11 +80,52 @@ def next_capacity(cap: int, need: int) -> int:
     return max(need, int(cap * GROWTH), 1024)
 
 
+class Slots:
+    """The id index's hash table: entries are an index, ``_EMPTY`` or ``_TOMB``, stored in
+    3 bytes (uint16 + uint8; 0xFFFFFF is ``_EMPTY``, 0xFFFFFE ``_TOMB``) while every index
+    is below ``LIMIT`` (16,777,214 households in a partition), in int32 (``wide``)
+    otherwise: 3 instead of 4 bytes a slot, 2 B per household at 1 M (2**21 slots).
+    Reading gives int32 values."""
+
+    LIMIT = (1 << 24) - 2
+
+    def __init__(self, size: int, *, wide: bool = False) -> None:
+        self.wide = full((size,), _EMPTY, np.int32) if wide else None
+        self.lo = full((size if not wide else 0,), 0xFFFF, np.uint16)
+        self.hi = full((size if not wide else 0,), 0xFF, np.uint8)
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def nbytes(self) -> int:
+        return (self.wide.nbytes if self.wide is not None
+                else int(self.lo.nbytes + self.hi.nbytes))
+
+    def __getitem__(self, pos: Any) -> Any:
+        if self.wide is not None:
+            return self.wide[pos]
+        if isinstance(pos, int):  # one slot (probing one id): no arrays
+            i = (int(self.hi[pos]) << 16) | int(self.lo[pos])
+            return i - (1 << 24) if i >= self.LIMIT else i
+        x = (self.hi[pos].astype(np.int32) << 16) | self.lo[pos]
+        return np.where(x >= self.LIMIT, x - (1 << 24), x).astype(np.int32)
+
+    def __setitem__(self, pos: Any, values: Any) -> None:
+        if self.wide is not None:
+            self.wide[pos] = values
+            return
+        v = np.asarray(values, dtype=np.int32) & 0xFFFFFF
+        self.lo[pos] = v & 0xFFFF
+        self.hi[pos] = v >> 16
+
+
 class HouseholdIndex:
     """Household id -> dense index (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._table = np.full(1024, _EMPTY, dtype=np.int32)
+        self._table = Slots(1024)
         self._used_slots = 0  # live entries + tombstones
         #: bits 24-31 of the id's hash (its low 32 bits place it in the table): a filter
         #: before the bytes are compared; the full hash is recomputed from the id when a
@@ -273,7 +314,8 @@ class HouseholdIndex:
         self.length[idx] = lens
         self.tag[idx] = hashes >> 24
         self.alive += m
-        if (self._used_slots + m) > _MAX_LOAD * len(self._table):
+        if ((self._used_slots + m) > _MAX_LOAD * len(self._table)
+                or (self._table.wide is None and self.size > Slots.LIMIT)):
             self._rehash(self.alive)
         else:
             self._place(idx, hashes)
@@ -308,7 +350,7 @@ class HouseholdIndex:
         size = 1024
         while size < 2 * n:  # load at most 0.5 after a rehash, 0.7 before the next
             size *= 2
-        self._table = full((size,), _EMPTY, np.int32)
+        self._table = Slots(size, wide=self.size > Slots.LIMIT)
         self._used_slots = 0
         # in slices: bounded transients (glibc keeps freed heap below its dynamic mmap
         # threshold, so big temporaries here stayed resident: +6 B per household at 1 M)

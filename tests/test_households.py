@@ -7,7 +7,7 @@ import json
 import numpy as np
 import orjson
 
-from meterwatch.stream.households import NO_DAY, HouseholdIndex, HouseholdTable
+from meterwatch.stream.households import NO_DAY, HouseholdIndex, HouseholdTable, Slots, grown
 
 
 def test_index_finds_inserts_and_reuses():
@@ -60,6 +60,34 @@ def test_rehash_and_removal_recompute_hashes_from_the_ids():
         assert ix.lookup(ids[1::2], insert=False).tolist() == got[1::2].tolist()
         assert ix.lookup(odd, insert=False).tolist() == list(range(len(odd)))
     assert ix.ids_of(list(range(len(odd)))) == odd
+
+
+def test_index_table_turns_int32_past_24_bit_indices():
+    """The hash table's slots take 3 bytes while every index is below ``Slots.LIMIT``;
+    an index past it (a partition of more than 16.7 M households) turns the table int32,
+    and every id, old and new, still resolves to its exact index."""
+    ix = HouseholdIndex()
+    assert ix.lookup(["first", "second"]).tolist() == [0, 1]
+    assert ix._table.wide is None and ix._table.nbytes == 3 * len(ix._table)
+    # indices handed out up to just below the limit (free ones, as if their households
+    # had gone): the next new ids get indices on both sides of it
+    lim = Slots.LIMIT
+    ix.tag, ix.offset = grown(ix.tag, lim + 8), grown(ix.offset, lim + 8)
+    ix.length = grown(ix.length, lim + 8)
+    ix.length[2:] = -1
+    ix.size = lim - 3
+    new = [f"N{i}" for i in range(6)]
+    got = ix.lookup(new)
+    assert got.tolist() == list(range(lim - 3, lim + 3))
+    assert ix._table.wide is not None and ix._table.wide.dtype == np.int32
+    assert ix.lookup(["second", "first", *new], insert=False).tolist() == [1, 0, *got]
+    assert ix.ids_of(got[-2:]) == new[-2:]
+    ix.remove(got[-1:].astype(np.int32))
+    assert ix.lookup(new, insert=False).tolist() == [*got[:-1], -1]
+    s = Slots(8)  # 3-byte slots hold every index below the limit, _EMPTY and _TOMB
+    s[np.arange(4)] = [0, lim - 1, -1, -2]
+    s[4] = 12_345_678
+    assert s[np.arange(5)].tolist() == [0, lim - 1, -1, -2, 12_345_678] and s[7] == -1
 
 
 def test_table_evicts_resets_and_snapshots():
