@@ -67,7 +67,6 @@ def breakdown(asm: Any, n: int) -> list[dict[str, Any]]:
         f"capacity {cap:,} rows")
     add("day rows", f"row_hh (int32), row_day ({asm.row_day.values.dtype} above a base)",
         asm.row_hh.nbytes + asm.row_day.nbytes)
-    add("day rows", "row_n (uint8)", asm.row_n.nbytes)
     kinds = "/".join(sorted({str(asm.row_first.values.dtype),
                              str(asm.row_last_ts.values.dtype)}))
     add("day rows", f"row_first/row_last_ts ({kinds} above a base)",
