@@ -77,7 +77,7 @@ def breakdown(asm: Any, n: int) -> list[dict[str, Any]]:
     hcap = ix.capacity()
     add("household ids", "hash table (int32 slots)", ix._table.nbytes,
         f"{len(ix._table):,} slots, load <= 0.7")
-    add("household ids", "hash tag (uint8), offset (uint32), length (int16)",
+    add("household ids", f"hash tag (uint8), offset (uint32), length ({ix.length.dtype})",
         ix.tag.nbytes + ix.offset.nbytes + ix.length.nbytes, f"capacity {hcap:,}")
     add("household ids", "id bytes (arena)", ix._arena.nbytes,
         f"{ix._arena_used:,} bytes used")

@@ -132,7 +132,10 @@ class HouseholdIndex:
         #: rehash or a removal needs it (``_hashes``)
         self.tag = np.empty(0, dtype=np.uint8)
         self.offset = np.empty(0, dtype=np.uint32)  # in the arena (compacted below 4 GiB)
-        self.length = np.empty(0, dtype=np.int16)  # bytes (ids: at most 64 characters); -1: free
+        #: bytes of each id, ``_gone`` where the index is free: uint8 (255: free) until an
+        #: id of 255 bytes or more arrives (64 characters of 4 bytes), then int16 (-1: free)
+        self.length = np.empty(0, dtype=np.uint8)
+        self._gone = 255
         self._arena = np.empty(1 << 16, dtype=np.uint8)
         self._arena_used = 0
         self._arena_dead = 0
@@ -175,7 +178,7 @@ class HouseholdIndex:
                 for a, b in zip(starts, bounds, strict=True)]
 
     def alive_mask(self) -> np.ndarray:
-        return self.length[:self.size] >= 0
+        return self.length[:self.size] != self._gone
 
     # -- lookups ---------------------------------------------------------------------------
     def lookup(self, ids: Sequence[str], *, insert: bool = True) -> np.ndarray:
@@ -195,6 +198,11 @@ class HouseholdIndex:
             lens = np.fromiter(map(len, enc), dtype=np.int64, count=n)
         if n and lens.max() > np.iinfo(np.int16).max:
             raise ValueError("household id longer than 32,767 bytes")
+        if n and lens.max() >= self._gone > 0:  # uint8 lengths cannot hold it: int16
+            wide = zeros(self.length.shape, np.int16)
+            wide[:] = self.length
+            wide[self.length == self._gone] = -1
+            self.length, self._gone = wide, -1
         qbytes = np.frombuffer(data, dtype=np.uint8)
         qstart = np.cumsum(lens) - lens
         found = self._find(qbytes, qstart, hashes, lens)
@@ -355,7 +363,7 @@ class HouseholdIndex:
         # in slices: bounded transients (glibc keeps freed heap below its dynamic mmap
         # threshold, so big temporaries here stayed resident: +6 B per household at 1 M)
         for lo in range(0, self.size, _SLICE):
-            live = (np.flatnonzero(self.length[lo:min(self.size, lo + _SLICE)] >= 0)
+            live = (np.flatnonzero(self.length[lo:min(self.size, lo + _SLICE)] != self._gone)
                     + lo).astype(np.int32)
             self._place(live, self._hashes(live))
 
@@ -391,7 +399,7 @@ class HouseholdIndex:
             active = active[~hit]
             pos[active] = (pos[active] + 1) & mask
         self._arena_dead += int(self.length[idx].sum())
-        self.length[idx] = -1
+        self.length[idx] = self._gone
         self.alive -= len(idx)
         if self._nfree + len(idx) > len(self._free):
             self._free = grown(self._free, next_capacity(len(self._free), self._nfree + len(idx)))

@@ -50,8 +50,11 @@ def test_rehash_and_removal_recompute_hashes_from_the_ids():
     lone surrogate, NUL) is found again after many rehashes and removals."""
     ix = HouseholdIndex()
     odd = ["é-ü", "\U0001f600" * 64, "\ud800x", "a\x00", "x" * 64, "MAC000002"]
-    ix.lookup(odd)
-    assert ix.tag.dtype == np.uint8
+    assert ix.lookup(odd[:1]).tolist() == [0] and ix.length.dtype == np.uint8
+    ix.remove(np.array([0], np.int32))
+    ix.lookup(odd)  # an id of 256 bytes: the lengths turn int16
+    assert ix.tag.dtype == np.uint8 and ix.length.dtype == np.int16
+    assert ix.lookup(odd, insert=False).tolist() == list(range(len(odd)))
     for k in range(6):  # 6 rounds: inserts past several rehashes, half removed each time
         ids = [f"R{k}-{i}" for i in range(20_000)]
         got = ix.lookup(ids)
@@ -74,7 +77,7 @@ def test_index_table_turns_int32_past_24_bit_indices():
     lim = Slots.LIMIT
     ix.tag, ix.offset = grown(ix.tag, lim + 8), grown(ix.offset, lim + 8)
     ix.length = grown(ix.length, lim + 8)
-    ix.length[2:] = -1
+    ix.length[2:] = ix._gone  # free
     ix.size = lim - 3
     new = [f"N{i}" for i in range(6)]
     got = ix.lookup(new)
