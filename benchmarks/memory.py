@@ -65,7 +65,8 @@ def breakdown(asm: Any, n: int) -> list[dict[str, Any]]:
     cap = len(asm.row_hh)
     add("day rows", "kwh (48 x uint16, 1/10,000 kWh; 65535 = missing)", asm.kwh.nbytes,
         f"capacity {cap:,} rows")
-    add("day rows", f"row_hh (int32), row_day ({asm.row_day.values.dtype} above a base)",
+    add("day rows", f"row_hh (int32), row_day ({asm.row_day.values.dtype} above a base); "
+        "readings counted from the slots",
         asm.row_hh.nbytes + asm.row_day.nbytes)
     kinds = "/".join(sorted({str(asm.row_first.values.dtype),
                              str(asm.row_last_ts.values.dtype)}))
@@ -75,13 +76,16 @@ def breakdown(asm: Any, n: int) -> list[dict[str, Any]]:
     add("day rows", "float32 rows (_wide)", sys.getsizeof(asm._wide) + 4 * 48 * len(asm._wide),
         f"{len(asm._wide):,} rows")
     hcap = ix.capacity()
-    add("household ids", "hash table (int32 slots)", ix._table.nbytes,
+    kind = lambda c: "3-byte" if c.wide is None else str(c.wide.dtype)  # noqa: E731
+    add("household ids", f"hash table ({kind(ix._table)} slots)", ix._table.nbytes,
         f"{len(ix._table):,} slots, load <= 0.7")
-    add("household ids", f"hash tag (uint8), offset (uint32), length ({ix.length.dtype})",
+    add("household ids", f"hash tag (uint8), offset ({kind(ix.offset)}), "
+        f"length ({ix.length.dtype})",
         ix.tag.nbytes + ix.offset.nbytes + ix.length.nbytes, f"capacity {hcap:,}")
     add("household ids", "id bytes (arena)", ix._arena.nbytes,
         f"{ix._arena_used:,} bytes used")
-    add("household table", "open_row/closed_max/seq (int32), reads (uint8)",
+    add("household table", f"open_row (int32), closed_max/seq ({hh.seq.values.dtype}, "
+        f"{hh.closed_max.values.dtype}), reads (uint8)",
         hh.open_row.nbytes + hh.closed_max.nbytes + hh.seq.nbytes + hh.reads.nbytes)
     from meterwatch.model.sustained import COLUMN_PREFIX, STATE_BYTES
 

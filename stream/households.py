@@ -80,20 +80,27 @@ def next_capacity(cap: int, need: int) -> int:
     return max(need, int(cap * GROWTH), 1024)
 
 
-class Slots:
-    """The id index's hash table: entries are an index, ``_EMPTY`` or ``_TOMB``, stored in
-    3 bytes (uint16 + uint8; 0xFFFFFF is ``_EMPTY``, 0xFFFFFE ``_TOMB``) while every index
-    is below ``LIMIT`` (16,777,214 households in a partition), in int32 (``wide``)
-    otherwise: 3 instead of 4 bytes a slot, 2 B per household at 1 M (2**21 slots).
-    Reading gives int32 values."""
+class Int24:
+    """Integers of the id index stored in 3 bytes (uint16 + uint8) while they fit, in
+    ``wide_dtype`` for good otherwise; read as int32 (``wide_dtype`` once wide).
+
+    The hash table's slots (an index, ``_EMPTY`` or ``_TOMB``: 0xFFFFFF and 0xFFFFFE;
+    narrow while every index is below ``LIMIT``, 16,777,214 households in a partition) and
+    the ids' offsets in the arena (narrow while the arena is below ``LIMIT`` bytes; uint32,
+    as before, past it): 3 instead of 4 bytes each, 3 B per household at 1 M. The owner
+    calls ``widened`` before it writes a value at or past ``LIMIT``.
+    """
 
     LIMIT = (1 << 24) - 2
 
-    def __init__(self, size: int, *, wide: bool = False) -> None:
-        self.wide = full((size,), _EMPTY, np.int32) if wide else None
-        self.lo = full((size if not wide else 0,), 0xFFFF, np.uint16)
-        self.hi = full((size if not wide else 0,), 0xFF, np.uint8)
-        self.size = size
+    def __init__(self, size: int, *, fill: int = _EMPTY, wide: bool = False,
+                 wide_dtype: type[np.integer[Any]] = np.int32) -> None:
+        self.fill, self.wide_dtype, self.size = fill, np.dtype(wide_dtype), size
+        self.wide = full((size,), fill, wide_dtype) if wide else None
+        code = fill & 0xFFFFFF
+        n = 0 if wide else size
+        self.lo = full((n,), code & 0xFFFF, np.uint16)
+        self.hi = full((n,), code >> 16, np.uint8)
 
     def __len__(self) -> int:
         return self.size
@@ -106,7 +113,7 @@ class Slots:
     def __getitem__(self, pos: Any) -> Any:
         if self.wide is not None:
             return self.wide[pos]
-        if isinstance(pos, int):  # one slot (probing one id): no arrays
+        if isinstance(pos, int):  # one entry (probing one id): no arrays
             i = (int(self.hi[pos]) << 16) | int(self.lo[pos])
             return i - (1 << 24) if i >= self.LIMIT else i
         x = (self.hi[pos].astype(np.int32) << 16) | self.lo[pos]
@@ -116,22 +123,47 @@ class Slots:
         if self.wide is not None:
             self.wide[pos] = values
             return
-        v = np.asarray(values, dtype=np.int32) & 0xFFFFFF
+        v = np.asarray(values).astype(np.int32) & 0xFFFFFF
         self.lo[pos] = v & 0xFFFF
         self.hi[pos] = v >> 16
+
+    def grown(self, cap: int) -> Int24:
+        """The same values in ``cap`` entries (the new ones: ``fill``)."""
+        out = Int24(0, fill=self.fill, wide=self.wide is not None,
+                    wide_dtype=self.wide_dtype.type)
+        out.size = cap
+        if self.wide is not None:
+            out.wide = grown(self.wide, cap, self.fill)
+        else:
+            code = self.fill & 0xFFFFFF
+            out.lo, out.hi = grown(self.lo, cap, code & 0xFFFF), grown(self.hi, cap, code >> 16)
+        return out
+
+    def widened(self) -> Int24:
+        """The same values in ``wide_dtype``, for good."""
+        if self.wide is not None:
+            return self
+        out = Int24(0, fill=self.fill, wide=True, wide_dtype=self.wide_dtype.type)
+        out.size = self.size
+        out.wide = zeros((self.size,), self.wide_dtype)
+        for lo in range(0, self.size, 1 << 16):  # slices: bounded transients
+            out.wide[lo:lo + (1 << 16)] = self[lo:lo + (1 << 16)]
+        return out
 
 
 class HouseholdIndex:
     """Household id -> dense index (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._table = Slots(1024)
+        self._table = Int24(1024)
         self._used_slots = 0  # live entries + tombstones
         #: bits 24-31 of the id's hash (its low 32 bits place it in the table): a filter
         #: before the bytes are compared; the full hash is recomputed from the id when a
         #: rehash or a removal needs it (``_hashes``)
         self.tag = np.empty(0, dtype=np.uint8)
-        self.offset = np.empty(0, dtype=np.uint32)  # in the arena (compacted below 4 GiB)
+        #: where each id starts in the arena (compacted below 4 GiB): 3 bytes while the
+        #: arena is below 16 MiB, uint32 past it (``Int24``)
+        self.offset = Int24(0, fill=0, wide_dtype=np.uint32)
         #: bytes of each id, ``_gone`` where the index is free: uint8 (255: free) until an
         #: id of 255 bytes or more arrives (64 characters of 4 bytes), then int16 (-1: free)
         self.length = np.empty(0, dtype=np.uint8)
@@ -304,7 +336,7 @@ class HouseholdIndex:
         if self.size > len(self.tag):
             cap = next_capacity(len(self.tag), self.size)
             self.tag = grown(self.tag, cap)
-            self.offset = grown(self.offset, cap)
+            self.offset = self.offset.grown(cap)
             self.length = grown(self.length, cap)
         total = int(lens.sum())
         data = qbytes[np.repeat(qstart - (np.cumsum(lens) - lens), lens) + np.arange(total)]
@@ -317,13 +349,15 @@ class HouseholdIndex:
         if need >= 1 << 32:
             raise MemoryError("household ids of one partition exceed 4 GiB")
         self._arena[self._arena_used:need] = data
+        if need > Int24.LIMIT:
+            self.offset = self.offset.widened()
         self.offset[idx] = self._arena_used + np.cumsum(lens) - lens
         self._arena_used = need
         self.length[idx] = lens
         self.tag[idx] = hashes >> 24
         self.alive += m
         if ((self._used_slots + m) > _MAX_LOAD * len(self._table)
-                or (self._table.wide is None and self.size > Slots.LIMIT)):
+                or (self._table.wide is None and self.size > Int24.LIMIT)):
             self._rehash(self.alive)
         else:
             self._place(idx, hashes)
@@ -358,7 +392,7 @@ class HouseholdIndex:
         size = 1024
         while size < 2 * n:  # load at most 0.5 after a rehash, 0.7 before the next
             size *= 2
-        self._table = Slots(size, wide=self.size > Slots.LIMIT)
+        self._table = Int24(size, wide=self.size > Int24.LIMIT)
         self._used_slots = 0
         # in slices: bounded transients (glibc keeps freed heap below its dynamic mmap
         # threshold, so big temporaries here stayed resident: +6 B per household at 1 M)

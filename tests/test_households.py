@@ -7,7 +7,7 @@ import json
 import numpy as np
 import orjson
 
-from meterwatch.stream.households import NO_DAY, HouseholdIndex, HouseholdTable, Slots, grown
+from meterwatch.stream.households import NO_DAY, HouseholdIndex, HouseholdTable, Int24, grown
 
 
 def test_index_finds_inserts_and_reuses():
@@ -66,7 +66,7 @@ def test_rehash_and_removal_recompute_hashes_from_the_ids():
 
 
 def test_index_table_turns_int32_past_24_bit_indices():
-    """The hash table's slots take 3 bytes while every index is below ``Slots.LIMIT``;
+    """The hash table's slots take 3 bytes while every index is below ``Int24.LIMIT``;
     an index past it (a partition of more than 16.7 M households) turns the table int32,
     and every id, old and new, still resolves to its exact index."""
     ix = HouseholdIndex()
@@ -74,8 +74,8 @@ def test_index_table_turns_int32_past_24_bit_indices():
     assert ix._table.wide is None and ix._table.nbytes == 3 * len(ix._table)
     # indices handed out up to just below the limit (free ones, as if their households
     # had gone): the next new ids get indices on both sides of it
-    lim = Slots.LIMIT
-    ix.tag, ix.offset = grown(ix.tag, lim + 8), grown(ix.offset, lim + 8)
+    lim = Int24.LIMIT
+    ix.tag, ix.offset = grown(ix.tag, lim + 8), ix.offset.grown(lim + 8)
     ix.length = grown(ix.length, lim + 8)
     ix.length[2:] = ix._gone  # free
     ix.size = lim - 3
@@ -87,10 +87,27 @@ def test_index_table_turns_int32_past_24_bit_indices():
     assert ix.ids_of(got[-2:]) == new[-2:]
     ix.remove(got[-1:].astype(np.int32))
     assert ix.lookup(new, insert=False).tolist() == [*got[:-1], -1]
-    s = Slots(8)  # 3-byte slots hold every index below the limit, _EMPTY and _TOMB
+    s = Int24(8)  # 3-byte slots hold every index below the limit, _EMPTY and _TOMB
     s[np.arange(4)] = [0, lim - 1, -1, -2]
     s[4] = 12_345_678
     assert s[np.arange(5)].tolist() == [0, lim - 1, -1, -2, 12_345_678] and s[7] == -1
+
+
+def test_id_offsets_turn_uint32_past_16_mib_of_ids():
+    """The ids' offsets in the arena take 3 bytes while the arena is below
+    ``Int24.LIMIT`` bytes; ids past it turn them uint32, and every id keeps its bytes."""
+    ix = HouseholdIndex()
+    first = [f"{i:06d}" + "é" * 120 for i in range(40_000)]  # 246 bytes each: 9.8 MB
+    ix.lookup(first)
+    assert ix.offset.wide is None and ix.offset.nbytes == 3 * len(ix.offset)
+    more = [f"{i:06d}" + "ü" * 124 for i in range(40_000)]  # 19.7 MB in all: past 16 MiB
+    got = ix.lookup(more)
+    assert ix.offset.wide is not None and ix.offset.wide.dtype == np.uint32
+    assert int(ix.offset[int(got[-1])]) > Int24.LIMIT
+    assert ix.lookup(first + more, insert=False).tolist() == list(range(80_000))
+    assert ix.ids_of([0, 39_999, int(got[0]), int(got[-1])]) == [first[0], first[-1],
+                                                                 more[0], more[-1]]
+    assert ix.id_of(int(got[-1])) == more[-1]
 
 
 def test_table_evicts_resets_and_snapshots():
