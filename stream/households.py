@@ -1,14 +1,16 @@
 """The households of one input partition: ids, closed days, model state, snapshots.
 
 Everything is columnar, with no Python object per household (1 M households cost about
-200 bytes each here, ids, day-model and sustained-change state included,
-``benchmarks/memory.py``):
+167 bytes each here, ids, day-model and sustained-change state included, open days not;
+``benchmarks/memory.py``, docs/assembler.md "Memory"):
 
 * ``HouseholdIndex`` maps a household id to a dense index ``h``: an open-addressing hash
-  table of int32 indices (load at most 0.7) over the ids' 64-bit hashes, the ids' UTF-8
-  bytes in one arena. Indices of evicted households are reused.
+  table of indices in 3-byte slots (``Int24``; load at most 0.7) placed by the ids'
+  hashes, one byte of each hash kept as a filter, the ids' UTF-8 bytes in one arena.
+  Indices of evicted households are reused.
 * ``HouseholdTable`` holds, per index: the row of the household's open day (-1 if none),
-  its newest closed day and closed-day count (``seq``), and the model's running state
+  its newest closed day and closed-day count (``seq``; uint16 while they fit,
+  ``NarrowColumn``), and the model's running state
   (``model.state.STORAGE_DTYPES``: float16 statistics and profile, uint16 count and day),
   and the sustained-change detector's state (``model.sustained.storage_columns``, columns
   ``sustained_*``, 62 bytes: float16, int16 and uint16 days; ``stream.sustained``).
