@@ -147,6 +147,7 @@ class DayAssembler:
         self.quorum = max(1, watermark_quorum)
         self.idle_evict_days = idle_evict_days
         self.households = HouseholdTable()
+        self.households.fit_rows(initial_rows)
         self.watermark = _MIN_TS
         #: the (at most ``quorum``) households with the newest readings, and those readings
         self._top_h = np.empty(0, dtype=np.int32)
@@ -484,6 +485,7 @@ class DayAssembler:
     def _grow_rows(self) -> None:
         n = len(self.row_hh)
         m = next_capacity(n, n + 1)
+        self.households.fit_rows(m)
         self.kwh = grown(self.kwh, m)  # rows are set when allocated (_allocate)
         self.row_hh = grown(self.row_hh, m, -1)
         self.row_day.grow(m)

@@ -89,8 +89,9 @@ class Int24:
     The hash table's slots (an index, ``_EMPTY`` or ``_TOMB``: 0xFFFFFF and 0xFFFFFE;
     narrow while every index is below ``LIMIT``, 16,777,214 households in a partition) and
     the ids' offsets in the arena (narrow while the arena is below ``LIMIT`` bytes; uint32,
-    as before, past it): 3 instead of 4 bytes each, 3 B per household at 1 M. The owner
-    calls ``widened`` before it writes a value at or past ``LIMIT``.
+    as before, past it), the households' open rows (narrow while the assembler has at most
+    ``LIMIT`` rows): 3 instead of 4 bytes each, 4 B per household at 1 M. The owner calls
+    ``widened`` before it writes a value at or past ``LIMIT``.
     """
 
     LIMIT = (1 << 24) - 2
@@ -573,7 +574,9 @@ class HouseholdTable:
     def __init__(self) -> None:
         self.index = HouseholdIndex()
         self.ids = _Ids(self.index)
-        self.open_row = np.empty(0, dtype=np.int32)
+        #: the row of the household's open day (-1: none): 3 bytes while the assembler has
+        #: at most ``Int24.LIMIT`` rows, int32 past it (``fit_rows``)
+        self.open_row = Int24(0, fill=0)
         #: the newest closed day (NO_DAY: none) and the closed-day count: uint16 while
         #: they fit (``NarrowColumn``), int32 for good once one does not
         self.closed_max = NarrowColumn(none=NO_DAY, relative=True)
@@ -592,8 +595,8 @@ class HouseholdTable:
         return self.index.alive
 
     def memory_bytes(self) -> int:
-        cols: list[np.ndarray | NarrowColumn] = [self.open_row, self.closed_max, self.seq,
-                                                 self.reads, *self.state.values()]
+        cols: list[np.ndarray | NarrowColumn | Int24] = [
+            self.open_row, self.closed_max, self.seq, self.reads, *self.state.values()]
         return self.index.memory_bytes() + sum(a.nbytes for a in cols)
 
     def lookup(self, households: Sequence[str], *, insert: bool = True) -> np.ndarray:
@@ -634,12 +637,18 @@ class HouseholdTable:
         """Columns for ``cap`` households (new entries are set when handed out)."""
         if cap <= len(self.open_row):
             return
-        self.open_row = grown(self.open_row, cap)
+        self.open_row = self.open_row.grown(cap)
         self.closed_max.grow(cap)
         self.seq.grow(cap)
         self.reads = grown(self.reads, cap)
         for name, arr in self.state.items():
             self.state[name] = grown(arr, cap)
+
+    def fit_rows(self, rows: int) -> None:
+        """The assembler has ``rows`` day rows: past ``Int24.LIMIT`` the open-row column
+        turns int32 (for good), so every row index is held exactly."""
+        if rows > Int24.LIMIT:
+            self.open_row = self.open_row.widened()
 
     def state_column(self, name: str) -> StateColumn:
         """Model-state column ``name``: read as stored, written rounded to storage

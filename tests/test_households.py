@@ -243,3 +243,36 @@ def test_closed_days_and_seq_stay_exact_past_uint16():
     t3.evict(np.array([e]))
     f = int(t3.lookup(["F"])[0])
     assert f == e and t3.closed_max[f] == NO_DAY and t3.seq[f] == 0
+
+
+def test_open_rows_turn_int32_past_24_bit_rows():
+    """A household's open row takes 3 bytes while the assembler has at most
+    ``Int24.LIMIT`` day rows; more rows turn the column int32, and every row index (and
+    -1, none) is kept exactly."""
+    from meterwatch.stream.assembler import DayAssembler
+    from meterwatch.stream.parse import ParsedBatch
+    from meterwatch.stream.timegrid import TimeGrid
+
+    lim = Int24.LIMIT
+    t = HouseholdTable()
+    h = t.lookup(["A", "B"])
+    assert t.open_row.wide is None and t.open_row.nbytes == 3 * len(t.open_row)
+    assert t.open_row[h].tolist() == [-1, -1]
+    t.open_row[h] = [lim - 1, -1]
+    t.fit_rows(lim)  # row indices up to lim - 1 still fit
+    assert t.open_row.wide is None and t.open_row[h].tolist() == [lim - 1, -1]
+    t.fit_rows(lim + 1)
+    assert t.open_row.wide is not None and t.open_row.wide.dtype == np.int32
+    t.open_row[h[1]] = lim + 5
+    assert t.open_row[h].tolist() == [lim - 1, lim + 5]
+    c = int(t.lookup(["C"])[0])
+    assert t.open_row[c] == -1 and int(t.open_row[int(h[1])]) == lim + 5
+
+    asm = DayAssembler(TimeGrid(), initial_rows=lim + 2)  # (untouched rows cost nothing)
+    assert asm.households.open_row.wide is not None
+    day = 15_800
+    pb = ParsedBatch.of(["A"] * 48, day * 86400 + np.arange(48, dtype=np.int64) * 1800,
+                        np.full(48, 0.5, np.float32), np.arange(48, dtype=np.int32))
+    res = asm.add(pb, np.arange(48, dtype=np.int64), np.zeros(48, np.int64))
+    assert res.closed.household_ids == ["A"] and res.closed.readings.tolist() == [48]
+    assert asm.households.open_row[0] == -1
