@@ -84,8 +84,8 @@ def breakdown(asm: Any, n: int) -> list[dict[str, Any]]:
         ix.tag.nbytes + ix.offset.nbytes + ix.length.nbytes, f"capacity {hcap:,}")
     add("household ids", "id bytes (arena)", ix._arena.nbytes,
         f"{ix._arena_used:,} bytes used")
-    add("household table", f"open_row (int32), closed_max/seq ({hh.seq.values.dtype}, "
-        f"{hh.closed_max.values.dtype}), reads (uint8)",
+    add("household table", f"open_row ({kind(hh.open_row)}), closed_max/seq "
+        f"({hh.closed_max.values.dtype}, {hh.seq.values.dtype}), reads (uint8)",
         hh.open_row.nbytes + hh.closed_max.nbytes + hh.seq.nbytes + hh.reads.nbytes)
     from meterwatch.model.sustained import COLUMN_PREFIX, STATE_BYTES
 
