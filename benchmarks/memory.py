@@ -65,7 +65,9 @@ def breakdown(asm: Any, n: int) -> list[dict[str, Any]]:
     cap = len(asm.row_hh)
     add("day rows", "kwh (48 x uint16, 1/10,000 kWh; 65535 = missing)", asm.kwh.nbytes,
         f"capacity {cap:,} rows")
-    add("day rows", f"row_hh (int32), row_day ({asm.row_day.values.dtype} above a base); "
+    kind = lambda c: "3-byte" if c.wide is None else str(c.wide.dtype)  # noqa: E731
+    add("day rows", f"row_hh ({kind(asm.row_hh)}), row_day ({asm.row_day.values.dtype} above "
+        "a base); "
         "readings counted from the slots",
         asm.row_hh.nbytes + asm.row_day.nbytes)
     kinds = "/".join(sorted({str(asm.row_first.values.dtype),
@@ -76,7 +78,6 @@ def breakdown(asm: Any, n: int) -> list[dict[str, Any]]:
     add("day rows", "float32 rows (_wide)", sys.getsizeof(asm._wide) + 4 * 48 * len(asm._wide),
         f"{len(asm._wide):,} rows")
     hcap = ix.capacity()
-    kind = lambda c: "3-byte" if c.wide is None else str(c.wide.dtype)  # noqa: E731
     add("household ids", f"hash table ({kind(ix._table)} slots)", ix._table.nbytes,
         f"{len(ix._table):,} slots, load <= 0.7")
     add("household ids", f"hash tag (uint8), offset ({kind(ix.offset)}), "

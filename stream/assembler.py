@@ -43,7 +43,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meterwatch.stream.households import NO_DAY, HouseholdTable, grown, next_capacity, zeros
+from meterwatch.stream.households import (
+    NO_DAY,
+    HouseholdTable,
+    Int24,
+    grown,
+    next_capacity,
+    zeros,
+)
 from meterwatch.stream.parse import ParsedBatch
 from meterwatch.stream.timegrid import DAY_S, SLOTS, TimeGrid
 
@@ -156,7 +163,9 @@ class DayAssembler:
         n = initial_rows
         # 1/10,000 kWh, _MISSING where no reading yet (see _wide); set when allocated
         self.kwh = np.zeros((n, SLOTS), dtype=np.uint16)
-        self.row_hh = np.full(n, -1, dtype=np.int32)
+        #: the household of each row (-1: free): 3 bytes while household indices are below
+        #: ``Int24.LIMIT``, int32 past it (``_allocate``)
+        self.row_hh = Int24(n, fill=-1)
         self._relative_columns(n)
         self._free = np.arange(n - 1, -1, -1, dtype=np.int32)  # a stack: _free[:_nfree]
         self._nfree = n
@@ -184,7 +193,7 @@ class DayAssembler:
         """The lowest Kafka offset any open day still needs (None when nothing is open)."""
         if self._open == 0:
             return None
-        used = self.row_hh >= 0
+        used = self.row_hh.nonnegative()
         return int(self.row_first.get(used).min())
 
     def memory_bytes(self) -> int:
@@ -466,6 +475,8 @@ class DayAssembler:
         rows = self._free[self._nfree - m:self._nfree][::-1].copy()
         self._nfree -= m
         self._open += m
+        if int(hs.max()) >= Int24.LIMIT:
+            self.row_hh = self.row_hh.widened()
         self.row_hh[rows] = hs
         self.row_day.values[rows] = self.row_day.encode(days)
         self.row_first.clear(rows)
@@ -487,7 +498,7 @@ class DayAssembler:
         m = next_capacity(n, n + 1)
         self.households.fit_rows(m)
         self.kwh = grown(self.kwh, m)  # rows are set when allocated (_allocate)
-        self.row_hh = grown(self.row_hh, m, -1)
+        self.row_hh = self.row_hh.grown(m)
         self.row_day.grow(m)
         self.row_first.grow(m)
         self.row_last_ts.grow(m)
@@ -505,7 +516,7 @@ class DayAssembler:
         if self._waiting:
             parts.append(np.fromiter(self._waiting, dtype=np.int64))
         if force or self.watermark >= self._next_close_check:
-            used = np.flatnonzero(self.row_hh >= 0)
+            used = np.flatnonzero(self.row_hh.nonnegative())
             if len(used):
                 ends = self.grid.day_ends(self.row_day.get(used)) + int(self.grace_s)
                 passed = ends <= self.watermark
@@ -622,11 +633,11 @@ class RelativeColumn:
     def nbytes(self) -> int:
         return int(self.values.nbytes)
 
-    def fit(self, lo: int, hi: int, row_hh: np.ndarray) -> None:
+    def fit(self, lo: int, hi: int, row_hh: Int24) -> None:
         none = self.none
         if self.values.dtype == self.wide or (lo >= self.base and hi - self.base < none):
             return
-        keep = row_hh >= 0
+        keep = row_hh.nonnegative()
         keep &= self.values != none
         cur = self.values[keep]
         if len(cur):

@@ -90,8 +90,9 @@ class Int24:
     narrow while every index is below ``LIMIT``, 16,777,214 households in a partition) and
     the ids' offsets in the arena (narrow while the arena is below ``LIMIT`` bytes; uint32,
     as before, past it), the households' open rows (narrow while the assembler has at most
-    ``LIMIT`` rows): 3 instead of 4 bytes each, 4 B per household at 1 M. The owner calls
-    ``widened`` before it writes a value at or past ``LIMIT``.
+    ``LIMIT`` rows) and the day rows' households (narrow while every household index is
+    below ``LIMIT``): 3 instead of 4 bytes each. The owner calls ``widened`` before it
+    writes a value at or past ``LIMIT``.
     """
 
     LIMIT = (1 << 24) - 2
@@ -129,6 +130,12 @@ class Int24:
         v = np.asarray(values).astype(np.int32) & 0xFFFFFF
         self.lo[pos] = v & 0xFFFF
         self.hi[pos] = v >> 16
+
+    def nonnegative(self) -> np.ndarray:
+        """Where the values are >= 0 (a bool mask over all entries; no int32 copy)."""
+        if self.wide is not None:
+            return self.wide >= 0
+        return ~((self.hi == 0xFF) & (self.lo >= 0xFFFE))
 
     def grown(self, cap: int) -> Int24:
         """The same values in ``cap`` entries (the new ones: ``fill``)."""

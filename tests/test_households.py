@@ -276,3 +276,39 @@ def test_open_rows_turn_int32_past_24_bit_rows():
     res = asm.add(pb, np.arange(48, dtype=np.int64), np.zeros(48, np.int64))
     assert res.closed.household_ids == ["A"] and res.closed.readings.tolist() == [48]
     assert asm.households.open_row[0] == -1
+
+
+def test_day_rows_keep_households_past_24_bit_indices():
+    """A day row's household takes 3 bytes while household indices are below
+    ``Int24.LIMIT``; a household past it turns the column int32, and the closed days name
+    their households exactly."""
+    from meterwatch.stream.assembler import DayAssembler
+    from meterwatch.stream.parse import ParsedBatch
+    from meterwatch.stream.timegrid import TimeGrid
+
+    lim = Int24.LIMIT
+    asm = DayAssembler(TimeGrid())
+    day = 15_800
+
+    def whole_day(ids: list[str]):  # type: ignore[no-untyped-def]
+        n = len(ids)
+        pb = ParsedBatch.of([h for h in ids for _ in range(48)],
+                            np.tile(day * 86400 + np.arange(48, dtype=np.int64) * 1800, n),
+                            np.full(48 * n, 0.5, np.float32), np.arange(48 * n, dtype=np.int32))
+        return asm.add(pb, np.arange(48 * n, dtype=np.int64), np.zeros(48 * n, np.int64))
+
+    assert whole_day(["A"]).closed.household_index.tolist() == [0]
+    assert asm.row_hh.wide is None and asm.row_hh.nbytes == 3 * len(asm.row_hh)
+    # indices handed out up to just below the limit (free ones, as if their households had
+    # gone; the table's columns stay unwritten): the next households get indices past it
+    ix = asm.households.index
+    ix.tag, ix.offset = grown(ix.tag, lim + 8), ix.offset.grown(lim + 8)
+    ix.length = grown(ix.length, lim + 8)
+    ix.length[1:] = ix._gone
+    ix.size = lim - 1
+    res = whole_day(["B", "C", "D"])
+    assert asm.row_hh.wide is not None and asm.row_hh.wide.dtype == np.int32
+    got = dict(zip(res.closed.household_ids, res.closed.household_index.tolist(), strict=True))
+    assert got == {"B": lim - 1, "C": lim, "D": lim + 1}
+    assert res.closed.readings.tolist() == [48, 48, 48] and asm.open_days == 0
+    assert asm.households.seq[[lim - 1, lim, lim + 1]].tolist() == [1, 1, 1]
