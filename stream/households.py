@@ -1,7 +1,7 @@
 """The households of one input partition: ids, closed days, model state, snapshots.
 
 Everything is columnar, with no Python object per household (1 M households cost about
-167 bytes each here, ids, day-model and sustained-change state included, open days not;
+166 bytes each here, ids, day-model and sustained-change state included, open days not;
 ``benchmarks/memory.py``, docs/assembler.md "Memory"):
 
 * ``HouseholdIndex`` maps a household id to a dense index ``h``: an open-addressing hash
