@@ -65,9 +65,11 @@ def breakdown(asm: Any, n: int) -> list[dict[str, Any]]:
     cap = len(asm.row_hh)
     add("day rows", "kwh (48 x uint16, 1/10,000 kWh; 65535 = missing)", asm.kwh.nbytes,
         f"capacity {cap:,} rows")
-    add("day rows", f"row_hh (int32), row_day ({asm.row_day.values.dtype} above a base)",
+    kind = lambda c: "3-byte" if c.wide is None else str(c.wide.dtype)  # noqa: E731
+    add("day rows", f"row_hh ({kind(asm.row_hh)}), row_day ({asm.row_day.values.dtype} above "
+        "a base); "
+        "readings counted from the slots",
         asm.row_hh.nbytes + asm.row_day.nbytes)
-    add("day rows", "row_n (uint8)", asm.row_n.nbytes)
     kinds = "/".join(sorted({str(asm.row_first.values.dtype),
                              str(asm.row_last_ts.values.dtype)}))
     add("day rows", f"row_first/row_last_ts ({kinds} above a base)",
@@ -76,13 +78,15 @@ def breakdown(asm: Any, n: int) -> list[dict[str, Any]]:
     add("day rows", "float32 rows (_wide)", sys.getsizeof(asm._wide) + 4 * 48 * len(asm._wide),
         f"{len(asm._wide):,} rows")
     hcap = ix.capacity()
-    add("household ids", "hash table (int32 slots)", ix._table.nbytes,
+    add("household ids", f"hash table ({kind(ix._table)} slots)", ix._table.nbytes,
         f"{len(ix._table):,} slots, load <= 0.7")
-    add("household ids", "hash/offset (uint32), length (int16)",
-        ix.hash.nbytes + ix.offset.nbytes + ix.length.nbytes, f"capacity {hcap:,}")
+    add("household ids", f"hash tag (uint8), offset ({kind(ix.offset)}), "
+        f"length ({ix.length.dtype})",
+        ix.tag.nbytes + ix.offset.nbytes + ix.length.nbytes, f"capacity {hcap:,}")
     add("household ids", "id bytes (arena)", ix._arena.nbytes,
         f"{ix._arena_used:,} bytes used")
-    add("household table", "open_row/closed_max/seq (int32), reads (uint8)",
+    add("household table", f"open_row ({kind(hh.open_row)}), closed_max/seq "
+        f"({hh.closed_max.values.dtype}, {hh.seq.values.dtype}), reads (uint8)",
         hh.open_row.nbytes + hh.closed_max.nbytes + hh.seq.nbytes + hh.reads.nbytes)
     from meterwatch.model.sustained import COLUMN_PREFIX, STATE_BYTES
 

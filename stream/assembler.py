@@ -7,9 +7,9 @@ State is columnar and compact (no Python object per reading, per day or per hous
 * per open day (row ``r``): 48 slots of 1/10,000 kWh in uint16 (exact for readings with at
   most 4 decimals up to 6.5534 kWh; 65535 marks a slot not seen yet; a day with any other
   reading keeps float32 slots in ``_wide``), the household, the day (uint16 above a base),
-  the readings count, the first Kafka offset and the latest Kafka timestamp (uint32 above
-  a base; exact, ``RelativeColumn``). A household rarely has two open days
-  (around midnight); the others live in ``_extra``.
+  the first Kafka offset and the latest Kafka timestamp (uint32 above a base; exact,
+  ``RelativeColumn``); its readings are counted from its slots (``_readings``). A household
+  rarely has two open days (around midnight); the others live in ``_extra``.
 
 Rules (docs/assembler.md; tested in ``tests/test_assembler.py``). Readings are taken in
 stream order, and every decision about a reading depends only on the readings before it in
@@ -43,7 +43,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meterwatch.stream.households import NO_DAY, HouseholdTable, grown, next_capacity, zeros
+from meterwatch.stream.households import (
+    NO_DAY,
+    HouseholdTable,
+    Int24,
+    grown,
+    next_capacity,
+    zeros,
+)
 from meterwatch.stream.parse import ParsedBatch
 from meterwatch.stream.timegrid import DAY_S, SLOTS, TimeGrid
 
@@ -147,6 +154,7 @@ class DayAssembler:
         self.quorum = max(1, watermark_quorum)
         self.idle_evict_days = idle_evict_days
         self.households = HouseholdTable()
+        self.households.fit_rows(initial_rows)
         self.watermark = _MIN_TS
         #: the (at most ``quorum``) households with the newest readings, and those readings
         self._top_h = np.empty(0, dtype=np.int32)
@@ -155,8 +163,9 @@ class DayAssembler:
         n = initial_rows
         # 1/10,000 kWh, _MISSING where no reading yet (see _wide); set when allocated
         self.kwh = np.zeros((n, SLOTS), dtype=np.uint16)
-        self.row_hh = np.full(n, -1, dtype=np.int32)
-        self.row_n = np.zeros(n, dtype=np.uint8)
+        #: the household of each row (-1: free): 3 bytes while household indices are below
+        #: ``Int24.LIMIT``, int32 past it (``_allocate``)
+        self.row_hh = Int24(n, fill=-1)
         self._relative_columns(n)
         self._free = np.arange(n - 1, -1, -1, dtype=np.int32)  # a stack: _free[:_nfree]
         self._nfree = n
@@ -166,6 +175,7 @@ class DayAssembler:
         self._extra: dict[int, dict[int, int]] = {}  # h -> {day: row}, further open days
         self._waiting: set[int] = set()  # complete rows behind an open earlier day
         self._repeats: dict[tuple[int, int], float] = {}  # (row, slot) -> repeated reading
+        self._repeat_n: dict[int, int] = {}  # row -> its entries in _repeats
         self.evicted = 0
 
     def _relative_columns(self, n: int) -> None:
@@ -183,12 +193,12 @@ class DayAssembler:
         """The lowest Kafka offset any open day still needs (None when nothing is open)."""
         if self._open == 0:
             return None
-        used = self.row_hh >= 0
+        used = self.row_hh.nonnegative()
         return int(self.row_first.get(used).min())
 
     def memory_bytes(self) -> int:
         """Bytes of the day rows and the household table (arrays; not Python overhead)."""
-        arrays = (self.kwh, self.row_hh, self.row_day, self.row_n, self.row_first,
+        arrays = (self.kwh, self.row_hh, self.row_day, self.row_first,
                   self.row_last_ts, self._free)
         return (sum(a.nbytes for a in arrays) + SLOTS * 4 * len(self._wide)
                 + self.households.memory_bytes())
@@ -246,17 +256,17 @@ class DayAssembler:
                     dup_mask[j] = True
                 else:
                     self._repeats[k] = float(kwh[j])
+                    self._repeat_n[k[0]] = self._repeat_n.get(k[0], 0) + 1
         duplicates = int(dup_mask.sum())
         new = ~dup_mask
         p = new & primary
         self._store(rows[p], slot[p], kwh[p])
-        np.add.at(self.row_n, rows[new], 1)
         np.minimum.at(self.row_first.values, rows, self.row_first.encode(off))
         np.maximum.at(self.row_last_ts.values, rows[new], self.row_last_ts.encode(kts[new]))
 
         touched = np.unique(rows[new])
         exp = self._expected(self.row_day.get(touched))
-        done = touched[self.row_n[touched] >= exp]
+        done = touched[self._readings(touched) >= exp]
         return AddResult(self._close_round(done), accepted=int(new.sum()),
                          duplicates=duplicates, late=late)
 
@@ -302,7 +312,6 @@ class DayAssembler:
     def drop_all(self) -> None:
         """Forget every open day (the partition was revoked)."""
         self.row_hh[:] = -1
-        self.row_n[:] = 0
         n = len(self.row_hh)
         self._relative_columns(n)
         self._free = np.arange(n - 1, -1, -1, dtype=np.int32)
@@ -311,6 +320,7 @@ class DayAssembler:
         self._extra.clear()
         self._waiting.clear()
         self._repeats.clear()
+        self._repeat_n.clear()
         self._wide.clear()
         self.households.open_row[:] = -1
 
@@ -395,6 +405,17 @@ class DayAssembler:
                 hs = hs[~np.isin(hs, list(self._extra))]
             households.reset(hs)
 
+    def _readings(self, rows: np.ndarray) -> np.ndarray:
+        """Readings each row has accepted (int16): its seen slots, plus its repeated
+        half-hours (autumn DST). Counted, not stored (a day's count is its slots')."""
+        n = np.empty(len(rows), dtype=np.int16)
+        for lo in range(0, len(rows), 1 << 16):  # slices: a bounded transient however many
+            r = rows[lo:lo + (1 << 16)]
+            n[lo:lo + len(r)] = (self.kwh[r] != _MISSING).sum(axis=1)
+        if self._repeat_n:
+            n += np.array([self._repeat_n.get(r, 0) for r in rows.tolist()], dtype=np.int16)
+        return n
+
     def _expected(self, days: np.ndarray) -> np.ndarray:
         if self.grid.is_utc:
             return np.full(len(days), SLOTS, dtype=np.int16)
@@ -454,9 +475,10 @@ class DayAssembler:
         rows = self._free[self._nfree - m:self._nfree][::-1].copy()
         self._nfree -= m
         self._open += m
+        if int(hs.max()) >= Int24.LIMIT:
+            self.row_hh = self.row_hh.widened()
         self.row_hh[rows] = hs
         self.row_day.values[rows] = self.row_day.encode(days)
-        self.row_n[rows] = 0
         self.row_first.clear(rows)
         self.row_last_ts.clear(rows)
         self.kwh[rows] = _MISSING
@@ -474,10 +496,10 @@ class DayAssembler:
     def _grow_rows(self) -> None:
         n = len(self.row_hh)
         m = next_capacity(n, n + 1)
+        self.households.fit_rows(m)
         self.kwh = grown(self.kwh, m)  # rows are set when allocated (_allocate)
-        self.row_hh = grown(self.row_hh, m, -1)
+        self.row_hh = self.row_hh.grown(m)
         self.row_day.grow(m)
-        self.row_n = grown(self.row_n, m)
         self.row_first.grow(m)
         self.row_last_ts.grow(m)
         free = zeros((m,), np.int32)
@@ -494,7 +516,7 @@ class DayAssembler:
         if self._waiting:
             parts.append(np.fromiter(self._waiting, dtype=np.int64))
         if force or self.watermark >= self._next_close_check:
-            used = np.flatnonzero(self.row_hh >= 0)
+            used = np.flatnonzero(self.row_hh.nonnegative())
             if len(used):
                 ends = self.grid.day_ends(self.row_day.get(used)) + int(self.grace_s)
                 passed = ends <= self.watermark
@@ -529,7 +551,7 @@ class DayAssembler:
                 cand = np.concatenate([cand[~multi], np.array(go, dtype=np.int64)])
         self._waiting.difference_update(cand.tolist())
         days = self.row_day.get(cand)
-        missing = self._expected(days) - self.row_n[cand].astype(np.int16)
+        missing = self._expected(days) - self._readings(cand)
         status = np.where(missing <= 0, COMPLETE,
                           np.where(missing <= self.max_imputed, IMPUTED, INCOMPLETE))
         return self._emit(cand, status.astype(np.uint8))
@@ -558,9 +580,12 @@ class DayAssembler:
         seq = households.mark_closed(hh, days)
         out = ClosedDays(
             household_index=hh, household_ids=households.index.ids_of(hh),
-            day=days, kwh=kwh, status=status, readings=self.row_n[rows].astype(np.int16),
+            day=days, kwh=kwh, status=status, readings=self._readings(rows),
             expected=self._expected(days), first_offset=self.row_first.get(rows),
             last_ts_ms=self.row_last_ts.get(rows), seq=seq)
+        if self._repeat_n:
+            for r in rows.tolist():
+                self._repeat_n.pop(r, None)
         # free the rows; a household's next open day (if any) becomes its open row
         open_row = households.open_row
         if self._extra:
@@ -608,11 +633,11 @@ class RelativeColumn:
     def nbytes(self) -> int:
         return int(self.values.nbytes)
 
-    def fit(self, lo: int, hi: int, row_hh: np.ndarray) -> None:
+    def fit(self, lo: int, hi: int, row_hh: Int24) -> None:
         none = self.none
         if self.values.dtype == self.wide or (lo >= self.base and hi - self.base < none):
             return
-        keep = row_hh >= 0
+        keep = row_hh.nonnegative()
         keep &= self.values != none
         cur = self.values[keep]
         if len(cur):
