@@ -21,6 +21,28 @@ from meterwatch.model import SyntheticData
 METERWATCH = Path(sys.executable).parent / "meterwatch"
 SECRET = "s3cr3tpw"
 
+#: The start of a script for a fresh interpreter in which a GPU is "present" (so ``--device
+#: auto`` would pick it) and every way into a CUDA context fails loudly and is recorded in
+#: ``touched``: what follows checks that the service process never creates one.
+FORBID_CUDA = """
+import sys, types
+import torch
+
+touched = []
+
+def forbid(name):
+    def f(*a, **kw):
+        touched.append(name)
+        raise AssertionError(f"torch.cuda.{name} called in the service process")
+    return f
+
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 1
+for name in ("_lazy_init", "init", "mem_get_info", "utilization", "memory_allocated",
+             "get_device_properties", "set_device", "synchronize"):
+    setattr(torch.cuda, name, forbid(name))
+"""
+
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The caller's environment without METERWATCH_* (tests set their own), plus ``extra``."""

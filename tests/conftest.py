@@ -47,6 +47,15 @@ def broker() -> Iterator[Broker]:
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint from ``meterwatch train --synthetic`` (small and quick), trained once per
+    session for the command-line tests; read only (tests write their variants elsewhere)."""
+    from tests.cli_helpers import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("cli-model") / "tiny.pt")
+
+
+@pytest.fixture(scope="session")
 def synthetic() -> SyntheticData:
     """History days for training, then days to stream (no injected anomalies: tests add
     their own, so expectations are exact)."""

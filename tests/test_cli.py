@@ -19,14 +19,7 @@ from tests.cli_helpers import (
     meterwatch,
     one_line_error,
     stderr_until,
-    tiny_checkpoint,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A checkpoint from ``meterwatch train --synthetic`` (small and quick)."""
-    return tiny_checkpoint(tmp_path_factory.mktemp("cli-model") / "tiny.pt")
 
 
 def test_version_and_help() -> None:

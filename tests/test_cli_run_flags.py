@@ -21,15 +21,10 @@ import pytest
 
 from meterwatch.stream.errors import ConfigurationError
 from meterwatch.stream.preflight import check_bootstrap
-from tests.cli_helpers import clean_env, meterwatch, one_line_error, tiny_checkpoint
+from tests.cli_helpers import clean_env, meterwatch, one_line_error
 
 #: Nothing listens there: a run that got past its checks would retry, not connect.
 NO_BROKER = {"METERWATCH_BOOTSTRAP_SERVERS": "127.0.0.1:1", "METERWATCH_METRICS_PORT": "0"}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("run-flags") / "tiny.pt")
 
 
 def only_line(proc: subprocess.CompletedProcess[str]) -> str:

@@ -16,14 +16,8 @@ from tests.cli_helpers import (
     meterwatch,
     one_line_error,
     stderr_until,
-    tiny_checkpoint,
 )
 from tests.conftest import create_topics_now
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("cli-topics") / "tiny.pt")
 
 
 def _env(broker: Broker, tag: str, **extra: str) -> dict[str, str]:

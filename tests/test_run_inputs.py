@@ -15,11 +15,11 @@ import torch
 
 from meterwatch.model import Detector
 from tests.cli_helpers import (
+    FORBID_CUDA,
     clean_env,
     meterwatch,
     one_line_error,
     stderr_until,
-    tiny_checkpoint,
 )
 
 #: Nothing listens there: a run that got past its checks would retry, not connect.
@@ -57,16 +57,12 @@ def test_a_folder_is_not_a_checkpoint(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("run-inputs") / "tiny.pt")
-
-
-@pytest.fixture(scope="module")
-def broken_models(tiny_model: Path) -> dict[str, Path]:
+def broken_models(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+                  ) -> dict[str, Path]:
     """Checkpoints that exist but cannot serve: not a checkpoint at all, a truncated one,
     one whose weights are NaN (it loads: only scoring shows it), and a good one without a
     calibration curve (usable, but not with --target-far)."""
-    folder = tiny_model.parent
+    folder = tmp_path_factory.mktemp("broken-models")
     garbage = folder / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint\n" * 50)
     truncated = folder / "truncated.pt"
@@ -135,25 +131,7 @@ def test_a_usable_shadow_without_a_curve_still_starts(tiny_model: Path,
     assert "metrics and probes on" in stderr, stderr
 
 
-_NO_CUDA = textwrap.dedent("""
-    import sys
-    import torch
-
-    touched = []
-
-    def forbid(name):
-        def f(*a, **kw):
-            touched.append(name)
-            raise AssertionError(f"torch.cuda.{name} called in the service process")
-        return f
-
-    # a GPU 'present' (so --device auto would pick it), every way into a context loud
-    torch.cuda.is_available = lambda: True
-    torch.cuda.device_count = lambda: 1
-    for name in ("_lazy_init", "init", "mem_get_info", "set_device", "synchronize",
-                 "get_device_properties", "memory_allocated"):
-        setattr(torch.cuda, name, forbid(name))
-
+_NO_CUDA = FORBID_CUDA + textwrap.dedent("""
     from meterwatch.stream.cli import main
 
     good, nan = sys.argv[1:3]

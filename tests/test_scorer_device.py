@@ -18,6 +18,7 @@ import torch
 from meterwatch.model import torch_scoring
 from meterwatch.stream import scorer as scorer_mod
 from meterwatch.stream.scorer import STATE_FIELDS, Scorer
+from tests.cli_helpers import FORBID_CUDA
 from tests.test_torch_scoring import _days, _detector, _state
 
 
@@ -128,25 +129,7 @@ def test_only_alert_rows_travel_back_from_the_process() -> None:
     np.testing.assert_array_equal(back.expected[a.is_alert], a.expected[a.is_alert])
 
 
-_NO_CUDA_SCRIPT = textwrap.dedent("""
-    import sys, types
-    import torch
-
-    touched = []
-
-    def forbid(name):
-        def f(*a, **kw):
-            touched.append(name)
-            raise AssertionError(f"torch.cuda.{name} called in the service process")
-        return f
-
-    # pretend a GPU is there, and make every path into a CUDA context loud
-    torch.cuda.is_available = lambda: True
-    torch.cuda.device_count = lambda: 1
-    for name in ("_lazy_init", "init", "mem_get_info", "utilization", "memory_allocated",
-                 "get_device_properties", "set_device", "synchronize"):
-        setattr(torch.cuda, name, forbid(name))
-
+_NO_CUDA_SCRIPT = FORBID_CUDA + textwrap.dedent("""
     class Mem:
         used, total = 3 * 2**30, 80 * 2**30
 
