@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,11 +121,16 @@ async def _demo(opts: DemoOptions, broker: Broker, t_start: float) -> int:
     precision = tp / len(flagged) if flagged else 0.0
     recall = tp / len(truth) if truth else 1.0
     per_type = {}
+    named: dict[str, str] = {}  # what the model's alerts said was unusual, by injected type
     for t in range(1, len(ANOMALY_TYPES)):
         cells = {(data.household_ids[h], str(_date(int(data.days[stream_days.start + d]))))
                  for h, d in zip(*np.nonzero(labels == t), strict=True)}
         if cells:
             per_type[ANOMALY_TYPES[t]] = f"{len(cells & flagged)}/{len(cells)}"
+            if cells & flagged:
+                named[ANOMALY_TYPES[t]] = _named(alerts, cells & flagged)
+    if flagged - truth:
+        named["not injected"] = _named(alerts, flagged - truth)
     lat = np.array(service.latencies) if service.latencies else np.zeros(1)
     elapsed = t_done - t_stream
     readings = m("meterwatch_readings_total") or 0
@@ -136,6 +142,7 @@ async def _demo(opts: DemoOptions, broker: Broker, t_start: float) -> int:
     print(f"alerts                {len(flagged):,} (injected anomalies: {len(truth):,})")
     print(f"precision / recall    {precision:.2f} / {recall:.2f}")
     print(f"recall by type        {per_type}")
+    print(f"alerts said unusual   {named}")
     print(f"throughput            {readings / elapsed:,.0f} readings/s end to end "
           f"({elapsed:.1f} s from first produce to last score)")
     print(f"latency (last reading -> outputs acked)  p50 {np.percentile(lat, 50) * 1000:.1f} ms"
@@ -145,6 +152,12 @@ async def _demo(opts: DemoOptions, broker: Broker, t_start: float) -> int:
     if not ok:
         print("ERROR: not every day was scored", flush=True)
     return 0 if ok else 1
+
+
+def _named(alerts: dict[tuple[str, str], dict], cells: set[tuple[str, str]]) -> str:
+    """How often the alerts of ``cells`` named each ``unusual`` statistic, most first."""
+    counts = Counter(u for c in cells for u in alerts[c].get("unusual") or ())
+    return ", ".join(f"{u} {n}" for u, n in counts.most_common()) or "-"
 
 
 def _get(port: int, path: str) -> str:
