@@ -155,9 +155,10 @@ async def _demo(opts: DemoOptions, broker: Broker, t_start: float) -> int:
 
 
 def _named(alerts: dict[tuple[str, str], dict], cells: set[tuple[str, str]]) -> str:
-    """How often the alerts of ``cells`` named each ``unusual`` statistic, most first."""
+    """How often the alerts of ``cells`` named each ``unusual`` statistic, most first
+    ("rules only": only data-quality rules fired on them)."""
     counts = Counter(u for c in cells for u in alerts[c].get("unusual") or ())
-    return ", ".join(f"{u} {n}" for u, n in counts.most_common()) or "-"
+    return ", ".join(f"{u} {n}" for u, n in counts.most_common()) or "rules only"
 
 
 def _get(port: int, path: str) -> str:
