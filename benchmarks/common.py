@@ -463,8 +463,8 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def sample(registry: Any, name: str) -> float:
-    return float(registry.get_sample_value(name) or 0.0)
+def sample(registry: Any, name: str, labels: dict[str, str] | None = None) -> float:
+    return float(registry.get_sample_value(name, labels) or 0.0)
 
 
 def cpu_times(pid: int | None) -> float:

@@ -57,6 +57,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 
 from benchmarks import common
+from meterwatch.stream.metrics import ALERT_KINDS
 
 FETCH = dict(fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
              isolation_level="read_committed")
@@ -219,7 +220,8 @@ async def run_service(b: Any, topic: str, total: int, days: int, model_path: Pat
             "batches": common.sample(reg, "meterwatch_executions_total"),
             "mean_batch_days": common.sample(reg, "meterwatch_batch_size_days_sum")
             / max(1.0, common.sample(reg, "meterwatch_batch_size_days_count")),
-            "alerts": common.sample(reg, "meterwatch_alerts_total"),
+            "alerts": sum(common.sample(reg, "meterwatch_alerts_total", {"unusual": kind})
+                          for kind in ALERT_KINDS),
         }
         assert out["readings"] == total, (out, total)
     finally:

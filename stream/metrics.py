@@ -98,6 +98,11 @@ class Metrics:
     sustained_changes: Counter
 
 
+#: The ``unusual`` label of ``meterwatch_alerts_total``: the first of an alert's ``unusual``
+#: list (``stream.alerts.UNUSUAL`` order), or ``rules`` for a data-quality rule alone.
+ALERT_KINDS: tuple[str, ...] = ("total", "half_hour", "hours", "shape", "rules")
+
+
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
     """Build every metric of the service on ``registry`` (a fresh one when ``None``).
 
@@ -142,7 +147,11 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         days_imputed=counter(
             "meterwatch_days_imputed",
             "Household-days closed by the watermark and scored with imputed slots."),
-        alerts=counter("meterwatch_alerts", "Alerts published."),
+        alerts=counter(
+            "meterwatch_alerts",
+            "Alerts published, by what is unusual: the first of the alert's 'unusual' list "
+            "(total, half_hour, hours, shape), or rules when only a data-quality rule fired.",
+            ("unusual",)),
         inferences=counter("meterwatch_inferences", "Household-days run through the model."),
         executions=counter("meterwatch_executions", "Model batches executed."),
         batch_size=histogram(
@@ -214,6 +223,8 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
     )
     for sig in SIGNATURES:
         m.sustained_changes.labels(sig)
+    for kind in ALERT_KINDS:
+        m.alerts.labels(kind)
     for agreement in ("both", "live_only", "shadow_only"):
         m.shadow_alerts.labels(agreement)
     for reason in INVALID_REASONS:  # every reason has a series (0) before its first record

@@ -573,7 +573,8 @@ class Service:
             if doc.alert is not None:
                 records[1].append(json_record(s.alerts_topic, partition, doc.household_id,
                                               doc.alert))
-                self.metrics.alerts.inc()
+                self.metrics.alerts.labels(
+                    (doc.alert.get("unusual") or ("rules",))[0]).inc()
             if doc.data_quality is not None:
                 records[1].append(json_record(s.data_quality_topic, partition,
                                               doc.household_id, doc.data_quality))

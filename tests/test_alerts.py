@@ -9,9 +9,10 @@ import jsonschema
 import numpy as np
 
 from meterwatch.model import SIGNAL_NAMES
-from meterwatch.stream.alerts import build_documents, rule_spans, severity
+from meterwatch.stream.alerts import UNUSUAL, build_documents, rule_spans, severity
 from meterwatch.stream.assembler import COMPLETE, ClosedDays
 from meterwatch.stream.events import Alert
+from meterwatch.stream.metrics import ALERT_KINDS
 from meterwatch.stream.schemas import load_schema
 from meterwatch.stream.scorer import Scored
 from meterwatch.stream.timegrid import TimeGrid
@@ -161,3 +162,9 @@ def test_model_alert_says_what_is_unusual() -> None:
                             model_version="m-1", signal_names=SIGNAL_NAMES,
                             grid=TimeGrid("Europe/London"), top_slots=4)[0].alert
     assert alert is not None and alert["unusual"] == [] and "unusual" not in alert["summary"]
+
+
+def test_alert_metric_kinds_are_the_unusual_names() -> None:
+    """``meterwatch_alerts_total{unusual=...}``: one series per name an alert's ``unusual``
+    can start with, plus ``rules``."""
+    assert ALERT_KINDS == (*(name for name, _ in UNUSUAL.values()), "rules")

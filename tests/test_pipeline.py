@@ -7,6 +7,7 @@ import asyncio
 import base64
 import time
 import urllib.request
+from collections import Counter
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -14,6 +15,7 @@ from aiokafka import AIOKafkaProducer
 from meterwatch.model import SyntheticConfig, generate
 from meterwatch.stream.broker import create_topics
 from meterwatch.stream.events import Alert, DayScore, DeadLetter
+from meterwatch.stream.metrics import ALERT_KINDS
 from meterwatch.stream.service import Service
 from meterwatch.stream.simulate import MALFORMED, produce_synthetic
 from tests.conftest import HISTORY_DAYS, assert_unique, inject_gross, read_topic, unique_settings
@@ -84,6 +86,10 @@ async def test_pipeline_end_to_end(broker, detector):
     assert _value(after, "meterwatch_readings_total") == stats.readings
     assert _value(after, "meterwatch_days_scored_total") == expected_days
     assert _value(after, "meterwatch_alerts_total") == len(alerts)
+    kinds = Counter((a.get("unusual") or ["rules"])[0] for a in alerts)
+    assert set(kinds) <= set(ALERT_KINDS), kinds
+    for kind in ALERT_KINDS:  # each kind counts its own alerts
+        assert _value(after, f'meterwatch_alerts_total{{unusual="{kind}"}}') == kinds[kind]
     assert _value(after, "meterwatch_batch_size_days_count") >= 1
     assert _value(after, "meterwatch_end_to_end_latency_seconds_count") == expected_days
     assert sum(v for k, v in _samples(after, "meterwatch_dead_letter_records_total")) \
@@ -138,4 +144,5 @@ def _samples(text: str, name: str) -> list[tuple[str, float]]:
 
 
 def _value(text: str, name: str) -> float:
-    return sum(v for k, v in _samples(text, name) if k == name)
+    """The sum of a metric's samples (over its labels, if any)."""
+    return sum(v for k, v in _samples(text, name) if k == name or k.startswith(name + "{"))
