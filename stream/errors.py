@@ -33,3 +33,10 @@ def first_line(exc: BaseException) -> str:
     """The first line of an error's message, or its type's name when it has none (what a
     one-line error or log line says of it)."""
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def problem_of(exc: BaseException) -> str:
+    """What is wrong, from an error whose message reads ``<what is wrong>; <how to fix>``
+    (``CheckpointError``, a budget outside the curve's range): the part before the first
+    ``;``, for a ``ConfigurationError`` that gives its own fix."""
+    return str(exc).split(";")[0]

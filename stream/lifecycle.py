@@ -56,7 +56,7 @@ from meterwatch.model import ContextTables, Detector, SyntheticConfig, generate
 from meterwatch.model.detector import CheckpointError
 from meterwatch.model.features import FEATURE_NAMES, N_SLOTS, model_inputs
 from meterwatch.stream.config import Settings
-from meterwatch.stream.errors import ConfigurationError, first_line
+from meterwatch.stream.errors import ConfigurationError, first_line, problem_of
 from meterwatch.stream.metrics import Metrics
 
 if TYPE_CHECKING:  # stream.scorer imports this module (validate)
@@ -127,7 +127,7 @@ def apply_budget(det: Detector, far: float | None, flag: str, *,
     try:
         det.set_target_far(far)
     except ValueError as exc:
-        raise ConfigurationError(flag, str(exc).split(";")[0],
+        raise ConfigurationError(flag, problem_of(exc),
                                  "choose a --target-far inside that range") from None
     return True
 
@@ -317,7 +317,7 @@ class ModelLifecycle:
             try:
                 self.detector = await asyncio.to_thread(self._load, s.model_path)
             except CheckpointError as exc:
-                raise ConfigurationError("--model-path", str(exc).split(";")[0],
+                raise ConfigurationError("--model-path", problem_of(exc),
                                          "give a checkpoint written by meterwatch train") \
                     from None
             self._watchers.append(ModelWatcher(s.model_path, s.model_poll_s,
@@ -334,7 +334,7 @@ class ModelLifecycle:
         try:
             shadow = await asyncio.to_thread(lambda: self._shadow_ready(self._load(path)))
         except (ValueError, OSError) as exc:  # CheckpointError, ModelRejected, ...
-            raise ConfigurationError("--shadow-model-path", str(exc).split(";")[0],
+            raise ConfigurationError("--shadow-model-path", problem_of(exc),
                                      "give a checkpoint written by meterwatch train") from None
         self.shadow = shadow
         self.metrics.shadow_info.info({"version": shadow.version})

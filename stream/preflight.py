@@ -55,7 +55,7 @@ from aiokafka.errors import (
 )
 
 from meterwatch.stream.config import Settings
-from meterwatch.stream.errors import ConfigurationError
+from meterwatch.stream.errors import ConfigurationError, problem_of
 
 if TYPE_CHECKING:  # imported where used: ``meterwatch reset`` needs neither torch nor a model
     from meterwatch.model import ContextTables, Detector
@@ -305,7 +305,7 @@ def check_inputs(settings: Settings) -> None:
         try:
             det = Detector.load(path, device="cpu")
         except CheckpointError as exc:
-            raise ConfigurationError(flag, str(exc).split(";")[0], fix) from None
+            raise ConfigurationError(flag, problem_of(exc), fix) from None
         if live is None:
             apply_budget(det, s.target_far, "--target-far")
         else:  # a shadow without a curve keeps its own threshold (the service warns)
