@@ -400,11 +400,8 @@ class ModelLifecycle:
                 log.info("model reload: %s holds %s, already serving", path, cand.version)
                 return False
             await asyncio.to_thread(validate, cand, old, self.tables)
-            async with self._boundary:  # at a batch boundary: none is being scored
-                t0 = time.perf_counter()
-                # a worker thread scores this very object: validated above, on its device
-                await self.scorer.swap(cand, validated=True)
-                waited = time.perf_counter() - t0
+            # a worker thread scores this very object: validated above, on its device
+            waited = await self._swap_between_batches(self.scorer.swap, cand)
         except Exception as exc:  # CheckpointError, ConfigurationError, ModelRejected, ...
             self.metrics.model_reload_failures.inc()
             log.error("model reload refused: %s; %s keeps serving", first_line(exc),
@@ -416,6 +413,15 @@ class ModelLifecycle:
         log.info("model swapped without a restart: %s -> %s (threshold %.4f; scoring waited "
                  "%.3f s)", old.version, cand.version, cand.threshold, waited)
         return True
+
+    async def _swap_between_batches(
+            self, swap: Callable[..., Awaitable[None]], cand: Detector) -> float:
+        """``swap(cand, validated=True)`` (the scorer's ``swap`` or ``swap_shadow``) at a
+        batch boundary, while none is being scored; returns how long scoring waited."""
+        async with self._boundary:  # scoring waits from here
+            t0 = time.perf_counter()
+            await swap(cand, validated=True)
+            return time.perf_counter() - t0
 
     async def _reload_shadow(self, path: Path) -> bool:
         """The same for the shadow: refused candidates count in
@@ -430,10 +436,7 @@ class ModelLifecycle:
                 log.info("shadow reload: %s holds %s, already shadowing", path, cand.version)
                 return False
             await asyncio.to_thread(self._shadow_ready, cand)
-            async with self._boundary:  # scoring waits from here
-                t0 = time.perf_counter()
-                await self.scorer.swap_shadow(cand, validated=True)
-                waited = time.perf_counter() - t0
+            waited = await self._swap_between_batches(self.scorer.swap_shadow, cand)
         except Exception as exc:
             self.metrics.shadow_reload_failures.inc()
             log.error("shadow reload refused: %s; %s keeps shadowing", first_line(exc),
