@@ -47,7 +47,7 @@ GROWTH = 1.25  # capacity steps of every growable array (a doubling wastes up to
 
 
 def zeros(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
-    """A zeroed array; from 64 KiB on, in an anonymous memory map of its own.
+    """A zeroed array; from 4 KiB on, in an anonymous memory map of its own.
 
     Growing a column copies it; glibc keeps freed heap blocks below its (dynamic, up to
     32 MiB) mmap threshold inside the process, so with ordinary allocations the old copies
@@ -63,7 +63,7 @@ def zeros(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
 
 
 def full(shape: tuple[int, ...], fill: object, dtype: np.dtype | type) -> np.ndarray:
-    """``zeros`` filled with ``fill`` (from 64 KiB on, in a memory map of its own)."""
+    """``zeros`` filled with ``fill`` (from 4 KiB on, in a memory map of its own)."""
     a = zeros(shape, dtype)
     a.fill(fill)
     return a
