@@ -588,6 +588,7 @@ def train_detector(
         det.calibration = prior.with_tails(scores.stat_z[count >= warm_from])
     except TooFewDays as exc:
         raise TrainingDataError(_too_little(ids, day, str(exc))) from None
+    del scores, count  # a replay holds ~0.6 KB per day: never two of them at once
 
     # Step 6: new households. Replay the unseen households as if the service met them
     # first on each of their days (from an empty state; with all, some or none of the
@@ -626,12 +627,14 @@ def train_detector(
     # too (an upper confidence bound of the rate over the unseen households).
     det.threshold = float(det.calibration.tail_s[-1])  # provisional: rarest training day
     scores, _ = det.replay(kwh, day, ids, tables)
-    rule_free = scores.score - scores.model_score < cfg.scoring.rule_bonus / 2
+    final_score, model_score = scores.score, scores.model_score
     established = _count_before(scores, cfg.scoring) >= limit
-    ok = np.isfinite(scores.model_score) & rule_free
+    del scores
+    rule_free = final_score - model_score < cfg.scoring.rule_bonus / 2
+    ok = np.isfinite(model_score) & rule_free
     usable = ok & established if (ok & established).sum() >= 100 else ok
-    sel = calibration_days(scores.model_score, hh, day, usable, cfg.target_far)
-    det.threshold = tail_quantile(scores.model_score[sel], cfg.target_far)
+    sel = calibration_days(model_score, hh, day, usable, cfg.target_far)
+    det.threshold = tail_quantile(model_score[sel], cfg.target_far)
     offsets = np.zeros(max(len(edges) - 1, 0), np.float32)
     if len(offsets):
         cold_score = det.calibration.model_score(cold_z, cold_count)
@@ -651,12 +654,12 @@ def train_detector(
     # ``--target-far``): at each rate of its grid, fitted on the rule-free days that would
     # set the threshold for that rate (``budget_curve``); fewer than 200 established days:
     # every day with a model score.
-    finite = np.isfinite(scores.model_score)
+    finite = np.isfinite(model_score)
     with np.errstate(invalid="ignore"):
-        rule = scores.score - scores.model_score >= cfg.scoring.rule_bonus / 2
+        rule = final_score - model_score >= cfg.scoring.rule_bonus / 2
     usable = finite & established if (finite & established).sum() >= 200 else finite
     if (usable & ~rule).sum() >= 40:
-        det.far_curve = budget_curve(scores.model_score, rule, hh, day, usable)
+        det.far_curve = budget_curve(model_score, rule, hh, day, usable)
     else:
         log.warning("too few days (%d) for a calibration curve: this checkpoint cannot take "
                     "a target false-alarm rate", int(usable.sum()))
