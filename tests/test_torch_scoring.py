@@ -145,6 +145,30 @@ def test_replay_matches_numpy_sequential_days() -> None:
         _assert_state_close(ref_final[h], got_final[h])
 
 
+def test_replay_in_household_chunks_equals_one_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long replay runs whole households at a time (bounded device memory): the scores
+    and states are those of one scan over everything."""
+    det = _detector()
+    ids, day, kwh, tables = _days(40, 12, seed=5)
+    perm = np.random.default_rng(1).permutation(len(day))
+    ids = [ids[i] for i in perm]
+    day, kwh = day[perm], kwh[perm]
+    whole, whole_final = det.replay(kwh, day, ids, tables)
+    monkeypatch.setattr(ts, "REPLAY_CHUNK_ROWS", 50)  # 40 households x 12 days: ~10 chunks
+    chunks = ts._household_chunks(np.unique(np.asarray(ids), return_inverse=True)[1], 50)
+    assert len(chunks) > 5 and sorted(np.concatenate(chunks).tolist()) == list(range(len(day)))
+    got, got_final = det.replay(kwh, day, ids, tables)
+    for f in dataclasses.fields(whole):
+        a, b = getattr(whole, f.name), getattr(got, f.name)
+        if f.name == "state":
+            _assert_state_close(a, b)
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, equal_nan=True,
+                                       err_msg=f.name)
+    for h in whole_final:
+        _assert_state_close(whole_final[h], got_final[h])
+
+
 def test_batch_with_several_days_per_household_equals_one_day_at_a_time() -> None:
     """score_batch's scan over ranks == calling score once per day, carrying the state."""
     det = _detector()
