@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -188,6 +189,20 @@ def day_records(data: SyntheticData | RecordedDays, d: int, rng: np.random.Gener
         yield data.household_ids[h].encode(), b"[" + b",".join(items) + b"]", [h] * len(items)
 
 
+def check_pacing(*, rate: float | None, duration: float | None, malformed_every: int) -> None:
+    """``ValueError`` naming the flag of a pace that cannot be kept: a rate or duration that
+    is not a positive finite number (NaN used to switch pacing off, and a NaN duration never
+    ended), a negative ``--malformed-every`` (which silently sent none)."""
+    if rate is not None and not (math.isfinite(rate) and rate > 0):
+        raise ValueError("--rate: must be a positive number of readings per second; leave it "
+                         "out to produce as fast as the broker takes them")
+    if duration is not None and not (math.isfinite(duration) and duration > 0):
+        raise ValueError("--duration: must be a positive, finite number of seconds; leave it "
+                         "out to stop when the days are produced")
+    if malformed_every < 0:
+        raise ValueError("--malformed-every: must be 0 (none) or a number of records")
+
+
 async def produce_synthetic(bootstrap_servers: str, topic: str,
                             data: SyntheticData | RecordedDays, *,
                             days: range | None = None, malformed_every: int = 0,
@@ -201,6 +216,7 @@ async def produce_synthetic(bootstrap_servers: str, topic: str,
     after that many seconds, at the end of the record in flight (the day is then partial
     and not counted in ``days_produced``).
     """
+    check_pacing(rate=rate, duration=duration, malformed_every=malformed_every)
     rng = np.random.default_rng(seed)
     own = producer is None
     if producer is None:

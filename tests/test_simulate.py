@@ -24,7 +24,7 @@ from meterwatch.model.inject import inject, random_labels
 from meterwatch.model.loaders import Readings
 from meterwatch.stream.broker import Broker
 from meterwatch.stream.simulate import RecordedDays, day_records, recorded
-from tests.cli_helpers import METERWATCH, clean_env
+from tests.cli_helpers import METERWATCH, clean_env, meterwatch, one_line_error
 
 
 def _dense(readings: Readings, *, start: int | None = None, days: int | None = None,
@@ -142,3 +142,17 @@ def test_simulate_data_memory_does_not_grow_with_the_window(broker: Broker,
     peak_mb = int(proc.stdout.rsplit("PEAK_KB", 1)[1]) / 1024
     assert "produced " in proc.stdout and " readings in " in proc.stdout, proc.stdout
     assert peak_mb < 700, f"peak RSS {peak_mb:.0f} MB"
+
+
+@pytest.mark.parametrize(("flag", "value"), [
+    ("--rate", "nan"), ("--rate", "inf"), ("--rate", "-5"), ("--duration", "nan"),
+    ("--duration", "inf"), ("--duration", "0"), ("--malformed-every", "-1"),
+])
+def test_simulate_pace_that_cannot_be_kept_is_one_line(flag: str, value: str) -> None:
+    """NaN used to pass ``--rate`` (pacing silently off) and ``--duration`` (never ended),
+    a negative ``--malformed-every`` sent none; each is refused before any connection (the
+    address below has no broker: the old behaviour was a connection error)."""
+    proc = meterwatch("simulate", "--households", "1", "--days", "1", flag, value,
+                      "--bootstrap-servers", "127.0.0.1:9", env=clean_env(), timeout=120)
+    line = one_line_error(proc)
+    assert line.startswith(f"meterwatch: error: {flag}: must be"), line
