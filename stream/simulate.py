@@ -11,13 +11,15 @@ import asyncio
 import datetime as dt
 import logging
 import math
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.conn import create_conn
+from aiokafka.errors import KafkaError, SaslAuthenticationFailed, UnsupportedSaslMechanismError
 
 from meterwatch.model import ContextTables, SyntheticData
 from meterwatch.model.inject import inject, random_labels
@@ -189,6 +191,50 @@ def day_records(data: SyntheticData | RecordedDays, d: int, rng: np.random.Gener
         yield data.household_ids[h].encode(), b"[" + b",".join(items) + b"]", [h] * len(items)
 
 
+async def _refusal(bootstrap_servers: str, client: dict[str, object]) -> str | None:
+    """Why the brokers refused us, as the one line naming the flag to fix, when a server
+    answered and refused our credentials or our TLS (a wrong password used to be reported
+    as "--bootstrap-servers: cannot connect"); None when none answered. Never the secret."""
+    protocol = str(client.get("security_protocol", "PLAINTEXT"))
+    mechanism = str(client.get("sasl_mechanism") or "PLAIN")
+    for server in bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        if not host or not port.isdigit():
+            continue
+        try:
+            conn = await create_conn(
+                host.strip("[]"), int(port), request_timeout_ms=5000,
+                client_id=str(client.get("client_id", "meterwatch")),
+                security_protocol=protocol, ssl_context=client.get("ssl_context"),
+                sasl_mechanism=mechanism,
+                sasl_plain_username=client.get("sasl_plain_username"),
+                sasl_plain_password=client.get("sasl_plain_password"))
+        except SaslAuthenticationFailed:
+            return _rejected(server, mechanism)
+        except KeyError as exc:  # aiokafka's SCRAM client on the server's error message
+            if mechanism.startswith("SCRAM") and exc.args == ("v",):
+                return _rejected(server, mechanism)
+            continue
+        except UnsupportedSaslMechanismError:
+            return (f"--sasl-mechanism: the broker at {server} does not offer {mechanism}; "
+                    "use a mechanism the listener enables")
+        except ssl.SSLError as exc:
+            reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) \
+                or type(exc).__name__
+            return (f"--ssl-cafile: TLS with {server} failed ({reason}); give the CA that "
+                    "signed the broker's certificate, and an SSL listener")
+        except Exception:  # refused, reset, timed out, not resolved: not an answer
+            continue
+        conn.close()
+    return None
+
+
+def _rejected(server: str, mechanism: str) -> str:
+    return (f"--sasl-username/--sasl-password: the broker at {server} rejected the "
+            f"credentials ({mechanism}); check the user name, the password and "
+            "--sasl-mechanism")
+
+
 def check_pacing(*, rate: float | None, duration: float | None, malformed_every: int) -> None:
     """``ValueError`` naming the flag of a pace that cannot be kept: a rate or duration that
     is not a positive finite number (NaN used to switch pacing off, and a NaN duration never
@@ -226,11 +272,12 @@ async def produce_synthetic(bootstrap_servers: str, topic: str,
             await producer.start()
         except KafkaError as e:
             await producer.stop()  # no leaked client
-            raise ConnectionError(
+            refused = await _refusal(bootstrap_servers, client)
+            raise ConnectionError(refused or (
                 f"--bootstrap-servers: cannot connect to {bootstrap_servers} "
                 f"({type(e).__name__}); check the address and the security settings "
                 "(--security-protocol, --sasl-mechanism, --sasl-username/--sasl-password, "
-                "--ssl-cafile)") from None
+                "--ssl-cafile)")) from None
     stats = ProduceStats()
     t0 = time.perf_counter()
     stop_at = t0 + duration if duration is not None else None
