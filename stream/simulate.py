@@ -14,7 +14,7 @@ import math
 import ssl
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from aiokafka import AIOKafkaProducer
@@ -58,8 +58,6 @@ class ProduceStats:
     seconds: float = 0.0
     #: whole days produced (fewer than asked when --duration ended it)
     days_produced: int = 0
-    #: (household_id, day) -> wall time its last reading was acknowledged
-    last_sent: dict[tuple[str, int], float] = field(default_factory=dict)
 
 
 @dataclass
@@ -309,10 +307,6 @@ async def produce_synthetic(bootstrap_servers: str, topic: str,
             if stopped:
                 break
             stats.days_produced += 1
-            now = time.time()
-            day = int(data.days[d])
-            for hid in data.household_ids:
-                stats.last_sent[(hid, day)] = now
     finally:
         if own:
             await producer.stop()
