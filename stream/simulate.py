@@ -288,6 +288,8 @@ async def produce_synthetic(bootstrap_servers: str, topic: str,
                                                                array_fraction=array_fraction)):
                 if rate is not None:
                     ahead = stats.readings / rate - (time.perf_counter() - t0)
+                    if stop_at is not None:  # never sleep past --duration
+                        ahead = min(ahead, stop_at - time.perf_counter())
                     if ahead > 0.002:
                         await asyncio.sleep(ahead)
                 if stop_at is not None and time.perf_counter() >= stop_at:

@@ -205,3 +205,18 @@ def test_simulate_tls_refusal_names_the_ca_flag(tmp_path: Path) -> None:
     assert line.startswith(f"meterwatch: error: --ssl-cafile: TLS with 127.0.0.1:{port} "
                            "failed ("), line
     assert "give the CA that signed the broker's certificate" in line, line
+
+
+@pytest.mark.integration
+def test_simulate_duration_is_kept_at_a_slow_rate(broker: Broker, tmp_path: Path) -> None:
+    """``--rate 0.25 --duration 2``: the second reading is due at 4 s, after the end; the
+    wait used to run on to it (4.0 s for a 2 s run)."""
+    env = clean_env(METERWATCH_BOOTSTRAP_SERVERS=broker.bootstrap_servers,
+                    METERWATCH_INPUT_TOPIC=f"sim-pace-{uuid.uuid4().hex[:8]}")
+    proc = meterwatch("simulate", "--households", "2", "--days", "1", "--rate", "0.25",
+                      "--duration", "2", env=env, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("produced 1 readings in 1 records"), line
+    seconds = float(line.split(" s to ")[0].rsplit(" in ", 1)[1])
+    assert 1.9 <= seconds < 3.0, line
