@@ -177,6 +177,8 @@ class Settings(BaseSettings):
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("--ssl-keyfile: --ssl-certfile and --ssl-keyfile go together; "
                              "give both or neither")
+        if proto in ("SSL", "SASL_SSL"):
+            check_tls_files(self.ssl_cafile, self.ssl_certfile, self.ssl_keyfile)
         return self
 
     # -- validation that never prints input values ------------------------------------------
@@ -276,6 +278,44 @@ def field_choices(name: str) -> tuple[str, ...]:
         if typing.get_origin(arg) is Literal:
             return tuple(str(a) for a in typing.get_args(arg))
     return ()
+
+
+def check_tls_files(cafile: Path | None, certfile: Path | None,
+                    keyfile: Path | None) -> None:
+    """``ValueError`` naming the flag when a TLS file is not what it must be: the CA bundle a
+    PEM file of certificates, the client certificate and key a PEM pair that matches (a
+    key with a passphrase cannot be used: there is no setting for one)."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if cafile is not None:
+        try:
+            context.load_verify_locations(cafile=str(cafile))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ValueError(f"--ssl-cafile: {str(cafile)!r} holds no PEM certificate "
+                             f"({_tls_reason(exc)}); give the PEM file of the CA that signed "
+                             "the brokers' certificates") from None
+    if certfile is not None and keyfile is not None:
+        try:
+            context.load_cert_chain(str(certfile), str(keyfile), password=_no_passphrase)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ValueError(f"--ssl-certfile: {str(certfile)!r} and --ssl-keyfile "
+                             f"{str(keyfile)!r} are not a PEM certificate and its unencrypted "
+                             f"key ({_tls_reason(exc)}); give both as PEM files") from None
+
+
+def _no_passphrase() -> bytes:
+    raise ValueError("the key is encrypted")  # never OpenSSL's prompt on the terminal
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """OpenSSL's reason code (``NO_CERTIFICATE_OR_CRL_FOUND``), never the file's content."""
+    reason = getattr(exc, "reason", None)
+    if reason:
+        return str(reason)
+    if type(exc) is ValueError:
+        return str(exc)
+    return getattr(exc, "strerror", None) or type(exc).__name__
 
 
 def describe_error(exc: ValidationError, from_flags: set[str] | None = None) -> str:

@@ -46,7 +46,30 @@ class DemoOptions:
     quiet_alerts: bool = False
 
 
+def check_options(opts: DemoOptions) -> None:
+    """``ValueError`` naming the flag of an option the demo cannot run with, before it
+    starts a broker or trains (``--households -3`` said "negative dimensions are not
+    allowed" and ``--metrics-port 70000`` "1 validation error for Settings", the latter
+    after two minutes of training; ``--stream-days 0`` trained, then exited 0 with nothing
+    scored)."""
+    from meterwatch.stream.preflight import check_metrics_address
+
+    for flag, value in (("--households", opts.households),
+                        ("--history-days", opts.history_days),
+                        ("--stream-days", opts.stream_days)):
+        if value < 1:
+            raise ValueError(f"{flag}: must be at least 1; see meterwatch demo --help")
+    if not 0 <= opts.metrics_port <= 65535:
+        raise ValueError("--metrics-port: must be a TCP port, 1 to 65535, or 0 for any free "
+                         "one")
+    if opts.metrics_port:
+        check_metrics_address(Settings(  # type: ignore[call-arg]
+            _env_prefix="METERWATCH_DEMO_UNUSED_", metrics_host="127.0.0.1",
+            metrics_port=opts.metrics_port))
+
+
 async def run_demo(opts: DemoOptions) -> int:
+    check_options(opts)
     t_start = time.perf_counter()
     print("meterwatch demo: starting a Kafka-protocol broker ...", flush=True)
     broker = await asyncio.to_thread(Broker.start)

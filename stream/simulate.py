@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
+import ssl
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.conn import create_conn
+from aiokafka.errors import KafkaError, SaslAuthenticationFailed, UnsupportedSaslMechanismError
 
 from meterwatch.model import ContextTables, SyntheticData
 from meterwatch.model.inject import inject, random_labels
@@ -55,30 +58,60 @@ class ProduceStats:
     seconds: float = 0.0
     #: whole days produced (fewer than asked when --duration ended it)
     days_produced: int = 0
-    #: (household_id, day) -> wall time its last reading was acknowledged
-    last_sent: dict[tuple[str, int], float] = field(default_factory=dict)
+
+
+@dataclass
+class RecordedDays:
+    """Recorded readings for ``produce_synthetic``, one day at a time: what ``recorded``
+    returns. It holds the loader's (M, 48) rows as they are, an index of them by day and the
+    injected household-days, never a households x days x 48 grid (2 GB for the 5,567
+    households of the Low Carbon London set); ``day_kwh(d)`` builds one day's
+    (households, 48) block when it is produced."""
+
+    household_ids: list[str]
+    days: np.ndarray  # int32 (D,) days since 1970-01-01
+    labels: np.ndarray  # int8 (H, D): 0 normal, else index into ANOMALY_TYPES
+    kwh_rows: np.ndarray  # float32 (M, 48): the loader's rows, NaN where missing
+    row_household: np.ndarray  # int32 (K,): household of each kept row, in day order
+    row_source: np.ndarray  # int64 (K,): its row in kwh_rows
+    day_bounds: np.ndarray  # int64 (D + 1,): day d is entries day_bounds[d]:day_bounds[d+1]
+    injected_at: np.ndarray  # int64 (I,): entries (in day order) with an injected anomaly
+    injected_kwh: np.ndarray  # float32 (I, 48): their readings after the injection
+
+    def day_kwh(self, d: int) -> np.ndarray:
+        """float32 (H, 48) readings of day index ``d``; NaN where none was recorded."""
+        lo, hi = int(self.day_bounds[d]), int(self.day_bounds[d + 1])
+        out = np.full((len(self.household_ids), 48), np.nan, np.float32)
+        out[self.row_household[lo:hi]] = self.kwh_rows[self.row_source[lo:hi]]
+        a, b = np.searchsorted(self.injected_at, (lo, hi))
+        if b > a:
+            out[self.row_household[self.injected_at[a:b]]] = self.injected_kwh[a:b]
+        return out
 
 
 def recorded(readings: Readings, *, start: int | None = None, days: int | None = None,
              households: int | None = None, anomaly_rate: float = 0.0,
-             seed: int = 0, tables: ContextTables | None = None) -> SyntheticData:
-    """Recorded readings (``model.loaders``: any layout ``meterwatch train --data`` reads) on
-    the grid ``produce_synthetic`` sends: the first ``households`` households (all by
-    default, in the order of the data) over ``days`` days from ``start`` (days since
-    1970-01-01; default: from the first day of the data to its last). A missing reading stays
-    NaN and is never sent. With ``anomaly_rate`` a share of the household-days that have
-    readings get one anomaly of ``model.inject`` each (any type that applies to the day), and
-    ``labels`` says which, as for synthetic data; ``tables``' weather tells heating on a
-    mild day where to go (without it every day counts as mild).
+             seed: int = 0, tables: ContextTables | None = None) -> RecordedDays:
+    """Recorded readings (``model.loaders``: any layout ``meterwatch train --data`` reads)
+    for ``produce_synthetic`` to send day by day: the first ``households`` households (all
+    by default, in the order of the data) over ``days`` days from ``start`` (days since
+    1970-01-01; default: from the first day of the data to its last). A missing reading
+    stays NaN and is never sent. With ``anomaly_rate`` a share of the household-days that
+    have readings get one anomaly of ``model.inject`` each (any type that applies to the
+    day), and ``labels`` says which, as for synthetic data; ``tables``' weather tells heating
+    on a mild day where to go (without it every day counts as mild).
+
+    Memory: the loader's rows are used in place (no copy); beside them about 20 bytes per
+    household-day of index and the injected household-days only.
 
     >>> r = Readings(["A", "A", "B"], np.array([10, 12, 11], np.int32),
     ...              np.ones((3, 48), np.float32))
     >>> g = recorded(r)
-    >>> g.household_ids, g.days.tolist(), int(np.isnan(g.kwh[:, :, 0]).sum())
-    (['A', 'B'], [10, 11, 12], 3)
+    >>> g.household_ids, g.days.tolist(), [int(np.isnan(g.day_kwh(d)[:, 0]).sum())
+    ...                                    for d in range(3)]
+    (['A', 'B'], [10, 11, 12], [1, 1, 1])
     """
-    ids = np.asarray(readings.household_ids, dtype=str)
-    order = list(dict.fromkeys(ids.tolist()))[:households]
+    order = list(dict.fromkeys(readings.household_ids))[:households]
     if not len(readings) or not order:
         raise ValueError("--data: no readings to produce")
     first = int(readings.day.min()) if start is None else start
@@ -87,49 +120,64 @@ def recorded(readings: Readings, *, start: int | None = None, days: int | None =
         raise ValueError(f"--start: the data ends on {_date(int(readings.day.max()))}, before "
                          f"{_date(first)}; give an earlier --start")
     code = {h: i for i, h in enumerate(order)}
-    keep = np.flatnonzero(np.isin(ids, order) & (readings.day >= first)
+    household = np.fromiter((code.get(h, -1) for h in readings.household_ids),
+                            dtype=np.int32, count=len(readings))
+    keep = np.flatnonzero((household >= 0) & (readings.day >= first)
                           & (readings.day < first + n_days))
     if not len(keep):
         raise ValueError("--start/--days: the data has no readings in that window")
-    kwh = np.full((len(order), n_days, 48), np.nan, np.float32)
+    rows = household[keep]
+    del household
+    keep_day = readings.day[keep]
+    cols = keep_day.astype(np.int64) - first
     labels = np.zeros((len(order), n_days), np.int8)
-    rows = np.array([code[h] for h in ids[keep]], dtype=np.int64)
-    cols = readings.day[keep].astype(np.int64) - first
-    day_kwh = readings.kwh[keep]
+    hit = np.zeros(0, np.int64)
+    hit_kwh = np.zeros((0, 48), np.float32)
     if anomaly_rate > 0:
+        # The draws of one injection over every kept household-day (the labels, then each
+        # type's rows), applied to the labelled household-days only: the same anomalies in
+        # the same places as over all of them, without copying the rest.
         rng = np.random.default_rng(seed)
-        day_labels = random_labels(len(keep), anomaly_rate, rng, day=readings.day[keep])
-        temp = None if tables is None else tables.max_temperature(readings.day[keep])
-        hit = inject(day_kwh, day_labels, rng, day=readings.day[keep], temp_max=temp)
+        day_labels = random_labels(len(keep), anomaly_rate, rng, day=keep_day)
+        hit = np.flatnonzero(day_labels)
+        original = readings.kwh[keep[hit]]
+        temp = None if tables is None else tables.max_temperature(keep_day[hit])
+        hit_kwh = inject(original, day_labels[hit], rng, day=keep_day[hit], temp_max=temp)
         # a type that changed nothing (heating on a day that was not mild) is no anomaly
-        changed = (np.abs(np.nan_to_num(hit) - np.nan_to_num(day_kwh)) > 1e-6).any(axis=1)
-        labels[rows, cols] = np.where(changed, day_labels, 0)
-        day_kwh = hit
-    kwh[rows, cols] = day_kwh
-    return SyntheticData(household_ids=order,
-                         days=np.arange(first, first + n_days, dtype=np.int32), kwh=kwh,
-                         labels=labels, acorn_group=[""] * len(order),
-                         tariff=[""] * len(order), tables=tables or ContextTables.empty())
+        changed = (np.abs(np.nan_to_num(hit_kwh) - np.nan_to_num(original)) > 1e-6).any(axis=1)
+        labels[rows[hit], cols[hit]] = np.where(changed, day_labels[hit], 0)
+    by_day = np.argsort(cols, kind="stable")
+    position = np.empty(len(keep), np.int64)  # where each kept row lands in day order
+    position[by_day] = np.arange(len(keep))
+    injected_at = position[hit]
+    inj_order = np.argsort(injected_at, kind="stable")
+    return RecordedDays(
+        household_ids=order, days=np.arange(first, first + n_days, dtype=np.int32),
+        labels=labels, kwh_rows=readings.kwh, row_household=rows[by_day],
+        row_source=keep[by_day].astype(np.int64),
+        day_bounds=np.searchsorted(cols[by_day], np.arange(n_days + 1)).astype(np.int64),
+        injected_at=injected_at[inj_order], injected_kwh=hit_kwh[inj_order])
 
 
 def _date(day: int) -> str:
     return (dt.date(1970, 1, 1) + dt.timedelta(days=day)).isoformat()
 
 
-def day_records(data: SyntheticData, d: int, rng: np.random.Generator, *,
+def day_records(data: SyntheticData | RecordedDays, d: int, rng: np.random.Generator, *,
                 array_fraction: float = 0.1) -> Iterator[tuple[bytes, bytes, list[int]]]:
     """(key, value, household rows) records for day index ``d``, shuffled."""
     day = int(data.days[d])
     h_n = len(data.household_ids)
+    block = data.day_kwh(d) if isinstance(data, RecordedDays) else data.kwh[:, d]
+    kwh: list[list[float]] = block.tolist()
     order = rng.permutation(h_n * 48)
     as_array = rng.random(h_n) < array_fraction
+    order = order[~np.isnan(block).ravel()[order]]  # a missing reading is never sent
     arrays: dict[int, list[bytes]] = {}
     for k in order.tolist():
         h, s = divmod(k, 48)
         hid = data.household_ids[h]
-        v = float(data.kwh[h, d, s])
-        if np.isnan(v):
-            continue  # a missing reading is simply never sent
+        v = kwh[h][s]
         js = reading_json(hid, day * 86400 + s * 1800, v)
         if as_array[h]:
             arrays.setdefault(h, []).append(js)
@@ -141,7 +189,66 @@ def day_records(data: SyntheticData, d: int, rng: np.random.Generator, *,
         yield data.household_ids[h].encode(), b"[" + b",".join(items) + b"]", [h] * len(items)
 
 
-async def produce_synthetic(bootstrap_servers: str, topic: str, data: SyntheticData, *,
+async def _refusal(bootstrap_servers: str, client: dict[str, object]) -> str | None:
+    """Why the brokers refused us, as the one line naming the flag to fix, when a server
+    answered and refused our credentials or our TLS (a wrong password used to be reported
+    as "--bootstrap-servers: cannot connect"); None when none answered. Never the secret."""
+    protocol = str(client.get("security_protocol", "PLAINTEXT"))
+    mechanism = str(client.get("sasl_mechanism") or "PLAIN")
+    for server in bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        if not host or not port.isdigit():
+            continue
+        try:
+            conn = await create_conn(
+                host.strip("[]"), int(port), request_timeout_ms=5000,
+                client_id=str(client.get("client_id", "meterwatch")),
+                security_protocol=protocol, ssl_context=client.get("ssl_context"),
+                sasl_mechanism=mechanism,
+                sasl_plain_username=client.get("sasl_plain_username"),
+                sasl_plain_password=client.get("sasl_plain_password"))
+        except SaslAuthenticationFailed:
+            return _rejected(server, mechanism)
+        except KeyError as exc:  # aiokafka's SCRAM client on the server's error message
+            if mechanism.startswith("SCRAM") and exc.args == ("v",):
+                return _rejected(server, mechanism)
+            continue
+        except UnsupportedSaslMechanismError:
+            return (f"--sasl-mechanism: the broker at {server} does not offer {mechanism}; "
+                    "use a mechanism the listener enables")
+        except ssl.SSLError as exc:
+            reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) \
+                or type(exc).__name__
+            return (f"--ssl-cafile: TLS with {server} failed ({reason}); give the CA that "
+                    "signed the broker's certificate, and an SSL listener")
+        except Exception:  # refused, reset, timed out, not resolved: not an answer
+            continue
+        conn.close()
+    return None
+
+
+def _rejected(server: str, mechanism: str) -> str:
+    return (f"--sasl-username/--sasl-password: the broker at {server} rejected the "
+            f"credentials ({mechanism}); check the user name, the password and "
+            "--sasl-mechanism")
+
+
+def check_pacing(*, rate: float | None, duration: float | None, malformed_every: int) -> None:
+    """``ValueError`` naming the flag of a pace that cannot be kept: a rate or duration that
+    is not a positive finite number (NaN used to switch pacing off, and a NaN duration never
+    ended), a negative ``--malformed-every`` (which silently sent none)."""
+    if rate is not None and not (math.isfinite(rate) and rate > 0):
+        raise ValueError("--rate: must be a positive number of readings per second; leave it "
+                         "out to produce as fast as the broker takes them")
+    if duration is not None and not (math.isfinite(duration) and duration > 0):
+        raise ValueError("--duration: must be a positive, finite number of seconds; leave it "
+                         "out to stop when the days are produced")
+    if malformed_every < 0:
+        raise ValueError("--malformed-every: must be 0 (none) or a number of records")
+
+
+async def produce_synthetic(bootstrap_servers: str, topic: str,
+                            data: SyntheticData | RecordedDays, *,
                             days: range | None = None, malformed_every: int = 0,
                             array_fraction: float = 0.1, seed: int = 0,
                             producer: AIOKafkaProducer | None = None,
@@ -153,6 +260,7 @@ async def produce_synthetic(bootstrap_servers: str, topic: str, data: SyntheticD
     after that many seconds, at the end of the record in flight (the day is then partial
     and not counted in ``days_produced``).
     """
+    check_pacing(rate=rate, duration=duration, malformed_every=malformed_every)
     rng = np.random.default_rng(seed)
     own = producer is None
     if producer is None:
@@ -162,11 +270,12 @@ async def produce_synthetic(bootstrap_servers: str, topic: str, data: SyntheticD
             await producer.start()
         except KafkaError as e:
             await producer.stop()  # no leaked client
-            raise ConnectionError(
+            refused = await _refusal(bootstrap_servers, client)
+            raise ConnectionError(refused or (
                 f"--bootstrap-servers: cannot connect to {bootstrap_servers} "
                 f"({type(e).__name__}); check the address and the security settings "
                 "(--security-protocol, --sasl-mechanism, --sasl-username/--sasl-password, "
-                "--ssl-cafile)") from None
+                "--ssl-cafile)")) from None
     stats = ProduceStats()
     t0 = time.perf_counter()
     stop_at = t0 + duration if duration is not None else None
@@ -179,6 +288,8 @@ async def produce_synthetic(bootstrap_servers: str, topic: str, data: SyntheticD
                                                                array_fraction=array_fraction)):
                 if rate is not None:
                     ahead = stats.readings / rate - (time.perf_counter() - t0)
+                    if stop_at is not None:  # never sleep past --duration
+                        ahead = min(ahead, stop_at - time.perf_counter())
                     if ahead > 0.002:
                         await asyncio.sleep(ahead)
                 if stop_at is not None and time.perf_counter() >= stop_at:
@@ -198,10 +309,6 @@ async def produce_synthetic(bootstrap_servers: str, topic: str, data: SyntheticD
             if stopped:
                 break
             stats.days_produced += 1
-            now = time.time()
-            day = int(data.days[d])
-            for hid in data.household_ids:
-                stats.last_sent[(hid, day)] = now
     finally:
         if own:
             await producer.stop()
