@@ -143,9 +143,9 @@ async def _active_members(admin: AIOKafkaAdminClient, group: str) -> int:
                     "is running", exc)
         return 0
     n = 0
-    for resp in responses:
+    for resp in responses:  # DescribeGroups v0-v3 name the fields "group" and "state"
         for g in resp.to_object().get("groups", []):
-            if g.get("group_id") == group and g.get("group_state") not in ("Empty", "Dead"):
+            if g.get("group") == group and g.get("state") not in ("Empty", "Dead"):
                 n += len(g.get("members") or [])
     return n
 

@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer
 from meterwatch.model import SyntheticConfig, generate
 from meterwatch.stream.broker import create_topics
 from meterwatch.stream.config import Settings
+from meterwatch.stream.errors import ConfigurationError
 from meterwatch.stream.outputs import APP_HEADER, app_id, transactional_id
 from meterwatch.stream.reset import ResetTarget, reset_application
 from meterwatch.stream.service import Service
@@ -103,6 +104,12 @@ async def test_two_applications_share_default_topics_and_keep_their_own_state(
         await svc.wait_ready()
         await produce_synthetic(a.bootstrap_servers, a.input_topic, data, days=day2, seed=3)
         await _wait_scored(svc, HOUSEHOLDS)
+        # a reset while a member runs is refused before it writes anything (it used to
+        # fence the running service with its transactional ids and crash it)
+        with pytest.raises(ConfigurationError) as refused:
+            await reset_application(a, ResetTarget.parse(True, False, None))
+        assert str(refused.value).startswith(f"--group-id: group 'app-a-{tag}' has 1 active "
+                                             "member(s)"), refused.value
         await asyncio.sleep(1.5)  # a replayed day 1 would be scored by now
         assert svc.metrics.registry.get_sample_value("meterwatch_days_scored_total") \
             == HOUSEHOLDS
