@@ -23,7 +23,8 @@ demo: $(STAMP)
 # The suite runs every test, none skipped (tests/no_skips.py fails the run on a skip). The
 # system tools it needs: promtool and prometheus (Debian `prometheus`) for the rule tests and
 # the live-Prometheus tests, a compose client (Debian `docker-compose`) for `compose config`,
-# kubectl (Debian `kubernetes-client`) for `kubectl kustomize`. As root with apt-get they are
+# kubectl (Debian `kubernetes-client`) for `kubectl kustomize`, openssl (Debian `openssl`)
+# for the TLS tests' certificates. As root with apt-get they are
 # installed here (as .ci/run does); otherwise `make test` stops with one line saying how.
 test: $(STAMP) test-tools
 	$(BIN)/python -m pytest -q -p tests.no_skips
@@ -33,6 +34,7 @@ test-tools:
 	command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || pkgs="$$pkgs prometheus"; \
 	{ docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1; } || pkgs="$$pkgs docker-compose"; \
 	command -v kubectl >/dev/null 2>&1 || pkgs="$$pkgs kubernetes-client"; \
+	command -v openssl >/dev/null 2>&1 || pkgs="$$pkgs openssl"; \
 	if [ -n "$$pkgs" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing$$pkgs (apt-get) for the test suite"; \
