@@ -1,0 +1,145 @@
+"""The service's own start checks what ``meterwatch run`` checks before its settings line, so a
+program that calls ``run_service`` (or starts a ``Service``) directly gets the same refusals
+before any Kafka client exists; and ``meterwatch run`` reads and validates each checkpoint,
+and parses each context CSV, once (the CLI hands what it checked to the service).
+
+Before: ``run_service`` with a checkpoint of NaN weights served it (only the CLI checked),
+and a CLI start loaded both checkpoints twice, validated the shadow twice and parsed the
+CSVs twice."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from meterwatch.model import Detector
+from meterwatch.stream.config import Settings
+from meterwatch.stream.errors import ConfigurationError
+from meterwatch.stream.service import Service, run_service
+from tests.cli_helpers import clean_env
+
+
+@pytest.fixture(scope="module")
+def nan_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint that loads but whose network gives NaN (every weight NaN)."""
+    ckpt = Detector.load(tiny_model, device="cpu").checkpoint()
+    for tensor in ckpt["state_dict"].values():
+        tensor.fill_(float("nan"))
+    path = tmp_path_factory.mktemp("nan-model") / "nan.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    """A TCP port that accepts connections and answers nothing: a Kafka client that started
+    would connect to it (``check_connection`` connects to each bootstrap server first)."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        sock.setblocking(False)
+        yield sock
+
+
+def connections(sock: socket.socket) -> int:
+    n = 0
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            return n
+        conn.close()
+        n += 1
+
+
+def settings_for(listener: socket.socket, **overrides: object) -> Settings:
+    host, port = listener.getsockname()
+    return Settings(bootstrap_servers=f"{host}:{port}", metrics_host="127.0.0.1",
+                    metrics_port=0, **overrides)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("flag", ["--model-path", "--shadow-model-path"])
+async def test_run_service_refuses_a_nan_checkpoint_before_any_client(
+        flag: str, tiny_model: Path, nan_model: Path, listener: socket.socket) -> None:
+    s = settings_for(listener, model_path=nan_model if flag == "--model-path" else tiny_model,
+                     shadow_model_path=nan_model if flag != "--model-path" else None)
+    with pytest.raises(ConfigurationError) as caught:
+        await asyncio.wait_for(run_service(s), 60)  # (before: served, retrying)
+    assert caught.value.flag == flag
+    assert str(caught.value) == (
+        f"{flag}: {nan_model}: {Detector.load(nan_model, device='cpu').version}: the network "
+        "reconstructs synthetic days to non-finite values; give a checkpoint written by "
+        "meterwatch train" + (", or leave it out" if flag != "--model-path" else ""))
+    assert connections(listener) == 0  # refused before anything connected to the broker
+
+
+async def test_a_nan_detector_handed_to_the_service_is_refused(
+        nan_model: Path, listener: socket.socket) -> None:
+    service = Service(settings_for(listener), detector=Detector.load(nan_model, device="cpu"))
+    with pytest.raises(ConfigurationError, match=r"^--model-path: .*non-finite values"):
+        await asyncio.wait_for(service.start(), 60)
+    assert connections(listener) == 0
+    assert service.scorer is None
+
+
+async def test_run_service_names_a_csv_that_does_not_parse(
+        tiny_model: Path, tmp_path: Path, listener: socket.socket) -> None:
+    bad = tmp_path / "weather.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(ConfigurationError, match=f"^--weather: {bad}:1: missing column"):
+        await asyncio.wait_for(run_service(settings_for(listener, model_path=tiny_model,
+                                                        weather=bad)), 60)
+    assert connections(listener) == 0
+
+
+#: ``meterwatch run`` in a fresh interpreter with each load, validation and CSV read
+#: counted (the real functions run); the counts are printed once it tries the broker (by
+#: then the start has done everything with the models), and it ends there.
+_COUNTED = textwrap.dedent("""
+    import collections, logging, os, sys
+    from meterwatch.model import ContextTables, Detector
+    from meterwatch.stream import lifecycle
+    from meterwatch.stream.cli import main
+
+    calls = collections.Counter()
+
+    def counted(name, f):
+        def wrapper(*a, **kw):
+            calls[name] += 1
+            return f(*a, **kw)
+        return wrapper
+
+    Detector.load = classmethod(counted("load", Detector.load.__func__))
+    ContextTables.from_files = classmethod(counted("csv", ContextTables.from_files.__func__))
+    lifecycle.validate = counted("validate", lifecycle.validate)
+
+    class CountsWhenConnecting(logging.Handler):
+        def emit(self, record):
+            if "broker not reachable" in record.getMessage():
+                print(calls["load"], calls["validate"], calls["csv"], flush=True)
+                os._exit(0)
+
+    logging.getLogger("meterwatch.stream.service").addHandler(CountsWhenConnecting())
+    main(["run", *sys.argv[1:]])
+""")
+
+
+def test_meterwatch_run_loads_and_validates_each_model_once(tiny_model: Path,
+                                                              tmp_path: Path) -> None:
+    """Live + shadow + a weather CSV: 2 loads, 2 validations, 1 CSV read (was 4, 3, 2)."""
+    weather = tmp_path / "weather.csv"
+    weather.write_text("time,temperatureMax,temperatureMin\n"
+                       "2013-03-01 00:00:00,10.0,3.0\n")
+    out = subprocess.run(
+        [sys.executable, "-c", _COUNTED, "--model-path", str(tiny_model),
+         "--shadow-model-path", str(tiny_model), "--weather", str(weather)],
+        capture_output=True, text=True, timeout=180, check=False,
+        env=clean_env(METERWATCH_BOOTSTRAP_SERVERS="127.0.0.1:1",
+                      METERWATCH_METRICS_PORT="0"))
+    assert out.stdout.split() == ["2", "2", "1"], (out.stdout, out.stderr[-3000:])
