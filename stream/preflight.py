@@ -175,11 +175,13 @@ def check_fetch_wait(settings: Settings) -> None:
             f"use less than {limit} ms (the default, 25, keeps latency low)")
 
 
-def check_metrics_address(settings: Settings) -> None:
+def check_metrics_address(settings: Settings) -> list[socket.socket]:
     """``--metrics-host`` resolves to addresses of this machine and ``--metrics-port`` can
-    be bound there (as the probes server binds it: ``SO_REUSEADDR``, each address the name
-    resolves to); else ``ConfigurationError``, before anything started. The port is
-    released again at once (the server binds it a moment later)."""
+    be bound there; else ``ConfigurationError``, before anything started. Returns the
+    sockets, bound and listening (as asyncio's server would bind them: ``SO_REUSEADDR``,
+    IPv6 only on an IPv6 address, each address the name resolves to), for the probes server
+    to serve on (``HttpServer.start``): the port is bound once, so nothing can take it
+    between this check and the server (a connection meanwhile waits in the backlog)."""
     host, port = settings.metrics_host, settings.metrics_port
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
@@ -190,13 +192,17 @@ def check_metrics_address(settings: Settings) -> None:
                                  "this machine (0.0.0.0 = every interface)") from None
     addresses = list(dict.fromkeys(infos))
     not_here: list[str] = []  # asyncio skips these (a family not enabled): all of them fail
-    for family, kind, proto, _, addr in addresses:
-        with socket.socket(family, kind, proto) as sock:
+    bound: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in addresses:
+            sock = socket.socket(family, kind, proto)
+            bound.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 sock.bind(addr)
+                sock.listen(100)  # (asyncio's backlog) held: a second bind of it fails
             except OSError as exc:
                 where = f"{addr[0]}:{port}"
                 if exc.errno == errno.EADDRINUSE:
@@ -214,10 +220,16 @@ def check_metrics_address(settings: Settings) -> None:
                         "give an address of this machine (0.0.0.0 = every interface)") \
                         from None
                 not_here.append(where)
-    if len(not_here) == len(addresses):
-        raise ConfigurationError(
-            "--metrics-host", f"cannot listen on {not_here[0]} (not an address of this "
-            "machine)", "give an address of this machine (0.0.0.0 = every interface)")
+                bound.pop().close()
+        if not bound:
+            raise ConfigurationError(
+                "--metrics-host", f"cannot listen on {not_here[0]} (not an address of this "
+                "machine)", "give an address of this machine (0.0.0.0 = every interface)")
+    except BaseException:
+        for sock in bound:
+            sock.close()
+        raise
+    return bound
 
 
 def check_device(settings: Settings) -> None:
@@ -289,6 +301,14 @@ class Checked:
     shadow: Detector | None
     #: ``--household-info``, ``--weather``, ``--holidays`` read; None when none is set
     tables: ContextTables | None
+    #: ``--metrics-host``/``--metrics-port`` bound and listening, for the probes server
+    #: (``check_metrics_address``); the service's ``HttpServer`` serves on them
+    probes: list[socket.socket]
+
+    def close(self) -> None:
+        """Release the probes' sockets (a caller that does not start a service with this)."""
+        for sock in self.probes:
+            sock.close()
 
 
 def check_inputs(settings: Settings, detector: Detector | None = None) -> Checked:
@@ -316,7 +336,6 @@ def check_inputs(settings: Settings, detector: Detector | None = None) -> Checke
 
     s = settings
     check_device(s)
-    check_metrics_address(s)
     tables = context_tables(s)
     if detector is None and s.model_path is None:
         raise ConfigurationError("--model-path", "no model given",
@@ -348,7 +367,8 @@ def check_inputs(settings: Settings, detector: Detector | None = None) -> Checke
                       None, detector)
         shadow = None if s.shadow_model_path is None else \
             usable("--shadow-model-path", s.shadow_model_path, live)
-    return Checked(live, shadow, tables)
+    # last: held from here until the probes server serves on them (or ``Checked.close``)
+    return Checked(live, shadow, tables, check_metrics_address(s))
 
 
 @contextlib.contextmanager

@@ -175,7 +175,7 @@ class Service:
         checked, self._checked = self._checked, None
         if checked is None:
             checked = await asyncio.to_thread(check_inputs, s, models.detector)
-        await self.http.start()
+        await self.http.start(checked.probes)  # bound by the checks: a port taken is refused
         await models.adopt(checked)
         self.tables = checked.tables
         assert models.detector is not None

@@ -10,6 +10,8 @@ CSVs twice."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import socket
 import subprocess
 import sys
@@ -23,6 +25,7 @@ import torch
 from meterwatch.model import Detector
 from meterwatch.stream.config import Settings
 from meterwatch.stream.errors import ConfigurationError
+from meterwatch.stream.preflight import check_inputs
 from meterwatch.stream.service import Service, run_service
 from tests.cli_helpers import clean_env
 
@@ -143,3 +146,47 @@ def test_meterwatch_run_loads_and_validates_each_model_once(tiny_model: Path,
         env=clean_env(METERWATCH_BOOTSTRAP_SERVERS="127.0.0.1:1",
                       METERWATCH_METRICS_PORT="0"))
     assert out.stdout.split() == ["2", "2", "1"], (out.stdout, out.stderr[-3000:])
+
+
+async def test_run_service_refuses_a_metrics_port_that_is_taken(
+        tiny_model: Path, listener: socket.socket) -> None:
+    """The port's only bind is the check's: a port taken is the one-line refusal (exit 2
+    through ``meterwatch run``), never the server's ``[Errno 98]`` after the settings line."""
+    with socket.create_server(("0.0.0.0", 0)) as taken:
+        port = taken.getsockname()[1]
+        s = settings_for(listener, model_path=tiny_model).model_copy(
+            update={"metrics_host": "0.0.0.0", "metrics_port": port})
+        with pytest.raises(ConfigurationError) as caught:
+            await asyncio.wait_for(run_service(s), 60)
+    assert str(caught.value) == (f"--metrics-port: 0.0.0.0:{port} is already in use; stop "
+                                 "what holds it, or choose another port (0 = any free one)")
+    assert connections(listener) == 0
+
+
+async def test_the_port_checked_is_the_port_served_and_nothing_takes_it_between(
+        tiny_model: Path, listener: socket.socket) -> None:
+    """``meterwatch run`` checks, logs its settings line, then starts the service: the port
+    stays bound in between (before: released after the check and bound again by the
+    server, so a process that took it in between made the start fail with ``[Errno 98]``),
+    and a probe that connects in between is answered once the server runs."""
+    s = settings_for(listener, model_path=tiny_model)
+    checked = check_inputs(s)
+    port = checked.probes[0].getsockname()[1]
+    with pytest.raises(OSError) as caught:  # another process trying to take it now
+        socket.create_server(("127.0.0.1", port)).close()
+    assert caught.value.errno == errno.EADDRINUSE
+    early = socket.create_connection(("127.0.0.1", port), timeout=30)  # waits in the backlog
+    early.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    service = Service(s, checked=checked)
+    start = asyncio.create_task(service.start())  # then retries the silent broker
+    try:
+        reply = await asyncio.to_thread(early.recv, 4096)
+        assert reply.startswith(b"HTTP/1.1 200 OK"), reply
+        assert service.metrics_port == port
+    finally:
+        early.close()
+        start.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await start
+    with socket.create_server(("127.0.0.1", port)):  # released by the stop
+        pass
