@@ -332,9 +332,18 @@ class Service:
                 self._fail(exc, "shutdown")
 
     async def run_until_signalled(self) -> None:
-        """Run until SIGTERM/SIGINT; a second signal exits at once."""
+        """Start, run until SIGTERM/SIGINT, stop gracefully; a second signal exits at once.
+
+        The signals are handled from the first moment of the start: one that comes while
+        the service is still starting (retrying a broker that is not reachable yet, which
+        can last indefinitely) cancels the start, which stops what it had started (the
+        scorer process joined, the probes closed), and the run ends as after any signal.
+        (They were handled only once started: a SIGTERM meanwhile killed the process, exit
+        status 143, and its scorer process's semaphores were left to the resource
+        tracker.)"""
         loop = asyncio.get_running_loop()
         hits = 0
+        starting: asyncio.Task[None] | None = None
 
         def on_signal() -> None:
             nonlocal hits
@@ -344,10 +353,22 @@ class Service:
                 raise SystemExit(1)
             log.info("signal received: shutting down gracefully")
             self._stopping.set()
+            if starting is not None:
+                starting.cancel()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
         loop.add_signal_handler(signal.SIGHUP, self.reload_model)  # docs/serving.md
+        starting = asyncio.create_task(self.start(), name="meterwatch-start")
+        try:
+            await starting
+        except asyncio.CancelledError:
+            this = asyncio.current_task()
+            if not self._stopping.is_set() or (this is not None and this.cancelling()):
+                raise  # cancelled from outside, not by a signal
+            return  # stopped by the start itself
+        finally:
+            starting = None
         await self._stopping.wait()
         await self.stop()
 
@@ -707,7 +728,6 @@ async def run_service(settings: Settings, checked: Checked | None = None) -> int
     ``check_inputs`` returned for ``settings`` (else the start checks them itself).
     """
     service = Service(settings, checked=checked)
-    await service.start()
     await service.run_until_signalled()
     if isinstance(service.failed, ConfigurationError):
         raise service.failed
