@@ -229,3 +229,32 @@ def test_a_signal_while_retrying_the_broker_stops_gracefully(
     assert "leaked" not in stderr and "Traceback" not in stderr, stderr
     assert "signal received: shutting down gracefully" in stderr
     assert "stopped in" in stderr
+
+
+async def test_a_thread_scorer_in_another_precision_holds_the_checked_weights_rebuilt(
+        tiny_model: Path, listener: socket.socket) -> None:
+    """The checks hold the models on the CPU in float32; a worker thread that scores in
+    bfloat16 gets them rebuilt in bfloat16 (validated there, as a swap would be), the
+    checked weights unchanged (the same path rebuilds them on a GPU for ``--device
+    cuda``)."""
+    s = settings_for(listener, model_path=tiny_model, shadow_model_path=tiny_model,
+                     scorer="thread", device="cpu", precision="bfloat16")
+    checked = check_inputs(s)
+    service = Service(s, checked=checked)
+    start = asyncio.create_task(service.start())  # then retries the silent broker
+    try:
+        deadline = time.monotonic() + 60
+        while service.scorer is None or not service.scorer.up:
+            assert time.monotonic() < deadline and not start.done()
+            await asyncio.sleep(0.05)
+        live, shadow = service.lifecycle.detector, service.lifecycle.shadow
+        assert live is not None and shadow is not None
+        assert (live.dtype_name, shadow.dtype_name) == ("bfloat16", "bfloat16")
+        assert live is not checked.detector and shadow is not checked.shadow
+        assert checked.detector.dtype_name == "float32"
+        assert live.version == checked.detector.version
+        assert service.scorer.detector is live
+    finally:
+        start.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await start
