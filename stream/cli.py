@@ -279,9 +279,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         settings = _settings(args)
         check_files(settings)  # misconfiguration: one line, before anything is printed
-        check_inputs(settings)  # or started (docs/serving.md)
+        checked = check_inputs(settings)  # or started (docs/serving.md); the service
         log.info("meterwatch %s starting: %s", package_version(), settings.summary())
-        return asyncio.run(_run(settings))
+        return asyncio.run(_run(settings, checked))  # takes what was checked as it is
     if args.command == "train":
         return _train(args)
     if args.command == "simulate":
@@ -300,10 +300,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise UsageError(f"unknown command {args.command!r}")
 
 
-async def _run(settings: Any) -> int:
+async def _run(settings: Any, checked: Any) -> int:
     from meterwatch.stream.service import run_service
 
-    return await run_service(settings)  # 0 after a signal, 1 if a stage failed
+    return await run_service(settings, checked)  # 0 after a signal, 1 if a stage failed
 
 
 def _day(text: str, flag: str) -> int:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Sequence
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -28,7 +29,7 @@ class HttpServer:
         self.readiness = readiness
         self.host = host
         self.port = port
-        self._server: asyncio.base_events.Server | None = None
+        self._servers: list[asyncio.base_events.Server] = []
 
     async def __aenter__(self) -> HttpServer:
         await self.start()
@@ -37,15 +38,24 @@ class HttpServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
+    async def start(self, sockets: Sequence[socket.socket] = ()) -> None:
+        """Serve on ``sockets``, bound to ``host``:``port`` already (``meterwatch run`` binds
+        them in ``stream.preflight.check_metrics_address``, so a port that is taken is
+        refused there, once); without any, bind ``host``:``port`` here. The sockets are the
+        server's from here on (closed by ``stop``)."""
+        if sockets:
+            self._servers = [await asyncio.start_server(self._handle, sock=sock)
+                             for sock in sockets]
+        else:
+            self._servers = [await asyncio.start_server(self._handle, self.host, self.port)]
+        self.port = self._servers[0].sockets[0].getsockname()[1]
         log.info("metrics and probes on http://%s:%d/metrics", self.host, self.port)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            server, self._server = self._server, None
+        servers, self._servers = self._servers, []
+        for server in servers:
             server.close()
+        for server in servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2)
 

@@ -51,15 +51,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from meterwatch.model import ContextTables, Detector, SyntheticConfig, generate
-from meterwatch.model.detector import CheckpointError
 from meterwatch.model.features import FEATURE_NAMES, N_SLOTS, model_inputs
 from meterwatch.stream.config import Settings
 from meterwatch.stream.errors import ConfigurationError, first_line, problem_of
 from meterwatch.stream.metrics import Metrics
 
-if TYPE_CHECKING:  # stream.scorer imports this module (validate)
+if TYPE_CHECKING:  # stream.scorer and stream.preflight import this module (validate)
+    from meterwatch.stream.preflight import Checked
     from meterwatch.stream.scorer import Scored, Scorer
 
 log = logging.getLogger(__name__)
@@ -266,8 +267,8 @@ class ModelLifecycle:
 
     What the service calls (``stream.service`` keeps only the data path):
 
-    - ``await load_model()`` then ``await load_shadow(tables)`` at start (raise
-      ``ConfigurationError``: exit status 2), ``attach(scorer)`` once the scorer runs;
+    - ``await adopt(checked)`` at start, with what ``stream.preflight.check_inputs`` checked
+      (raises ``ConfigurationError``: exit status 2), ``attach(scorer)`` once the scorer runs;
     - ``run()`` as a task while ``watching`` (the watchers of ``--model-path`` and
       ``--shadow-model-path``, until cancelled); ``request_reload()`` on SIGHUP (both);
     - ``observe(scored)`` after each scored batch (the threshold gauge and the shadow's
@@ -306,41 +307,52 @@ class ModelLifecycle:
         return Detector.load(path, device="cpu" if s.scorer == "process" else s.device,
                              dtype=s.precision)
 
-    async def load_model(self) -> None:
-        """The live model from ``--model-path`` (unless one was handed in, which is not
-        watched), with ``--target-far`` applied."""
+    async def adopt(self, checked: Checked) -> None:
+        """Take the models ``stream.preflight.check_inputs`` loaded and validated (on the
+        CPU) as this service will hold them, and watch their files: each checkpoint is
+        read and validated once. They are used as they are with a scorer process (which
+        builds its own copy on its device) or a worker thread on the CPU in float32; else
+        (a worker thread on a GPU, or another ``--precision``) rebuilt from their weights
+        where the thread scores and validated there, as before a swap. A live model handed
+        to the service (``detector``) is used as it is and not watched."""
         s = self.settings
+        self.tables = checked.tables
         if self.detector is None:
-            if s.model_path is None:
-                raise ConfigurationError("--model-path", "no model given",
-                                         "train one with meterwatch train and pass its path")
-            try:
-                self.detector = await asyncio.to_thread(self._load, s.model_path)
-            except CheckpointError as exc:
-                raise ConfigurationError("--model-path", problem_of(exc),
-                                         "give a checkpoint written by meterwatch train") \
-                    from None
+            assert s.model_path is not None
+            self.detector = await asyncio.to_thread(self._held, checked.detector, None)
             self._watchers.append(ModelWatcher(s.model_path, s.model_poll_s,
                                                self._reload_model))
-        self.apply_budget(self.detector, "--target-far")
-
-    async def load_shadow(self, tables: ContextTables | None) -> None:
-        """The shadow model from ``--shadow-model-path``, if given (validated against the
-        live model), and its watcher."""
-        self.tables = tables
-        path = self.settings.shadow_model_path
-        if path is None:
+            log.info("model %s from %s (threshold %.4f)", self.detector.version,
+                     s.model_path, self.detector.threshold)
+        if checked.shadow is None or s.shadow_model_path is None:
             return
-        try:
-            shadow = await asyncio.to_thread(lambda: self._shadow_ready(self._load(path)))
-        except (ValueError, OSError) as exc:  # CheckpointError, ModelRejected, ...
-            raise ConfigurationError("--shadow-model-path", problem_of(exc),
-                                     "give a checkpoint written by meterwatch train") from None
+        shadow = await asyncio.to_thread(self._held, checked.shadow, self.detector)
+        if s.target_far is not None and shadow.target_far is None:
+            _warn_no_curve(shadow)
         self.shadow = shadow
         self.metrics.shadow_info.info({"version": shadow.version})
-        self._watchers.append(ModelWatcher(path, self.settings.model_poll_s,
+        self._watchers.append(ModelWatcher(s.shadow_model_path, s.model_poll_s,
                                            self._reload_shadow, what="shadow"))
         log.info("shadow model %s scores every batch too (never published)", shadow.version)
+
+    def _held(self, det: Detector, live: Detector | None) -> Detector:
+        """``det`` (checked on the CPU in float32) where this service holds it (``_load``):
+        itself, or rebuilt there and validated (against ``live``, for the shadow)."""
+        s = self.settings
+        if s.scorer == "process" or (s.precision == "float32" and (
+                s.device == "cpu" or not torch.cuda.is_available())):
+            return det
+        try:
+            held = Detector.from_checkpoint(det.checkpoint(), device=s.device,
+                                            dtype=s.precision, target_far=det.target_far)
+            validate(held, live, self.tables)
+        except Exception as exc:  # ModelRejected, a device that cannot build it
+            flag = "--model-path" if live is None else "--shadow-model-path"
+            raise ConfigurationError(flag, f"{det.version} on {s.device} in {s.precision}: "
+                                     f"{problem_of(exc)}", "give a checkpoint written by "
+                                     "meterwatch train, or another --device/--precision") \
+                from None
+        return held
 
     def attach(self, scorer: Scorer) -> None:
         """The scorer that serves ``detector`` (and ``shadow``); swaps go to it."""
@@ -357,8 +369,7 @@ class ModelLifecycle:
         far = self.settings.target_far
         if not apply_budget(shadow, far, "--shadow-model-path", optional=True) \
                 and far is not None:
-            log.warning("the shadow model %s has no calibration curve: it alerts at its "
-                        "own threshold, not at --target-far", shadow.version)
+            _warn_no_curve(shadow)
         validate(shadow, self.detector, self.tables)
         return shadow
 
@@ -478,6 +489,11 @@ class ModelLifecycle:
         assert self.detector is not None
         threshold = self._threshold if self._threshold is not None else self.detector.threshold
         return threshold, self.detector.version
+
+
+def _warn_no_curve(shadow: Detector) -> None:
+    log.warning("the shadow model %s has no calibration curve: it alerts at its own "
+                "threshold, not at --target-far", shadow.version)
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:

@@ -9,12 +9,14 @@ with backoff and reports ``broker_reachable: false`` on ``/readyz``.
 1. without a broker, before any client is built: ``check_files`` (``--bootstrap-servers``
    is host:port, topic names Kafka takes and six different ones, a group id,
    ``--fetch-max-wait-ms`` below the request timeout; the TLS files, checkpoints and
-   context CSVs exist); ``check_inputs`` (``meterwatch run``, which calls both before it
-   logs anything, so a refusal is the only line on stderr): ``--device cuda`` has a GPU,
-   the probes' address can be bound, the context CSVs parse and each checkpoint is usable:
-   it loads (weights only, on the CPU: this process never touches a GPU, ``docs/gpu.md``),
-   takes ``--target-far`` and scores a small synthetic history to finite values
-   (``stream.lifecycle.validate``), the shadow against the live model;
+   context CSVs exist); ``check_inputs``: ``--device cuda`` has a GPU, the probes' address
+   can be bound, the context CSVs parse and each checkpoint is usable: it loads (weights
+   only, on the CPU: this process never touches a GPU, ``docs/gpu.md``), takes
+   ``--target-far`` and scores a small synthetic history to finite values
+   (``stream.lifecycle.validate``), the shadow against the live model. ``meterwatch run``
+   calls both before it logs anything, so a refusal is the only line on stderr, and hands
+   what ``check_inputs`` checked (``Checked``) to the service, which uses it as it is; a
+   service started without it (``run_service`` called directly) calls both itself, first;
 2. ``check_connection``: one connection per bootstrap server, authenticating exactly as the
    clients will; aiokafka's clients hide why a bootstrap failed ("Unable to bootstrap"), a
    single connection does not (``SaslAuthenticationFailed``, ``ssl.SSLError``);
@@ -42,6 +44,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -172,11 +175,13 @@ def check_fetch_wait(settings: Settings) -> None:
             f"use less than {limit} ms (the default, 25, keeps latency low)")
 
 
-def check_metrics_address(settings: Settings) -> None:
+def check_metrics_address(settings: Settings) -> list[socket.socket]:
     """``--metrics-host`` resolves to addresses of this machine and ``--metrics-port`` can
-    be bound there (as the probes server binds it: ``SO_REUSEADDR``, each address the name
-    resolves to); else ``ConfigurationError``, before anything started. The port is
-    released again at once (the server binds it a moment later)."""
+    be bound there; else ``ConfigurationError``, before anything started. Returns the
+    sockets, bound and listening (as asyncio's server would bind them: ``SO_REUSEADDR``,
+    IPv6 only on an IPv6 address, each address the name resolves to), for the probes server
+    to serve on (``HttpServer.start``): the port is bound once, so nothing can take it
+    between this check and the server (a connection meanwhile waits in the backlog)."""
     host, port = settings.metrics_host, settings.metrics_port
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
@@ -187,13 +192,17 @@ def check_metrics_address(settings: Settings) -> None:
                                  "this machine (0.0.0.0 = every interface)") from None
     addresses = list(dict.fromkeys(infos))
     not_here: list[str] = []  # asyncio skips these (a family not enabled): all of them fail
-    for family, kind, proto, _, addr in addresses:
-        with socket.socket(family, kind, proto) as sock:
+    bound: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in addresses:
+            sock = socket.socket(family, kind, proto)
+            bound.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 sock.bind(addr)
+                sock.listen(100)  # (asyncio's backlog) held: a second bind of it fails
             except OSError as exc:
                 where = f"{addr[0]}:{port}"
                 if exc.errno == errno.EADDRINUSE:
@@ -211,10 +220,16 @@ def check_metrics_address(settings: Settings) -> None:
                         "give an address of this machine (0.0.0.0 = every interface)") \
                         from None
                 not_here.append(where)
-    if len(not_here) == len(addresses):
-        raise ConfigurationError(
-            "--metrics-host", f"cannot listen on {not_here[0]} (not an address of this "
-            "machine)", "give an address of this machine (0.0.0.0 = every interface)")
+                bound.pop().close()
+        if not bound:
+            raise ConfigurationError(
+                "--metrics-host", f"cannot listen on {not_here[0]} (not an address of this "
+                "machine)", "give an address of this machine (0.0.0.0 = every interface)")
+    except BaseException:
+        for sock in bound:
+            sock.close()
+        raise
+    return bound
 
 
 def check_device(settings: Settings) -> None:
@@ -273,39 +288,69 @@ def context_tables(settings: Settings) -> ContextTables | None:
         raise
 
 
-def check_inputs(settings: Settings) -> None:
-    """Step 1 of ``meterwatch run``, after ``check_files`` and before anything starts (no
-    probes server, no Kafka client): ``--device`` is there, the probes' address can be
-    bound, the context CSVs parse, and each checkpoint is usable as the service will hold
-    it. Raises ``ConfigurationError`` naming ``--device``, ``--metrics-host`` or
-    ``--metrics-port``, ``--model-path``, ``--shadow-model-path``, ``--target-far`` or a
-    CSV's flag.
+@dataclass
+class Checked:
+    """What ``check_inputs`` checked, for the service to use as it is, so that a start
+    loads and validates each checkpoint once and reads each context CSV once."""
+
+    #: the live model: on the CPU when read from ``--model-path`` (else the one handed to
+    #: the service), ``--target-far`` applied, validated
+    detector: Detector
+    #: ``--shadow-model-path`` on the CPU, the budget applied where it has a curve,
+    #: validated against ``detector``; None without one
+    shadow: Detector | None
+    #: ``--household-info``, ``--weather``, ``--holidays`` read; None when none is set
+    tables: ContextTables | None
+    #: ``--metrics-host``/``--metrics-port`` bound and listening, for the probes server
+    #: (``check_metrics_address``); the service's ``HttpServer`` serves on them
+    probes: list[socket.socket]
+
+    def close(self) -> None:
+        """Release the probes' sockets (a caller that does not start a service with this)."""
+        for sock in self.probes:
+            sock.close()
+
+
+def check_inputs(settings: Settings, detector: Detector | None = None) -> Checked:
+    """Step 1 of a start, after ``check_files`` and before anything starts (no probes
+    server, no Kafka client): ``--device`` is there, the probes' address can be bound, the
+    context CSVs parse, and each checkpoint is usable as the service will hold it. Returns
+    what it checked (``Checked``: ``stream.service.Service`` takes it as it is); raises
+    ``ConfigurationError`` naming ``--device``, ``--metrics-host`` or ``--metrics-port``,
+    ``--model-path``, ``--shadow-model-path``, ``--target-far`` or a CSV's flag.
+
+    ``meterwatch run`` calls it before its settings line, so a refusal is the only line on
+    stderr; a ``Service`` started without its result (``run_service`` called directly, an
+    embedding program) calls it itself, at the same point of its start. ``detector``: a
+    live model handed to the service instead of ``--model-path`` (checked the same way, on
+    its own device).
 
     Each checkpoint is read with ``weights_only`` and built on the CPU whatever ``--device``
     says (the service process never creates a CUDA context; the scorer process owns the
     device), takes the alert budget, and must score the lifecycle's synthetic history to
     finite values (``stream.lifecycle.validate``; a checkpoint with NaN weights loads
-    fine). The service then loads the models for real (on their device, watched); this
-    costs one more load and validation per model at start (~0.3 s each here)."""
+    fine)."""
     from meterwatch.model import Detector
     from meterwatch.model.detector import CheckpointError
     from meterwatch.stream.lifecycle import ModelRejected, apply_budget, validate
 
     s = settings
     check_device(s)
-    check_metrics_address(s)
     tables = context_tables(s)
-    if s.model_path is None:
+    if detector is None and s.model_path is None:
         raise ConfigurationError("--model-path", "no model given",
                                  "train one with meterwatch train and pass its path")
 
-    def usable(flag: str, path: os.PathLike[str], live: Detector | None) -> Detector:
+    def usable(flag: str, path: os.PathLike[str] | None, live: Detector | None,
+               det: Detector | None = None) -> Detector:
         fix = "give a checkpoint written by meterwatch train" + (
             ", or leave it out" if live is not None else "")
-        try:
-            det = Detector.load(path, device="cpu")
-        except CheckpointError as exc:
-            raise ConfigurationError(flag, problem_of(exc), fix) from None
+        if det is None:
+            assert path is not None
+            try:
+                det = Detector.load(path, device="cpu")
+            except CheckpointError as exc:
+                raise ConfigurationError(flag, problem_of(exc), fix) from None
         if live is None:
             apply_budget(det, s.target_far, "--target-far")
         else:  # a shadow without a curve keeps its own threshold (the service warns)
@@ -313,13 +358,17 @@ def check_inputs(settings: Settings) -> None:
         try:
             validate(det, live, tables)
         except ModelRejected as exc:
-            raise ConfigurationError(flag, f"{os.fspath(path)}: {exc}", fix) from None
+            where = f"{os.fspath(path)}: " if path is not None else ""
+            raise ConfigurationError(flag, f"{where}{exc}", fix) from None
         return det
 
     with _quiet("meterwatch.model"):  # the service logs the loads; an error is one line
-        live = usable("--model-path", s.model_path, None)
-        if s.shadow_model_path is not None:
+        live = usable("--model-path", None if detector is not None else s.model_path,
+                      None, detector)
+        shadow = None if s.shadow_model_path is None else \
             usable("--shadow-model-path", s.shadow_model_path, live)
+    # last: held from here until the probes server serves on them (or ``Checked.close``)
+    return Checked(live, shadow, tables, check_metrics_address(s))
 
 
 @contextlib.contextmanager

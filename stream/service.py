@@ -64,10 +64,11 @@ from meterwatch.stream.outputs import (
 )
 from meterwatch.stream.parse import parse_records
 from meterwatch.stream.preflight import (
+    Checked,
     check_connection,
     check_files,
+    check_inputs,
     check_topics,
-    context_tables,
 )
 from meterwatch.stream.recovery import recover
 from meterwatch.stream.scorer import STATE_FIELDS, Scored, Scorer, set_cpu_threads
@@ -84,8 +85,14 @@ class Service:
     """Start with ``await start()`` (or ``async with``), stop with ``await stop()``."""
 
     def __init__(self, settings: Settings, *, detector: Detector | None = None,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None,
+                 checked: Checked | None = None) -> None:
+        """``detector``: serve this model instead of ``--model-path`` (not watched).
+        ``checked``: what ``stream.preflight.check_inputs`` returned for these settings
+        (``meterwatch run`` checks before its settings line); without it the start checks
+        the same, before it starts anything."""
         self.settings = settings
+        self._checked = checked
         self.metrics: Metrics = create_metrics(registry)
         self.grid = TimeGrid(settings.timezone)
         self.tables: ContextTables | None = None
@@ -158,15 +165,19 @@ class Service:
 
     async def _start(self) -> None:
         s = self.settings
-        check_files(s)  # before anything starts: a missing file is one line, nothing else
-        await self.http.start()  # probes answer while the model loads
         in_process = s.scorer == "process"
         if not in_process and (s.device == "cpu" or not torch.cuda.is_available()):
             set_cpu_threads(s.torch_threads)
         models = self.lifecycle
-        await models.load_model()
-        self.tables = context_tables(s)
-        await models.load_shadow(self.tables)
+        # before anything starts: a misconfiguration is one ConfigurationError, nothing else
+        # (each model loaded and validated once, each CSV read once: stream.preflight)
+        check_files(s)
+        checked, self._checked = self._checked, None
+        if checked is None:
+            checked = await asyncio.to_thread(check_inputs, s, models.detector)
+        await self.http.start(checked.probes)  # bound by the checks: a port taken is refused
+        await models.adopt(checked)
+        self.tables = checked.tables
         assert models.detector is not None
         self.scorer = Scorer(models.detector, self.tables, torch_threads=s.torch_threads,
                              process=in_process, device=s.device, dtype=s.precision,
@@ -321,9 +332,18 @@ class Service:
                 self._fail(exc, "shutdown")
 
     async def run_until_signalled(self) -> None:
-        """Run until SIGTERM/SIGINT; a second signal exits at once."""
+        """Start, run until SIGTERM/SIGINT, stop gracefully; a second signal exits at once.
+
+        The signals are handled from the first moment of the start: one that comes while
+        the service is still starting (retrying a broker that is not reachable yet, which
+        can last indefinitely) cancels the start, which stops what it had started (the
+        scorer process joined, the probes closed), and the run ends as after any signal.
+        (They were handled only once started: a SIGTERM meanwhile killed the process, exit
+        status 143, and its scorer process's semaphores were left to the resource
+        tracker.)"""
         loop = asyncio.get_running_loop()
         hits = 0
+        starting: asyncio.Task[None] | None = None
 
         def on_signal() -> None:
             nonlocal hits
@@ -333,10 +353,22 @@ class Service:
                 raise SystemExit(1)
             log.info("signal received: shutting down gracefully")
             self._stopping.set()
+            if starting is not None:
+                starting.cancel()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
         loop.add_signal_handler(signal.SIGHUP, self.reload_model)  # docs/serving.md
+        starting = asyncio.create_task(self.start(), name="meterwatch-start")
+        try:
+            await starting
+        except asyncio.CancelledError:
+            this = asyncio.current_task()
+            if not self._stopping.is_set() or (this is not None and this.cancelling()):
+                raise  # cancelled from outside, not by a signal
+            return  # stopped by the start itself
+        finally:
+            starting = None
         await self._stopping.wait()
         await self.stop()
 
@@ -686,15 +718,16 @@ def _slice_scored(scored: Scored, sl: slice) -> Scored:
                                state={k: v[sl] for k, v in scored.state.items()})
 
 
-async def run_service(settings: Settings) -> int:
+async def run_service(settings: Settings, checked: Checked | None = None) -> int:
     """``meterwatch run``: start, run until SIGTERM/SIGINT or a failure, stop gracefully.
 
     Returns the exit status: 0 after a signal, 1 when a stage failed. Raises
     ``ConfigurationError`` (exit status 2, printed as one line by the CLI) for what no retry
-    can fix, after stopping everything it started.
+    can fix, after stopping everything it started; a misconfigured input (a checkpoint that
+    cannot serve, a CSV, the probes' address) before it starts anything. ``checked``: what
+    ``check_inputs`` returned for ``settings`` (else the start checks them itself).
     """
-    service = Service(settings)
-    await service.start()
+    service = Service(settings, checked=checked)
     await service.run_until_signalled()
     if isinstance(service.failed, ConfigurationError):
         raise service.failed

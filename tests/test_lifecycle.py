@@ -37,6 +37,7 @@ from meterwatch.stream.lifecycle import (
     validate,
 )
 from meterwatch.stream.metrics import create_metrics
+from meterwatch.stream.preflight import check_inputs
 from meterwatch.stream.scorer import STATE_FIELDS, Scorer
 from meterwatch.stream.simulate import produce_synthetic
 from meterwatch.stream.testing import ServiceProcess
@@ -251,8 +252,9 @@ async def test_lifecycle_with_the_thread_scorer_validates_once_and_still_refuses
                         shadow_model_path=shadow_path, metrics_port=0)
     metrics = create_metrics(CollectorRegistry())
     models = ModelLifecycle(settings, metrics, asyncio.Lock())
-    await models.load_model()
-    await models.load_shadow(None)
+    checked = check_inputs(settings)  # as the service's start does
+    checked.close()  # (no probes server here)
+    await models.adopt(checked)
     assert models.detector is not None and models.watching
     scorer = Scorer(models.detector, None, process=False, shadow=models.shadow)
     await scorer.start()

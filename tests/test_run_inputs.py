@@ -139,7 +139,7 @@ _NO_CUDA = FORBID_CUDA + textwrap.dedent("""
     from meterwatch.stream.config import Settings
     from meterwatch.stream.preflight import check_inputs
 
-    check_inputs(Settings(model_path=good, shadow_model_path=good, target_far=0.01))
+    check_inputs(Settings(model_path=good, shadow_model_path=good, target_far=0.01)).close()
     assert not touched and not torch.cuda.is_initialized(), touched
     print("ok")
 """)
