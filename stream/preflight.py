@@ -51,11 +51,13 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
     InvalidTopicError,
+    KafkaConnectionError,
     SaslAuthenticationFailed,
     TopicAlreadyExistsError,
     UnsupportedSaslMechanismError,
     for_code,
 )
+from aiokafka.protocol.metadata import MetadataRequest
 
 from meterwatch.stream.config import Settings
 from meterwatch.stream.errors import ConfigurationError, problem_of
@@ -392,50 +394,123 @@ def session_timeout_error(settings: Settings) -> ConfigurationError:
 
 async def check_connection(settings: Settings, timeout_s: float = 10.0) -> None:
     """Step 2: raise ``ConfigurationError`` if a bootstrap server refuses our credentials or
-    our TLS; return when one server accepted them or none answered (retryable)."""
-    opts = settings.kafka_options()
-    for host, port in check_bootstrap(settings.bootstrap_servers):
+    our TLS, or speaks another security protocol; return when one server accepted them or
+    none answered (retryable)."""
+    refused = await connection_refusal(
+        check_bootstrap(settings.bootstrap_servers), settings.kafka_options(), timeout_s)
+    if refused is not None:
+        raise refused
+
+
+_TLS = ("SSL", "SASL_SSL")
+
+
+async def connection_refusal(servers: Sequence[tuple[str, int]], options: dict[str, Any],
+                             timeout_s: float = 10.0) -> ConfigurationError | None:
+    """Why the brokers refuse us, naming the flag to fix, when a server answered and refused
+    our credentials, our TLS or our security protocol (``options``: a client's keyword
+    arguments, ``Settings.kafka_options``); None when one accepted or none answered (down,
+    not resolved: maybe later). Never the secret."""
+    protocol = str(options.get("security_protocol", "PLAINTEXT"))
+    mechanism = str(options.get("sasl_mechanism") or "PLAIN")
+    for host, port in servers:
         server = f"{host}:{port}"
         try:
-            conn = await create_conn(
+            conn = await asyncio.wait_for(create_conn(
                 host, port,
-                client_id=opts["client_id"], request_timeout_ms=int(timeout_s * 1000),
-                ssl_context=opts.get("ssl_context"),
-                security_protocol=settings.security_protocol,
-                sasl_mechanism=opts.get("sasl_mechanism", "PLAIN"),
-                sasl_plain_username=opts.get("sasl_plain_username"),
-                sasl_plain_password=opts.get("sasl_plain_password"))
+                client_id=str(options.get("client_id", "meterwatch")),
+                request_timeout_ms=int(timeout_s * 1000),
+                ssl_context=options.get("ssl_context"), security_protocol=protocol,
+                sasl_mechanism=mechanism,
+                sasl_plain_username=options.get("sasl_plain_username"),
+                sasl_plain_password=options.get("sasl_plain_password")), timeout_s)
         except SaslAuthenticationFailed:
-            raise ConfigurationError(
-                _SASL_FLAG, f"the broker at {server} rejected the credentials "
-                f"({settings.sasl_mechanism})",
-                "check the user name, the password and --sasl-mechanism") from None
+            return _rejected(server, mechanism)
         except KeyError as exc:
             # aiokafka's SCRAM client reads the verifier ("v") from the server's final
             # message; a server that refuses the proof sends an error ("e") instead
-            if not (settings.sasl_mechanism or "").startswith("SCRAM") or exc.args != ("v",):
-                log.debug("preflight connection to %s: %r", server, exc)
-                continue
-            raise ConfigurationError(
-                _SASL_FLAG, f"the broker at {server} rejected the credentials "
-                f"({settings.sasl_mechanism})",
-                "check the user name, the password and --sasl-mechanism") from None
+            if mechanism.startswith("SCRAM") and exc.args == ("v",):
+                return _rejected(server, mechanism)
+            log.debug("preflight connection to %s: %r", server, exc)
+            continue
         except UnsupportedSaslMechanismError:
-            raise ConfigurationError(
-                "--sasl-mechanism", f"the broker at {server} does not offer "
-                f"{settings.sasl_mechanism}", "use a mechanism the listener enables") from None
+            return ConfigurationError(
+                "--sasl-mechanism", f"the broker at {server} does not offer {mechanism}",
+                "use a mechanism the listener enables")
         except ssl.SSLError as exc:
             reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) \
                 or exc.__class__.__name__
-            raise ConfigurationError(
+            return ConfigurationError(
                 "--ssl-cafile", f"TLS with {server} failed ({reason})",
-                "give the CA that signed the broker's certificate, and an SSL listener") \
-                from None
+                "give the CA that signed the broker's certificate, and an SSL listener")
         except Exception as exc:  # refused, reset, timeout, DNS: maybe later
             log.debug("preflight connection to %s: %r", server, exc)
+            # it answered, then hung up in the handshake (or, asked for TLS, waited for the
+            # rest of a "request" as a plain listener may): maybe the other protocol
+            hung_up = not isinstance(exc, ConnectionRefusedError | socket.gaierror
+                                     | TimeoutError)
+            if hung_up or (isinstance(exc, TimeoutError) and protocol in _TLS):
+                other = await _other_protocol(host, port, protocol in _TLS, timeout_s)
+                if other is not None:
+                    return ConfigurationError(
+                        "--security-protocol", f"the broker at {server} speaks {other}, not "
+                        f"{protocol}", f"use --security-protocol {_matching(other, protocol)}"
+                        " or the broker's listener for " + protocol)
             continue
-        conn.close()
-        return
+        try:
+            if not protocol.startswith("SASL"):  # a listener that wants SASL hangs up here
+                await asyncio.wait_for(conn.send(MetadataRequest([])), timeout_s)
+        except KafkaConnectionError:
+            return ConfigurationError(
+                "--security-protocol", f"the broker at {server} hung up on a request made "
+                "without SASL: its listener wants SASL",
+                f"use --security-protocol {'SASL_SSL' if protocol in _TLS else 'SASL_PLAINTEXT'}"
+                " with --sasl-mechanism, --sasl-username and --sasl-password")
+        except Exception as exc:  # slow, or something else: the clients will tell
+            log.debug("preflight request to %s: %r", server, exc)
+        finally:
+            conn.close()
+        return None
+    return None
+
+
+def _rejected(server: str, mechanism: str) -> ConfigurationError:
+    return ConfigurationError(
+        _SASL_FLAG, f"the broker at {server} rejected the credentials ({mechanism})",
+        "check the user name, the password and --sasl-mechanism")
+
+
+def _matching(other: str, protocol: str) -> str:
+    """The protocol to use on a listener that speaks ``other`` (TLS or plain text), keeping
+    SASL where it was asked for."""
+    sasl = protocol.startswith("SASL")
+    if other == "TLS":
+        return "SASL_SSL" if sasl else "SSL"
+    return "SASL_PLAINTEXT" if sasl else "PLAINTEXT"
+
+
+async def _other_protocol(host: str, port: int, asked_tls: bool,
+                          timeout_s: float) -> str | None:
+    """After a connection that failed in its handshake: "plain text" when a client that
+    asked for TLS meets a listener that answers a plain Kafka request, "TLS" when a plain
+    client meets a listener that completes a TLS handshake (any certificate); else None."""
+    try:
+        if asked_tls:
+            conn = await asyncio.wait_for(create_conn(
+                host, port, request_timeout_ms=int(timeout_s * 1000),
+                security_protocol="PLAINTEXT"), timeout_s)
+            conn.close()  # it answered the client's version request in plain text
+            return "plain text"
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ctx), timeout_s)
+        writer.close()
+        return "TLS"
+    except Exception as exc:  # it does not speak the other one either
+        log.debug("preflight: %s:%d speaks neither protocol: %r", host, port, exc)
+        return None
 
 
 async def check_topics(settings: Settings, admin: AIOKafkaAdminClient,

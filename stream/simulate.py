@@ -11,19 +11,19 @@ import asyncio
 import datetime as dt
 import logging
 import math
-import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from aiokafka import AIOKafkaProducer
-from aiokafka.conn import create_conn
-from aiokafka.errors import KafkaError, SaslAuthenticationFailed, UnsupportedSaslMechanismError
+from aiokafka.errors import KafkaError
 
 from meterwatch.model import ContextTables, SyntheticData
 from meterwatch.model.inject import inject, random_labels
 from meterwatch.model.loaders import Readings
+from meterwatch.stream.preflight import connection_refusal
 
 log = logging.getLogger(__name__)
 
@@ -189,48 +189,18 @@ def day_records(data: SyntheticData | RecordedDays, d: int, rng: np.random.Gener
         yield data.household_ids[h].encode(), b"[" + b",".join(items) + b"]", [h] * len(items)
 
 
-async def _refusal(bootstrap_servers: str, client: dict[str, object]) -> str | None:
+async def _refusal(bootstrap_servers: str, client: dict[str, Any]) -> str | None:
     """Why the brokers refused us, as the one line naming the flag to fix, when a server
-    answered and refused our credentials or our TLS (a wrong password used to be reported
-    as "--bootstrap-servers: cannot connect"); None when none answered. Never the secret."""
-    protocol = str(client.get("security_protocol", "PLAINTEXT"))
-    mechanism = str(client.get("sasl_mechanism") or "PLAIN")
+    answered and refused our credentials, our TLS or our security protocol (a wrong password
+    used to be reported as "--bootstrap-servers: cannot connect"); None when none answered.
+    Never the secret."""
+    servers = []
     for server in bootstrap_servers.split(","):
         host, _, port = server.strip().rpartition(":")
-        if not host or not port.isdigit():
-            continue
-        try:
-            conn = await create_conn(
-                host.strip("[]"), int(port), request_timeout_ms=5000,
-                client_id=str(client.get("client_id", "meterwatch")),
-                security_protocol=protocol, ssl_context=client.get("ssl_context"),
-                sasl_mechanism=mechanism,
-                sasl_plain_username=client.get("sasl_plain_username"),
-                sasl_plain_password=client.get("sasl_plain_password"))
-        except SaslAuthenticationFailed:
-            return _rejected(server, mechanism)
-        except KeyError as exc:  # aiokafka's SCRAM client on the server's error message
-            if mechanism.startswith("SCRAM") and exc.args == ("v",):
-                return _rejected(server, mechanism)
-            continue
-        except UnsupportedSaslMechanismError:
-            return (f"--sasl-mechanism: the broker at {server} does not offer {mechanism}; "
-                    "use a mechanism the listener enables")
-        except ssl.SSLError as exc:
-            reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) \
-                or type(exc).__name__
-            return (f"--ssl-cafile: TLS with {server} failed ({reason}); give the CA that "
-                    "signed the broker's certificate, and an SSL listener")
-        except Exception:  # refused, reset, timed out, not resolved: not an answer
-            continue
-        conn.close()
-    return None
-
-
-def _rejected(server: str, mechanism: str) -> str:
-    return (f"--sasl-username/--sasl-password: the broker at {server} rejected the "
-            f"credentials ({mechanism}); check the user name, the password and "
-            "--sasl-mechanism")
+        if host and port.isdigit():
+            servers.append((host.strip("[]"), int(port)))
+    refused = await connection_refusal(servers, client, timeout_s=5.0)
+    return None if refused is None else str(refused)
 
 
 def check_pacing(*, rate: float | None, duration: float | None, malformed_every: int) -> None:
