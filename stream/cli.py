@@ -463,9 +463,10 @@ def _recorded(args: argparse.Namespace) -> Any:
     from meterwatch.model.loaders import load_dataset
     from meterwatch.stream.simulate import recorded
 
+    start = None if args.start is None else _day(args.start, "--start")  # before the data
     readings, sides = load_dataset(args.data)
     weather = sides.get("weather")
-    return recorded(readings, start=None if args.start is None else _day(args.start, "--start"),
+    return recorded(readings, start=start,
                     days=args.days, households=args.households,
                     anomaly_rate=args.anomaly_rate, seed=args.seed,
                     tables=ContextTables.from_files(weather_csv=weather) if weather else None)

@@ -220,3 +220,13 @@ def test_simulate_duration_is_kept_at_a_slow_rate(broker: Broker, tmp_path: Path
     assert line.startswith("produced 1 readings in 1 records"), line
     seconds = float(line.split(" s to ")[0].rsplit(" in ", 1)[1])
     assert 1.9 <= seconds < 3.0, line
+
+
+def test_simulate_data_checks_start_before_reading_the_data(tmp_path: Path) -> None:
+    """``--start garbage`` is refused before the data set is read (it used to be read whole
+    first: minutes on the full Low Carbon London set). The folder does not exist: had it
+    been read first, the line would name --data."""
+    proc = meterwatch("simulate", "--data", str(tmp_path / "not-there"), "--start", "garbage",
+                      "--bootstrap-servers", "127.0.0.1:9", env=clean_env(), timeout=120)
+    assert one_line_error(proc) == ("meterwatch: error: --start: 'garbage' is not a date; use "
+                                    "YYYY-MM-DD")
