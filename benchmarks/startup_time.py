@@ -9,7 +9,7 @@ server and the scorer started. Each run is then stopped with SIGTERM.
         [--code DIR ...]
 
 Prints the median (min-max) of each time, and of the time between the two, over ``--runs``
-runs (docs/ops4.md). ``--code DIR`` (repeatable): also time the code in ``DIR`` (a folder
+runs (docs/startup.md). ``--code DIR`` (repeatable): also time the code in ``DIR`` (a folder
 holding ``meterwatch/stream`` and ``meterwatch/model``, e.g. an earlier commit's
 ``git archive HEAD stream model`` extracted under ``DIR/meterwatch``), the runs of each
 interleaved so that the load of a shared machine falls on all of them alike; without it
