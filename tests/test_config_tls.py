@@ -6,7 +6,12 @@ used to print OpenSSL's own line with no flag
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import ssl
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +26,40 @@ def _pair(folder: Path, name: str) -> tuple[Path, Path]:
                     str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}"],
                    check=True, capture_output=True)
     return cert, key
+
+
+@contextlib.contextmanager
+def tls_server(folder: Path) -> Iterator[int]:
+    """A real TLS listener on a free port of 127.0.0.1 with a self-signed certificate: it
+    completes a handshake (for a client that accepts the certificate) and drops what it is
+    sent. Yields the port."""
+    cert, key = _pair(folder, "server")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                sock, _ = listener.accept()
+            except TimeoutError:
+                continue
+            try:
+                with context.wrap_socket(sock, server_side=True) as tls:
+                    tls.recv(1)
+            except (ssl.SSLError, OSError):
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
 
 
 @pytest.fixture(scope="module")

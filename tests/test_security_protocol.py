@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 
 from meterwatch.stream.preflight import connection_refusal
 from tests.conftest import unique_settings
-from tests.test_config_tls import _pair
+from tests.test_config_tls import _pair, tls_server
 from tests.test_faults_contract import assert_fails_fast, run_to_exit, sasl_bootstrap
 
 
@@ -42,35 +41,8 @@ def test_plain_client_on_a_listener_that_wants_sasl(broker, detector_path) -> No
 
 @pytest.fixture
 def tls_listener(tmp_path: Path) -> Iterator[int]:
-    """A real TLS server on a free port (any client certificate check off): it completes a
-    handshake and drops whatever plain bytes it is sent."""
-    cert, key = _pair(tmp_path, "server")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                sock, _ = listener.accept()
-            except TimeoutError:
-                continue
-            try:
-                with context.wrap_socket(sock, server_side=True) as tls:
-                    tls.recv(1)
-            except (ssl.SSLError, OSError):
-                pass
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(5)
-        listener.close()
+    with tls_server(tmp_path) as port:
+        yield port
 
 
 def test_plain_client_on_a_tls_listener(tls_listener: int) -> None:

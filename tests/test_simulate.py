@@ -164,43 +164,13 @@ def test_simulate_tls_refusal_names_the_ca_flag(tmp_path: Path) -> None:
     """A server that answers with a certificate our CA did not sign: the line names
     ``--ssl-cafile`` and why (it said "--bootstrap-servers: cannot connect"). The server is
     a real TLS listener (the handshake fails before any Kafka request)."""
-    import socket
-    import ssl
-    import threading
+    from tests.test_config_tls import _pair, tls_server
 
-    from tests.test_config_tls import _pair
-
-    server_cert, server_key = _pair(tmp_path, "server")
     other_ca, _ = _pair(tmp_path, "other-ca")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(server_cert, server_key)
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    stop = threading.Event()
-
-    def serve() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                sock, _ = listener.accept()
-            except TimeoutError:
-                continue
-            try:
-                with context.wrap_socket(sock, server_side=True) as tls:
-                    tls.recv(1)
-            except (ssl.SSLError, OSError):
-                pass
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
+    with tls_server(tmp_path) as port:
         proc = meterwatch("simulate", "--households", "1", "--days", "1",
                           "--bootstrap-servers", f"127.0.0.1:{port}", "--security-protocol",
                           "SSL", "--ssl-cafile", str(other_ca), env=clean_env(), timeout=120)
-    finally:
-        stop.set()
-        thread.join(5)
-        listener.close()
     line = one_line_error(proc)
     assert line.startswith(f"meterwatch: error: --ssl-cafile: TLS with 127.0.0.1:{port} "
                            "failed ("), line
