@@ -257,9 +257,14 @@ async def produce_synthetic(bootstrap_servers: str, topic: str,
             for i, (key, value, rows) in enumerate(day_records(data, d, rng,
                                                                array_fraction=array_fraction)):
                 if rate is not None:
-                    ahead = stats.readings / rate - (time.perf_counter() - t0)
-                    if stop_at is not None:  # never sleep past --duration
-                        ahead = min(ahead, stop_at - time.perf_counter())
+                    now = time.perf_counter()
+                    ahead = stats.readings / rate - (now - t0)
+                    if stop_at is not None and now + ahead >= stop_at:
+                        # the next reading is due at or after the end: wait for the end,
+                        # never past it, and send nothing more (never faster than --rate)
+                        await asyncio.sleep(max(stop_at - now, 0.0))
+                        stopped = True
+                        break
                     if ahead > 0.002:
                         await asyncio.sleep(ahead)
                 if stop_at is not None and time.perf_counter() >= stop_at:
