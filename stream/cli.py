@@ -426,16 +426,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 async def _simulate(args: argparse.Namespace) -> int:
     from meterwatch.model import ANOMALY_TYPES, SyntheticConfig, generate
-    from meterwatch.stream.simulate import produce_synthetic
+    from meterwatch.stream.preflight import check_bootstrap
+    from meterwatch.stream.simulate import check_pacing, produce_synthetic
 
     settings = _settings(args)
+    check_bootstrap(settings.bootstrap_servers)  # a typo is one line, not "cannot connect"
     if (args.households is not None and args.households < 1) or (
             args.days is not None and args.days < 1):
         raise UsageError("--households/--days: must be at least 1")
-    if args.rate is not None and args.rate <= 0:
-        raise UsageError("--rate: must be a positive number of readings per second")
-    if args.duration is not None and args.duration <= 0:
-        raise UsageError("--duration: must be a positive number of seconds")
+    # before the data is read or generated (produce_synthetic checks them again, cheaply)
+    check_pacing(rate=args.rate, duration=args.duration, malformed_every=args.malformed_every)
     if not 0.0 <= args.anomaly_rate <= 1.0:
         raise UsageError("--anomaly-rate: must be a share of household-days, 0 to 1")
     if args.data is not None:

@@ -62,10 +62,11 @@ def check_options(opts: DemoOptions) -> None:
     if not 0 <= opts.metrics_port <= 65535:
         raise ValueError("--metrics-port: must be a TCP port, 1 to 65535, or 0 for any free "
                          "one")
-    if opts.metrics_port:
-        check_metrics_address(Settings(  # type: ignore[call-arg]
-            _env_prefix="METERWATCH_DEMO_UNUSED_", metrics_host="127.0.0.1",
-            metrics_port=opts.metrics_port))
+    if opts.metrics_port:  # bindable now: released at once (the demo's service binds it)
+        for sock in check_metrics_address(Settings(  # type: ignore[call-arg]
+                _env_prefix="METERWATCH_DEMO_UNUSED_", metrics_host="127.0.0.1",
+                metrics_port=opts.metrics_port)):
+            sock.close()
 
 
 async def run_demo(opts: DemoOptions) -> int:

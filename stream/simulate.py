@@ -23,7 +23,7 @@ from aiokafka.errors import KafkaError
 from meterwatch.model import ContextTables, SyntheticData
 from meterwatch.model.inject import inject, random_labels
 from meterwatch.model.loaders import Readings
-from meterwatch.stream.preflight import connection_refusal
+from meterwatch.stream.preflight import check_bootstrap, connection_refusal
 
 log = logging.getLogger(__name__)
 
@@ -194,12 +194,8 @@ async def _refusal(bootstrap_servers: str, client: dict[str, Any]) -> str | None
     answered and refused our credentials, our TLS or our security protocol (a wrong password
     used to be reported as "--bootstrap-servers: cannot connect"); None when none answered.
     Never the secret."""
-    servers = []
-    for server in bootstrap_servers.split(","):
-        host, _, port = server.strip().rpartition(":")
-        if host and port.isdigit():
-            servers.append((host.strip("[]"), int(port)))
-    refused = await connection_refusal(servers, client, timeout_s=5.0)
+    refused = await connection_refusal(check_bootstrap(bootstrap_servers), client,
+                                       timeout_s=5.0)
     return None if refused is None else str(refused)
 
 

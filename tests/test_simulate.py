@@ -200,3 +200,14 @@ def test_simulate_data_checks_start_before_reading_the_data(tmp_path: Path) -> N
                       "--bootstrap-servers", "127.0.0.1:9", env=clean_env(), timeout=120)
     assert one_line_error(proc) == ("meterwatch: error: --start: 'garbage' is not a date; use "
                                     "YYYY-MM-DD")
+
+
+def test_simulate_malformed_bootstrap_servers_is_one_line() -> None:
+    """The same check as run's (``preflight.check_bootstrap``), before anything is
+    generated or a connection tried (it was "cannot connect" after a connection attempt)."""
+    proc = meterwatch("simulate", "--households", "1", "--days", "1", "--bootstrap-servers",
+                      "localhost:abc", env=clean_env(), timeout=120)
+    assert one_line_error(proc) == (
+        "meterwatch: error: --bootstrap-servers: 'localhost:abc' is not host:port; give a "
+        "comma-separated list like broker-1:9092,broker-2:9092 (an IPv6 address in "
+        "brackets: [::1]:9092)")
