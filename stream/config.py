@@ -5,6 +5,10 @@ Every field is a CLI flag of ``meterwatch run`` (``--bootstrap-servers`` for
 flag wins over the environment. Secrets are ``SecretStr``: they never appear in logs or
 ``repr``. The README's configuration table is generated from this class
 (``meterwatch config --markdown``).
+
+An environment variable that is empty or only whitespace counts as NOT set: the default
+applies (``METERWATCH_SSL_CAFILE=`` as a Kubernetes manifest or docker-compose's
+``${VAR:-}`` writes it). Decided in one place, ``blank``, for every setting.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "METERWATCH_"
 _SASL_FIELDS = ("sasl_mechanism", "sasl_username", "sasl_password")
@@ -29,6 +33,36 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def blank(value: object) -> bool:
+    """An environment variable's value that means "not set": empty or only whitespace."""
+    return isinstance(value, str) and not value.strip()
+
+
+def env_value(name: str, prefix: str = ENV_PREFIX) -> str | None:
+    """The environment variable of setting ``name`` (``METERWATCH_<NAME>``), or None when it
+    is not set or ``blank``."""
+    value = os.environ.get(f"{prefix}{name.upper()}")
+    return None if value is None or blank(value) else value
+
+
+#: What ``meterwatch run --help`` and the docs say of the environment.
+ENV_NOTE = (f"Each setting is also an environment variable, {ENV_PREFIX}<FLAG> (see each "
+            "flag); a flag wins over it, and a variable that is empty or only whitespace "
+            "counts as not set (the default applies).")
+
+
+class _NonBlankEnv:
+    """The environment source with empty and whitespace-only values left out (not set), so
+    that each setting's default applies, as when the variable is absent."""
+
+    def __init__(self, source: PydanticBaseSettingsSource) -> None:
+        self.source = source
+        self.__name__ = type(source).__name__  # the name pydantic-settings files it under
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.source().items() if not blank(v)}
+
+
 class SettingsError(ValueError):
     """Settings that cannot be used: one line naming the flag, what is wrong and the fix."""
 
@@ -38,6 +72,17 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid",
                                       allow_inf_nan=False)  # no "inf" seconds
+
+    @classmethod
+    def settings_customise_sources(
+            cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource) -> tuple[Any, ...]:
+        """Flags (init), then the environment without its ``blank`` variables;
+        no .env file or secrets directory is configured."""
+        return (init_settings, _NonBlankEnv(env_settings), dotenv_settings,
+                file_secret_settings)
 
     # Kafka
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
@@ -234,7 +279,8 @@ class Settings(BaseSettings):
         """One ``--flag`` per field; values are validated by pydantic, not argparse, so that
         a flag and its environment variable get the same checks and messages. The help shows
         the default, the choices and the environment variable."""
-        group = parser.add_argument_group("settings (each also an environment variable)")
+        group = parser.add_argument_group("settings (each also an environment variable)",
+                                          ENV_NOTE)
         for name, f in cls.model_fields.items():
             if only is not None and name not in only:
                 continue
@@ -333,8 +379,7 @@ def describe_error(exc: ValidationError, from_flags: set[str] | None = None) -> 
     if name not in Settings.model_fields:
         return f"{flag(name)}: unknown setting; see meterwatch run --help"
     where = flag(name)
-    if from_flags is not None and name not in from_flags and \
-            f"{ENV_PREFIX}{name.upper()}" in os.environ:
+    if from_flags is not None and name not in from_flags and env_value(name) is not None:
         where = f"{where} (from {ENV_PREFIX}{name.upper()})"
     choices = field_choices(name)
     fix = (f"choose one of {', '.join(choices)}" if choices
