@@ -4,18 +4,25 @@ Every error a user can cause (a bad flag or environment variable, a file that ca
 read, a missing optional dependency) ends the command with status 2 and ONE line on stderr,
 ``meterwatch: error: <where>: <what is wrong>; <how to fix>``, never a traceback and never
 a secret.
+
+SIGTERM and SIGINT are handled from the first line of ``main``: before the service's own
+handlers take over (``Service.run_until_signalled``), a signal is recorded and the command
+ends with status 0 at the next point where nothing has started (``_StartSignals``); the
+heavy imports (torch, aiokafka) happen after ``main`` begins, and ``asyncio`` is imported
+where it is used so that ``main`` begins as early as it can.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import importlib.util
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn
 
 from meterwatch.stream.errors import first_line
@@ -220,18 +227,84 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
 
 
+# ------------------------------------------------------------------------------- signals
+
+
+class _Stopped(Exception):
+    """A SIGTERM/SIGINT came before anything started: the command ends with status 0."""
+
+
+class _StartSignals:
+    """SIGTERM and SIGINT while ``meterwatch run`` starts, before the service's handlers are
+    installed: the first is recorded and ``check`` (called between the steps of the start:
+    settings, files, models, imports) ends the command quietly with status 0 — nothing has
+    started by then, and no step is cut off in the middle (an import of torch interrupted
+    half-way leaves noise at exit); a second signal exits at once with status 1, as the
+    service does. ``hand_over`` delivers a signal that came after the last ``check`` to the
+    service's own handlers. Until this, a signal in the first ~2 s took its default action
+    (exit status 143, or 130 and sometimes a ``KeyboardInterrupt`` traceback)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        import threading
+
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():  # (main() in a thread)
+            for sig in self.SIGNALS:  # one ignored by whoever started us stays ignored
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:
+            raise SystemExit(1)  # a second signal: at once
+        self.received = signum
+
+    def installed(self, *signals: int) -> bool:
+        """Whether these handlers still handle any of ``signals`` (default: both)."""
+        return any(signal.getsignal(sig) == self._on_signal
+                   for sig in signals or self._previous)
+
+    def check(self) -> None:
+        """Raise ``_Stopped`` if a signal came: the caller has started nothing yet."""
+        if self.received is not None:
+            raise _Stopped(signal.Signals(self.received).name)
+
+    def restore(self) -> None:
+        """The previous handlers back, where these are still installed (commands other than
+        ``run``: SIGINT interrupts training with status 130, as before)."""
+        for sig, handler in self._previous.items():
+            if self.installed(sig):
+                signal.signal(sig, handler)
+
+    def hand_over(self) -> None:
+        """Once the service's handlers replaced these (the first turn of its event loop), a
+        signal that came after the last ``check`` goes to them: the service stops as after
+        any signal. (If they were not installed, the start failed: nothing to deliver.)"""
+        if self.received is not None and not self.installed(self.received):
+            signal.raise_signal(self.received)
+
+
 # ------------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = _parser().parse_args(argv)
-    level = getattr(args, "log_level", None) or "INFO"  # checked with the settings, later:
-    known = isinstance(logging.getLevelName(level), int)  # "debug" must not raise here
-    setup_logging(level if known else "INFO",
-                  getattr(args, "log_format", None) or "text")
+    signals = _StartSignals()  # first: a signal from here on ends the command cleanly
     try:
-        return _dispatch(args)
+        argv = sys.argv[1:] if argv is None else argv
+        args = _parser().parse_args(argv)
+        level = getattr(args, "log_level", None) or "INFO"  # checked with the settings,
+        known = isinstance(logging.getLevelName(level), int)  # later: "debug" must not raise
+        setup_logging(level if known else "INFO",
+                      getattr(args, "log_format", None) or "text")
+        if args.command != "run":
+            signals.restore()  # theirs is the default handling, as before
+        signals.check()  # (a signal before the restore)
+        return _dispatch(args, signals)
+    except _Stopped as stop:
+        log.info("%s received before the start: stopped (nothing had started)", stop)
+        return 0
     except (UsageError, ValueError, OSError) as exc:
         # ValueError covers SettingsError, LoadError and CheckpointError: each message
         # names the flag or file. Nothing here prints a settings value.
@@ -241,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        signals.restore()  # (main() called by a program: its handlers back)
 
 
 def _need_extra(extra: str, what: str) -> None:
@@ -257,7 +332,9 @@ def _settings(args: argparse.Namespace) -> Any:
     return settings
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace, signals: _StartSignals) -> int:
+    import asyncio
+
     if args.command == "config":
         from meterwatch.stream.config import Settings
 
@@ -278,10 +355,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         from meterwatch.stream.preflight import check_files, check_inputs
 
         settings = _settings(args)
+        signals.check()
         check_files(settings)  # misconfiguration: one line, before anything is printed
+        signals.check()
+        import torch  # noqa: F401  (the longest step of a start, 1-2 s: checked after it)
+
+        signals.check()
         checked = check_inputs(settings)  # or started (docs/serving.md); the service
+        try:  # takes what was checked as it is
+            signals.check()
+        except _Stopped:
+            checked.close()
+            raise
         log.info("meterwatch %s starting: %s", package_version(), settings.summary())
-        return asyncio.run(_run(settings, checked))  # takes what was checked as it is
+        return asyncio.run(_run(settings, checked, signals))
     if args.command == "train":
         return _train(args)
     if args.command == "simulate":
@@ -300,9 +387,18 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise UsageError(f"unknown command {args.command!r}")
 
 
-async def _run(settings: Any, checked: Any) -> int:
-    from meterwatch.stream.service import run_service
+async def _run(settings: Any, checked: Any, signals: _StartSignals) -> int:
+    import asyncio
 
+    try:
+        from meterwatch.stream.service import run_service
+
+        signals.check()
+    except BaseException:
+        checked.close()
+        raise
+    # run_service installs the service's handlers before its first await; this runs after
+    asyncio.get_running_loop().call_soon(signals.hand_over)
     return await run_service(settings, checked)  # 0 after a signal, 1 if a stage failed
 
 
