@@ -25,7 +25,10 @@ with backoff and reports ``broker_reachable: false`` on ``/readyz``.
    ``--create-topics`` (with at least the input's partition count; a topic the broker
    will not create is refused by name), and every output topic
    has at least as many partitions as the input (records about input partition ``p`` go to
-   partition ``p`` of each output).
+   partition ``p`` of each output); then ``await_group_coordinator``: the group's coordinator
+   is waited for (bounded), quietly, before the consumer joins. A cluster makes it on first
+   use (Kafka creates ``__consumer_offsets`` and loads it in about a second), and aiokafka's
+   consumer logs each try meanwhile as an error or warning ("Marking the coordinator dead").
 
 A session timeout outside the broker's bounds is only refused when the group is joined;
 ``stream.service`` maps that answer (``InvalidSessionTimeoutError``) with ``session_timeout``.
@@ -50,8 +53,12 @@ from typing import TYPE_CHECKING, Any
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
+    GroupCoordinatorNotAvailableError,
+    GroupLoadInProgressError,
     InvalidTopicError,
     KafkaConnectionError,
+    KafkaError,
+    NotCoordinatorForGroupError,
     SaslAuthenticationFailed,
     TopicAlreadyExistsError,
     UnsupportedSaslMechanismError,
@@ -547,7 +554,57 @@ async def check_topics(settings: Settings, admin: AIOKafkaAdminClient,
                 "--topic-partitions", f"output topic {t!r} has {n} partitions, fewer than "
                 f"the {n_input} of input topic {s.input_topic!r}",
                 f"recreate {t!r} (or add partitions) with at least {n_input}")
+    await await_group_coordinator(s, admin)  # last, right before the consumer joins
     return n_input
+
+
+#: What a broker answers while it makes or loads a group's coordinator.
+_COORDINATOR_LOADING = (GroupCoordinatorNotAvailableError, GroupLoadInProgressError,
+                        NotCoordinatorForGroupError)
+
+
+async def await_group_coordinator(settings: Settings, admin: AIOKafkaAdminClient,
+                                  wait_s: float = 20.0) -> bool:
+    """Wait until the broker answers for ``--group-id``'s coordinator (a DescribeGroups
+    request answered without error: the coordinator is there and has loaded its
+    partition), at most ``wait_s``; True when it does, or when the broker answers something
+    else (the consumer will say what). A new cluster makes the coordinator on first use:
+    Kafka 4.0 answers COORDINATOR_NOT_AVAILABLE while it creates ``__consumer_offsets`` and
+    NOT_COORDINATOR while it loads it (about 1 s here), and aiokafka's consumer logs each
+    of its tries as an ERROR ("Group Coordinator Request failed") or a WARNING ("Marking the
+    coordinator dead"); these tries are logged at DEBUG. One that lasts is a WARNING, and
+    the consumer then joins as before, its own warnings showing the outage."""
+    group = settings.group_id
+    t0 = time.monotonic()
+    delay = 0.05
+    while True:
+        try:
+            answers = await admin.describe_consumer_groups([group])
+            codes = [g[0] for answer in answers for g in answer.groups]
+            error: type[Exception] | None = next((for_code(c) for c in codes if c), None)
+        except _COORDINATOR_LOADING as exc:  # (find_coordinator raises these)
+            error = type(exc)
+        except KafkaConnectionError:
+            raise  # the broker went away: the caller retries the connection
+        except (KafkaError, AttributeError, IndexError, TypeError) as exc:
+            log.debug("group coordinator of %r: %r; the consumer will find it", group, exc)
+            return True  # (an ACL, an old broker: not ours to decide)
+        waited = time.monotonic() - t0
+        if error is None or not issubclass(error, _COORDINATOR_LOADING):
+            if error is not None:
+                log.debug("group coordinator of %r: %s", group, error.__name__)
+            (log.info if waited > 2 else log.debug)(
+                "group coordinator of %r ready after %.1f s", group, waited)
+            return True
+        log.debug("group coordinator of %r not ready (%s)", group, error.__name__)
+        if waited > wait_s:
+            log.warning(
+                "the broker has no coordinator ready for group %r after %.0f s (%s; a cluster "
+                "with fewer brokers than offsets.topic.replication.factor never has one); "
+                "joining anyway", group, waited, error.__name__)
+            return False
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
 
 
 def _creation_refused(answer: Any, n: int, settings: Settings) -> None:
