@@ -459,10 +459,7 @@ async def connection_refusal(servers: Sequence[tuple[str, int]], options: dict[s
             if hung_up or (isinstance(exc, TimeoutError) and protocol in _TLS):
                 other = await _other_protocol(host, port, protocol in _TLS, timeout_s)
                 if other is not None:
-                    return ConfigurationError(
-                        "--security-protocol", f"the broker at {server} speaks {other}, not "
-                        f"{protocol}", f"use --security-protocol {_matching(other, protocol)}"
-                        " or the broker's listener for " + protocol)
+                    return _mismatch(server, protocol, *other)
             continue
         try:
             if not protocol.startswith("SASL"):  # a listener that wants SASL hangs up here
@@ -487,37 +484,77 @@ def _rejected(server: str, mechanism: str) -> ConfigurationError:
         "check the user name, the password and --sasl-mechanism")
 
 
-def _matching(other: str, protocol: str) -> str:
-    """The protocol to use on a listener that speaks ``other`` (TLS or plain text), keeping
-    SASL where it was asked for."""
-    sasl = protocol.startswith("SASL")
+def _mismatch(server: str, protocol: str, other: str,
+              sasl: bool | None) -> ConfigurationError:
+    """The listener speaks ``other`` ("TLS" or "plain text"), wanting SASL or not (None: not
+    known): the protocol that matches it, with the SASL flags where the client had none."""
+    use = _matching(other, protocol, sasl)
+    speaks = other + (" with SASL" if sasl else "")
+    flags = " with --sasl-mechanism, --sasl-username and --sasl-password," \
+        if use.startswith("SASL") and not protocol.startswith("SASL") else ""
+    return ConfigurationError(
+        "--security-protocol", f"the broker at {server} speaks {speaks}, not {protocol}",
+        f"use --security-protocol {use}{flags} or the broker's listener for {protocol}")
+
+
+def _matching(other: str, protocol: str, sasl: bool | None = None) -> str:
+    """The protocol to use on a listener that speaks ``other`` (TLS or plain text): with
+    SASL when it wants SASL (``sasl``), else where it was asked for (``sasl`` None: the
+    listener hung up before it could tell)."""
+    if sasl is None:
+        sasl = protocol.startswith("SASL")
     if other == "TLS":
         return "SASL_SSL" if sasl else "SSL"
     return "SASL_PLAINTEXT" if sasl else "PLAINTEXT"
 
 
 async def _other_protocol(host: str, port: int, asked_tls: bool,
-                          timeout_s: float) -> str | None:
-    """After a connection that failed in its handshake: "plain text" when a client that
-    asked for TLS meets a listener that answers a plain Kafka request, "TLS" when a plain
-    client meets a listener that completes a TLS handshake (any certificate); else None."""
+                          timeout_s: float) -> tuple[str, bool | None] | None:
+    """After a connection that failed in its handshake: ("plain text", sasl) when a client
+    that asked for TLS meets a listener that answers a plain Kafka version request,
+    ("TLS", sasl) when a plain client meets a listener that completes a TLS handshake (any
+    certificate: nothing secret is sent); else None. ``sasl``: whether the listener wants
+    SASL — it hung up on one metadata request made without it (True), answered it
+    (False), or did not answer a Kafka request at all (None)."""
     try:
         if asked_tls:
             conn = await asyncio.wait_for(create_conn(
                 host, port, request_timeout_ms=int(timeout_s * 1000),
                 security_protocol="PLAINTEXT"), timeout_s)
-            conn.close()  # it answered the client's version request in plain text
-            return "plain text"
+            # it answered the client's version request in plain text
+            return "plain text", await _wants_sasl(conn, timeout_s)
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         _, writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, ssl=ctx), timeout_s)
         writer.close()
-        return "TLS"
     except Exception as exc:  # it does not speak the other one either
         log.debug("preflight: %s:%d speaks neither protocol: %r", host, port, exc)
         return None
+    try:  # TLS: a Kafka listener behind it? (one that wants SASL answers versions too)
+        conn = await asyncio.wait_for(create_conn(
+            host, port, request_timeout_ms=int(timeout_s * 1000), ssl_context=ctx,
+            security_protocol="SSL"), timeout_s)
+    except Exception as exc:
+        log.debug("preflight: %s:%d speaks TLS, then no Kafka: %r", host, port, exc)
+        return "TLS", None
+    return "TLS", await _wants_sasl(conn, timeout_s)
+
+
+async def _wants_sasl(conn: Any, timeout_s: float) -> bool | None:
+    """Whether the listener of ``conn`` (connected, versions exchanged, no SASL) wants SASL:
+    it hangs up on a metadata request (True) or answers it (False); None if neither."""
+    try:
+        await asyncio.wait_for(conn.send(MetadataRequest([])), timeout_s)
+        return False
+    except KafkaConnectionError:
+        return True
+    except Exception as exc:
+        log.debug("preflight request: %r", exc)
+        return None
+    finally:
+        conn.close()
 
 
 async def check_topics(settings: Settings, admin: AIOKafkaAdminClient,

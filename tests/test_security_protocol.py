@@ -2,22 +2,99 @@
 to retry for ever ("broker not reachable" every 10 s) when TLS met a plain listener, a plain
 client met a TLS listener or a listener that wants SASL. Now it exits 2 with one line naming
 ``--security-protocol`` and the protocol to use (found by the new-user audit,
-``docs/audit.md``)."""
+``docs/audit.md``). A listener's wish for SASL is told by one metadata request made without
+it, over TLS too: a plain client on a SASL_SSL listener was told to use SSL, a TLS client on
+a SASL_PLAINTEXT listener to use PLAINTEXT (``docs/polish5.md``).
+
+The TLS listeners in front of the embedded broker are TLS-terminating proxies (as stunnel
+or a cloud load balancer makes one): the broker behind them is real, and what it answers
+(or hangs up on) goes back through TLS. On Apache Kafka 4.0 started with ``--sasl`` the
+SASL_SSL listener is Kafka's own (``KAFKA_SASL_SSL``, passed by .ci/run)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from meterwatch.stream.broker import Broker
 from meterwatch.stream.preflight import connection_refusal
-from tests.conftest import unique_settings
+from tests.conftest import genuine_kafka, unique_settings
 from tests.test_config_tls import _pair, tls_server
 from tests.test_faults_contract import assert_fails_fast, run_to_exit, sasl_bootstrap
+
+SASL_FLAGS = "with --sasl-mechanism, --sasl-username and --sasl-password,"
+
+
+@contextlib.contextmanager
+def tls_proxy(folder: Path, upstream: str) -> Iterator[str]:
+    """A TLS listener on 127.0.0.1 (self-signed certificate) that forwards what it decrypts
+    to ``upstream`` (host:port) and back: a TLS listener of that broker. Yields its
+    host:port."""
+    cert, key = _pair(folder, "proxy")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    host, port = upstream.rsplit(":", 1)
+    loop = asyncio.new_event_loop()
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    server = loop.run_until_complete(
+        asyncio.start_server(forward, "127.0.0.1", 0, ssl=context))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+@contextlib.contextmanager
+def sasl_ssl_listener(broker: Broker, folder: Path) -> Iterator[str]:
+    """A SASL_SSL listener: Kafka's own (``kafka.sh start --sasl``), or TLS in front of an
+    embedded broker that requires SASL (``sasl_bootstrap``)."""
+    if genuine_kafka(broker) and os.environ.get("KAFKA_SASL_SSL"):
+        yield os.environ["KAFKA_SASL_SSL"]
+        return
+    with sasl_bootstrap(broker) as plain, tls_proxy(folder, plain) as listener:
+        yield listener
+
+
+def refusal(listener: str, protocol: str, timeout_s: float = 5.0) -> str:
+    host, port = listener.rsplit(":", 1)
+    options: dict[str, object] = {"security_protocol": protocol}
+    if protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = ssl.create_default_context()  # (not reached: no TLS)
+    refused = asyncio.run(connection_refusal([(host, int(port))], options, timeout_s))
+    assert refused is not None
+    return str(refused)
 
 
 @pytest.mark.integration
@@ -64,3 +141,41 @@ def test_nothing_listening_is_not_a_protocol_error() -> None:
             if protocol == "SSL":
                 options["ssl_context"] = ssl.create_default_context()
             assert asyncio.run(connection_refusal([("127.0.0.1", port)], options, 2.0)) is None
+
+
+@pytest.mark.integration
+def test_plain_client_on_a_sasl_ssl_listener(broker, detector_path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Was: "speaks TLS, not PLAINTEXT; use --security-protocol SSL", and SSL then failed
+    on the listener's SASL."""
+    with sasl_ssl_listener(broker, tmp_path) as listener:
+        settings = unique_settings(broker, create_input=False, bootstrap_servers=listener)
+        line = assert_fails_fast(run_to_exit(settings, detector_path), "--security-protocol",
+                                 mentions=f"the broker at {listener} speaks TLS with SASL, "
+                                          "not PLAINTEXT")
+    assert line.endswith(f"use --security-protocol SASL_SSL {SASL_FLAGS} or the broker's "
+                         "listener for PLAINTEXT"), line
+
+
+@pytest.mark.integration
+def test_plain_client_on_a_real_tls_listener(broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A TLS listener of the broker that does not want SASL: SSL (it answers the metadata
+    request made over TLS without SASL)."""
+    with tls_proxy(tmp_path, broker.bootstrap_servers) as listener:
+        t0 = time.monotonic()
+        assert refusal(listener, "PLAINTEXT") == (
+            f"--security-protocol: the broker at {listener} speaks TLS, not PLAINTEXT; use "
+            "--security-protocol SSL or the broker's listener for PLAINTEXT")
+        assert refusal(listener, "SASL_PLAINTEXT").endswith(  # (was: SASL_SSL)
+            "speaks TLS, not SASL_PLAINTEXT; use --security-protocol SSL or the broker's "
+            "listener for SASL_PLAINTEXT")
+        assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.integration
+def test_tls_client_on_a_sasl_plaintext_listener(broker) -> None:  # type: ignore[no-untyped-def]
+    """Was: "use --security-protocol PLAINTEXT", which the listener then hung up on."""
+    with sasl_bootstrap(broker) as listener:
+        assert refusal(listener, "SSL", timeout_s=2.0) == (
+            f"--security-protocol: the broker at {listener} speaks plain text with SASL, not "
+            f"SSL; use --security-protocol SASL_PLAINTEXT {SASL_FLAGS} or the broker's "
+            "listener for SSL")
