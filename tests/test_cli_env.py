@@ -18,7 +18,7 @@ from tests.cli_helpers import clean_env, meterwatch, one_line_error, stderr_unti
 EVERY_VARIABLE = [f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields]
 
 
-@pytest.mark.parametrize("value", ["", "  ", "\t"])
+@pytest.mark.parametrize("value", ["", "  ", "\t"], ids=["empty", "spaces", "tab"])
 def test_every_empty_variable_means_the_default(value: str) -> None:
     defaults = meterwatch("config")
     assert defaults.returncode == 0, defaults.stderr
@@ -52,7 +52,7 @@ def test_an_empty_variable_beside_set_ones() -> None:
      "meterwatch: error: --ssl-cafile: no such file '/nonexistent/ca.pem'"),
     ({"METERWATCH_LOG_LEVEL": " trace "},
      "meterwatch: error: --log-level (from METERWATCH_LOG_LEVEL): not one of the allowed"),
-])
+], ids=["batch-max-size", "ssl-cafile", "log-level"])
 def test_a_variable_with_a_value_is_still_checked(env: dict[str, str], line: str) -> None:
     proc = meterwatch("config", env=clean_env(**env))
     assert one_line_error(proc).startswith(line), proc.stderr
