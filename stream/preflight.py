@@ -487,11 +487,15 @@ def _rejected(server: str, mechanism: str) -> ConfigurationError:
 def _mismatch(server: str, protocol: str, other: str,
               sasl: bool | None) -> ConfigurationError:
     """The listener speaks ``other`` ("TLS" or "plain text"), wanting SASL or not (None: not
-    known): the protocol that matches it, with the SASL flags where the client had none."""
+    known): the protocol that matches it, with the SASL flags where the client had none
+    (without them where it had some)."""
     use = _matching(other, protocol, sasl)
     speaks = other + (" with SASL" if sasl else "")
-    flags = " with --sasl-mechanism, --sasl-username and --sasl-password," \
-        if use.startswith("SASL") and not protocol.startswith("SASL") else ""
+    flags = ""
+    if use.startswith("SASL") and not protocol.startswith("SASL"):
+        flags = " with --sasl-mechanism, --sasl-username and --sasl-password,"
+    elif protocol.startswith("SASL") and not use.startswith("SASL"):
+        flags = " without the --sasl-* settings,"  # (refused beside a protocol without SASL)
     return ConfigurationError(
         "--security-protocol", f"the broker at {server} speaks {speaks}, not {protocol}",
         f"use --security-protocol {use}{flags} or the broker's listener for {protocol}")

@@ -166,8 +166,8 @@ def test_plain_client_on_a_real_tls_listener(broker, tmp_path: Path) -> None:  #
             f"--security-protocol: the broker at {listener} speaks TLS, not PLAINTEXT; use "
             "--security-protocol SSL or the broker's listener for PLAINTEXT")
         assert refusal(listener, "SASL_PLAINTEXT").endswith(  # (was: SASL_SSL)
-            "speaks TLS, not SASL_PLAINTEXT; use --security-protocol SSL or the broker's "
-            "listener for SASL_PLAINTEXT")
+            "speaks TLS, not SASL_PLAINTEXT; use --security-protocol SSL without the "
+            "--sasl-* settings, or the broker's listener for SASL_PLAINTEXT")
         assert time.monotonic() - t0 < 10
 
 
