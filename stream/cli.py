@@ -1,4 +1,4 @@
-"""The ``meterwatch`` command: run, train, simulate, demo, evaluate, config.
+"""The ``meterwatch`` command: run, train, simulate, demo, evaluate, reset, config.
 
 Every error a user can cause (a bad flag or environment variable, a file that cannot be
 read, a missing optional dependency) ends the command with status 2 and ONE line on stderr,
@@ -66,7 +66,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 def _parser() -> argparse.ArgumentParser:
     from meterwatch.stream.config import Settings
 
-    p = _Parser(prog="meterwatch", description=__doc__.split("\n")[0],
+    p = _Parser(prog="meterwatch", description=__doc__.split("\n")[0].replace("``", ""),
                 formatter_class=_Help)
     p.add_argument("--version", action="version",
                    version=f"meterwatch {package_version()}")
