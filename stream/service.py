@@ -831,9 +831,8 @@ class Service:
             try:
                 # the generation check (as in ``_holds_generation``): the broker refuses a
                 # commit from a member the group has moved on from; anything else is retried
-                offsets = await self._generation_offsets(back)
                 try:
-                    await asyncio.wait_for(self.consumer.commit(offsets), _GENERATION_CHECK_S)
+                    await asyncio.wait_for(self._confirm_generation(back), _GENERATION_CHECK_S)
                 except CommitFailedError:
                     log.info("partitions %s not taken back: the group generation changed "
                              "(their new owner replays them)", sorted(back))
@@ -858,11 +857,12 @@ class Service:
                         "member): recovered from their checkpoint (start offsets %s)",
                         sorted(taken), {p: self.parts[p].position for p in sorted(taken)})
 
-    async def _generation_offsets(self, partitions: set[int]) -> dict[TopicPartition, int]:
-        """Offsets whose re-commit confirms this member's generation without changing
-        anything: what was last committed for ``partitions`` (kept when they were lost),
-        else what the group has committed for them, else their log start offsets (what an
-        absent offset resumes from: ``auto_offset_reset=earliest``)."""
+    async def _confirm_generation(self, partitions: set[int]) -> None:
+        """Re-commit offsets of ``partitions`` that change nothing: what was last committed
+        for them (kept when they were lost), else what the group has committed for them,
+        else their log start offsets (what an absent offset resumes from:
+        ``auto_offset_reset=earliest``). Raises ``CommitFailedError`` when the group has
+        moved on from this member's generation."""
         assert self.consumer is not None
         topic = self.settings.input_topic
         out = {TopicPartition(topic, p): c for p in partitions
@@ -873,9 +873,7 @@ class Service:
             if c is None or c < 0:
                 c = (await self.consumer.beginning_offsets([tp]))[tp]
             out[tp] = c
-        return out
-
-
+        await self.consumer.commit(out)
 
 
 _NOBODY = object()  # the owner of a partition this member does not hold
