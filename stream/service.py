@@ -393,6 +393,14 @@ class Service:
             consume.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await consume
+            # the commit loop ends after the commit it is in, not inside it (cancelled
+            # there, its transactions stayed open on the broker: every read_committed
+            # reader of those partitions, the next owner's recovery included, waited for
+            # the broker's transaction timeout, 60 s)
+            for task in self._tasks:
+                if task.get_name() == "meterwatch-commit":
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
         # Step 2: flush every pending batch, publish, commit; then leaving the group (in
         # consumer.stop) triggers no second settle since nothing is left.
         if self.consumer is not None and self.parts:
@@ -695,8 +703,13 @@ class Service:
 
     # -- commit ----------------------------------------------------------------------------
     async def _commit_loop(self) -> None:
+        """Steps 3-6 every ``--commit-interval-s``; returns at a stop, between commits
+        (the stop commits last, in ``_shutdown``)."""
         while True:
-            await asyncio.sleep(self.settings.commit_interval_s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.settings.commit_interval_s)
+            if self._stopping.is_set():
+                return
             try:
                 await self._commit(set(self.parts))
             except PartitionLost as exc:
