@@ -18,7 +18,9 @@ Producers (``--idempotence``):
   gets a **transactional** producer of its own, ``transactional.id = <group>.<input>.<p>``,
   opened when ``p`` is assigned (``open_partition``). Opening it fences any older producer
   with that id: a member that lost ``p`` without noticing can no longer write for it (the
-  broker refuses it, ``PartitionLost``). Each ``send_all`` writes a partition's records in
+  broker refuses it, ``PartitionLost``). Where the fence came from anything but a new owner
+  (the group still assigns ``p`` to this member), the service takes ``p`` back
+  (``stream.service``, docs/runtime.md). Each ``send_all`` writes a partition's records in
   one transaction. Where the broker refuses a producer id (the embedded Tansu broker answers
   InitProducerId with UnknownError), the failed producer is stopped and one plain producer
   (acks=all) writes everything; every guarantee but fencing rests on recovery, not on the
