@@ -261,6 +261,11 @@ class OutputPublisher:
         if writer is None:
             raise PartitionLost({partition}, "not owned by this member")
         async with writer.lock:
+            if self._writers.get(partition) is not writer:
+                # closed while this waited for the lock (a transaction before this one was
+                # fenced): its producer has failed for good, and aiokafka answers a new
+                # transaction on it with an AssertionError, which stopped the service
+                raise PartitionLost({partition}, "its producer was fenced meanwhile")
             producer = writer.producer
             try:
                 await producer.begin_transaction()

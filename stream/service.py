@@ -854,6 +854,9 @@ class Service:
             except PartitionLost as exc:  # fenced again meanwhile: back off further
                 self._lose(exc.partitions | (back - set(self.parts)), str(exc))
                 return
+            except ConfigurationError as exc:  # e.g. no longer authorised: exit 2
+                self._fail(exc, "recovery")
+                return
             except Exception as exc:  # never fatal: retried after the next backoff
                 if self._stopping.is_set():
                     return
