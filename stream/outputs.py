@@ -18,7 +18,9 @@ Producers (``--idempotence``):
   gets a **transactional** producer of its own, ``transactional.id = <group>.<input>.<p>``,
   opened when ``p`` is assigned (``open_partition``). Opening it fences any older producer
   with that id: a member that lost ``p`` without noticing can no longer write for it (the
-  broker refuses it, ``PartitionLost``). Each ``send_all`` writes a partition's records in
+  broker refuses it, ``PartitionLost``). Where the fence came from anything but a new owner
+  (the group still assigns ``p`` to this member), the service takes ``p`` back
+  (``stream.service``, docs/runtime.md). Each ``send_all`` writes a partition's records in
   one transaction. Where the broker refuses a producer id (the embedded Tansu broker answers
   InitProducerId with UnknownError), the failed producer is stopped and one plain producer
   (acks=all) writes everything; every guarantee but fencing rests on recovery, not on the
@@ -32,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -143,6 +146,7 @@ class OutputPublisher:
         self.transactional = False
         if mode != "off" and await self._broker_has_producer_ids(mode):
             self.transactional = True
+            _quiet_fenced_futures(asyncio.get_running_loop())
             log.info("transactions enabled: one transactional producer per owned input "
                      "partition (transactional.id %s)",
                      transactional_id(self.settings, 0)[:-1] + "<p>")
@@ -248,7 +252,8 @@ class OutputPublisher:
             elif isinstance(res, BaseException):
                 raise res
         if lost:
-            raise PartitionLost(lost, "another member's producer fenced ours")
+            raise PartitionLost(lost, "a newer producer with its transactional id "
+                                      "(another member, or any other process) fenced ours")
 
     async def _send_transaction(self, partition: int,
                                 groups: dict[tuple[str, int], list[OutRecord]]) -> None:
@@ -256,6 +261,11 @@ class OutputPublisher:
         if writer is None:
             raise PartitionLost({partition}, "not owned by this member")
         async with writer.lock:
+            if self._writers.get(partition) is not writer:
+                # closed while this waited for the lock (a transaction before this one was
+                # fenced): its producer has failed for good, and aiokafka answers a new
+                # transaction on it with an AssertionError, which stopped the service
+                raise PartitionLost({partition}, "its producer was fenced meanwhile")
             producer = writer.producer
             try:
                 await producer.begin_transaction()
@@ -288,12 +298,45 @@ class OutputPublisher:
                                          " bytes")
             sent.append((topic, partition, await producer.send_batch(
                 batch, topic, partition=partition), batch.record_count()))
-        metadata = await asyncio.gather(*(f for _, _, f, _ in sent))
+        # every future awaited: when the producer is fenced they all fail alike, and one
+        # left unawaited is logged as "Future exception was never retrieved" at shutdown
+        results = await asyncio.gather(*(f for _, _, f, _ in sent), return_exceptions=True)
+        metadata = []
+        for res in results:
+            if isinstance(res, BaseException):
+                raise res
+            metadata.append(res)
         for (topic, partition, _, count), md in zip(sent, metadata, strict=True):
             k = (topic, partition)
             end = md.offset + count
             if end > self.ends.get(k, -1):
                 self.ends[k] = end
+
+
+_QUIETED: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def _quiet_fenced_futures(loop: asyncio.AbstractEventLoop) -> None:
+    """A fenced producer's sender fails its transaction's internal futures (aiokafka), which
+    nobody awaits: when they are collected asyncio logs each as "Future exception was never
+    retrieved" with a ProducerFenced traceback, which reads like a crash. The fence itself
+    is logged once, by the service (``PartitionLost``); these go to debug. Everything else
+    reaches the loop's previous exception handler."""
+    if loop in _QUIETED:
+        return
+    _QUIETED.add(loop)
+    previous = loop.get_exception_handler()
+
+    def handler(lp: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        if isinstance(context.get("exception"), _FENCED) and \
+                str(context.get("message", "")).startswith("Future exception was never"):
+            log.debug("a fenced producer's future: %s", context.get("exception"))
+        elif previous is not None:
+            previous(lp, context)
+        else:
+            lp.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 def json_record(topic: str, partition: int, key: str | None, doc: object, *,

@@ -18,6 +18,12 @@ A member that loses partitions without noticing (frozen past its session timeout
 by the broker where it has transactions (``stream.outputs``); elsewhere it confirms it still
 holds its generation before it publishes from a revoke (``_on_revoked``), and what remains of
 the window is described in docs/runtime.md.
+
+A partition whose producer is fenced while the group still assigns it to this member (another
+process opened its transactional id: a stale instance, an operator's tool) is taken back
+(``_retake``): once the offset commit confirms the generation, it is recovered exactly as on
+assignment (its producer re-opened, which fences the intruder in turn) and fetched again,
+after a backoff that doubles while the fencing goes on (``_retake_delay``).
 """
 
 from __future__ import annotations
@@ -126,6 +132,27 @@ class Service:
         self._scorer_restarts = Counter("meterwatch_scorer_restarts",
                                         "scorer process restarts after it died",
                                         registry=self.metrics.registry)
+        self._lost = Counter("meterwatch_partitions_lost",
+                             "Input partitions this member stopped working on outside an "
+                             "orderly revoke, by reason: fenced (another producer opened "
+                             "its transactional id), group_moved_on (the group generation "
+                             "changed before a revoke), settle_failed.", ("reason",),
+                             registry=self.metrics.registry)
+        self._retaken = Counter("meterwatch_partitions_retaken",
+                                "Fenced input partitions taken back because the group "
+                                "still assigned them to this member.",
+                                registry=self.metrics.registry)
+        for reason in _LOSS_REASONS:
+            self._lost.labels(reason)
+        #: serialises the rebalance listener and ``_retake`` (who owns which partition)
+        self._ownership = asyncio.Lock()
+        #: partitions lost to a fence: monotonic time their re-take is due
+        self._retakes: dict[int, float] = {}
+        self._retake_wake = asyncio.Event()
+        #: partition -> (consecutive fences, monotonic time of the last one), for the backoff
+        self._fences: dict[int, tuple[int, float]] = {}
+        #: the last offset committed for a partition when it was lost (the generation check)
+        self._lost_committed: dict[int, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     async def __aenter__(self) -> Service:
@@ -194,7 +221,8 @@ class Service:
             self._gc_tuned = True
         self._tasks = [asyncio.create_task(self._consume_loop(), name="meterwatch-consume"),
                        asyncio.create_task(self._score_loop(), name="meterwatch-score"),
-                       asyncio.create_task(self._commit_loop(), name="meterwatch-commit")]
+                       asyncio.create_task(self._commit_loop(), name="meterwatch-commit"),
+                       asyncio.create_task(self._retake_loop(), name="meterwatch-retake")]
         if in_process:
             self._tasks.append(asyncio.create_task(self.scorer.supervise(),
                                                    name="meterwatch-scorer-supervisor"))
@@ -226,19 +254,63 @@ class Service:
         self.failed = exc
         self._stopping.set()
 
-    def _lose(self, partitions: set[int], reason: str) -> None:
-        """Partitions another member owns now: forget their pending work, fetch nothing
-        more for them until the group assigns them again (their days are replayed by the
-        new owner from its checkpoint)."""
+    def _lose(self, partitions: set[int], reason: str, *, kind: str = "fenced") -> None:
+        """Partitions another member owns now, or whose producer another process fenced:
+        forget their pending work and fetch nothing more for them.
+
+        ``kind`` ``fenced`` (a ``PartitionLost`` from publishing or committing, outside a
+        rebalance): a re-take is scheduled; it happens only if the group still assigns
+        them to this member in the same generation (``_retake``), else the new owner
+        replays them from its checkpoint. Any other kind (from a revoke): they wait for
+        the group to assign them again."""
         mine = partitions & set(self.parts)
         for p in mine:
-            self.parts.pop(p, None)
+            self._lost_committed[p] = self.parts.pop(p).committed
         self.batcher.drop(partitions)
         self.source.lose(partitions)
         self.metrics.partitions_assigned.set(len(self.parts))
-        if mine:
-            log.warning("partitions %s lost (%s): their pending days are the new owner's "
-                        "to replay", sorted(mine), reason)
+        for p in mine:  # no stale lag for a partition nobody here fetches
+            with contextlib.suppress(KeyError):
+                self.metrics.consumer_lag.remove(self.settings.input_topic, str(p))
+        reason = reason.split(" lost: ", 1)[-1]
+        if kind != "fenced":
+            for p in partitions:
+                self._retakes.pop(p, None)
+                self._lost_committed.pop(p, None)
+            if mine:
+                self._lost.labels(kind).inc(len(mine))
+                log.warning("partitions %s lost (%s): their pending days are the new "
+                            "owner's to replay", sorted(mine), reason)
+            return
+        if self._stopping.is_set():
+            if mine:
+                log.warning("partitions %s lost while stopping (%s): their pending days "
+                            "are replayed by their next owner", sorted(mine), reason)
+            return
+        lost = partitions - set(self._retakes)
+        if not lost:
+            return
+        self._lost.labels(kind).inc(len(lost))
+        now = time.monotonic()
+        delays = {p: self._retake_delay(p, now) for p in lost}
+        for p, delay in delays.items():
+            self._retakes[p] = now + delay
+        self._retake_wake.set()
+        log.warning("partitions %s lost (%s): pending days dropped; taking them back in "
+                    "%s s if the group still assigns them to this member, else the new "
+                    "owner replays them", sorted(lost), reason,
+                    "/".join(sorted({f"{d:.1f}" for d in delays.values()})))
+
+    def _retake_delay(self, partition: int, now: float) -> float:
+        """Backoff before re-taking a fenced partition: 1 s, doubled for each fence that
+        follows the previous one within ``_FENCE_MEMORY_S``, at most
+        ``--broker-retry-max-s`` (an intruder that keeps fencing is fenced back less and
+        less often, and the service stays up)."""
+        count, last = self._fences.get(partition, (0, -_FENCE_MEMORY_S))
+        count = count + 1 if now - last < _FENCE_MEMORY_S else 1
+        self._fences[partition] = (count, now)
+        return min(_RETAKE_FIRST_S * 2 ** (count - 1),
+                   max(_RETAKE_FIRST_S, self.settings.broker_retry_max_s))
 
     async def wait_ready(self, timeout_s: float = 60.0) -> None:
         """Until /readyz would answer 200 (group joined, partitions recovered)."""
@@ -321,6 +393,14 @@ class Service:
             consume.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await consume
+            # the commit loop ends after the commit it is in, not inside it (cancelled
+            # there, its transactions stayed open on the broker: every read_committed
+            # reader of those partitions, the next owner's recovery included, waited for
+            # the broker's transaction timeout, 60 s)
+            for task in self._tasks:
+                if task.get_name() == "meterwatch-commit":
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
         # Step 2: flush every pending batch, publish, commit; then leaving the group (in
         # consumer.stop) triggers no second settle since nothing is left.
         if self.consumer is not None and self.parts:
@@ -533,12 +613,15 @@ class Service:
         for p, d in zip(batch, scoreable, strict=True):
             self._collect(p, d, scored, row, records, complete_at)
             row += len(d)
-        return self._publish(taken, records, complete_at)
+        owners = {p.partition: p.owner for p in batch}
+        return self._publish(taken, records, complete_at, owners)
 
     async def _publish(self, taken: Batch, records: list[list[OutRecord]],
-                       complete_at: list[list[int]]) -> None:
+                       complete_at: list[list[int]], owners: dict[int, object]) -> None:
         """Steps 1-2; a day's end-to-end latency ends when its last output is acknowledged
-        (its day score, or its alert / data-quality record)."""
+        (its day score, or its alert / data-quality record). Only records of partitions
+        still held by the work that built them leave: a partition lost meanwhile and taken
+        back (or assigned again) is replayed from its checkpoint by its new work."""
         m = self.metrics
         if self.publisher.transactional:  # steps 1 and 2 in one transaction a partition
             records = [records[0] + records[1], []]
@@ -546,7 +629,9 @@ class Service:
         # Step 1: day scores, acknowledged; Step 2: alerts and data quality (stream.checkpoint)
         for step, last_ts in zip(records, complete_at, strict=True):
             try:  # (a partition lost meanwhile publishes nothing more)
-                await self.publisher.send_all(r for r in step if r.partition in self.parts)
+                await self.publisher.send_all(
+                    r for r in step if self.parts.get(r.partition, _NOBODY)
+                    is owners.get(r.partition))
             except PartitionLost as exc:
                 # the other partitions' records are acknowledged; the lost ones' days are
                 # the new owner's to replay
@@ -618,8 +703,13 @@ class Service:
 
     # -- commit ----------------------------------------------------------------------------
     async def _commit_loop(self) -> None:
+        """Steps 3-6 every ``--commit-interval-s``; returns at a stop, between commits
+        (the stop commits last, in ``_shutdown``)."""
         while True:
-            await asyncio.sleep(self.settings.commit_interval_s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.settings.commit_interval_s)
+            if self._stopping.is_set():
+                return
             try:
                 await self._commit(set(self.parts))
             except PartitionLost as exc:
@@ -677,37 +767,140 @@ class Service:
     async def _on_revoked(self, parts: set[int]) -> None:
         """Settle revoked partitions before the group moves on (``stream.source``)."""
         self.metrics.rebalances.inc()
-        try:
-            mine = parts & set(self.parts)
-            if mine and not await self._holds_generation(mine):
-                # the group moved on while this member was away (frozen, partitioned):
-                # another member may own them already, publish nothing for them
-                self._lose(parts, "the group generation changed before the revoke")
-            else:
-                await self._settle(parts)
-        except PartitionLost as exc:
-            self._lose(parts, str(exc))
-        except Exception:
-            log.exception("settling revoked partitions failed; the new owner replays them")
-            self._lose(parts, "settling failed")
-        finally:
-            for p in parts:
-                await self.publisher.close_partition(p)
+        async with self._ownership:
+            for p in parts:  # the group decides who owns them now
+                self._retakes.pop(p, None)
+                self._lost_committed.pop(p, None)
+            try:
+                mine = parts & set(self.parts)
+                if mine and not await self._holds_generation(mine):
+                    # the group moved on while this member was away (frozen, partitioned):
+                    # another member may own them already, publish nothing for them
+                    self._lose(parts, "the group generation changed before the revoke",
+                               kind="group_moved_on")
+                else:
+                    await self._settle(parts)
+            except PartitionLost as exc:
+                self._lose(parts, str(exc), kind="settle_failed")
+            except Exception:
+                log.exception("settling revoked partitions failed; the new owner replays them")
+                self._lose(parts, "settling failed", kind="settle_failed")
+            finally:
+                for p in parts:
+                    await self.publisher.close_partition(p)
 
     async def _on_assigned(self, parts: set[int]) -> None:
         """Recover assigned partitions; the source fetches them once this returns."""
-        try:
-            await self._recover(parts)
-        except PartitionLost as exc:
-            self._lose(exc.partitions, str(exc))
-        except Exception as exc:  # aiokafka would only log it: fail the service instead
-            self._fail(exc, "recovery")
-            self.source.lose(parts)
-            return
+        async with self._ownership:
+            for p in parts:  # recovered here, not by a re-take
+                self._retakes.pop(p, None)
+                self._lost_committed.pop(p, None)
+            try:
+                await self._recover(parts)
+            except PartitionLost as exc:
+                self._lose(exc.partitions, str(exc))
+            except Exception as exc:  # aiokafka would only log it: fail the service instead
+                self._fail(exc, "recovery")
+                self.source.lose(parts)
+                return
         self._joined = True
         self.metrics.ready.set(1 if all(self.readiness().values()) else 0)
 
+    # -- partitions fenced outside a rebalance ---------------------------------------------
+    async def _retake_loop(self) -> None:
+        """Take back fenced partitions when their backoff is over (``_retake``)."""
+        while True:
+            now = time.monotonic()
+            due = {p for p, t in self._retakes.items() if t <= now}
+            if due:
+                await self._retake(due)
+                continue
+            self._retake_wake.clear()
+            wait = min(self._retakes.values(), default=now + 3600) - now
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._retake_wake.wait(), max(0.0, wait))
 
+    async def _retake(self, partitions: set[int]) -> None:
+        """Take back ``partitions``, lost to a fence, if the group still assigns them to
+        this member in its current generation: recovered exactly as on assignment
+        (``stream.recovery``: the producer re-opened first, fencing whoever took the
+        transactional id, then state, outputs and the input position rebuilt from the
+        checkpoint), then fetched again. Otherwise the group moved on: the new owner
+        replays them. Never raises (a failure is retried after the next backoff)."""
+        async with self._ownership:
+            due = {p for p in partitions if p in self._retakes}
+            for p in due:
+                del self._retakes[p]
+            if self._stopping.is_set() or self.consumer is None:
+                return
+            assigned = {tp.partition for tp in self.source.assignment()}
+            back = {p for p in due if p in assigned and p not in self.parts}
+            gone = due - assigned
+            if gone:
+                log.info("partitions %s not taken back: no longer assigned to this member "
+                         "(their new owner replays them)", sorted(gone))
+            if not back:
+                return
+            try:
+                # the generation check (as in ``_holds_generation``): the broker refuses a
+                # commit from a member the group has moved on from; anything else is retried
+                try:
+                    await asyncio.wait_for(self._confirm_generation(back), _GENERATION_CHECK_S)
+                except CommitFailedError:
+                    log.info("partitions %s not taken back: the group generation changed "
+                             "(their new owner replays them)", sorted(back))
+                    return
+                await self._recover(back)
+            except PartitionLost as exc:  # fenced again meanwhile: back off further
+                self._lose(exc.partitions | (back - set(self.parts)), str(exc))
+                return
+            except ConfigurationError as exc:  # e.g. no longer authorised: exit 2
+                self._fail(exc, "recovery")
+                return
+            except Exception as exc:  # never fatal: retried after the next backoff
+                if self._stopping.is_set():
+                    return
+                log.warning("taking back partitions %s failed (%r); retrying",
+                            sorted(back), exc)
+                self._lose(back - set(self.parts), f"taking them back failed: {exc!r}")
+                return
+            taken = back & set(self.parts)
+            for p in taken:
+                self._lost_committed.pop(p, None)
+            self.source.retake(taken)
+            self._retaken.inc(len(taken))
+            log.warning("partitions %s taken back (the group still assigns them to this "
+                        "member): recovered from their checkpoint (start offsets %s)",
+                        sorted(taken), {p: self.parts[p].position for p in sorted(taken)})
+
+    async def _confirm_generation(self, partitions: set[int]) -> None:
+        """Re-commit offsets of ``partitions`` that change nothing: what was last committed
+        for them (kept when they were lost), else what the group has committed for them,
+        else their log start offsets (what an absent offset resumes from:
+        ``auto_offset_reset=earliest``). Raises ``CommitFailedError`` when the group has
+        moved on from this member's generation."""
+        assert self.consumer is not None
+        topic = self.settings.input_topic
+        out = {TopicPartition(topic, p): c for p in partitions
+               if (c := self._lost_committed.get(p, -1)) >= 0}
+        for p in partitions - {tp.partition for tp in out}:
+            tp = TopicPartition(topic, p)
+            c = await self.consumer.committed(tp)
+            if c is None or c < 0:
+                c = (await self.consumer.beginning_offsets([tp]))[tp]
+            out[tp] = c
+        await self.consumer.commit(out)
+
+
+_NOBODY = object()  # the owner of a partition this member does not hold
+#: the reasons of ``meterwatch_partitions_lost_total``
+_LOSS_REASONS = ("fenced", "group_moved_on", "settle_failed")
+#: the first re-take of a fenced partition waits this long (doubled while fences go on)
+_RETAKE_FIRST_S = 1.0
+#: a fence this long after the previous one starts the backoff again
+_FENCE_MEMORY_S = 120.0
+#: longest the generation check of a re-take may take (retried after the next backoff)
+_GENERATION_CHECK_S = 15.0
 
 
 def _slice_scored(scored: Scored, sl: slice) -> Scored:

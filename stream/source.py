@@ -7,7 +7,8 @@ What it guarantees to the application (``stream.service``):
   the application does not hold is never dropped, the position is rewound to it;
 - ``on_revoked`` runs before the group moves on (aiokafka awaits the listener);
 - pausing is by reason: a partition is fetched only when neither backpressure nor a loss
-  (``lose``) holds it;
+  (``lose``) holds it; a loss ends when the group assigns the partition again or the
+  application takes it back (``retake``);
 - a session timeout the broker refuses is a ``ConfigurationError``, not a retry.
 
 Records are aiokafka's decoded records where ``stream.consumer.raw_records`` takes effect
@@ -104,6 +105,12 @@ class Source:
     def lose(self, partitions: set[int]) -> None:
         """Fetch nothing more for ``partitions`` until the group assigns them again."""
         self._held |= partitions
+        self._apply()
+
+    def retake(self, partitions: set[int]) -> None:
+        """Fetch ``partitions`` again: lost to a fence while still assigned here, and
+        recovered since (``stream.service``)."""
+        self._held -= partitions
         self._apply()
 
     def set_backpressure(self, on: bool) -> None:

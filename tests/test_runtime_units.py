@@ -109,3 +109,17 @@ async def test_killed_scorer_process_is_restarted_within_budget_then_fails(detec
 
 
 np.seterr(all="ignore")
+
+
+def test_retaking_a_fenced_partition_backs_off() -> None:
+    """A partition fenced outside a rebalance is taken back after 1 s, then 2, 4, 8 s while
+    the fences go on, at most --broker-retry-max-s; 120 s without a fence starts again at
+    1 s; each partition counts its own fences (docs/runtime.md)."""
+    from meterwatch.stream.service import Service
+
+    svc = Service(Settings(group_id="g", input_topic="t", broker_retry_max_s=10.0))
+    assert [svc._retake_delay(3, t) for t in (0.0, 1.0, 3.0, 7.0, 15.0, 25.0, 35.0)] \
+        == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
+    assert svc._retake_delay(5, 36.0) == 1.0
+    assert svc._retake_delay(3, 35.0 + 119.0) == 10.0
+    assert svc._retake_delay(3, 154.0 + 121.0) == 1.0
