@@ -96,11 +96,18 @@ class Metrics:
     shadow_abs_diff: Gauge
     shadow_rank_correlation: Gauge
     sustained_changes: Counter
+    scorer_up: Gauge
+    scorer_restarts: Counter
+    partitions_lost: Counter
+    partitions_retaken: Counter
 
 
 #: The ``unusual`` label of ``meterwatch_alerts_total``: the first of an alert's ``unusual``
 #: list (``stream.alerts.UNUSUAL`` order), or ``rules`` for a data-quality rule alone.
 ALERT_KINDS: tuple[str, ...] = ("total", "half_hour", "hours", "shape", "rules")
+
+#: The ``reason`` label of ``meterwatch_partitions_lost_total`` (``stream.service``).
+LOSS_REASONS: tuple[str, ...] = ("fenced", "group_moved_on", "settle_failed")
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -220,7 +227,21 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "meterwatch_sustained_changes",
             "sustained_change records built, by signature (docs/sustained.md).",
             ("signature",)),
+        scorer_up=gauge("meterwatch_scorer_up", "1 while the scorer can take batches."),
+        scorer_restarts=counter("meterwatch_scorer_restarts",
+                                "Scorer process restarts after it died."),
+        partitions_lost=counter(
+            "meterwatch_partitions_lost",
+            "Input partitions this member stopped working on outside an orderly revoke, by "
+            "reason: fenced (another producer opened its transactional id), group_moved_on "
+            "(the group generation changed before a revoke), settle_failed.", ("reason",)),
+        partitions_retaken=counter(
+            "meterwatch_partitions_retaken",
+            "Fenced input partitions taken back because the group still assigned them to "
+            "this member."),
     )
+    for reason in LOSS_REASONS:
+        m.partitions_lost.labels(reason)
     for sig in SIGNATURES:
         m.sustained_changes.labels(sig)
     for kind in ALERT_KINDS:

@@ -48,7 +48,7 @@ from aiokafka.errors import (
     KafkaConnectionError,
     KafkaError,
 )
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from meterwatch.model import SIGNAL_NAMES, ContextTables, Detector
 from meterwatch.stream.alerts import build_documents
@@ -127,23 +127,6 @@ class Service:
         self.latencies: deque[float] = deque(maxlen=200_000)
         self.http = HttpServer(self.metrics.registry, self.readiness, settings.metrics_host,
                                settings.metrics_port)
-        self._scorer_up = Gauge("meterwatch_scorer_up", "1 while the scorer can take batches",
-                                registry=self.metrics.registry)
-        self._scorer_restarts = Counter("meterwatch_scorer_restarts",
-                                        "scorer process restarts after it died",
-                                        registry=self.metrics.registry)
-        self._lost = Counter("meterwatch_partitions_lost",
-                             "Input partitions this member stopped working on outside an "
-                             "orderly revoke, by reason: fenced (another producer opened "
-                             "its transactional id), group_moved_on (the group generation "
-                             "changed before a revoke), settle_failed.", ("reason",),
-                             registry=self.metrics.registry)
-        self._retaken = Counter("meterwatch_partitions_retaken",
-                                "Fenced input partitions taken back because the group "
-                                "still assigned them to this member.",
-                                registry=self.metrics.registry)
-        for reason in _LOSS_REASONS:
-            self._lost.labels(reason)
         #: serialises the rebalance listener and ``_retake`` (who owns which partition)
         self._ownership = asyncio.Lock()
         #: partitions lost to a fence: monotonic time their re-take is due
@@ -172,9 +155,9 @@ class Service:
                 "broker_reachable": self._kafka_ready, "partitions_assigned": self._joined}
 
     def _scorer_changed(self, up: bool, restarted: bool) -> None:
-        self._scorer_up.set(1 if up else 0)
+        self.metrics.scorer_up.set(1 if up else 0)
         if restarted:
-            self._scorer_restarts.inc()
+            self.metrics.scorer_restarts.inc()
         if not up:
             self.metrics.ready.set(0)
 
@@ -278,7 +261,7 @@ class Service:
                 self._retakes.pop(p, None)
                 self._lost_committed.pop(p, None)
             if mine:
-                self._lost.labels(kind).inc(len(mine))
+                self.metrics.partitions_lost.labels(kind).inc(len(mine))
                 log.warning("partitions %s lost (%s): their pending days are the new "
                             "owner's to replay", sorted(mine), reason)
             return
@@ -290,7 +273,7 @@ class Service:
         lost = partitions - set(self._retakes)
         if not lost:
             return
-        self._lost.labels(kind).inc(len(lost))
+        self.metrics.partitions_lost.labels(kind).inc(len(lost))
         now = time.monotonic()
         delays = {p: self._retake_delay(p, now) for p in lost}
         for p, delay in delays.items():
@@ -868,7 +851,7 @@ class Service:
             for p in taken:
                 self._lost_committed.pop(p, None)
             self.source.retake(taken)
-            self._retaken.inc(len(taken))
+            self.metrics.partitions_retaken.inc(len(taken))
             log.warning("partitions %s taken back (the group still assigns them to this "
                         "member): recovered from their checkpoint (start offsets %s)",
                         sorted(taken), {p: self.parts[p].position for p in sorted(taken)})
@@ -893,8 +876,6 @@ class Service:
 
 
 _NOBODY = object()  # the owner of a partition this member does not hold
-#: the reasons of ``meterwatch_partitions_lost_total``
-_LOSS_REASONS = ("fenced", "group_moved_on", "settle_failed")
 #: the first re-take of a fenced partition waits this long (doubled while fences go on)
 _RETAKE_FIRST_S = 1.0
 #: a fence this long after the previous one starts the backoff again
