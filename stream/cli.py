@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
-from meterwatch.stream.errors import first_line
+from meterwatch.stream.errors import StopSignals, first_line
 
 log = logging.getLogger("meterwatch")
 
@@ -239,7 +239,8 @@ class _StartSignals:
     installed: the first is recorded and ``check`` (called between the steps of the start:
     settings, files, models, imports) ends the command quietly with status 0 — nothing has
     started by then, and no step is cut off in the middle (an import of torch interrupted
-    half-way leaves noise at exit); a second signal exits at once with status 1, as the
+    half-way leaves noise at exit); a second signal exits at once with status 1 (one within
+    ``SIGNAL_ECHO_S`` is the first one's echo, ignored), as the
     service does. ``hand_over`` delivers a signal that came after the last ``check`` to the
     service's own handlers. Until this, a signal in the first ~2 s took its default action
     (exit status 143, or 130 and sometimes a ``KeyboardInterrupt`` traceback)."""
@@ -250,6 +251,7 @@ class _StartSignals:
         import threading
 
         self.received: int | None = None
+        self._stops = StopSignals()
         self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():  # (main() in a thread)
             for sig in self.SIGNALS:  # one ignored by whoever started us stays ignored
@@ -257,9 +259,11 @@ class _StartSignals:
                     self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None:
+        kind = self._stops.receive()
+        if kind == "force":
             raise SystemExit(1)  # a second signal: at once
-        self.received = signum
+        if kind == "first":
+            self.received = signum
 
     def installed(self, *signals: int) -> bool:
         """Whether these handlers still handle any of ``signals`` (default: both)."""

@@ -11,6 +11,13 @@ Everything else that stops a stage is a failure (exit status 1), see ``stream.se
 
 from __future__ import annotations
 
+import time
+
+#: A second SIGTERM/SIGINT this soon after the first is the same stop delivered twice, not a
+#: request to exit at once: ``timeout`` signals the process and then its process group, a
+#: terminal's Ctrl-C reaches every process of the foreground group.
+SIGNAL_ECHO_S = 0.5
+
 
 class ConfigurationError(ValueError):
     """A setting the broker or the cluster refuses; retrying cannot help."""
@@ -40,3 +47,19 @@ def problem_of(exc: BaseException) -> str:
     (``CheckpointError``, a budget outside the curve's range): the part before the first
     ``;``, for a ``ConfigurationError`` that gives its own fix."""
     return str(exc).split(";")[0]
+
+
+class StopSignals:
+    """SIGTERM/SIGINT as the service counts them: the first stops gracefully, one within
+    ``SIGNAL_ECHO_S`` of it is its echo (ignored), a later one exits at once (status 1)."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+
+    def receive(self) -> str:
+        """``"first"``, ``"echo"`` or ``"force"`` for the signal that came now."""
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+            return "first"
+        return "echo" if now - self.first < SIGNAL_ECHO_S else "force"

@@ -56,7 +56,7 @@ from meterwatch.stream.assembler import INCOMPLETE, ClosedDays
 from meterwatch.stream.batcher import Batch, DynamicBatcher, Pending
 from meterwatch.stream.checkpoint import Checkpoint, PartitionWork
 from meterwatch.stream.config import Settings
-from meterwatch.stream.errors import ConfigurationError, PartitionLost
+from meterwatch.stream.errors import ConfigurationError, PartitionLost, StopSignals
 from meterwatch.stream.gctuning import GC as _GC
 from meterwatch.stream.http import HttpServer
 from meterwatch.stream.lifecycle import ModelLifecycle
@@ -405,13 +405,14 @@ class Service:
         status 143, and its scorer process's semaphores were left to the resource
         tracker.)"""
         loop = asyncio.get_running_loop()
-        hits = 0
+        stops = StopSignals()
         starting: asyncio.Task[None] | None = None
 
         def on_signal() -> None:
-            nonlocal hits
-            hits += 1
-            if hits > 1:
+            kind = stops.receive()
+            if kind == "echo":
+                return  # the same stop twice (``timeout``, a process group's Ctrl-C)
+            if kind == "force":
                 log.error("second signal: exiting now")
                 raise SystemExit(1)
             log.info("signal received: shutting down gracefully")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from meterwatch.stream.errors import SIGNAL_ECHO_S, StopSignals
 from tests.cli_helpers import METERWATCH, clean_env
 
 #: Nothing listens there: a run that got past its checks would retry, not connect.
@@ -119,3 +120,43 @@ def test_other_commands_keep_the_default_interrupt() -> None:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60, check=False, env=clean_env())
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr
+
+
+def test_a_stop_delivered_twice_is_one_stop(tmp_path: Path, tiny_model: Path) -> None:
+    """``timeout 60 meterwatch run`` signals the process and then its process group, and a
+    terminal's Ctrl-C reaches every process of the group: the same SIGTERM arrives twice
+    within microseconds. It used to be taken as a second signal ("second signal: exiting
+    now", status 1); within ``SIGNAL_ECHO_S`` it is one stop (status 0). Sent while the
+    service retries an unreachable broker (its handlers installed), and again before the
+    settings line (the start's handlers)."""
+    for when in ("retrying", "before the settings line"):
+        log = tmp_path / f"{when}.log"
+        with log.open("w") as err:
+            proc = subprocess.Popen([str(METERWATCH), "run", "--model-path", str(tiny_model)],
+                                    stdout=subprocess.DEVNULL, stderr=err,
+                                    env=clean_env(**NO_BROKER))
+        try:
+            deadline = time.monotonic() + 60
+            while not (caught(proc.pid, signal.SIGTERM) if when != "retrying"
+                       else "broker not reachable" in log.read_text()):
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.005)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.05)  # delivered apart (two pending SIGTERMs would merge into one)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+            proc.wait()
+        text = log.read_text()
+        assert proc.returncode == 0, (when, proc.returncode, text)
+        assert "second signal" not in text and "Traceback" not in text, (when, text)
+
+
+def test_a_second_stop_later_than_its_echo_exits_at_once() -> None:
+    """Only a repeat within ``SIGNAL_ECHO_S`` is an echo: a signal after that is the
+    operator's second, which exits at once."""
+    stops = StopSignals()
+    assert [stops.receive(), stops.receive()] == ["first", "echo"]
+    time.sleep(SIGNAL_ECHO_S + 0.05)
+    assert stops.receive() == "force"
