@@ -7,7 +7,7 @@ consumer while the broker created ``__consumer_offsets`` (COORDINATOR_NOT_AVAILA
 loaded its partition (NOT_COORDINATOR) — harmless, read by a new user as errors. The start
 now asks the broker itself (DescribeGroups, at DEBUG) until the coordinator answers, at
 most 20 s, and the consumer joins a coordinator that is ready (measured on fresh clusters:
-docs/polish5.md). A fresh cluster cannot be had per test (a Kafka start takes 5-10 s), so
+docs/first-contact.md). A fresh cluster cannot be had per test (a Kafka start takes 5-10 s), so
 these run on the session's broker: a group the broker has never seen."""
 
 from __future__ import annotations

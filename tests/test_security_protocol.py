@@ -4,7 +4,7 @@ client met a TLS listener or a listener that wants SASL. Now it exits 2 with one
 ``--security-protocol`` and the protocol to use (found by the new-user audit,
 ``docs/audit.md``). A listener's wish for SASL is told by one metadata request made without
 it, over TLS too: a plain client on a SASL_SSL listener was told to use SSL, a TLS client on
-a SASL_PLAINTEXT listener to use PLAINTEXT (``docs/polish5.md``).
+a SASL_PLAINTEXT listener to use PLAINTEXT (``docs/first-contact.md``).
 
 The TLS listeners in front of the embedded broker are TLS-terminating proxies (as stunnel
 or a cloud load balancer makes one): the broker behind them is real, and what it answers
