@@ -153,7 +153,7 @@ async def read_topic(settings: Settings, topic: str, *, min_records: int = 0,
         deadline = time.monotonic() + timeout_s
         quiet_since = time.monotonic()
         while time.monotonic() < deadline:
-            data = await consumer.getmany(timeout_ms=300)
+            data = await consumer.getmany(timeout_ms=100)  # the quiet second, checked finely
             n = sum(len(v) for v in data.values())
             for recs in data.values():
                 for r in recs:
