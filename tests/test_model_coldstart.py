@@ -12,17 +12,15 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 from meterwatch.model import (
     ContextTables,
     Detector,
     HouseholdState,
     SyntheticConfig,
-    TrainConfig,
+    SyntheticData,
     context_features,
     generate,
-    train_detector,
 )
 from meterwatch.model.detector import ScoringConfig
 from meterwatch.model.features import mask_context
@@ -33,14 +31,12 @@ FIRST_DAYS = 3
 
 
 @pytest.fixture(scope="module")
-def trained():
-    torch.set_num_threads(2)
-    syn = generate(SyntheticConfig(n_households=60, n_days=HISTORY_DAYS + 14,
-                                   anomaly_rate=0.0, seed=11))
-    ids, day, kwh, _ = syn.long(slice(0, HISTORY_DAYS))
-    det = train_detector(kwh, day, ids, syn.tables,
-                         TrainConfig(device="cpu", max_epochs=40, seed=0))
-    return syn, det
+def trained(synthetic: SyntheticData, detector: Detector) -> tuple[SyntheticData, Detector]:
+    """The stream tests' own detector and data (tests/conftest.py: 60 households x 21 days
+    of seed 11, ``TrainConfig(device="cpu", max_epochs=40, seed=0)``), trained once per
+    session; these tests only read it."""
+    assert len(synthetic.household_ids) == 60 and len(synthetic.days) == HISTORY_DAYS + 14
+    return synthetic, detector
 
 
 def _stream(det: Detector, kwh, day, ids, tables):
