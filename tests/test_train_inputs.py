@@ -44,3 +44,14 @@ def test_smallest_history_quoted_trains() -> None:
     ids, day, kwh, _ = data.long()
     with pytest.raises(TrainingDataError, match="too little history"):
         train_detector(kwh, day, ids, data.tables, TrainConfig(max_epochs=1))
+
+
+@pytest.mark.parametrize("layout", ["csv", "csv.gz", "tar.gz", "datastore", "hhblock"])
+def test_train_on_every_layout(layout: str, tmp_path: Path) -> None:
+    data = generate(SyntheticConfig(n_households=6, n_days=12, anomaly_rate=0.0, seed=2))
+    path = write_layout(data, layout, tmp_path / "data")
+    out = tmp_path / "model.pt"
+    proc = meterwatch("train", "--data", str(path), "--out", str(out), "--max-epochs", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "72 household-days of 6 households" in proc.stderr, proc.stderr
+    assert out.exists()
