@@ -79,14 +79,14 @@ def test_a_batch_whose_publishing_fails_stays_pinned():
 
         svc.publisher.send_all = broker_gone  # type: ignore[method-assign]
         with pytest.raises(KafkaError):
-            await svc._publish(taken, [[], []], [[], []])
+            await svc._publish(taken, [[], []], [[], []], {})
         assert svc.batcher.min_offset(0) == 40
 
         async def acknowledged(records: object) -> None:
             return None
 
         svc.publisher.send_all = acknowledged  # type: ignore[method-assign]
-        await svc._publish(taken, [[], []], [[], []])
+        await svc._publish(taken, [[], []], [[], []], {})
         assert svc.batcher.min_offset(0) is None
 
     asyncio.run(run())
