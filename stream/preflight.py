@@ -461,19 +461,14 @@ async def connection_refusal(servers: Sequence[tuple[str, int]], options: dict[s
                 if other is not None:
                     return _mismatch(server, protocol, *other)
             continue
-        try:
-            if not protocol.startswith("SASL"):  # a listener that wants SASL hangs up here
-                await asyncio.wait_for(conn.send(MetadataRequest([])), timeout_s)
-        except KafkaConnectionError:
+        if protocol.startswith("SASL"):
+            conn.close()
+        elif await _wants_sasl(conn, timeout_s):  # a listener that wants SASL hangs up
             return ConfigurationError(
                 "--security-protocol", f"the broker at {server} hung up on a request made "
                 "without SASL: its listener wants SASL",
                 f"use --security-protocol {'SASL_SSL' if protocol in _TLS else 'SASL_PLAINTEXT'}"
                 " with --sasl-mechanism, --sasl-username and --sasl-password")
-        except Exception as exc:  # slow, or something else: the clients will tell
-            log.debug("preflight request to %s: %r", server, exc)
-        finally:
-            conn.close()
         return None
     return None
 
