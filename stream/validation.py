@@ -53,6 +53,8 @@ SUPPORTED_RANGE = "[1900-01-01T00:00:00Z, 2200-01-01T00:00:00Z)"
 #: Characters of a string value quoted in a detail (the whole rejection is capped in
 #: stream.parse).
 _PREFIX = 48
+#: the longest the quoted, escaped prefix of a string may be in a description
+_PREFIX_ESCAPED = 80
 
 #: Dead-letter reasons (label values of meterwatch_invalid_readings_total).
 REASONS = ("not_json", "bad_shape", "missing_field", "bad_household", "bad_timestamp",
@@ -101,8 +103,10 @@ def describe(v: object) -> str:
     t = type(v)
     if t is str:
         s: str = v  # type: ignore[assignment]
-        text = ascii(s[:_PREFIX])
-        return text if len(s) <= _PREFIX else f"{text}... ({len(s)} characters)"
+        k = min(len(s), _PREFIX)
+        while len(text := ascii(s[:k])) > _PREFIX_ESCAPED:  # \U0001f600 is 10 characters
+            k -= 1
+        return text if k == len(s) else f"{text}... ({len(s)} characters)"
     if v is None:
         return "null"
     if t is bool:

@@ -8,7 +8,7 @@ import base64
 import numpy as np
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from meterwatch.stream import parse
@@ -311,6 +311,7 @@ def _raw_with(field: str) -> bytes:
 @settings(max_examples=300, deadline=None)
 @given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
                     lambda c: st.lists(c) | st.dictionaries(st.text(), c), max_leaves=30))
+@example("\U00010000" * 12)  # 10 characters each, escaped: 122 (found by CI)
 def test_describe_is_short_for_any_json_value(v: object) -> None:
     from meterwatch.stream.validation import describe
     assert len(describe(v)) <= 120
