@@ -325,7 +325,10 @@ class Detector:
             "format": CHECKPOINT_FORMAT,
             "version": self.version,
             "model_config": self.config.to_dict(),
-            "state_dict": {k: v.detach().to("cpu", torch.float32)
+            # copies, never the live weights: pickling a checkpoint for a spawned scorer
+            # process moves its tensors into shared memory in place, under a concurrent
+            # inference reading them (and a caller may edit the dict)
+            "state_dict": {k: v.detach().to("cpu", torch.float32, copy=True)
                            for k, v in self.model.state_dict().items()},
             "threshold": self.threshold,
             "norm": self.calibration.to_dict(),

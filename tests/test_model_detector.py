@@ -1,5 +1,6 @@
 """Detector contract: shapes, purity, determinism, persistence, detection quality."""
 
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,22 @@ def test_save_load_round_trip(detector, data, warm, tmp_path: Path) -> None:
     b = loaded.score(kwh, day, ids, warm, data.tables)
     np.testing.assert_array_equal(a.score, b.score)
     np.testing.assert_array_equal(a.expected, b.expected)
+
+
+def test_checkpoint_is_a_snapshot(detector, data, warm) -> None:
+    """``checkpoint()`` never hands out the live weights. The scorer pickles it for a
+    spawned process, which moves its tensors into shared memory in place: when they were
+    the live weights, an inference reading them meanwhile (another service validating the
+    same detector) read freed memory and scored non-finite values (a CI failure)."""
+    kwh, day, ids = _test_day(data, 3)
+    before = detector.score(kwh, day, ids, warm, data.tables)
+    ckpt = detector.checkpoint()
+    ForkingPickler.dumps(ckpt)  # what ProcessPoolExecutor(initargs=...) does
+    assert not any(p.is_shared() for p in detector.model.parameters())
+    for tensor in ckpt["state_dict"].values():
+        tensor.fill_(float("nan"))
+    after = detector.score(kwh, day, ids, warm, data.tables)
+    np.testing.assert_array_equal(before.score, after.score)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
