@@ -187,6 +187,20 @@ def metric(port: int, name: str, labels: str = "") -> float:
     return total
 
 
+def wait_until(ok: Callable[[], object], what: str, timeout_s: float = 60.0, *,
+               service: ServiceProcess | None = None, poll_s: float = 0.2) -> float:
+    """Seconds until ``ok()`` held. Fails after ``timeout_s`` naming ``what``, and at once
+    when ``service`` (a ``meterwatch run`` process) exited meanwhile."""
+    t0 = time.monotonic()
+    while not ok():
+        if service is not None and service.proc is not None:
+            assert service.proc.poll() is None, \
+                f"the service exited ({service.proc.returncode}) waiting for {what}"
+        assert time.monotonic() - t0 < timeout_s, f"{what}: not within {timeout_s:.0f} s"
+        time.sleep(poll_s)
+    return time.monotonic() - t0
+
+
 def stream_days(data: SyntheticData, n_days: int) -> range:
     return range(HISTORY_DAYS, HISTORY_DAYS + n_days)
 

@@ -27,7 +27,6 @@ from tests.conftest import (
     ServiceProcess,
     assert_unique,
     inject_gross,
-    metric,
     read_topic,
     unique_settings,
 )
@@ -78,17 +77,6 @@ async def check_exactly_once(settings, truth, expected: int = HOUSEHOLDS * DAYS)
     assert set(truth) <= flagged, f"missing alerts: {set(truth) - flagged}"
     promised = {(s["household_id"], s["date"]) for s in scores if s["is_alert"]}
     assert promised == flagged, "alerts topic and day scores disagree"
-
-
-def _wait_scored(proc: ServiceProcess, n: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if metric(proc.port, "meterwatch_days_scored_total") >= n:
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
 
 
 async def test_sigkill_at_random_moments_keeps_exactly_once(broker, detector_path, tmp_path):

@@ -48,6 +48,7 @@ from tests.conftest import (
     metric,
     read_topic,
     unique_settings,
+    wait_until,
 )
 from tests.test_faults import check_exactly_once, produce_paced, workload
 
@@ -176,16 +177,6 @@ def scorer_processes(svc: ServiceProcess) -> list[psutil.Process]:
     return out
 
 
-def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.2) -> float:  # type: ignore[no-untyped-def]
-    """Seconds until ``predicate()`` held (AssertionError after ``timeout_s``)."""
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout_s:
-            raise AssertionError(f"{what}: not after {timeout_s:.0f} s")
-        time.sleep(poll_s)
-    return time.monotonic() - t0
-
-
 def safe_metric(port: int, name: str) -> float:
     try:
         return metric(port, name)
@@ -261,17 +252,17 @@ def test_killed_scorer_is_noticed_restarted_then_fatal(broker, detector_path, tm
     to_ready: list[float] = []
     try:
         for kill in range(4):
-            wait_for(lambda: safe_metric(svc.port, "meterwatch_days_scored_total") > 0,
-                     60, "days scored before the kill")
+            wait_until(lambda: safe_metric(svc.port, "meterwatch_days_scored_total") > 0,
+                       "days scored before the kill", service=svc)
             scorers = scorer_processes(svc)
             assert len(scorers) == 1, scorers
             time.sleep(0.5)
             scorers[0].send_signal(signal.SIGKILL)
-            to_503.append(wait_for(lambda: readyz(svc.port) != 200, 10,
-                                   "/readyz after the scorer died", poll_s=0.02))
+            to_503.append(wait_until(lambda: readyz(svc.port) != 200,
+                                     "/readyz after the scorer died", 10, poll_s=0.02))
             if kill < 3:
-                to_ready.append(wait_for(lambda: readyz(svc.port) == 200, 60,
-                                         "/readyz after the scorer restart"))
+                to_ready.append(wait_until(lambda: readyz(svc.port) == 200,
+                                           "/readyz after the scorer restart", service=svc))
                 assert metric(svc.port, "meterwatch_scorer_up") == 1
                 assert metric(svc.port, "meterwatch_scorer_restarts_total") == kill + 1
         assert svc.proc is not None
@@ -327,8 +318,8 @@ def test_two_applications_with_default_topic_names_each_process_their_own(
         svc = ServiceProcess(settings, detector_path, log_path=tmp_path / f"{name}.log").start()
         try:
             svc.wait_ready(120)
-            wait_for(lambda: metric(svc.port, "meterwatch_days_scored_total") >= expected_days,
-                     120, f"{name}: {expected_days} days scored")
+            wait_until(lambda: metric(svc.port, "meterwatch_days_scored_total") >= expected_days,
+                       f"{name}: {expected_days} days scored", 120, service=svc)
             time.sleep(3)  # nothing more comes
             assert metric(svc.port, "meterwatch_days_scored_total") == expected_days, name
         finally:
@@ -365,20 +356,20 @@ def test_member_frozen_past_its_session_timeout(broker, detector_path, tmp_path)
         for m in members:
             m.wait_ready(120)
         stay, frozen = members
-        wait_for(lambda: metric(stay.port, "meterwatch_partitions_assigned") == 4
-                 and metric(frozen.port, "meterwatch_partitions_assigned") == 4,
-                 60, "two members with 4 partitions each")
+        wait_until(lambda: metric(stay.port, "meterwatch_partitions_assigned") == 4
+                   and metric(frozen.port, "meterwatch_partitions_assigned") == 4,
+                   "two members with 4 partitions each")
         producer = _background(produce_paced(settings, data, days, seconds_per_day=3.0))
-        wait_for(lambda: safe_metric(frozen.port, "meterwatch_days_scored_total") > 0,
-                 60, "the member to freeze has scored days")
+        wait_until(lambda: safe_metric(frozen.port, "meterwatch_days_scored_total") > 0,
+                   "the member to freeze has scored days", service=frozen)
         time.sleep(1.0)
         assert frozen.proc is not None
         t0 = time.monotonic()
         frozen.proc.send_signal(signal.SIGSTOP)
         try:
-            takeover = wait_for(
-                lambda: metric(stay.port, "meterwatch_partitions_assigned") == 8, 90,
-                "the other member takes every partition over")
+            takeover = wait_until(
+                lambda: metric(stay.port, "meterwatch_partitions_assigned") == 8,
+                "the other member takes every partition over", 90, service=stay)
             time.sleep(2.0)
         finally:
             frozen.proc.send_signal(signal.SIGCONT)

@@ -28,7 +28,6 @@ import datetime as dt
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -45,6 +44,7 @@ from tests.conftest import (
     metric,
     read_topic,
     unique_settings,
+    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -53,16 +53,6 @@ HOUSEHOLDS = 40
 DAYS = 4
 LOST = "meterwatch_partitions_lost_total"
 RETAKEN = "meterwatch_partitions_retaken_total"
-
-
-def _wait(what: str, ok: Callable[[], bool], svc: ServiceProcess, timeout_s: float = 60) -> float:
-    t0 = time.monotonic()
-    while not ok():
-        assert svc.proc is not None and svc.proc.poll() is None, \
-            f"the service exited ({svc.proc.returncode if svc.proc else None}) waiting for {what}"
-        assert time.monotonic() - t0 < timeout_s, f"timed out waiting for {what}"
-        time.sleep(0.2)
-    return time.monotonic() - t0
 
 
 async def _intrude(settings, partition: int) -> str:  # type: ignore[no-untyped-def]
@@ -113,7 +103,7 @@ def test_fenced_partition_is_taken_back(broker, detector_path, tmp_path):  # typ
     try:
         svc.wait_ready(120)
         produce(days[0])
-        _wait("the first day scored", lambda: scored() >= HOUSEHOLDS, svc)
+        wait_until(lambda: scored() >= HOUSEHOLDS, "the first day scored", service=svc)
         first = asyncio.run(read_topic(settings, settings.scores_topic,
                                        min_records=HOUSEHOLDS))
         # partitions with households (the others write nothing, so they never learn of a
@@ -128,14 +118,15 @@ def test_fenced_partition_is_taken_back(broker, detector_path, tmp_path):  # typ
             else:  # Tansu answers InitProducerId with an error: no transactions to fence
                 assert all(refused), "a transactional producer started without transactions"
             produce(d)  # its publishing or the next commit finds the producer fenced
-            _wait(f"day {d} scored", lambda n=n: scored() >= HOUSEHOLDS * (n + 1), svc)
+            wait_until(lambda n=n: scored() >= HOUSEHOLDS * (n + 1), f"day {d} scored",
+                       service=svc)
             if kafka:
                 want = sum(len(r) for r in rounds[:n])
-                _wait(f"intrusion {n} taken back",
-                      lambda want=want: metric(svc.port, RETAKEN) >= want, svc)
+                wait_until(lambda want=want: metric(svc.port, RETAKEN) >= want,
+                           f"intrusion {n} taken back", service=svc)
         for d in days[3:]:
             produce(d)
-        _wait("every day scored", lambda: scored() >= HOUSEHOLDS * DAYS, svc)
+        wait_until(lambda: scored() >= HOUSEHOLDS * DAYS, "every day scored", service=svc)
         assert metric(svc.port, "meterwatch_partitions_assigned") == settings.topic_partitions
         lost = metric(svc.port, LOST, 'reason="fenced"')
         retaken = metric(svc.port, RETAKEN)

@@ -49,6 +49,7 @@ from tests.conftest import (
     metric,
     read_topic,
     unique_settings,
+    wait_until,
 )
 
 N_HOUSEHOLDS = 30
@@ -76,15 +77,6 @@ def _variant(src: Path, dst: Path, version: str, scale: float = 1.0,
     det.version = version
     det.save(dst)
     return det
-
-
-def _wait(cond, timeout_s: float = 60.0, what: str = "") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"not within {timeout_s:.0f} s: {what}")
 
 
 # --------------------------------------------------------------------------- unit parts
@@ -350,21 +342,21 @@ def test_model_swap_mid_stream_loses_and_doubles_nothing(broker, detector_path: 
         svc.wait_ready()
         assert svc.proc is not None
         produce(range(HISTORY_DAYS, HISTORY_DAYS + 2))
-        _wait(lambda: scored() >= 2 * N_HOUSEHOLDS, what="the first two days scored")
+        wait_until(lambda: scored() >= 2 * N_HOUSEHOLDS, what="the first two days scored")
         # a truncated checkpoint, announced by SIGHUP: refused, A keeps serving
         tmp = tmp_path / "partial.pt"
         tmp.write_bytes(path.read_bytes()[:1000])
         os.replace(tmp, path)
         svc.proc.send_signal(signal.SIGHUP)
-        _wait(lambda: metric(svc.port, "meterwatch_model_reload_failures_total") >= 1,
-              what="the truncated checkpoint refused")
+        wait_until(lambda: metric(svc.port, "meterwatch_model_reload_failures_total") >= 1,
+                   what="the truncated checkpoint refused")
         # a checkpoint that loads but scores NaN, noticed by polling: refused too
         _variant(detector_path, path, "test-model-nan", nan=True)
-        _wait(lambda: metric(svc.port, "meterwatch_model_reload_failures_total") >= 2,
-              what="the NaN checkpoint refused")
+        wait_until(lambda: metric(svc.port, "meterwatch_model_reload_failures_total") >= 2,
+                   what="the NaN checkpoint refused")
         assert metric(svc.port, "meterwatch_model_reloads_total") == 0
         produce(range(HISTORY_DAYS + 2, HISTORY_DAYS + 3))
-        _wait(lambda: scored() >= 3 * N_HOUSEHOLDS, what="day 3 scored by A")
+        wait_until(lambda: scored() >= 3 * N_HOUSEHOLDS, what="day 3 scored by A")
         # B arrives while days are streaming
         with ThreadPoolExecutor(1) as pool:  # 4 days at 1,440 readings/s: about 4 s
             job = pool.submit(produce, range(HISTORY_DAYS + 3, HISTORY_DAYS + n_days - 2),
@@ -373,20 +365,20 @@ def test_model_swap_mid_stream_loses_and_doubles_nothing(broker, detector_path: 
             b = _variant(detector_path, path, "test-model-B", scale=1.01)
             svc.proc.send_signal(signal.SIGHUP)
             job.result(120)
-        _wait(lambda: metric(svc.port, "meterwatch_model_reloads_total") >= 1,
-              what="B swapped in")
+        wait_until(lambda: metric(svc.port, "meterwatch_model_reloads_total") >= 1,
+                   what="B swapped in")
         produce(range(HISTORY_DAYS + n_days - 2, HISTORY_DAYS + n_days - 1))  # after it
-        _wait(lambda: scored() >= N_HOUSEHOLDS * (n_days - 1), what="the day after the swap")
+        wait_until(lambda: scored() >= N_HOUSEHOLDS * (n_days - 1), what="the day after the swap")
         # a scorer process that dies after the swap comes back with the new model
         scorers = [c for c in psutil.Process(svc.proc.pid).children()
                    if any("spawn_main" in part for part in c.cmdline())]
         assert len(scorers) == 1, scorers
         scorers[0].send_signal(signal.SIGKILL)
-        _wait(lambda: metric(svc.port, "meterwatch_scorer_restarts_total") >= 1
-              and svc.ready(), what="the scorer restarted")
+        wait_until(lambda: metric(svc.port, "meterwatch_scorer_restarts_total") >= 1
+                   and svc.ready(), what="the scorer restarted")
         produce(range(HISTORY_DAYS + n_days - 1, HISTORY_DAYS + n_days))
         total = N_HOUSEHOLDS * n_days
-        _wait(lambda: scored() >= total, what="every day scored")
+        wait_until(lambda: scored() >= total, what="every day scored")
         scores = asyncio.run(read_topic(settings, settings.scores_topic, min_records=total))
         alerts = asyncio.run(read_topic(settings, settings.alerts_topic,
                                         min_records=len(truth)))
@@ -439,8 +431,8 @@ def test_target_far_and_shadow_scoring_in_the_scorer_process(broker, detector_pa
         svc.wait_ready()
         asyncio.run(produce_synthetic(settings.bootstrap_servers, settings.input_topic, data,
                                       days=range(HISTORY_DAYS, HISTORY_DAYS + n_days)))
-        _wait(lambda: metric(svc.port, "meterwatch_shadow_days_total") >= total,
-              what="the shadow scored every day")
+        wait_until(lambda: metric(svc.port, "meterwatch_shadow_days_total") >= total,
+                   what="the shadow scored every day")
         scores = asyncio.run(read_topic(settings, settings.scores_topic, min_records=total))
         alerts = asyncio.run(read_topic(settings, settings.alerts_topic))
         m = {name: metric(svc.port, name) for name in (
@@ -504,18 +496,18 @@ def test_shadow_follows_its_file_mid_stream_and_never_touches_the_alerts(
         svc.wait_ready()
         assert svc.proc is not None
         produce(range(HISTORY_DAYS, HISTORY_DAYS + 2))
-        _wait(lambda: m("meterwatch_shadow_days_total") >= 2 * N_HOUSEHOLDS,
-              what="the twin shadowed two days")
+        wait_until(lambda: m("meterwatch_shadow_days_total") >= 2 * N_HOUSEHOLDS,
+                   what="the twin shadowed two days")
         twin_diff = m("meterwatch_shadow_score_mean_abs_diff")
         twin_agreement = m("meterwatch_shadow_alert_agreement_ratio")
         # a shadow that scores NaN, announced by SIGHUP: refused, counted apart, twin goes on
         _variant(detector_path, shadow_path, "test-shadow-nan", nan=True)
         svc.proc.send_signal(signal.SIGHUP)
-        _wait(lambda: m("meterwatch_shadow_reload_failures_total") >= 1,
-              what="the NaN shadow refused")
+        wait_until(lambda: m("meterwatch_shadow_reload_failures_total") >= 1,
+                   what="the NaN shadow refused")
         produce(range(HISTORY_DAYS + 2, HISTORY_DAYS + 3))
-        _wait(lambda: m("meterwatch_shadow_days_total") >= 3 * N_HOUSEHOLDS,
-              what="the twin shadowed day 3")
+        wait_until(lambda: m("meterwatch_shadow_days_total") >= 3 * N_HOUSEHOLDS,
+                   what="the twin shadowed day 3")
         assert m("meterwatch_shadow_score_mean_abs_diff") == pytest.approx(0.0, abs=1e-6)
         assert 'version="test-shadow-twin"' in _info(svc.port, "meterwatch_shadow_model_info")
         # B replaces the file while days stream; found by polling, no signal
@@ -525,20 +517,20 @@ def test_shadow_follows_its_file_mid_stream_and_never_touches_the_alerts(
             time.sleep(1.0)
             b = _variant(detector_path, shadow_path, "test-shadow-B", scale=1.2)
             job.result(120)
-        _wait(lambda: m("meterwatch_shadow_reloads_total") >= 1, what="B shadows")
+        wait_until(lambda: m("meterwatch_shadow_reloads_total") >= 1, what="B shadows")
         # a scorer process that dies now comes back with B as its shadow (were it the twin,
         # the gauges would restart on the twin's exact agreement)
         scorers = [c for c in psutil.Process(svc.proc.pid).children()
                    if any("spawn_main" in part for part in c.cmdline())]
         assert len(scorers) == 1, scorers
         scorers[0].send_signal(signal.SIGKILL)
-        _wait(lambda: m("meterwatch_scorer_restarts_total") >= 1 and svc.ready(),
-              what="the scorer restarted")
+        wait_until(lambda: m("meterwatch_scorer_restarts_total") >= 1 and svc.ready(),
+                   what="the scorer restarted")
         after_swap = m("meterwatch_shadow_days_total")
         produce(range(HISTORY_DAYS + n_days - 1, HISTORY_DAYS + n_days))
-        _wait(lambda: m("meterwatch_days_scored_total") >= total
-              and m("meterwatch_shadow_days_total") >= after_swap + N_HOUSEHOLDS,
-              what="every day scored, the last by B too")
+        wait_until(lambda: m("meterwatch_days_scored_total") >= total
+                   and m("meterwatch_shadow_days_total") >= after_swap + N_HOUSEHOLDS,
+                   what="every day scored, the last by B too")
         scores = asyncio.run(read_topic(settings, settings.scores_topic, min_records=total))
         alerts = asyncio.run(read_topic(settings, settings.alerts_topic,
                                         min_records=len(truth)))
