@@ -784,23 +784,34 @@ def tail_quantile(x: np.ndarray, p: float, min_exceed: int = 20,
     resamples of whole groups (values of one household are not independent)."""
     if groups is not None and confidence is not None:
         labels, inv = np.unique(groups, return_inverse=True)
-        members = [np.flatnonzero(inv == g) for g in range(len(labels))]
+        by_group = np.asarray(x)[np.argsort(inv, kind="stable")]  # each group's values
+        size = np.bincount(inv, minlength=len(labels))
+        first = np.cumsum(size) - size
         rng = np.random.default_rng(seed)
         est = [tail_quantile(x, p, min_exceed)]
         for _ in range(n_boot):
             pick = rng.integers(0, len(labels), len(labels))
-            est.append(tail_quantile(np.concatenate([x[members[g]] for g in pick]), p,
-                                     min_exceed))
+            est.append(tail_quantile(by_group[_runs(first[pick], size[pick])], p, min_exceed))
         return float(np.quantile(est, confidence))
-    x = np.sort(np.asarray(x, np.float64))
+    # no full sort: a quantile needs a partition, the tail its largest values (the full
+    # sorts of the bootstrap above took 2 of the 8 minutes of calibration at 3.5 M days)
+    x = np.asarray(x, np.float64)
     n = len(x)
     assert n > 0, "no values"
     if p * n >= min_exceed or n <= min_exceed:
         return float(np.quantile(x, 1.0 - p))
-    u = float(x[n - min_exceed - 1])
-    mean_excess = float((x[n - min_exceed:] - u).mean())
+    top = np.sort(np.partition(x, n - min_exceed - 1)[n - min_exceed - 1:])
+    u = float(top[0])
+    mean_excess = float((top[1:] - u).mean())
     rate = 1.0 / max(mean_excess, 1e-6)
     return u + float(np.log(min_exceed / (n * p))) / rate
+
+
+def _runs(start: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """The indices start[0] .. start[0] + length[0] - 1, then those of the next run, ..."""
+    ends = np.cumsum(length)
+    return np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(start - (ends - length),
+                                                                     length)
 
 
 #: Statistics measured against the network's reconstruction of the day's shape: it has
