@@ -32,7 +32,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -50,7 +50,7 @@ from meterwatch.model.features import (
 from meterwatch.model.network import ConditionalAutoencoder, ModelConfig
 from meterwatch.model.quality import QualityFlags, check
 from meterwatch.model.scoring import N_STATS, STAT_NAMES, Calibration, DayStats, day_statistics
-from meterwatch.model.state import HouseholdState, absorb
+from meterwatch.model.state import HouseholdState, StatesByHousehold, absorb
 
 log = logging.getLogger(__name__)
 
@@ -670,8 +670,8 @@ class Detector:
         day: np.ndarray,
         household_ids: Sequence[str],
         tables: ContextTables | None = None,
-        state: dict[str, HouseholdState] | None = None,
-    ) -> tuple[DayScores, dict[str, HouseholdState]]:
+        state: Mapping[str, HouseholdState] | None = None,
+    ) -> tuple[DayScores, StatesByHousehold]:
         """Score a history day by day, as the stream would, carrying each household's state.
 
         Parameters
@@ -683,9 +683,9 @@ class Detector:
 
         Returns
         -------
-        (DayScores, dict)
+        (DayScores, StatesByHousehold)
             Scores in the input's row order (``.state`` = state after each row's day), and the
-            final state per household id.
+            final state per household id (a read-only mapping).
         """
         from meterwatch.model import torch_scoring
 
@@ -710,7 +710,7 @@ class Detector:
         inverse = np.empty(len(day), dtype=np.int64)
         inverse[np.concatenate(rows)] = np.arange(len(day))
         allp = _concat(parts).take(inverse)
-        return allp, {str(u): cur.take([i]) for i, u in enumerate(uniq)}
+        return allp, StatesByHousehold(uniq.tolist(), cur)
 
 
 def _concat(parts: list[DayScores]) -> DayScores:

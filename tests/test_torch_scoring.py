@@ -9,6 +9,7 @@ and a within-household variance), so every branch of the scoring runs without tr
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -145,9 +146,10 @@ def test_replay_matches_numpy_sequential_days() -> None:
         _assert_state_close(ref_final[h], got_final[h])
 
 
-def test_replay_in_household_chunks_equals_one_scan(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A long replay runs whole households at a time (bounded device memory): the scores
-    and states are those of one scan over everything."""
+def test_replay_in_time_chunks_equals_one_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long replay runs a stretch of days at a time (bounded device memory), each
+    household's state carried from one chunk to the next: the scores and states are those
+    of one scan over everything."""
     det = _detector()
     ids, day, kwh, tables = _days(40, 12, seed=5)
     perm = np.random.default_rng(1).permutation(len(day))
@@ -155,8 +157,11 @@ def test_replay_in_household_chunks_equals_one_scan(monkeypatch: pytest.MonkeyPa
     day, kwh = day[perm], kwh[perm]
     whole, whole_final = det.replay(kwh, day, ids, tables)
     monkeypatch.setattr(ts, "REPLAY_CHUNK_ROWS", 50)  # 40 households x 12 days: ~10 chunks
-    chunks = ts._household_chunks(np.unique(np.asarray(ids), return_inverse=True)[1], 50)
+    hh = np.unique(np.asarray(ids), return_inverse=True)[1]
+    chunks = ts._time_chunks(hh, day, 50)
     assert len(chunks) > 5 and sorted(np.concatenate(chunks).tolist()) == list(range(len(day)))
+    # households split across chunks: their state is carried over, not restarted
+    assert sum(len(np.intersect1d(hh[a], hh[b])) for a, b in itertools.pairwise(chunks)) > 20
     got, got_final = det.replay(kwh, day, ids, tables)
     for f in dataclasses.fields(whole):
         a, b = getattr(whole, f.name), getattr(got, f.name)
