@@ -225,7 +225,7 @@ class HouseholdState:
 class StatesByHousehold(Mapping[str, HouseholdState]):
     """Household id -> its one-row ``HouseholdState``, read from one table of ``states``
     (row i: ``households[i]``) when asked. What a replay returns: a dict of one state per
-    household cost a training on 3.5 M household-days 45 s and about 1 GB while building
+    household cost a training on 3.5 M household-days 45 s under the profiler, building
     740,000 of them (its cold-start replays meet every household many times), and most
     callers read none."""
 

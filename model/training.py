@@ -794,7 +794,8 @@ def tail_quantile(x: np.ndarray, p: float, min_exceed: int = 20,
             est.append(tail_quantile(by_group[_runs(first[pick], size[pick])], p, min_exceed))
         return float(np.quantile(est, confidence))
     # no full sort: a quantile needs a partition, the tail its largest values (the full
-    # sorts of the bootstrap above took 2 of the 8 minutes of calibration at 3.5 M days)
+    # sorts of the bootstrap above were a quarter of a training on 3.5 M household-days,
+    # under the profiler)
     x = np.asarray(x, np.float64)
     n = len(x)
     assert n > 0, "no values"
