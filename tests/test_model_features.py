@@ -1,12 +1,21 @@
 """Context features, imputation and the side tables."""
 
+import dataclasses
 import datetime as dt
 import gzip
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from meterwatch.model import N_CONTEXT, ContextTables, context_features
+from meterwatch.model import (
+    N_CONTEXT,
+    ContextTables,
+    SyntheticConfig,
+    context_features,
+    features,
+    generate,
+)
 from meterwatch.model.features import FEATURE_NAMES, impute, model_inputs
 
 
@@ -71,3 +80,19 @@ def test_model_inputs_handles_bad_values() -> None:
     assert np.isfinite(inp.x).all() and np.isfinite(inp.x_shape).all()
     assert inp.observed.sum() == 96 - 3
     np.testing.assert_allclose(inp.scale, 0.2)
+
+
+def test_model_inputs_in_chunks_equal_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many rows are built ``INPUT_CHUNK_ROWS`` at a time (bounded temporaries: they were
+    the peak memory of a large training); every field is what one pass gives, bit for bit."""
+    data = generate(SyntheticConfig(n_households=60, n_days=20, anomaly_rate=0.05, seed=3))
+    ids, day, kwh, _ = data.long(slice(0, 20))
+    kwh = kwh.copy()
+    kwh[::7, 5], kwh[::11, 9], kwh[::13] = np.nan, -1.0, np.nan  # imputed slots, empty days
+    level = np.where(np.arange(len(day)) % 3 == 0, np.nan, 0.3).astype(np.float32)
+    whole = model_inputs(kwh, day, ids, level, data.tables, 10.0)
+    monkeypatch.setattr(features, "INPUT_CHUNK_ROWS", 250)  # 1,200 rows: 5 chunks
+    chunked = model_inputs(kwh, day, ids, level, data.tables, 10.0)
+    for f in dataclasses.fields(whole):
+        a, b = getattr(whole, f.name), getattr(chunked, f.name)
+        assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), f.name
