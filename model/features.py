@@ -333,12 +333,20 @@ def model_inputs(
         hi = min(lo + INPUT_CHUNK_ROWS, n)
         part = _model_inputs(kwh[lo:hi], day[lo:hi], household_ids[lo:hi], level[lo:hi],
                              tables, max_kwh)
-        for f in fields(ModelInputs):
-            v = getattr(part, f.name)
-            if f.name not in out:
-                out[f.name] = np.empty((n, *v.shape[1:]), v.dtype)
-            out[f.name][lo:hi] = v
+        gather_rows(out, {f.name: getattr(part, f.name) for f in fields(ModelInputs)},
+                    slice(lo, hi), n)
     return ModelInputs(**out)
+
+
+def gather_rows(whole: dict[str, np.ndarray], part: Mapping[str, np.ndarray],
+                rows: slice | np.ndarray, n: int) -> None:
+    """Write each of ``part``'s arrays into ``whole``'s (n, ...) array of the same name at
+    ``rows`` (a slice or row indices), allocating it on first sight: how work done in
+    chunks lands in one set of row-aligned arrays."""
+    for name, v in part.items():
+        if name not in whole:
+            whole[name] = np.empty((n, *v.shape[1:]), v.dtype)
+        whole[name][rows] = v
 
 
 def _model_inputs(kwh: np.ndarray, day: np.ndarray, household_ids: Sequence[str],

@@ -42,6 +42,7 @@ from meterwatch.model.features import (
     TEMP_REF,
     TEMP_SCALE,
     ContextTables,
+    gather_rows,
     household_codes,
 )
 from meterwatch.model.scoring import N_BLOCKS, N_STATS
@@ -758,11 +759,8 @@ def replay(det: Detector, kwh: np.ndarray, day: np.ndarray, household_ids: Seque
     for rows in _time_chunks(hh, day, REPLAY_CHUNK_ROWS):
         o, nw = score_batch(det, kwh[rows], day[rows], list(ids[rows]), hh[rows],
                             start.take(hh[rows]), tables)
-        for whole, part in ((out, o), (new, nw)):
-            for name, v in part.items():
-                if name not in whole:
-                    whole[name] = np.empty((len(day), *v.shape[1:]), dtype=v.dtype)
-                whole[name][rows] = v
+        gather_rows(out, o, rows, len(day))
+        gather_rows(new, nw, rows, len(day))
         # each household's state after its last day here starts its next chunk
         h = hh[rows]
         last = len(h) - 1 - np.unique(h[::-1], return_index=True)[1]
