@@ -47,6 +47,7 @@ from aiokafka.errors import (
     CommitFailedError,
     KafkaConnectionError,
     KafkaError,
+    UnsupportedCodecError,
 )
 from prometheus_client import CollectorRegistry
 
@@ -445,6 +446,12 @@ class Service:
             try:
                 data = await self.source.fetch()
                 self._kafka_ready = True
+            except UnsupportedCodecError as exc:  # no retry can read such a batch: exit 2
+                self._fail(ConfigurationError(
+                    "--input-topic", f"{s.input_topic} holds record batches this installation "
+                    f"cannot decompress ({exc})", "install the codecs meterwatch depends on: "
+                    "pip install 'cramjam>=2.8' (left out by pip install --no-deps)"), "fetch")
+                return
             except KafkaError as exc:
                 log.warning("fetch failed: %r", exc)
                 self._kafka_ready = False
