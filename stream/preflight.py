@@ -22,12 +22,13 @@ with backoff and reports ``broker_reachable: false`` on ``/readyz``.
    single connection does not (``SaslAuthenticationFailed``, ``ssl.SSLError``);
 3. ``check_topics``: the input topic exists (it is never created: a typo must not become an
    empty topic the service waits on forever); missing output topics are created when
-   ``--create-topics`` (with at least the input's partition count; a topic the broker
-   will not create is refused by name), and every output topic
-   has at least as many partitions as the input (records about input partition ``p`` go to
-   partition ``p`` of each output); then ``await_group_coordinator``: the group's coordinator
-   is waited for (bounded), quietly, before the consumer joins. A cluster makes it on first
-   use (Kafka creates ``__consumer_offsets`` and loads it in about a second), and aiokafka's
+   ``--create-topics`` (with at least the input's partition count; a topic the broker will
+   not create is refused by name), and every output topic has at least as many partitions as
+   the input (records about input partition ``p`` go to partition ``p`` of each output):
+   with ``--create-topics`` an output topic with fewer (the input grew) is given more, else
+   it is refused by name; then ``await_group_coordinator``: the group's coordinator is
+   waited for (bounded), quietly, before the consumer joins. A cluster makes it on first use
+   (Kafka creates ``__consumer_offsets`` and loads it in about a second), and aiokafka's
    consumer logs each try meanwhile as an error or warning ("Marking the coordinator dead").
 
 A session timeout outside the broker's bounds is only refused when the group is joined;
@@ -50,7 +51,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
     GroupCoordinatorNotAvailableError,
@@ -583,15 +584,42 @@ async def check_topics(settings: Settings, admin: AIOKafkaAdminClient,
             "--create-topics", f"output topics {missing} do not exist",
             "create them with at least as many partitions as the input, or pass "
             "--create-topics")
-    for t in outputs:
-        n = await _partitions(admin, t)
-        if n < n_input:
+    small = {t: n for t in outputs if (n := await _partitions(admin, t)) < n_input}
+    if small and s.create_topics:  # the input grew: the service's own topics grow with it
+        await _grow(admin, small, n_input, s)
+    for t, n in small.items():
+        if not s.create_topics:
             raise ConfigurationError(
                 "--topic-partitions", f"output topic {t!r} has {n} partitions, fewer than "
                 f"the {n_input} of input topic {s.input_topic!r}",
-                f"recreate {t!r} (or add partitions) with at least {n_input}")
+                f"add partitions to {t!r} (at least {n_input}), or pass --create-topics")
     await await_group_coordinator(s, admin)  # last, right before the consumer joins
     return n_input
+
+
+async def _grow(admin: AIOKafkaAdminClient, small: dict[str, int], n: int,
+                settings: Settings) -> None:
+    """Add partitions to the output topics ``small`` (topic -> its count) up to ``n``:
+    records about input partition ``p`` go to partition ``p`` of each (named, never by key
+    hash), so nothing already written moves."""
+    for t, had in small.items():
+        try:
+            await admin.create_partitions({t: NewPartitions(total_count=n)})
+        except KafkaError as exc:
+            if await _partitions(admin, t) >= n:  # another member grew it meanwhile
+                continue
+            raise ConfigurationError(
+                "--topic-partitions", f"output topic {t!r} has {had} partitions, fewer than "
+                f"the {n} of input topic {settings.input_topic!r}, and the broker refused "
+                f"to add partitions ({type(exc).__name__})",
+                f"add partitions to {t!r} yourself, or recreate it, with at least {n}"
+            ) from None
+        for _ in range(50):  # until the broker's metadata shows them (at most 10 s)
+            if await _partitions(admin, t) >= n:
+                break
+            await asyncio.sleep(0.2)
+        log.warning("output topic %r grew from %d to %d partitions: the input topic %r has %d",
+                    t, had, n, settings.input_topic, n)
 
 
 #: What a broker answers while it makes or loads a group's coordinator.

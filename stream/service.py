@@ -137,6 +137,8 @@ class Service:
         self._fences: dict[int, tuple[int, float]] = {}
         #: the last offset committed for a partition when it was lost (the generation check)
         self._lost_committed: dict[int, int] = {}
+        #: input partitions below this have their partition in every output topic
+        self._outputs_cover = 0
 
     # -- lifecycle -------------------------------------------------------------------------
     async def __aenter__(self) -> Service:
@@ -319,17 +321,24 @@ class Service:
                 delay = min(delay * 2, self.settings.broker_retry_max_s)
 
     async def _connect_once(self) -> None:
+        await check_connection(self.settings)
+        await self._check_topics()
+        await self.publisher.start()
+        await self.source.start()
+
+    async def _check_topics(self) -> None:
+        """``check_topics``: the input exists; every output topic exists and has at least
+        as many partitions as the input (given more with ``--create-topics``), which
+        ``_outputs_cover`` remembers."""
         s = self.settings
-        await check_connection(s)
         admin = AIOKafkaAdminClient(**s.kafka_options())
         try:
             await admin.start()
-            await check_topics(s, admin, (*output_topics(s), s.dead_letter_topic,
-                                          s.state_topic), compacted=(s.state_topic,))
+            self._outputs_cover = await check_topics(
+                s, admin, (*output_topics(s), s.dead_letter_topic, s.state_topic),
+                compacted=(s.state_topic,))
         finally:
             await admin.close()
-        await self.publisher.start()
-        await self.source.start()
 
     @property
     def consumer(self) -> AIOKafkaConsumer | None:
@@ -787,6 +796,12 @@ class Service:
                 self._retakes.pop(p, None)
                 self._lost_committed.pop(p, None)
             try:
+                if max(parts, default=-1) >= self._outputs_cover:
+                    # the input topic grew: its new partitions need theirs in every output
+                    log.warning("assigned input partitions %s beyond the %d the output topics "
+                                "were checked for: checking them again", sorted(parts),
+                                self._outputs_cover)
+                    await self._check_topics()
                 await self._recover(parts)
             except PartitionLost as exc:
                 self._lose(exc.partitions, str(exc))

@@ -65,7 +65,10 @@ class Source:
             fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
             isolation_level="read_committed", session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=max(500, s.session_timeout_ms // 4),
-            max_poll_interval_ms=300_000)
+            max_poll_interval_ms=300_000,
+            # how soon the group sees partitions added to the input (a rebalance follows):
+            # aiokafka's default, 5 minutes, left the new partitions unread that long
+            metadata_max_age_ms=60_000)
         self.consumer = consumer
         await consumer.start()
         raw_records(consumer)
