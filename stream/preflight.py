@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
     GroupCoordinatorNotAvailableError,
@@ -584,6 +585,16 @@ async def check_topics(settings: Settings, admin: AIOKafkaAdminClient,
             "--create-topics", f"output topics {missing} do not exist",
             "create them with at least as many partitions as the input, or pass "
             "--create-topics")
+    for t in compacted:  # one the platform made: kept, not deleted after a retention
+        policy = await _cleanup_policy(admin, t) if t in existing else None
+        if policy is not None and "compact" not in policy.split(","):
+            raise ConfigurationError(
+                _topic_flag(s, t, "--state-topic"), f"topic {t!r} has cleanup.policy="
+                f"{policy}: the household states in it would be deleted after its retention, "
+                "and recovery would read every one kept",
+                f"make it compacted (kafka-configs.sh --alter --entity-type topics "
+                f"--entity-name {t} --add-config cleanup.policy=compact), or name a new "
+                "topic (created compacted with --create-topics)")
     small = {t: n for t in outputs if (n := await _partitions(admin, t)) < n_input}
     if small and s.create_topics:  # the input grew: the service's own topics grow with it
         await _grow(admin, small, n_input, s)
@@ -682,12 +693,32 @@ def _creation_refused(answer: Any, n: int, settings: Settings) -> None:
         why = error.__name__ + (f": {rest[0]}" if rest and rest[0] else "")
         problem = f"the broker refused to create {topic!r} ({why[:200]})"
         if error is InvalidTopicError:  # e.g. 'a_b' beside an existing 'a.b'
-            flag = next((f"--{a.replace('_', '-')}" for a in TOPIC_SETTINGS
-                         if getattr(settings, a) == topic), "--create-topics")
-            raise ConfigurationError(flag, problem, "give it another name")
+            raise ConfigurationError(_topic_flag(settings, topic, "--create-topics"), problem,
+                                     "give it another name")
         raise ConfigurationError(
             "--create-topics", problem, f"create the output topics yourself with at least "
             f"{n} partitions (and --no-create-topics), or allow the service to create them")
+
+
+def _topic_flag(settings: Settings, topic: str, default: str) -> str:
+    """The flag that names ``topic`` (``--alerts-topic`` ...), else ``default``."""
+    return next((f"--{a.replace('_', '-')}" for a in TOPIC_SETTINGS
+                 if getattr(settings, a) == topic), default)
+
+
+async def _cleanup_policy(admin: AIOKafkaAdminClient, topic: str) -> str | None:
+    """The topic's ``cleanup.policy``; None where the broker does not say (Tansu closes
+    the connection on a DescribeConfigs request; an ACL may refuse it)."""
+    try:
+        answers = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, {"cleanup.policy": None})])
+        for answer in answers:
+            for code, _, _, name, entries in answer.resources:
+                if name == topic and not code:
+                    return next((str(e[1]) for e in entries if e[0] == "cleanup.policy"), None)
+    except (KafkaError, AttributeError, IndexError, TypeError, ValueError) as exc:
+        log.debug("cleanup.policy of %r not known (%r): not checked", topic, exc)
+    return None
 
 
 async def input_partitions(admin: AIOKafkaAdminClient, topic: str) -> int:

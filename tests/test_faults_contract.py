@@ -224,10 +224,30 @@ def test_output_topic_with_fewer_partitions_than_input_exits_2(broker, detector_
     settings = unique_settings(broker, topic_partitions=4, create_topics=False)
     outputs = {t: 4 for t in (settings.alerts_topic, settings.dead_letter_topic,
                               settings.data_quality_topic, settings.state_topic)}
-    create_topics_now(settings.bootstrap_servers, {**outputs, settings.scores_topic: 2})
+    create_topics_now(settings.bootstrap_servers, {**outputs, settings.scores_topic: 2},
+                      compacted=(settings.state_topic,))
     result = run_to_exit(settings, detector_path)
     line = assert_fails_fast(result, "--topic-partitions", mentions=settings.scores_topic)
     assert "add partitions" in line and "at least 4" in line, line
+
+
+def test_state_topic_that_is_not_compacted_exits_2(broker, detector_path, tmp_path):
+    """A state topic the platform made with the cluster's default ``cleanup.policy=delete``
+    would lose household states after its retention: refused by name, with the command that
+    fixes it. Tansu does not answer DescribeConfigs (it closes the connection): there the
+    service starts unchecked (asserted, so the day Tansu answers this test says so)."""
+    settings = unique_settings(broker)
+    create_topics_now(settings.bootstrap_servers, {settings.state_topic: 8})
+    if broker.kind == "tansu":
+        svc = ServiceProcess(settings, detector_path, log_path=tmp_path / "svc.log").start()
+        try:
+            svc.wait_ready(120)
+        finally:
+            assert svc.terminate() == 0, (tmp_path / "svc.log").read_text()[-3000:]
+        return
+    line = assert_fails_fast(run_to_exit(settings, detector_path), "--state-topic",
+                             mentions=f"{settings.state_topic!r} has cleanup.policy=delete")
+    assert "--add-config cleanup.policy=compact" in line, line
 
 
 def test_output_topic_with_fewer_partitions_is_given_more(broker, detector_path, tmp_path):
