@@ -587,7 +587,7 @@ async def check_topics(settings: Settings, admin: AIOKafkaAdminClient,
             "--create-topics")
     for t in compacted:  # one the platform made: kept, not deleted after a retention
         policy = await _cleanup_policy(admin, t) if t in existing else None
-        if policy is not None and "compact" not in policy.split(","):
+        if policy is not None and "compact" not in {p.strip() for p in policy.split(",")}:
             raise ConfigurationError(
                 _topic_flag(s, t, "--state-topic"), f"topic {t!r} has cleanup.policy="
                 f"{policy}: the household states in it would be deleted after its retention, "

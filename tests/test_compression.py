@@ -21,9 +21,10 @@ pytestmark = pytest.mark.integration
 CODECS = (None, "gzip", "snappy", "lz4", "zstd")
 
 
-async def _produce_day(bootstrap: str, topic: str, data, households: range, d: int,
-                       codec: str | None) -> None:
-    """Day ``d`` of ``households``, all 48 half-hours, in batches compressed with ``codec``."""
+async def produce_day(bootstrap: str, topic: str, data, households: range, d: int,
+                      codec: str | None = None) -> None:
+    """Day ``d`` of ``households``, all 48 half-hours, keyed by household (the default
+    partitioner), in batches compressed with ``codec``."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, compression_type=codec,
                                 linger_ms=20)
     await producer.start()
@@ -49,7 +50,7 @@ async def test_every_codec_is_read_and_scored(broker, detector):
     async with Service(settings, detector=detector) as service:
         await service.wait_ready()
         for k, codec in enumerate(CODECS):
-            await _produce_day(settings.bootstrap_servers, settings.input_topic, data,
+            await produce_day(settings.bootstrap_servers, settings.input_topic, data,
                                range(k * per, (k + 1) * per), HISTORY_DAYS, codec)
         scores = await read_topic(settings, settings.scores_topic,
                                   min_records=len(data.household_ids))
@@ -65,7 +66,7 @@ def test_a_codec_this_installation_lacks_exits_2(broker, detector_path, tmp_path
     settings = unique_settings(broker)
     data = generate(SyntheticConfig(n_households=1, n_days=HISTORY_DAYS + 1, seed=9,
                                     anomaly_rate=0.0))
-    asyncio.run(_produce_day(settings.bootstrap_servers, settings.input_topic, data,
+    asyncio.run(produce_day(settings.bootstrap_servers, settings.input_topic, data,
                              range(1), HISTORY_DAYS, "lz4"))
     hidden = tmp_path / "without-cramjam"
     hidden.mkdir()

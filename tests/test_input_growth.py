@@ -10,33 +10,18 @@ import asyncio
 import time
 
 import pytest
-from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 from aiokafka.errors import IncompatibleBrokerVersion
 
 from meterwatch.model import SyntheticConfig, generate
 from meterwatch.stream.outputs import output_topics
 from meterwatch.stream.service import Service
-from meterwatch.stream.simulate import reading_json
 from tests.conftest import HISTORY_DAYS, read_topic, unique_settings
+from tests.test_compression import produce_day
 
 pytestmark = pytest.mark.integration
 
 BEFORE, AFTER = 4, 8
-
-
-async def _produce_day(bootstrap: str, topic: str, data, d: int) -> None:
-    """Day ``d`` of every household, keyed by household (the default partitioner)."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20)
-    await producer.start()
-    try:
-        day = int(data.days[d])
-        futures = [await producer.send(topic, reading_json(
-            hid, day * 86400 + s * 1800, float(data.kwh[h, d, s])), key=hid.encode())
-            for h, hid in enumerate(data.household_ids) for s in range(48)]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
 
 
 async def _partitions(admin: AIOKafkaAdminClient, topic: str) -> int:
@@ -53,8 +38,8 @@ async def test_partitions_added_to_the_input_are_taken_on(broker, detector):
     try:
         async with Service(settings, detector=detector) as service:
             await service.wait_ready()
-            await _produce_day(settings.bootstrap_servers, settings.input_topic, data,
-                               HISTORY_DAYS)
+            await produce_day(settings.bootstrap_servers, settings.input_topic, data,
+                              range(n), HISTORY_DAYS)
             await read_topic(settings, settings.scores_topic, min_records=n)
             grow = {settings.input_topic: NewPartitions(total_count=AFTER)}
             if broker.kind == "tansu":  # it cannot add partitions: nothing to take on there
@@ -72,8 +57,8 @@ async def test_partitions_added_to_the_input_are_taken_on(broker, detector):
                 assert service.failed is None, service.failed
                 await asyncio.sleep(0.2)
             # half the households now hash to a new partition: their days land there
-            await _produce_day(settings.bootstrap_servers, settings.input_topic, data,
-                               HISTORY_DAYS + 1)
+            await produce_day(settings.bootstrap_servers, settings.input_topic, data,
+                              range(n), HISTORY_DAYS + 1)
             scores = await read_topic(settings, settings.scores_topic, min_records=2 * n)
             assert all(not t.done() for t in service._tasks), "a stage died"
             assert service.failed is None, service.failed
