@@ -761,12 +761,10 @@ def replay(det: Detector, kwh: np.ndarray, day: np.ndarray, household_ids: Seque
                             start.take(hh[rows]), tables)
         gather_rows(out, o, rows, len(day))
         gather_rows(new, nw, rows, len(day))
-        # each household's state after its last day here starts its next chunk
+        # each household's state after its latest day here starts its next chunk (and,
+        # after the last chunk, is its final state: ``start`` is in ``uniq`` order)
         h = hh[rows]
-        last = len(h) - 1 - np.unique(h[::-1], return_index=True)[1]
+        by = np.lexsort((day[rows], h))
+        last = by[np.r_[h[by][1:] != h[by][:-1], True]]
         start.put(h[last], HouseholdState(**{f: v[last] for f, v in nw.items()}))
-    scores = DayScores(**out, state=HouseholdState(**new))
-    order = np.lexsort((day, hh))
-    ends = np.r_[hh[order][1:] != hh[order][:-1], True]
-    final = scores.state.take(order[ends])  # each household's latest day, in ``uniq`` order
-    return scores, StatesByHousehold(uniq.tolist(), final)
+    return DayScores(**out, state=HouseholdState(**new)), StatesByHousehold(uniq.tolist(), start)
