@@ -601,8 +601,7 @@ async def check_topics(settings: Settings, admin: AIOKafkaAdminClient,
     for t, n in small.items():
         if not s.create_topics:
             raise ConfigurationError(
-                "--topic-partitions", f"output topic {t!r} has {n} partitions, fewer than "
-                f"the {n_input} of input topic {s.input_topic!r}",
+                "--topic-partitions", _fewer(t, n, n_input, s),
                 f"add partitions to {t!r} (at least {n_input}), or pass --create-topics")
     await await_group_coordinator(s, admin)  # last, right before the consumer joins
     return n_input
@@ -620,9 +619,8 @@ async def _grow(admin: AIOKafkaAdminClient, small: dict[str, int], n: int,
             if await _partitions(admin, t) >= n:  # another member grew it meanwhile
                 continue
             raise ConfigurationError(
-                "--topic-partitions", f"output topic {t!r} has {had} partitions, fewer than "
-                f"the {n} of input topic {settings.input_topic!r}, and the broker refused "
-                f"to add partitions ({type(exc).__name__})",
+                "--topic-partitions", f"{_fewer(t, had, n, settings)}, and the broker "
+                f"refused to add partitions ({type(exc).__name__})",
                 f"add partitions to {t!r} yourself, or recreate it, with at least {n}"
             ) from None
         for _ in range(50):  # until the broker's metadata shows them (at most 10 s)
@@ -631,6 +629,11 @@ async def _grow(admin: AIOKafkaAdminClient, small: dict[str, int], n: int,
             await asyncio.sleep(0.2)
         log.warning("output topic %r grew from %d to %d partitions: the input topic %r has %d",
                     t, had, n, settings.input_topic, n)
+
+
+def _fewer(topic: str, n: int, n_input: int, settings: Settings) -> str:
+    return (f"output topic {topic!r} has {n} partitions, fewer than the {n_input} of input "
+            f"topic {settings.input_topic!r}")
 
 
 #: What a broker answers while it makes or loads a group's coordinator.

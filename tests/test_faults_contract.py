@@ -38,6 +38,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from meterwatch.model import SyntheticConfig, generate
 from meterwatch.stream.broker import Broker, free_port, wait_for_port
 from meterwatch.stream.config import Settings
+from meterwatch.stream.preflight import input_partitions
 from meterwatch.stream.simulate import produce_synthetic
 from meterwatch.stream.testing import service_env
 from tests.conftest import (
@@ -118,7 +119,7 @@ def topic_partitions(settings: Settings, topic: str) -> int:
         admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
         await admin.start()
         try:
-            return len(next(t["partitions"] for t in await admin.describe_topics([topic])))
+            return await input_partitions(admin, topic)
         finally:
             await admin.close()
 

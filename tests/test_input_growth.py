@@ -15,6 +15,7 @@ from aiokafka.errors import IncompatibleBrokerVersion
 
 from meterwatch.model import SyntheticConfig, generate
 from meterwatch.stream.outputs import output_topics
+from meterwatch.stream.preflight import input_partitions as topic_partitions
 from meterwatch.stream.service import Service
 from tests.conftest import HISTORY_DAYS, read_topic, unique_settings
 from tests.test_compression import produce_day
@@ -22,10 +23,6 @@ from tests.test_compression import produce_day
 pytestmark = pytest.mark.integration
 
 BEFORE, AFTER = 4, 8
-
-
-async def _partitions(admin: AIOKafkaAdminClient, topic: str) -> int:
-    return len(next(t["partitions"] for t in await admin.describe_topics([topic])))
 
 
 async def test_partitions_added_to_the_input_are_taken_on(broker, detector):
@@ -64,7 +61,7 @@ async def test_partitions_added_to_the_input_are_taken_on(broker, detector):
             assert service.failed is None, service.failed
         for topic in (*output_topics(settings), settings.dead_letter_topic,
                       settings.state_topic):
-            assert await _partitions(admin, topic) == AFTER, topic
+            assert await topic_partitions(admin, topic) == AFTER, topic
     finally:
         await admin.close()
     days = sorted((s["household_id"], s["date"], s["status"], s["readings"]) for s in scores)
