@@ -1,5 +1,6 @@
-"""Cost of validation in ``parse_records``: valid records with and without the key check,
-JSON arrays, and the fuzz suite's hostile records, in one run (ratios are what to compare).
+"""Cost of validation in ``parse_records``: valid records with and without the key check, in
+Schema Registry framing, JSON arrays, and the fuzz suite's hostile records, in one run
+(ratios are what to compare).
 
     .venv/bin/python -m benchmarks.ingest [--reps 60]
 
@@ -68,6 +69,9 @@ def main() -> None:
                  [k for k, _, _ in compact], args.reps, None)
     _case("compact one-reading records, no key check", [v for _, v, _ in compact], None,
           args.reps, base)
+    _case("the same, in Schema Registry framing", [b"\x00\x00\x00\x00\x07" + v
+                                                   for _, v, _ in compact],
+          [k for k, _, _ in compact], args.reps, base)
     _case("10% of households as 12-reading arrays", [v for _, v, _ in mixed],
           [k for k, _, _ in mixed], args.reps, base)
     _case("hostile records (fuzz suite, 35 kinds)", [h.value for h in hostile],

@@ -35,13 +35,17 @@ from meterwatch.stream.validation import (
     MAX_KWH,
     MAX_TS,
     MIN_TS,
+    REGISTRY_HEADER,
     Invalid,
     check_reading,
     check_ts,
     describe,
+    framed_detail,
+    is_framed,
     kwh_float,
     loads,
     may_repeat_fields,
+    unframe,
 )
 
 log = logging.getLogger(__name__)
@@ -138,21 +142,47 @@ def parse_records(values: Sequence[bytes | None], *, now_s: float,
 
 
 def _parse(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None,
-           now_s: float, max_future_s: float) -> ParsedBatch:
-    compact = _parse_compact(values, keys, now_s, max_future_s)
+           now_s: float, max_future_s: float, framing: bool = True) -> ParsedBatch:
+    # A producer frames every record or none: a framed first record skips the compact path,
+    # which reads no framed record (the general path parses their payloads, compact or not).
+    first = values[0] if values else None
+    compact = None if framing and first is not None and is_framed(first) else \
+        _parse_compact(values, keys, now_s, max_future_s)
     if compact is None:
-        return _parse_general(values, keys, now_s, max_future_s)
+        return _parse_general(values, keys, now_s, max_future_s, framing)
     fast, rest = compact
     if len(rest) == 0:
         return fast
-    rest_list = rest.tolist()
-    general = _parse_general([values[i] for i in rest_list],
-                             None if keys is None else [keys[i] for i in rest_list],
-                             now_s, max_future_s)
-    for r in general.rejections:
-        r.index = int(rest[r.index])
-    general.record = rest[general.record].astype(np.int32)
-    return _merge(fast, general)
+    return _merge(fast, _parse_subset(values, keys, rest, lambda v, k: _parse_general(
+        v, k, now_s, max_future_s, framing)))
+
+
+def _parse_subset(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None,
+                  idx: np.ndarray, parse: Callable[[list[bytes | None],
+                                                    list[bytes | None] | None], ParsedBatch],
+                  ) -> ParsedBatch:
+    """``parse`` of the records at ``idx`` (ascending), indexed as records of the batch."""
+    idx_list = idx.tolist()
+    b = parse([values[i] for i in idx_list],
+              None if keys is None else [keys[i] for i in idx_list])
+    for r in b.rejections:
+        r.index = idx_list[r.index]
+    b.record = idx[b.record].astype(np.int32)
+    return b
+
+
+def _parse_framed(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None,
+                  now_s: float, max_future_s: float) -> ParsedBatch:
+    """Records framed by a Schema Registry serializer (``stream.validation.unframe``): their
+    payloads, parsed like unframed records (the compact path included; framed once only)."""
+    b = _parse([v[REGISTRY_HEADER:] for v in values],  # type: ignore[index]
+               keys, now_s, max_future_s, framing=False)
+    for r in b.rejections:
+        if r.reason == "not_json":
+            _, schema_id = unframe(values[r.index])  # type: ignore[arg-type]
+            assert schema_id is not None
+            r.detail = framed_detail(schema_id, r.detail)
+    return b
 
 
 def _parse_each(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None,
@@ -206,8 +236,19 @@ def _merge(a: ParsedBatch, b: ParsedBatch) -> ParsedBatch:
 
 
 def _parse_general(values: Sequence[bytes | None], keys: Sequence[bytes | None] | None,
-                   now_s: float, max_future_s: float) -> ParsedBatch:
-    """Any records: orjson decodes each, then the fields are checked as columns."""
+                   now_s: float, max_future_s: float, framing: bool = True) -> ParsedBatch:
+    """Any records: orjson decodes each, then the fields are checked as columns. With
+    ``framing``, records framed by a Schema Registry serializer are read as their payloads."""
+    if framing:
+        framed = np.array([v is not None and is_framed(v) for v in values], dtype=bool)
+        if framed.any():
+            payloads = _parse_subset(values, keys, np.flatnonzero(framed), lambda v, k:
+                                     _parse_framed(v, k, now_s, max_future_s))
+            if framed.all():
+                return payloads
+            return _merge(payloads, _parse_subset(
+                values, keys, np.flatnonzero(~framed), lambda v, k: _parse_general(
+                    v, k, now_s, max_future_s, framing=False)))
     rejections: list[Rejection] = []
     flat: list[object]
     flat_record: list[int] | np.ndarray
@@ -215,7 +256,7 @@ def _parse_general(values: Sequence[bytes | None], keys: Sequence[bytes | None] 
     if docs is not None:  # every record is one reading object
         flat, flat_record = docs, np.arange(len(docs), dtype=np.int32)
     else:
-        flat, flat_record = _decode_slow(values, rejections)
+        flat, flat_record = _decode_slow(values, rejections, framing)
     n = len(flat)
     if n == 0:
         return _empty(rejections)
@@ -543,8 +584,8 @@ def _decode_fast(values: Sequence[bytes | None]) -> list[object] | None:
     return docs
 
 
-def _decode_slow(values: Sequence[bytes | None],
-                 rejections: list[Rejection]) -> tuple[list[object], list[int]]:
+def _decode_slow(values: Sequence[bytes | None], rejections: list[Rejection],
+                 framing: bool) -> tuple[list[object], list[int]]:
     """Record by record: arrays are flattened, bad records rejected."""
     flat: list[object] = []
     flat_record: list[int] = []
@@ -556,7 +597,7 @@ def _decode_slow(values: Sequence[bytes | None],
             rejections.append(Rejection(i, "too_large", f"{len(value)} bytes"))
             continue
         try:
-            doc = loads(value)
+            doc = loads(value, framing)
         except Invalid as exc:
             rejections.append(Rejection(i, exc.reason, exc.detail))
             continue

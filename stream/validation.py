@@ -281,15 +281,51 @@ def strict_loads(value: bytes) -> object:
                       parse_constant=_no_constant, parse_int=_parse_int)
 
 
-def loads(value: bytes) -> object:
-    """Decode one record value (JSON), or ``Invalid("not_json")``."""
+#: Confluent Schema Registry's wire format: a zero byte, the schema id (4 bytes, big-endian),
+#: then the payload (JSON for the JSON Schema serializer). No JSON text starts with a zero
+#: byte, so a record that does is read as framed.
+REGISTRY_HEADER = 5
+
+
+def is_framed(value: bytes) -> bool:
+    """Whether a record value is in the Schema Registry wire format (``REGISTRY_HEADER``)."""
+    return value[:1] == b"\x00" and len(value) >= REGISTRY_HEADER
+
+
+def unframe(value: bytes) -> tuple[bytes, int | None]:
+    """A record value without Schema Registry framing, and the schema id (None: unframed).
+
+    >>> unframe(bytes([0, 0, 0, 1, 2]) + b'{"kwh":1}')
+    (b'{"kwh":1}', 258)
+    >>> unframe(b'{"kwh":1}')
+    (b'{"kwh":1}', None)
+    """
+    if not is_framed(value):
+        return value, None
+    return value[REGISTRY_HEADER:], int.from_bytes(value[1:REGISTRY_HEADER], "big")
+
+
+def framed_detail(schema_id: int, detail: str) -> str:
+    """The ``not_json`` detail of a Schema Registry-framed record whose payload is not JSON."""
+    return (f"Schema Registry framing (schema id {schema_id}) around a payload that is not "
+            f"JSON (Avro or Protobuf? meterwatch reads JSON): {detail[:120]}")
+
+
+def loads(value: bytes, framing: bool = True) -> object:
+    """Decode one record value (JSON, framed by a Schema Registry serializer or not; with
+    ``framing`` False, a value known to be a payload), or ``Invalid("not_json")``."""
+    schema_id = None
+    if framing:
+        value, schema_id = unframe(value)
     try:
         doc = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         try:
             return strict_loads(value)
         except (ValueError, RecursionError):
-            raise Invalid("not_json", str(exc)[:200]) from None
+            detail = str(exc)[:200]
+            raise Invalid("not_json", detail if schema_id is None
+                          else framed_detail(schema_id, detail)) from None
     if may_repeat_fields(value, doc):
         try:
             return strict_loads(value)

@@ -22,9 +22,9 @@ CODECS = (None, "gzip", "snappy", "lz4", "zstd")
 
 
 async def produce_day(bootstrap: str, topic: str, data, households: range, d: int,
-                      codec: str | None = None) -> None:
+                      codec: str | None = None, header: bytes = b"") -> None:
     """Day ``d`` of ``households``, all 48 half-hours, keyed by household (the default
-    partitioner), in batches compressed with ``codec``."""
+    partitioner), in batches compressed with ``codec``, each value after ``header``."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, compression_type=codec,
                                 linger_ms=20)
     await producer.start()
@@ -35,7 +35,8 @@ async def produce_day(bootstrap: str, topic: str, data, households: range, d: in
             hid = data.household_ids[h]
             for s in range(48):
                 futures.append(await producer.send(
-                    topic, reading_json(hid, day * 86400 + s * 1800, float(data.kwh[h, d, s])),
+                    topic, header + reading_json(hid, day * 86400 + s * 1800,
+                                                 float(data.kwh[h, d, s])),
                     key=hid.encode()))
         await asyncio.gather(*futures)
     finally:

@@ -264,3 +264,46 @@ def test_all_paths_agree_on_hostile_records(records: list[tuple[bytes, bytes | N
                 assert reasons.get(i) in (None, "future_timestamp", "key_mismatch")
             except ValidationError as exc:
                 assert exc.errors()[0]["ctx"]["error"].reason == reasons[i]
+
+
+# Confluent Schema Registry's wire format (a zero byte and a 4-byte schema id before the
+# payload): what its JSON Schema serializer writes. The payload is read as if unframed.
+registry_headers = st.binary(min_size=4, max_size=4).map(lambda b: b"\x00" + b)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(hostile_records(), record_keys, st.none() | registry_headers),
+                min_size=1, max_size=12))
+def test_schema_registry_framing_is_read_through(
+        records: list[tuple[bytes, bytes | None, bytes | None]]) -> None:
+    from meterwatch.stream.validation import framed_detail
+    keys = [k for _, k, _ in records]
+    plain = parse_records([v for v, _, _ in records], now_s=NOW, keys=keys)
+    framed = parse_records([v if h is None else h + v for v, _, h in records], now_s=NOW,
+                           keys=keys)
+    assert framed.household == plain.household and framed.ts.tolist() == plain.ts.tolist()
+    assert framed.kwh.tobytes() == plain.kwh.tobytes()
+    assert framed.record.tolist() == plain.record.tolist()
+    expected = []
+    for r in plain.rejections:
+        header = records[r.index][2]
+        detail = r.detail if header is None or r.reason != "not_json" else \
+            framed_detail(int.from_bytes(header[1:], "big"), r.detail)
+        expected.append((r.index, r.reason, detail, r.counts))
+    assert [(r.index, r.reason, r.detail, r.counts) for r in framed.rejections] == expected
+
+
+def test_a_framed_payload_that_is_not_json_says_so() -> None:
+    """An Avro (or Protobuf) serializer's record: dead-lettered as ``not_json``, the detail
+    naming the framing and the schema id, the same from the parser and the schema."""
+    avro = b"\x00\x00\x00\x01\x2a" + b"\x12MAC000002\x80\xa0\xe4\xd3\x0a"
+    batch = parse_records([avro, b"\x00\x01"], now_s=NOW)
+    assert len(batch) == 0
+    (first, second) = batch.rejections
+    assert first.reason == "not_json" and "schema id 298" in first.detail, first.detail
+    assert "Schema Registry" not in second.detail  # two bytes are not the wire format
+    with pytest.raises(ValidationError) as exc:
+        Reading.model_validate_json(avro)
+    assert exc.value.errors()[0]["ctx"]["error"].detail == first.detail
+    good = b'{"household_id": "H1", "ts": "2013-01-01T00:30:00Z", "kwh": 0.5}'
+    assert Reading.model_validate_json(b"\x00\x00\x00\x01\x2a" + good).kwh == 0.5
