@@ -79,6 +79,7 @@ class Metrics:
     commit_latency: Histogram
     open_days: Gauge
     consumer_lag: Gauge
+    input_lost: Counter
     partitions_assigned: Gauge
     rebalances: Counter
     paused_partitions: Gauge
@@ -180,6 +181,10 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "meterwatch_consumer_lag_records",
             "Records between the consumer position and the partition highwater.",
             ("topic", "partition")),
+        input_lost=counter(
+            "meterwatch_input_offsets_lost",
+            "Input offsets the broker deleted (retention, DeleteRecords) before the group "
+            "read them: their readings are lost.", ("topic", "partition")),
         partitions_assigned=gauge(
             "meterwatch_partitions_assigned", "Input partitions owned by this process."),
         rebalances=counter("meterwatch_rebalances", "Consumer group rebalances seen."),

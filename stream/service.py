@@ -475,6 +475,12 @@ class Service:
                 if work is None:  # not recovered (or already revoked): never drop, rewind
                     self.source.rewind(tp, recs[0].offset)
                     continue
+                # past a transaction marker (1) or an aborted transaction: or past records
+                # deleted before they were read, which the consumer skips without a word
+                if recs[0].offset > work.position + 1:
+                    await self._count_deleted(tp, work, recs[0].offset)
+                    if self.parts.get(tp.partition) is not work:
+                        continue  # revoked meanwhile: the new owner reads these records
                 await self._ingest(tp, work, recs)
             for tp in self.consumer.assignment():
                 hw = self.consumer.highwater(tp)
@@ -487,6 +493,31 @@ class Service:
                 self.source.set_backpressure(True)
                 m.paused_partitions.set(len(self.source.assignment()))
                 log.info("backpressure: %d days queued, partitions paused", self.batcher.backlog)
+
+    async def _count_deleted(self, tp: TopicPartition, work: PartitionWork,
+                             first: int) -> None:
+        """Records between ``work.position`` and ``first`` (the next offset fetched) that
+        the broker deleted before they were read (the consumer then resumes at the log
+        start offset, ``auto_offset_reset=earliest``, and only logs at INFO): counted in
+        ``meterwatch_input_offsets_lost_total`` and logged as an error."""
+        assert self.consumer is not None
+        try:
+            start = (await asyncio.wait_for(self.consumer.beginning_offsets([tp]),
+                                            _LOG_START_TIMEOUT_S))[tp]
+        except (KafkaError, asyncio.TimeoutError) as exc:
+            log.warning("input partition %d: offsets %d..%d were not read and the log "
+                        "start offset could not be asked for (%r): whether they were "
+                        "deleted is unknown", tp.partition, work.position, first - 1, exc)
+            return
+        lost = min(first, start) - work.position
+        if lost <= 0:  # aborted transactions or markers, not a deletion
+            return
+        self.metrics.input_lost.labels(tp.topic, str(tp.partition)).inc(lost)
+        log.error("input partition %d: offsets %d..%d were deleted by the broker "
+                  "(retention.ms, retention.bytes or DeleteRecords) before this group read "
+                  "them: %d records of readings lost, their days close incomplete; keep the "
+                  "input topic's retention longer than the longest outage or lag",
+                  tp.partition, work.position, work.position + lost - 1, lost)
 
     async def _ingest(self, tp: TopicPartition, work: PartitionWork, recs: list) -> None:
         m = self.metrics
@@ -763,6 +794,8 @@ class Service:
         works = await recover(self.settings, self.publisher, self.consumer, self.grid, new)
         self.parts.update(works)
         self.metrics.partitions_assigned.set(len(self.parts))
+        for p in works:  # from 0, so that the first loss is an increase (MeterwatchInputLost)
+            self.metrics.input_lost.labels(self.settings.input_topic, str(p))
 
     async def _on_revoked(self, parts: set[int]) -> None:
         """Settle revoked partitions before the group moves on (``stream.source``)."""
@@ -899,6 +932,8 @@ class Service:
 
 
 _NOBODY = object()  # the owner of a partition this member does not hold
+#: longest the log start offset of an input partition may take to ask for (_count_deleted)
+_LOG_START_TIMEOUT_S = 10.0
 #: the first re-take of a fenced partition waits this long (doubled while fences go on)
 _RETAKE_FIRST_S = 1.0
 #: a fence this long after the previous one starts the backoff again

@@ -21,24 +21,26 @@ pytestmark = pytest.mark.integration
 CODECS = (None, "gzip", "snappy", "lz4", "zstd")
 
 
+def day_records(data, households: range, d: int,
+                header: bytes = b"") -> list[tuple[bytes, bytes]]:
+    """(key, value) of day ``d`` of ``households``, all 48 half-hours, each value after
+    ``header``."""
+    day = int(data.days[d])
+    return [(hid.encode(), header + reading_json(hid, day * 86400 + s * 1800,
+                                                 float(data.kwh[h, d, s])))
+            for h in households for hid in (data.household_ids[h],) for s in range(48)]
+
+
 async def produce_day(bootstrap: str, topic: str, data, households: range, d: int,
                       codec: str | None = None, header: bytes = b"") -> None:
-    """Day ``d`` of ``households``, all 48 half-hours, keyed by household (the default
-    partitioner), in batches compressed with ``codec``, each value after ``header``."""
+    """Day ``d`` of ``households`` (``day_records``), keyed by household (the default
+    partitioner), in batches compressed with ``codec``."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, compression_type=codec,
                                 linger_ms=20)
     await producer.start()
     try:
-        day = int(data.days[d])
-        futures = []
-        for h in households:
-            hid = data.household_ids[h]
-            for s in range(48):
-                futures.append(await producer.send(
-                    topic, header + reading_json(hid, day * 86400 + s * 1800,
-                                                 float(data.kwh[h, d, s])),
-                    key=hid.encode()))
-        await asyncio.gather(*futures)
+        await asyncio.gather(*[await producer.send(topic, value, key=key)
+                               for key, value in day_records(data, households, d, header)])
     finally:
         await producer.stop()
 
