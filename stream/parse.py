@@ -382,10 +382,27 @@ def _check_keys(ids: list[str], id_index: np.ndarray, rec: np.ndarray, bad: np.n
     key_number = np.fromiter(map(number.get, keys, repeat(-1)), dtype=np.int64,  # type: ignore[arg-type]
                              count=len(keys))
     wrong = ok[key_number[rec[ok]] != reading_number]
+    if len(wrong):  # keys a Schema Registry serializer wrote: a JSON string, framed
+        framed: dict[bytes, object] = {}
+        wrong = wrong[[_framed_key(keys[int(rec[j])], framed) != ids[int(id_index[j])]
+                       for j in wrong.tolist()]]
     for j in wrong.tolist():
         bad[j] = True
         reasons[j] = ("key_mismatch", f"household_id {describe(ids[int(id_index[j])])} but "
                       f"the record key is {describe_key(keys[int(rec[j])])}")
+
+
+def _framed_key(key: bytes | None, seen: dict[bytes, object]) -> object:
+    """What a key in Schema Registry's wire format holds (JSON after the 5-byte header),
+    else None; ``seen`` caches it by key."""
+    if key is None or not is_framed(key):
+        return None
+    if key not in seen:
+        try:
+            seen[key] = orjson.loads(key[REGISTRY_HEADER:])
+        except orjson.JSONDecodeError:
+            seen[key] = None
+    return seen[key]
 
 
 def describe_key(key: bytes | None) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
@@ -21,26 +22,28 @@ pytestmark = pytest.mark.integration
 CODECS = (None, "gzip", "snappy", "lz4", "zstd")
 
 
-def day_records(data, households: range, d: int,
-                header: bytes = b"") -> list[tuple[bytes, bytes]]:
+def day_records(data, households: range, d: int, header: bytes = b"",
+                key_header: bytes = b"") -> list[tuple[bytes, bytes]]:
     """(key, value) of day ``d`` of ``households``, all 48 half-hours, each value after
-    ``header``."""
+    ``header``; the key the household id, or with ``key_header`` the id as a JSON string
+    after it (a Schema Registry key serializer's)."""
     day = int(data.days[d])
-    return [(hid.encode(), header + reading_json(hid, day * 86400 + s * 1800,
-                                                 float(data.kwh[h, d, s])))
+    return [(key_header + orjson.dumps(hid) if key_header else hid.encode(),
+             header + reading_json(hid, day * 86400 + s * 1800, float(data.kwh[h, d, s])))
             for h in households for hid in (data.household_ids[h],) for s in range(48)]
 
 
 async def produce_day(bootstrap: str, topic: str, data, households: range, d: int,
-                      codec: str | None = None, header: bytes = b"") -> None:
+                      codec: str | None = None, header: bytes = b"",
+                      key_header: bytes = b"") -> None:
     """Day ``d`` of ``households`` (``day_records``), keyed by household (the default
     partitioner), in batches compressed with ``codec``."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, compression_type=codec,
                                 linger_ms=20)
     await producer.start()
     try:
-        await asyncio.gather(*[await producer.send(topic, value, key=key)
-                               for key, value in day_records(data, households, d, header)])
+        await asyncio.gather(*[await producer.send(topic, value, key=key) for key, value
+                               in day_records(data, households, d, header, key_header)])
     finally:
         await producer.stop()
 

@@ -1,6 +1,7 @@
 """Records in Confluent Schema Registry's wire format (a zero byte and a 4-byte schema id
-before the JSON), as its JSON Schema serializer writes them: scored like plain JSON, through
-the service on a real broker. Before, every such record was dead-lettered as ``not_json``."""
+before the JSON), as its JSON Schema serializer writes them, values and keys: scored like
+plain JSON, through the service on a real broker. Before, every such record was
+dead-lettered as ``not_json`` (and with a framed key, ``key_mismatch``)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ async def test_framed_json_is_scored_and_framed_avro_is_dead_lettered(broker, de
         await service.wait_ready()
         await produce_day(settings.bootstrap_servers, settings.input_topic, data, range(2),
                           HISTORY_DAYS, header=HEADER)
+        # and keys framed too (a JSON Schema key serializer): the id as a JSON string
         await produce_day(settings.bootstrap_servers, settings.input_topic, data, range(2, 4),
-                          HISTORY_DAYS, codec="lz4", header=HEADER)
+                          HISTORY_DAYS, codec="lz4", header=HEADER, key_header=HEADER)
         # an Avro serializer's record on the same topic: one dead letter, nothing else lost
         producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
         await producer.start()
