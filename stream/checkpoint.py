@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from meterwatch.stream.adoption import Adoption
 from meterwatch.stream.assembler import DayAssembler
 from meterwatch.stream.batcher import DynamicBatcher
 from meterwatch.stream.config import Settings
@@ -74,6 +75,10 @@ class PartitionWork:
     snapshots: deque[tuple[int, dict[str, int]]] = field(default_factory=deque)
     committed: int = -1
     dirty: set[int] = field(default_factory=set)  # households whose state is not durable
+    #: input partitions when recovered (in the mark: a later recovery that sees more opens
+    #: an adoption window, ``stream.adoption``)
+    input_partitions: int = 0
+    adoption: Adoption | None = None  # while households may take their state from elsewhere
 
 
 class Checkpoint:
@@ -135,10 +140,12 @@ class Checkpoint:
             while len(snaps) > 1 and snaps[1][0] <= c:
                 snaps.popleft()
             ends = snaps[0][1] if snaps and snaps[0][0] <= c else self.ends(p)
-            records.append(json_record(s.state_topic, p, None, {
-                "schema_version": SCHEMA_VERSION, "group_id": s.group_id,
-                "input_topic": s.input_topic, "partition": p, "offset": c, "ends": ends},
-                key_bytes=mark))
+            doc = {"schema_version": SCHEMA_VERSION, "group_id": s.group_id,
+                   "input_topic": s.input_topic, "partition": p, "offset": c, "ends": ends,
+                   "input_partitions": work.input_partitions}
+            if work.adoption is not None and work.adoption.open():
+                doc["adopt_until"] = work.adoption.until
+            records.append(json_record(s.state_topic, p, None, doc, key_bytes=mark))
             offsets[TopicPartition(s.input_topic, p)] = c
         t0 = time.perf_counter()
         lost: set[int] = set()

@@ -80,6 +80,7 @@ class Metrics:
     open_days: Gauge
     consumer_lag: Gauge
     input_lost: Counter
+    households_adopted: Counter
     partitions_assigned: Gauge
     rebalances: Counter
     paused_partitions: Gauge
@@ -185,6 +186,11 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "meterwatch_input_offsets_lost",
             "Input offsets the broker deleted (retention, DeleteRecords) before the group "
             "read them: their readings are lost.", ("topic", "partition")),
+        households_adopted=counter(
+            "meterwatch_households_adopted",
+            "Households that arrived on an input partition without a state there and took "
+            "the state they had on another partition (after partitions were added to the "
+            "input topic)."),
         partitions_assigned=gauge(
             "meterwatch_partitions_assigned", "Input partitions owned by this process."),
         rebalances=counter("meterwatch_rebalances", "Consumer group rebalances seen."),

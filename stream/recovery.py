@@ -39,6 +39,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from meterwatch.stream.adoption import Adoption, latest_elsewhere, window_end
 from meterwatch.stream.alerts import data_quality_record
 from meterwatch.stream.assembler import DayAssembler
 from meterwatch.stream.checkpoint import PartitionWork
@@ -106,6 +107,57 @@ async def read_to_end(settings: Settings, starts: Mapping[tuple[str, int], int],
     return out
 
 
+def _states(settings: Settings, records: Iterable[ConsumerRecord]) -> tuple[
+        dict[str, bytes], dict[str, Any] | None]:
+    """The latest state record value of each household in one state partition's records,
+    and the partition's mark (None: none)."""
+    mark = mark_key(settings)
+    latest: dict[str, bytes] = {}
+    found = None
+    for r in records:
+        if r.key == mark and r.value is not None:
+            found = orjson.loads(r.value)
+            continue
+        household = parse_state_key(settings, r.key)
+        if household is None:
+            continue
+        if r.value is None:
+            latest.pop(household, None)
+        else:
+            latest[household] = r.value
+    return latest, found
+
+
+async def _open_adoption(settings: Settings, consumer: AIOKafkaConsumer,
+                         works: Mapping[int, PartitionWork], marks: Mapping[int, Any],
+                         latest: dict[int, dict[str, bytes]]) -> None:
+    """``stream.adoption``: give each recovered partition that opens an adoption window
+    the latest states of the other state partitions (read here, once for all)."""
+    count = max(len(consumer.partitions_for_topic(settings.input_topic) or ()),
+                max(works) + 1)
+    now = time.time()
+    for p, work in works.items():
+        work.input_partitions = count
+        until = window_end(marks.get(p), count, now)
+        if until is not None:
+            work.adoption = Adoption(p, {}, until)
+    opening = [p for p, w in works.items() if w.adoption is not None]
+    if not opening:
+        return
+    others = [p for p in range(count) if p not in latest]
+    if others:
+        recs = await read_to_end(settings, {(settings.state_topic, p): 0 for p in others})
+        for p in others:
+            latest[p], _ = _states(settings, recs[(settings.state_topic, p)].records)
+    elsewhere = latest_elsewhere(latest)
+    for p in opening:
+        works[p].adoption.elsewhere = elsewhere  # type: ignore[union-attr]
+    log.info("input partitions %s: households arriving there may take their state from "
+             "the other %d state partitions (%d households) until %s", opening, count - 1,
+             len(elsewhere), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(
+                 min(works[p].adoption.until for p in opening))))  # type: ignore[union-attr]
+
+
 def _is_ours(record: ConsumerRecord, app: bytes) -> bool:
     return any(k == APP_HEADER and v == app for k, v in (record.headers or ()))
 
@@ -119,31 +171,23 @@ async def recover(settings: Settings, publisher: OutputPublisher, consumer: AIOK
     if not new:
         return {}
     app = app_id(s)
-    mark = mark_key(s)
     # Step 1: fence the previous owner first
     await asyncio.gather(*(publisher.open_partition(p) for p in new))
     # Step 2: state and marks
     state_recs = await read_to_end(s, {(s.state_topic, p): 0 for p in new})
     works: dict[int, PartitionWork] = {}
     marks: dict[int, dict[str, Any]] = {}
+    latest: dict[int, dict[str, bytes]] = {}
     for p in new:
         asm = DayAssembler(grid, grace_s=s.grace_s, max_imputed=s.max_imputed_slots,
                           idle_evict_days=s.household_idle_evict_days)
-        latest: dict[str, bytes] = {}
-        for r in state_recs[(s.state_topic, p)].records:
-            if r.key == mark and r.value is not None:
-                marks[p] = orjson.loads(r.value)
-                continue
-            household = parse_state_key(s, r.key)
-            if household is None:
-                continue
-            if r.value is None:
-                latest.pop(household, None)
-            else:
-                latest[household] = r.value
-        for household, value in latest.items():
+        latest[p], found = _states(s, state_recs[(s.state_topic, p)].records)
+        if found is not None:
+            marks[p] = found
+        for household, value in latest[p].items():
             asm.households.restore(household, orjson.loads(value))
         works[p] = PartitionWork(p, asm, 0)
+    await _open_adoption(s, consumer, works, marks, latest)
     # Steps 3-4: outputs since the marks
     topics = output_topics(s)
     starts = {(t, p): int(marks.get(p, {}).get("ends", {}).get(t, 0))

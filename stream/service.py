@@ -546,6 +546,13 @@ class Service:
             if self.parts.get(tp.partition) is not work:
                 return  # revoked while we waited: the new owner replays these records
         work.snapshots.append((int(offsets[0]), self.checkpoint.ends(tp.partition)))
+        if work.adoption is not None:  # households that moved here from another partition
+            if work.adoption.open():
+                taken = work.adoption.take(work.assembler.households, parsed.ids)
+                work.dirty.update(taken)
+                m.households_adopted.inc(len(taken))
+            else:
+                work.adoption = None
         res = work.assembler.add(parsed, offsets, stamps)
         work.position = int(offsets[-1]) + 1
         m.readings.inc(res.accepted)

@@ -2,7 +2,9 @@
 operator makes room for more consumers). Before, the group took the new partitions five
 minutes later (aiokafka's metadata refresh), their recovery then waited two minutes for
 state partitions that did not exist, and the service stopped with a traceback; the
-households on the new partitions were not read meanwhile."""
+households on the new partitions were not read meanwhile. Then the households that moved
+to a new partition started there again as new households; now they take their state along
+(``stream.adoption``)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ BEFORE, AFTER = 4, 8
 
 async def test_partitions_added_to_the_input_are_taken_on(broker, detector):
     settings = unique_settings(broker, topic_partitions=BEFORE)
-    data = generate(SyntheticConfig(n_households=24, n_days=HISTORY_DAYS + 2, seed=13,
+    data = generate(SyntheticConfig(n_households=24, n_days=HISTORY_DAYS + 3, seed=13,
                                     anomaly_rate=0.0))
     n = len(data.household_ids)
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
@@ -57,6 +59,8 @@ async def test_partitions_added_to_the_input_are_taken_on(broker, detector):
             await produce_day(settings.bootstrap_servers, settings.input_topic, data,
                               range(n), HISTORY_DAYS + 1)
             scores = await read_topic(settings, settings.scores_topic, min_records=2 * n)
+            adopted = service.metrics.registry.get_sample_value(
+                "meterwatch_households_adopted_total")
             assert all(not t.done() for t in service._tasks), "a stage died"
             assert service.failed is None, service.failed
         for topic in (*output_topics(settings), settings.dead_letter_topic,
@@ -69,3 +73,19 @@ async def test_partitions_added_to_the_input_are_taken_on(broker, detector):
     assert {d[2:] for d in days} == {("scored", 48)}, days
     moved = {s["household_id"] for s in scores if s["_partition"] >= BEFORE}
     assert moved, "no household moved to a new partition"
+    # they kept their state: the second day is their second (seq 2), as for the others
+    last = max(s["date"] for s in scores)
+    assert sorted((s["household_id"], s["seq"]) for s in scores if s["date"] == last) \
+        == sorted((h, 2) for h in data.household_ids)
+    assert adopted == len(moved)
+    # after a restart, the moved households' states are this partition's own (durable)
+    async with Service(settings, detector=detector) as service:
+        await service.wait_ready()
+        await produce_day(settings.bootstrap_servers, settings.input_topic, data, range(n),
+                          HISTORY_DAYS + 2)
+        scores = await read_topic(settings, settings.scores_topic, min_records=3 * n)
+        assert service.metrics.registry.get_sample_value(
+            "meterwatch_households_adopted_total") == 0
+    last = max(s["date"] for s in scores)
+    assert sorted((s["household_id"], s["seq"], s["_partition"] >= BEFORE) for s in scores
+                  if s["date"] == last) == sorted((h, 3, h in moved) for h in data.household_ids)
