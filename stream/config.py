@@ -98,6 +98,9 @@ class Settings(BaseSettings):
                              description="compacted changelog of household state and marks")
     create_topics: bool = Field(True, description="create missing output topics at start")
     topic_partitions: int = Field(8, ge=1, description="partitions of topics created at start")
+    replication_factor: int | None = Field(
+        None, ge=1, le=32767, description="replication factor of topics created at start "
+        "(unset: the input topic's)")
     client_id: str = Field("meterwatch", description="Kafka client id")
     idempotence: Literal["auto", "on", "off"] = Field(
         "auto", description="idempotent producer: auto = on where the broker supports it")

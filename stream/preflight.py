@@ -57,6 +57,7 @@ from aiokafka.conn import create_conn
 from aiokafka.errors import (
     GroupCoordinatorNotAvailableError,
     GroupLoadInProgressError,
+    InvalidReplicationFactorError,
     InvalidTopicError,
     KafkaConnectionError,
     KafkaError,
@@ -571,7 +572,10 @@ async def check_topics(settings: Settings, admin: AIOKafkaAdminClient,
     missing = [t for t in outputs if t not in existing]
     if missing and s.create_topics:
         n = max(s.topic_partitions, n_input)
-        new = [NewTopic(t, n, 1, topic_configs={"cleanup.policy": "compact"}
+        # as durable as the input: a state topic of one replica loses every household's
+        # state with one broker (and, below min.insync.replicas, refuses every write)
+        rf = s.replication_factor or await replication_factor(admin, s.input_topic)
+        new = [NewTopic(t, n, rf, topic_configs={"cleanup.policy": "compact"}
                         if t in compacted else {}) for t in missing]
         try:
             answer = await admin.create_topics(new)
@@ -579,7 +583,7 @@ async def check_topics(settings: Settings, admin: AIOKafkaAdminClient,
             pass
         else:
             _creation_refused(answer, n, s)
-        log.info("created topics %s with %d partitions", missing, n)
+        log.info("created topics %s with %d partitions and %d replicas", missing, n, rf)
     elif missing:
         raise ConfigurationError(
             "--create-topics", f"output topics {missing} do not exist",
@@ -698,6 +702,10 @@ def _creation_refused(answer: Any, n: int, settings: Settings) -> None:
         if error is InvalidTopicError:  # e.g. 'a_b' beside an existing 'a.b'
             raise ConfigurationError(_topic_flag(settings, topic, "--create-topics"), problem,
                                      "give it another name")
+        if error is InvalidReplicationFactorError:  # more replicas than brokers
+            raise ConfigurationError(
+                "--replication-factor", problem, "give at most as many replicas as the "
+                "cluster has brokers")
         raise ConfigurationError(
             "--create-topics", problem, f"create the output topics yourself with at least "
             f"{n} partitions (and --no-create-topics), or allow the service to create them")
@@ -722,6 +730,14 @@ async def _cleanup_policy(admin: AIOKafkaAdminClient, topic: str) -> str | None:
     except (KafkaError, AttributeError, IndexError, TypeError, ValueError) as exc:
         log.debug("cleanup.policy of %r not known (%r): not checked", topic, exc)
     return None
+
+
+async def replication_factor(admin: AIOKafkaAdminClient, topic: str) -> int:
+    """The replication factor of an existing topic (its first partition's replicas)."""
+    for t in await admin.describe_topics([topic]):
+        if t.get("topic") == topic and t.get("partitions"):
+            return max(1, len(t["partitions"][0].get("replicas") or ()))
+    return 1
 
 
 async def input_partitions(admin: AIOKafkaAdminClient, topic: str) -> int:

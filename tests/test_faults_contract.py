@@ -27,9 +27,10 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 import pytest
@@ -38,7 +39,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from meterwatch.model import SyntheticConfig, generate
 from meterwatch.stream.broker import Broker, free_port, wait_for_port
 from meterwatch.stream.config import Settings
-from meterwatch.stream.preflight import input_partitions
+from meterwatch.stream.preflight import input_partitions, replication_factor
 from meterwatch.stream.simulate import produce_synthetic
 from meterwatch.stream.testing import service_env
 from tests.conftest import (
@@ -52,6 +53,8 @@ from tests.conftest import (
     wait_until,
 )
 from tests.test_faults import check_exactly_once, produce_paced, workload
+
+T = TypeVar("T")
 
 pytestmark = pytest.mark.integration
 
@@ -114,28 +117,32 @@ def assert_fails_fast(result: Exited, *flags: str, mentions: str = "",
     return line
 
 
-def topic_partitions(settings: Settings, topic: str) -> int:
-    async def go() -> int:
+def ask_admin(settings: Settings, question: Callable[[AIOKafkaAdminClient], Awaitable[T]]) -> T:
+    """``question`` asked of an admin client of the broker (its own loop), and the answer."""
+    async def go() -> T:
         admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
         await admin.start()
         try:
-            return await input_partitions(admin, topic)
+            return await question(admin)
         finally:
             await admin.close()
 
     return asyncio.run(go())
+
+
+def topic_partitions(settings: Settings, topic: str) -> int:
+    return ask_admin(settings, lambda admin: input_partitions(admin, topic))
+
+
+def replicas(settings: Settings, topic: str) -> int:
+    return ask_admin(settings, lambda admin: replication_factor(admin, topic))
 
 
 def list_topics(settings: Settings) -> set[str]:
-    async def go() -> set[str]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
-        await admin.start()
-        try:
-            return set(await admin.list_topics())
-        finally:
-            await admin.close()
+    async def names(admin: AIOKafkaAdminClient) -> set[str]:
+        return set(await admin.list_topics())
 
-    return asyncio.run(go())
+    return ask_admin(settings, names)
 
 
 @contextlib.contextmanager
@@ -269,6 +276,30 @@ def test_output_topic_with_fewer_partitions_is_given_more(broker, detector_path,
     assert topic_partitions(settings, settings.scores_topic) == 4
     assert f"output topic '{settings.scores_topic}' grew from 2 to 4 partitions" in \
         (tmp_path / "svc.log").read_text()
+
+
+def test_created_topics_are_as_replicated_as_the_input(broker, detector_path, tmp_path):
+    """The output topics (the state topic among them) are created with the input topic's
+    replication factor, or ``--replication-factor``; more replicas than brokers is exit 2
+    naming it. Before, they had one replica whatever the cluster: one broker lost took
+    every household's state with it."""
+    if genuine_kafka(broker):  # one broker here: an input of 2 replicas cannot be made
+        settings = unique_settings(broker, replication_factor=2)
+        line = assert_fails_fast(run_to_exit(settings, detector_path), "--replication-factor",
+                                 mentions="InvalidReplicationFactorError")
+        assert "brokers" in line, line
+        return
+    # Tansu places every "replica" on its one node: an input of 3, outputs of 3
+    settings = unique_settings(broker, create_input=False)
+    create_topics_now(settings.bootstrap_servers,
+                      {settings.input_topic: settings.topic_partitions}, replication=3)
+    svc = ServiceProcess(settings, detector_path, log_path=tmp_path / "svc.log").start()
+    try:
+        svc.wait_ready(120)
+    finally:
+        assert svc.terminate() == 0, (tmp_path / "svc.log").read_text()[-3000:]
+    assert {t: replicas(settings, t) for t in (settings.state_topic, settings.scores_topic)} \
+        == {settings.state_topic: 3, settings.scores_topic: 3}
 
 
 def test_missing_input_topic_exits_2_and_is_not_created(broker, detector_path):
