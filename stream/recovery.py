@@ -70,8 +70,10 @@ class RecoveryError(RuntimeError):
 
 
 async def read_to_end(settings: Settings, starts: Mapping[tuple[str, int], int], *,
-                      timeout_s: float = 120.0) -> dict[tuple[str, int], PartitionTail]:
-    """Records of each (topic, partition) from its start offset to the highwater."""
+                      timeout_s: float = 120.0,
+                      missing_ok: bool = False) -> dict[tuple[str, int], PartitionTail]:
+    """Records of each (topic, partition) from its start offset to the highwater. With
+    ``missing_ok``, a partition that the topic's metadata does not have (yet) has none."""
     out = {k: PartitionTail() for k in starts}
     if not starts:
         return out
@@ -95,6 +97,10 @@ async def read_to_end(settings: Settings, starts: Mapping[tuple[str, int], int],
             for tp, recs in data.items():
                 out[tps[tp]].records.extend(recs)
             for tp in list(pending):
+                known = consumer.partitions_for_topic(tp.topic) if missing_ok else None
+                if known is not None and tp.partition not in known:
+                    pending.discard(tp)
+                    continue
                 hw = consumer.highwater(tp)
                 if hw is None:
                     continue
@@ -146,7 +152,9 @@ async def _open_adoption(settings: Settings, consumer: AIOKafkaConsumer,
         return
     others = [p for p in range(count) if p not in latest]
     if others:
-        recs = await read_to_end(settings, {(settings.state_topic, p): 0 for p in others})
+        # missing_ok: the member that grows the state topic with the input may not have yet
+        recs = await read_to_end(settings, {(settings.state_topic, p): 0 for p in others},
+                                 missing_ok=True)
         for p in others:
             latest[p], _ = _states(settings, recs[(settings.state_topic, p)].records)
     elsewhere = latest_elsewhere(latest)

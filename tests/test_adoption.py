@@ -4,10 +4,15 @@ which snapshot a household takes, and that a partition's own state wins. The str
 
 from __future__ import annotations
 
+import time
+
 import orjson
+import pytest
 
 from meterwatch.stream.adoption import WINDOW_S, Adoption, latest_elsewhere, window_end
 from meterwatch.stream.households import HouseholdTable
+from meterwatch.stream.recovery import read_to_end
+from tests.conftest import create_topics_now, unique_settings
 
 NOW = 1.9e9
 
@@ -48,3 +53,18 @@ def test_a_household_takes_its_latest_snapshot_once_and_its_own_state_wins() -> 
     a = int(table.lookup(["A"], insert=False)[0])
     assert int(table.seq[a]) == 5 and adoption.take(table, ["A"]) == []
     assert adoption.open(NOW) and not adoption.open(NOW + 61)
+
+
+@pytest.mark.integration
+async def test_state_partitions_not_made_yet_are_read_as_empty(broker):
+    """After partitions are added to the input, a member may open its adoption window
+    before another member has grown the state topic: the partitions that do not exist yet
+    are read as empty at once, not waited for until recovery gives up (120 s)."""
+    settings = unique_settings(broker, topic_partitions=2)
+    create_topics_now(settings.bootstrap_servers, {settings.state_topic: 2})
+    t0 = time.monotonic()
+    tails = await read_to_end(settings, {(settings.state_topic, p): 0 for p in range(4)},
+                              missing_ok=True, timeout_s=30)
+    assert time.monotonic() - t0 < 10
+    assert {k[1]: (len(v.records), v.end) for k, v in tails.items()} == \
+        {0: (0, 0), 1: (0, 0), 2: (0, 0), 3: (0, 0)}
