@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import orjson
 
 from meterwatch.model import SyntheticConfig, generate
 from meterwatch.stream.parse import parse_records
@@ -69,9 +70,11 @@ def main() -> None:
                  [k for k, _, _ in compact], args.reps, None)
     _case("compact one-reading records, no key check", [v for _, v, _ in compact], None,
           args.reps, base)
-    _case("the same, in Schema Registry framing", [b"\x00\x00\x00\x00\x07" + v
-                                                   for _, v, _ in compact],
+    head = b"\x00\x00\x00\x00\x07"
+    _case("the same, in Schema Registry framing", [head + v for _, v, _ in compact],
           [k for k, _, _ in compact], args.reps, base)
+    _case("framed, keys framed too (JSON strings)", [head + v for _, v, _ in compact],
+          [head + orjson.dumps(k.decode()) for k, _, _ in compact], args.reps, base)
     _case("10% of households as 12-reading arrays", [v for _, v, _ in mixed],
           [k for k, _, _ in mixed], args.reps, base)
     _case("hostile records (fuzz suite, 35 kinds)", [h.value for h in hostile],

@@ -18,6 +18,7 @@ fails is rejected with reason ``internal_error`` and the exception's class.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 from collections import Counter
@@ -379,6 +380,11 @@ def _check_keys(ids: list[str], id_index: np.ndarray, rec: np.ndarray, bad: np.n
                              for n, i in enumerate(used.tolist())), dtype=np.int64,
                             count=len(used))
         reading_number = canon[np.searchsorted(used, id_index[ok])]
+    plain = list(number.items()) if _KEY_HEADERS else []
+    for head in tuple(_KEY_HEADERS):  # framed keys as they were written before: one lookup
+        for text, n in plain:
+            with contextlib.suppress(UnicodeDecodeError, orjson.JSONEncodeError):
+                number[head + orjson.dumps(text.decode())] = n
     key_number = np.fromiter(map(number.get, keys, repeat(-1)), dtype=np.int64,  # type: ignore[arg-type]
                              count=len(keys))
     wrong = ok[key_number[rec[ok]] != reading_number]
@@ -392,6 +398,12 @@ def _check_keys(ids: list[str], id_index: np.ndarray, rec: np.ndarray, bad: np.n
                       f"the record key is {describe_key(keys[int(rec[j])])}")
 
 
+#: Headers of the framed keys seen (a few: a schema id changes rarely), so that later
+#: batches match such keys as cheaply as plain ones (``_check_keys``); speed only.
+_KEY_HEADERS: set[bytes] = set()
+_MAX_KEY_HEADERS = 4
+
+
 def _framed_key(key: bytes | None, seen: dict[bytes, object]) -> object:
     """What a key in Schema Registry's wire format holds (JSON after the 5-byte header),
     else None; ``seen`` caches it by key."""
@@ -402,6 +414,8 @@ def _framed_key(key: bytes | None, seen: dict[bytes, object]) -> object:
             seen[key] = orjson.loads(key[REGISTRY_HEADER:])
         except orjson.JSONDecodeError:
             seen[key] = None
+        if isinstance(seen[key], str) and len(_KEY_HEADERS) < _MAX_KEY_HEADERS:
+            _KEY_HEADERS.add(key[:REGISTRY_HEADER])
     return seen[key]
 
 
