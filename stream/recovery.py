@@ -113,7 +113,7 @@ async def read_to_end(settings: Settings, starts: Mapping[tuple[str, int], int],
     return out
 
 
-def _states(settings: Settings, records: Iterable[ConsumerRecord]) -> tuple[
+def states_of(settings: Settings, records: Iterable[ConsumerRecord]) -> tuple[
         dict[str, bytes], dict[str, Any] | None]:
     """The latest state record value of each household in one state partition's records,
     and the partition's mark (None: none)."""
@@ -156,7 +156,7 @@ async def _open_adoption(settings: Settings, consumer: AIOKafkaConsumer,
         recs = await read_to_end(settings, {(settings.state_topic, p): 0 for p in others},
                                  missing_ok=True)
         for p in others:
-            latest[p], _ = _states(settings, recs[(settings.state_topic, p)].records)
+            latest[p], _ = states_of(settings, recs[(settings.state_topic, p)].records)
     elsewhere = latest_elsewhere(latest)
     for p in opening:
         works[p].adoption.elsewhere = elsewhere  # type: ignore[union-attr]
@@ -189,7 +189,7 @@ async def recover(settings: Settings, publisher: OutputPublisher, consumer: AIOK
     for p in new:
         asm = DayAssembler(grid, grace_s=s.grace_s, max_imputed=s.max_imputed_slots,
                           idle_evict_days=s.household_idle_evict_days)
-        latest[p], found = _states(s, state_recs[(s.state_topic, p)].records)
+        latest[p], found = states_of(s, state_recs[(s.state_topic, p)].records)
         if found is not None:
             marks[p] = found
         for household, value in latest[p].items():
