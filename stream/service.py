@@ -475,8 +475,8 @@ class Service:
                 if work is None:  # not recovered (or already revoked): never drop, rewind
                     self.source.rewind(tp, recs[0].offset)
                     continue
-                # past a transaction marker (1) or an aborted transaction: or past records
-                # deleted before they were read, which the consumer skips without a word
+                # a gap: a transaction marker (one offset), an aborted transaction, or
+                # records deleted before they were read (the consumer skips them silently)
                 if recs[0].offset > work.position + 1:
                     await self._count_deleted(tp, work, recs[0].offset)
                     if self.parts.get(tp.partition) is not work:
