@@ -70,8 +70,7 @@ class Adoption:
             self._done.add(h)
             if idx >= 0:  # it has a state here already: this partition's own wins
                 continue
-            households.restore(h, orjson.loads(self.elsewhere[h][1]))
-            out.append(int(households.lookup([h], insert=False)[0]))
+            out.append(households.restore(h, orjson.loads(self.elsewhere[h][1])))
         self.adopted += len(out)
         if out:
             log.info("input partition %d: %d households took their state from another "

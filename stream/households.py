@@ -686,8 +686,8 @@ class HouseholdTable:
             out[name] = v.astype(np.float32) if v.dtype == np.float16 else v
         return out
 
-    def restore(self, household_id: str, doc: dict) -> None:
-        """Load a household's durable state (from ``snapshot``)."""
+    def restore(self, household_id: str, doc: dict) -> int:
+        """Load a household's durable state (from ``snapshot``); its index."""
         h = int(self.lookup([household_id])[0])
         self.seq[h] = doc["seq"]
         self.closed_max[h] = doc["closed_max"]
@@ -695,6 +695,7 @@ class HouseholdTable:
         self.established += int(reads >= ESTABLISHED) - int(int(self.reads[h]) >= ESTABLISHED)
         self.reads[h] = reads
         _load_row(self.state, h, doc)
+        return h
 
     def restore_day(self, day_score: dict) -> None:
         """Apply a published day score: the day is closed; a newer day's state wins (days

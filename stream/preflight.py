@@ -568,13 +568,14 @@ async def check_topics(settings: Settings, admin: AIOKafkaAdminClient,
         raise ConfigurationError(
             "--input-topic", f"topic {s.input_topic!r} does not exist",
             "create it (meterwatch never creates its input) or fix the name")
-    n_input = await _partitions(admin, s.input_topic)
+    input_meta = await _partition_metadata(admin, s.input_topic)
+    n_input = len(input_meta)
     missing = [t for t in outputs if t not in existing]
     if missing and s.create_topics:
         n = max(s.topic_partitions, n_input)
         # as durable as the input: a state topic of one replica loses every household's
         # state with one broker (and, below min.insync.replicas, refuses every write)
-        rf = s.replication_factor or await replication_factor(admin, s.input_topic)
+        rf = s.replication_factor or _replicas(input_meta)
         new = [NewTopic(t, n, rf, topic_configs={"cleanup.policy": "compact"}
                         if t in compacted else {}) for t in missing]
         try:
@@ -733,11 +734,13 @@ async def _cleanup_policy(admin: AIOKafkaAdminClient, topic: str) -> str | None:
 
 
 async def replication_factor(admin: AIOKafkaAdminClient, topic: str) -> int:
-    """The replication factor of an existing topic (its first partition's replicas)."""
-    for t in await admin.describe_topics([topic]):
-        if t.get("topic") == topic and t.get("partitions"):
-            return max(1, len(t["partitions"][0].get("replicas") or ()))
-    return 1
+    """The replication factor of an existing topic."""
+    return _replicas(await _partition_metadata(admin, topic))
+
+
+def _replicas(partitions: list[dict[str, Any]]) -> int:
+    """A topic's replication factor from its partition metadata (its first partition's)."""
+    return max(1, len(partitions[0].get("replicas") or ())) if partitions else 1
 
 
 async def input_partitions(admin: AIOKafkaAdminClient, topic: str) -> int:
@@ -746,13 +749,19 @@ async def input_partitions(admin: AIOKafkaAdminClient, topic: str) -> int:
 
 
 async def _partitions(admin: AIOKafkaAdminClient, topic: str, wait_s: float = 10.0) -> int:
-    """The topic's partition count; a topic created a moment ago may need a few metadata
-    rounds before its partitions show."""
+    """The topic's partition count (see ``_partition_metadata``)."""
+    return len(await _partition_metadata(admin, topic, wait_s))
+
+
+async def _partition_metadata(admin: AIOKafkaAdminClient, topic: str,
+                              wait_s: float = 10.0) -> list[dict[str, Any]]:
+    """The topic's partitions as the broker describes them (none: it has none); a topic
+    created a moment ago may need a few metadata rounds before its partitions show."""
     deadline = time.monotonic() + wait_s
     while True:
         for t in await admin.describe_topics([topic]):
             if t["topic"] == topic and t["partitions"]:
-                return len(t["partitions"])
+                return list(t["partitions"])
         if time.monotonic() > deadline:
-            return 0
+            return []
         await asyncio.sleep(0.2)
