@@ -413,6 +413,8 @@ async def check_connection(settings: Settings, timeout_s: float = 10.0) -> None:
 
 
 _TLS = ("SSL", "SASL_SSL")
+#: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH
+_NAME_MISMATCH = (62, 64)
 
 
 async def connection_refusal(servers: Sequence[tuple[str, int]], options: dict[str, Any],
@@ -450,6 +452,14 @@ async def connection_refusal(servers: Sequence[tuple[str, int]], options: dict[s
         except ssl.SSLError as exc:
             reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) \
                 or exc.__class__.__name__
+            if getattr(exc, "verify_code", None) in _NAME_MISMATCH:
+                # the CA is right (the chain was verified first): the name we dialled is not
+                # on the certificate
+                return ConfigurationError(
+                    "--bootstrap-servers",
+                    f"the certificate of the broker at {server} is not for {host!r}",
+                    "give the broker by a name its certificate is for, or have its "
+                    f"certificate name {host!r}")
             return ConfigurationError(
                 "--ssl-cafile", f"TLS with {server} failed ({reason})",
                 "give the CA that signed the broker's certificate, and an SSL listener")

@@ -19,11 +19,13 @@ import pytest
 from tests.cli_helpers import clean_env, meterwatch, one_line_error
 
 
-def _pair(folder: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed certificate and its unencrypted key (PEM), made with openssl."""
+def _pair(folder: Path, name: str, *, names: str = "") -> tuple[Path, Path]:
+    """A self-signed certificate and its unencrypted key (PEM), made with openssl; for the
+    host ``names`` (a subjectAltName, e.g. ``IP:127.0.0.1``) where given."""
     cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    san = ["-addext", f"subjectAltName={names}"] if names else []
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
-                    str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}"],
+                    str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}", *san],
                    check=True, capture_output=True)
     return cert, key
 

@@ -35,11 +35,11 @@ SASL_FLAGS = "with --sasl-mechanism, --sasl-username and --sasl-password,"
 
 
 @contextlib.contextmanager
-def tls_proxy(folder: Path, upstream: str) -> Iterator[str]:
-    """A TLS listener on 127.0.0.1 (self-signed certificate) that forwards what it decrypts
-    to ``upstream`` (host:port) and back: a TLS listener of that broker. Yields its
-    host:port."""
-    cert, key = _pair(folder, "proxy")
+def tls_proxy(folder: Path, upstream: str, names: str = "") -> Iterator[str]:
+    """A TLS listener on 127.0.0.1 (self-signed certificate ``folder/proxy.pem``, for the
+    host ``names`` where given) that forwards what it decrypts to ``upstream`` (host:port)
+    and back: a TLS listener of that broker. Yields its host:port."""
+    cert, key = _pair(folder, "proxy", names=names)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     host, port = upstream.rsplit(":", 1)
@@ -186,3 +186,36 @@ def test_tls_client_on_a_sasl_plaintext_listener(broker) -> None:  # type: ignor
             f"--security-protocol: the broker at {listener} speaks plain text with SASL, not "
             f"SSL; use --security-protocol SASL_PLAINTEXT {SASL_FLAGS} or the broker's "
             "listener for SSL")
+
+
+@pytest.mark.integration
+def test_a_certificate_the_client_cannot_trust(broker, detector_path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """TLS verification failures exit 2 naming what to fix. A CA that did not sign the
+    broker's certificate names ``--ssl-cafile``. The right CA with a certificate that is
+    not for the address dialled names ``--bootstrap-servers``: it used to say "give the CA
+    that signed the broker's certificate", the CA the user had given. The right CA and a
+    certificate for the address pass the check."""
+    base = unique_settings(broker)
+    for names in ("IP:127.0.0.1", "DNS:kafka-0.example.net"):
+        folder = tmp_path / names.replace(":", "-")
+        folder.mkdir()
+        with tls_proxy(folder, broker.bootstrap_servers, names) as listener:
+            host, port = listener.rsplit(":", 1)
+            tls = base.model_copy(update=dict(bootstrap_servers=listener,
+                                              security_protocol="SSL",
+                                              ssl_cafile=folder / "proxy.pem"))
+            refused = asyncio.run(connection_refusal([(host, int(port))],
+                                                     tls.kafka_options(), 5.0))
+            if names.startswith("IP:"):
+                assert refused is None, refused  # verified: nothing to refuse
+                other, _ = _pair(folder, "other")
+                wrong = tls.model_copy(update=dict(ssl_cafile=other))
+                line = assert_fails_fast(run_to_exit(wrong, detector_path), "--ssl-cafile",
+                                         mentions=f"TLS with {listener} failed")
+                assert line.endswith("give the CA that signed the broker's certificate, and "
+                                     "an SSL listener"), line
+            else:
+                assert str(refused) == (
+                    f"--bootstrap-servers: the certificate of the broker at {listener} is not "
+                    "for '127.0.0.1'; give the broker by a name its certificate is for, or "
+                    "have its certificate name '127.0.0.1'")
