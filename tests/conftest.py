@@ -145,7 +145,8 @@ async def read_topic(settings: Settings, topic: str, *, min_records: int = 0,
     """Every record of a topic, read back from the broker as a downstream consumer reads it
     (``read_committed``: what a fenced producer wrote and aborted is not there), as JSON
     documents with ``_partition``/``_offset``/``_key``. Waits until ``min_records`` are
-    there."""
+    there, and fails naming the topic when they are not within ``timeout_s``: a test that
+    waits for records that never come must not go on with what it has."""
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=settings.bootstrap_servers,
                                 group_id=None, auto_offset_reset="earliest",
                                 enable_auto_commit=False, isolation_level="read_committed")
@@ -173,6 +174,8 @@ async def read_topic(settings: Settings, topic: str, *, min_records: int = 0,
                     break
     finally:
         await consumer.stop()
+    assert len(out) >= min_records, \
+        f"{topic}: {len(out)} of the {min_records} records awaited within {timeout_s:.0f} s"
     return out
 
 
