@@ -56,6 +56,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
+    GroupAuthorizationFailedError,
     GroupCoordinatorNotAvailableError,
     GroupLoadInProgressError,
     InvalidReplicationFactorError,
@@ -70,6 +71,12 @@ from aiokafka.errors import (
 )
 from aiokafka.protocol.metadata import MetadataRequest
 
+from meterwatch.stream.authorization import (
+    check_group_authorized,
+    check_topics_authorized,
+    describe_group,
+    group_refused,
+)
 from meterwatch.stream.config import Settings
 from meterwatch.stream.errors import ConfigurationError, problem_of
 
@@ -645,6 +652,7 @@ async def check_topics(settings: Settings, admin: AIOKafkaAdminClient,
     s = settings
     existing = set(await admin.list_topics())
     if s.input_topic not in existing:
+        await check_topics_authorized(s, admin)  # a topic it may not describe is not listed
         raise ConfigurationError(
             "--input-topic", f"topic {s.input_topic!r} does not exist",
             "create it (meterwatch never creates its input) or fix the name")
@@ -670,6 +678,9 @@ async def check_topics(settings: Settings, admin: AIOKafkaAdminClient,
             "--create-topics", f"output topics {missing} do not exist",
             "create them with at least as many partitions as the input, or pass "
             "--create-topics")
+    # before any question about a topic it may not describe (it would look like one with
+    # no partitions)
+    await check_topics_authorized(s, admin)
     for t in compacted:  # one the platform made: kept, not deleted after a retention
         policy = await _cleanup_policy(admin, t) if t in existing else None
         if policy is not None and "compact" not in {p.strip() for p in policy.split(",")}:
@@ -742,16 +753,22 @@ async def await_group_coordinator(settings: Settings, admin: AIOKafkaAdminClient
     delay = 0.05
     while True:
         try:
-            answers = await admin.describe_consumer_groups([group])
-            codes = [g[0] for answer in answers for g in answer.groups]
-            error: type[Exception] | None = next((for_code(c) for c in codes if c), None)
+            groups = await describe_group(admin, group)
+            error: type[Exception] | None = next((for_code(c) for c, _ in groups if c), None)
         except _COORDINATOR_LOADING as exc:  # (find_coordinator raises these)
             error = type(exc)
         except KafkaConnectionError:
             raise  # the broker went away: the caller retries the connection
+        except GroupAuthorizationFailedError:  # (find_coordinator: no DESCRIBE)
+            raise group_refused(settings) from None
         except (KafkaError, AttributeError, IndexError, TypeError) as exc:
             log.debug("group coordinator of %r: %r; the consumer will find it", group, exc)
-            return True  # (an ACL, an old broker: not ours to decide)
+            return True  # (an old broker: not ours to decide)
+        if error is GroupAuthorizationFailedError:
+            raise group_refused(settings)
+        if error is None:
+            for _, operations in groups:
+                check_group_authorized(settings, operations)
         waited = time.monotonic() - t0
         if error is None or not issubclass(error, _COORDINATOR_LOADING):
             if error is not None:

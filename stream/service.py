@@ -52,6 +52,7 @@ from aiokafka.errors import (
 from prometheus_client import CollectorRegistry
 
 from meterwatch.model import SIGNAL_NAMES, ContextTables, Detector
+from meterwatch.stream import authorization
 from meterwatch.stream.alerts import build_documents
 from meterwatch.stream.assembler import INCOMPLETE, ClosedDays
 from meterwatch.stream.batcher import Batch, DynamicBatcher, Pending
@@ -462,6 +463,10 @@ class Service:
                     "pip install 'cramjam>=2.8' (left out by pip install --no-deps)"), "fetch")
                 return
             except KafkaError as exc:
+                refused = authorization.refusal(s, exc)
+                if refused is not None:  # no retry grants an ACL: exit 2
+                    self._fail(refused, "fetch")
+                    return
                 log.warning("fetch failed: %r", exc)
                 self._kafka_ready = False
                 m.ready.set(0)
@@ -846,7 +851,7 @@ class Service:
             except PartitionLost as exc:
                 self._lose(exc.partitions, str(exc))
             except Exception as exc:  # aiokafka would only log it: fail the service instead
-                self._fail(exc, "recovery")
+                self._fail(authorization.refusal(self.settings, exc) or exc, "recovery")
                 self.source.lose(parts)
                 return
         self._joined = True
