@@ -225,6 +225,30 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    conn = logging.getLogger("aiokafka.conn")
+    if not any(isinstance(f, _OncePerProcess) for f in conn.filters):
+        conn.addFilter(_OncePerProcess())
+
+
+class _OncePerProcess(logging.Filter):
+    """aiokafka warns "Sending username and password in the clear" (SASL PLAIN without
+    TLS) on every connection it opens: 20 lines at each start of ``meterwatch run``, more
+    at every reconnection. The warning is kept, once."""
+
+    MESSAGES = frozenset({"Sending username and password in the clear"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message not in self.MESSAGES:
+            return True
+        if message in self._seen:
+            return False
+        self._seen.add(message)
+        return True
 
 
 # ------------------------------------------------------------------------------- signals

@@ -93,8 +93,9 @@ def test_each_missing_grant_is_named(broker, detector_path, tmp_path: Path) -> N
             assert service.proc.wait(60) == 2
         finally:
             service.terminate()
-        lines = [line for line in (tmp_path / "service.log").read_text().splitlines()
-                 if line.startswith("meterwatch: error: ")]
+        log = (tmp_path / "service.log").read_text()
+        assert log.count("Sending username and password in the clear") == 1  # (was 20)
+        lines = [line for line in log.splitlines() if line.startswith("meterwatch: error: ")]
         assert lines == [f"meterwatch: error: --input-topic: the brokers do not allow user "
                          f"{USER!r} READ on topic {s.input_topic!r}; "
                          + GRANT.format(ops="READ", kind="topic")], lines

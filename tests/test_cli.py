@@ -231,3 +231,19 @@ def test_missing_extra_is_one_line(monkeypatch: pytest.MonkeyPatch,
     assert "pip install 'meterwatch[eval]'" in capsys.readouterr().err
     assert cli.main(["train", "--synthetic", "--out", "x.pt", "--plot", "p.png"]) == 2
     assert "--plot needs no_such_module_for_eval" in capsys.readouterr().err
+
+
+def test_aiokafkas_clear_text_warning_is_logged_once() -> None:
+    """SASL PLAIN without TLS: aiokafka warns on every connection (20 lines at each start of
+    ``meterwatch run`` on Kafka 4.0); the CLI's logging keeps the first."""
+    code = ("import logging\n"
+            "from meterwatch.stream.cli import setup_logging\n"
+            "setup_logging(); setup_logging()\n"
+            "conn = logging.getLogger('aiokafka.conn')\n"
+            "for _ in range(3):\n"
+            "    conn.warning('Sending username and password in the clear')\n"
+            "    conn.warning('Unable connect to node with id 1')\n")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stderr
+    assert err.count("Sending username and password in the clear") == 1, err
+    assert err.count("Unable connect to node with id 1") == 3, err
