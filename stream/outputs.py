@@ -121,6 +121,22 @@ class OutputPublisher:
         self._header = [(APP_HEADER, app_id(settings))]
         #: (topic, partition) -> the next offset after our last acknowledged record
         self.ends: dict[tuple[str, int], int] = {}
+        #: the largest record batch a producer builds, and dead-letter record it is given
+        self.batch_bytes = MAX_BATCH_BYTES
+        self.dead_letter_bytes = DEAD_LETTER_MAX_BYTES
+
+    def fit(self, limits: dict[str, int]) -> None:
+        """Size batches and dead letters to the topics' ``max.message.bytes`` (topic ->
+        bytes; ``preflight.record_limits``), for the producers made from now on: a batch
+        over a topic's limit is refused whole (``MessageSizeTooLargeError``)."""
+        room = min(limits.values(), default=MAX_BATCH_BYTES + BATCH_MARGIN) - BATCH_MARGIN
+        self.batch_bytes = min(MAX_BATCH_BYTES, room)
+        dead = limits.get(self.settings.dead_letter_topic, DEAD_LETTER_MAX_BYTES + BATCH_MARGIN)
+        self.dead_letter_bytes = min(DEAD_LETTER_MAX_BYTES, dead - BATCH_MARGIN)
+        if self.batch_bytes < MAX_BATCH_BYTES or self.dead_letter_bytes < DEAD_LETTER_MAX_BYTES:
+            log.info("record batches of at most %d bytes and dead letters of at most %d: the "
+                     "output topics' max.message.bytes", self.batch_bytes,
+                     self.dead_letter_bytes)
 
     @property
     def idempotent(self) -> bool:
@@ -131,7 +147,7 @@ class OutputPublisher:
         return AIOKafkaProducer(
             **self.settings.kafka_options(), acks="all",
             enable_idempotence=idempotent or txn_id is not None, transactional_id=txn_id,
-            linger_ms=2, max_batch_size=1 << 20, max_request_size=8 << 20,
+            linger_ms=2, max_batch_size=self.batch_bytes, max_request_size=8 << 20,
             compression_type=None)
 
     async def __aenter__(self) -> OutputPublisher:
@@ -351,6 +367,10 @@ def json_record(topic: str, partition: int, key: str | None, doc: object, *,
     return OutRecord(topic, partition, key_bytes, value)
 
 
+#: Largest record batch a producer builds (before ``OutputPublisher.fit``), and what is
+#: kept below a topic's ``max.message.bytes`` for the batch's own header and records'.
+MAX_BATCH_BYTES = 1 << 20
+BATCH_MARGIN = 1024
 #: Largest dead-letter record (key + value): well under the 1 MB a broker accepts by default
 #: (``message.max.bytes``) and the producer's ``max_request_size``, whatever the input.
 DEAD_LETTER_MAX_BYTES = 512 * 1024

@@ -816,18 +816,55 @@ def _topic_flag(settings: Settings, topic: str, default: str) -> str:
 
 
 async def _cleanup_policy(admin: AIOKafkaAdminClient, topic: str) -> str | None:
-    """The topic's ``cleanup.policy``; None where the broker does not say (Tansu closes
-    the connection on a DescribeConfigs request; an ACL may refuse it)."""
+    """The topic's ``cleanup.policy``; None where the broker does not say."""
+    return (await _topic_config(admin, [topic], "cleanup.policy")).get(topic)
+
+
+async def _topic_config(admin: AIOKafkaAdminClient, topics: Sequence[str],
+                        key: str) -> dict[str, str]:
+    """Each topic's value of the configuration ``key`` (its own, or the broker default it
+    has), for the topics the broker says it of: none where it does not (Tansu closes the
+    connection on a DescribeConfigs request; an ACL may refuse it)."""
+    out: dict[str, str] = {}
     try:
         answers = await admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, topic, {"cleanup.policy": None})])
+            [ConfigResource(ConfigResourceType.TOPIC, t, {key: None}) for t in topics])
         for answer in answers:
             for code, _, _, name, entries in answer.resources:
-                if name == topic and not code:
-                    return next((str(e[1]) for e in entries if e[0] == "cleanup.policy"), None)
+                value = next((e[1] for e in entries if e[0] == key), None)
+                if name in topics and not code and value is not None:
+                    out[name] = str(value)
     except (KafkaError, AttributeError, IndexError, TypeError, ValueError) as exc:
-        log.debug("cleanup.policy of %r not known (%r): not checked", topic, exc)
-    return None
+        log.debug("%s of %s not known (%r): not checked", key, list(topics), exc)
+    return out
+
+
+#: The smallest ``max.message.bytes`` an output topic may have: the largest record the
+#: service writes is a day score of about 3 KB (1.1 KB of household state); a record batch
+#: must hold at least one with room to spare. Dead letters are cut to fit their topic's
+#: limit, which must hold the document about one (its detail, source, a cut value).
+MIN_RECORD_LIMIT = 64 * 1024
+MIN_DEAD_LETTER_LIMIT = 8 * 1024
+
+
+async def record_limits(settings: Settings, admin: AIOKafkaAdminClient) -> dict[str, int]:
+    """Each output topic's ``max.message.bytes`` (the largest record batch it takes), as
+    the broker says it; ``ConfigurationError`` naming the topic's setting when one is too
+    small for the service's records (``MIN_RECORD_LIMIT``). A producer batch larger than
+    a topic's limit was refused with ``MessageSizeTooLargeError``, which stopped the
+    service (exit 1) and, after a restart, again at the same batch."""
+    s = settings
+    topics = [getattr(s, a) for a in TOPIC_SETTINGS if a != "input_topic"]
+    limits = {t: int(v) for t, v in
+              (await _topic_config(admin, topics, "max.message.bytes")).items()}
+    for t, n in limits.items():
+        least = MIN_DEAD_LETTER_LIMIT if t == s.dead_letter_topic else MIN_RECORD_LIMIT
+        if n < least:
+            raise ConfigurationError(
+                _topic_flag(s, t, "--scores-topic"), f"topic {t!r} takes record batches of "
+                f"at most {n} bytes (max.message.bytes)",
+                f"raise its max.message.bytes to at least {least}, or name another topic")
+    return limits
 
 
 async def replication_factor(admin: AIOKafkaAdminClient, topic: str) -> int:

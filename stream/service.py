@@ -77,6 +77,7 @@ from meterwatch.stream.preflight import (
     check_files,
     check_inputs,
     check_topics,
+    record_limits,
 )
 from meterwatch.stream.recovery import recover
 from meterwatch.stream.scorer import STATE_FIELDS, Scored, Scorer, set_cpu_threads
@@ -338,6 +339,7 @@ class Service:
             self._outputs_cover = await check_topics(
                 s, admin, (*output_topics(s), s.dead_letter_topic, s.state_topic),
                 compacted=(s.state_topic,))
+            self.publisher.fit(await record_limits(s, admin))
         finally:
             await admin.close()
 
@@ -542,7 +544,7 @@ class Service:
                 dead.append(dead_letter_record(
                     self.settings, reason=rej.reason, detail=rej.detail, topic=tp.topic,
                     partition=tp.partition, offset=r.offset, key=r.key, value=r.value,
-                    timestamp_ms=r.timestamp))
+                    timestamp_ms=r.timestamp, max_bytes=self.publisher.dead_letter_bytes))
             try:  # acked before the offset can be committed
                 await self.publisher.send_all(dead)
             except PartitionLost as exc:
