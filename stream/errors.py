@@ -33,6 +33,7 @@ class PartitionLost(RuntimeError):
 
     def __init__(self, partitions: set[int], reason: str) -> None:
         self.partitions = set(partitions)
+        self.reason = reason
         super().__init__(f"partitions {sorted(partitions)} lost: {reason}")
 
 

@@ -42,6 +42,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     InvalidProducerEpoch,
+    InvalidProducerIdMapping,
     InvalidTxnState,
     KafkaConnectionError,
     KafkaError,
@@ -58,6 +59,23 @@ log = logging.getLogger(__name__)
 APP_HEADER = "meterwatch.app"
 _FENCED = (ProducerFenced, InvalidProducerEpoch, InvalidTxnState,
            TransactionCoordinatorFenced)
+#: What a transaction coordinator answers a producer whose transactional id it forgot:
+#: ``transactional.id.expiration.ms`` (7 days by default) without a transaction, e.g. an
+#: input partition without data for a week. aiokafka's sender wraps it ("Unexpected error
+#: during batch delivery").
+_EXPIRED = (InvalidProducerIdMapping,)
+
+
+def _caused_by(exc: BaseException, types: tuple[type[BaseException], ...]) -> bool:
+    """Whether ``exc`` or an exception it was raised from is one of ``types``."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, types):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 @dataclass(frozen=True)
@@ -163,6 +181,7 @@ class OutputPublisher:
         if mode != "off" and await self._broker_has_producer_ids(mode):
             self.transactional = True
             _quiet_fenced_futures(asyncio.get_running_loop())
+            _quiet_expired_senders()
             log.info("transactions enabled: one transactional producer per owned input "
                      "partition (transactional.id %s)",
                      transactional_id(self.settings, 0)[:-1] + "<p>")
@@ -262,14 +281,19 @@ class OutputPublisher:
             *(self._send_transaction(p, g) for p, g in by_partition.items()),
             return_exceptions=True)
         lost: set[int] = set()
+        why: set[str] = set()
         for res in results:
             if isinstance(res, PartitionLost):
                 lost |= res.partitions
+                if _caused_by(res, _EXPIRED):
+                    why.add(res.reason)
+                else:
+                    why.add("a newer producer with its transactional id (another member, or "
+                            "any other process) fenced ours")
             elif isinstance(res, BaseException):
                 raise res
         if lost:
-            raise PartitionLost(lost, "a newer producer with its transactional id "
-                                      "(another member, or any other process) fenced ours")
+            raise PartitionLost(lost, "; ".join(sorted(why)))
 
     async def _send_transaction(self, partition: int,
                                 groups: dict[tuple[str, int], list[OutRecord]]) -> None:
@@ -290,6 +314,16 @@ class OutputPublisher:
             except _FENCED as exc:
                 await self.close_partition(partition)
                 raise PartitionLost({partition}, repr(exc)) from exc
+            except KafkaError as exc:
+                await self.close_partition(partition)
+                if _caused_by(exc, _EXPIRED):
+                    # nothing of it was committed: taken back like a fenced partition, with
+                    # a new producer (a new producer id), it replays from its last mark;
+                    # it stopped the service (exit 1)
+                    raise PartitionLost({partition}, "the broker no longer knew its "
+                                        "transactional id (transactional.id.expiration.ms "
+                                        "without a transaction)") from exc
+                raise
             except BaseException:
                 # a failed or cancelled transaction: the producer's state is unknown; the
                 # next owner (or a re-opened producer) aborts what it left open
@@ -332,6 +366,25 @@ class OutputPublisher:
 _QUIETED: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
 
+class _ExpiredSender(logging.Filter):
+    """aiokafka's sender logs "Unexpected error in sender routine" with a traceback when
+    the broker no longer knows a producer's transactional id (``_EXPIRED``); the service
+    logs that once, as the partitions it takes back, so these go to debug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and _caused_by(exc, _EXPIRED):
+            log.debug("aiokafka's sender: %s (%r)", record.getMessage(), exc)
+            return False
+        return True
+
+
+def _quiet_expired_senders() -> None:
+    sender = logging.getLogger("aiokafka.producer.sender")
+    if not any(isinstance(f, _ExpiredSender) for f in sender.filters):
+        sender.addFilter(_ExpiredSender())
+
+
 def _quiet_fenced_futures(loop: asyncio.AbstractEventLoop) -> None:
     """A fenced producer's sender fails its transaction's internal futures (aiokafka), which
     nobody awaits: when they are collected asyncio logs each as "Future exception was never
@@ -344,7 +397,9 @@ def _quiet_fenced_futures(loop: asyncio.AbstractEventLoop) -> None:
     previous = loop.get_exception_handler()
 
     def handler(lp: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
-        if isinstance(context.get("exception"), _FENCED) and \
+        exc = context.get("exception")
+        if isinstance(exc, BaseException) and (isinstance(exc, _FENCED)
+                                               or _caused_by(exc, _EXPIRED)) and \
                 str(context.get("message", "")).startswith("Future exception was never"):
             log.debug("a fenced producer's future: %s", context.get("exception"))
         elif previous is not None:

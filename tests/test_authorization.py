@@ -1,7 +1,7 @@
 """Kafka ACLs: a principal that may not do what the service needs is told which setting and
 which grant, before it joins (``stream/authorization.py``).
 
-On Apache Kafka 4.0 with ``StandardAuthorizer`` (``tests/acl_kafka.py``), ``meterwatch run``
+On Apache Kafka 4.0 with ``StandardAuthorizer`` (``tests/own_kafka.py``), ``meterwatch run``
 as a user granted one thing more at each step, with default settings. Before this, the
 same steps gave: ``--input-topic: topic … does not exist; create it`` (it existed; the user
 could not describe it), a traceback at recovery (``TopicAuthorizationFailedError`` on the
@@ -28,8 +28,8 @@ from meterwatch.stream.authorization import (
 )
 from meterwatch.stream.broker import Broker
 from meterwatch.stream.testing import ServiceProcess
-from tests.acl_kafka import PASSWORD, USER, acl_kafka
 from tests.conftest import genuine_kafka, read_topic, unique_settings
+from tests.own_kafka import PASSWORD, USER, acl_kafka
 from tests.test_faults_contract import assert_fails_fast, run_to_exit
 
 GRANT = "grant {ops} on it to that principal (an ACL), or give a {kind} it may use"

@@ -1,11 +1,13 @@
-"""An Apache Kafka 4.0 with an authoriser, for the ACL tests (``tests/test_authorization.py``).
+"""An Apache Kafka 4.0 of a test's own, configured as .ci/run's shared one cannot be: with an
+authoriser (``tests/test_authorization.py``) or other broker settings
+(``tests/test_transactional_expiry.py``).
 
 Started from the same broker build as .ci/run's (``../shared/kafka``, or
-``METERWATCH_SHARED_DIR``), with ``StandardAuthorizer`` and
-``allow.everyone.if.no.acl.found=false``, as a secured production cluster runs. Two
-listeners: ``plain`` (PLAINTEXT, whose principal ``User:ANONYMOUS`` is a super user: the
-platform team, which creates topics and grants ACLs) and ``sasl`` (SASL_PLAINTEXT, PLAIN,
-users ``admin`` and ``mw``: ``mw`` may do only what it is granted).
+``METERWATCH_SHARED_DIR``). Two listeners: ``plain`` (PLAINTEXT) and ``sasl``
+(SASL_PLAINTEXT, PLAIN, users ``admin`` and ``mw``). With ``acl=True``: ``StandardAuthorizer``
+and ``allow.everyone.if.no.acl.found=false``, as a secured production cluster runs; the
+``plain`` listener's principal ``User:ANONYMOUS`` is a super user (the platform team, which
+creates topics and grants ACLs) and ``mw`` may do only what it is granted.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def kafka_tarball() -> Path:
 
 
 @dataclass
-class AclKafka:
+class OwnKafka:
     plain: str  # host:port, super user
     sasl: str  # host:port, SASL_PLAINTEXT PLAIN
 
@@ -77,8 +79,20 @@ class AclKafka:
 
 
 @contextlib.contextmanager
-def acl_kafka(folder: Path) -> Iterator[AclKafka]:
-    """Start the broker in ``folder`` (about 10 s); stopped and deleted afterwards."""
+def acl_kafka(folder: Path) -> Iterator[OwnKafka]:
+    """A broker with an authoriser, in ``folder``."""
+    with own_kafka(folder, {
+            "authorizer.class.name":
+                "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": "User:ANONYMOUS;User:admin",
+            "allow.everyone.if.no.acl.found": "false"}) as kafka:
+        yield kafka
+
+
+@contextlib.contextmanager
+def own_kafka(folder: Path, properties: dict[str, str] | None = None) -> Iterator[OwnKafka]:
+    """Start a broker in ``folder`` with these server ``properties`` on top of a
+    single-node configuration (about 10 s); stopped and deleted afterwards."""
     tarball = kafka_tarball()
     assert tarball.exists(), f"{tarball}: the ACL tests need the shared Kafka 4.0 build"
     with tarfile.open(tarball) as tar:
@@ -100,10 +114,9 @@ def acl_kafka(folder: Path) -> Iterator[AclKafka]:
         f"log.dirs={folder / 'data'}", "num.partitions=1",
         "offsets.topic.replication.factor=1", "transaction.state.log.replication.factor=1",
         "transaction.state.log.min.isr=1", "group.initial.rebalance.delay.ms=0",
-        "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
-        "super.users=User:ANONYMOUS;User:admin", "allow.everyone.if.no.acl.found=false",
         "sasl.enabled.mechanisms=PLAIN",
-        f"listener.name.sasl_plaintext.plain.sasl.jaas.config={jaas}", ""]))
+        f"listener.name.sasl_plaintext.plain.sasl.jaas.config={jaas}",
+        *(f"{k}={v}" for k, v in (properties or {}).items()), ""]))
     logs = folder / "logs"
     logs.mkdir()
     env = {**os.environ, "LOG_DIR": str(logs), "KAFKA_HEAP_OPTS": "-Xmx512M -Xms512M"}
@@ -125,7 +138,7 @@ def acl_kafka(folder: Path) -> Iterator[AclKafka]:
             assert proc.poll() is None, f"Kafka exited {proc.returncode}; see {server_log}"
             assert time.monotonic() < deadline, f"Kafka not started in 90 s; see {server_log}"
             time.sleep(0.3)
-        yield AclKafka(f"127.0.0.1:{plain}", f"127.0.0.1:{sasl}")
+        yield OwnKafka(f"127.0.0.1:{plain}", f"127.0.0.1:{sasl}")
     finally:
         proc.terminate()
         try:
