@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,46 @@ def kafka_tarball() -> Path:
 
 @dataclass
 class OwnKafka:
-    plain: str  # host:port, super user
+    plain: str  # host:port (with ``acl``: a super user)
     sasl: str  # host:port, SASL_PLAINTEXT PLAIN
+    _launch: Callable[[], subprocess.Popen[bytes]]
+    _server_log: Path
+    _proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the broker and wait until it says it started (at most 90 s)."""
+        started = self._starts()
+        self._proc = self._launch()
+        deadline = time.monotonic() + 90
+        while self._starts() == started:
+            assert self._proc.poll() is None, \
+                f"Kafka exited {self._proc.returncode}; see {self._server_log}"
+            assert time.monotonic() < deadline, \
+                f"Kafka not started in 90 s; see {self._server_log}"
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        """Stop it as an operator does (SIGTERM: a controlled shutdown)."""
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+    def restart(self, down_s: float) -> None:
+        """Stop, stay down ``down_s``, start again: the same data, the same ports."""
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+    def _starts(self) -> int:
+        if not self._server_log.exists():
+            return 0
+        return self._server_log.read_text(errors="replace").count("Kafka Server started")
 
     def grant(self, *acls: str, principal: str = f"User:{USER}") -> None:
         """Allow ``principal`` each of ``acls``, written ``RESOURCE:name:PATTERN:OPERATION``
@@ -127,23 +165,16 @@ def own_kafka(folder: Path, properties: dict[str, str] | None = None) -> Iterato
     subprocess.run([home / "bin" / "kafka-storage.sh", "format", "--standalone", "-t", cluster,
                     "-c", conf], env=tools, capture_output=True, check=True)
     server_log = logs / "server.log"
-    proc = subprocess.Popen(
-        [home / "bin" / "kafka-run-class.sh", "-name", "kafkaServer", "kafka.Kafka", conf],
-        env={**env, "KAFKA_LOG4J_OPTS":
-             f"-Dlog4j2.configurationFile={home / 'config' / 'log4j2.yaml'}"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    command = [home / "bin" / "kafka-run-class.sh", "-name", "kafkaServer", "kafka.Kafka", conf]
+    run_env = {**env, "KAFKA_LOG4J_OPTS":
+               f"-Dlog4j2.configurationFile={home / 'config' / 'log4j2.yaml'}"}
+    kafka = OwnKafka(f"127.0.0.1:{plain}", f"127.0.0.1:{sasl}",
+                     lambda: subprocess.Popen(command, env=run_env, stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL,
+                                              start_new_session=True), server_log)
     try:
-        deadline = time.monotonic() + 90
-        while not (server_log.exists() and "Kafka Server started" in server_log.read_text()):
-            assert proc.poll() is None, f"Kafka exited {proc.returncode}; see {server_log}"
-            assert time.monotonic() < deadline, f"Kafka not started in 90 s; see {server_log}"
-            time.sleep(0.3)
-        yield OwnKafka(f"127.0.0.1:{plain}", f"127.0.0.1:{sasl}")
+        kafka.start()
+        yield kafka
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        kafka.stop()
         shutil.rmtree(folder, ignore_errors=True)
