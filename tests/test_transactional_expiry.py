@@ -7,7 +7,7 @@ sender wraps as "Unexpected error during batch delivery"). That stopped the serv
 CRITICAL ``meterwatch-publish failed``, a traceback, exit 1. Now the partition is taken back
 as a fenced one is (``docs/runtime.md``): a new producer, recovery from its last mark, the
 pending days replayed, each scored once. On a broker of the test's own with the expiry at
-10 s (``tests/own_kafka.py``); Tansu has no transactions, so nothing expires there (the
+5 s (``tests/own_kafka.py``); Tansu has no transactions, so nothing expires there (the
 test asserts that the service runs without them).
 """
 
@@ -28,7 +28,7 @@ from tests.test_compression import produce_day
 
 pytestmark = pytest.mark.integration
 
-EXPIRY_MS = 10_000
+EXPIRY_MS = 5_000
 
 
 async def test_an_expired_transactional_id_is_taken_back(broker, detector, tmp_path: Path,  # type: ignore[no-untyped-def]
@@ -53,7 +53,7 @@ async def test_an_expired_transactional_id_is_taken_back(broker, detector, tmp_p
             assert service.publisher.transactional
             await produce_day(s.bootstrap_servers, s.input_topic, data, range(n), HISTORY_DAYS)
             await read_topic(s, s.scores_topic, min_records=n)
-            await asyncio.sleep(EXPIRY_MS / 1000 + 5)  # no data: the ids expire
+            await asyncio.sleep(EXPIRY_MS / 1000 + 3)  # no data: the ids expire
             await produce_day(s.bootstrap_servers, s.input_topic, data, range(n),
                               HISTORY_DAYS + 1)
             scores = await read_topic(s, s.scores_topic, min_records=2 * n, timeout_s=60)
