@@ -243,9 +243,8 @@ def test_brokers_that_advertise_an_address_this_host_cannot_reach(detector_path)
     """A broker in a container advertising its container name (``advertised.listeners``):
     the bootstrap server answers, every later connection fails. ``meterwatch run`` said
     "broker not reachable" every 10 s for ever (and aiokafka logged "Name or service not
-    known"); it now exits 2 naming ``--bootstrap-servers`` and what the brokers advertise.
-    Over TLS, an advertised address that is not TLS is refused too (the proxy in front of a
-    broker that does not advertise it)."""
+    known"); it now exits 2 naming ``--bootstrap-servers`` and what the brokers advertise,
+    and so does ``meterwatch simulate``."""
     broker = Broker.start(prefer="tansu", advertise="kafka-0.invalid:9092")
     try:
         settings = unique_settings(broker, create_input=False)
@@ -267,7 +266,7 @@ def test_brokers_that_advertise_an_address_this_host_cannot_reach(detector_path)
 @pytest.mark.integration
 def test_an_advertised_address_some_cannot_reach_is_a_warning(broker, caplog) -> None:  # type: ignore[no-untyped-def]
     """One broker of several out of reach is a broker down (its partitions wait), not a
-    setting to fix: a warning naming it, and the service starts."""
+    setting to fix: a warning naming it, and no refusal."""
     host, port = broker.bootstrap_servers.rsplit(":", 1)
     brokers = [(host, int(port)), ("kafka-1.invalid", 9092)]
     with caplog.at_level(logging.WARNING, logger="meterwatch.stream.preflight"):
