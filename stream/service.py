@@ -232,9 +232,12 @@ class Service:
                    task.get_name())
 
     def _fail(self, exc: BaseException, stage: str) -> None:
-        """A stage failed: stop gracefully, then exit non-zero (``run_service``)."""
+        """A stage failed: stop gracefully, then exit non-zero (``run_service``). An
+        authorisation error, from whichever stage, is the setting and grant it lacks
+        (``authorization.refusal``): exit 2 with one line."""
         if self.failed is not None:
             return
+        exc = authorization.refusal(self.settings, exc) or exc
         if isinstance(exc, ConfigurationError):
             log.debug("%s: %s", stage, exc)  # printed once, by the CLI
         else:
@@ -465,9 +468,8 @@ class Service:
                     "pip install 'cramjam>=2.8' (left out by pip install --no-deps)"), "fetch")
                 return
             except KafkaError as exc:
-                refused = authorization.refusal(s, exc)
-                if refused is not None:  # no retry grants an ACL: exit 2
-                    self._fail(refused, "fetch")
+                if authorization.refusal(s, exc) is not None:  # no retry grants an ACL
+                    self._fail(exc, "fetch")
                     return
                 log.warning("fetch failed: %r", exc)
                 self._kafka_ready = False
@@ -853,7 +855,7 @@ class Service:
             except PartitionLost as exc:
                 self._lose(exc.partitions, str(exc))
             except Exception as exc:  # aiokafka would only log it: fail the service instead
-                self._fail(authorization.refusal(self.settings, exc) or exc, "recovery")
+                self._fail(exc, "recovery")
                 self.source.lose(parts)
                 return
         self._joined = True
