@@ -217,7 +217,7 @@ def check_group_authorized(settings: Settings, operations: int) -> None:
     """``ConfigurationError`` naming ``--group-id`` when the group's authorised operations
     (from DescribeGroups) do not include READ, which joining and committing need."""
     if _consistent(0, operations) and allowed(operations, READ) is False:
-        raise _grant("--group-id", f"group {settings.group_id!r}", [READ], settings)
+        raise group_refused(settings)
 
 
 def group_refused(settings: Settings) -> ConfigurationError:

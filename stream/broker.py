@@ -160,8 +160,10 @@ class Broker:
 
 async def create_topics(bootstrap_servers: str, partitions: Mapping[str, int], *,
                         compacted: tuple[str, ...] = (), replication: int = 1,
+                        configs: Mapping[str, Mapping[str, str]] | None = None,
                         **client_options: object) -> None:
-    """Create the topics that do not exist yet (idempotent, async)."""
+    """Create the topics that do not exist yet (idempotent, async); ``configs``: topic ->
+    its topic configuration, on top of ``cleanup.policy=compact`` for ``compacted``."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
@@ -170,8 +172,9 @@ async def create_topics(bootstrap_servers: str, partitions: Mapping[str, int], *
     try:
         existing = set(await admin.list_topics())
         new = [
-            NewTopic(name, n, replication,
-                     topic_configs={"cleanup.policy": "compact"} if name in compacted else {})
+            NewTopic(name, n, replication, topic_configs={
+                **({"cleanup.policy": "compact"} if name in compacted else {}),
+                **(configs or {}).get(name, {})})
             for name, n in partitions.items() if name not in existing
         ]
         if new:

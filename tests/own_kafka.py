@@ -27,7 +27,7 @@ from typing import Any
 from aiokafka.conn import create_conn
 from aiokafka.protocol.admin import CreateAclsRequest, DeleteAclsRequest
 
-from meterwatch.stream.broker import free_port
+from meterwatch.stream.broker import Broker, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DIST = "kafka_2.13-4.0.0"
@@ -52,6 +52,11 @@ class OwnKafka:
     _launch: Callable[[], subprocess.Popen[bytes]]
     _server_log: Path
     _proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def broker(self) -> Broker:
+        """Its plain listener as the tests' broker (``unique_settings``, ``genuine_kafka``)."""
+        return Broker(self.plain, "external", supports_idempotence=True)
 
     def start(self) -> None:
         """Start the broker and wait until it says it started (at most 90 s)."""

@@ -41,7 +41,7 @@ def test_each_missing_grant_is_named(broker, detector_path, tmp_path: Path) -> N
         _embedded_broker_reports_nothing(broker)
         return
     with acl_kafka(tmp_path / "kafka") as kafka:
-        platform = Broker(kafka.plain, "external", supports_idempotence=True)
+        platform = kafka.broker
         s = unique_settings(platform)  # the input, made by the platform team
         mine = s.model_copy(update=dict(
             bootstrap_servers=kafka.sasl, security_protocol="SASL_PLAINTEXT",

@@ -32,7 +32,7 @@ def test_a_broker_restart_under_the_service(broker, detector_path, tmp_path: Pat
         _tansu_forgets_everything_at_a_restart()
         return
     with own_kafka(tmp_path / "kafka") as kafka:
-        s = unique_settings(Broker(kafka.plain, "external", supports_idempotence=True),
+        s = unique_settings(kafka.broker,
                             topic_partitions=4)
         data = generate(SyntheticConfig(n_households=30, n_days=HISTORY_DAYS + 2, seed=8,
                                         anomaly_rate=0.0))

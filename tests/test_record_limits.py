@@ -18,9 +18,10 @@ import base64
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 
 from meterwatch.model import SyntheticConfig, generate
+from meterwatch.stream.broker import create_topics
 from meterwatch.stream.config import Settings
 from meterwatch.stream.outputs import BATCH_MARGIN, DEAD_LETTER_MAX_BYTES, MAX_BATCH_BYTES
 from meterwatch.stream.preflight import record_limits
@@ -35,16 +36,11 @@ pytestmark = pytest.mark.integration
 async def create_outputs(s: Settings, limits: dict[str, int]) -> None:
     """The output topics as a platform team makes them: as many partitions as the input,
     the state compacted, ``max.message.bytes`` of ``limits`` (topic -> bytes)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(t, s.topic_partitions, 1, topic_configs={
-            **({"cleanup.policy": "compact"} if t == s.state_topic else {}),
-            **({"max.message.bytes": str(limits[t])} if t in limits else {})})
-            for t in (s.scores_topic, s.alerts_topic, s.data_quality_topic,
-                      s.dead_letter_topic, s.state_topic)])
-    finally:
-        await admin.close()
+    outputs = (s.scores_topic, s.alerts_topic, s.data_quality_topic, s.dead_letter_topic,
+               s.state_topic)
+    await create_topics(s.bootstrap_servers, {t: s.topic_partitions for t in outputs},
+                        compacted=(s.state_topic,),
+                        configs={t: {"max.message.bytes": str(n)} for t, n in limits.items()})
 
 
 async def test_batches_and_dead_letters_fit_the_topics_limits(broker, detector) -> None:  # type: ignore[no-untyped-def]

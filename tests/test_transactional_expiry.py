@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from meterwatch.model import SyntheticConfig, generate
-from meterwatch.stream.broker import Broker
 from meterwatch.stream.service import Service
 from tests.conftest import HISTORY_DAYS, genuine_kafka, read_topic, unique_settings
 from tests.own_kafka import own_kafka
@@ -42,7 +41,7 @@ async def test_an_expired_transactional_id_is_taken_back(broker, detector, tmp_p
     with own_kafka(tmp_path / "kafka", {
             "transactional.id.expiration.ms": str(EXPIRY_MS),
             "transaction.remove.expired.transaction.cleanup.interval.ms": "1000"}) as kafka:
-        s = unique_settings(Broker(kafka.plain, "external", supports_idempotence=True),
+        s = unique_settings(kafka.broker,
                             topic_partitions=2)
         data = generate(SyntheticConfig(n_households=8, n_days=HISTORY_DAYS + 2, seed=4,
                                         anomaly_rate=0.0))
