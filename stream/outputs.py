@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.client import CoordinationType
 from aiokafka.errors import (
     InvalidProducerEpoch,
     InvalidProducerIdMapping,
@@ -175,10 +176,13 @@ class OutputPublisher:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def start(self) -> None:
+    async def start(self, partitions: int = 1) -> None:
+        """Decide the producers (``--idempotence``). With transactions, the transactional
+        ids of input partitions ``0 .. partitions - 1`` are checked before the service
+        joins its group (``_check_transactional_ids``)."""
         mode = self.settings.idempotence
         self.transactional = False
-        if mode != "off" and await self._broker_has_producer_ids(mode):
+        if mode != "off" and await self._broker_has_producer_ids(mode, partitions):
             self.transactional = True
             _quiet_fenced_futures(asyncio.get_running_loop())
             _quiet_expired_senders()
@@ -194,9 +198,10 @@ class OutputPublisher:
             raise
         self.producer = producer
 
-    async def _broker_has_producer_ids(self, mode: str) -> bool:
+    async def _broker_has_producer_ids(self, mode: str, partitions: int) -> bool:
         """Start an idempotent producer (aiokafka asks for a producer id inside ``start``)
-        and stop it again; whatever happens, nothing is left open."""
+        and stop it again; whatever happens, nothing is left open. Where it gets one, the
+        transactional ids are checked with its connection."""
         probe = self._make(idempotent=True)
         sender_log = logging.getLogger("aiokafka.producer.sender")
         level = sender_log.level
@@ -213,10 +218,40 @@ class OutputPublisher:
             log.warning("the broker refuses producer ids (%r): no idempotence, no "
                         "transactions; exactly-once rests on recovery (no fencing)", exc)
             return False
+        else:
+            await self._check_transactional_ids(probe, partitions)
         finally:
             sender_log.setLevel(level)
             await probe.stop()
         return True
+
+    async def _check_transactional_ids(self, probe: AIOKafkaProducer, partitions: int) -> None:
+        """``ConfigurationError`` when the brokers do not let this principal use one of the
+        partitions' transactional ids, asked before the service joins its group: a
+        FindCoordinator request for each id, which the brokers answer
+        TRANSACTIONAL_ID_AUTHORIZATION_FAILED without DESCRIBE on it (WRITE implies
+        DESCRIBE). Without the question the refusal came when the first partition opened,
+        after joining (a rebalance for the group's other members). Any other answer (a
+        coordinator not yet made, on a new cluster) is left to the partition's producer."""
+        client = probe.client
+        for partition in range(partitions):
+            try:
+                await client.coordinator_lookup(
+                    CoordinationType.TRANSACTION, transactional_id(self.settings, partition))
+            except TransactionalIdAuthorizationFailed:
+                raise self._id_refused(partition) from None
+            except KafkaConnectionError:
+                raise
+            except KafkaError as exc:
+                log.debug("transaction coordinator of partition %d: %r", partition, exc)
+                return
+
+    def _id_refused(self, partition: int) -> ConfigurationError:
+        return ConfigurationError(
+            "--group-id", f"not authorised for transactional id "
+            f"{transactional_id(self.settings, partition)!r}",
+            "grant WRITE on transactional ids <group>.<input topic>.* or use "
+            "--idempotence off")
 
     async def open_partition(self, partition: int) -> None:
         """With transactions: the producer of ``partition``; starting it fences every older
@@ -228,11 +263,7 @@ class OutputPublisher:
             await producer.start()
         except TransactionalIdAuthorizationFailed:
             await producer.stop()
-            raise ConfigurationError(
-                "--group-id", f"not authorised for transactional id "
-                f"{transactional_id(self.settings, partition)!r}",
-                "grant WRITE on transactional ids <group>.<input topic>.* or use "
-                "--idempotence off") from None
+            raise self._id_refused(partition) from None
         except BaseException:
             await producer.stop()
             raise

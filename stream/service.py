@@ -328,7 +328,7 @@ class Service:
     async def _connect_once(self) -> None:
         await check_connection(self.settings)
         await self._check_topics()
-        await self.publisher.start()
+        await self.publisher.start(self._outputs_cover)  # its ids: before joining
         await self.source.start()
 
     async def _check_topics(self) -> None:

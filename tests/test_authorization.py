@@ -30,7 +30,7 @@ from meterwatch.stream.broker import Broker
 from meterwatch.stream.testing import ServiceProcess
 from tests.conftest import genuine_kafka, read_topic, unique_settings
 from tests.own_kafka import PASSWORD, USER, acl_kafka
-from tests.test_faults_contract import assert_fails_fast, run_to_exit
+from tests.test_faults_contract import ask_admin, assert_fails_fast, run_to_exit
 
 GRANT = "grant {ops} on it to that principal (an ACL), or give a {kind} it may use"
 
@@ -75,6 +75,10 @@ def test_each_missing_grant_is_named(broker, detector_path, tmp_path: Path) -> N
                                           f"'{s.group_id}.{s.input_topic}.")
         assert line.endswith("; grant WRITE on transactional ids <group>.<input topic>.* or "
                              "use --idempotence off"), line
+        # ... before joining (it was found when the first partition opened, after a join)
+        groups = ask_admin(s, lambda admin: admin.describe_consumer_groups([s.group_id]))
+        described = [g for answer in groups for g in answer.groups]
+        assert [(g[3], len(g[5])) for g in described] == [("", 0)], described
         # all it needs: it runs and scores
         kafka.grant(f"TRANSACTIONAL_ID:{s.group_id}.{s.input_topic}.:PREFIXED:WRITE")
         service = ServiceProcess(mine, detector_path, log_path=tmp_path / "service.log",
