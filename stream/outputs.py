@@ -148,8 +148,7 @@ class OutputPublisher:
         """Size batches and dead letters to the topics' ``max.message.bytes`` (topic ->
         bytes; ``preflight.record_limits``), for the producers made from now on: a batch
         over a topic's limit is refused whole (``MessageSizeTooLargeError``)."""
-        room = min(limits.values(), default=MAX_BATCH_BYTES + BATCH_MARGIN) - BATCH_MARGIN
-        self.batch_bytes = min(MAX_BATCH_BYTES, room)
+        self.batch_bytes = fitting_batch(min(limits.values(), default=None))
         dead = limits.get(self.settings.dead_letter_topic, DEAD_LETTER_MAX_BYTES + BATCH_MARGIN)
         self.dead_letter_bytes = min(DEAD_LETTER_MAX_BYTES, dead - BATCH_MARGIN)
         if self.batch_bytes < MAX_BATCH_BYTES or self.dead_letter_bytes < DEAD_LETTER_MAX_BYTES:
@@ -460,6 +459,13 @@ BATCH_MARGIN = 1024
 #: Largest dead-letter record (key + value): well under the 1 MB a broker accepts by default
 #: (``message.max.bytes``) and the producer's ``max_request_size``, whatever the input.
 DEAD_LETTER_MAX_BYTES = 512 * 1024
+
+
+def fitting_batch(limit: int | None) -> int:
+    """The largest record batch to build for a topic whose ``max.message.bytes`` is
+    ``limit`` (None: not known)."""
+    return MAX_BATCH_BYTES if limit is None else max(1, min(MAX_BATCH_BYTES,
+                                                            limit - BATCH_MARGIN))
 #: Longest original key kept (in the document and as the record key); household ids are
 #: at most 64 characters, so a longer key is never a valid one.
 DEAD_LETTER_MAX_KEY = 1024

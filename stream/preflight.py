@@ -820,6 +820,12 @@ async def _cleanup_policy(admin: AIOKafkaAdminClient, topic: str) -> str | None:
     return (await _topic_config(admin, [topic], "cleanup.policy")).get(topic)
 
 
+async def record_limit(admin: AIOKafkaAdminClient, topic: str) -> int | None:
+    """The topic's ``max.message.bytes``; None where the broker does not say."""
+    value = (await _topic_config(admin, [topic], "max.message.bytes")).get(topic)
+    return None if value is None else int(value)
+
+
 async def _topic_config(admin: AIOKafkaAdminClient, topics: Sequence[str],
                         key: str) -> dict[str, str]:
     """Each topic's value of the configuration ``key`` (its own, or the broker default it

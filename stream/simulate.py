@@ -18,12 +18,14 @@ from typing import Any
 
 import numpy as np
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from meterwatch.model import ContextTables, SyntheticData
 from meterwatch.model.inject import inject, random_labels
 from meterwatch.model.loaders import Readings
-from meterwatch.stream.preflight import check_bootstrap, connection_refusal
+from meterwatch.stream.outputs import fitting_batch
+from meterwatch.stream.preflight import check_bootstrap, connection_refusal, record_limit
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +201,23 @@ async def _refusal(bootstrap_servers: str, client: dict[str, Any]) -> str | None
     return None if refused is None else str(refused)
 
 
+async def _batch_bytes(bootstrap_servers: str, topic: str, client: dict[str, Any]) -> int:
+    """The largest record batch to build for ``topic``: 1 MiB, or less where the topic's
+    ``max.message.bytes`` is smaller (a platform's input topic at 512 KB refused every full
+    batch with ``MessageSizeTooLargeError``). The full size where the broker does not say
+    (Tansu, a topic not made yet)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **client)
+    try:
+        await admin.start()
+        limit = await record_limit(admin, topic)
+    except KafkaError as exc:
+        log.debug("max.message.bytes of %s not known: %r", topic, exc)
+        limit = None
+    finally:
+        await admin.close()
+    return fitting_batch(limit)
+
+
 def check_pacing(*, rate: float | None, duration: float | None, malformed_every: int) -> None:
     """``ValueError`` naming the flag of a pace that cannot be kept: a rate or duration that
     is not a positive finite number (NaN used to switch pacing off, and a NaN duration never
@@ -235,8 +254,9 @@ async def produce_synthetic(bootstrap_servers: str, topic: str,
         refused = await _refusal(bootstrap_servers, client)
         if refused is not None:
             raise ConnectionError(refused)
+        batch = await _batch_bytes(bootstrap_servers, topic, client)
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all",
-                                    linger_ms=5, max_batch_size=1 << 20, **client)
+                                    linger_ms=5, max_batch_size=batch, **client)
         try:
             await producer.start()
         except KafkaError as e:

@@ -14,6 +14,7 @@ changes (asserted, so the day it answers, this says so).
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import orjson
 import pytest
@@ -26,7 +27,8 @@ from meterwatch.stream.config import Settings
 from meterwatch.stream.outputs import BATCH_MARGIN, DEAD_LETTER_MAX_BYTES, MAX_BATCH_BYTES
 from meterwatch.stream.preflight import record_limits
 from meterwatch.stream.service import Service
-from tests.conftest import genuine_kafka, read_topic, unique_settings
+from tests.cli_helpers import clean_env, meterwatch
+from tests.conftest import create_topics_now, genuine_kafka, read_topic, unique_settings
 from tests.test_compression import produce_day
 from tests.test_faults_contract import assert_fails_fast, run_to_exit
 
@@ -95,3 +97,19 @@ async def test_a_limit_too_small_for_the_records_exits_2(broker, detector_path) 
     assert line == (f"meterwatch: error: --state-topic: topic {s.state_topic!r} takes record "
                     "batches of at most 50000 bytes (max.message.bytes); raise its "
                     "max.message.bytes to at least 65536, or name another topic")
+
+
+def test_simulate_fits_the_input_topics_limit(broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``meterwatch simulate`` into an input topic made with ``max.message.bytes`` 100,000:
+    its 1 MiB batches were refused whole (``MessageSizeTooLargeError``, exit 1)."""
+    s = unique_settings(broker, create_input=False)
+    create_topics_now(s.bootstrap_servers, {s.input_topic: 2},
+                      configs={s.input_topic: {"max.message.bytes": "100000"}})
+    env = clean_env(METERWATCH_BOOTSTRAP_SERVERS=s.bootstrap_servers,
+                    METERWATCH_INPUT_TOPIC=s.input_topic)
+    # 300 households: a day is about 1.5 MB of records, 750 KB a partition
+    proc = meterwatch("simulate", "--households", "300", "--days", "1", env=env, timeout=120,
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("produced 14,400 readings in "), line  # every one acknowledged
