@@ -459,6 +459,10 @@ BATCH_MARGIN = 1024
 #: Largest dead-letter record (key + value): well under the 1 MB a broker accepts by default
 #: (``message.max.bytes``) and the producer's ``max_request_size``, whatever the input.
 DEAD_LETTER_MAX_BYTES = 512 * 1024
+#: Longest original key kept (in the document and as the record key); household ids are
+#: at most 64 characters, so a longer key is never a valid one.
+DEAD_LETTER_MAX_KEY = 1024
+_MAX_DETAIL = 4000
 
 
 def fitting_batch(limit: int | None) -> int:
@@ -466,10 +470,6 @@ def fitting_batch(limit: int | None) -> int:
     ``limit`` (None: not known)."""
     return MAX_BATCH_BYTES if limit is None else max(1, min(MAX_BATCH_BYTES,
                                                             limit - BATCH_MARGIN))
-#: Longest original key kept (in the document and as the record key); household ids are
-#: at most 64 characters, so a longer key is never a valid one.
-DEAD_LETTER_MAX_KEY = 1024
-_MAX_DETAIL = 4000
 
 
 def dead_letter_record(settings: Settings, *, reason: str, detail: str, topic: str,
