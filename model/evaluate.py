@@ -59,7 +59,7 @@ from meterwatch.model.inject import (
     inject,
     random_labels,
 )
-from meterwatch.model.loaders import Readings, load_dataset, parse_day
+from meterwatch.model.loaders import Readings, date_to_day, load_dataset, parse_day
 from meterwatch.model.network import ModelConfig
 from meterwatch.model.training import (
     History,
@@ -587,8 +587,8 @@ def run(
     data_path: str | os.PathLike[str],
     out: Path | None,
     *,
-    calib_start: int,
-    test_start: int,
+    calib_start: int | None = None,
+    test_start: int | None = None,
     rate: float = 0.1,
     far: float = 0.01,
     seed: int = 0,
@@ -598,11 +598,12 @@ def run(
     cold_households: float = 0.2,
     side_tables: dict[str, str | os.PathLike[str] | None] | None = None,
 ) -> dict[str, Any]:
-    """The whole evaluation; returns the summary (also written to ``out`` when given)."""
+    """The whole evaluation; returns the summary (also written to ``out`` when given).
+    The periods default to the data's last months (``periods``)."""
     t0 = time.monotonic()
     set_seeds(seed)
     data, sides = load_dataset(data_path, **(side_tables or {}))
-    check_periods(data.day, calib_start, test_start)
+    calib_start, test_start = _periods(data.day, calib_start, test_start)
     tables = ContextTables.from_files(household_csv=sides["household"],
                                       weather_csv=sides["weather"],
                                       holidays_csv=sides["holidays"])
@@ -680,14 +681,53 @@ def run(
     return summary
 
 
+def periods(day: np.ndarray, calib_start: int | None = None,
+            test_start: int | None = None) -> tuple[int, int]:
+    """``--calib-start`` and ``--test-start`` (days since 1970), each as given or, by
+    default, from the data's dates: the test period is the last quarter of its span and
+    calibration the twelfth before it, on the first of the nearest month for a span of at
+    least half a year (a year of 2013: calibration from 2013-09-01, test from 2013-10-01,
+    as the first round measured). With one of them given, the other keeps that distance
+    from it. Fixed 2013 dates used to be the defaults, and any other year was refused."""
+    first, last = int(day.min()), int(day.max())
+    span = last - first + 1
+    gap = max(span // 12, 1)
+
+    def snap(d: int) -> int:
+        if span < 183:
+            return d
+        date = dt.date(1970, 1, 1) + dt.timedelta(days=d)
+        this = date_to_day(date.replace(day=1))
+        following = date_to_day((date.replace(day=28) + dt.timedelta(days=4)).replace(day=1))
+        return this if d - this <= following - d else following
+
+    if test_start is None:
+        test_start = snap(calib_start + gap if calib_start is not None
+                          else last + 1 - span // 4)
+    if calib_start is None:
+        calib_start = snap(test_start - gap)
+    return calib_start, test_start
+
+
+def _iso(d: int) -> str:
+    return (dt.date(1970, 1, 1) + dt.timedelta(days=int(d))).isoformat()
+
+
+def _periods(day: np.ndarray, calib_start: int | None,
+             test_start: int | None) -> tuple[int, int]:
+    """``periods``, checked (``check_periods``) and logged."""
+    calib_start, test_start = periods(day, calib_start, test_start)
+    check_periods(day, calib_start, test_start)
+    log.info("periods: training before %s, calibration %s to %s, test from %s",
+             _iso(calib_start), _iso(calib_start), _iso(test_start - 1), _iso(test_start))
+    return calib_start, test_start
+
+
 def check_periods(day: np.ndarray, calib_start: int, test_start: int,
                   min_days: int = 40) -> None:
     """Raise ValueError (one line, naming the flags) unless the data has training days
     before ``calib_start`` and at least ``min_days`` household-days in each of the
     calibration and test periods."""
-    def iso(d: int) -> str:
-        return (dt.date(1970, 1, 1) + dt.timedelta(days=int(d))).isoformat()
-
     if calib_start >= test_start:
         raise ValueError("--calib-start/--test-start: the calibration period must start "
                          "before the test period")
@@ -698,9 +738,13 @@ def check_periods(day: np.ndarray, calib_start: int, test_start: int,
     short = [f"{name}: {n}" for name, n in counts.items() if n < min_days]
     if short and len(day):
         raise ValueError(
-            f"--calib-start/--test-start: the data ({iso(day.min())} to {iso(day.max())}) has "
+            f"--calib-start/--test-start: the data ({_iso(day.min())} to {_iso(day.max())}) has "
             f"too few household-days in {'; '.join(short)} (at least {min_days} each); set "
             "--calib-start and --test-start inside the data's dates")
+
+
+def _day_arg(text: str | None) -> int | None:
+    return None if text is None else parse_day(text)
 
 
 def run_protocol_folds(args: argparse.Namespace, command: str) -> dict[str, Any]:
@@ -719,10 +763,10 @@ def run_protocol_folds(args: argparse.Namespace, command: str) -> dict[str, Any]
     if unknown:
         raise ValueError(f"--holdout-types: unknown {sorted(unknown)}; choose from "
                          f"{','.join(fp.TYPES)}")
-    check_periods(data.day, parse_day(args.calib_start), parse_day(args.test_start))
+    calib_start, test_start = _periods(data.day, _day_arg(args.calib_start),
+                                       _day_arg(args.test_start))
     cfg = fp.FoldConfig(n_folds=args.folds, seeds=tuple(int(x) for x in args.seeds.split(",")),
-                        calib_start=parse_day(args.calib_start),
-                        test_start=parse_day(args.test_start), far=args.far,
+                        calib_start=calib_start, test_start=test_start, far=args.far,
                         holdout_types=holdout, final=args.final, max_epochs=args.max_epochs,
                         n_boot=args.boot)
     try:
@@ -742,6 +786,7 @@ def run_protocol_folds(args: argparse.Namespace, command: str) -> dict[str, Any]
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command, "machine": _machine(), "data": str(args.data),
         "households": len(set(data.household_ids)), "rows": len(data),
+        "periods": {"calib_start": _iso(calib_start), "test_start": _iso(test_start)},
         "seconds": time.monotonic() - t0})
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -752,6 +797,8 @@ def run_protocol_folds(args: argparse.Namespace, command: str) -> dict[str, Any]
              f"- machine: {summary['machine']}",
              f"- data: {summary['data']} ({summary['households']} households, "
              f"{summary['rows']} household-days)",
+             f"- periods: training before {_iso(calib_start)}, calibration "
+             f"{_iso(calib_start)} to {_iso(test_start - 1)}, test from {_iso(test_start)}",
              f"- wall time: {summary['seconds']:.0f} s", "",
              "## Detection on households the model never trained on", ""]
     lines += fp.report_lines(summary)
@@ -811,8 +858,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="anomaly types kept out of tuning, reported apart")
     p.add_argument("--max-epochs", type=int, default=25, help="training epochs per fold")
     p.add_argument("--boot", type=int, default=300, help="bootstrap resamples for intervals")
-    p.add_argument("--calib-start", default="2013-09-01", help="first calibration day")
-    p.add_argument("--test-start", default="2013-10-01", help="first test day")
+    p.add_argument("--calib-start", help="first calibration day (default: the month before "
+                                         "--test-start)")
+    p.add_argument("--test-start", help="first test day (default: the data's last three "
+                                        "months, e.g. 2013-10-01 for a year of 2013)")
     p.add_argument("--rate", type=float, default=0.1, help="share of test days injected")
     p.add_argument("--far", type=float, default=0.01, help="target false-alarm rate")
     p.add_argument("--seed", type=int, default=0)
@@ -833,8 +882,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_protocol_folds(args, command)
         print(f"report: {args.out / 'RESULTS.md'}")
         return 0
-    summary = run(args.data, args.out, calib_start=parse_day(args.calib_start),
-                  test_start=parse_day(args.test_start), rate=args.rate, far=args.far,
+    summary = run(args.data, args.out, calib_start=_day_arg(args.calib_start),
+                  test_start=_day_arg(args.test_start), rate=args.rate, far=args.far,
                   seed=args.seed, methods=args.methods.split(","), command=command,
                   cold_households=args.cold_households,
                   side_tables={"household_info": args.household_info, "weather": args.weather,

@@ -159,8 +159,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-epochs", type=int, default=25, help="training epochs per fold")
     ev.add_argument("--boot", type=int, default=300,
                     help="bootstrap resamples for the intervals (folds)")
-    ev.add_argument("--calib-start", default="2013-09-01", help="first calibration day")
-    ev.add_argument("--test-start", default="2013-10-01", help="first test day")
+    ev.add_argument("--calib-start", help="first calibration day (default: the month before "
+                                          "--test-start)")
+    ev.add_argument("--test-start", help="first test day (default: the data's last three "
+                                         "months, e.g. 2013-10-01 for a year of 2013)")
     ev.add_argument("--rate", type=float, default=0.1, help="share of test days injected")
     ev.add_argument("--far", type=float, default=0.01, help="target false-alarm rate")
     ev.add_argument("--seed", type=int, default=0, help="random seed")
@@ -537,7 +539,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not args.data.exists():
         raise UsageError(f"--data: no such file or folder {str(args.data)!r}")
     argv = ["--data", str(args.data), "--out", str(args.out),
-            "--calib-start", args.calib_start, "--test-start", args.test_start,
             "--rate", str(args.rate), "--far", str(args.far), "--seed", str(args.seed),
             "--methods", args.methods, "--cold-households", str(args.cold_households),
             "--protocol", args.protocol, "--folds", str(args.folds), "--seeds", args.seeds,
@@ -546,14 +547,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         argv.append("--final")
     if args.holdout_types:
         argv += ["--holdout-types", args.holdout_types]
+    for flag, value in (("--calib-start", args.calib_start), ("--test-start", args.test_start)):
+        if value is not None:
+            _day(value, flag)
+            argv += [flag, value]
     if args.threads:
         argv += ["--threads", str(args.threads)]
     for name in ("household_info", "weather", "holidays"):
         value = getattr(args, name)
         if value is not None:
             argv += ["--" + name.replace("_", "-"), str(value)]
-    _day(args.calib_start, "--calib-start")
-    _day(args.test_start, "--test-start")
     from meterwatch.model.evaluate import main as evaluate_main
 
     return int(evaluate_main(argv) or 0)

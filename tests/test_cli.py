@@ -169,7 +169,8 @@ def test_evaluate_and_simulate_misuse(tmp_path: Path) -> None:
     line = one_line_error(meterwatch("evaluate", "--data", str(tmp_path / "nope"), "--out",
                                      str(tmp_path / "out")))
     assert "--data: no such file or folder" in line
-    # dates outside the data (the defaults are for a year of 2013) name the flags
+    # data too short for the default periods (its last quarter, the twelfth before) names
+    # the flags
     from meterwatch.model import SyntheticConfig, generate
     from tests.cli_helpers import write_layout
 

@@ -72,3 +72,31 @@ def test_fold_protocol_scores_only_unseen_households(lcl_dir: Path, tmp_path: Pa
     text = (out / "RESULTS.md").read_text()
     assert "50 %-detection magnitude" in text and "Alert budget" in text
     assert (out / "magnitude_sweeps.png").stat().st_size > 1000
+
+
+def _days(first: str, last: str) -> np.ndarray:
+    start = (dt.date.fromisoformat(first) - dt.date(1970, 1, 1)).days
+    return np.arange(start, (dt.date.fromisoformat(last) - dt.date(1970, 1, 1)).days + 1)
+
+
+@pytest.mark.parametrize(("first", "last", "given", "expected"), [
+    # a year of 2013: the first round's periods (Sep calibration, Oct-Dec test)
+    ("2013-01-01", "2013-12-31", {}, ("2013-09-01", "2013-10-01")),
+    # any other year: the same months of it (2013's dates refused it: no test days)
+    ("2012-01-01", "2012-12-31", {}, ("2012-09-01", "2012-10-01")),
+    ("2024-03-10", "2025-03-09", {}, ("2024-11-01", "2024-12-01")),
+    # the whole London trial: the last quarter of its span
+    ("2011-11-23", "2014-02-28", {}, ("2013-06-01", "2013-08-01")),
+    # under half a year: days, not months
+    ("2013-01-01", "2013-04-30", {}, ("2013-03-22", "2013-04-01")),
+    # one given: the other keeps the distance
+    ("2013-01-01", "2013-12-31", {"test_start": "2013-11-01"}, ("2013-10-01", "2013-11-01")),
+    ("2013-01-01", "2013-12-31", {"calib_start": "2013-06-01"}, ("2013-06-01", "2013-07-01")),
+])
+def test_default_periods_follow_the_data(first: str, last: str, given: dict[str, str],
+                                         expected: tuple[str, str]) -> None:
+    from meterwatch.model.evaluate import periods
+    from meterwatch.model.loaders import parse_day
+
+    got = periods(_days(first, last), **{k: parse_day(v) for k, v in given.items()})
+    assert got == tuple(parse_day(e) for e in expected)
