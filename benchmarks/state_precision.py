@@ -43,7 +43,9 @@ def stored(state: HouseholdState, which: set[str]) -> HouseholdState:
 
 def replay(det: Detector, ids: list[str], day: np.ndarray, kwh: np.ndarray, tables,
            which: set[str] | None) -> tuple[np.ndarray, np.ndarray, HouseholdState]:
-    """Scores and alert decisions of every row (household-days), one call per date."""
+    """Scores and alert decisions of every row (household-days), one call per date;
+    ``tables`` may be a function of the date (the context tables a service had then)."""
+    tables_of = tables if callable(tables) else (lambda _day: tables)
     names = sorted(set(ids))
     pos = {h: i for i, h in enumerate(names)}
     hi = np.array([pos[h] for h in ids])
@@ -54,7 +56,8 @@ def replay(det: Detector, ids: list[str], day: np.ndarray, kwh: np.ndarray, tabl
         rows = np.flatnonzero(day == d)
         rows = rows[np.unique(hi[rows], return_index=True)[1]]  # one row per household
         h = hi[rows]
-        out = det.score(kwh[rows], day[rows], [ids[r] for r in rows], state.take(h), tables)
+        out = det.score(kwh[rows], day[rows], [ids[r] for r in rows], state.take(h),
+                        tables_of(int(d)))
         score[rows], alert[rows] = out.score, out.is_alert
         new = out.state if which is None else stored(out.state, which)
         state.put(h, new)

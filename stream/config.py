@@ -158,7 +158,9 @@ class Settings(BaseSettings):
         "traffic raise it)")
     model_poll_s: float = Field(
         5.0, ge=0, description="how often --model-path is checked for a new checkpoint, "
-        "swapped in without a restart (SIGHUP: at once); 0 = on SIGHUP only")
+        "swapped in without a restart (SIGHUP: at once), and --shadow-model-path, "
+        "--household-info, --weather and --holidays for a new version, read again; 0 = on "
+        "SIGHUP only")
     shadow_model_path: Path | None = Field(
         None, description="a second checkpoint that scores every batch too, never published; "
         "its agreement with the live model is in the meterwatch_shadow_* metrics")

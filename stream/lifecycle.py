@@ -36,11 +36,21 @@ stands until it has 500 household-days).
 second model, from the same household state as the live one (the state it would inherit if
 it were swapped in), and sends its scores and alert decisions back; they are never
 published. ``ShadowComparison`` turns them into agreement metrics.
+
+**The context files follow their files too.** ``--household-info``, ``--weather`` and
+``--holidays`` are watched the same way; when one changes, all three are read again (off the
+event loop) and the scorer takes them between two batches (``Scorer.set_tables``: the live
+model and the shadow). A file that cannot be read is refused (log line,
+``meterwatch_context_reload_failures_total``) and the tables read before go on. They used to
+be read once at start: a service that outran its weather file scored every later day without
+weather, and new households as unknown ones, until it was restarted. The service counts the
+days scored without their weather or household row (``meterwatch_days_without_context_total``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
 import time
@@ -131,6 +141,21 @@ def apply_budget(det: Detector, far: float | None, flag: str, *,
         raise ConfigurationError(flag, problem_of(exc),
                                  "choose a --target-far inside that range") from None
     return True
+
+
+def describe_tables(tables: ContextTables | None) -> str:
+    """What the context tables hold, for the log: how many households, and the last day
+    of the weather and of the bank holidays (what a service running past them lacks)."""
+    if tables is None:
+        return "none"
+
+    def last(days: np.ndarray) -> str:
+        return (dt.date(1970, 1, 1) + dt.timedelta(days=int(days[-1]))).isoformat() \
+            if len(days) else "none"
+
+    households = len(set(tables.tariff) | set(tables.acorn_group))
+    return (f"{households:,} households, weather to {last(tables.weather_day)}, "
+            f"bank holidays to {last(tables.holidays)}")
 
 
 @dataclass(frozen=True)
@@ -263,14 +288,16 @@ class ShadowComparison:
 
 
 class ModelLifecycle:
-    """The models of a running service: the live one, the shadow, and their files.
+    """The models of a running service: the live one, the shadow, and their files (and the
+    context tables they score with, which follow their files the same way).
 
     What the service calls (``stream.service`` keeps only the data path):
 
     - ``await adopt(checked)`` at start, with what ``stream.preflight.check_inputs`` checked
       (raises ``ConfigurationError``: exit status 2), ``attach(scorer)`` once the scorer runs;
-    - ``run()`` as a task while ``watching`` (the watchers of ``--model-path`` and
-      ``--shadow-model-path``, until cancelled); ``request_reload()`` on SIGHUP (both);
+    - ``run()`` as a task while ``watching`` (the watchers of ``--model-path``,
+      ``--shadow-model-path`` and the context files, until cancelled); ``request_reload()``
+      on SIGHUP (all of them);
     - ``observe(scored)`` after each scored batch (the threshold gauge and the shadow's
       agreement metrics); ``latest()`` for days scored by no model.
 
@@ -324,6 +351,10 @@ class ModelLifecycle:
                                                self._reload_model))
             log.info("model %s from %s (threshold %.4f)", self.detector.version,
                      s.model_path, self.detector.threshold)
+        for path in (s.household_info, s.weather, s.holidays):
+            if path is not None:
+                self._watchers.append(ModelWatcher(path, s.model_poll_s,
+                                                   self._reload_context, what="context"))
         if checked.shadow is None or s.shadow_model_path is None:
             return
         shadow = await asyncio.to_thread(self._held, checked.shadow, self.detector)
@@ -394,7 +425,7 @@ class ModelLifecycle:
         await asyncio.gather(*(w.run() for w in self._watchers))
 
     def request_reload(self) -> None:
-        """Look at both files now (SIGHUP)."""
+        """Look at every watched file now (SIGHUP)."""
         for w in self._watchers:
             w.trigger()
 
@@ -402,8 +433,8 @@ class ModelLifecycle:
         """Validate the checkpoint at ``path`` and swap it in between two batches; refuse it
         (log line, ``meterwatch_model_reload_failures_total``) if anything is wrong, the old
         model serving on. Returns whether the model changed."""
-        assert self.scorer is not None and self.detector is not None
-        old = self.detector
+        scorer, old = self.scorer, self.detector
+        assert scorer is not None and old is not None
         try:
             cand = await asyncio.to_thread(self._load, path)
             self.apply_budget(cand, "--target-far")
@@ -412,7 +443,8 @@ class ModelLifecycle:
                 return False
             await asyncio.to_thread(validate, cand, old, self.tables)
             # a worker thread scores this very object: validated above, on its device
-            waited = await self._swap_between_batches(self.scorer.swap, cand)
+            waited = await self._between_batches(
+                lambda: scorer.swap(cand, validated=True))
         except Exception as exc:  # CheckpointError, ConfigurationError, ModelRejected, ...
             self.metrics.model_reload_failures.inc()
             log.error("model reload refused: %s; %s keeps serving", first_line(exc),
@@ -425,29 +457,56 @@ class ModelLifecycle:
                  "%.3f s)", old.version, cand.version, cand.threshold, waited)
         return True
 
-    async def _swap_between_batches(
-            self, swap: Callable[..., Awaitable[None]], cand: Detector) -> float:
-        """``swap(cand, validated=True)`` (the scorer's ``swap`` or ``swap_shadow``) at a
-        batch boundary, while none is being scored; returns how long scoring waited."""
+    async def _between_batches(self, swap: Callable[[], Awaitable[None]]) -> float:
+        """``swap`` (the scorer's ``swap``, ``swap_shadow`` or ``set_tables``) at a batch
+        boundary, while none is being scored; returns how long scoring waited."""
         async with self._boundary:  # scoring waits from here
             t0 = time.perf_counter()
-            await swap(cand, validated=True)
+            await swap()
             return time.perf_counter() - t0
+
+    async def _reload_context(self, path: Path) -> bool:
+        """``--household-info``, ``--weather`` and ``--holidays`` read again after one of
+        them changed (``path``), and scored with from the next batch on. A file that
+        cannot be read is refused (log line, ``meterwatch_context_reload_failures_total``)
+        and the tables read before go on. Returns whether the tables changed.
+
+        They were read once at start, so a service that ran past the end of its weather
+        file scored every later day as one without weather, and households added to the
+        household file after the start as unknown ones, until it was restarted."""
+        from meterwatch.stream.preflight import context_tables
+
+        scorer = self.scorer
+        assert scorer is not None
+        try:
+            tables = await asyncio.to_thread(context_tables, self.settings)
+            waited = await self._between_batches(lambda: scorer.set_tables(tables))
+        except Exception as exc:  # ConfigurationError (a file that cannot be used), OSError
+            self.metrics.context_reload_failures.inc()
+            log.error("context reload refused: %s; the tables read before go on",
+                      first_line(exc))
+            return False
+        self.tables = tables
+        self.metrics.context_reloads.inc()
+        log.info("context tables read again (%s changed): %s (scoring waited %.3f s)",
+                 path, describe_tables(tables), waited)
+        return True
 
     async def _reload_shadow(self, path: Path) -> bool:
         """The same for the shadow: refused candidates count in
         ``meterwatch_shadow_reload_failures_total`` and the old shadow goes on; the live
         model's scoring is never stopped by one (a failure in the scorer process while it
         builds the candidate restarts it with the old shadow)."""
-        assert self.scorer is not None and self.shadow is not None
-        old = self.shadow
+        scorer, old = self.scorer, self.shadow
+        assert scorer is not None and old is not None
         try:
             cand = await asyncio.to_thread(self._load, path)
             if cand.version == old.version:
                 log.info("shadow reload: %s holds %s, already shadowing", path, cand.version)
                 return False
             await asyncio.to_thread(self._shadow_ready, cand)
-            waited = await self._swap_between_batches(self.scorer.swap_shadow, cand)
+            waited = await self._between_batches(
+                lambda: scorer.swap_shadow(cand, validated=True))
         except Exception as exc:
             self.metrics.shadow_reload_failures.inc()
             log.error("shadow reload refused: %s; %s keeps shadowing", first_line(exc),

@@ -102,11 +102,18 @@ class Metrics:
     scorer_restarts: Counter
     partitions_lost: Counter
     partitions_retaken: Counter
+    context_reloads: Counter
+    context_reload_failures: Counter
+    days_without_context: Counter
 
 
 #: The ``unusual`` label of ``meterwatch_alerts_total``: the first of an alert's ``unusual``
 #: list (``stream.alerts.UNUSUAL`` order), or ``rules`` for a data-quality rule alone.
 ALERT_KINDS: tuple[str, ...] = ("total", "half_hour", "hours", "shape", "rules")
+
+#: The ``table`` label of ``meterwatch_days_without_context_total``: the context tables
+#: whose lack a scored day can show (a day that is no bank holiday is not listed either).
+CONTEXT_TABLES: tuple[str, ...] = ("weather", "household_info")
 
 #: The ``reason`` label of ``meterwatch_partitions_lost_total`` (``stream.service``).
 LOSS_REASONS: tuple[str, ...] = ("fenced", "group_moved_on", "settle_failed")
@@ -250,7 +257,21 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "meterwatch_partitions_retaken",
             "Fenced input partitions taken back because the group still assigned them to "
             "this member."),
+        context_reloads=counter(
+            "meterwatch_context_reloads",
+            "Times --household-info, --weather and --holidays were read again after one "
+            "of their files changed."),
+        context_reload_failures=counter(
+            "meterwatch_context_reload_failures",
+            "Changed context files that could not be read; the tables read before go on."),
+        days_without_context=counter(
+            "meterwatch_days_without_context",
+            "Scored household-days without their context, by table: weather (the weather "
+            "file has no row for the day), household_info (the household file has no row "
+            "for the household); counted only where that file is given.", ("table",)),
     )
+    for table in CONTEXT_TABLES:
+        m.days_without_context.labels(table)
     for reason in LOSS_REASONS:
         m.partitions_lost.labels(reason)
     for sig in SIGNATURES:

@@ -348,6 +348,22 @@ class Scorer:
                                     "loading it as the shadow") from None
         self.shadow = detector  # what a restarted scorer process loads
 
+    async def set_tables(self, tables: ContextTables | None) -> None:
+        """Score with ``tables`` (household information, weather, holidays re-read after
+        their files changed: ``stream.lifecycle``) from the next batch on, the live model
+        and the shadow alike. A scorer process that dies meanwhile is restarted with them."""
+        loop = asyncio.get_running_loop()
+        executor = self._executor
+        assert executor is not None, "scorer not started"
+        self.tables = tables  # what a restarted scorer process starts with
+        if self._worker is not None:
+            _use_tables(self._worker, tables)
+            return
+        try:
+            await loop.run_in_executor(executor, _process_set_tables, tables)
+        except BrokenProcessPool:
+            await self._restart()
+
     async def score(self, kwh: np.ndarray, day: np.ndarray, household_ids: list[str],
                     keys: np.ndarray, state: dict[str, np.ndarray]) -> Scored:
         """Score days; ``keys`` identify households (equal key = same household).
@@ -623,6 +639,18 @@ def _process_swap_shadow(checkpoint: dict, target_far: float | None) -> str:
     log.info("now shadowing with %s (was %s)", det.version,
              old.detector.version if old is not None else "none")
     return det.version
+
+
+def _use_tables(worker: _Worker, tables: ContextTables | None) -> None:
+    worker.tables = tables
+    if worker.shadow is not None:
+        worker.shadow.tables = tables
+
+
+def _process_set_tables(tables: ContextTables | None) -> None:
+    """``Scorer.set_tables`` in the scorer process (between two batches)."""
+    assert _PROCESS_WORKER is not None
+    _use_tables(_PROCESS_WORKER, tables)
 
 
 def _die_with(parent: int) -> None:

@@ -104,7 +104,6 @@ class Service:
         self._checked = checked
         self.metrics: Metrics = create_metrics(registry)
         self.grid = TimeGrid(settings.timezone)
-        self.tables: ContextTables | None = None
         self.scorer: Scorer | None = None
         self._process_lock = asyncio.Lock()  # held while a batch is scored: the batch boundary
         #: the models: loading, watching, validating, swapping, shadow metrics
@@ -192,7 +191,6 @@ class Service:
             checked = await asyncio.to_thread(check_inputs, s, models.detector)
         await self.http.start(checked.probes)  # bound by the checks: a port taken is refused
         await models.adopt(checked)
-        self.tables = checked.tables
         assert models.detector is not None
         self.scorer = Scorer(models.detector, self.tables, torch_threads=s.torch_threads,
                              process=in_process, device=s.device, dtype=s.precision,
@@ -345,6 +343,12 @@ class Service:
             self.publisher.fit(await record_limits(s, admin))
         finally:
             await admin.close()
+
+    @property
+    def tables(self) -> ContextTables | None:
+        """The context tables scored with (read again when their files change:
+        ``stream.lifecycle``)."""
+        return self.lifecycle.tables
 
     @property
     def consumer(self) -> AIOKafkaConsumer | None:
@@ -648,6 +652,7 @@ class Service:
                 for p, d in zip(batch, scoreable, strict=True)]) for k in STATE_FIELDS}
             scored = await self.scorer.score(kwh, day, ids, keys, state)
             self.lifecycle.observe(scored)
+            self._count_missing_context(day, ids)
             m.batch_size.observe(n)
             m.inferences.inc(n)
             m.executions.inc()
@@ -662,6 +667,21 @@ class Service:
             row += len(d)
         owners = {p.partition: p.owner for p in batch}
         return self._publish(taken, records, complete_at, owners)
+
+    def _count_missing_context(self, day: np.ndarray, ids: list[str]) -> None:
+        """``meterwatch_days_without_context_total``: scored days that the given weather
+        file has no row for, and whose household the given household file lacks (the model
+        scores them as unknown: a weather feed that stopped, customers added since)."""
+        tables, s = self.tables, self.settings
+        if tables is None:
+            return
+        without = self.metrics.days_without_context
+        if s.weather is not None:
+            without.labels("weather").inc(int(np.isnan(tables.max_temperature(day)).sum()))
+        if s.household_info is not None:
+            tariff, group = tables.tariff, tables.acorn_group
+            without.labels("household_info").inc(
+                sum(h not in tariff and h not in group for h in ids))
 
     async def _publish(self, taken: Batch, records: list[list[OutRecord]],
                        complete_at: list[list[int]], owners: dict[int, object]) -> None:

@@ -232,6 +232,38 @@ async def test_scorer_swaps_the_shadow_between_batches_and_refuses_a_broken_one(
         await scorer.stop()
 
 
+@pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
+async def test_scorer_takes_new_context_tables_between_batches(
+        detector_path: Path, synthetic, process: bool  # type: ignore[no-untyped-def]
+        ) -> None:
+    """``Scorer.set_tables``: the next batch is scored with them, by the live model and the
+    shadow (context files read again: ``ModelLifecycle._reload_context``)."""
+    live = Detector.load(detector_path, device="cpu")
+    ids = list(synthetic.household_ids)
+    n = len(ids)
+    past_ids, past_day, past_kwh, _ = synthetic.long(slice(0, HISTORY_DAYS))
+    _, states = live.replay(past_kwh, past_day, past_ids)
+    history = HouseholdState.concat(states[h] for h in ids)
+    scorer = Scorer(live, None, process=process, shadow=live)
+    await scorer.start()
+    day = _day_scorer(scorer, synthetic)
+    try:
+        state = dict(vars(history))
+        bare = await day(HISTORY_DAYS, state)
+        await scorer.set_tables(synthetic.tables)
+        told = await day(HISTORY_DAYS, state)
+        assert scorer.tables is synthetic.tables
+    finally:
+        await scorer.stop()
+    days = np.full(n, synthetic.days[HISTORY_DAYS], np.int32)
+    for got, tables in ((bare, None), (told, synthetic.tables)):
+        want = live.score(synthetic.kwh[:, HISTORY_DAYS], days, ids, history, tables)
+        np.testing.assert_allclose(got.score, want.score, rtol=1e-4, atol=1e-4)
+        assert got.shadow_score is not None
+        np.testing.assert_allclose(got.shadow_score, want.score, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(bare.score, told.score)
+
+
 async def test_lifecycle_with_the_thread_scorer_validates_once_and_still_refuses(
         detector_path: Path, tmp_path: Path) -> None:
     """With a worker thread the scorer no longer validates what the service validated (the
