@@ -55,7 +55,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -176,23 +176,29 @@ class FileStamp:
 
 
 class ModelWatcher:
-    """Notices a new checkpoint at ``path`` (polling every ``poll_s``, or at once on
-    ``trigger()``, which the service calls on SIGHUP) and hands it to ``reload``."""
+    """Notices a new version of the file at ``path`` (or of any of several files: the
+    context tables, read together), polling every ``poll_s``, or at once on ``trigger()``,
+    which the service calls on SIGHUP, and hands the changed file to ``reload``."""
 
-    def __init__(self, path: Path, poll_s: float,
+    def __init__(self, path: Path | Sequence[Path], poll_s: float,
                  reload: Callable[[Path], Awaitable[bool]], what: str = "model") -> None:
-        self.what = what  # for the log: "model" or "shadow"
-        self.path = Path(path)
+        self.what = what  # for the log: "model", "shadow" or "context"
+        self.paths = [Path(path)] if isinstance(path, (str, os.PathLike)) \
+            else [Path(p) for p in path]
         self.poll_s = poll_s
         self._reload = reload
-        self.current = FileStamp.of(self.path)  # the file being served
-        self._seen: FileStamp | None = self.current  # the last stamp looked at
+        self.current = self._stamps()  # the files being served
+        self._seen = self.current  # the last stamps looked at
         self._wake = asyncio.Event()
         self._now = False
 
+    def _stamps(self) -> tuple[FileStamp | None, ...]:
+        return tuple(FileStamp.of(p) for p in self.paths)
+
     def trigger(self) -> None:
-        """Look now and take the file as it is (SIGHUP)."""
-        log.info("%s reload requested: looking at %s now", self.what, self.path)
+        """Look now and take the files as they are (SIGHUP)."""
+        log.info("%s reload requested: looking at %s now", self.what,
+                 ", ".join(map(str, self.paths)))
         self._now = True
         self._wake.set()
 
@@ -209,20 +215,22 @@ class ModelWatcher:
             await self.check(now)
 
     async def check(self, now: bool = False) -> None:
-        stamp = FileStamp.of(self.path)
-        if stamp is None:
+        stamps = self._stamps()
+        missing = [p for p, st in zip(self.paths, stamps, strict=True) if st is None]
+        if missing:
             if now:
                 log.warning("%s reload: %s does not exist; the current %s goes on",
-                            self.what, self.path, self.what)
+                            self.what, missing[0], self.what)
             return
-        if stamp == self.current and not now:
+        if stamps == self.current and not now:
             return
-        stable = stamp == self._seen
-        self._seen = stamp
+        stable = stamps == self._seen
+        self._seen = stamps
         if not (stable or now):
             return  # changed since the last look: wait until it stays the same
-        self.current = stamp  # tried once per version of the file, taken or refused
-        await self._reload(self.path)
+        before, self.current = self.current, stamps  # tried once per version, taken or not
+        changed = [p for p, a, b in zip(self.paths, stamps, before, strict=True) if a != b]
+        await self._reload(changed[0] if changed else self.paths[0])
 
 
 class ShadowComparison:
@@ -351,10 +359,10 @@ class ModelLifecycle:
                                                self._reload_model))
             log.info("model %s from %s (threshold %.4f)", self.detector.version,
                      s.model_path, self.detector.threshold)
-        for path in (s.household_info, s.weather, s.holidays):
-            if path is not None:
-                self._watchers.append(ModelWatcher(path, s.model_poll_s,
-                                                   self._reload_context, what="context"))
+        context = [p for p in (s.household_info, s.weather, s.holidays) if p is not None]
+        if context:  # one watcher: a change (or SIGHUP) reads the three once
+            self._watchers.append(ModelWatcher(context, s.model_poll_s, self._reload_context,
+                                               what="context"))
         if checked.shadow is None or s.shadow_model_path is None:
             return
         shadow = await asyncio.to_thread(self._held, checked.shadow, self.detector)
