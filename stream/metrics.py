@@ -112,8 +112,9 @@ class Metrics:
 ALERT_KINDS: tuple[str, ...] = ("total", "half_hour", "hours", "shape", "rules")
 
 #: The ``table`` label of ``meterwatch_days_without_context_total``: the context tables
-#: whose lack a scored day can show (a day that is no bank holiday is not listed either).
-CONTEXT_TABLES: tuple[str, ...] = ("weather", "household_info")
+#: whose lack a scored day can show (for bank holidays: a day after the last year the file
+#: lists, as a day that is no bank holiday is not listed either).
+CONTEXT_TABLES: tuple[str, ...] = ("weather", "household_info", "holidays")
 
 #: The ``reason`` label of ``meterwatch_partitions_lost_total`` (``stream.service``).
 LOSS_REASONS: tuple[str, ...] = ("fenced", "group_moved_on", "settle_failed")
@@ -268,7 +269,8 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "meterwatch_days_without_context",
             "Scored household-days without their context, by table: weather (the weather "
             "file has no row for the day), household_info (the household file has no row "
-            "for the household); counted only where that file is given.", ("table",)),
+            "for the household), holidays (the day is after the last year the bank holidays "
+            "file lists); counted only where that file is given.", ("table",)),
     )
     for table in CONTEXT_TABLES:
         m.days_without_context.labels(table)

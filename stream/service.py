@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import logging
 import operator
 import signal
@@ -670,8 +671,9 @@ class Service:
 
     def _count_missing_context(self, day: np.ndarray, ids: list[str]) -> None:
         """``meterwatch_days_without_context_total``: scored days that the given weather
-        file has no row for, and whose household the given household file lacks (the model
-        scores them as unknown: a weather feed that stopped, customers added since)."""
+        file has no row for, whose household the given household file lacks, or after the
+        last year the given holidays file lists (the model scores them as unknown, or as no
+        holiday: a weather feed that stopped, customers added since, a new year)."""
         tables, s = self.tables, self.settings
         if tables is None:
             return
@@ -682,6 +684,8 @@ class Service:
             tariff, group = tables.tariff, tables.acorn_group
             without.labels("household_info").inc(
                 sum(h not in tariff and h not in group for h in ids))
+        if s.holidays is not None:  # past the last year listed, no day is known a holiday
+            without.labels("holidays").inc(int((day > _listed_until(tables)).sum()))
 
     async def _publish(self, taken: Batch, records: list[list[OutRecord]],
                        complete_at: list[list[int]], owners: dict[int, object]) -> None:
@@ -965,6 +969,15 @@ class Service:
                 c = (await self.consumer.beginning_offsets([tp]))[tp]
             out[tp] = c
         await self.consumer.commit(out)
+
+
+def _listed_until(tables: ContextTables) -> int:
+    """The last day (days since 1970) of the last year the bank holidays table lists; -1
+    for an empty table."""
+    if not len(tables.holidays):
+        return -1
+    year = (dt.date(1970, 1, 1) + dt.timedelta(days=int(tables.holidays[-1]))).year
+    return (dt.date(year, 12, 31) - dt.date(1970, 1, 1)).days
 
 
 _NOBODY = object()  # the owner of a partition this member does not hold

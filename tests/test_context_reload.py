@@ -2,11 +2,13 @@
 
 ``--household-info``, ``--weather`` and ``--holidays`` were read once at start: a service
 that ran past the end of its weather file scored every later day as one without weather,
-and households added to the household file after the start as unknown ones, until it was
-restarted, and nothing told the operator. Now each file is watched (``--model-poll-s``,
+households added to the household file after the start as unknown ones, and bank holidays
+after the file's last year as ordinary days, until it was restarted, and nothing told the
+operator. Now each file is watched (``--model-poll-s``,
 SIGHUP), read again when it changes and used from the next batch on, in the scorer process;
 a file that cannot be read is refused and the tables before go on; scored days without
-their weather or household row are counted (``meterwatch_days_without_context_total``).
+their weather or household row, or after the holidays file's last year, are counted
+(``meterwatch_days_without_context_total``).
 
 Through ``meterwatch run`` with default settings: every published score is the one the
 model gives each day with the tables the service held that day (replayed offline), and
@@ -68,7 +70,7 @@ def test_context_files_are_read_again_when_they_change(broker, detector_path: Pa
     paths = {k: tmp_path / f"{k}.csv" for k in ("weather", "households", "holidays")}
     paths["weather"].write_text(weather(days[:WEATHER]))
     paths["households"].write_text(households(N // 2))
-    paths["holidays"].write_text(f"Bank holidays,Type\n{_iso(days[1])},Test day\n")
+    paths["holidays"].write_text("Bank holidays,Type\n2012-12-25,Christmas Day\n")
     settings = unique_settings(broker, weather=paths["weather"],
                                household_info=paths["households"], holidays=paths["holidays"])
     old = ContextTables.from_files(paths["households"], paths["weather"], paths["holidays"])
@@ -91,9 +93,11 @@ def test_context_files_are_read_again_when_they_change(broker, detector_path: Pa
                    what="six days scored", service=svc)
         assert without("weather") == 2 * N  # days 4 and 5: no row in the weather file
         assert without("household_info") == 6 * N // 2  # half the households, every day
+        assert without("holidays") == 6 * N  # 2013: after the last year it lists
         # the operator's jobs bring both files up to date: found by polling
         paths["weather"].write_text(weather(days))  # (appended in place, as a feed does)
         _replace(paths["households"], households(N))
+        _replace(paths["holidays"], f"Bank holidays,Type\n{_iso(days[1])},Test day\n")
         wait_until(lambda: value("meterwatch_context_reloads_total") >= 1,
                    what="both changes read", service=svc)
         new = ContextTables.from_files(paths["households"], paths["weather"], paths["holidays"])
@@ -108,6 +112,7 @@ def test_context_files_are_read_again_when_they_change(broker, detector_path: Pa
         wait_until(lambda: value("meterwatch_days_scored_total") >= DAYS * N,
                    what="every day scored", service=svc)
         assert without("weather") == 2 * N and without("household_info") == 6 * N // 2
+        assert without("holidays") == 6 * N
         assert value("meterwatch_context_reloads_total") == 1  # both files, read once
         scores = asyncio.run(read_topic(settings, settings.scores_topic, min_records=DAYS * N))
     finally:
