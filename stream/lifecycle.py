@@ -361,6 +361,7 @@ class ModelLifecycle:
                      s.model_path, self.detector.threshold)
         context = [p for p in (s.household_info, s.weather, s.holidays) if p is not None]
         if context:  # one watcher: a change (or SIGHUP) reads the three once
+            log.info("context tables: %s", describe_tables(self.tables))
             self._watchers.append(ModelWatcher(context, s.model_poll_s, self._reload_context,
                                                what="context"))
         if checked.shadow is None or s.shadow_model_path is None:
