@@ -23,11 +23,13 @@ see the day relative to its own mean instead (``ModelConfig.shape_input``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
@@ -91,6 +93,32 @@ class ContextTables:
             hit = self.weather_day[i] == day
             out[hit] = self.temp_max[i[hit]]
         return out
+
+    def changed(self, other: ContextTables) -> dict[str, Any]:
+        """The parts of ``other`` that differ from this one's (by value), for ``updated``:
+        ``household`` (the ACORN groups and tariffs, together), ``weather`` (the days and
+        temperatures, together) and ``holidays``."""
+        out: dict[str, Any] = {}
+        if other.acorn_group != self.acorn_group or other.tariff != self.tariff:
+            out.update(acorn_group=other.acorn_group, tariff=other.tariff)
+        if not (np.array_equal(other.weather_day, self.weather_day)
+                and np.array_equal(other.temp_max, self.temp_max, equal_nan=True)
+                and np.array_equal(other.temp_min, self.temp_min, equal_nan=True)):
+            out.update(weather_day=other.weather_day, temp_max=other.temp_max,
+                       temp_min=other.temp_min)
+        if not np.array_equal(other.holidays, self.holidays):
+            out["holidays"] = other.holidays
+        return out
+
+    def updated(self, parts: Mapping[str, Any]) -> ContextTables:
+        """These tables with ``parts`` (``changed``'s fields) replaced. Where the household
+        information is not among them, the new tables share this one's household index
+        (``household_codes``; building it for a million households takes seconds)."""
+        new = dataclasses.replace(self, **parts)
+        lookup = _LOOKUPS.get(self)
+        if lookup is not None and "acorn_group" not in parts and "tariff" not in parts:
+            _LOOKUPS[new] = lookup
+        return new
 
     @classmethod
     def from_files(

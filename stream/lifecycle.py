@@ -39,7 +39,7 @@ published. ``ShadowComparison`` turns them into agreement metrics.
 
 **The context files follow their files too.** ``--household-info``, ``--weather`` and
 ``--holidays`` are watched the same way; when one changes, all three are read again (off the
-event loop) and the scorer takes them between two batches (``Scorer.set_tables``: the live
+event loop) and the scorer takes what changed between two batches (``Scorer.update_tables``: the live
 model and the shadow). A file that cannot be read is refused (log line,
 ``meterwatch_context_reload_failures_total``) and the tables read before go on. They used to
 be read once at start: a service that outran its weather file scored every later day without
@@ -141,6 +141,12 @@ def apply_budget(det: Detector, far: float | None, flag: str, *,
         raise ConfigurationError(flag, problem_of(exc),
                                  "choose a --target-far inside that range") from None
     return True
+
+
+#: ``ContextTables.changed``'s fields, as the log names them
+_PART_NAMES = {"acorn_group": "household information", "tariff": "household information",
+               "weather_day": "weather", "temp_max": "weather", "temp_min": "weather",
+               "holidays": "bank holidays"}
 
 
 def describe_tables(tables: ContextTables | None) -> str:
@@ -467,7 +473,7 @@ class ModelLifecycle:
         return True
 
     async def _between_batches(self, swap: Callable[[], Awaitable[None]]) -> float:
-        """``swap`` (the scorer's ``swap``, ``swap_shadow`` or ``set_tables``) at a batch
+        """``swap`` (the scorer's ``swap``, ``swap_shadow`` or ``update_tables``) at a batch
         boundary, while none is being scored; returns how long scoring waited."""
         async with self._boundary:  # scoring waits from here
             t0 = time.perf_counter()
@@ -476,9 +482,10 @@ class ModelLifecycle:
 
     async def _reload_context(self, path: Path) -> bool:
         """``--household-info``, ``--weather`` and ``--holidays`` read again after one of
-        them changed (``path``), and scored with from the next batch on. A file that
-        cannot be read is refused (log line, ``meterwatch_context_reload_failures_total``)
-        and the tables read before go on. Returns whether the tables changed.
+        them changed (``path``); what changed in them (``ContextTables.changed``) is scored
+        with from the next batch on. A file that cannot be read is refused (log line,
+        ``meterwatch_context_reload_failures_total``) and the tables read before go on.
+        Returns whether the tables changed.
 
         They were read once at start, so a service that ran past the end of its weather
         file scored every later day as one without weather, and households added to the
@@ -489,16 +496,23 @@ class ModelLifecycle:
         assert scorer is not None
         try:
             tables = await asyncio.to_thread(context_tables, self.settings)
-            waited = await self._between_batches(lambda: scorer.set_tables(tables))
+            before = self.tables or ContextTables.empty()
+            parts = await asyncio.to_thread(before.changed, tables or ContextTables.empty())
+            if parts:
+                waited = await self._between_batches(lambda: scorer.update_tables(parts))
         except Exception as exc:  # ConfigurationError (a file that cannot be used), OSError
             self.metrics.context_reload_failures.inc()
             log.error("context reload refused: %s; the tables read before go on",
                       first_line(exc))
             return False
-        self.tables = tables
+        if not parts:
+            log.info("context files read again (%s changed): the same tables", path)
+            return False
+        self.tables = scorer.tables
         self.metrics.context_reloads.inc()
-        log.info("context tables read again (%s changed): %s (scoring waited %.3f s)",
-                 path, describe_tables(tables), waited)
+        what = sorted({_PART_NAMES[k] for k in parts})
+        log.info("context tables read again (%s changed; new %s): %s (scoring waited "
+                 "%.3f s)", path, ", ".join(what), describe_tables(self.tables), waited)
         return True
 
     async def _reload_shadow(self, path: Path) -> bool:

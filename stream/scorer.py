@@ -57,11 +57,12 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import shared_memory
+from typing import Any
 
 import numpy as np
 import psutil
@@ -348,19 +349,23 @@ class Scorer:
                                     "loading it as the shadow") from None
         self.shadow = detector  # what a restarted scorer process loads
 
-    async def set_tables(self, tables: ContextTables | None) -> None:
-        """Score with ``tables`` (household information, weather, holidays re-read after
-        their files changed: ``stream.lifecycle``) from the next batch on, the live model
-        and the shadow alike. A scorer process that dies meanwhile is restarted with them."""
+    async def update_tables(self, parts: Mapping[str, Any]) -> None:
+        """Score with the context tables changed by ``parts`` (``ContextTables.changed``:
+        household information, weather or holidays read again after their files changed,
+        ``stream.lifecycle``) from the next batch on, the live model and the shadow alike.
+        Only the changed parts travel to a scorer process, and a household index is kept
+        where the household information did not change: for a million households,
+        sending the whole tables took 1.3 s and rebuilding the index 1.8-2.5 s, while
+        scoring waited. A scorer process that dies meanwhile is restarted with them."""
         loop = asyncio.get_running_loop()
         executor = self._executor
         assert executor is not None, "scorer not started"
-        self.tables = tables  # what a restarted scorer process starts with
+        self.tables = _updated(self.tables, parts)  # what a restarted process starts with
         if self._worker is not None:
-            _use_tables(self._worker, tables)
+            _use_tables(self._worker, self.tables)
             return
         try:
-            await loop.run_in_executor(executor, _process_set_tables, tables)
+            await loop.run_in_executor(executor, _process_update_tables, parts)
         except BrokenProcessPool:
             await self._restart()
 
@@ -641,16 +646,20 @@ def _process_swap_shadow(checkpoint: dict, target_far: float | None) -> str:
     return det.version
 
 
-def _use_tables(worker: _Worker, tables: ContextTables | None) -> None:
+def _updated(tables: ContextTables | None, parts: Mapping[str, Any]) -> ContextTables:
+    return ContextTables(**parts) if tables is None else tables.updated(parts)
+
+
+def _use_tables(worker: _Worker, tables: ContextTables) -> None:
     worker.tables = tables
     if worker.shadow is not None:
         worker.shadow.tables = tables
 
 
-def _process_set_tables(tables: ContextTables | None) -> None:
-    """``Scorer.set_tables`` in the scorer process (between two batches)."""
+def _process_update_tables(parts: Mapping[str, Any]) -> None:
+    """``Scorer.update_tables`` in the scorer process (between two batches)."""
     assert _PROCESS_WORKER is not None
-    _use_tables(_PROCESS_WORKER, tables)
+    _use_tables(_PROCESS_WORKER, _updated(_PROCESS_WORKER.tables, parts))
 
 
 def _die_with(parent: int) -> None:

@@ -25,7 +25,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from benchmarks.state_precision import replay as stored_replay
-from meterwatch.model import Detector, HouseholdState, SyntheticConfig, generate
+from meterwatch.model import ContextTables, Detector, HouseholdState, SyntheticConfig, generate
 from meterwatch.model.calibration import SEVERITIES
 from meterwatch.model.state import STORAGE_DTYPES
 from meterwatch.stream.config import Settings
@@ -236,8 +236,8 @@ async def test_scorer_swaps_the_shadow_between_batches_and_refuses_a_broken_one(
 async def test_scorer_takes_new_context_tables_between_batches(
         detector_path: Path, synthetic, process: bool  # type: ignore[no-untyped-def]
         ) -> None:
-    """``Scorer.set_tables``: the next batch is scored with them, by the live model and the
-    shadow (context files read again: ``ModelLifecycle._reload_context``)."""
+    """``Scorer.update_tables``: the next batch is scored with them, by the live model and
+    the shadow (context files read again: ``ModelLifecycle._reload_context``)."""
     live = Detector.load(detector_path, device="cpu")
     ids = list(synthetic.household_ids)
     n = len(ids)
@@ -250,9 +250,9 @@ async def test_scorer_takes_new_context_tables_between_batches(
     try:
         state = dict(vars(history))
         bare = await day(HISTORY_DAYS, state)
-        await scorer.set_tables(synthetic.tables)
+        await scorer.update_tables(ContextTables.empty().changed(synthetic.tables))
         told = await day(HISTORY_DAYS, state)
-        assert scorer.tables is synthetic.tables
+        assert scorer.tables is not None and not scorer.tables.changed(synthetic.tables)
     finally:
         await scorer.stop()
     days = np.full(n, synthetic.days[HISTORY_DAYS], np.int32)

@@ -96,3 +96,39 @@ def test_model_inputs_in_chunks_equal_one_pass(monkeypatch: pytest.MonkeyPatch) 
     for f in dataclasses.fields(whole):
         a, b = getattr(whole, f.name), getattr(chunked, f.name)
         assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), f.name
+
+
+def test_changed_parts_and_an_update_that_keeps_the_household_index() -> None:
+    ids = ["A", "B", "C"]
+    old = ContextTables(acorn_group={"A": "Affluent", "B": "Adversity"},
+                        tariff={"A": "Std", "B": "ToU"},
+                        weather_day=np.array([10, 11], np.int32),
+                        temp_max=np.array([5.0, np.nan], np.float32),
+                        temp_min=np.array([1.0, 2.0], np.float32),
+                        holidays=np.array([10], np.int32))
+    codes = features.household_codes(old, ids)
+    same = ContextTables(acorn_group=dict(old.acorn_group), tariff=dict(old.tariff),
+                         weather_day=old.weather_day.copy(), temp_max=old.temp_max.copy(),
+                         temp_min=old.temp_min.copy(), holidays=old.holidays.copy())
+    assert old.changed(same) == {}  # equal by value (NaN included)
+    # tomorrow's weather: only the weather travels, and the household index is kept
+    longer = dataclasses.replace(same, weather_day=np.array([10, 11, 12], np.int32),
+                                 temp_max=np.array([5.0, np.nan, 7.0], np.float32),
+                                 temp_min=np.array([1.0, 2.0, 3.0], np.float32))
+    parts = old.changed(longer)
+    assert set(parts) == {"weather_day", "temp_max", "temp_min"}
+    new = old.updated(parts)
+    assert features._LOOKUPS[new] is features._LOOKUPS[old]
+    assert new.acorn_group is old.acorn_group and not new.changed(longer)
+    assert float(new.max_temperature(np.array([12]))[0]) == 7.0
+    # a new household: the household information travels, and is looked up afresh
+    more = dataclasses.replace(longer, acorn_group={**old.acorn_group, "C": "Comfortable"},
+                               tariff={**old.tariff, "C": "ToU"})
+    parts = new.changed(more)
+    assert set(parts) == {"acorn_group", "tariff"}
+    newer = new.updated(parts)
+    assert newer not in features._LOOKUPS
+    assert features.household_codes(newer, ids)[1].tolist() == [-1.0, 1.0, 1.0]
+    assert codes[1].tolist() == [-1.0, 1.0, 0.0]
+    assert set(newer.changed(dataclasses.replace(more, holidays=np.array([], np.int32)))) \
+        == {"holidays"}
