@@ -57,7 +57,7 @@ async def main(path: Path, households: int) -> None:
                         torch_threads=1)
         await scorer.start()
 
-        def batch() -> Awaitable[object]:
+        def batch(scorer: Scorer = scorer) -> Awaitable[object]:
             return scorer.score(kwh, day, ids[:DAYS], keys, state)
 
         try:
