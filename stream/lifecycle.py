@@ -40,8 +40,9 @@ published. ``ShadowComparison`` turns them into agreement metrics.
 **The context files follow their files too.** ``--household-info``, ``--weather`` and
 ``--holidays`` are watched the same way (one watcher for the three); when one changes, all
 three are read again (off the event loop) and the scorer takes what changed between two
-batches (``Scorer.update_tables``: the live model and the shadow). A file that cannot be read is refused (log line,
-``meterwatch_context_reload_failures_total``) and the tables read before go on. They used to
+batches (``Scorer.update_tables``: the live model and the shadow). A file that cannot be
+read is refused (log line, ``meterwatch_context_reload_failures_total``) and the tables read
+before go on. They used to
 be read once at start: a service that outran its weather file scored every later day without
 weather, and new households as unknown ones, until it was restarted. The service counts the
 days scored without their weather or household row (``meterwatch_days_without_context_total``).
