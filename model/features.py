@@ -95,9 +95,9 @@ class ContextTables:
         return out
 
     def changed(self, other: ContextTables) -> dict[str, Any]:
-        """The parts of ``other`` that differ from this one's (by value), for ``updated``:
-        ``household`` (the ACORN groups and tariffs, together), ``weather`` (the days and
-        temperatures, together) and ``holidays``."""
+        """The fields of ``other`` whose values differ from this one's, for ``updated``:
+        ``acorn_group`` and ``tariff`` together (the household information), the weather's
+        ``weather_day``, ``temp_max`` and ``temp_min`` together, and ``holidays``."""
         out: dict[str, Any] = {}
         if other.acorn_group != self.acorn_group or other.tariff != self.tariff:
             out.update(acorn_group=other.acorn_group, tariff=other.tariff)

@@ -42,10 +42,11 @@ published. ``ShadowComparison`` turns them into agreement metrics.
 three are read again (off the event loop) and the scorer takes what changed between two
 batches (``Scorer.update_tables``: the live model and the shadow). A file that cannot be
 read is refused (log line, ``meterwatch_context_reload_failures_total``) and the tables read
-before go on. They used to
-be read once at start: a service that outran its weather file scored every later day without
-weather, and new households as unknown ones, until it was restarted. The service counts the
-days scored without their weather or household row (``meterwatch_days_without_context_total``).
+before go on. They used to be read once at start: a service that outran its weather file
+scored every later day without weather, new households as unknown ones and a new year's bank
+holidays as ordinary days, until it was restarted. The service counts the days scored
+without their weather or household row, or past the holidays file's last year
+(``meterwatch_days_without_context_total``).
 """
 
 from __future__ import annotations
