@@ -356,7 +356,8 @@ class Scorer:
         Only the changed parts travel to a scorer process, and a household index is kept
         where the household information did not change: for a million households,
         sending the whole tables took about 1 s and rebuilding the index about 2 s, while
-        scoring waited (``benchmarks/context_reload.py``). A scorer process that dies meanwhile is restarted with them."""
+        scoring waited (``benchmarks/context_reload.py``). A scorer process that dies
+        meanwhile is restarted with them."""
         loop = asyncio.get_running_loop()
         executor = self._executor
         assert executor is not None, "scorer not started"
