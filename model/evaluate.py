@@ -716,6 +716,9 @@ def _iso(d: int) -> str:
 def _periods(day: np.ndarray, calib_start: int | None,
              test_start: int | None) -> tuple[int, int]:
     """``periods``, checked (``check_periods``) and logged."""
+    if not len(day):
+        raise ValueError("--data: no readings in it (0 household-days); give half-hourly "
+                         "readings in a layout train --data reads")
     calib_start, test_start = periods(day, calib_start, test_start)
     check_periods(day, calib_start, test_start)
     log.info("periods: training before %s, calibration %s to %s, test from %s",
@@ -858,10 +861,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="anomaly types kept out of tuning, reported apart")
     p.add_argument("--max-epochs", type=int, default=25, help="training epochs per fold")
     p.add_argument("--boot", type=int, default=300, help="bootstrap resamples for intervals")
-    p.add_argument("--calib-start", help="first calibration day (default: the month before "
-                                         "--test-start)")
-    p.add_argument("--test-start", help="first test day (default: the data's last three "
-                                        "months, e.g. 2013-10-01 for a year of 2013)")
+    p.add_argument("--calib-start", help="first calibration day (default: a twelfth of the "
+                                         "data's span before --test-start)")
+    p.add_argument("--test-start", help="first test day (default: the last quarter of the "
+                                        "data's span, e.g. 2013-10-01 for a year of 2013)")
     p.add_argument("--rate", type=float, default=0.1, help="share of test days injected")
     p.add_argument("--far", type=float, default=0.01, help="target false-alarm rate")
     p.add_argument("--seed", type=int, default=0)

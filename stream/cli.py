@@ -159,10 +159,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-epochs", type=int, default=25, help="training epochs per fold")
     ev.add_argument("--boot", type=int, default=300,
                     help="bootstrap resamples for the intervals (folds)")
-    ev.add_argument("--calib-start", help="first calibration day (default: the month before "
-                                          "--test-start)")
-    ev.add_argument("--test-start", help="first test day (default: the data's last three "
-                                         "months, e.g. 2013-10-01 for a year of 2013)")
+    ev.add_argument("--calib-start", help="first calibration day (default: a twelfth of the "
+                                          "data's span before --test-start)")
+    ev.add_argument("--test-start", help="first test day (default: the last quarter of the "
+                                         "data's span, e.g. 2013-10-01 for a year of 2013)")
     ev.add_argument("--rate", type=float, default=0.1, help="share of test days injected")
     ev.add_argument("--far", type=float, default=0.01, help="target false-alarm rate")
     ev.add_argument("--seed", type=int, default=0, help="random seed")
