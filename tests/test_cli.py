@@ -179,7 +179,7 @@ def test_evaluate_and_simulate_misuse(tmp_path: Path) -> None:
     line = one_line_error(meterwatch("evaluate", "--data", str(folder), "--out",
                                      str(tmp_path / "out")))
     assert "--calib-start/--test-start" in line and "too few household-days" in line
-    empty = tmp_path / "empty"  # a header and nothing else: was numpy's "zero-size array"
+    empty = tmp_path / "empty"  # a header and nothing else: one line, not numpy's error
     empty.mkdir()
     (empty / "readings.csv").write_text("LCLid,tstp,energy(kWh/hh)\n")
     line = one_line_error(meterwatch("evaluate", "--data", str(empty), "--out",
