@@ -197,12 +197,14 @@ class Service:
                              process=in_process, device=s.device, dtype=s.precision,
                              on_change=self._scorer_changed,
                              rolling=s.calibration == "rolling", shadow=models.shadow)
-        await self.scorer.start()
+        # the scorer process spawns, loads the model and warms up (about 1.3 s) while the
+        # service connects and joins its group (seconds): one after the other, a start took
+        # both (docs/startup.md)
+        await _together(self.scorer.start(), self._connect())
         self.batcher.cap = min(self.batcher.max_size, self.scorer.memory_cap)
         self.scorer.on_memory_cap = lambda cap: setattr(  # lowered by an out-of-memory split
             self.batcher, "cap", min(self.batcher.max_size, cap))
         models.attach(self.scorer)
-        await self._connect()
         if s.gc_gen0_threshold:
             _GC.acquire(s.gc_gen0_threshold)
             self._gc_tuned = True
@@ -969,6 +971,22 @@ class Service:
                 c = (await self.consumer.beginning_offsets([tp]))[tp]
             out[tp] = c
         await self.consumer.commit(out)
+
+
+async def _together(*steps: Coroutine[Any, Any, None]) -> None:
+    """Run ``steps`` at once until all are done; the first to fail cancels the others (a
+    scorer that cannot start ends a connection still retrying, and a misconfiguration found
+    while connecting ends the scorer's start) and its exception is raised."""
+    tasks = [asyncio.create_task(step) for step in steps]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()  # the first failure, if any
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _listed_until(tables: ContextTables) -> int:

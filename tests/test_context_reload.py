@@ -4,10 +4,10 @@
 that ran past the end of its weather file scored every later day as one without weather,
 households added to the household file after the start as unknown ones, and bank holidays
 after the file's last year as ordinary days, until it was restarted, and nothing told the
-operator. Now each file is watched (``--model-poll-s``,
-SIGHUP), read again when it changes and used from the next batch on, in the scorer process;
-a file that cannot be read is refused and the tables before go on; scored days without
-their weather or household row, or after the holidays file's last year, are counted
+operator. Now each file is watched (``--model-poll-s``, SIGHUP), read again when it changes
+and used from the next batch on, in the scorer process; a file that cannot be read is
+refused and the tables before go on; scored days without their weather or household row,
+or after the holidays file's last year, are counted
 (``meterwatch_days_without_context_total``).
 
 Through ``meterwatch run`` with default settings: every published score is the one the
@@ -94,17 +94,19 @@ def test_context_files_are_read_again_when_they_change(broker, detector_path: Pa
         assert without("weather") == 2 * N  # days 4 and 5: no row in the weather file
         assert without("household_info") == 6 * N // 2  # half the households, every day
         assert without("holidays") == 6 * N  # 2013: after the last year it lists
-        # the operator's jobs bring both files up to date: found by polling
+        # the operator's jobs bring the files up to date and announce it (SIGHUP; polling
+        # finds them too: test_one_watcher_of_several_files_reads_them_once_per_change)
         paths["weather"].write_text(weather(days))  # (appended in place, as a feed does)
         _replace(paths["households"], households(N))
         _replace(paths["holidays"], f"Bank holidays,Type\n{_iso(days[1])},Test day\n")
+        assert svc.proc is not None
+        svc.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: value("meterwatch_context_reloads_total") >= 1,
-                   what="both changes read", service=svc)
+                   what="the changes read", service=svc)
         new = ContextTables.from_files(paths["households"], paths["weather"], paths["holidays"])
         # a holidays file caught half written, announced by SIGHUP (taken as it is):
         # refused, the tables before go on
         _replace(paths["holidays"], "Bank holidays,Type\n2013-12-")
-        assert svc.proc is not None
         svc.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: value("meterwatch_context_reload_failures_total") >= 1,
                    what="the broken file refused", service=svc)

@@ -128,6 +128,38 @@ async def test_model_watcher_waits_for_a_stable_file_and_takes_sighup_at_once(
         task.cancel()
 
 
+async def test_one_watcher_of_several_files_reads_them_once_per_change(
+        tmp_path: Path) -> None:
+    """The context files: one watcher for the three, so a change of two of them (or a
+    SIGHUP) is one reload, handed the file that changed; a file missing for a moment (a
+    feed that deletes and writes it) is waited for, not reloaded without."""
+    paths = [tmp_path / f"{name}.csv" for name in ("households", "weather", "holidays")]
+    for p in paths:
+        p.write_text("v1")
+    seen: list[Path] = []
+
+    async def reload(p: Path) -> bool:
+        seen.append(p)
+        return True
+
+    w = ModelWatcher(paths, 0.05, reload, what="context")
+    await w.check()
+    assert seen == []
+    paths[1].write_text("v2 longer")  # the weather, appended in place
+    paths[2].unlink()  # the holidays, being replaced
+    await w.check()
+    await w.check()
+    assert seen == []  # one of them is missing: wait
+    paths[2].write_text("v2")
+    await w.check()
+    assert seen == []  # changed since the last look: one more
+    await w.check()
+    assert seen == [paths[1]]  # once, for both
+    await w.check()
+    await w.check(now=True)  # SIGHUP: once more, as they are
+    assert seen == [paths[1], paths[0]]
+
+
 def test_shadow_comparison_counts_agreement() -> None:
     cmp = ShadowComparison(window=4)
     live = np.array([1.0, 5.0, 9.0, np.nan, 2.0])
