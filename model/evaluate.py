@@ -59,7 +59,13 @@ from meterwatch.model.inject import (
     inject,
     random_labels,
 )
-from meterwatch.model.loaders import Readings, date_to_day, load_dataset, parse_day
+from meterwatch.model.loaders import (
+    Readings,
+    date_to_day,
+    day_to_date,
+    load_dataset,
+    parse_day,
+)
 from meterwatch.model.network import ModelConfig
 from meterwatch.model.training import (
     History,
@@ -394,7 +400,7 @@ def plot_gallery(split: Split, scores: DayScores, threshold: float, path: Path,
         ax.step(hours, exp, where="post", label="expected", color="C1", linestyle="--")
         for h in hours[flagged]:
             ax.axvspan(h, h + 0.5, color="red", alpha=0.15)
-        date = dt.date(1970, 1, 1) + dt.timedelta(days=int(split.data.day[row]))
+        date = day_to_date(split.data.day[row])
         ax.set_title(f"{name}: {split.data.household_ids[row]} {date}  score "
                      f"{scores.score[i]:.1f} (threshold {threshold:.1f}) "
                      f"[{', '.join(scores.signal_names(i))}]", fontsize=8)
@@ -638,8 +644,8 @@ def run(
     days = split.data.day
 
     def span(rows: np.ndarray) -> str:
-        a = dt.date(1970, 1, 1) + dt.timedelta(days=int(days[rows].min()))
-        b = dt.date(1970, 1, 1) + dt.timedelta(days=int(days[rows].max()))
+        a = day_to_date(days[rows].min())
+        b = day_to_date(days[rows].max())
         return f"{a} .. {b}"
 
     summary: dict[str, Any] = {
@@ -696,7 +702,7 @@ def periods(day: np.ndarray, calib_start: int | None = None,
     def snap(d: int) -> int:
         if span < 183:
             return d
-        date = dt.date(1970, 1, 1) + dt.timedelta(days=d)
+        date = day_to_date(d)
         this = date_to_day(date.replace(day=1))
         following = date_to_day((date.replace(day=28) + dt.timedelta(days=4)).replace(day=1))
         return this if d - this <= following - d else following
@@ -710,7 +716,7 @@ def periods(day: np.ndarray, calib_start: int | None = None,
 
 
 def _iso(d: int) -> str:
-    return (dt.date(1970, 1, 1) + dt.timedelta(days=int(d))).isoformat()
+    return day_to_date(d).isoformat()
 
 
 def _periods(day: np.ndarray, calib_start: int | None,

@@ -86,6 +86,11 @@ def date_to_day(d: dt.date) -> int:
     return (d - _EPOCH).days
 
 
+def day_to_date(day: int) -> dt.date:
+    """The calendar date of a day since 1970-01-01 (``date_to_day``'s inverse)."""
+    return _EPOCH + dt.timedelta(days=int(day))
+
+
 def parse_day(text: str) -> int:
     """``YYYY-MM-DD`` (anything after the date is ignored) -> days since 1970-01-01."""
     s = text.strip()

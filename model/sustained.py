@@ -51,7 +51,6 @@ like ``Detector.score``: it returns the new state and never modifies its inputs.
 
 from __future__ import annotations
 
-import datetime as dt
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -60,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from meterwatch.model.features import ContextTables
+from meterwatch.model.loaders import day_to_date
 from meterwatch.model.state import clip_to
 
 SUSTAINED_STATS: tuple[str, ...] = ("total", "evening", "night_min", "zero_night")
@@ -333,7 +333,7 @@ class SustainedResult:
         sig = SIGNATURES[int(self.signature[i])]
         name = SUSTAINED_STATS[int(self.stat[i])]
         shift = float(self.shift[i])
-        start = dt.date(1970, 1, 1) + dt.timedelta(days=int(self.start_day[i]))
+        start = day_to_date(self.start_day[i])
         out: dict[str, Any] = {
             "type": "sustained_change", "signature": sig, "start_date": start.isoformat(),
             "statistic": name, "direction": "up" if shift > 0 else "down",

@@ -149,6 +149,7 @@ class Checkpoint:
             offsets[TopicPartition(s.input_topic, p)] = c
         t0 = time.perf_counter()
         lost: set[int] = set()
+        why = ""
         try:
             if self.publisher.transactional:  # steps 3 and 5: one transaction a partition
                 await self.publisher.send_all(records)
@@ -156,7 +157,7 @@ class Checkpoint:
                 await self.publisher.send_all(r for r in records if r.key != mark)
                 await self.publisher.send_all(r for r in records if r.key == mark)
         except PartitionLost as exc:
-            lost = exc.partitions
+            lost, why = exc.partitions, exc.reason
         offsets = {tp: c for tp, c in offsets.items() if tp.partition not in lost}
         if offsets:
             # Step 6: the group offset
@@ -166,4 +167,5 @@ class Checkpoint:
                 if tp.partition in parts:
                     parts[tp.partition].committed = c
         if lost:
-            raise PartitionLost(lost, "fenced while committing")
+            # the cause, as publishing says it (a fence, or an expired transactional id)
+            raise PartitionLost(lost, f"while committing: {why}")

@@ -620,6 +620,8 @@ def _write_labels(path: Path, data: Any, days: int, types: tuple[str, ...]) -> i
     """household_id,date,anomaly for every injected anomaly of the first ``days`` days."""
     import csv
 
+    from meterwatch.model.loaders import day_to_date
+
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -629,7 +631,7 @@ def _write_labels(path: Path, data: Any, days: int, types: tuple[str, ...]) -> i
             for d in range(days):
                 k = int(data.labels[h, d])
                 if k:
-                    date = dt.date(1970, 1, 1) + dt.timedelta(days=int(data.days[d]))
+                    date = day_to_date(data.days[d])
                     w.writerow([hid, date.isoformat(), types[k]])
                     n += 1
     return n

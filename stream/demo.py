@@ -25,6 +25,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 
 from meterwatch.model import ANOMALY_TYPES, SyntheticConfig, TrainConfig, generate, train_detector
+from meterwatch.model.loaders import day_to_date
 from meterwatch.stream.broker import Broker, create_topics
 from meterwatch.stream.config import Settings
 from meterwatch.stream.service import Service
@@ -200,7 +201,7 @@ def _samples(text: str, name: str) -> list[tuple[str, float]]:
 
 
 def _date(day: int) -> dt.date:
-    return dt.date(1970, 1, 1) + dt.timedelta(days=day)
+    return day_to_date(day)
 
 
 async def _watch_alerts(settings: Settings, alerts: dict, quiet: bool) -> None:

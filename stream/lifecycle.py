@@ -52,7 +52,6 @@ without their weather or household row, or past the holidays file's last year
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import os
 import time
@@ -67,6 +66,7 @@ import torch
 
 from meterwatch.model import ContextTables, Detector, SyntheticConfig, generate
 from meterwatch.model.features import FEATURE_NAMES, N_SLOTS, model_inputs
+from meterwatch.model.loaders import day_to_date
 from meterwatch.stream.config import Settings
 from meterwatch.stream.errors import ConfigurationError, first_line, problem_of
 from meterwatch.stream.metrics import Metrics
@@ -158,7 +158,7 @@ def describe_tables(tables: ContextTables | None) -> str:
         return "none"
 
     def last(days: np.ndarray) -> str:
-        return (dt.date(1970, 1, 1) + dt.timedelta(days=int(days[-1]))).isoformat() \
+        return day_to_date(days[-1]).isoformat() \
             if len(days) else "none"
 
     households = len(set(tables.tariff) | set(tables.acorn_group))

@@ -53,6 +53,7 @@ from aiokafka.errors import (
 from prometheus_client import CollectorRegistry
 
 from meterwatch.model import SIGNAL_NAMES, ContextTables, Detector
+from meterwatch.model.loaders import day_to_date
 from meterwatch.stream import authorization
 from meterwatch.stream.alerts import build_documents
 from meterwatch.stream.assembler import INCOMPLETE, ClosedDays
@@ -994,7 +995,7 @@ def _listed_until(tables: ContextTables) -> int:
     for an empty table."""
     if not len(tables.holidays):
         return -1
-    year = (dt.date(1970, 1, 1) + dt.timedelta(days=int(tables.holidays[-1]))).year
+    year = day_to_date(tables.holidays[-1]).year
     return (dt.date(year, 12, 31) - dt.date(1970, 1, 1)).days
 
 

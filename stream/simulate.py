@@ -23,7 +23,7 @@ from aiokafka.errors import KafkaError
 
 from meterwatch.model import ContextTables, SyntheticData
 from meterwatch.model.inject import inject, random_labels
-from meterwatch.model.loaders import Readings
+from meterwatch.model.loaders import Readings, day_to_date
 from meterwatch.stream.outputs import fitting_batch
 from meterwatch.stream.preflight import check_bootstrap, connection_refusal, record_limit
 
@@ -162,7 +162,7 @@ def recorded(readings: Readings, *, start: int | None = None, days: int | None =
 
 
 def _date(day: int) -> str:
-    return (dt.date(1970, 1, 1) + dt.timedelta(days=day)).isoformat()
+    return day_to_date(day).isoformat()
 
 
 def day_records(data: SyntheticData | RecordedDays, d: int, rng: np.random.Generator, *,
