@@ -369,7 +369,8 @@ class ModelLifecycle:
                      s.model_path, self.detector.threshold)
         context = [p for p in (s.household_info, s.weather, s.holidays) if p is not None]
         if context:  # one watcher: a change (or SIGHUP) reads the three once
-            log.info("context tables: %s", describe_tables(self.tables))
+            log.info("context tables: %s",  # (a set of every household: off the loop)
+                     await asyncio.to_thread(describe_tables, self.tables))
             self._watchers.append(ModelWatcher(context, s.model_poll_s, self._reload_context,
                                                what="context"))
         if checked.shadow is None or s.shadow_model_path is None:
@@ -513,8 +514,9 @@ class ModelLifecycle:
         self.tables = scorer.tables
         self.metrics.context_reloads.inc()
         what = sorted({_PART_NAMES[k] for k in parts})
+        held = await asyncio.to_thread(describe_tables, self.tables)
         log.info("context tables read again (%s changed; new %s): %s (scoring waited "
-                 "%.3f s)", path, ", ".join(what), describe_tables(self.tables), waited)
+                 "%.3f s)", path, ", ".join(what), held, waited)
         return True
 
     async def _reload_shadow(self, path: Path) -> bool:

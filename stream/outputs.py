@@ -233,16 +233,19 @@ class OutputPublisher:
         after joining (a rebalance for the group's other members). Any other answer (a
         coordinator not yet made, on a new cluster) is left to the partition's producer."""
         client = probe.client
-        for partition in range(partitions):
-            try:
-                await client.coordinator_lookup(
-                    CoordinationType.TRANSACTION, transactional_id(self.settings, partition))
-            except TransactionalIdAuthorizationFailed:
-                raise self._id_refused(partition) from None
-            except KafkaConnectionError:
-                raise
-            except KafkaError as exc:
-                log.debug("transaction coordinator of partition %d: %r", partition, exc)
+        answers = await asyncio.gather(  # at once: one round trip, not one a partition
+            *(client.coordinator_lookup(CoordinationType.TRANSACTION,
+                                        transactional_id(self.settings, p))
+              for p in range(partitions)), return_exceptions=True)
+        for partition, answer in enumerate(answers):  # judged in partition order
+            if isinstance(answer, TransactionalIdAuthorizationFailed):
+                raise self._id_refused(partition)
+            if isinstance(answer, KafkaConnectionError):
+                raise answer
+            if isinstance(answer, BaseException):
+                if not isinstance(answer, KafkaError):
+                    raise answer
+                log.debug("transaction coordinator of partition %d: %r", partition, answer)
                 return
 
     def _id_refused(self, partition: int) -> ConfigurationError:

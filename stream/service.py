@@ -977,7 +977,9 @@ class Service:
 async def _together(*steps: Coroutine[Any, Any, None]) -> None:
     """Run ``steps`` at once until all are done; the first to fail cancels the others (a
     scorer that cannot start ends a connection still retrying, and a misconfiguration found
-    while connecting ends the scorer's start) and its exception is raised."""
+    while connecting ends the scorer's start) and its exception is raised as it is (an
+    ``asyncio.TaskGroup`` would wrap a ``ConfigurationError`` in an ``ExceptionGroup``, and
+    the one-line exit 2 would become a traceback)."""
     tasks = [asyncio.create_task(step) for step in steps]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
