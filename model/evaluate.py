@@ -432,6 +432,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
         f"- machine: {summary['machine']}",
         f"- data: {summary['data']} ({summary['households']} households, "
         f"{summary['rows']} household-days)",
+        _context_line(summary["context"]),
         f"- periods: train {summary['periods']['train']}, calibrate "
         f"{summary['periods']['calib']}, test {summary['periods']['test']}",
         f"- test days: {summary['test_days']}, injected anomalies: {summary['anomalies']} "
@@ -603,12 +604,13 @@ def run(
     command: str = "",
     cold_households: float = 0.2,
     side_tables: dict[str, str | os.PathLike[str] | None] | None = None,
+    timezone: str = "UTC",
 ) -> dict[str, Any]:
     """The whole evaluation; returns the summary (also written to ``out`` when given).
     The periods default to the data's last months (``periods``)."""
     t0 = time.monotonic()
     set_seeds(seed)
-    data, sides = load_dataset(data_path, **(side_tables or {}))
+    data, sides = load_dataset(data_path, **(side_tables or {}), timezone=timezone)
     calib_start, test_start = _periods(data.day, calib_start, test_start)
     tables = ContextTables.from_files(household_csv=sides["household"],
                                       weather_csv=sides["weather"],
@@ -653,6 +655,7 @@ def run(
         "command": command,
         "machine": _machine(),
         "data": str(data_path),
+        "context": _context(sides, timezone),
         "households": len(set(data.household_ids)),
         "rows": len(data),
         "periods": {"train": span(split.train), "calib": span(split.calib),
@@ -752,6 +755,18 @@ def check_periods(day: np.ndarray, calib_start: int, test_start: int,
             "--calib-start and --test-start inside the data's dates")
 
 
+def _context(sides: dict[str, Path | None], timezone: str) -> dict[str, str | None]:
+    """The side tables read and the zone the days were cut in (for the report)."""
+    return {**{k: None if v is None else str(v) for k, v in sides.items()},
+            "timezone": timezone}
+
+
+def _context_line(context: dict[str, str | None]) -> str:
+    tables = ", ".join(f"{k} {context.get(k) or 'none'}"
+                       for k in ("household", "weather", "holidays"))
+    return f"- context: {tables}; days in {context.get('timezone', 'UTC')}"
+
+
 def _day_arg(text: str | None) -> int | None:
     return None if text is None else parse_day(text)
 
@@ -763,7 +778,9 @@ def run_protocol_folds(args: argparse.Namespace, command: str) -> dict[str, Any]
     from meterwatch.model.sustained import evaluate_sustained
 
     t0 = time.monotonic()
-    data, sides = load_dataset(args.data)
+    data, sides = load_dataset(args.data, household_info=args.household_info,
+                               weather=args.weather, holidays=args.holidays,
+                               timezone=args.timezone)
     tables = ContextTables.from_files(household_csv=sides["household"],
                                       weather_csv=sides["weather"],
                                       holidays_csv=sides["holidays"])
@@ -794,6 +811,7 @@ def run_protocol_folds(args: argparse.Namespace, command: str) -> dict[str, Any]
     summary.update({
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command, "machine": _machine(), "data": str(args.data),
+        "context": _context(sides, args.timezone),
         "households": len(set(data.household_ids)), "rows": len(data),
         "periods": {"calib_start": _iso(calib_start), "test_start": _iso(test_start)},
         "seconds": time.monotonic() - t0})
@@ -806,6 +824,7 @@ def run_protocol_folds(args: argparse.Namespace, command: str) -> dict[str, Any]
              f"- machine: {summary['machine']}",
              f"- data: {summary['data']} ({summary['households']} households, "
              f"{summary['rows']} household-days)",
+             _context_line(summary["context"]),
              f"- periods: training before {_iso(calib_start)}, calibration "
              f"{_iso(calib_start)} to {_iso(test_start - 1)}, test from {_iso(test_start)}",
              f"- wall time: {summary['seconds']:.0f} s", "",
@@ -881,6 +900,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "households new to the service are scored (0: skip)")
     for side in ("household-info", "weather", "holidays"):
         p.add_argument(f"--{side}", type=Path, help="side table (default: found in --data)")
+    p.add_argument("--timezone", default="UTC", help="time zone of the days (IANA name)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                                                    "%(message)s")
@@ -896,7 +916,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   seed=args.seed, methods=args.methods.split(","), command=command,
                   cold_households=args.cold_households,
                   side_tables={"household_info": args.household_info, "weather": args.weather,
-                               "holidays": args.holidays})
+                               "holidays": args.holidays}, timezone=args.timezone)
     for line in summary["targets"]:
         print(line)
     print(f"report: {args.out / 'RESULTS.md'}")

@@ -12,11 +12,22 @@ household-day, ``kwh`` float32 (M, 48) with NaN where a half-hour is missing):
 * London Datastore: ``LCLid,stdorToU,DateTime,KWH/hh (per half hour) `` (trailing space),
   ``DateTime`` like ``2012-10-12 00:30:00.0000000``, missing values written ``Null``;
 * Kaggle half-hourly: ``LCLid,tstp,energy(kWh/hh)``, one CSV or a ``.tar.gz`` of many;
-* Kaggle hhblock: ``LCLid,day,hh_0,...,hh_47``.
+* Kaggle hhblock: ``LCLid,day,hh_0,...,hh_47``;
+* a utility's own, with the stream's field names: ``household_id,ts,kwh`` (one row per
+  half-hour; ``ts`` ISO 8601, with an offset or ``Z``, or without one: wall-clock time in
+  the ``timezone`` given), or ``household_id,date,hh_0,...,hh_47``. Columns may come in any
+  order, with others beside them; ``household``/``timestamp``/``interval_start`` and
+  ``day`` are taken too.
 
-Side tables: ``read_household_info`` (``LCLid,stdorToU,Acorn,Acorn_grouped,file``),
-``read_daily_weather`` (``time,temperatureMax,temperatureMin,...``),
-``read_bank_holidays`` (``Bank holidays,Type``).
+Days are local calendar days in ``timezone`` (IANA name, default UTC), cut as the service
+cuts them (``meterwatch run --timezone``): a timestamp with an offset is converted, and the
+second pass through the hour the clocks go back is averaged with the first. A timestamp
+that is not on the hour or half-hour is refused: the readings must be half-hourly.
+
+Side tables: ``read_household_info`` (``LCLid,stdorToU,Acorn,Acorn_grouped,file``, or
+``household_id,tariff,group``), ``read_daily_weather`` (``time,temperatureMax,
+temperatureMin,...``, or ``date,temp_max,temp_min`` in °C) and ``read_bank_holidays``
+(``Bank holidays,Type``, or ``date``).
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import os
 import sys
 import tarfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,16 +81,31 @@ def _clean(row: list[str]) -> list[str]:
     return [f.strip().strip("\r\n").strip() for f in row]
 
 
-def _header_index(header: list[str], path: str | os.PathLike[str], *names: str) -> list[int]:
-    """Column positions of ``names`` (case-insensitive, spaces ignored)."""
-    norm = [h.strip().lower().replace(" ", "") for h in header]
+def _norm(name: str) -> str:
+    return name.strip().lower().replace(" ", "")
+
+
+def _header_index(header: list[str], path: str | os.PathLike[str],
+                  *columns: tuple[str, ...] | str) -> list[int]:
+    """Column positions (case-insensitive, spaces ignored); each column is a name or a
+    tuple of the names it goes by (the first is the one an error names)."""
+    norm = [_norm(h) for h in header]
     out = []
-    for name in names:
-        key = name.lower().replace(" ", "")
-        if key not in norm:
-            raise LoadError(path, 1, f"missing column {name!r}; header is {header!r}")
-        out.append(norm.index(key))
+    for names in columns:
+        names = (names,) if isinstance(names, str) else names
+        at = next((norm.index(_norm(n)) for n in names if _norm(n) in norm), None)
+        if at is None:
+            also = "".join(f" or {n!r}" for n in names[1:])
+            raise LoadError(path, 1, f"missing column {names[0]!r}{also}; header is {header!r}")
+        out.append(at)
     return out
+
+
+#: Column names of the readings and side tables: the Low Carbon London name first, then
+#: those a utility's own export goes by (the stream's own record fields among them).
+HOUSEHOLD_COLUMN = ("LCLid", "household_id", "household")
+TIME_COLUMN = ("tstp", "DateTime", "ts", "timestamp", "interval_start")
+DAY_COLUMN = ("day", "date")
 
 
 def date_to_day(d: dt.date) -> int:
@@ -101,35 +128,64 @@ def parse_day(text: str) -> int:
 
 
 def read_household_info(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str, str]]:
-    """``LCLid -> Acorn_grouped`` and ``LCLid -> stdorToU`` from the household file."""
+    """``household -> group`` and ``household -> tariff`` from the household file.
+
+    The columns are ``LCLid``, ``stdorToU`` and ``Acorn_grouped`` (Low Carbon London) or
+    ``household_id``, ``tariff`` and ``group``. The model knows the groups ``Affluent``,
+    ``Comfortable`` and ``Adversity`` and the tariffs ``Std`` and ``ToU`` (any case);
+    other values are kept as they are, scored as unknown, and counted in one warning."""
+    from meterwatch.model.features import ACORN_GROUPS, TARIFFS
+
+    known_group = {g.lower(): g for g in ACORN_GROUPS}
+    known_tariff = {t.lower(): t for t in TARIFFS}
     groups: dict[str, str] = {}
     tariffs: dict[str, str] = {}
     with _open_text(path) as f:
         reader = csv.reader(f)
         header = _clean(next(reader, []))
-        i_id, i_tariff = _header_index(header, path, "LCLid", "stdorToU")
-        i_group = _header_index(header, path, "Acorn_grouped")[0]
+        i_id, i_tariff, i_group = _header_index(header, path, HOUSEHOLD_COLUMN,
+                                                ("stdorToU", "tariff"),
+                                                ("Acorn_grouped", "group"))
         for line, raw in enumerate(reader, start=2):
             row = _clean(raw)
             if not any(row):
                 continue
             if len(row) <= max(i_id, i_tariff, i_group):
                 raise LoadError(path, line, f"expected {len(header)} fields, got {raw!r}")
-            groups[row[i_id]] = row[i_group]
-            tariffs[row[i_id]] = row[i_tariff]
+            group, tariff = row[i_group], row[i_tariff]
+            groups[row[i_id]] = known_group.get(group.lower(), group)
+            tariffs[row[i_id]] = known_tariff.get(tariff.lower(), tariff)
+    _warn_unknown(path, "group", groups, ACORN_GROUPS)
+    _warn_unknown(path, "tariff", tariffs, tuple(TARIFFS))
     return groups, tariffs
+
+
+def _warn_unknown(path: str | os.PathLike[str], what: str, values: dict[str, str],
+                  known: tuple[str, ...]) -> None:
+    other = Counter(v for v in values.values() if v not in known
+                    and v.lower() not in ("", "acorn-u", "unknown", "n/a", "na"))
+    if other:
+        seen = ", ".join(f"{v!r} ({n:,})" for v, n in other.most_common(3))
+        log.warning("%s: %s of %s households have a %s the model does not know (%s%s); "
+                    "they are scored as of an unknown %s (known: %s)", os.fspath(path),
+                    f"{other.total():,}", f"{len(values):,}", what, seen,
+                    ", ..." if len(other) > 3 else "", what, ", ".join(known))
 
 
 def read_daily_weather(
     path: str | os.PathLike[str],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(day int32, temperatureMax float32, temperatureMin float32), sorted by day."""
+    """(day int32, daily maximum float32, daily minimum float32), sorted by day; columns
+    ``time,temperatureMax,temperatureMin`` (Dark Sky, as packaged with Low Carbon London)
+    or ``date,temp_max,temp_min``, in °C."""
     days: dict[int, tuple[float, float]] = {}
     with _open_text(path) as f:
         reader = csv.reader(f)
         header = _clean(next(reader, []))
-        i_time, i_max, i_min = _header_index(header, path, "time", "temperatureMax",
-                                             "temperatureMin")
+        i_time, i_max, i_min = _header_index(
+            header, path, ("time", *DAY_COLUMN),
+            ("temperatureMax", "temp_max", "temperature_max", "tmax"),
+            ("temperatureMin", "temp_min", "temperature_min", "tmin"))
         for line, raw in enumerate(reader, start=2):
             row = _clean(raw)
             if not any(row):
@@ -148,12 +204,12 @@ def read_daily_weather(
 
 
 def read_bank_holidays(path: str | os.PathLike[str]) -> np.ndarray:
-    """Sorted int32 days of the bank holidays."""
+    """Sorted int32 days of the bank holidays (column ``Bank holidays`` or ``date``)."""
     out = set()
     with _open_text(path) as f:
         reader = csv.reader(f)
         header = _clean(next(reader, []))
-        (i_day,) = _header_index(header, path, "Bank holidays")
+        (i_day,) = _header_index(header, path, ("Bank holidays", "date", "holiday"))
         for line, raw in enumerate(reader, start=2):
             row = _clean(raw)
             if not any(row):
@@ -214,8 +270,12 @@ class _Accumulator:
 
     BLOCK = 65536
 
-    def __init__(self, households: set[str] | None, start: int | None, end: int | None):
+    def __init__(self, households: set[str] | None, start: int | None, end: int | None,
+                 timezone: str = "UTC"):
         self.households, self.start, self.end = households, start, end
+        self.clock = _Clock(timezone)
+        # (household, day, slot) -> kWh of the repeated hour when the clocks go back
+        self.repeats: dict[tuple[str, int, int], float] = {}
         self.hh_index: dict[str, int] = {}
         self.row_of: dict[int, int] = {}  # hh_index * 2**20 + (day + 2**19) -> row
         self.blocks: list[np.ndarray] = []
@@ -240,10 +300,24 @@ class _Accumulator:
             self.n += 1
         return self.blocks[r // self.BLOCK][r % self.BLOCK]
 
+    def repeat(self, hh: str, day: int, slot: int, value: float) -> None:
+        self.row(hh, day)  # the day exists even if only its repeat is read
+        self.repeats[(hh, day, slot)] = value
+
+    def _merge_repeats(self) -> None:
+        """Each repeated half-hour is the mean of its two readings (one if the other is
+        missing), as the service scores it."""
+        for (hh, day, slot), value in self.repeats.items():
+            row, first = self.row(hh, day), self.row(hh, day)[slot]
+            row[slot] = value if np.isnan(first) else first if np.isnan(value) else \
+                (first + value) / 2
+        self.repeats = {}
+
     def result(self) -> Readings:
         """The rows sorted by household and day. Each block is copied straight to its rows'
         sorted places and let go: the readings are held about twice at the peak, not three
         times (the blocks, their concatenation and its sorted copy)."""
+        self._merge_repeats()
         keys = np.array(self.keys, dtype=np.int64)
         hh, day = keys >> 20, (keys & ((1 << 20) - 1)) - (1 << 19)
         names = np.array(sorted(self.hh_index, key=self.hh_index.__getitem__), dtype=object)
@@ -272,22 +346,71 @@ class _DayCache(dict[str, int]):
         return value
 
 
+def zone(name: str) -> dt.tzinfo:
+    """The time zone of an IANA name (``UTC`` and its aliases: ``datetime.timezone.utc``);
+    raises ``ValueError`` naming it."""
+    if zone_key(name) == "UTC":
+        return dt.timezone.utc
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r}; use an IANA name such as UTC or "
+                         "Europe/London") from None
+
+
+def zone_key(name: str) -> str:
+    """``name`` with the aliases of UTC made one (``UTC``), to compare two settings."""
+    return "UTC" if name.strip().upper() in ("UTC", "Z", "ETC/UTC", "GMT", "ETC/GMT") \
+        else name.strip()
+
+
+class _Clock(dict[str, tuple[int, int, bool]]):
+    """Timestamp text -> (local day, slot, repeat) in a time zone, parsed once per distinct
+    text (a file repeats each half-hour once per household). ``repeat``: the second pass
+    through the wall-clock hour the clocks go back (the service averages it with the
+    first). Raises ``ValueError`` for text that is not a timestamp on the half-hour."""
+
+    def __init__(self, tz: str) -> None:
+        super().__init__()
+        self.tz = zone(tz)
+
+    def __missing__(self, text: str) -> tuple[int, int, bool]:
+        t = text.strip()
+        try:
+            stamp = dt.datetime.fromisoformat(t)
+        except ValueError:
+            raise ValueError(f"not an ISO 8601 timestamp: {t!r}") from None
+        repeat = False
+        if stamp.tzinfo is not None:
+            stamp = stamp.astimezone(self.tz)
+            repeat = bool(stamp.fold)
+        if stamp.minute % 30 or stamp.second or stamp.microsecond:
+            raise ValueError(f"{t!r} is not on the hour or half-hour: the readings must be "
+                             "half-hourly (sum each half-hour's quarter-hours first)")
+        value = self[text] = (date_to_day(stamp.date()), stamp.hour * 2 + stamp.minute // 30,
+                              repeat)
+        return value
+
+
 def _read_long(
     lines: Iterable[str], path: str, acc: _Accumulator, progress: _Progress,
     tell: Callable[[], int],
 ) -> int:
-    """Rows ``LCLid,[stdorToU,]timestamp,kWh`` (the header is the first line). Returns rows."""
+    """Rows ``household,[...,]timestamp,kWh`` (the header is the first line). Returns rows."""
     it = iter(lines)
     header = [h.strip() for h in next(it, "").strip("\ufeff\r\n").split(",")]
-    norm = [h.lower().replace(" ", "") for h in header]
+    norm = [_norm(h) for h in header]
     try:
-        i_id = norm.index("lclid")
-        i_ts = next(i for i, h in enumerate(norm) if h in ("tstp", "datetime"))
+        i_id, i_ts = _header_index(header, path, HOUSEHOLD_COLUMN, TIME_COLUMN)
         i_v = next(i for i, h in enumerate(norm) if h.startswith(("energy", "kwh")))
-    except (ValueError, StopIteration):
-        raise LoadError(path, 1, f"not a half-hourly readings header: {header!r}") from None
+    except (LoadError, StopIteration):
+        raise LoadError(path, 1, "not a half-hourly readings header: expected a household "
+                        f"({', '.join(HOUSEHOLD_COLUMN)}), a time ({', '.join(TIME_COLUMN)}) "
+                        f"and a kWh column (kwh, energy...); got {header!r}") from None
     width = len(header)
-    days = _DayCache()
+    clock = acc.clock
     rows = 0
     line_no = 1
     for line_no, line in enumerate(it, start=2):
@@ -296,17 +419,17 @@ def _read_long(
             if not line.strip():
                 continue
             raise LoadError(path, line_no, f"expected {width} fields, got {line.strip()!r}")
-        hh, ts = parts[i_id].strip(), parts[i_ts].strip()
+        hh = parts[i_id].strip()
         try:
-            day = days[ts[:10]]
-            slot = int(ts[11:13]) * 2 + int(ts[14:16]) // 30
+            day, slot, repeat = clock[parts[i_ts]]
             value = _parse_value(parts[i_v])
-        except (ValueError, IndexError):
-            raise LoadError(path, line_no, f"bad reading {line.strip()!r}") from None
-        if not 0 <= slot < N_SLOTS:
-            raise LoadError(path, line_no, f"bad time of day in {ts!r}")
+        except ValueError as e:
+            raise LoadError(path, line_no, f"bad reading {line.strip()!r}: {e}") from None
         if acc.wanted(hh, day):
-            acc.row(hh, day)[slot] = value
+            if repeat:
+                acc.repeat(hh, day, slot, value)
+            else:
+                acc.row(hh, day)[slot] = value
         rows += 1
         if rows & 0xFFFF == 0:
             progress.update(tell(), acc.n)
@@ -317,12 +440,11 @@ def _read_hhblock(lines: Iterable[str], path: str, acc: _Accumulator, progress: 
                   tell: Callable[[], int]) -> int:
     it = iter(lines)
     header = [h.strip() for h in next(it, "").strip("\ufeff\r\n").split(",")]
-    norm = [h.lower() for h in header]
     try:
-        i_id, i_day = norm.index("lclid"), norm.index("day")
-        i_slots = [norm.index(f"hh_{k}") for k in range(N_SLOTS)]
-    except ValueError:
-        raise LoadError(path, 1, f"not an hhblock header: {header!r}") from None
+        i_id, i_day, *i_slots = _header_index(header, path, HOUSEHOLD_COLUMN, DAY_COLUMN,
+                                              *(f"hh_{k}" for k in range(N_SLOTS)))
+    except LoadError as e:
+        raise LoadError(path, 1, f"not a household-day header ({e.why})") from None
     rows = 0
     for line_no, line in enumerate(it, start=2):
         parts = line.rstrip("\r\n").split(",")
@@ -422,6 +544,7 @@ def read_readings(
     start_day: int | None = None,
     end_day: int | None = None,
     progress: bool | None = None,
+    timezone: str = "UTC",
 ) -> Readings:
     """Read half-hourly readings in any supported layout (detected from the header).
 
@@ -436,6 +559,9 @@ def read_readings(
         Keep days in ``[start_day, end_day)`` (days since 1970-01-01).
     progress
         Show a progress bar with ETA on stderr (default: when stderr is a terminal).
+    timezone
+        Time zone (IANA name) of the day boundaries, as ``meterwatch run --timezone``: a
+        timestamp with an offset is converted to it, one without is its wall-clock time.
 
     Returns
     -------
@@ -455,7 +581,8 @@ def read_readings(
     for p in paths:
         if not p.is_file():
             raise LoadError(p, None, "no such file")
-    acc = _Accumulator(set(households) if households is not None else None, start_day, end_day)
+    acc = _Accumulator(set(households) if households is not None else None, start_day, end_day,
+                       timezone)
     label = paths[0].name if len(paths) == 1 else f"{paths[0].parent.name or '.'}/ "\
         f"({len(paths)} files)"
     prog = _Progress(label, sum(p.stat().st_size for p in paths), progress)

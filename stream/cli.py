@@ -91,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="households generated (--synthetic)")
     train.add_argument("--days", type=int, default=28, help="days generated (--synthetic)")
     _side_table_flags(train)
+    _timezone_flag(train)
     train.add_argument("--until", help="train on days before this date (YYYY-MM-DD)")
     train.add_argument("--preset", choices=("default", "reference"), default="default",
                        help="network size: reference = the case study's 48 + 15 -> 8 -> 2")
@@ -109,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     Settings.add_arguments(sim, only=("bootstrap_servers", "input_topic", "client_id",
                                       "security_protocol", "sasl_mechanism", "sasl_username",
                                       "sasl_password", "ssl_cafile", "ssl_certfile",
-                                      "ssl_keyfile", "log_level", "log_format"))
+                                      "ssl_keyfile", "timezone", "log_level",
+                                      "log_format"))
     sim.add_argument("--data", type=Path,
                      help="produce these recorded readings instead of synthetic ones (any "
                           "layout train --data reads), day by day in time order")
@@ -146,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="readings (any layout train --data takes)")
     ev.add_argument("--out", required=True, type=Path, help="directory for the report")
     _side_table_flags(ev)
+    _timezone_flag(ev)
     ev.add_argument("--protocol", choices=("folds", "split"), default="folds",
                     help="folds: scored only on households never trained on, several seeds, "
                          "magnitude sweeps; split: one time split on the training households")
@@ -186,6 +189,23 @@ def _parser() -> argparse.ArgumentParser:
     cfg.add_argument("--markdown", action="store_true", help="the settings table instead")
     Settings.add_arguments(cfg)
     return p
+
+
+def _timezone_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timezone", default="UTC",
+                   help="time zone of the days the --data readings are cut into (IANA name): "
+                        "timestamps with an offset are converted to it, those without are its "
+                        "wall-clock time; the service's --timezone must be the same")
+
+
+def _zone(args: argparse.Namespace) -> str:
+    from meterwatch.model.loaders import zone, zone_key
+
+    try:
+        zone(args.timezone)
+    except ValueError as exc:
+        raise UsageError(f"--timezone: {exc}") from None
+    return zone_key(args.timezone)
 
 
 def _side_table_flags(p: argparse.ArgumentParser) -> None:
@@ -505,9 +525,10 @@ def _train(args: argparse.Namespace) -> int:
         from meterwatch.model.loaders import load_dataset
 
         until = _day(args.until, "--until") if args.until else None
+        timezone = _zone(args)
         readings, sides = load_dataset(args.data, household_info=args.household_info,
                                        weather=args.weather, holidays=args.holidays,
-                                       end_day=until)
+                                       end_day=until, timezone=timezone)
         if len(readings) == 0:
             raise UsageError(f"{args.data}: no readings"
                              + (f" before {args.until}" if args.until else ""))
@@ -528,6 +549,8 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         trainer_log.removeHandler(bar)
         bar.close()
+    if not args.synthetic:  # the service refuses to cut days in another zone
+        det.info["timezone"] = timezone
     args.out.parent.mkdir(parents=True, exist_ok=True)
     det.save(args.out)
     print(f"saved {det.version} (threshold {det.threshold:.4f}) to {args.out}")
@@ -542,7 +565,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             "--rate", str(args.rate), "--far", str(args.far), "--seed", str(args.seed),
             "--methods", args.methods, "--cold-households", str(args.cold_households),
             "--protocol", args.protocol, "--folds", str(args.folds), "--seeds", args.seeds,
-            "--max-epochs", str(args.max_epochs), "--boot", str(args.boot)]
+            "--max-epochs", str(args.max_epochs), "--boot", str(args.boot),
+            "--timezone", _zone(args)]
     if args.final:
         argv.append("--final")
     if args.holdout_types:
@@ -577,7 +601,7 @@ async def _simulate(args: argparse.Namespace) -> int:
     if not 0.0 <= args.anomaly_rate <= 1.0:
         raise UsageError("--anomaly-rate: must be a share of household-days, 0 to 1")
     if args.data is not None:
-        data = _recorded(args)
+        data = _recorded(args, settings.timezone)
     else:
         data = generate(SyntheticConfig(
             n_households=200 if args.households is None else args.households,
@@ -587,7 +611,7 @@ async def _simulate(args: argparse.Namespace) -> int:
     stats = await produce_synthetic(settings.bootstrap_servers, settings.input_topic, data,
                                     malformed_every=args.malformed_every, seed=args.seed,
                                     rate=args.rate, duration=args.duration,
-                                    **_client_options(settings))
+                                    timezone=settings.timezone, **_client_options(settings))
     n_labels = _write_labels(args.labels, data, stats.days_produced, ANOMALY_TYPES)
     print(f"produced {stats.readings:,} readings in {stats.records:,} records "
           f"({stats.malformed} malformed) in {stats.seconds:.1f} s to {settings.input_topic}; "
@@ -595,14 +619,14 @@ async def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recorded(args: argparse.Namespace) -> Any:
+def _recorded(args: argparse.Namespace, timezone: str) -> Any:
     """``simulate --data``: the recorded readings on the grid the producer sends."""
     from meterwatch.model import ContextTables
     from meterwatch.model.loaders import load_dataset
     from meterwatch.stream.simulate import recorded
 
     start = None if args.start is None else _day(args.start, "--start")  # before the data
-    readings, sides = load_dataset(args.data)
+    readings, sides = load_dataset(args.data, timezone=timezone)
     weather = sides.get("weather")
     return recorded(readings, start=start,
                     days=args.days, households=args.households,

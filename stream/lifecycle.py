@@ -66,7 +66,7 @@ import torch
 
 from meterwatch.model import ContextTables, Detector, SyntheticConfig, generate
 from meterwatch.model.features import FEATURE_NAMES, N_SLOTS, model_inputs
-from meterwatch.model.loaders import day_to_date
+from meterwatch.model.loaders import day_to_date, zone_key
 from meterwatch.stream.config import Settings
 from meterwatch.stream.errors import ConfigurationError, first_line, problem_of
 from meterwatch.stream.metrics import Metrics
@@ -86,10 +86,25 @@ class ModelRejected(ValueError):
     """A candidate checkpoint that must not serve; the message says why (one line)."""
 
 
+def other_zone(det: Detector, timezone: str) -> str | None:
+    """The time zone ``det`` was trained in (``meterwatch train --timezone``, kept in its
+    ``info``) when it is not ``timezone``; None when they agree or the checkpoint does not
+    say (synthetic training, older checkpoints)."""
+    trained = det.info.get("timezone")
+    if trained is None or zone_key(str(trained)) == zone_key(timezone):
+        return None
+    return str(trained)
+
+
 def validate(det: Detector, current: Detector | None = None,
-             tables: ContextTables | None = None) -> None:
+             tables: ContextTables | None = None, timezone: str | None = None) -> None:
     """Raise ``ModelRejected`` unless ``det`` can take over from ``current`` (steps 2-3 of
-    the module docstring; step 1 is loading it)."""
+    the module docstring; step 1 is loading it); ``timezone``: the service's, which the
+    model's training days must have been cut in too (``other_zone``)."""
+    trained = None if timezone is None else other_zone(det, timezone)
+    if trained is not None:
+        raise ModelRejected(f"{det.version}: trained on days in {trained}, but this service "
+                            f"cuts days in {timezone} (--timezone)")
     cfg = det.config
     if cfg.n_slots != N_SLOTS or cfg.n_context != len(FEATURE_NAMES):
         raise ModelRejected(f"{det.version}: input contract {cfg.n_slots} readings + "
@@ -419,7 +434,7 @@ class ModelLifecycle:
         if not apply_budget(shadow, far, "--shadow-model-path", optional=True) \
                 and far is not None:
             _warn_no_curve(shadow)
-        validate(shadow, self.detector, self.tables)
+        validate(shadow, self.detector, self.tables, self.settings.timezone)
         return shadow
 
     def _model_info(self) -> None:
@@ -459,7 +474,8 @@ class ModelLifecycle:
             if cand.version == old.version:
                 log.info("model reload: %s holds %s, already serving", path, cand.version)
                 return False
-            await asyncio.to_thread(validate, cand, old, self.tables)
+            await asyncio.to_thread(validate, cand, old, self.tables,
+                                    self.settings.timezone)
             # a worker thread scores this very object: validated above, on its device
             waited = await self._between_batches(
                 lambda: scorer.swap(cand, validated=True))

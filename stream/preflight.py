@@ -352,7 +352,7 @@ def check_inputs(settings: Settings, detector: Detector | None = None) -> Checke
     fine)."""
     from meterwatch.model import Detector
     from meterwatch.model.detector import CheckpointError
-    from meterwatch.stream.lifecycle import ModelRejected, apply_budget, validate
+    from meterwatch.stream.lifecycle import ModelRejected, apply_budget, other_zone, validate
 
     s = settings
     check_device(s)
@@ -371,6 +371,13 @@ def check_inputs(settings: Settings, detector: Detector | None = None) -> Checke
                 det = Detector.load(path, device="cpu")
             except CheckpointError as exc:
                 raise ConfigurationError(flag, problem_of(exc), fix) from None
+        trained = other_zone(det, s.timezone)
+        if trained is not None:
+            where = f"{os.fspath(path)}" if path is not None else det.version
+            raise ConfigurationError(
+                "--timezone", f"{s.timezone}, but {where} was trained on days in {trained}",
+                f"run with --timezone {trained}, or give a model trained with meterwatch "
+                f"train --timezone {s.timezone}")
         if live is None:
             apply_budget(det, s.target_far, "--target-far")
         else:  # a shadow without a curve keeps its own threshold (the service warns)

@@ -26,6 +26,7 @@ from meterwatch.model.inject import inject, random_labels
 from meterwatch.model.loaders import Readings, day_to_date
 from meterwatch.stream.outputs import fitting_batch
 from meterwatch.stream.preflight import check_bootstrap, connection_refusal, record_limit
+from meterwatch.stream.timegrid import TimeGrid
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +167,17 @@ def _date(day: int) -> str:
 
 
 def day_records(data: SyntheticData | RecordedDays, d: int, rng: np.random.Generator, *,
-                array_fraction: float = 0.1) -> Iterator[tuple[bytes, bytes, list[int]]]:
-    """(key, value, household rows) records for day index ``d``, shuffled."""
+                array_fraction: float = 0.1, grid: TimeGrid | None = None,
+                ) -> Iterator[tuple[bytes, bytes, list[int]]]:
+    """(key, value, household rows) records for day index ``d``, shuffled. ``grid``: the
+    local days the service cuts (``--timezone``); by default UTC days. On a day the clocks
+    go forward the skipped hour's slots are not sent (the service imputes them); on a day
+    they go back the repeated hour's slots are sent twice, one reading for each pass."""
     day = int(data.days[d])
     h_n = len(data.household_ids)
     block = data.day_kwh(d) if isinstance(data, RecordedDays) else data.kwh[:, d]
     kwh: list[list[float]] = block.tolist()
+    times = slot_times(day, grid)
     order = rng.permutation(h_n * 48)
     as_array = rng.random(h_n) < array_fraction
     order = order[~np.isnan(block).ravel()[order]]  # a missing reading is never sent
@@ -180,15 +186,30 @@ def day_records(data: SyntheticData | RecordedDays, d: int, rng: np.random.Gener
         h, s = divmod(k, 48)
         hid = data.household_ids[h]
         v = kwh[h][s]
-        js = reading_json(hid, day * 86400 + s * 1800, v)
-        if as_array[h]:
-            arrays.setdefault(h, []).append(js)
-            if len(arrays[h]) == 12:  # four arrays of 12 readings per day
-                yield hid.encode(), b"[" + b",".join(arrays.pop(h)) + b"]", [h] * 12
-        else:
-            yield hid.encode(), js, [h]
+        for t in times[s]:
+            js = reading_json(hid, t, v)
+            if as_array[h]:
+                arrays.setdefault(h, []).append(js)
+                if len(arrays[h]) == 12:  # four arrays of 12 readings per day
+                    yield hid.encode(), b"[" + b",".join(arrays.pop(h)) + b"]", [h] * 12
+            else:
+                yield hid.encode(), js, [h]
     for h, items in arrays.items():
         yield data.household_ids[h].encode(), b"[" + b",".join(items) + b"]", [h] * len(items)
+
+
+def slot_times(day: int, grid: TimeGrid | None = None) -> list[list[int]]:
+    """UTC epoch seconds of each model slot of a local day: one each, except where the
+    clocks change (none for the hour skipped, two for the hour repeated)."""
+    if grid is None or grid.is_utc:
+        return [[day * 86400 + s * 1800] for s in range(48)]
+    start, end = grid.bounds(day)
+    ts = np.arange(start, end, 1800, dtype=np.int64)
+    _, slot, _ = grid.locate(ts)
+    out: list[list[int]] = [[] for _ in range(48)]
+    for t, s in zip(ts.tolist(), slot.tolist(), strict=True):
+        out[s].append(t)
+    return out
 
 
 async def _refusal(bootstrap_servers: str, client: dict[str, Any]) -> str | None:
@@ -238,15 +259,17 @@ async def produce_synthetic(bootstrap_servers: str, topic: str,
                             array_fraction: float = 0.1, seed: int = 0,
                             producer: AIOKafkaProducer | None = None,
                             rate: float | None = None, duration: float | None = None,
-                            **client: object) -> ProduceStats:
+                            timezone: str = "UTC", **client: object) -> ProduceStats:
     """Produce ``data`` (day by day) and wait for every acknowledgement.
 
     ``rate`` paces the readings (per second, on average over the run); ``duration`` stops
     after that many seconds, at the end of the record in flight (the day is then partial
-    and not counted in ``days_produced``).
+    and not counted in ``days_produced``). ``timezone``: each day of ``data`` is that local
+    day, as the service with the same ``--timezone`` cuts it.
     """
     check_pacing(rate=rate, duration=duration, malformed_every=malformed_every)
     rng = np.random.default_rng(seed)
+    grid = TimeGrid(timezone)
     own = producer is None
     if producer is None:
         # first, what a producer would only retry for ever or time out on: credentials,
@@ -275,7 +298,7 @@ async def produce_synthetic(bootstrap_servers: str, topic: str,
             futures = []
             keys: list[bytes | None] = []
             stopped = False
-            for i, (key, value, rows) in enumerate(day_records(data, d, rng,
+            for i, (key, value, rows) in enumerate(day_records(data, d, rng, grid=grid,
                                                                array_fraction=array_fraction)):
                 if rate is not None:
                     now = time.perf_counter()

@@ -148,7 +148,10 @@ def write_side_tables(data: SyntheticData, folder: Path) -> None:
 def write_layout(data: SyntheticData, layout: str, root: Path, days: slice = slice(None)) -> Path:
     """Write ``data`` (the ``days`` given) in one layout under ``root``; returns what to pass
     to ``--data``. Layouts: folder (one CSV per household, side tables beside them, the
-    extracted readings.tar.gz), csv, csv.gz, tar.gz, datastore, hhblock."""
+    extracted readings.tar.gz), csv, csv.gz, tar.gz, datastore, hhblock, and a utility's
+    own: own (``household_id,ts,kwh``, the stream's fields, UTC timestamps with ``Z``, in
+    another column order with an extra column) and own-wide (``household_id,date,hh_0..``
+    with an extra column)."""
     root.mkdir(parents=True, exist_ok=True)
     n = len(data.household_ids)
     if layout == "folder":
@@ -181,14 +184,29 @@ def write_layout(data: SyntheticData, layout: str, root: Path, days: slice = sli
                 info.size = len(blob)
                 tar.addfile(info, io.BytesIO(blob))
         return path
-    if layout == "hhblock":
+    if layout == "own":
+        path = root / "export.csv"
+        rows = ["meter_serial,kwh,household_id,ts"]
+        for h, hid in enumerate(data.household_ids):
+            for d in range(len(data.days))[days]:
+                for s in range(48):
+                    v = float(data.kwh[h, d, s])
+                    if not np.isnan(v):
+                        rows.append(f"S{h},{v:.3f},{hid},{_ts(data.days[d], s, 'T')}Z")
+        path.write_text("\n".join(rows) + "\n")
+        return path
+    if layout in ("hhblock", "own-wide"):
         path = root / "block_0.csv"
-        header = "LCLid,day," + ",".join(f"hh_{i}" for i in range(48))
+        header = ("LCLid,day," if layout == "hhblock" else "household_id,date,") + \
+            ",".join(f"hh_{i}" for i in range(48))
+        if layout == "own-wide":
+            header += ",note"
         rows = [header]
         for h in range(n):
             for d in range(len(data.days))[days]:
                 vals = ["" if np.isnan(v) else f"{v:.3f}" for v in data.kwh[h, d].tolist()]
-                rows.append(f"{data.household_ids[h]},{_date(data.days[d])}," + ",".join(vals))
+                rows.append(f"{data.household_ids[h]},{_date(data.days[d])}," + ",".join(vals)
+                            + ("," if layout == "own-wide" else ""))
         path.write_text("\n".join(rows) + "\n")
         return path
     raise ValueError(layout)

@@ -50,11 +50,16 @@ def test_evaluate_writes_report(lcl_dir: Path, tmp_path: Path) -> None:
 
 def test_fold_protocol_scores_only_unseen_households(lcl_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "folds"
+    weather = tmp_path / "weather.csv"  # given by flag: the folds used to ignore it
+    weather.write_text("date,temp_max,temp_min\n2013-03-01,12.5,4.0\n")
     rc = main(["--data", str(lcl_dir), "--out", str(out), "--calib-start", "2013-03-15",
                "--test-start", "2013-04-01", "--threads", "2", "--folds", "3", "--seeds", "0",
-               "--max-epochs", "3", "--boot", "30"])
+               "--max-epochs", "3", "--boot", "30", "--weather", str(weather)])
     assert rc == 0
     summary = json.loads((out / "results.json").read_text())
+    assert summary["context"] == {
+        "household": str(lcl_dir / "household_information.csv"), "weather": str(weather),
+        "holidays": None, "timezone": "UTC"}
     fold_of = summary["fold_of"]
     assert len(summary["folds"]) == 2  # development folds only; the final one untouched
     assert 2 not in {f["fold"] for f in summary["folds"]}
@@ -70,6 +75,8 @@ def test_fold_protocol_scores_only_unseen_households(lcl_dir: Path, tmp_path: Pa
     assert set(summary["holdout_types"]) == {"partial_level", "weekend_extra", "heating_mild"}
     assert summary["sustained"]["households"] == 12
     text = (out / "RESULTS.md").read_text()
+    assert f"- context: household {lcl_dir / 'household_information.csv'}, weather {weather}, "\
+        "holidays none; days in UTC" in text
     assert "50 %-detection magnitude" in text and "Alert budget" in text
     assert (out / "magnitude_sweeps.png").stat().st_size > 1000
 

@@ -46,7 +46,8 @@ def test_smallest_history_quoted_trains() -> None:
         train_detector(kwh, day, ids, data.tables, TrainConfig(max_epochs=1))
 
 
-@pytest.mark.parametrize("layout", ["csv", "csv.gz", "tar.gz", "datastore", "hhblock"])
+@pytest.mark.parametrize("layout", ["csv", "csv.gz", "tar.gz", "datastore", "hhblock", "own",
+                                    "own-wide"])
 def test_train_on_every_layout(layout: str, tmp_path: Path) -> None:
     data = generate(SyntheticConfig(n_households=6, n_days=12, anomaly_rate=0.0, seed=2))
     path = write_layout(data, layout, tmp_path / "data")

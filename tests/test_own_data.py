@@ -1,0 +1,267 @@
+"""A utility's own data, not the Low Carbon London layouts: readings exported with the
+stream's own field names (``household_id,ts,kwh``, timestamps with their UTC offset), side
+tables with plain column names, and days that are local days in Europe/London, across both
+daylight-saving changes.
+
+What must hold: ``train --data`` cuts the days as ``meterwatch run --timezone`` does (the
+second pass through the hour the clocks go back averaged with the first, the hour skipped
+in spring missing); the checkpoint remembers the zone and ``run`` in another zone is
+refused with one line naming ``--timezone``; ``simulate --data`` sends each local day so
+that the service, in that zone, scores exactly the readings the file holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.state_precision import replay as stored_replay
+from meterwatch.model import ContextTables, Detector
+from meterwatch.model.loaders import (
+    LoadError,
+    date_to_day,
+    day_to_date,
+    read_bank_holidays,
+    read_daily_weather,
+    read_household_info,
+    read_readings,
+)
+from meterwatch.model.state import STORAGE_DTYPES
+from meterwatch.stream.broker import Broker, create_topics, free_port
+from meterwatch.stream.config import Settings
+from meterwatch.stream.simulate import slot_times
+from meterwatch.stream.timegrid import TimeGrid
+from tests.cli_helpers import METERWATCH, clean_env, meterwatch, one_line_error
+from tests.conftest import read_topic
+
+LONDON = ZoneInfo("Europe/London")
+SPRING, AUTUMN = dt.date(2013, 3, 31), dt.date(2013, 10, 27)  # 46 and 50 half-hours
+
+
+def _value(h: int, date: dt.date, slot: int, second_pass: bool = False) -> float:
+    """A reading that tells household, day, slot and pass apart."""
+    return round(0.1 + 0.01 * h + 0.002 * slot + 0.05 * (date.day % 7)
+                 + (0.3 if second_pass else 0.0), 3)
+
+
+def write_export(path: Path, households: list[str], first: dt.date, days: int) -> None:
+    """``household_id,ts,kwh`` in local time with offsets, as a utility's head-end exports
+    it: every half-hour that happened, the repeated hour twice (with its own readings)."""
+    rows = ["household_id,ts,kwh"]
+    for h, hid in enumerate(households):
+        for k in range(days):
+            date = first + dt.timedelta(days=k)
+            start = dt.datetime.combine(date, dt.time(), LONDON).astimezone(dt.timezone.utc)
+            end = dt.datetime.combine(date + dt.timedelta(days=1), dt.time(),
+                                      LONDON).astimezone(dt.timezone.utc)
+            t = start
+            while t < end:
+                local = t.astimezone(LONDON)
+                slot = local.hour * 2 + local.minute // 30
+                rows.append(f"{hid},{local.isoformat()},{_value(h, date, slot, local.fold == 1)}")
+                t += dt.timedelta(minutes=30)
+    path.write_text("\n".join(rows) + "\n")
+
+
+def expected_day(h: int, date: dt.date) -> np.ndarray:
+    """The 48 slots the service scores for a local day of ``write_export``'s file."""
+    out = np.array([_value(h, date, s) for s in range(48)], dtype=np.float64)
+    if date == SPRING:
+        out[2:4] = np.nan
+    if date == AUTUMN:
+        out[2:4] = [(_value(h, date, s) + _value(h, date, s, True)) / 2 for s in (2, 3)]
+    return out
+
+
+def test_own_export_is_cut_into_local_days_as_the_service_cuts_them(tmp_path: Path) -> None:
+    path = tmp_path / "export.csv"
+    write_export(path, ["H-1", "H-2"], SPRING - dt.timedelta(days=1), 3)
+    r = read_readings(path, timezone="Europe/London", progress=False)
+    assert r.household_ids == ["H-1"] * 3 + ["H-2"] * 3
+    for i, (hid, day) in enumerate(zip(r.household_ids, r.day.tolist(), strict=True)):
+        date = dt.date(1970, 1, 1) + dt.timedelta(days=day)
+        np.testing.assert_allclose(r.kwh[i], expected_day(int(hid[-1]) - 1, date),
+                                   atol=1e-6, err_msg=f"{hid} {date}")
+    write_export(path, ["H-1"], AUTUMN - dt.timedelta(days=1), 3)
+    r = read_readings(path, timezone="Europe/London", progress=False)
+    assert r.day.tolist() == [date_to_day(AUTUMN) - 1, date_to_day(AUTUMN),
+                              date_to_day(AUTUMN) + 1]
+    np.testing.assert_allclose(r.kwh[1], expected_day(0, AUTUMN), atol=1e-6)
+    # the same file in UTC: the summer day before starts an hour earlier (23:00 local)
+    utc = read_readings(path, progress=False)
+    assert utc.day[0] == date_to_day(AUTUMN) - 2
+    assert utc.kwh[0, 46] == pytest.approx(_value(0, AUTUMN - dt.timedelta(days=1), 0))
+
+
+def test_readings_off_the_half_hour_and_a_header_without_a_household(tmp_path: Path) -> None:
+    path = tmp_path / "quarter.csv"
+    path.write_text("household_id,ts,kwh\nH1,2013-06-01T00:00:00Z,0.1\n"
+                    "H1,2013-06-01T00:15:00Z,0.1\n")
+    with pytest.raises(LoadError, match=r"quarter.csv:3: .*not on the hour or half-hour: "
+                                        r"the readings must be half-hourly"):
+        read_readings(path, progress=False)
+    path.write_text("meter,ts,kwh\nH1,2013-06-01T00:00:00Z,0.1\n")
+    with pytest.raises(LoadError, match=r"expected a household \(LCLid, household_id, "
+                                        r"household\)"):
+        read_readings(path, progress=False)
+
+
+def test_side_tables_with_plain_column_names(tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    info = tmp_path / "households.csv"
+    info.write_text("household_id,group,tariff,postcode\nH1,affluent,STD,E1\n"
+                    "H2,Comfortable,tou,E2\nH3,Band C,economy7,E3\nH4,unknown,Std,E4\n")
+    with caplog.at_level(logging.WARNING, logger="meterwatch.model.loaders"):
+        groups, tariffs = read_household_info(info)
+    assert groups == {"H1": "Affluent", "H2": "Comfortable", "H3": "Band C", "H4": "unknown"}
+    assert tariffs == {"H1": "Std", "H2": "ToU", "H3": "economy7", "H4": "Std"}
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2, warned  # 'unknown' means unknown: not counted
+    assert "1 of 4 households have a group the model does not know ('Band C' (1))" in warned[0]
+    assert "1 of 4 households have a tariff the model does not know ('economy7' (1))" \
+        in warned[1]
+    weather = tmp_path / "weather.csv"
+    weather.write_text("date,temp_min,temp_max\n2013-06-02,9.5,21.0\n2013-06-01,8,19.5\n")
+    day, tmax, tmin = read_daily_weather(weather)
+    assert day.tolist() == [date_to_day(dt.date(2013, 6, 1)), date_to_day(dt.date(2013, 6, 2))]
+    assert tmax.tolist() == [19.5, 21.0] and tmin.tolist() == [8.0, 9.5]
+    holidays = tmp_path / "holidays.csv"
+    holidays.write_text("date,name\n2013-12-25,Christmas\n")
+    assert read_bank_holidays(holidays).tolist() == [date_to_day(dt.date(2013, 12, 25))]
+
+
+@pytest.mark.parametrize("date", [SPRING, AUTUMN, dt.date(2013, 6, 1)])
+def test_simulate_sends_each_local_day_as_the_service_assembles_it(date: dt.date) -> None:
+    grid = TimeGrid("Europe/London")
+    day = date_to_day(date)
+    times = slot_times(day, grid)
+    sent = [t for ts in times for t in ts]
+    assert len(sent) == grid.expected_readings(day) == len(set(sent))
+    got_day, got_slot, repeat = grid.locate(np.array(sent, dtype=np.int64))
+    assert set(got_day.tolist()) == {day}
+    flat = [s for s, ts in enumerate(times) for _ in ts]
+    assert got_slot.tolist() == flat
+    assert int(repeat.sum()) == (2 if date == AUTUMN else 0)
+    assert slot_times(day) == [[day * 86400 + s * 1800] for s in range(48)]  # UTC
+
+
+def _env(broker: Broker, tag: str, **extra: str) -> dict[str, str]:
+    env = {f"METERWATCH_{k}": f"{v}-{tag}" for k, v in (
+        ("INPUT_TOPIC", "readings"), ("ALERTS_TOPIC", "alerts"), ("SCORES_TOPIC", "scores"),
+        ("DEAD_LETTER_TOPIC", "dlq"), ("DATA_QUALITY_TOPIC", "dq"), ("STATE_TOPIC", "state"),
+        ("GROUP_ID", "mw-own"))}
+    env["METERWATCH_BOOTSTRAP_SERVERS"] = broker.bootstrap_servers
+    if not broker.supports_idempotence:
+        env["METERWATCH_IDEMPOTENCE"] = "off"
+    return clean_env(**env, **extra)
+
+
+@pytest.mark.integration
+def test_own_export_trained_run_and_simulated_in_its_time_zone(broker: Broker,
+                                                               tmp_path: Path) -> None:
+    """The user path on a utility's export, with default settings but the zone."""
+    households = [f"UTIL-{h:03d}" for h in range(8)]
+    data = tmp_path / "export.csv"
+    first = dt.date(2013, 10, 1)
+    write_export(data, households, first, 30)
+    model = tmp_path / "model.pt"
+    proc = meterwatch("train", "--data", str(data), "--out", str(model), "--timezone",
+                      "Europe/London", "--max-epochs", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "240 household-days of 8 households" in proc.stderr, proc.stderr[-3000:]
+    ckpt = torch.load(model, weights_only=True)
+    assert ckpt["info"]["timezone"] == "Europe/London"
+
+    tag = uuid.uuid4().hex[:8]
+    port = free_port()
+    env = _env(broker, tag, METERWATCH_MODEL_PATH=str(model),
+               METERWATCH_METRICS_PORT=str(port))
+    line = one_line_error(meterwatch("run", env=env))  # the default zone: UTC
+    assert line == (f"meterwatch: error: --timezone: UTC, but {model} was trained on days in "
+                    "Europe/London; run with --timezone Europe/London, or give a model "
+                    "trained with meterwatch train --timezone UTC"), line
+
+    env["METERWATCH_TIMEZONE"] = "Europe/London"  # run and simulate take it alike
+    settings = Settings.load(**{k.removeprefix("METERWATCH_").lower(): v
+                                for k, v in env.items() if k.startswith("METERWATCH_")})
+    asyncio.run(create_topics(settings.bootstrap_servers, {settings.input_topic: 4}))
+    log_path = tmp_path / "run.log"
+    with open(log_path, "wb") as log:
+        service = subprocess.Popen([str(METERWATCH), "run"], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    try:
+        # 26, 27 (50 half-hours), 28 and 29 October
+        proc = meterwatch("simulate", "--data", str(data), "--start", "2013-10-26",
+                          "--days", "4", "--anomaly-rate", "0", "--labels",
+                          str(tmp_path / "labels.csv"), env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"produced {8 * (48 * 3 + 50):,} readings" in proc.stdout, proc.stdout
+        scores = asyncio.run(read_topic(settings, settings.scores_topic,
+                                        min_records=8 * 4, timeout_s=120))
+    finally:
+        service.send_signal(signal.SIGTERM)
+        try:
+            code = service.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            raise
+    assert code == 0, log_path.read_text()[-3000:]
+    by_day = {(s["household_id"], s["date"]): s for s in scores}
+    for hid in households:
+        for k in range(4):
+            date = dt.date(2013, 10, 26) + dt.timedelta(days=k)
+            s = by_day[(hid, date.isoformat())]
+            assert s["status"] == "scored" and s["missing_slots"] == [], s
+            assert s["expected_readings"] == s["readings"] == (50 if date == AUTUMN else 48), s
+
+    # every score is the model's score of the file's local days (households new to the
+    # service, as to this replay); the autumn day's repeated hour averaged, not overwritten
+    det = Detector.load(model, device="cpu")
+    days = read_readings(data, timezone="Europe/London", start_day=date_to_day(first) + 25,
+                         end_day=date_to_day(first) + 29, progress=False)
+    for i, (hid, day) in enumerate(zip(days.household_ids, days.day.tolist(), strict=True)):
+        np.testing.assert_allclose(days.kwh[i], expected_day(households.index(hid),
+                                                             day_to_date(day)), atol=1e-6)
+    want, _, _ = stored_replay(det, days.household_ids, days.day, days.kwh,
+                               ContextTables.empty(), set(STORAGE_DTYPES))
+    first_pass = days.kwh.copy()
+    autumn = days.day == date_to_day(AUTUMN)
+    first_pass[np.ix_(autumn, [2, 3])] = [[_value(households.index(h), AUTUMN, s)
+                                           for s in (2, 3)]
+                                          for h in np.array(days.household_ids)[autumn]]
+    other, _, _ = stored_replay(det, days.household_ids, days.day, first_pass,
+                                ContextTables.empty(), set(STORAGE_DTYPES))
+    assert len(want) == len(scores) == 8 * 4, len(scores)
+    for hid, day, x, y in zip(days.household_ids, days.day.tolist(), want, other,
+                              strict=True):
+        s = by_day[(hid, day_to_date(day).isoformat())]
+        assert s["score"] == pytest.approx(float(x), rel=1e-3, abs=1e-3), (s, x)
+        if day == date_to_day(AUTUMN):
+            assert abs(float(x) - float(y)) > 1e-3, (hid, x, y)  # the test can tell
+
+
+def test_a_swap_to_a_model_of_another_zone_is_refused(detector_path: Path) -> None:
+    """The lifecycle's check for a checkpoint that arrives while the service runs."""
+    from meterwatch.stream.lifecycle import ModelRejected, other_zone, validate
+
+    det = Detector.load(detector_path, device="cpu")
+    assert "timezone" not in det.info  # trained on synthetic days: any zone
+    validate(det, None, None, "Europe/London")
+    det.info["timezone"] = "Europe/London"
+    assert other_zone(det, "Europe/London") is None and other_zone(det, "UTC") == \
+        "Europe/London"
+    with pytest.raises(ModelRejected, match="trained on days in Europe/London, but this "
+                                            r"service cuts days in UTC \(--timezone\)"):
+        validate(det, None, None, "UTC")
+    det.info["timezone"] = "UTC"
+    validate(det, None, None, "Etc/UTC")  # one zone, two names
