@@ -17,7 +17,8 @@ household-day, ``kwh`` float32 (M, 48) with NaN where a half-hour is missing):
   half-hour; ``ts`` ISO 8601, with an offset or ``Z``, or without one: wall-clock time in
   the ``timezone`` given), or ``household_id,date,hh_0,...,hh_47``. Columns may come in any
   order, with others beside them; ``household``/``timestamp``/``interval_start`` and
-  ``day`` are taken too.
+  ``day`` are taken too. Quoted fields are read as CSV; a header separated by semicolons
+  means semicolons and decimal commas (``0,219``) throughout.
 
 Days are local calendar days in ``timezone`` (IANA name, default UTC), cut as the service
 cuts them (``meterwatch run --timezone``): a timestamp with an offset is converted, and the
@@ -394,13 +395,42 @@ class _Clock(dict[str, tuple[int, int, bool]]):
         return value
 
 
-def _read_long(
-    lines: Iterable[str], path: str, acc: _Accumulator, progress: _Progress,
-    tell: Callable[[], int],
-) -> int:
-    """Rows ``household,[...,]timestamp,kWh`` (the header is the first line). Returns rows."""
-    it = iter(lines)
-    header = [h.strip() for h in next(it, "").strip("\ufeff\r\n").split(",")]
+class _Table:
+    """A CSV's header and its lines as field lists. Split on commas (the Low Carbon London
+    files: fast), with the ``csv`` module for a line with quotes (a database's export, an id
+    with a comma in it), and on ``;`` with decimal commas (``0,219``) where the header is
+    separated by semicolons (a spreadsheet's export in much of Europe)."""
+
+    def __init__(self, first: str, lines: Iterator[str]) -> None:
+        head = first.strip("\ufeff\r\n")
+        self.sep = ";" if head.count(";") > head.count(",") else ","
+        self.lines = lines
+        self.header = [h.strip() for h in self.split(head)]
+        self.parse = _parse_decimal_comma if self.sep == ";" else _parse_value
+
+    def split(self, line: str) -> list[str]:
+        if '"' in line:
+            return next(csv.reader([line], delimiter=self.sep), [])
+        return line.rstrip("\r\n").split(self.sep)
+
+    def rows(self) -> Iterator[tuple[int, str, list[str]]]:
+        """(line number, line, fields) of the lines after the header, blank lines skipped."""
+        sep, split = self.sep, self.split
+        for line_no, line in enumerate(self.lines, start=2):
+            parts = line.rstrip("\r\n").split(sep) if '"' not in line else split(line)
+            if len(parts) == 1 and not line.strip():
+                continue
+            yield line_no, line, parts
+
+
+def _parse_decimal_comma(text: str) -> float:
+    return _parse_value(text.replace(",", "."))
+
+
+def _read_long(table: _Table, path: str, acc: _Accumulator, progress: _Progress,
+               tell: Callable[[], int]) -> int:
+    """Rows ``household,[...,]timestamp,kWh`` (in any order). Returns rows."""
+    header = table.header
     norm = [_norm(h) for h in header]
     try:
         i_id, i_ts = _header_index(header, path, HOUSEHOLD_COLUMN, TIME_COLUMN)
@@ -410,19 +440,15 @@ def _read_long(
                         f"({', '.join(HOUSEHOLD_COLUMN)}), a time ({', '.join(TIME_COLUMN)}) "
                         f"and a kWh column (kwh, energy...); got {header!r}") from None
     width = len(header)
-    clock = acc.clock
+    clock, parse = acc.clock, table.parse
     rows = 0
-    line_no = 1
-    for line_no, line in enumerate(it, start=2):
-        parts = line.rstrip("\r\n").split(",")
+    for line_no, line, parts in table.rows():
         if len(parts) != width:
-            if not line.strip():
-                continue
             raise LoadError(path, line_no, f"expected {width} fields, got {line.strip()!r}")
         hh = parts[i_id].strip()
         try:
             day, slot, repeat = clock[parts[i_ts]]
-            value = _parse_value(parts[i_v])
+            value = parse(parts[i_v])
         except ValueError as e:
             raise LoadError(path, line_no, f"bad reading {line.strip()!r}: {e}") from None
         if acc.wanted(hh, day):
@@ -436,26 +462,23 @@ def _read_long(
     return rows
 
 
-def _read_hhblock(lines: Iterable[str], path: str, acc: _Accumulator, progress: _Progress,
+def _read_hhblock(table: _Table, path: str, acc: _Accumulator, progress: _Progress,
                   tell: Callable[[], int]) -> int:
-    it = iter(lines)
-    header = [h.strip() for h in next(it, "").strip("\ufeff\r\n").split(",")]
+    header = table.header
     try:
         i_id, i_day, *i_slots = _header_index(header, path, HOUSEHOLD_COLUMN, DAY_COLUMN,
                                               *(f"hh_{k}" for k in range(N_SLOTS)))
     except LoadError as e:
         raise LoadError(path, 1, f"not a household-day header ({e.why})") from None
+    parse = table.parse
     rows = 0
-    for line_no, line in enumerate(it, start=2):
-        parts = line.rstrip("\r\n").split(",")
+    for line_no, line, parts in table.rows():
         if len(parts) != len(header):
-            if not line.strip():
-                continue
             raise LoadError(path, line_no, f"expected {len(header)} fields, got "
                                            f"{line.strip()[:80]!r}")
         try:
             hh, day = parts[i_id].strip(), parse_day(parts[i_day])
-            values = [_parse_value(parts[i]) for i in i_slots]
+            values = [parse(parts[i]) for i in i_slots]
         except (ValueError, IndexError):
             raise LoadError(path, line_no, f"bad row {line.strip()[:80]!r}") from None
         if acc.wanted(hh, day):
@@ -471,15 +494,10 @@ def _dispatch(lines: Iterator[str], path: str, acc: _Accumulator, progress: _Pro
     first = next(lines, "")
     if not first.strip():
         raise LoadError(path, 1, "empty file; expected a readings header")
-    rest = _chain(first, lines)
-    if "hh_0" in first.replace(" ", "").lower().split(","):
-        return _read_hhblock(rest, path, acc, progress, tell)
-    return _read_long(rest, path, acc, progress, tell)
-
-
-def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
-    yield first
-    yield from rest
+    table = _Table(first, lines)
+    if "hh_0" in (_norm(h) for h in table.header):
+        return _read_hhblock(table, path, acc, progress, tell)
+    return _read_long(table, path, acc, progress, tell)
 
 
 def _read_source(p: Path, acc: _Accumulator, prog: _Progress) -> int:

@@ -103,6 +103,27 @@ def test_own_export_is_cut_into_local_days_as_the_service_cuts_them(tmp_path: Pa
     assert utc.kwh[0, 46] == pytest.approx(_value(0, AUTUMN - dt.timedelta(days=1), 0))
 
 
+@pytest.mark.parametrize("body", [
+    # a database's export: every field quoted
+    '"household_id","ts","kwh"\n"H,1","2013-06-01T00:00:00Z","0.5"\n"H,1",'
+    '"2013-06-01T00:30:00Z","0.25"\n',
+    # pandas' to_csv: quotes only where a field needs them
+    'household_id,ts,kwh\n"H,1",2013-06-01T00:00:00Z,0.5\n"H,1",2013-06-01T00:30:00Z,0.25\n',
+    # a spreadsheet's in much of Europe: semicolons, decimal commas, CRLF, a blank line
+    'household_id;ts;kwh\r\nH,1;2013-06-01T00:00:00Z;0,5\r\n\r\nH,1;2013-06-01T00:30:00Z;'
+    '0,25\r\n',
+    # the day table of the same, with semicolons
+    'household_id;date;' + ";".join(f"hh_{i}" for i in range(48)) + "\nH,1;2013-06-01;0,5;0,25"
+    + ";" * 46 + "\n",
+], ids=["quoted", "quoted-where-needed", "semicolons", "semicolons-wide"])
+def test_exports_of_a_database_and_a_spreadsheet(body: str, tmp_path: Path) -> None:
+    path = tmp_path / "export.csv"
+    path.write_text(body)
+    r = read_readings(path, progress=False)
+    assert r.household_ids == ["H,1"] and r.day.tolist() == [date_to_day(dt.date(2013, 6, 1))]
+    assert r.kwh[0, :2].tolist() == [0.5, 0.25] and np.isnan(r.kwh[0, 2:]).all()
+
+
 def test_readings_off_the_half_hour_and_a_header_without_a_household(tmp_path: Path) -> None:
     path = tmp_path / "quarter.csv"
     path.write_text("household_id,ts,kwh\nH1,2013-06-01T00:00:00Z,0.1\n"
