@@ -37,6 +37,7 @@ import csv
 import datetime as dt
 import gzip
 import io
+import itertools
 import logging
 import os
 import sys
@@ -128,6 +129,13 @@ def parse_day(text: str) -> int:
 # ---------------------------------------------------------------------------- side tables
 
 
+def _side_reader(f: IO[str]) -> Iterator[list[str]]:
+    """``csv.reader`` of a side table, on semicolons where its header is (as ``_Table``)."""
+    first = f.readline()
+    sep = ";" if first.count(";") > first.count(",") else ","
+    return csv.reader(itertools.chain([first], f), delimiter=sep)
+
+
 def read_household_info(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str, str]]:
     """``household -> group`` and ``household -> tariff`` from the household file.
 
@@ -142,7 +150,7 @@ def read_household_info(path: str | os.PathLike[str]) -> tuple[dict[str, str], d
     groups: dict[str, str] = {}
     tariffs: dict[str, str] = {}
     with _open_text(path) as f:
-        reader = csv.reader(f)
+        reader = _side_reader(f)
         header = _clean(next(reader, []))
         i_id, i_tariff, i_group = _header_index(header, path, HOUSEHOLD_COLUMN,
                                                 ("stdorToU", "tariff"),
@@ -181,7 +189,7 @@ def read_daily_weather(
     or ``date,temp_max,temp_min``, in °C."""
     days: dict[int, tuple[float, float]] = {}
     with _open_text(path) as f:
-        reader = csv.reader(f)
+        reader = _side_reader(f)
         header = _clean(next(reader, []))
         i_time, i_max, i_min = _header_index(
             header, path, ("time", *DAY_COLUMN),
@@ -193,8 +201,8 @@ def read_daily_weather(
                 continue
             try:
                 day = parse_day(row[i_time])
-                tmax = float(row[i_max]) if row[i_max] else float("nan")
-                tmin = float(row[i_min]) if row[i_min] else float("nan")
+                tmax = _parse_decimal_comma(row[i_max]) if row[i_max] else float("nan")
+                tmin = _parse_decimal_comma(row[i_min]) if row[i_min] else float("nan")
             except (ValueError, IndexError) as e:
                 raise LoadError(path, line, f"bad weather row {raw!r}: {e}") from None
             days[day] = (tmax, tmin)
@@ -208,7 +216,7 @@ def read_bank_holidays(path: str | os.PathLike[str]) -> np.ndarray:
     """Sorted int32 days of the bank holidays (column ``Bank holidays`` or ``date``)."""
     out = set()
     with _open_text(path) as f:
-        reader = csv.reader(f)
+        reader = _side_reader(f)
         header = _clean(next(reader, []))
         (i_day,) = _header_index(header, path, ("Bank holidays", "date", "holiday"))
         for line, raw in enumerate(reader, start=2):

@@ -210,10 +210,12 @@ def _zone(args: argparse.Namespace) -> str:
 
 def _side_table_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--household-info", type=Path,
-                   help="household CSV (LCLid, stdorToU, Acorn_grouped); default: "
-                        "household_information.csv[.gz] in the --data folder")
+                   help="household CSV (household_id,tariff,group or LCL's LCLid,stdorToU,"
+                        "Acorn_grouped); default: household_information.csv[.gz] in the "
+                        "--data folder")
     p.add_argument("--weather", type=Path,
-                   help="daily weather CSV; default: weather_daily_darksky.csv[.gz] there")
+                   help="daily weather CSV (date,temp_max,temp_min in °C, or Dark Sky's); "
+                        "default: weather_daily_darksky.csv[.gz] there")
     p.add_argument("--holidays", type=Path,
                    help="bank holidays CSV; default: uk_bank_holidays.csv[.gz] there")
 

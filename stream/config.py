@@ -164,9 +164,14 @@ class Settings(BaseSettings):
     shadow_model_path: Path | None = Field(
         None, description="a second checkpoint that scores every batch too, never published; "
         "its agreement with the live model is in the meterwatch_shadow_* metrics")
-    household_info: Path | None = Field(None, description="household info CSV (ACORN, tariff)")
-    weather: Path | None = Field(None, description="daily weather CSV")
-    holidays: Path | None = Field(None, description="bank holidays CSV")
+    household_info: Path | None = Field(
+        None, description="household CSV: household_id,tariff,group (or LCL's LCLid,"
+        "stdorToU,Acorn_grouped)")
+    weather: Path | None = Field(
+        None, description="daily weather CSV: date,temp_max,temp_min in °C (or Dark Sky's "
+        "time,temperatureMax,temperatureMin)")
+    holidays: Path | None = Field(
+        None, description="bank holidays CSV: a date column (or LCL's 'Bank holidays')")
     batch_max_size: int = Field(65536, ge=1, description="upper bound of a model batch (days)")
     batch_max_delay_ms: float = Field(10.0, ge=0,
                                       description="longest a closed day waits for a batch")

@@ -159,6 +159,13 @@ def test_side_tables_with_plain_column_names(tmp_path: Path,
     holidays = tmp_path / "holidays.csv"
     holidays.write_text("date,name\n2013-12-25,Christmas\n")
     assert read_bank_holidays(holidays).tolist() == [date_to_day(dt.date(2013, 12, 25))]
+    # a spreadsheet's: semicolons and decimal commas
+    weather.write_text("date;temp_min;temp_max\r\n2013-06-01;8;19,5\r\n")
+    assert read_daily_weather(weather)[1].tolist() == [19.5]
+    info.write_text("household_id;group;tariff\nH1;Adversity;ToU\n")
+    assert read_household_info(info) == ({"H1": "Adversity"}, {"H1": "ToU"})
+    holidays.write_text("date;name\n2013-12-26;Boxing Day\n")
+    assert read_bank_holidays(holidays).tolist() == [date_to_day(dt.date(2013, 12, 26))]
 
 
 @pytest.mark.parametrize("date", [SPRING, AUTUMN, dt.date(2013, 6, 1)])
