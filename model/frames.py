@@ -8,7 +8,9 @@
 ``readings`` is either
 
 * **long**: one row per half-hour, columns ``household_id``, ``ts`` (the start of the
-  half-hour: timezone-aware datetimes, or naive ones taken as ``timezone``) and ``kwh``; or
+  half-hour: timezone-aware datetimes, or naive ones taken as ``timezone``) and ``kwh``;
+  days are local days in ``timezone`` (the detector's training zone by default), the hour
+  the clocks go back averaged as the service averages it; or
 * **wide**: one row per household-day, columns ``household_id``, ``date`` (``datetime.date``,
   ``YYYY-MM-DD`` strings or datetime64 at midnight) and the 48 half-hours ``hh_0`` ..
   ``hh_47`` (or ``0`` .. ``47``), NaN where missing.
@@ -88,8 +90,17 @@ def _long(frame: pd.DataFrame, timezone: str) -> tuple[list[str], np.ndarray, np
     if pd.api.types.is_numeric_dtype(ts):
         raise ValueError("column 'ts' holds numbers; give datetimes (or ISO 8601 strings)")
     try:
-        ts = pd.to_datetime(ts, format="ISO8601", utc=False) if ts.dtype == object \
-            else pd.to_datetime(ts)
+        if ts.dtype == object or pd.api.types.is_string_dtype(ts):
+            # strings: with offsets (a local export has two, summer's and winter's) they are
+            # instants, read as UTC; without, wall-clock times in ``timezone``; never a mix
+            aware = ts.astype(str).str.strip().str.contains(r"(?:Z|[+-]\d\d:?\d\d)$")
+            if aware.any() and not aware.all():
+                bad = int(np.flatnonzero((aware != aware.iloc[0]).to_numpy())[0])
+                raise ValueError(f"row {bad}: {ts.iloc[bad]!r} and {ts.iloc[0]!r}: some "
+                                 "timestamps have a UTC offset and some not; give all or none")
+            ts = pd.to_datetime(ts, format="ISO8601", utc=bool(aware.all()))
+        else:
+            ts = pd.to_datetime(ts)
     except (ValueError, TypeError) as e:
         raise ValueError(f"column 'ts': not a timestamp ({e})") from None
     if getattr(ts.dt, "tz", None) is None:
@@ -107,17 +118,23 @@ def _long(frame: pd.DataFrame, timezone: str) -> tuple[list[str], np.ndarray, np
     day = _days_from_dates(local.dt.tz_localize(None).dt.normalize(), "ts")
     slot = minutes // 30
     kwh_col = pd.to_numeric(frame["kwh"], errors="coerce").to_numpy(dtype=np.float32)
-    keys = pd.DataFrame({"h": frame["household_id"].astype(str).to_numpy(), "d": day})
-    codes, uniques = pd.factorize(pd.MultiIndex.from_frame(keys))
-    kwh = np.full((len(uniques), N_SLOTS), np.nan, dtype=np.float32)
-    seen = np.zeros((len(uniques), N_SLOTS), dtype=bool)
-    if seen[codes, slot].any() or len(set(zip(codes.tolist(), slot.tolist(),
-                                              strict=True))) < len(codes):
-        pairs = pd.Series(list(zip(codes.tolist(), slot.tolist(), strict=True)))
-        bad = int(np.flatnonzero(pairs.duplicated().to_numpy())[0])
+    hid = frame["household_id"].astype(str).to_numpy()
+    twice = pd.DataFrame({"h": hid, "t": local.dt.tz_convert("UTC").to_numpy()}).duplicated()
+    if twice.any():
+        bad = int(np.flatnonzero(twice.to_numpy())[0])
         raise ValueError(f"row {bad}: a second reading for household "
                          f"{frame['household_id'].iloc[bad]!r} at {ts.iloc[bad]}")
-    kwh[codes, slot] = kwh_col
+    keys = pd.DataFrame({"h": hid, "d": day})
+    codes, uniques = pd.factorize(pd.MultiIndex.from_frame(keys))
+    # a local half-hour read twice is the hour the clocks go back: the mean of its two
+    # readings, as the service scores it (each instant once: checked above)
+    total = np.zeros((len(uniques), N_SLOTS), dtype=np.float64)
+    count = np.zeros((len(uniques), N_SLOTS), dtype=np.int64)
+    have = ~np.isnan(kwh_col)
+    np.add.at(total, (codes[have], slot[have]), kwh_col[have])
+    np.add.at(count, (codes[have], slot[have]), 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kwh = np.where(count > 0, total / count, np.nan).astype(np.float32)
     ids = [str(h) for h, _ in uniques]
     days = np.array([d for _, d in uniques], dtype=np.int32)
     return ids, days, kwh
@@ -129,7 +146,7 @@ def score_frame(
     *,
     tables: ContextTables | None = None,
     state: Mapping[str, Mapping[str, float]] | None = None,
-    timezone: str = "UTC",
+    timezone: str | None = None,
 ) -> pd.DataFrame:
     """Score every household-day of ``readings`` (long or wide, see the module docstring).
 
@@ -145,7 +162,9 @@ def score_frame(
     state
         Stored state per household id (``HouseholdState.row``); others start empty.
     timezone
-        Day boundaries of the long layout, and the zone of naive timestamps.
+        Day boundaries of the long layout, and the zone of naive timestamps (IANA name).
+        Default: the zone the detector was trained in (``meterwatch train --timezone``), or
+        UTC. Another zone than the detector's is refused, as ``meterwatch run`` refuses it.
 
     Returns
     -------
@@ -157,7 +176,8 @@ def score_frame(
     Raises
     ------
     ValueError
-        Missing columns, wrong date/time types, a household-day given twice.
+        Missing columns, wrong date/time types, a household-day given twice, a zone other
+        than the detector's.
     """
     pd = _pandas()
     if not isinstance(readings, pd.DataFrame):
@@ -165,6 +185,14 @@ def score_frame(
     cols = set(readings.columns)
     if "household_id" not in cols:
         raise ValueError("readings need a 'household_id' column")
+    from meterwatch.model.loaders import zone_key
+
+    trained = detector.info.get("timezone")
+    if timezone is None:
+        timezone = str(trained or "UTC")
+    elif trained is not None and zone_key(str(trained)) != zone_key(timezone):
+        raise ValueError(f"timezone {timezone!r}: the detector was trained on days in "
+                         f"{trained}; leave timezone out, or give {trained!r}")
     if {"ts", "kwh"} <= cols:
         ids, day, kwh = _long(readings, timezone)
     elif "date" in cols:

@@ -293,3 +293,35 @@ def test_a_swap_to_a_model_of_another_zone_is_refused(detector_path: Path) -> No
         validate(det, None, None, "UTC")
     det.info["timezone"] = "UTC"
     validate(det, None, None, "Etc/UTC")  # one zone, two names
+
+
+def test_score_frame_cuts_the_export_as_the_loader_and_keeps_the_models_zone(
+        detector_path: Path, tmp_path: Path) -> None:
+    """The notebook path on the same export: the autumn day's repeated hour averaged (it
+    used to be refused as 'a second reading'), the same scores as the loader's days replayed,
+    and the detector's zone by default."""
+    pd = pytest.importorskip("pandas")
+    from meterwatch.model import score_frame
+
+    path = tmp_path / "export.csv"
+    write_export(path, ["H-1", "H-2", "H-3"], AUTUMN - dt.timedelta(days=2), 4)
+    det = Detector.load(detector_path, device="cpu")
+    det.info["timezone"] = "Europe/London"
+    frame = pd.read_csv(path)
+    out = score_frame(det, frame)  # the detector's zone
+    days = read_readings(path, timezone="Europe/London", progress=False)
+    want, _, _ = stored_replay(det, days.household_ids, days.day, days.kwh,
+                               ContextTables.empty(), None)  # its state in full precision
+    assert out.household_id.tolist() == days.household_ids
+    assert out.date.tolist() == [day_to_date(d) for d in days.day.tolist()]
+    np.testing.assert_allclose(out.score.to_numpy(), want, rtol=1e-4, atol=1e-4)
+    assert out.readings.tolist() == [48, 48, 48, 48] * 3  # the 27th: 50 readings, 48 slots
+    with pytest.raises(ValueError, match="trained on days in Europe/London; leave timezone"):
+        score_frame(det, frame, timezone="UTC")
+    with pytest.raises(ValueError, match="a second reading"):  # one instant twice
+        score_frame(det, pd.concat([frame, frame.iloc[:1]]))
+    mixed = frame.copy()
+    mixed.loc[5, "ts"] = mixed.loc[5, "ts"][:19]
+    with pytest.raises(ValueError, match="row 5: .* some timestamps have a UTC offset and "
+                                         "some not"):
+        score_frame(det, mixed)
