@@ -349,12 +349,6 @@ def _parse_value(text: str) -> float:
     return float(t)
 
 
-class _DayCache(dict[str, int]):
-    def __missing__(self, key: str) -> int:
-        value = self[key] = parse_day(key)
-        return value
-
-
 def zone(name: str) -> dt.tzinfo:
     """The time zone of an IANA name (``UTC`` and its aliases: ``datetime.timezone.utc``);
     raises ``ValueError`` naming it."""
@@ -624,9 +618,9 @@ def read_readings(
         prog.close()
     out = acc.result()
     seconds = time.monotonic() - t0
-    log.info("read %s: %d rows -> %d household-days of %d households in %.1fs (%.0f rows/s)",
-             label, rows, len(out), len(set(out.household_ids)), seconds,
-             rows / max(seconds, 1e-9))
+    log.info("read %s: %d rows -> %d household-days of %d households in %.1fs (%.0f rows/s); "
+             "days in %s", label, rows, len(out), len(set(out.household_ids)), seconds,
+             rows / max(seconds, 1e-9), timezone)
     return out
 
 

@@ -322,6 +322,6 @@ def test_score_frame_cuts_the_export_as_the_loader_and_keeps_the_models_zone(
         score_frame(det, pd.concat([frame, frame.iloc[:1]]))
     mixed = frame.copy()
     mixed.loc[5, "ts"] = mixed.loc[5, "ts"][:19]
-    with pytest.raises(ValueError, match="row 5: .* some timestamps have a UTC offset and "
+    with pytest.raises(ValueError, match=r"row 5: .* some timestamps have a UTC offset and "
                                          "some not"):
         score_frame(det, mixed)
