@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--data", type=Path,
                      help="readings: a folder (per-household or per-block CSVs, or an "
                           "archive, plus side tables found there), one .csv, .csv.gz, .tar.gz, "
-                          ".zip, the London Datastore file or hhblock CSVs")
+                          ".zip, the London Datastore file, hhblock CSVs, or a utility's own "
+                          "export: household_id,ts,kwh (see --timezone)")
     train.add_argument("--households", type=int, default=200,
                        help="households generated (--synthetic)")
     train.add_argument("--days", type=int, default=28, help="days generated (--synthetic)")
