@@ -12,6 +12,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +43,29 @@ for name in ("_lazy_init", "init", "mem_get_info", "utilization", "memory_alloca
              "get_device_properties", "set_device", "synchronize"):
     setattr(torch.cuda, name, forbid(name))
 """
+
+
+def service_env(broker: Any, tag: str, **extra: str) -> dict[str, str]:
+    """``clean_env`` with METERWATCH_* variables for a service of its own on ``broker``
+    (a ``stream.broker.Broker``): topics and group named after ``tag``, everything else
+    default (idempotence off only where the broker has none)."""
+    topics = {"INPUT_TOPIC": f"readings-{tag}", "ALERTS_TOPIC": f"alerts-{tag}",
+              "SCORES_TOPIC": f"scores-{tag}", "DEAD_LETTER_TOPIC": f"dlq-{tag}",
+              "DATA_QUALITY_TOPIC": f"dq-{tag}", "STATE_TOPIC": f"state-{tag}"}
+    env = {f"METERWATCH_{k}": v for k, v in topics.items()}
+    env["METERWATCH_BOOTSTRAP_SERVERS"] = broker.bootstrap_servers
+    env["METERWATCH_GROUP_ID"] = f"mw-cli-{tag}"
+    if not broker.supports_idempotence:
+        env["METERWATCH_IDEMPOTENCE"] = "off"
+    return clean_env(**env, **extra)
+
+
+def settings_of(env: dict[str, str]) -> Any:
+    """The ``Settings`` a service started with ``env`` holds."""
+    from meterwatch.stream.config import Settings
+
+    return Settings.load(**{k.removeprefix("METERWATCH_").lower(): v for k, v in env.items()
+                            if k.startswith("METERWATCH_")})
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -34,7 +34,13 @@ from meterwatch.model import SyntheticConfig, generate
 from meterwatch.stream.broker import Broker, create_topics, free_port
 from meterwatch.stream.config import Settings
 from meterwatch.stream.schemas import load_schema
-from tests.cli_helpers import METERWATCH, clean_env, meterwatch, write_layout
+from tests.cli_helpers import (
+    METERWATCH,
+    meterwatch,
+    service_env,
+    settings_of,
+    write_layout,
+)
 from tests.conftest import read_topic
 
 pytestmark = pytest.mark.integration
@@ -42,23 +48,6 @@ pytestmark = pytest.mark.integration
 HOUSEHOLDS = 40
 HISTORY = 28
 START = dt.date(2013, 3, 1)
-
-
-def _env(broker: Broker, tag: str, **extra: str) -> dict[str, str]:
-    topics = {"INPUT_TOPIC": f"readings-{tag}", "ALERTS_TOPIC": f"alerts-{tag}",
-              "SCORES_TOPIC": f"scores-{tag}", "DEAD_LETTER_TOPIC": f"dlq-{tag}",
-              "DATA_QUALITY_TOPIC": f"dq-{tag}", "STATE_TOPIC": f"state-{tag}"}
-    env = {f"METERWATCH_{k}": v for k, v in topics.items()}
-    env["METERWATCH_BOOTSTRAP_SERVERS"] = broker.bootstrap_servers
-    env["METERWATCH_GROUP_ID"] = f"mw-cli-{tag}"
-    if not broker.supports_idempotence:
-        env["METERWATCH_IDEMPOTENCE"] = "off"
-    return clean_env(**env, **extra)
-
-
-def _settings(env: dict[str, str]) -> Settings:
-    return Settings.load(**{k.removeprefix("METERWATCH_").lower(): v for k, v in env.items()
-                            if k.startswith("METERWATCH_")})
 
 
 def _ready(port: int) -> bool:
@@ -98,9 +87,9 @@ def test_train_folder_run_simulate_alerts_evaluate(history, broker: Broker,  # t
 
     tag = uuid.uuid4().hex[:8]
     port = free_port()
-    env = _env(broker, tag, METERWATCH_MODEL_PATH=str(model),
+    env = service_env(broker, tag, METERWATCH_MODEL_PATH=str(model),
                METERWATCH_METRICS_PORT=str(port))
-    settings = _settings(env)
+    settings = settings_of(env)
     # the platform owns the input topic; the service creates its outputs
     asyncio.run(create_topics(settings.bootstrap_servers, {settings.input_topic: 8}))
     log_path = tmp_path / "run.log"
@@ -198,8 +187,8 @@ async def _produce_partial_day(settings: Settings, household: str) -> None:
 
 
 def test_simulate_rate_and_duration(broker: Broker, tmp_path: Path) -> None:
-    env = _env(broker, uuid.uuid4().hex[:8])
-    settings = _settings(env)
+    env = service_env(broker, uuid.uuid4().hex[:8])
+    settings = settings_of(env)
     asyncio.run(create_topics(settings.bootstrap_servers, {settings.input_topic: 2}))
     t0 = time.monotonic()
     proc = meterwatch("simulate", "--households", "50", "--days", "30", "--rate", "1000",
@@ -228,8 +217,8 @@ def test_simulate_recorded_data(history, broker: Broker,  # type: ignore[no-unty
     """`simulate --data` sends the recorded readings of a folder (the days asked for), every
     one exactly once and as recorded, except on the days its labels file lists."""
     data, folder = history
-    env = _env(broker, uuid.uuid4().hex[:8])
-    settings = _settings(env)
+    env = service_env(broker, uuid.uuid4().hex[:8])
+    settings = settings_of(env)
     asyncio.run(create_topics(settings.bootstrap_servers, {settings.input_topic: 4}))
     first = START - dt.timedelta(days=HISTORY)
     start = first + dt.timedelta(days=5)

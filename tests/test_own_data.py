@@ -38,10 +38,9 @@ from meterwatch.model.loaders import (
 )
 from meterwatch.model.state import STORAGE_DTYPES
 from meterwatch.stream.broker import Broker, create_topics, free_port
-from meterwatch.stream.config import Settings
 from meterwatch.stream.simulate import slot_times
 from meterwatch.stream.timegrid import TimeGrid
-from tests.cli_helpers import METERWATCH, clean_env, meterwatch, one_line_error
+from tests.cli_helpers import METERWATCH, meterwatch, one_line_error, service_env, settings_of
 from tests.conftest import read_topic
 
 LONDON = ZoneInfo("Europe/London")
@@ -183,17 +182,6 @@ def test_simulate_sends_each_local_day_as_the_service_assembles_it(date: dt.date
     assert slot_times(day) == [[day * 86400 + s * 1800] for s in range(48)]  # UTC
 
 
-def _env(broker: Broker, tag: str, **extra: str) -> dict[str, str]:
-    env = {f"METERWATCH_{k}": f"{v}-{tag}" for k, v in (
-        ("INPUT_TOPIC", "readings"), ("ALERTS_TOPIC", "alerts"), ("SCORES_TOPIC", "scores"),
-        ("DEAD_LETTER_TOPIC", "dlq"), ("DATA_QUALITY_TOPIC", "dq"), ("STATE_TOPIC", "state"),
-        ("GROUP_ID", "mw-own"))}
-    env["METERWATCH_BOOTSTRAP_SERVERS"] = broker.bootstrap_servers
-    if not broker.supports_idempotence:
-        env["METERWATCH_IDEMPOTENCE"] = "off"
-    return clean_env(**env, **extra)
-
-
 @pytest.mark.integration
 def test_own_export_trained_run_and_simulated_in_its_time_zone(broker: Broker,
                                                                tmp_path: Path) -> None:
@@ -212,7 +200,7 @@ def test_own_export_trained_run_and_simulated_in_its_time_zone(broker: Broker,
 
     tag = uuid.uuid4().hex[:8]
     port = free_port()
-    env = _env(broker, tag, METERWATCH_MODEL_PATH=str(model),
+    env = service_env(broker, tag, METERWATCH_MODEL_PATH=str(model),
                METERWATCH_METRICS_PORT=str(port))
     line = one_line_error(meterwatch("run", env=env))  # the default zone: UTC
     assert line == (f"meterwatch: error: --timezone: UTC, but {model} was trained on days in "
@@ -220,8 +208,7 @@ def test_own_export_trained_run_and_simulated_in_its_time_zone(broker: Broker,
                     "trained with meterwatch train --timezone UTC"), line
 
     env["METERWATCH_TIMEZONE"] = "Europe/London"  # run and simulate take it alike
-    settings = Settings.load(**{k.removeprefix("METERWATCH_").lower(): v
-                                for k, v in env.items() if k.startswith("METERWATCH_")})
+    settings = settings_of(env)
     asyncio.run(create_topics(settings.bootstrap_servers, {settings.input_topic: 4}))
     log_path = tmp_path / "run.log"
     with open(log_path, "wb") as log:
