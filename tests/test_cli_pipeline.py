@@ -199,19 +199,6 @@ def test_simulate_rate_and_duration(broker: Broker, tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 120
 
 
-def test_demo(tmp_path: Path) -> None:
-    """`meterwatch demo` (the README's first command, smaller): its own broker, train,
-    stream, summary, exit 0 only when every day was scored."""
-    proc = meterwatch("demo", "--households", "30", "--history-days", "14", "--stream-days",
-                      "3", "--quiet-alerts", cwd=tmp_path, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "days scored           90 of 90" in proc.stdout, proc.stdout
-    dead = next(line for line in proc.stdout.splitlines() if line.startswith("dead-lettered"))
-    produced = int(dead.split("malformed produced: ")[1].rstrip(")"))
-    assert dead.split()[2] == str(produced), dead
-    assert (tmp_path / "artifacts" / "demo-model.pt").exists()
-
-
 def test_simulate_recorded_data(history, broker: Broker,  # type: ignore[no-untyped-def]
                                 tmp_path: Path) -> None:
     """`simulate --data` sends the recorded readings of a folder (the days asked for), every
