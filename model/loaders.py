@@ -22,8 +22,11 @@ household-day, ``kwh`` float32 (M, 48) with NaN where a half-hour is missing):
 
 Days are local calendar days in ``timezone`` (IANA name, default UTC), cut as the service
 cuts them (``meterwatch run --timezone``): a timestamp with an offset is converted, and the
-second pass through the hour the clocks go back is averaged with the first. A timestamp
-that is not on the hour or half-hour is refused: the readings must be half-hourly.
+second pass through the hour the clocks go back is averaged with the first (without
+offsets, the second reading of a household's day at that time is the second pass). A
+timestamp that is not on the hour or half-hour is refused: the readings must be
+half-hourly; so is a time without offset that the zone skips (the file is not in its
+wall-clock time).
 
 Side tables: ``read_household_info`` (``LCLid,stdorToU,Acorn,Acorn_grouped,file``, or
 ``household_id,tariff,group``), ``read_daily_weather`` (``time,temperatureMax,
@@ -283,8 +286,10 @@ class _Accumulator:
                  timezone: str = "UTC"):
         self.households, self.start, self.end = households, start, end
         self.clock = _Clock(timezone)
-        # (household, day, slot) -> kWh of the repeated hour when the clocks go back
+        # (household, day, slot) -> kWh of the repeated hour when the clocks go back, and
+        # the slots of that hour whose first pass was read from a time without offset
         self.repeats: dict[tuple[str, int, int], float] = {}
+        self.first_pass: set[tuple[str, int, int]] = set()
         self.hh_index: dict[str, int] = {}
         self.row_of: dict[int, int] = {}  # hh_index * 2**20 + (day + 2**19) -> row
         self.blocks: list[np.ndarray] = []
@@ -309,9 +314,17 @@ class _Accumulator:
             self.n += 1
         return self.blocks[r // self.BLOCK][r % self.BLOCK]
 
-    def repeat(self, hh: str, day: int, slot: int, value: float) -> None:
-        self.row(hh, day)  # the day exists even if only its repeat is read
-        self.repeats[(hh, day, slot)] = value
+    def repeat(self, hh: str, day: int, slot: int, value: float, kind: int) -> None:
+        """A reading of the hour the clocks go back: its second pass (``REPEAT``), or a
+        wall-clock time of it without offset (``REPEATED_HOUR``: the first read of this
+        household-day's slot is the first pass, the next one the repeat)."""
+        row = self.row(hh, day)  # the day exists even if only its repeat is read
+        key = (hh, day, slot)
+        if kind == REPEATED_HOUR and key not in self.first_pass:
+            self.first_pass.add(key)
+            row[slot] = value
+        else:
+            self.repeats[key] = value
 
     def _merge_repeats(self) -> None:
         """Each repeated half-hour is the mean of its two readings (one if the other is
@@ -320,7 +333,7 @@ class _Accumulator:
             row, first = self.row(hh, day), self.row(hh, day)[slot]
             row[slot] = value if np.isnan(first) else first if np.isnan(value) else \
                 (first + value) / 2
-        self.repeats = {}
+        self.repeats, self.first_pass = {}, set()
 
     def result(self) -> Readings:
         """The rows sorted by household and day. Each block is copied straight to its rows'
@@ -369,31 +382,48 @@ def zone_key(name: str) -> str:
         else name.strip()
 
 
-class _Clock(dict[str, tuple[int, int, bool]]):
-    """Timestamp text -> (local day, slot, repeat) in a time zone, parsed once per distinct
-    text (a file repeats each half-hour once per household). ``repeat``: the second pass
-    through the wall-clock hour the clocks go back (the service averages it with the
-    first). Raises ``ValueError`` for text that is not a timestamp on the half-hour."""
+#: ``_Clock`` kinds of a timestamp: an ordinary one; the second pass through the hour the
+#: clocks go back (its offset says so); a wall-clock time without offset in that hour (the
+#: first one read of a household's day is the first pass, the second the repeat).
+ORDINARY, REPEAT, REPEATED_HOUR = 0, 1, 2
+
+
+class _Clock(dict[str, tuple[int, int, int]]):
+    """Timestamp text -> (local day, slot, kind) in a time zone, parsed once per distinct
+    text (a file repeats each half-hour once per household). Raises ``ValueError`` for text
+    that is not a timestamp on the half-hour, and for a wall-clock time that the zone skips
+    (the clocks went forward): such a file is not in the zone's wall-clock time (a meter
+    on standard time all year, say) and would be cut an hour off all summer."""
 
     def __init__(self, tz: str) -> None:
         super().__init__()
         self.tz = zone(tz)
 
-    def __missing__(self, text: str) -> tuple[int, int, bool]:
+    def __missing__(self, text: str) -> tuple[int, int, int]:
         t = text.strip()
         try:
             stamp = dt.datetime.fromisoformat(t)
         except ValueError:
             raise ValueError(f"not an ISO 8601 timestamp: {t!r}") from None
-        repeat = False
+        kind = ORDINARY
         if stamp.tzinfo is not None:
             stamp = stamp.astimezone(self.tz)
-            repeat = bool(stamp.fold)
+            kind = REPEAT if stamp.fold else ORDINARY
+        elif self.tz is not dt.timezone.utc:
+            first = stamp.replace(tzinfo=self.tz)
+            if first.astimezone(dt.timezone.utc).astimezone(self.tz).replace(
+                    tzinfo=None) != stamp:
+                raise ValueError(
+                    f"{t!r} does not exist in {self.tz} (the clocks went forward): these are "
+                    "not its wall-clock times; give the timestamps' UTC offsets, or the "
+                    "--timezone they are in (UTC for a meter on standard time all year)")
+            if first.utcoffset() != stamp.replace(tzinfo=self.tz, fold=1).utcoffset():
+                kind = REPEATED_HOUR
         if stamp.minute % 30 or stamp.second or stamp.microsecond:
             raise ValueError(f"{t!r} is not on the hour or half-hour: the readings must be "
                              "half-hourly (sum each half-hour's quarter-hours first)")
         value = self[text] = (date_to_day(stamp.date()), stamp.hour * 2 + stamp.minute // 30,
-                              repeat)
+                              kind)
         return value
 
 
@@ -449,15 +479,15 @@ def _read_long(table: _Table, path: str, acc: _Accumulator, progress: _Progress,
             raise LoadError(path, line_no, f"expected {width} fields, got {line.strip()!r}")
         hh = parts[i_id].strip()
         try:
-            day, slot, repeat = clock[parts[i_ts]]
+            day, slot, kind = clock[parts[i_ts]]
             value = parse(parts[i_v])
         except ValueError as e:
             raise LoadError(path, line_no, f"bad reading {line.strip()!r}: {e}") from None
         if acc.wanted(hh, day):
-            if repeat:
-                acc.repeat(hh, day, slot, value)
-            else:
+            if kind == ORDINARY:
                 acc.row(hh, day)[slot] = value
+            else:
+                acc.repeat(hh, day, slot, value, kind)
         rows += 1
         if rows & 0xFFFF == 0:
             progress.update(tell(), acc.n)

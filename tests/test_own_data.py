@@ -53,9 +53,12 @@ def _value(h: int, date: dt.date, slot: int, second_pass: bool = False) -> float
                  + (0.3 if second_pass else 0.0), 3)
 
 
-def write_export(path: Path, households: list[str], first: dt.date, days: int) -> None:
-    """``household_id,ts,kwh`` in local time with offsets, as a utility's head-end exports
-    it: every half-hour that happened, the repeated hour twice (with its own readings)."""
+def write_export(path: Path, households: list[str], first: dt.date, days: int,
+                 offsets: bool = True) -> None:
+    """``household_id,ts,kwh`` in local time with offsets (or, ``offsets=False``, local
+    wall-clock time without, as a spreadsheet has it), as a utility's head-end exports it:
+    every half-hour that happened, in time order, the repeated hour twice (with its own
+    readings)."""
     rows = ["household_id,ts,kwh"]
     for h, hid in enumerate(households):
         for k in range(days):
@@ -67,7 +70,8 @@ def write_export(path: Path, households: list[str], first: dt.date, days: int) -
             while t < end:
                 local = t.astimezone(LONDON)
                 slot = local.hour * 2 + local.minute // 30
-                rows.append(f"{hid},{local.isoformat()},{_value(h, date, slot, local.fold == 1)}")
+                text = local.isoformat() if offsets else local.replace(tzinfo=None).isoformat()
+                rows.append(f"{hid},{text},{_value(h, date, slot, local.fold == 1)}")
                 t += dt.timedelta(minutes=30)
     path.write_text("\n".join(rows) + "\n")
 
@@ -82,24 +86,41 @@ def expected_day(h: int, date: dt.date) -> np.ndarray:
     return out
 
 
-def test_own_export_is_cut_into_local_days_as_the_service_cuts_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize("offsets", [True, False], ids=["offsets", "wall-clock"])
+def test_own_export_is_cut_into_local_days_as_the_service_cuts_them(offsets: bool,
+                                                                    tmp_path: Path) -> None:
     path = tmp_path / "export.csv"
-    write_export(path, ["H-1", "H-2"], SPRING - dt.timedelta(days=1), 3)
+    write_export(path, ["H-1", "H-2"], SPRING - dt.timedelta(days=1), 3, offsets)
     r = read_readings(path, timezone="Europe/London", progress=False)
     assert r.household_ids == ["H-1"] * 3 + ["H-2"] * 3
     for i, (hid, day) in enumerate(zip(r.household_ids, r.day.tolist(), strict=True)):
         date = dt.date(1970, 1, 1) + dt.timedelta(days=day)
         np.testing.assert_allclose(r.kwh[i], expected_day(int(hid[-1]) - 1, date),
                                    atol=1e-6, err_msg=f"{hid} {date}")
-    write_export(path, ["H-1"], AUTUMN - dt.timedelta(days=1), 3)
+    write_export(path, ["H-1", "H-2"], AUTUMN - dt.timedelta(days=1), 3, offsets)
     r = read_readings(path, timezone="Europe/London", progress=False)
-    assert r.day.tolist() == [date_to_day(AUTUMN) - 1, date_to_day(AUTUMN),
-                              date_to_day(AUTUMN) + 1]
+    autumn = date_to_day(AUTUMN)
+    assert r.day.tolist() == [autumn - 1, autumn, autumn + 1] * 2
     np.testing.assert_allclose(r.kwh[1], expected_day(0, AUTUMN), atol=1e-6)
-    # the same file in UTC: the summer day before starts an hour earlier (23:00 local)
-    utc = read_readings(path, progress=False)
-    assert utc.day[0] == date_to_day(AUTUMN) - 2
-    assert utc.kwh[0, 46] == pytest.approx(_value(0, AUTUMN - dt.timedelta(days=1), 0))
+    np.testing.assert_allclose(r.kwh[4], expected_day(1, AUTUMN), atol=1e-6)
+    if offsets:  # the same file in UTC: the summer day before starts at 23:00 local
+        utc = read_readings(path, progress=False)
+        assert utc.day[0] == autumn - 2
+        assert utc.kwh[0, 46] == pytest.approx(_value(0, AUTUMN - dt.timedelta(days=1), 0))
+
+
+def test_wall_clock_times_the_zone_skips_are_refused(tmp_path: Path) -> None:
+    """A meter on standard time all year (as the Low Carbon London files are, on GMT) has
+    readings at 01:00-02:00 on the spring day: read as Europe/London wall-clock time, every
+    summer day would be cut an hour off. The loader says so instead."""
+    path = tmp_path / "gmt.csv"
+    rows = ["household_id,ts,kwh"] + [f"H1,2013-03-31 {s // 2:02d}:{30 * (s % 2):02d}:00,0.1"
+                                      for s in range(48)]
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(LoadError, match=r"gmt.csv:4: .*'2013-03-31 01:00:00' does not exist "
+                                        r"in Europe/London \(the clocks went forward\)"):
+        read_readings(path, timezone="Europe/London", progress=False)
+    assert read_readings(path, progress=False).kwh.shape == (1, 48)  # in UTC: all of it
 
 
 @pytest.mark.parametrize("body", [
