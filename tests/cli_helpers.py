@@ -3,14 +3,18 @@ and write generated readings in every layout ``model.loaders`` reads."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import gzip
 import io
 import os
+import signal
 import subprocess
 import sys
 import tarfile
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +62,41 @@ def service_env(broker: Any, tag: str, **extra: str) -> dict[str, str]:
     if not broker.supports_idempotence:
         env["METERWATCH_IDEMPOTENCE"] = "off"
     return clean_env(**env, **extra)
+
+
+@contextlib.contextmanager
+def cli_service(env: dict[str, str], log_path: Path, port: int | None = None,
+                ready_s: float = 180) -> Iterator[subprocess.Popen[bytes]]:
+    """``meterwatch run`` (the installed script) with ``env``, its output in ``log_path``,
+    for the ``with`` block: ready (``/readyz`` on ``port``) when ``port`` is given. Then
+    SIGTERM, and an ``AssertionError`` with the log's tail unless it exits 0 (an error of
+    the block itself goes on as it was)."""
+    with open(log_path, "wb") as log:
+        service = subprocess.Popen([str(METERWATCH), "run"], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + ready_s
+        while port is not None and not _ready(port):
+            assert service.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.5)
+        yield service
+    finally:
+        service.send_signal(signal.SIGTERM)
+        try:
+            code = service.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            raise
+    assert code == 0, log_path.read_text()[-3000:]
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
 
 
 def settings_of(env: dict[str, str]) -> Any:

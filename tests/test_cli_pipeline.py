@@ -18,8 +18,6 @@ import asyncio
 import csv
 import datetime as dt
 import json
-import signal
-import subprocess
 import time
 import urllib.request
 import uuid
@@ -35,7 +33,7 @@ from meterwatch.stream.broker import Broker, create_topics, free_port
 from meterwatch.stream.config import Settings
 from meterwatch.stream.schemas import load_schema
 from tests.cli_helpers import (
-    METERWATCH,
+    cli_service,
     meterwatch,
     service_env,
     settings_of,
@@ -48,14 +46,6 @@ pytestmark = pytest.mark.integration
 HOUSEHOLDS = 40
 HISTORY = 28
 START = dt.date(2013, 3, 1)
-
-
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
 
 
 def _validate(docs: list[dict], schema_name: str) -> None:
@@ -88,20 +78,12 @@ def test_train_folder_run_simulate_alerts_evaluate(history, broker: Broker,  # t
     tag = uuid.uuid4().hex[:8]
     port = free_port()
     env = service_env(broker, tag, METERWATCH_MODEL_PATH=str(model),
-               METERWATCH_METRICS_PORT=str(port))
+                      METERWATCH_METRICS_PORT=str(port))
     settings = settings_of(env)
     # the platform owns the input topic; the service creates its outputs
     asyncio.run(create_topics(settings.bootstrap_servers, {settings.input_topic: 8}))
     log_path = tmp_path / "run.log"
-    with open(log_path, "wb") as log:
-        service = subprocess.Popen([str(METERWATCH), "run"], env=env, stdout=log,
-                                   stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while not _ready(port):
-            assert service.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.5)
+    with cli_service(env, log_path, port):
         text = log_path.read_text()
         assert "starting: bootstrap_servers=" in text and f"model_path={model}" in text
 
@@ -130,14 +112,6 @@ def test_train_folder_run_simulate_alerts_evaluate(history, broker: Broker,  # t
                      "meterwatch_scorer_process_resident_memory_bytes",
                      "meterwatch_scorer_process_cpu_seconds_total"):
             assert any(line.startswith(name + " ") for line in metrics.splitlines()), name
-    finally:
-        service.send_signal(signal.SIGTERM)
-        try:
-            code = service.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            service.kill()
-            raise
-    assert code == 0, log_path.read_text()[-3000:]
 
     assert len([s for s in scores if s["household_id"].startswith("SYN")]) >= closed_days
     _validate(scores, "day_score")

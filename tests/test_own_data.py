@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import signal
-import subprocess
 import uuid
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -40,7 +38,13 @@ from meterwatch.model.state import STORAGE_DTYPES
 from meterwatch.stream.broker import Broker, create_topics, free_port
 from meterwatch.stream.simulate import slot_times
 from meterwatch.stream.timegrid import TimeGrid
-from tests.cli_helpers import METERWATCH, meterwatch, one_line_error, service_env, settings_of
+from tests.cli_helpers import (
+    cli_service,
+    meterwatch,
+    one_line_error,
+    service_env,
+    settings_of,
+)
 from tests.conftest import read_topic
 
 LONDON = ZoneInfo("Europe/London")
@@ -231,11 +235,7 @@ def test_own_export_trained_run_and_simulated_in_its_time_zone(broker: Broker,
     env["METERWATCH_TIMEZONE"] = "Europe/London"  # run and simulate take it alike
     settings = settings_of(env)
     asyncio.run(create_topics(settings.bootstrap_servers, {settings.input_topic: 4}))
-    log_path = tmp_path / "run.log"
-    with open(log_path, "wb") as log:
-        service = subprocess.Popen([str(METERWATCH), "run"], env=env, stdout=log,
-                                   stderr=subprocess.STDOUT)
-    try:
+    with cli_service(env, tmp_path / "run.log", port):
         # 26, 27 (50 half-hours), 28 and 29 October
         proc = meterwatch("simulate", "--data", str(data), "--start", "2013-10-26",
                           "--days", "4", "--anomaly-rate", "0", "--labels",
@@ -244,14 +244,6 @@ def test_own_export_trained_run_and_simulated_in_its_time_zone(broker: Broker,
         assert f"produced {8 * (48 * 3 + 50):,} readings" in proc.stdout, proc.stdout
         scores = asyncio.run(read_topic(settings, settings.scores_topic,
                                         min_records=8 * 4, timeout_s=120))
-    finally:
-        service.send_signal(signal.SIGTERM)
-        try:
-            code = service.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            service.kill()
-            raise
-    assert code == 0, log_path.read_text()[-3000:]
     by_day = {(s["household_id"], s["date"]): s for s in scores}
     for hid in households:
         for k in range(4):
