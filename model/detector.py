@@ -45,6 +45,8 @@ from meterwatch.model.features import (
     N_SLOTS,
     ContextTables,
     ModelInputs,
+    Vocabulary,
+    encode,
     model_inputs,
 )
 from meterwatch.model.network import ConditionalAutoencoder, ModelConfig
@@ -307,6 +309,9 @@ class Detector:
         self.live: LiveCalibration | None = None
         self._live_day: int | None = None
         self.info: dict[str, Any] = {}  # training summary (plain types), saved with the model
+        # the household group and tariff values this model was trained on, where they are
+        # not the Low Carbon London names (``features.learn_vocabulary``)
+        self.vocabulary: Vocabulary | None = None
         self._lock = threading.Lock()
         self._pinned: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # score/replay as batched torch operations on the device (model.torch_scoring);
@@ -338,6 +343,7 @@ class Detector:
             "info": self.info,
             "meterwatch_version": package_version(),
             **({"far_curve": self.far_curve.to_dict()} if self.far_curve is not None else {}),
+            **({"vocabulary": self.vocabulary} if self.vocabulary is not None else {}),
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -371,6 +377,10 @@ class Detector:
                   far_curve=FarCurve.from_dict(ckpt["far_curve"]) if "far_curve" in ckpt
                   else None)
         det.info = dict(ckpt.get("info", {}))
+        vocabulary = ckpt.get("vocabulary")
+        det.vocabulary = None if vocabulary is None else {
+            str(part): {str(k): str(v) for k, v in names.items()}
+            for part, names in vocabulary.items()}
         if target_far is not None:
             det.set_target_far(target_far)
         return det
@@ -601,7 +611,8 @@ class Detector:
         if torch_scoring.enabled(self, n):
             return torch_scoring.score(self, kwh, day, household_ids, state, tables)
 
-        inp = model_inputs(kwh, day, household_ids, state.level, tables, sc.max_kwh)
+        inp = model_inputs(kwh, day, household_ids, state.level,
+                           encode(tables, self.vocabulary), sc.max_kwh)
         ds = self.statistics(inp, state)
         z, mean, std, level_z = self.zscores(ds.stats, state, day)
         stat_scores = self.calibration.stat_scores(z, state.count)

@@ -9,6 +9,8 @@
 ``season_sin/cos``    day of year on the unit circle
 ``acorn_*``           one-hot ACORN group (Affluent, Comfortable, Adversity); all 0 = unknown
 ``tariff``            +1 dynamic time-of-use, -1 standard, 0 unknown
+                      (a model trained on other group or tariff values gives these columns
+                      to its most common ones: ``learn_vocabulary``, ``encode``)
 ``temp_max/min``      daily temperature, (t - 12 °C) / 8 °C; 0 when unknown
 ``weather_missing``   1 when the day has no weather
 ``log_level``         log(level / 0.2 kWh); 0 when unknown
@@ -71,6 +73,9 @@ class ContextTables:
     temp_max: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     temp_min: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     holidays: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    #: The group and tariff values are already a model's encoding names (``encode``): a
+    #: detector does not translate them again.
+    encoded: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.weather_day)
@@ -115,9 +120,13 @@ class ContextTables:
         information is not among them, the new tables share this one's household index
         (``household_codes``; building it for a million households takes seconds)."""
         new = dataclasses.replace(self, **parts)
-        lookup = _LOOKUPS.get(self)
-        if lookup is not None and "acorn_group" not in parts and "tariff" not in parts:
-            _LOOKUPS[new] = lookup
+        if "acorn_group" not in parts and "tariff" not in parts:
+            lookup = _LOOKUPS.get(self)
+            if lookup is not None:
+                _LOOKUPS[new] = lookup
+            # and the encodings of these tables for models with their own vocabulary
+            _ENCODED[new] = {key: enc.updated(parts)
+                             for key, enc in _ENCODED.get(self, {}).items()}
         return new
 
     @classmethod
@@ -179,6 +188,93 @@ def household_codes(tables: ContextTables, household_ids: Sequence[str] | np.nda
     if lookup is None:
         lookup = _LOOKUPS[tables] = _HouseholdLookup(tables)
     return lookup(household_ids)
+
+
+#: A model's vocabulary of household values: ``{"group": {value: ACORN_GROUPS name},
+#: "tariff": {value: TARIFFS name}}``; None is the Low Carbon London one (each name itself).
+Vocabulary = dict[str, dict[str, str]]
+#: Household values that mean "not known" (never learnt as a group or tariff).
+UNKNOWN_VALUES = frozenset({"", "acorn-u", "acorn-", "unknown", "n/a", "na", "none", "null"})
+
+
+def learn_vocabulary(tables: ContextTables | None, household_ids: Sequence[str]
+                     ) -> Vocabulary | None:
+    """The vocabulary of a model trained on these households: None (the Low Carbon London
+    names) when their groups and tariffs are all among ``ACORN_GROUPS`` and ``TARIFFS``;
+    otherwise the most common values, by number of households, take the three group
+    columns and the two tariff signs (the most common tariff -1, the next +1), and any
+    other value is unknown. A utility's own segments and tariffs are context then too."""
+    if tables is None:
+        return None
+    ids = set(household_ids)
+    out: Vocabulary = {}
+    for part, values, names in (("group", tables.acorn_group, ACORN_GROUPS),
+                                ("tariff", tables.tariff, tuple(TARIFFS))):
+        counts: dict[str, int] = {}
+        for h, v in values.items():
+            if h in ids and v.strip().lower() not in UNKNOWN_VALUES:
+                counts[v] = counts.get(v, 0) + 1
+        if set(counts) <= set(names):
+            continue
+        common = sorted(counts, key=lambda v: (-counts[v], v))[: len(names)]
+        out[part] = dict(zip(common, names, strict=False))
+    return out or None
+
+
+def unknown_values(tables: ContextTables | None, vocabulary: Vocabulary | None
+                   ) -> dict[str, dict[str, int]]:
+    """Per part (``group``, ``tariff``): the values of ``tables`` that a model with
+    ``vocabulary`` does not know, with how many households have each (values that mean
+    "not known" left out): those households are scored as of an unknown group or tariff."""
+    out: dict[str, dict[str, int]] = {}
+    if tables is None or tables.encoded:
+        return out
+    for part, values, names in (("group", tables.acorn_group, ACORN_GROUPS),
+                                ("tariff", tables.tariff, tuple(TARIFFS))):
+        known = set((vocabulary or {}).get(part, {v: v for v in names}))
+        counts: dict[str, int] = {}
+        for v in values.values():
+            if v not in known and v.strip().lower() not in UNKNOWN_VALUES:
+                counts[v] = counts.get(v, 0) + 1
+        if counts:
+            out[part] = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return out
+
+
+def describe_unknown(unknown: dict[str, dict[str, int]]) -> str:
+    """``unknown_values`` in words for a log line ('' when there are none)."""
+    return "; ".join(
+        f"{sum(counts.values()):,} households with a {part} the model does not know ("
+        + ", ".join(f"{v!r} {n:,}" for v, n in list(counts.items())[:3])
+        + (", ..." if len(counts) > 3 else "") + ")"
+        for part, counts in unknown.items())
+
+
+def encode(tables: ContextTables | None, vocabulary: Vocabulary | None
+           ) -> ContextTables | None:
+    """``tables`` with its group and tariff values in the encoding names of a model with
+    ``vocabulary`` (values outside it unknown); the same object where there is nothing to
+    translate. Built once per tables object and vocabulary (the household index with it)."""
+    if tables is None or vocabulary is None or tables.encoded:
+        return tables
+    key = repr(sorted((k, sorted(v.items())) for k, v in vocabulary.items()))
+    cache = _ENCODED.setdefault(tables, {})
+    enc = cache.get(key)
+    if enc is None:
+        def mapped(values: Mapping[str, str], part: str) -> Mapping[str, str]:
+            if part not in vocabulary:
+                return values
+            names = vocabulary[part]
+            return {h: names.get(v, "") for h, v in values.items()}
+
+        enc = cache[key] = dataclasses.replace(
+            tables, acorn_group=mapped(tables.acorn_group, "group"),
+            tariff=mapped(tables.tariff, "tariff"), encoded=True)
+    return enc
+
+
+_ENCODED: weakref.WeakKeyDictionary[ContextTables, dict[str, ContextTables]] = (
+    weakref.WeakKeyDictionary())
 
 
 def context_features(

@@ -46,7 +46,6 @@ import os
 import sys
 import tarfile
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,9 +142,10 @@ def read_household_info(path: str | os.PathLike[str]) -> tuple[dict[str, str], d
     """``household -> group`` and ``household -> tariff`` from the household file.
 
     The columns are ``LCLid``, ``stdorToU`` and ``Acorn_grouped`` (Low Carbon London) or
-    ``household_id``, ``tariff`` and ``group``. The model knows the groups ``Affluent``,
-    ``Comfortable`` and ``Adversity`` and the tariffs ``Std`` and ``ToU`` (any case);
-    other values are kept as they are, scored as unknown, and counted in one warning."""
+    ``household_id``, ``tariff`` and ``group``. The Low Carbon London values (groups
+    ``Affluent``, ``Comfortable``, ``Adversity``; tariffs ``Std``, ``ToU``) are matched in
+    any case; other values are kept as they are (a model trained on them learns them:
+    ``features.learn_vocabulary``)."""
     from meterwatch.model.features import ACORN_GROUPS, TARIFFS
 
     known_group = {g.lower(): g for g in ACORN_GROUPS}
@@ -167,21 +167,7 @@ def read_household_info(path: str | os.PathLike[str]) -> tuple[dict[str, str], d
             group, tariff = row[i_group], row[i_tariff]
             groups[row[i_id]] = known_group.get(group.lower(), group)
             tariffs[row[i_id]] = known_tariff.get(tariff.lower(), tariff)
-    _warn_unknown(path, "group", groups, ACORN_GROUPS)
-    _warn_unknown(path, "tariff", tariffs, tuple(TARIFFS))
     return groups, tariffs
-
-
-def _warn_unknown(path: str | os.PathLike[str], what: str, values: dict[str, str],
-                  known: tuple[str, ...]) -> None:
-    other = Counter(v for v in values.values() if v not in known
-                    and v.lower() not in ("", "acorn-u", "unknown", "n/a", "na"))
-    if other:
-        seen = ", ".join(f"{v!r} ({n:,})" for v, n in other.most_common(3))
-        log.warning("%s: %s of %s households have a %s the model does not know (%s%s); "
-                    "they are scored as of an unknown %s (known: %s)", os.fspath(path),
-                    f"{other.total():,}", f"{len(values):,}", what, seen,
-                    ", ..." if len(other) > 3 else "", what, ", ".join(known))
 
 
 def read_daily_weather(

@@ -42,6 +42,7 @@ from meterwatch.model.features import (
     TEMP_REF,
     TEMP_SCALE,
     ContextTables,
+    encode,
     gather_rows,
     household_codes,
 )
@@ -280,7 +281,7 @@ def _static(det: Detector, kwh_np: np.ndarray, day_np: np.ndarray,
     ctx[:, 0] = torch.sin(2 * math.pi * dow / 7).float()
     ctx[:, 1] = torch.cos(2 * math.pi * dow / 7).float()
     ctx[:, 2] = (dow >= 5).float()
-    tables = tables if tables is not None else ContextTables.empty()
+    tables = encode(tables, det.vocabulary) or ContextTables.empty()
     tt = _table_tensors(tables, device)
     if len(tt["holidays"]):
         ctx[:, 3] = torch.isin(day, tt["holidays"]).float()

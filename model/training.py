@@ -51,7 +51,16 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 
 from meterwatch.model.calibration import FarCurve
 from meterwatch.model.detector import DayScores, Detector, ScoringConfig
-from meterwatch.model.features import ContextTables, ModelInputs, mask_context, model_inputs
+from meterwatch.model.features import (
+    ContextTables,
+    ModelInputs,
+    describe_unknown,
+    encode,
+    learn_vocabulary,
+    mask_context,
+    model_inputs,
+    unknown_values,
+)
 from meterwatch.model.network import ConditionalAutoencoder, ModelConfig
 from meterwatch.model.scoring import N_BLOCKS, N_STATS, Calibration, TooFewDays
 from meterwatch.model.state import HouseholdState, absorb
@@ -516,6 +525,17 @@ def train_detector(
     assert cfg.model.n_context == 15, cfg.model
     if m == 0:
         raise TrainingDataError(_too_little(ids, day, "there are no days"))
+    # a utility's own household groups and tariffs take the context's columns (the Low
+    # Carbon London names keep theirs); everything below sees them as the model will
+    vocabulary = learn_vocabulary(tables, ids)
+    if vocabulary is not None:
+        log.info("household values learnt: %s", "; ".join(
+            f"{part} " + ", ".join(f"{v!r} -> {n}" for v, n in names.items())
+            for part, names in vocabulary.items()))
+    unknown = describe_unknown(unknown_values(tables, vocabulary))
+    if unknown:
+        log.warning("household file: %s; they are scored as unknown", unknown)
+    tables = encode(tables, vocabulary)
     set_seeds(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
@@ -570,6 +590,7 @@ def train_detector(
     # training households' shapes), of all for the others (steadier).
     det = Detector(model, threshold=cfg.provisional_threshold, calibration=Calibration.identity(
         np.zeros(N_STATS), np.ones(N_STATS)), scoring=cfg.scoring, device=device)
+    det.vocabulary = vocabulary
     everyone = np.arange(m)
     det.calibration = _prior(det, kwh, day, ids, tables, everyone, unseen_row)
 
@@ -893,12 +914,11 @@ def cold_start_replay(
             assert tables is not None
             known = {p: h for p, h, c in zip(pid[sel], ids[rows[sel]], cond[sel], strict=True)
                      if c == 0}
-            tb = ContextTables(
+            tb = replace(  # the weather, holidays and encoding of ``tables``
+                tables,
                 acorn_group={p: tables.acorn_group[h] for p, h in known.items()
                              if h in tables.acorn_group},
-                tariff={p: tables.tariff[h] for p, h in known.items() if h in tables.tariff},
-                weather_day=tables.weather_day, temp_max=tables.temp_max,
-                temp_min=tables.temp_min, holidays=tables.holidays)
+                tariff={p: tables.tariff[h] for p, h in known.items() if h in tables.tariff})
         r = rows[sel]
         out, _ = det.replay(kwh[r], day[r], list(pid[sel]), tb)
         zs.append(out.stat_z)

@@ -65,7 +65,14 @@ import numpy as np
 import torch
 
 from meterwatch.model import ContextTables, Detector, SyntheticConfig, generate
-from meterwatch.model.features import FEATURE_NAMES, N_SLOTS, model_inputs
+from meterwatch.model.features import (
+    FEATURE_NAMES,
+    N_SLOTS,
+    describe_unknown,
+    encode,
+    model_inputs,
+    unknown_values,
+)
 from meterwatch.model.loaders import day_to_date, zone_key
 from meterwatch.stream.config import Settings
 from meterwatch.stream.errors import ConfigurationError, first_line, problem_of
@@ -123,8 +130,8 @@ def validate(det: Detector, current: Detector | None = None,
         raise ModelRejected(f"{det.version}: scoring a synthetic batch failed "
                             f"({type(exc).__name__}: {str(exc)[:200]})") from exc
     # the network itself (scoring would hide a NaN reconstruction behind its own guards)
-    inp = model_inputs(kwh, day, ids, np.full(len(day), np.nan, np.float32), tables,
-                       det.scoring.max_kwh)
+    inp = model_inputs(kwh, day, ids, np.full(len(day), np.nan, np.float32),
+                       encode(tables, det.vocabulary), det.scoring.max_kwh)
     recon = det.reconstruct(inp.x_shape if cfg.shape_input else inp.x, inp.context)
     if not np.isfinite(recon).all():
         raise ModelRejected(f"{det.version}: the network reconstructs synthetic days to "
@@ -166,9 +173,10 @@ _PART_NAMES = {"acorn_group": "household information", "tariff": "household info
                "holidays": "bank holidays"}
 
 
-def describe_tables(tables: ContextTables | None) -> str:
-    """What the context tables hold, for the log: how many households, and the last day
-    of the weather and of the bank holidays (what a service running past them lacks)."""
+def describe_tables(tables: ContextTables | None, detector: Detector | None = None) -> str:
+    """What the context tables hold, for the log: how many households, the last day of
+    the weather and of the bank holidays (what a service running past them lacks), and the
+    households whose group or tariff ``detector`` does not know (scored as unknown)."""
     if tables is None:
         return "none"
 
@@ -177,8 +185,10 @@ def describe_tables(tables: ContextTables | None) -> str:
             if len(days) else "none"
 
     households = len(set(tables.tariff) | set(tables.acorn_group))
+    unknown = "" if detector is None else describe_unknown(
+        unknown_values(tables, detector.vocabulary))
     return (f"{households:,} households, weather to {last(tables.weather_day)}, "
-            f"bank holidays to {last(tables.holidays)}")
+            f"bank holidays to {last(tables.holidays)}" + (f"; {unknown}" if unknown else ""))
 
 
 @dataclass(frozen=True)
@@ -385,7 +395,7 @@ class ModelLifecycle:
         context = [p for p in (s.household_info, s.weather, s.holidays) if p is not None]
         if context:  # one watcher: a change (or SIGHUP) reads the three once
             log.info("context tables: %s",  # (a set of every household: off the loop)
-                     await asyncio.to_thread(describe_tables, self.tables))
+                     await asyncio.to_thread(describe_tables, self.tables, self.detector))
             self._watchers.append(ModelWatcher(context, s.model_poll_s, self._reload_context,
                                                what="context"))
         if checked.shadow is None or s.shadow_model_path is None:
@@ -530,7 +540,7 @@ class ModelLifecycle:
         self.tables = scorer.tables
         self.metrics.context_reloads.inc()
         what = sorted({_PART_NAMES[k] for k in parts})
-        held = await asyncio.to_thread(describe_tables, self.tables)
+        held = await asyncio.to_thread(describe_tables, self.tables, self.detector)
         log.info("context tables read again (%s changed; new %s): %s (scoring waited "
                  "%.3f s)", path, ", ".join(what), held, waited)
         return True

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import logging
 import uuid
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -24,7 +23,14 @@ import pytest
 import torch
 
 from benchmarks.state_precision import replay as stored_replay
-from meterwatch.model import ContextTables, Detector
+from meterwatch.model import ContextTables, Detector, HouseholdState
+from meterwatch.model.features import (
+    describe_unknown,
+    encode,
+    household_codes,
+    learn_vocabulary,
+    unknown_values,
+)
 from meterwatch.model.loaders import (
     LoadError,
     date_to_day,
@@ -161,20 +167,19 @@ def test_readings_off_the_half_hour_and_a_header_without_a_household(tmp_path: P
         read_readings(path, progress=False)
 
 
-def test_side_tables_with_plain_column_names(tmp_path: Path,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_side_tables_with_plain_column_names(tmp_path: Path) -> None:
     info = tmp_path / "households.csv"
     info.write_text("household_id,group,tariff,postcode\nH1,affluent,STD,E1\n"
                     "H2,Comfortable,tou,E2\nH3,Band C,economy7,E3\nH4,unknown,Std,E4\n")
-    with caplog.at_level(logging.WARNING, logger="meterwatch.model.loaders"):
-        groups, tariffs = read_household_info(info)
+    groups, tariffs = read_household_info(info)
     assert groups == {"H1": "Affluent", "H2": "Comfortable", "H3": "Band C", "H4": "unknown"}
     assert tariffs == {"H1": "Std", "H2": "ToU", "H3": "economy7", "H4": "Std"}
-    warned = [r.getMessage() for r in caplog.records]
-    assert len(warned) == 2, warned  # 'unknown' means unknown: not counted
-    assert "1 of 4 households have a group the model does not know ('Band C' (1))" in warned[0]
-    assert "1 of 4 households have a tariff the model does not know ('economy7' (1))" \
-        in warned[1]
+    tables = ContextTables(acorn_group=groups, tariff=tariffs)
+    # a model of the Low Carbon London names does not know 'Band C' nor 'economy7'
+    assert unknown_values(tables, None) == {"group": {"Band C": 1}, "tariff": {"economy7": 1}}
+    assert describe_unknown(unknown_values(tables, None)) == (
+        "1 households with a group the model does not know ('Band C' 1); 1 households with "
+        "a tariff the model does not know ('economy7' 1)")
     weather = tmp_path / "weather.csv"
     weather.write_text("date,temp_min,temp_max\n2013-06-02,9.5,21.0\n2013-06-01,8,19.5\n")
     day, tmax, tmin = read_daily_weather(weather)
@@ -210,23 +215,30 @@ def test_simulate_sends_each_local_day_as_the_service_assembles_it(date: dt.date
 @pytest.mark.integration
 def test_own_export_trained_run_and_simulated_in_its_time_zone(broker: Broker,
                                                                tmp_path: Path) -> None:
-    """The user path on a utility's export, with default settings but the zone."""
+    """The user path on a utility's export and household file (its own segments and
+    tariffs), with default settings but the zone."""
     households = [f"UTIL-{h:03d}" for h in range(8)]
     data = tmp_path / "export.csv"
     first = dt.date(2013, 10, 1)
     write_export(data, households, first, 30)
+    info = tmp_path / "households.csv"
+    info.write_text("household_id;segment;group;tariff\n" + "".join(
+        f"{h};x;{('Urban', 'Rural')[i % 2]};{('E7', 'Flat', 'Flat')[i % 3]}\n"
+        for i, h in enumerate(households)))
     model = tmp_path / "model.pt"
-    proc = meterwatch("train", "--data", str(data), "--out", str(model), "--timezone",
-                      "Europe/London", "--max-epochs", "3")
+    proc = meterwatch("train", "--data", str(data), "--household-info", str(info), "--out",
+                      str(model), "--timezone", "Europe/London", "--max-epochs", "3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "240 household-days of 8 households" in proc.stderr, proc.stderr[-3000:]
+    assert "household values learnt: group 'Rural' -> Affluent, 'Urban' -> Comfortable; " \
+        "tariff 'Flat' -> Std, 'E7' -> ToU" in proc.stderr, proc.stderr[-3000:]
     ckpt = torch.load(model, weights_only=True)
     assert ckpt["info"]["timezone"] == "Europe/London"
 
     tag = uuid.uuid4().hex[:8]
     port = free_port()
     env = service_env(broker, tag, METERWATCH_MODEL_PATH=str(model),
-               METERWATCH_METRICS_PORT=str(port))
+                      METERWATCH_METRICS_PORT=str(port), METERWATCH_HOUSEHOLD_INFO=str(info))
     line = one_line_error(meterwatch("run", env=env))  # the default zone: UTC
     assert line == (f"meterwatch: error: --timezone: UTC, but {model} was trained on days in "
                     "Europe/London; run with --timezone Europe/London, or give a model "
@@ -244,6 +256,9 @@ def test_own_export_trained_run_and_simulated_in_its_time_zone(broker: Broker,
         assert f"produced {8 * (48 * 3 + 50):,} readings" in proc.stdout, proc.stdout
         scores = asyncio.run(read_topic(settings, settings.scores_topic,
                                         min_records=8 * 4, timeout_s=120))
+    log = (tmp_path / "run.log").read_text()
+    assert "context tables: 8 households, weather to none" in log, log[-3000:]
+    assert "does not know" not in log, log[-3000:]  # the model learnt the file's values
     by_day = {(s["household_id"], s["date"]): s for s in scores}
     for hid in households:
         for k in range(4):
@@ -260,15 +275,16 @@ def test_own_export_trained_run_and_simulated_in_its_time_zone(broker: Broker,
     for i, (hid, day) in enumerate(zip(days.household_ids, days.day.tolist(), strict=True)):
         np.testing.assert_allclose(days.kwh[i], expected_day(households.index(hid),
                                                              day_to_date(day)), atol=1e-6)
-    want, _, _ = stored_replay(det, days.household_ids, days.day, days.kwh,
-                               ContextTables.empty(), set(STORAGE_DTYPES))
+    tables = ContextTables.from_files(household_csv=info)
+    want, _, _ = stored_replay(det, days.household_ids, days.day, days.kwh, tables,
+                               set(STORAGE_DTYPES))
     first_pass = days.kwh.copy()
     autumn = days.day == date_to_day(AUTUMN)
     first_pass[np.ix_(autumn, [2, 3])] = [[_value(households.index(h), AUTUMN, s)
                                            for s in (2, 3)]
                                           for h in np.array(days.household_ids)[autumn]]
-    other, _, _ = stored_replay(det, days.household_ids, days.day, first_pass,
-                                ContextTables.empty(), set(STORAGE_DTYPES))
+    other, _, _ = stored_replay(det, days.household_ids, days.day, first_pass, tables,
+                                set(STORAGE_DTYPES))
     assert len(want) == len(scores) == 8 * 4, len(scores)
     for hid, day, x, y in zip(days.household_ids, days.day.tolist(), want, other,
                               strict=True):
@@ -325,3 +341,54 @@ def test_score_frame_cuts_the_export_as_the_loader_and_keeps_the_models_zone(
     with pytest.raises(ValueError, match=r"row 5: .* some timestamps have a UTC offset and "
                                          "some not"):
         score_frame(det, mixed)
+
+
+def test_a_utilitys_own_groups_and_tariffs_are_learnt() -> None:
+    """The model's group and tariff columns hold the Low Carbon London values; a utility's
+    own segments and tariffs used to be unknown to every model (the columns all zero).
+    Now training learns the most common of them, the checkpoint keeps them, and they
+    change what the model expects of a household."""
+    from dataclasses import replace
+
+    from meterwatch.model import SyntheticConfig, TrainConfig, generate, train_detector
+
+    data = generate(SyntheticConfig(n_households=40, n_days=24, anomaly_rate=0.0, seed=8))
+    ids, day, kwh, _ = data.long()
+    lcl = data.tables
+    assert learn_vocabulary(lcl, ids) is None  # the LCL names: nothing to learn
+    own_names = {"Affluent": "Band A", "Comfortable": "Band B", "Adversity": "Band C"}
+    own = replace(lcl, acorn_group={h: own_names[g] for h, g in lcl.acorn_group.items()},
+                  tariff={h: {"Std": "flat", "ToU": "agile"}[t] for h, t in lcl.tariff.items()})
+    vocabulary = learn_vocabulary(own, ids)
+    assert vocabulary is not None
+    assert sorted(vocabulary["group"]) == ["Band A", "Band B", "Band C"]
+    assert sorted(vocabulary["group"].values()) == ["Adversity", "Affluent", "Comfortable"]
+    flat_first = sum(t == "flat" for t in own.tariff.values()) >= len(own.tariff) / 2
+    assert vocabulary["tariff"] == ({"flat": "Std", "agile": "ToU"} if flat_first
+                                    else {"agile": "Std", "flat": "ToU"})
+    enc = encode(own, vocabulary)
+    assert enc is not None and enc.encoded and encode(enc, vocabulary) is enc  # once
+    assert encode(own, vocabulary) is enc  # built once per tables and vocabulary
+    group, tariff = household_codes(enc, ids[:40])
+    assert (group >= 0).all() and set(tariff.tolist()) <= {-1.0, 1.0}
+    assert unknown_values(own, vocabulary) == {}
+
+    det = train_detector(kwh, day, ids, own, TrainConfig(device="cpu", max_epochs=3, seed=0))
+    assert det.vocabulary == vocabulary
+    again = Detector.from_checkpoint(det.checkpoint(), device="cpu")
+    assert again.vocabulary == vocabulary
+    last = day == day.max()
+    state = HouseholdState.empty(int(last.sum()))
+    rows = [ids[i] for i in np.flatnonzero(last)]
+    with_own = det.score(kwh[last], day[last], rows, state, own)
+    np.testing.assert_allclose(again.score(kwh[last], day[last], rows, state, own).score,
+                               with_own.score, rtol=1e-6, atol=1e-6)
+    # the groups and tariffs are context the model uses: without them it expects otherwise
+    bare = replace(own, acorn_group={}, tariff={})
+    without = det.score(kwh[last], day[last], rows, state, bare)
+    assert np.abs(with_own.expected - without.expected).max() > 1e-3
+    # the service's path (batched torch operations) reads them the same way
+    from meterwatch.model import torch_scoring
+
+    batched = torch_scoring.score(det, kwh[last], day[last], rows, state, own)
+    np.testing.assert_allclose(batched.expected, with_own.expected, rtol=1e-4, atol=1e-4)
