@@ -372,6 +372,17 @@ def test_a_utilitys_own_groups_and_tariffs_are_learnt() -> None:
     group, tariff = household_codes(enc, ids[:40])
     assert (group >= 0).all() and set(tariff.tolist()) <= {-1.0, 1.0}
     assert unknown_values(own, vocabulary) == {}
+    # a new day of weather (the service's context reload): the encoding and its household
+    # index carry over, not rebuilt (seconds at a million households)
+    from meterwatch.model.features import _LOOKUPS
+
+    more = own.updated({"weather_day": np.append(own.weather_day, own.weather_day[-1] + 1),
+                        "temp_max": np.append(own.temp_max, 10.0),
+                        "temp_min": np.append(own.temp_min, 2.0)})
+    enc_more = encode(more, vocabulary)
+    assert enc_more is not None and enc_more is not enc and len(enc_more.weather_day) == \
+        len(enc.weather_day) + 1
+    assert enc_more.acorn_group is enc.acorn_group and _LOOKUPS.get(enc_more) is _LOOKUPS[enc]
 
     det = train_detector(kwh, day, ids, own, TrainConfig(device="cpu", max_epochs=3, seed=0))
     assert det.vocabulary == vocabulary
