@@ -243,8 +243,11 @@ def unknown_values(tables: ContextTables | None, vocabulary: Vocabulary | None
 
 def describe_unknown(unknown: dict[str, dict[str, int]]) -> str:
     """``unknown_values`` in words for a log line ('' when there are none)."""
+    def households(n: int) -> str:
+        return f"{n:,} household{'s' if n != 1 else ''}"
+
     return "; ".join(
-        f"{sum(counts.values()):,} households with a {part} the model does not know ("
+        f"{households(sum(counts.values()))} with a {part} the model does not know ("
         + ", ".join(f"{v!r} {n:,}" for v, n in list(counts.items())[:3])
         + (", ..." if len(counts) > 3 else "") + ")"
         for part, counts in unknown.items())

@@ -178,7 +178,7 @@ def test_side_tables_with_plain_column_names(tmp_path: Path) -> None:
     # a model of the Low Carbon London names does not know 'Band C' nor 'economy7'
     assert unknown_values(tables, None) == {"group": {"Band C": 1}, "tariff": {"economy7": 1}}
     assert describe_unknown(unknown_values(tables, None)) == (
-        "1 households with a group the model does not know ('Band C' 1); 1 households with "
+        "1 household with a group the model does not know ('Band C' 1); 1 household with "
         "a tariff the model does not know ('economy7' 1)")
     weather = tmp_path / "weather.csv"
     weather.write_text("date,temp_min,temp_max\n2013-06-02,9.5,21.0\n2013-06-01,8,19.5\n")
