@@ -5,8 +5,9 @@ train on a folder of per-household CSVs (the extracted readings.tar.gz layout, s
 tables beside them) -> ``meterwatch run`` with that model -> ``meterwatch simulate``
 (settings from METERWATCH_* variables, a labels file) -> read alerts, day scores,
 data-quality and dead-letter records back and check each against its shipped JSON Schema
--> SIGTERM (exit 0) -> ``meterwatch evaluate`` on the same folder. Also: ``train --data``
-on every other layout the loaders read, and ``simulate --rate --duration``.
+-> SIGTERM (exit 0); ``meterwatch evaluate`` on the same layout is
+``tests/test_train_inputs.py``'s (no broker), as is ``train --data`` on every other layout
+the loaders read. Also: ``simulate --rate --duration`` and ``simulate --data``.
 
 Only the topic names, the group and the broker address differ from the defaults (the
 broker is shared by the whole test session); the metrics port is picked free.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import datetime as dt
-import json
 import time
 import urllib.request
 import uuid
@@ -66,7 +66,7 @@ def history(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
     return data, folder
 
 
-def test_train_folder_run_simulate_alerts_evaluate(history, broker: Broker,  # type: ignore[no-untyped-def]
+def test_train_folder_run_simulate_alerts(history, broker: Broker,  # type: ignore[no-untyped-def]
                                                    tmp_path: Path) -> None:
     data, folder = history
     model = tmp_path / "model.pt"
@@ -131,17 +131,6 @@ def test_train_folder_run_simulate_alerts_evaluate(history, broker: Broker,  # t
     assert any(q["kind"] == "incomplete_day" and q["household_id"] == data.household_ids[0]
                for q in quality), quality
 
-    out = tmp_path / "evaluation"
-    first = START - dt.timedelta(days=HISTORY)
-    proc = meterwatch("evaluate", "--data", str(folder), "--out", str(out),
-                      "--calib-start", (first + dt.timedelta(days=18)).isoformat(),
-                      "--test-start", (first + dt.timedelta(days=23)).isoformat(),
-                      "--methods", "meterwatch,profile", "--cold-households", "0",
-                      "--protocol", "split")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
-    assert set(results["metrics"]) == {"meterwatch", "profile"}
-    assert (out / "RESULTS.md").exists()
 
 
 async def _produce_partial_day(settings: Settings, household: str) -> None:

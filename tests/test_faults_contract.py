@@ -17,6 +17,7 @@ against a real broker (the embedded Tansu, or genuine Apache Kafka with
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -418,9 +419,13 @@ def test_two_applications_with_default_topic_names_each_process_their_own(
 
     asyncio.run(produce_synthetic(broker.bootstrap_servers, t1, data, days=first, seed=1))
     run_app(a, "a", 40 * 3)
-    run_app(b, "b", 40 * 3)  # another group on the same topic: all of it, not A's rest
     asyncio.run(produce_synthetic(broker.bootstrap_servers, t2, data, days=first, seed=2))
-    run_app(c, "c", 40 * 3)  # another topic
+    # B (another group on the same topic: all of it, not A's rest) and C (another topic)
+    # at the same time, both writing to the default output and state topics
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        c_done = pool.submit(run_app, c, "c", 40 * 3)
+        run_app(b, "b", 40 * 3)
+        c_done.result()
     asyncio.run(produce_synthetic(broker.bootstrap_servers, t1, data, days=later, seed=3))
     run_app(a, "a-again", 40 * 1)  # A resumes from its own positions: only the new day
 

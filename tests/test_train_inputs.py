@@ -1,5 +1,6 @@
 """``meterwatch train`` on a history too small to train on: exit 2 and one line that names
-the input and says how much is enough (it was a traceback)."""
+the input and says how much is enough (it was a traceback); ``train`` on every layout the
+loaders read, and ``evaluate`` on one. None of it needs a broker."""
 
 from __future__ import annotations
 
@@ -56,3 +57,26 @@ def test_train_on_every_layout(layout: str, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "72 household-days of 6 households" in proc.stderr, proc.stderr
     assert out.exists()
+
+
+def test_evaluate_on_the_folder_train_reads(tmp_path: Path) -> None:
+    """``meterwatch evaluate`` on the folder layout the CLI pipeline trains on (it was the
+    pipeline test's last step; it uses no broker, so it runs once, not in both of CI's
+    broker passes)."""
+    import datetime as dt
+    import json
+
+    first = dt.date(2013, 2, 1)
+    data = generate(SyntheticConfig(n_households=40, n_days=28, start_day=first,
+                                    anomaly_rate=0.0, seed=5))
+    folder = write_layout(data, "folder", tmp_path / "readings")
+    out = tmp_path / "evaluation"
+    proc = meterwatch("evaluate", "--data", str(folder), "--out", str(out),
+                      "--calib-start", (first + dt.timedelta(days=18)).isoformat(),
+                      "--test-start", (first + dt.timedelta(days=23)).isoformat(),
+                      "--methods", "meterwatch,profile", "--cold-households", "0",
+                      "--protocol", "split")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["metrics"]) == {"meterwatch", "profile"}
+    assert (out / "RESULTS.md").exists()
