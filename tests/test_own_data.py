@@ -7,7 +7,9 @@ What must hold: ``train --data`` cuts the days as ``meterwatch run --timezone`` 
 second pass through the hour the clocks go back averaged with the first, the hour skipped
 in spring missing); the checkpoint remembers the zone and ``run`` in another zone is
 refused with one line naming ``--timezone``; ``simulate --data`` sends each local day so
-that the service, in that zone, scores exactly the readings the file holds.
+that the service, in that zone, scores exactly the readings the file holds; ``score_frame``
+reads the same export the same way. And the utility's own household groups and tariffs
+are learnt in training, kept in the checkpoint and read through by every scoring path.
 """
 
 from __future__ import annotations
@@ -316,7 +318,8 @@ def test_score_frame_cuts_the_export_as_the_loader_and_keeps_the_models_zone(
     """The notebook path on the same export: the autumn day's repeated hour averaged (it
     used to be refused as 'a second reading'), the same scores as the loader's days replayed,
     and the detector's zone by default."""
-    pd = pytest.importorskip("pandas")
+    import pandas as pd
+
     from meterwatch.model import score_frame
 
     path = tmp_path / "export.csv"
