@@ -29,7 +29,7 @@ import dataclasses
 import logging
 import os
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -197,6 +197,22 @@ Vocabulary = dict[str, dict[str, str]]
 UNKNOWN_VALUES = frozenset({"", "acorn-u", "acorn-", "unknown", "n/a", "na", "none", "null"})
 
 
+def _household_parts(tables: ContextTables
+                     ) -> tuple[tuple[str, Mapping[str, str], tuple[str, ...]], ...]:
+    """(part, household -> value, the encoding names) of the group and the tariff."""
+    return (("group", tables.acorn_group, ACORN_GROUPS),
+            ("tariff", tables.tariff, tuple(TARIFFS)))
+
+
+def _known_counts(values: Iterable[str]) -> dict[str, int]:
+    """How many households have each value, values that mean "not known" left out."""
+    counts: dict[str, int] = {}
+    for v in values:
+        if v.strip().lower() not in UNKNOWN_VALUES:
+            counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
 def learn_vocabulary(tables: ContextTables | None, household_ids: Sequence[str]
                      ) -> Vocabulary | None:
     """The vocabulary of a model trained on these households: None (the Low Carbon London
@@ -208,12 +224,8 @@ def learn_vocabulary(tables: ContextTables | None, household_ids: Sequence[str]
         return None
     ids = set(household_ids)
     out: Vocabulary = {}
-    for part, values, names in (("group", tables.acorn_group, ACORN_GROUPS),
-                                ("tariff", tables.tariff, tuple(TARIFFS))):
-        counts: dict[str, int] = {}
-        for h, v in values.items():
-            if h in ids and v.strip().lower() not in UNKNOWN_VALUES:
-                counts[v] = counts.get(v, 0) + 1
+    for part, values, names in _household_parts(tables):
+        counts = _known_counts(v for h, v in values.items() if h in ids)
         if set(counts) <= set(names):
             continue
         common = sorted(counts, key=lambda v: (-counts[v], v))[: len(names)]
@@ -229,13 +241,9 @@ def unknown_values(tables: ContextTables | None, vocabulary: Vocabulary | None
     out: dict[str, dict[str, int]] = {}
     if tables is None or tables.encoded:
         return out
-    for part, values, names in (("group", tables.acorn_group, ACORN_GROUPS),
-                                ("tariff", tables.tariff, tuple(TARIFFS))):
+    for part, values, names in _household_parts(tables):
         known = set((vocabulary or {}).get(part, {v: v for v in names}))
-        counts: dict[str, int] = {}
-        for v in values.values():
-            if v not in known and v.strip().lower() not in UNKNOWN_VALUES:
-                counts[v] = counts.get(v, 0) + 1
+        counts = {v: n for v, n in _known_counts(values.values()).items() if v not in known}
         if counts:
             out[part] = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     return out
