@@ -134,8 +134,13 @@ def parse_day(text: str) -> int:
 def _side_reader(f: IO[str]) -> Iterator[list[str]]:
     """``csv.reader`` of a side table, on semicolons where its header is (as ``_Table``)."""
     first = f.readline()
-    sep = ";" if first.count(";") > first.count(",") else ","
-    return csv.reader(itertools.chain([first], f), delimiter=sep)
+    return csv.reader(itertools.chain([first], f), delimiter=_separator(first))
+
+
+def _separator(header: str) -> str:
+    """``;`` where a header is separated by semicolons (a spreadsheet's CSV in much of
+    Europe, with decimal commas), else ``,``."""
+    return ";" if header.count(";") > header.count(",") else ","
 
 
 def read_household_info(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -421,7 +426,7 @@ class _Table:
 
     def __init__(self, first: str, lines: Iterator[str]) -> None:
         head = first.strip("\ufeff\r\n")
-        self.sep = ";" if head.count(";") > head.count(",") else ","
+        self.sep = _separator(head)
         self.lines = lines
         self.header = [h.strip() for h in self.split(head)]
         self.parse = _parse_decimal_comma if self.sep == ";" else _parse_value
