@@ -354,17 +354,16 @@ def _parse_value(text: str) -> float:
 
 
 def zone(name: str) -> dt.tzinfo:
-    """The time zone of an IANA name (``UTC`` and its aliases: ``datetime.timezone.utc``);
-    raises ``ValueError`` naming it."""
-    if zone_key(name) == "UTC":
-        return dt.timezone.utc
+    """The time zone of an IANA name (UTC and its aliases: ``datetime.timezone.utc``), as
+    ``--timezone`` takes it everywhere; raises ``ValueError`` naming it."""
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
     try:
-        return ZoneInfo(name)
+        tz = ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
         raise ValueError(f"unknown time zone {name!r}; use an IANA name such as UTC or "
                          "Europe/London") from None
+    return dt.timezone.utc if zone_key(name) == "UTC" else tz
 
 
 def zone_key(name: str) -> str:
