@@ -185,7 +185,7 @@ def score_frame(
     cols = set(readings.columns)
     if "household_id" not in cols:
         raise ValueError("readings need a 'household_id' column")
-    from meterwatch.model.loaders import zone_key
+    from meterwatch.model.loaders import check_units, zone_key
 
     trained = detector.info.get("timezone")
     if timezone is None:
@@ -202,6 +202,7 @@ def score_frame(
                          f"(wide); got {sorted(map(str, cols))}")
     if len(ids) == 0:
         raise ValueError("readings are empty")
+    check_units(kwh, "readings", fix="divide them by 1000")
     order = np.lexsort((day, np.array(ids, dtype=object).astype(str)))
     ids = [ids[i] for i in order]
     day, kwh = day[order], kwh[order]

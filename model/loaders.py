@@ -20,6 +20,10 @@ household-day, ``kwh`` float32 (M, 48) with NaN where a half-hour is missing):
   ``day`` are taken too. Quoted fields are read as CSV; a header separated by semicolons
   means semicolons and decimal commas (``0,219``) throughout.
 
+Readings are kWh per half-hour; a readings column named for watt-hours (``wh``,
+``energy_wh``) is divided by 1000. Readings whose median is no household's in kWh
+(``check_units``: watt-hours under a kWh name, or in ``hh_*`` columns) are refused.
+
 Days are local calendar days in ``timezone`` (IANA name, default UTC), cut as the service
 cuts them (``meterwatch run --timezone``): a timestamp with an offset is converted, and the
 second pass through the hour the clocks go back is averaged with the first (without
@@ -43,6 +47,7 @@ import io
 import itertools
 import logging
 import os
+import re
 import sys
 import tarfile
 import time
@@ -445,6 +450,40 @@ class _Table:
             yield line_no, line, parts
 
 
+def _is_reading_column(name: str) -> bool:
+    """A normalised header name that holds the readings: ``kwh``, ``energy(kWh/hh)``,
+    ``consumption``, ``wh``, ``energy_wh``..."""
+    return name.startswith(("energy", "kwh", "consumption")) or _in_watt_hours(name)
+
+
+def _in_watt_hours(name: str) -> bool:
+    """Whether a normalised readings column name says watt-hours (``wh``, ``energy_wh``,
+    ``energy(wh/hh)``, ``consumption_wh``): such readings are divided by 1000."""
+    return re.search(r"(^|[^a-z])wh($|[^a-z])", name) is not None
+
+
+#: A household's median half-hour above this many kWh (10 kW all day) is not a household's:
+#: readings in watt-hours read as kWh (``check_units``).
+PLAUSIBLE_MEDIAN_KWH = 5.0
+
+
+def check_units(kwh: np.ndarray, where: str | os.PathLike[str],
+                fix: str = "name the readings column wh (or energy_wh) and they are divided "
+                           "by 1000, or convert them to kWh") -> None:
+    """Refuse readings whose median half-hour is no household's (``PLAUSIBLE_MEDIAN_KWH``):
+    watt-hours read as kWh would train a model on days the service never sees (it takes
+    ``kwh`` up to 50) and be scored as imputed days. Raises ``LoadError`` naming the fix."""
+    rows = kwh[:: max(1, len(kwh) // 20_000)]  # a sample of days is enough for a median
+    finite = rows[np.isfinite(rows)]
+    if not finite.size:
+        return
+    median = float(np.median(finite))
+    if median > PLAUSIBLE_MEDIAN_KWH:
+        raise LoadError(where, None, f"the median half-hourly reading is {median:g}, which "
+                        f"is no household's in kWh (0.05-2); the readings look like "
+                        f"watt-hours: {fix}")
+
+
 def _parse_decimal_comma(text: str) -> float:
     return _parse_value(text.replace(",", "."))
 
@@ -456,13 +495,19 @@ def _read_long(table: _Table, path: str, acc: _Accumulator, progress: _Progress,
     norm = [_norm(h) for h in header]
     try:
         i_id, i_ts = _header_index(header, path, HOUSEHOLD_COLUMN, TIME_COLUMN)
-        i_v = next(i for i, h in enumerate(norm) if h.startswith(("energy", "kwh")))
+        i_v = next(i for i, h in enumerate(norm) if _is_reading_column(h))
     except (LoadError, StopIteration):
         raise LoadError(path, 1, "not a half-hourly readings header: expected a household "
                         f"({', '.join(HOUSEHOLD_COLUMN)}), a time ({', '.join(TIME_COLUMN)}) "
-                        f"and a kWh column (kwh, energy...); got {header!r}") from None
+                        f"and a readings column (kwh, energy..., or wh, energy_wh... in "
+                        f"watt-hours); got {header!r}") from None
     width = len(header)
     clock, parse = acc.clock, table.parse
+    if _in_watt_hours(norm[i_v]):
+        in_wh = parse
+
+        def parse(text: str) -> float:
+            return in_wh(text) / 1000.0
     rows = 0
     for line_no, line, parts in table.rows():
         if len(parts) != width:
@@ -637,6 +682,7 @@ def read_readings(
     finally:
         prog.close()
     out = acc.result()
+    check_units(out.kwh, paths[0] if len(paths) == 1 else paths[0].parent)
     seconds = time.monotonic() - t0
     log.info("read %s: %d rows -> %d household-days of %d households in %.1fs (%.0f rows/s); "
              "days in %s", label, rows, len(out), len(set(out.household_ids)), seconds,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 import uuid
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -167,6 +168,52 @@ def test_readings_off_the_half_hour_and_a_header_without_a_household(tmp_path: P
     with pytest.raises(LoadError, match=r"expected a household \(LCLid, household_id, "
                                         r"household\)"):
         read_readings(path, progress=False)
+
+
+def test_readings_in_watt_hours_are_read_as_kwh_or_refused(detector_path: Path,
+                                                            tmp_path: Path) -> None:
+    """A head-end exports watt-hours as often as kWh. A column named for them is divided by
+    1000; watt-hours under a kWh name (or in ``hh_*`` columns) are refused with the fix: read
+    as kWh they trained a model on days the service never sees, and nothing said so."""
+    import pandas as pd
+
+    from meterwatch.model import score_frame
+
+    kwh_path = tmp_path / "export.csv"
+    write_export(kwh_path, ["H-1", "H-2"], dt.date(2013, 6, 1), 3)
+    want = read_readings(kwh_path, progress=False)
+    lines = kwh_path.read_text().splitlines()
+    wh_rows = [f"{hid},{ts},{round(float(v) * 1000)}"
+               for hid, ts, v in (line.split(",") for line in lines[1:])]
+    for header in ("household_id,ts,energy_wh", "household_id,ts,Wh", "household_id,ts,"
+                   "energy(Wh/hh)", "consumption_wh,household_id,ts"):
+        path = tmp_path / "wh.csv"
+        rows = wh_rows if header.endswith(("wh", "Wh", "hh)")) else \
+            [",".join([r.split(",")[2], *r.split(",")[:2]]) for r in wh_rows]
+        path.write_text("\n".join([header, *rows]) + "\n")
+        got = read_readings(path, progress=False)
+        assert got.household_ids == want.household_ids, header
+        np.testing.assert_array_equal(got.kwh, want.kwh, err_msg=header)
+    (tmp_path / "wh.csv").write_text("\n".join(["household_id,ts,kwh", *wh_rows]) + "\n")
+    fix = (r"wh.csv: the median half-hourly reading is \d+, which is no household's in "
+           r"kWh \(0.05-2\); the readings look like watt-hours: name the readings column wh")
+    with pytest.raises(LoadError, match=fix):
+        read_readings(tmp_path / "wh.csv", progress=False)
+    line = one_line_error(meterwatch("train", "--data", str(tmp_path / "wh.csv"), "--out",
+                                     str(tmp_path / "m.pt")))
+    assert re.search(fix, line), line
+    assert not (tmp_path / "m.pt").exists()
+    wide = tmp_path / "wh-wide.csv"
+    wide.write_text("household_id,date," + ",".join(f"hh_{i}" for i in range(48)) + "\n"
+                    + "H-1,2013-06-01," + ",".join(["180"] * 48) + "\n")
+    with pytest.raises(LoadError, match="look like watt-hours"):
+        read_readings(wide, progress=False)
+    frame = pd.read_csv(kwh_path)
+    det = Detector.load(detector_path, device="cpu")
+    assert len(score_frame(det, frame, timezone="Europe/London")) == 6
+    frame["kwh"] *= 1000
+    with pytest.raises(ValueError, match="look like watt-hours: divide them by 1000"):
+        score_frame(det, frame, timezone="Europe/London")
 
 
 def test_side_tables_with_plain_column_names(tmp_path: Path) -> None:
