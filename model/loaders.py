@@ -471,17 +471,28 @@ def check_units(kwh: np.ndarray, where: str | os.PathLike[str],
                 fix: str = "name the readings column wh (or energy_wh) and they are divided "
                            "by 1000, or convert them to kWh") -> None:
     """Refuse readings whose median half-hour is no household's (``PLAUSIBLE_MEDIAN_KWH``):
-    watt-hours read as kWh would train a model on days the service never sees (it takes
-    ``kwh`` up to 50) and be scored as imputed days. Raises ``LoadError`` naming the fix."""
+    watt-hours read as kWh, or a meter's register (the total so far) read as each
+    half-hour's use, would train a model on days the service never sees (it takes ``kwh`` up
+    to 50) and be scored as imputed days. Raises ``LoadError`` naming the fix."""
     rows = kwh[:: max(1, len(kwh) // 20_000)]  # a sample of days is enough for a median
     finite = rows[np.isfinite(rows)]
     if not finite.size:
         return
     median = float(np.median(finite))
-    if median > PLAUSIBLE_MEDIAN_KWH:
-        raise LoadError(where, None, f"the median half-hourly reading is {median:g}, which "
-                        f"is no household's in kWh (0.05-2); the readings look like "
-                        f"watt-hours: {fix}")
+    if median <= PLAUSIBLE_MEDIAN_KWH:
+        return
+    steps = np.diff(rows, axis=1)
+    steps = steps[np.isfinite(steps)]
+    with np.errstate(invalid="ignore", divide="ignore"):  # days without a reading: NaN
+        spread = (np.nanmax(rows, axis=1) - np.nanmin(rows, axis=1)) / np.nanmax(rows, axis=1)
+    said = f"the median half-hourly reading is {median:g}, which is no household's in kWh " \
+        "(0.05-2)"
+    # a register rises through the day by the day's use, a sliver of its total
+    if (steps > 0).any() and float((steps >= 0).mean()) > 0.95 and np.nanmedian(spread) < 0.1:
+        raise LoadError(where, None, f"{said}, and the readings only rise within a day: they "
+                        "look like a meter's register (the total so far), not each "
+                        "half-hour's use; give the difference between consecutive readings")
+    raise LoadError(where, None, f"{said}; the readings look like watt-hours: {fix}")
 
 
 def _parse_decimal_comma(text: str) -> float:

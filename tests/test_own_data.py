@@ -205,9 +205,19 @@ def test_readings_in_watt_hours_are_read_as_kwh_or_refused(detector_path: Path,
     assert not (tmp_path / "m.pt").exists()
     wide = tmp_path / "wh-wide.csv"
     wide.write_text("household_id,date," + ",".join(f"hh_{i}" for i in range(48)) + "\n"
-                    + "H-1,2013-06-01," + ",".join(["180"] * 48) + "\n")
+                    + "H-1,2013-06-01," + ",".join(str(180 + 40 * (i % 3)) for i in range(48))
+                    + "\n")
     with pytest.raises(LoadError, match="look like watt-hours"):
         read_readings(wide, progress=False)
+    # a meter's register (the total so far) in place of each half-hour's use
+    fields = [line.split(",") for line in lines[1:]]
+    total = np.cumsum([float(v) for _, _, v in fields]) + 23_456.0
+    register = [f"{hid},{ts},{t:.3f}" for (hid, ts, _), t in zip(fields, total, strict=True)]
+    (tmp_path / "register.csv").write_text("\n".join(["household_id,ts,kwh", *register]))
+    with pytest.raises(LoadError, match=r"no household's in kWh \(0.05-2\), and the readings "
+                                        r"only rise within a day: they look like a meter's "
+                                        r"register"):
+        read_readings(tmp_path / "register.csv", progress=False)
     frame = pd.read_csv(kwh_path)
     det = Detector.load(detector_path, device="cpu")
     assert len(score_frame(det, frame, timezone="Europe/London")) == 6
