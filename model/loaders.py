@@ -18,7 +18,7 @@ household-day, ``kwh`` float32 (M, 48) with NaN where a half-hour is missing):
   the ``timezone`` given), or ``household_id,date,hh_0,...,hh_47``. Columns may come in any
   order, with others beside them; ``household``/``timestamp``/``interval_start`` and
   ``day`` are taken too. Quoted fields are read as CSV; a header separated by semicolons
-  means semicolons and decimal commas (``0,219``) throughout.
+  (or tabs) means semicolons (tabs) throughout, and decimal commas (``0,219``) are taken.
 
 Readings are kWh per half-hour; a readings column named for watt-hours (``wh``,
 ``energy_wh``) is divided by 1000. Readings whose median is no household's in kWh
@@ -143,9 +143,10 @@ def _side_reader(f: IO[str]) -> Iterator[list[str]]:
 
 
 def _separator(header: str) -> str:
-    """``;`` where a header is separated by semicolons (a spreadsheet's CSV in much of
-    Europe, with decimal commas), else ``,``."""
-    return ";" if header.count(";") > header.count(",") else ","
+    """The separator a header uses most: ``;`` (a spreadsheet's CSV in much of Europe, with
+    decimal commas), a tab (a spreadsheet's or a database client's text export), else
+    ``,``."""
+    return max(("\t", ";", ","), key=lambda sep: (header.count(sep), sep == ","))
 
 
 def read_household_info(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -425,15 +426,16 @@ class _Clock(dict[str, tuple[int, int, int]]):
 class _Table:
     """A CSV's header and its lines as field lists. Split on commas (the Low Carbon London
     files: fast), with the ``csv`` module for a line with quotes (a database's export, an id
-    with a comma in it), and on ``;`` with decimal commas (``0,219``) where the header is
-    separated by semicolons (a spreadsheet's export in much of Europe)."""
+    with a comma in it), and on ``;`` or tabs with decimal commas (``0,219``) taken where the
+    header is separated by them (a spreadsheet's export in much of Europe)."""
 
     def __init__(self, first: str, lines: Iterator[str]) -> None:
         head = first.strip("\ufeff\r\n")
         self.sep = _separator(head)
         self.lines = lines
         self.header = [h.strip() for h in self.split(head)]
-        self.parse = _parse_decimal_comma if self.sep == ";" else _parse_value
+        # with a separator other than a comma, a comma in a value is a decimal comma
+        self.parse = _parse_value if self.sep == "," else _parse_decimal_comma
 
     def split(self, line: str) -> list[str]:
         if '"' in line:

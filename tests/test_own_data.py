@@ -148,7 +148,9 @@ def test_wall_clock_times_the_zone_skips_are_refused(tmp_path: Path) -> None:
     # the day table of the same, with semicolons
     'household_id;date;' + ";".join(f"hh_{i}" for i in range(48)) + "\nH,1;2013-06-01;0,5;0,25"
     + ";" * 46 + "\n",
-], ids=["quoted", "quoted-where-needed", "semicolons", "semicolons-wide"])
+    # a spreadsheet's or a database client's text export: tabs
+    'household_id\tts\tkwh\nH,1\t2013-06-01T00:00:00Z\t0.5\nH,1\t2013-06-01T00:30:00Z\t0,25\n',
+], ids=["quoted", "quoted-where-needed", "semicolons", "semicolons-wide", "tabs"])
 def test_exports_of_a_database_and_a_spreadsheet(body: str, tmp_path: Path) -> None:
     path = tmp_path / "export.csv"
     path.write_text(body)
