@@ -87,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="readings: a folder (per-household or per-block CSVs, or an "
                           "archive, plus side tables found there), one .csv, .csv.gz, .tar.gz, "
                           ".zip, the London Datastore file, hhblock CSVs, or a utility's own "
-                          "export: household_id,ts,kwh (see --timezone)")
+                          "export: household_id,ts,kwh, or a column wh for watt-hours (see "
+                          "--timezone)")
     train.add_argument("--households", type=int, default=200,
                        help="households generated (--synthetic)")
     train.add_argument("--days", type=int, default=28, help="days generated (--synthetic)")
