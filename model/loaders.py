@@ -181,12 +181,24 @@ def read_household_info(path: str | os.PathLike[str]) -> tuple[dict[str, str], d
     return groups, tariffs
 
 
+def _nearest_day(text: str) -> int:
+    """The day of ``YYYY-MM-DD[ HH...]`` whose midnight is nearest: Dark Sky's daily
+    ``time`` is the local midnight written in UTC, so a London summer day reads
+    ``2013-07-14 23:00:00`` for the 15th."""
+    day = parse_day(text)
+    s = text.strip()
+    if len(s) >= 13 and s[10] in " T" and int(s[11:13]) >= 12:
+        day += 1
+    return day
+
+
 def read_daily_weather(
     path: str | os.PathLike[str],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(day int32, daily maximum float32, daily minimum float32), sorted by day; columns
     ``time,temperatureMax,temperatureMin`` (Dark Sky, as packaged with Low Carbon London)
-    or ``date,temp_max,temp_min``, in °C."""
+    or ``date,temp_max,temp_min``, in °C. A time of day in the date column is rounded to
+    the nearest midnight (``_nearest_day``)."""
     days: dict[int, tuple[float, float]] = {}
     with _open_text(path) as f:
         reader = _side_reader(f)
@@ -200,7 +212,7 @@ def read_daily_weather(
             if not any(row):
                 continue
             try:
-                day = parse_day(row[i_time])
+                day = _nearest_day(row[i_time])
                 tmax = _parse_decimal_comma(row[i_max]) if row[i_max] else float("nan")
                 tmin = _parse_decimal_comma(row[i_min]) if row[i_min] else float("nan")
             except (ValueError, IndexError) as e:

@@ -10,6 +10,7 @@ import pytest
 
 from meterwatch.model.loaders import (
     LoadError,
+    day_to_date,
     load_dataset,
     parse_day,
     read_bank_holidays,
@@ -112,6 +113,24 @@ def test_side_tables_and_directory(tmp_path: Path) -> None:
     assert read_bank_holidays(tmp_path / "uk_bank_holidays.csv.gz").tolist() == [D0]
     r, sides = load_dataset(tmp_path)
     assert len(r) == 1 and all(v is not None for v in sides.values())
+
+
+def test_dark_sky_days_are_the_days_they_describe(tmp_path: Path) -> None:
+    """Dark Sky's daily ``time`` is the local midnight written in UTC: a London summer day
+    reads as 23:00 the day before. Its date part made every summer day take the next day's
+    weather, lost the day the clocks go back and gave the day they go forward two rows."""
+    rows = [("2013-03-30 00:00:00", 1.0), ("2013-03-31 00:00:00", 2.0),
+            ("2013-03-31 23:00:00", 3.0), ("2013-07-14T23:00:00Z", 4.0),
+            ("2013-10-25 23:00:00", 5.0), ("2013-10-26 23:00:00", 6.0),
+            ("2013-10-28 00:00:00", 7.0), ("2013-06-01", 8.0)]
+    path = tmp_path / "weather_daily_darksky.csv"
+    path.write_text("temperatureMax,time,temperatureMin\n"
+                    + "".join(f'{t},"{when}",0\n' for when, t in rows))
+    day, tmax, _ = read_daily_weather(path)
+    got = {str(day_to_date(int(d))): float(t) for d, t in zip(day, tmax, strict=True)}
+    assert got == {"2013-03-30": 1.0, "2013-03-31": 2.0, "2013-04-01": 3.0,
+                   "2013-07-15": 4.0, "2013-10-26": 5.0, "2013-10-27": 6.0,
+                   "2013-10-28": 7.0, "2013-06-01": 8.0}
 
 
 def _household_csv(hh: str, days: int = 2, sep: str = "\n") -> str:
