@@ -51,7 +51,12 @@ import numpy as np
 import torch
 
 from meterwatch.model.detector import SIGNAL_NAMES, DayScores, Detector
-from meterwatch.model.features import ContextTables, ModelInputs, context_features
+from meterwatch.model.features import (
+    ContextTables,
+    ModelInputs,
+    check_coverage,
+    context_features,
+)
 from meterwatch.model.inject import (
     ANOMALY_TYPES,
     NEW_TYPES,
@@ -590,6 +595,20 @@ def _machine() -> str:
             f"threads {torch.get_num_threads()}, Python {platform.python_version()}")
 
 
+def _load(data: str | os.PathLike[str], timezone: str, **side_tables: Any
+          ) -> tuple[Readings, dict[str, Path | None], ContextTables]:
+    """The readings, the side tables' paths and the tables, for both protocols; a side
+    table that covers none of the readings is refused and partial cover logged
+    (``features.check_coverage``)."""
+    data_set, sides = load_dataset(data, **side_tables, timezone=timezone)
+    tables = ContextTables.from_files(household_csv=sides["household"],
+                                      weather_csv=sides["weather"],
+                                      holidays_csv=sides["holidays"])
+    for line in check_coverage(tables, data_set.household_ids, data_set.day, sides):
+        log.warning("%s", line)
+    return data_set, sides, tables
+
+
 def run(
     data_path: str | os.PathLike[str],
     out: Path | None,
@@ -610,11 +629,8 @@ def run(
     The periods default to the data's last months (``periods``)."""
     t0 = time.monotonic()
     set_seeds(seed)
-    data, sides = load_dataset(data_path, **(side_tables or {}), timezone=timezone)
+    data, sides, tables = _load(data_path, timezone, **(side_tables or {}))
     calib_start, test_start = _periods(data.day, calib_start, test_start)
-    tables = ContextTables.from_files(household_csv=sides["household"],
-                                      weather_csv=sides["weather"],
-                                      holidays_csv=sides["holidays"])
     split = make_split(data, tables, calib_start, test_start, rate, seed)
     config = config or TrainConfig(seed=seed, target_far=far)
     if out is not None:
@@ -778,12 +794,8 @@ def run_protocol_folds(args: argparse.Namespace, command: str) -> dict[str, Any]
     from meterwatch.model.sustained import evaluate_sustained
 
     t0 = time.monotonic()
-    data, sides = load_dataset(args.data, household_info=args.household_info,
-                               weather=args.weather, holidays=args.holidays,
-                               timezone=args.timezone)
-    tables = ContextTables.from_files(household_csv=sides["household"],
-                                      weather_csv=sides["weather"],
-                                      holidays_csv=sides["holidays"])
+    data, sides, tables = _load(args.data, args.timezone, household_info=args.household_info,
+                                weather=args.weather, holidays=args.holidays)
     holdout = tuple(t for t in args.holdout_types.split(",") if t)
     unknown = set(holdout) - set(fp.TYPES)
     if unknown:

@@ -261,6 +261,65 @@ def describe_unknown(unknown: dict[str, dict[str, int]]) -> str:
         for part, counts in unknown.items())
 
 
+def check_coverage(tables: ContextTables, household_ids: Sequence[str], day: np.ndarray,
+                   files: Mapping[str, str | os.PathLike[str] | None]) -> list[str]:
+    """How much of the readings (``household_ids``, ``day``) the side tables read from
+    ``files`` (``household``, ``weather``, ``holidays``: paths or None) cover.
+
+    A table given that covers none of them is a mistake the model would never show (ids
+    written another way, another year's weather): ``ValueError`` naming its flag and what
+    does not match. Partial cover is returned as warnings, one line each (the households and
+    days left out are scored as unknown: the model's encoding for them)."""
+    from meterwatch.model.loaders import day_to_date
+
+    def span(days: np.ndarray) -> str:
+        return f"{day_to_date(int(days.min()))}..{day_to_date(int(days.max()))}"
+
+    def some(values: Iterable[str]) -> str:
+        return ", ".join(repr(v) for v in sorted(values)[:3])
+
+    warnings = []
+    ids = set(household_ids)
+    days = np.unique(np.asarray(day))
+    name = {k: os.path.basename(os.fspath(v)) for k, v in files.items() if v is not None}
+    if "household" in name and ids:
+        listed = set(tables.acorn_group) | set(tables.tariff)
+        missing = ids - listed
+        if missing == ids:
+            raise ValueError(
+                f"--household-info: {name['household']} has none of the readings' {len(ids):,} "
+                f"households (its ids: {some(listed) or 'none'}; the readings': "
+                f"{some(ids)}); the household ids must be written the same")
+        if missing:
+            warnings.append(
+                f"{name['household']} has {len(ids) - len(missing):,} of the readings' "
+                f"{len(ids):,} households; "
+                + (f"{some(missing)} gets" if len(missing) == 1 else
+                   f"the other {len(missing):,} ({some(missing)}{', ...' * (len(missing) > 3)})"
+                   " get") + " an unknown group and tariff")
+    if "weather" in name and len(days):
+        have = np.isin(days, tables.weather_day)
+        runs = span(tables.weather_day) if len(tables.weather_day) else "no day"
+        if not have.any():
+            raise ValueError(f"--weather: {name['weather']} has none of the readings' days "
+                             f"({span(days)}); it has {runs}")
+        if not have.all():
+            left = days[~have]
+            dates = ", ".join(str(day_to_date(int(d))) for d in left[:3])
+            warnings.append(f"{name['weather']} has {int(have.sum()):,} of the readings' "
+                            f"{len(days):,} days ({runs}); "
+                            + (f"{dates} is a day" if len(left) == 1 else
+                               f"the other {len(left):,} ({dates}{', ...' * (len(left) > 3)}) "
+                               "are days") + " without weather")
+    if "holidays" in name and len(days):
+        inside = (tables.holidays >= days.min()) & (tables.holidays <= days.max())
+        if not inside.any() and days.max() - days.min() >= 180:  # half a year without one
+            runs = span(tables.holidays) if len(tables.holidays) else "no date"
+            warnings.append(f"{name['holidays']} has no holiday in the readings' "
+                            f"{span(days)} ({runs}); every day is an ordinary one")
+    return warnings
+
+
 def encode(tables: ContextTables | None, vocabulary: Vocabulary | None
            ) -> ContextTables | None:
     """``tables`` with its group and tariff values in the encoding names of a model with

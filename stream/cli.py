@@ -513,6 +513,7 @@ def _train(args: argparse.Namespace) -> int:
         generate,
         train_detector,
     )
+    from meterwatch.model.features import check_coverage
     from meterwatch.model.training import TrainingDataError
 
     model_cfg = ModelConfig.reference() if args.preset == "reference" else ModelConfig.default()
@@ -542,6 +543,8 @@ def _train(args: argparse.Namespace) -> int:
                                           weather_csv=sides["weather"],
                                           holidays_csv=sides["holidays"])
         ids, day, kwh = readings.household_ids, readings.day, readings.kwh
+        for line in check_coverage(tables, ids, day, sides):
+            log.warning("%s", line)
     bar = _EpochBar(cfg.max_epochs)
     trainer_log = logging.getLogger("meterwatch.model.training")
     trainer_log.addHandler(bar)

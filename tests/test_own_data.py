@@ -28,6 +28,7 @@ import torch
 from benchmarks.state_precision import replay as stored_replay
 from meterwatch.model import ContextTables, Detector, HouseholdState
 from meterwatch.model.features import (
+    check_coverage,
     describe_unknown,
     encode,
     household_codes,
@@ -256,6 +257,60 @@ def test_side_tables_with_plain_column_names(tmp_path: Path) -> None:
     assert read_household_info(info) == ({"H1": "Adversity"}, {"H1": "ToU"})
     holidays.write_text("date;name\n2013-12-26;Boxing Day\n")
     assert read_bank_holidays(holidays).tolist() == [date_to_day(dt.date(2013, 12, 26))]
+
+
+def test_side_tables_that_miss_the_readings_are_named(tmp_path: Path) -> None:
+    """A household file whose ids are written another way, or another year's weather, used
+    to train a model without that context and say nothing: now refused with the flag (none
+    covered) or named in a warning (part covered)."""
+    ids = ["H-1", "H-2", "H-3"] * 200
+    day = np.repeat(np.arange(date_to_day(dt.date(2013, 1, 1)),
+                              date_to_day(dt.date(2013, 1, 1)) + 200), 3)
+    files = {"household": tmp_path / "households.csv", "weather": tmp_path / "weather.csv",
+             "holidays": tmp_path / "holidays.csv"}
+    files["household"].write_text("household_id,tariff,group\nh-1,Std,Affluent\n")
+    files["weather"].write_text("date,temp_max,temp_min\n2014-01-01,5,1\n")
+    files["holidays"].write_text("date\n2012-12-25\n")
+
+    def coverage() -> list[str]:
+        tables = ContextTables.from_files(*files.values())
+        return check_coverage(tables, ids, day, files)
+
+    with pytest.raises(ValueError, match=r"^--household-info: households.csv has none of the "
+                                         r"readings' 3 households \(its ids: 'h-1'; the "
+                                         r"readings': 'H-1', 'H-2', 'H-3'\); the household ids "
+                                         r"must be written the same$"):
+        coverage()
+    files["household"].write_text("household_id,tariff,group\nH-1,Std,Affluent\n")
+    with pytest.raises(ValueError, match=r"^--weather: weather.csv has none of the readings' "
+                                         r"days \(2013-01-01..2013-07-19\); it has "
+                                         r"2014-01-01..2014-01-01$"):
+        coverage()
+    files["weather"].write_text("date,temp_max,temp_min\n" + "".join(
+        f"{dt.date(2013, 1, 1) + dt.timedelta(days=k)},5,1\n" for k in range(199)))
+    assert coverage() == [
+        "households.csv has 1 of the readings' 3 households; the other 2 ('H-2', 'H-3') get "
+        "an unknown group and tariff",
+        "weather.csv has 199 of the readings' 200 days (2013-01-01..2013-07-18); 2013-07-19 "
+        "is a day without weather",
+        "holidays.csv has no holiday in the readings' 2013-01-01..2013-07-19 "
+        "(2012-12-25..2012-12-25); every day is an ordinary one"]
+    files["household"].write_text("household_id,tariff,group\nH-1,Std,Affluent\n"
+                                  "H-2,Std,Affluent\nH-3,ToU,\n")
+    files["weather"].write_text("date,temp_max,temp_min\n" + "".join(
+        f"{dt.date(2013, 1, 1) + dt.timedelta(days=k)},5,1\n" for k in range(200)))
+    files["holidays"].write_text("date\n2013-04-01\n")
+    assert coverage() == []
+    # through the script: one line, exit 2, no model
+    export = tmp_path / "export.csv"
+    write_export(export, ["H-1", "H-2"], dt.date(2013, 6, 1), 3)
+    (tmp_path / "weather.csv").write_text("date,temp_max,temp_min\n2014-06-01,20,10\n")
+    line = one_line_error(meterwatch("train", "--data", str(export), "--weather",
+                                     str(tmp_path / "weather.csv"), "--out",
+                                     str(tmp_path / "m.pt")))
+    assert line == ("meterwatch: error: --weather: weather.csv has none of the readings' days "
+                    "(2013-05-31..2013-06-03); it has 2014-06-01..2014-06-01"), line
+    assert not (tmp_path / "m.pt").exists()
 
 
 @pytest.mark.parametrize("date", [SPRING, AUTUMN, dt.date(2013, 6, 1)])
