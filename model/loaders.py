@@ -181,13 +181,18 @@ def read_household_info(path: str | os.PathLike[str]) -> tuple[dict[str, str], d
     return groups, tariffs
 
 
+#: The highest air temperature ever recorded (°C): a weather file above it is not in °C.
+MAX_CELSIUS = 56.7
+
+
 def _nearest_day(text: str) -> int:
     """The day of ``YYYY-MM-DD[ HH...]`` whose midnight is nearest: Dark Sky's daily
     ``time`` is the local midnight written in UTC, so a London summer day reads
-    ``2013-07-14 23:00:00`` for the 15th."""
+    ``2013-07-14 23:00:00`` for the 15th. Noon (a daily value stamped mid-day) is its own
+    date."""
     day = parse_day(text)
     s = text.strip()
-    if len(s) >= 13 and s[10] in " T" and int(s[11:13]) >= 12:
+    if len(s) >= 13 and s[10] in " T" and int(s[11:13]) > 12:
         day += 1
     return day
 
@@ -197,8 +202,9 @@ def read_daily_weather(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(day int32, daily maximum float32, daily minimum float32), sorted by day; columns
     ``time,temperatureMax,temperatureMin`` (Dark Sky, as packaged with Low Carbon London)
-    or ``date,temp_max,temp_min``, in °C. A time of day in the date column is rounded to
-    the nearest midnight (``_nearest_day``)."""
+    or ``date,temp_max,temp_min``, in °C (a file above ``MAX_CELSIUS`` is refused: °F or
+    kelvin). A time of day in the date column is rounded to the nearest midnight
+    (``_nearest_day``)."""
     days: dict[int, tuple[float, float]] = {}
     with _open_text(path) as f:
         reader = _side_reader(f)
@@ -218,6 +224,11 @@ def read_daily_weather(
             except (ValueError, IndexError) as e:
                 raise LoadError(path, line, f"bad weather row {raw!r}: {e}") from None
             days[day] = (tmax, tmin)
+    hottest = max((t for pair in days.values() for t in pair if t == t), default=0.0)
+    if hottest > MAX_CELSIUS:
+        raise LoadError(path, None, f"a temperature of {hottest:g} is no °C (the highest "
+                        f"ever recorded is {MAX_CELSIUS} °C): in °F or kelvin? Give °C: "
+                        "(°F - 32) / 1.8, or K - 273.15")
     order = sorted(days)
     return (np.array(order, dtype=np.int32),
             np.array([days[d][0] for d in order], dtype=np.float32),

@@ -122,15 +122,23 @@ def test_dark_sky_days_are_the_days_they_describe(tmp_path: Path) -> None:
     rows = [("2013-03-30 00:00:00", 1.0), ("2013-03-31 00:00:00", 2.0),
             ("2013-03-31 23:00:00", 3.0), ("2013-07-14T23:00:00Z", 4.0),
             ("2013-10-25 23:00:00", 5.0), ("2013-10-26 23:00:00", 6.0),
-            ("2013-10-28 00:00:00", 7.0), ("2013-06-01", 8.0)]
+            ("2013-10-28 00:00:00", 7.0), ("2013-06-01", 8.0), ("2013-06-02 12:00", 9.0)]
     path = tmp_path / "weather_daily_darksky.csv"
     path.write_text("temperatureMax,time,temperatureMin\n"
                     + "".join(f'{t},"{when}",0\n' for when, t in rows))
     day, tmax, _ = read_daily_weather(path)
     got = {str(day_to_date(int(d))): float(t) for d, t in zip(day, tmax, strict=True)}
+    # Dark Sky's default units (and Pirate Weather's) are °F; ERA5's kelvin
+    for hot in (84.2, 291.3):
+        bad = tmp_path / "weather_f.csv"
+        bad.write_text(f"date,temp_max,temp_min\n2013-06-01,{hot},{hot - 10}\n")
+        with pytest.raises(LoadError, match=rf"weather_f.csv: a temperature of {hot} is no °C "
+                                            r"\(the highest ever recorded is 56.7 °C\): in °F "
+                                            r"or kelvin\?"):
+            read_daily_weather(bad)
     assert got == {"2013-03-30": 1.0, "2013-03-31": 2.0, "2013-04-01": 3.0,
                    "2013-07-15": 4.0, "2013-10-26": 5.0, "2013-10-27": 6.0,
-                   "2013-10-28": 7.0, "2013-06-01": 8.0}
+                   "2013-10-28": 7.0, "2013-06-01": 8.0, "2013-06-02": 9.0}
 
 
 def _household_csv(hh: str, days: int = 2, sep: str = "\n") -> str:
