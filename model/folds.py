@@ -306,7 +306,8 @@ def _by_household(parts: list[FoldScores], method: str, how: str) -> dict[str, A
 def _boot(stat: Any, n_h: int, n_boot: int, seed: int) -> tuple[float, float]:
     rng = np.random.default_rng(seed)
     vals = [stat(rng.integers(0, n_h, n_h)) for _ in range(n_boot)]
-    lo, hi = np.nanquantile(np.asarray(vals, np.float64), [0.05, 0.95])
+    with np.errstate(invalid="ignore"):  # a magnitude never reached is inf: inf - inf
+        lo, hi = np.nanquantile(np.asarray(vals, np.float64), [0.05, 0.95])
     return float(lo), float(hi)
 
 
