@@ -131,10 +131,10 @@ class SustainedConfig:
     # scaled_down: the night base must have fallen by at least this share of the total's
     # (log) fall, and by at most this much more (log units).
     scaled_night_share: float = 0.5
-    scaled_tolerance: float = 0.3
+    scaled_tolerance: float = 0.5
     # scaled_down: alert when the total's and the night base's CUSUMs together pass
     # scaled_joint x h (each past h / 3); 0: the total's alone past h, the night's past h / 2.
-    scaled_joint: float = 1.5
+    scaled_joint: float = 0.0
     # evening_cut: over the evening share's run, the daily total may have fallen by at most
     # evening_total_max (log units; a cut of the evening alone takes at most ~0.7 of the
     # day; beyond, the whole day collapsed: a meter reading zero, reported by
@@ -168,7 +168,7 @@ class SustainedConfig:
     # household learns its new level from scratch (a warm-up) without an alert. Days
     # without weather add nothing to the run's warming. inf: off.
     heat_warming: float = 6.0
-    heat_slope: float = 0.015
+    heat_slope: float = 0.005
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
