@@ -189,9 +189,11 @@ def _nearest_day(text: str) -> int:
     """The day of ``YYYY-MM-DD[ HH...]`` whose midnight is nearest: Dark Sky's daily
     ``time`` is the local midnight written in UTC, so a London summer day reads
     ``2013-07-14 23:00:00`` for the 15th. Noon (a daily value stamped mid-day) is its own
-    date."""
-    day = parse_day(text)
+    date. Unix seconds (Dark Sky's API, Pirate Weather's) are read as UTC."""
     s = text.strip()
+    if s.isdigit() and len(s) >= 9:
+        s = dt.datetime.fromtimestamp(int(s), dt.timezone.utc).strftime("%Y-%m-%d %H")
+    day = parse_day(s)
     if len(s) >= 13 and s[10] in " T" and int(s[11:13]) > 12:
         day += 1
     return day

@@ -122,7 +122,8 @@ def test_dark_sky_days_are_the_days_they_describe(tmp_path: Path) -> None:
     rows = [("2013-03-30 00:00:00", 1.0), ("2013-03-31 00:00:00", 2.0),
             ("2013-03-31 23:00:00", 3.0), ("2013-07-14T23:00:00Z", 4.0),
             ("2013-10-25 23:00:00", 5.0), ("2013-10-26 23:00:00", 6.0),
-            ("2013-10-28 00:00:00", 7.0), ("2013-06-01", 8.0), ("2013-06-02 12:00", 9.0)]
+            ("2013-10-28 00:00:00", 7.0), ("2013-06-01", 8.0), ("2013-06-02 12:00", 9.0),
+            ("1371250800", 10.0)]  # Unix seconds: 2013-06-14 23:00 UTC
     path = tmp_path / "weather_daily_darksky.csv"
     path.write_text("temperatureMax,time,temperatureMin\n"
                     + "".join(f'{t},"{when}",0\n' for when, t in rows))
@@ -138,7 +139,8 @@ def test_dark_sky_days_are_the_days_they_describe(tmp_path: Path) -> None:
             read_daily_weather(bad)
     assert got == {"2013-03-30": 1.0, "2013-03-31": 2.0, "2013-04-01": 3.0,
                    "2013-07-15": 4.0, "2013-10-26": 5.0, "2013-10-27": 6.0,
-                   "2013-10-28": 7.0, "2013-06-01": 8.0, "2013-06-02": 9.0}
+                   "2013-10-28": 7.0, "2013-06-01": 8.0, "2013-06-02": 9.0,
+                   "2013-06-15": 10.0}
 
 
 def _household_csv(hh: str, days: int = 2, sep: str = "\n") -> str:
