@@ -200,6 +200,24 @@ def trailing_levels(kwh: np.ndarray, day: np.ndarray, household_ids: Sequence[st
     return out
 
 
+def _warn_unusable(kwh: np.ndarray, max_kwh: float) -> None:
+    """Say how many readings training takes as missing, as the service does: negative ones
+    (a meter that nets off solar export; the stream dead-letters them, ``bad_kwh``) and
+    ones above ``max_kwh``. Nothing used to say so: a summer of solar households trained on
+    imputed afternoons."""
+    with np.errstate(invalid="ignore"):
+        for what, n in (("negative (export netted off? meterwatch models the energy a "
+                         "household takes from the grid, and the service dead-letters them "
+                         "as bad_kwh)", int((kwh < 0).sum())),
+                        (f"above {max_kwh:g} kWh in a half-hour", int((kwh > max_kwh).sum()))):
+            if n:
+                share = n / max(int(np.isfinite(kwh).sum()), 1)
+                many = n != 1
+                log.warning("%d reading%s (%.2g %%) %s %s: training takes %s as missing", n,
+                            "s" if many else "", 100 * share, "are" if many else "is", what,
+                            "them" if many else "it")
+
+
 def _auto_batch_size(n_rows: int, config: ModelConfig, device: torch.device) -> int:
     """Largest power of two that fits a small share of free memory, keeping >= 8 steps per
     epoch, within [64, 65536]."""
@@ -525,6 +543,7 @@ def train_detector(
     assert cfg.model.n_context == 15, cfg.model
     if m == 0:
         raise TrainingDataError(_too_little(ids, day, "there are no days"))
+    _warn_unusable(kwh, cfg.scoring.max_kwh)
     # a utility's own household groups and tariffs take the context's columns (the Low
     # Carbon London names keep theirs); everything below sees them as the model will
     vocabulary = learn_vocabulary(tables, ids)
