@@ -3,8 +3,10 @@
 Every reader takes a path (plain or ``.gz``; readings also from a ``.tar.gz`` of CSVs) and
 returns numpy arrays; nothing is copied anywhere. Quirks handled: padded values
 (`` 0.219 ``), CRLF line endings (also a ``\\r`` inside a quoted field), ``Null`` readings,
-duplicate rows (the last one wins), missing half-hours (NaN). Input that cannot be
-used raises ``LoadError`` naming the file and line.
+duplicate rows (the last one wins; a ``Null`` never replaces a reading; half-hours read
+twice with different readings are counted in a warning, and refused when they are more
+than a tenth of the rows: two series under one household id), missing half-hours (NaN).
+Input that cannot be used raises ``LoadError`` naming the file and line.
 
 Readings layouts (all give ``Readings(household_ids, day, kwh)``, one row per
 household-day, ``kwh`` float32 (M, 48) with NaN where a half-hour is missing):
@@ -317,6 +319,14 @@ class _Accumulator:
         self.blocks: list[np.ndarray] = []
         self.keys: list[int] = []
         self.n = 0
+        # half-hours read twice with different readings (the last kept), and the first
+        self.conflicts = 0
+        self.first_conflict: tuple[str, int, int, float, float] | None = None
+
+    def conflict(self, hh: str, day: int, slot: int, old: float, new: float) -> None:
+        self.conflicts += 1
+        if self.first_conflict is None:
+            self.first_conflict = (hh, day, slot, old, new)
 
     def wanted(self, hh: str, day: int) -> bool:
         if self.households is not None and hh not in self.households:
@@ -477,6 +487,22 @@ class _Table:
             yield line_no, line, parts
 
 
+def _reading_column(header: list[str], norm: list[str], path: str) -> int:
+    """The position of the readings column (-1: none). Several that could be
+    (``energy_export``, ``energy_import``) is an error naming them, unless one of them says
+    import or consumption, or is a plain ``kwh``."""
+    found = [i for i, h in enumerate(norm) if _is_reading_column(h)]
+    if len(found) > 1:
+        taken = [i for i in found if norm[i] in ("kwh", "wh", "energy", "consumption")
+                 or any(w in norm[i] for w in ("import", "consum", "deliver"))]
+        if len(taken) != 1:
+            raise LoadError(path, 1, f"several readings columns "
+                            f"({', '.join(header[i] for i in found)}); keep one: each "
+                            "half-hour's energy taken from the grid, in kWh (or in Wh, named wh)")
+        found = taken
+    return found[0] if found else -1
+
+
 def _is_reading_column(name: str) -> bool:
     """A normalised header name that holds the readings: ``kwh``, ``energy(kWh/hh)``,
     ``consumption``, ``wh``, ``energy_wh``..."""
@@ -522,6 +548,30 @@ def check_units(kwh: np.ndarray, where: str | os.PathLike[str],
     raise LoadError(where, None, f"{said}; the readings look like watt-hours: {fix}")
 
 
+#: Above this share of rows (and a day's half-hours), half-hours read twice with different
+#: readings are no corrections re-sent but two series under one household id
+#: (``_check_conflicts``).
+MAX_CONFLICT_SHARE = 0.1
+
+
+def _check_conflicts(acc: _Accumulator, rows: int, where: str | os.PathLike[str]) -> None:
+    """Half-hours read twice with different readings: a few are corrections (the last read
+    is kept, and said); many are two meters or channels under one household id, which
+    would train on their mixture: refused."""
+    if not acc.conflicts or acc.first_conflict is None:
+        return
+    hh, day, slot, old, new = acc.first_conflict
+    said = (f"{acc.conflicts:,} half-hours came twice with different readings (the first: "
+            f"{hh!r} on {day_to_date(day)} at {slot // 2:02d}:{30 * (slot % 2):02d}, {old:g} "
+            f"then {new:g})")
+    if acc.conflicts > max(N_SLOTS, MAX_CONFLICT_SHARE * rows):
+        raise LoadError(where, None, f"{said}: two meters or channels (import and export?) "
+                        "under one household id; give one reading per household and "
+                        "half-hour")
+    log.warning("%s: %s; the last read is kept (a missing one never replaces a reading)",
+                os.fspath(where), said)
+
+
 def _parse_decimal_comma(text: str) -> float:
     return _parse_value(text.replace(",", "."))
 
@@ -533,12 +583,14 @@ def _read_long(table: _Table, path: str, acc: _Accumulator, progress: _Progress,
     norm = [_norm(h) for h in header]
     try:
         i_id, i_ts = _header_index(header, path, HOUSEHOLD_COLUMN, TIME_COLUMN)
-        i_v = next(i for i, h in enumerate(norm) if _is_reading_column(h))
-    except (LoadError, StopIteration):
+    except LoadError:
+        i_id = i_ts = -1
+    i_v = _reading_column(header, norm, path)
+    if i_id < 0 or i_v < 0:
         raise LoadError(path, 1, "not a half-hourly readings header: expected a household "
                         f"({', '.join(HOUSEHOLD_COLUMN)}), a time ({', '.join(TIME_COLUMN)}) "
                         f"and a readings column (kwh, energy..., or wh, energy_wh... in "
-                        f"watt-hours); got {header!r}") from None
+                        f"watt-hours); got {header!r}")
     width = len(header)
     clock, parse = acc.clock, table.parse
     if _in_watt_hours(norm[i_v]):
@@ -558,7 +610,12 @@ def _read_long(table: _Table, path: str, acc: _Accumulator, progress: _Progress,
             raise LoadError(path, line_no, f"bad reading {line.strip()!r}: {e}") from None
         if acc.wanted(hh, day):
             if kind == ORDINARY:
-                acc.row(hh, day)[slot] = value
+                r = acc.row(hh, day)
+                old = r[slot]
+                if old == old and old != value:  # read before (not NaN), another reading
+                    acc.conflict(hh, day, slot, float(old), value)
+                if value == value or old != old:  # a missing reading does not erase one
+                    r[slot] = value
             else:
                 acc.repeat(hh, day, slot, value, kind)
         rows += 1
@@ -690,7 +747,7 @@ def read_readings(
     -------
     Readings
         Sorted by household and day; a half-hour without a reading is NaN, duplicates keep
-        the last value. Memory grows with the output, not the file.
+        the last reading (``_check_conflicts``). Memory grows with the output, not the file.
 
     Raises
     ------
@@ -720,7 +777,9 @@ def read_readings(
     finally:
         prog.close()
     out = acc.result()
-    check_units(out.kwh, paths[0] if len(paths) == 1 else paths[0].parent)
+    where = paths[0] if len(paths) == 1 else paths[0].parent
+    check_units(out.kwh, where)
+    _check_conflicts(acc, rows, where)
     seconds = time.monotonic() - t0
     log.info("read %s: %d rows -> %d household-days of %d households in %.1fs (%.0f rows/s); "
              "days in %s", label, rows, len(out), len(set(out.household_ids)), seconds,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import re
 import uuid
 from pathlib import Path
@@ -257,6 +258,47 @@ def test_side_tables_with_plain_column_names(tmp_path: Path) -> None:
     assert read_household_info(info) == ({"H1": "Adversity"}, {"H1": "ToU"})
     holidays.write_text("date;name\n2013-12-26;Boxing Day\n")
     assert read_bank_holidays(holidays).tolist() == [date_to_day(dt.date(2013, 12, 26))]
+
+
+def test_two_series_under_one_household_are_refused_and_corrections_said(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An export with import and export (or two meters) under one household id, in rows or
+    in columns, used to train on whichever came last or first, without a word."""
+    path = tmp_path / "export.csv"
+    write_export(path, ["H-1", "H-2"], dt.date(2013, 6, 1), 2)
+    lines = path.read_text().splitlines()
+    want = read_readings(path, progress=False)
+    # rows: a second channel, the export, after each reading
+    channels = [lines[0]] + [x for line in lines[1:]
+                             for x in (line, line.rsplit(",", 1)[0] + ",0.05")]
+    path.write_text("\n".join(channels) + "\n")
+    with pytest.raises(LoadError, match=r"export.csv: 192 half-hours came twice with different "
+                                        r"readings \(the first: 'H-1' on 2013-05-31 at 23:00, "
+                                        r"0.15 then 0.05\): two meters or channels \(import "
+                                        r"and export\?\) under one household id"):
+        read_readings(path, progress=False)
+    # a correction re-sent, and a missing reading after a real one: said, the last real kept
+    path.write_text("\n".join([*lines, "H-1,2013-06-01T10:00:00+01:00,0.999",
+                               "H-2,2013-06-01T10:00:00+01:00,"]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="meterwatch.model.loaders"):
+        got = read_readings(path, progress=False)
+    assert any("2 half-hours came twice with different readings (the first: 'H-1' on "
+               "2013-06-01 at 09:00" in r.getMessage() for r in caplog.records), caplog.text
+    row = {(h, d): i for i, (h, d) in enumerate(zip(got.household_ids, got.day.tolist(),
+                                                    strict=True))}
+    d = date_to_day(dt.date(2013, 6, 1))
+    assert got.kwh[row["H-1", d], 18] == np.float32(0.999)
+    assert got.kwh[row["H-2", d], 18] == want.kwh[row["H-2", d], 18]
+    # columns: the import is taken; two that say nothing is one line naming them
+    values = [line.rsplit(",", 1) for line in lines[1:]]
+    path.write_text("household_id,ts,energy_export,energy_import\n" + "".join(
+        f"{rest},0.05,{v}\n" for rest, v in values))
+    np.testing.assert_array_equal(read_readings(path, progress=False).kwh, want.kwh)
+    path.write_text("household_id,ts,kwh_meter_a,kwh_meter_b\n" + "".join(
+        f"{rest},0.05,{v}\n" for rest, v in values))
+    with pytest.raises(LoadError, match=r"export.csv:1: several readings columns \(kwh_meter_a, "
+                                        r"kwh_meter_b\); keep one"):
+        read_readings(path, progress=False)
 
 
 def test_side_tables_that_miss_the_readings_are_named(tmp_path: Path) -> None:
