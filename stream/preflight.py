@@ -90,9 +90,13 @@ _SASL_FLAG = "--sasl-username/--sasl-password"
 #: The context CSVs ``meterwatch run`` reads: flag, setting, what it is, and the Low Carbon
 #: London file whose layout it takes.
 CONTEXT_CSVS = (
-    ("--household-info", "household_info", "household info CSV", "household_information.csv"),
-    ("--weather", "weather", "daily weather CSV", "weather_daily_darksky.csv"),
-    ("--holidays", "holidays", "bank holidays CSV", "uk_bank_holidays.csv"))
+    ("--household-info", "household_info", "household info CSV",
+     "household_id,tariff,group (or Low Carbon London's LCLid,stdorToU,Acorn_grouped)"),
+    ("--weather", "weather", "daily weather CSV",
+     "date,temp_max,temp_min in °C (or Low Carbon London's Dark Sky "
+     "time,temperatureMax,temperatureMin)"),
+    ("--holidays", "holidays", "bank holidays CSV",
+     "a date column (or Low Carbon London's Bank holidays)"))
 
 
 def check_files(settings: Settings, *, service: bool = True) -> None:
@@ -288,9 +292,8 @@ def context_tables(settings: Settings) -> ContextTables | None:
         for flag, attr, _, like in CONTEXT_CSVS:
             path = getattr(s, attr)
             if path is not None and os.fspath(path) == exc.path:
-                raise ConfigurationError(flag, str(exc), f"give a CSV laid out like the Low "
-                                         f"Carbon London data's {like}, or leave it out") \
-                    from None
+                raise ConfigurationError(flag, str(exc), f"give a CSV of {like}, or leave "
+                                         "it out") from None
         raise  # (names its file and line)
     except UnicodeDecodeError as exc:  # a binary file: which one? each alone says
         for flag, attr, _, like in CONTEXT_CSVS:
@@ -301,8 +304,7 @@ def context_tables(settings: Settings) -> ContextTables | None:
             except UnicodeDecodeError:
                 raise ConfigurationError(
                     flag, f"{path}: not a text CSV ({exc.reason} at byte {exc.start})",
-                    f"give a CSV laid out like the Low Carbon London data's {like}, or "
-                    "leave it out") from None
+                    f"give a CSV of {like}, or leave it out") from None
             except (LoadError, OSError):
                 pass
         raise

@@ -166,7 +166,11 @@ def test_unusable_context_csv_names_its_flag(flag: str, header: str, tiny_model:
     line = only_line(meterwatch("run", "--model-path", str(tiny_model), flag, str(bad),
                                 env=clean_env(**NO_BROKER)))
     assert line.startswith(f"meterwatch: error: {flag}: {bad}:1: missing column "), line
-    assert "Low Carbon London" in line and "leave it out" in line
+    # the fix names the plain layout a utility writes, and the Low Carbon London one
+    plain = {"--weather": "date,temp_max,temp_min in °C", "--household-info":
+             "household_id,tariff,group", "--holidays": "a date column"}[flag]
+    assert f"give a CSV of {plain} (or Low Carbon London's " in line, line
+    assert line.endswith("or leave it out"), line
 
 
 @pytest.mark.parametrize("flag", ["--weather", "--household-info", "--holidays"])
