@@ -78,6 +78,10 @@ def test_fold_protocol_scores_only_unseen_households(lcl_dir: Path, tmp_path: Pa
     assert f"- context: household {lcl_dir / 'household_information.csv'}, weather {weather}, "\
         "holidays none; days in UTC" in text
     assert "50 %-detection magnitude" in text and "Alert budget" in text
+    # 4 unseen households a run: the 1 % cut stands on the single highest clean day
+    fewest = min(f["test_days"] for f in summary["folds"])
+    assert fewest < 500 and f"- **too few clean test days for a 1 % cut**: {fewest} in the " \
+        "smallest run" in text, text[:2000]
     assert (out / "magnitude_sweeps.png").stat().st_size > 1000
 
 
