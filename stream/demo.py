@@ -76,9 +76,36 @@ async def run_demo(opts: DemoOptions) -> int:
     print("meterwatch demo: starting a Kafka-protocol broker ...", flush=True)
     broker = await asyncio.to_thread(Broker.start)
     try:
+        if broker.kind == "external":
+            await asyncio.to_thread(_check_reachable, broker.bootstrap_servers)
         return await _demo(opts, broker, t_start)
     finally:
         broker.stop()
+
+
+def _check_reachable(servers: str, timeout_s: float = 5.0) -> None:
+    """The cluster ``KAFKA_BOOTSTRAP_SERVERS`` names answers on one of its addresses, or
+    ``ValueError`` naming the variable, before the demo trains: a variable left over from
+    another session (a common name) ended the demo in a traceback after training."""
+    import socket
+
+    from meterwatch.stream.broker import ENV_BOOTSTRAP
+    from meterwatch.stream.preflight import check_bootstrap
+
+    try:
+        addresses = check_bootstrap(servers)
+    except ValueError as exc:
+        raise ValueError(f"{ENV_BOOTSTRAP}: {exc}; unset it to run the demo on its own "
+                         "embedded broker") from None
+    for host, port in addresses:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            return
+        except OSError:
+            continue
+    raise ValueError(f"{ENV_BOOTSTRAP}: nothing answers at {servers} (the demo runs on the "
+                     "cluster this variable names); unset it to run the demo on its own "
+                     "embedded broker, or start that cluster")
 
 
 async def _demo(opts: DemoOptions, broker: Broker, t_start: float) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import meterwatch, one_line_error
+from tests.cli_helpers import clean_env, meterwatch, one_line_error
 
 
 @pytest.mark.parametrize(("args", "starts"), [
@@ -37,6 +37,21 @@ def test_demo_metrics_port_in_use(tmp_path: Path) -> None:
     assert line.startswith(f"meterwatch: error: --metrics-port: 127.0.0.1:{port} is already "
                            "in use"), line
     assert "starting a Kafka-protocol broker" not in proc.stdout, proc.stdout
+
+
+def test_demo_on_a_cluster_that_is_not_there(tmp_path: Path) -> None:
+    """KAFKA_BOOTSTRAP_SERVERS (a common name) left over from another session, naming a
+    broker that has stopped: the demo ended in aiokafka's traceback after training."""
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]  # free once closed: nothing listens there
+    proc = meterwatch("demo", cwd=tmp_path, timeout=300,
+                      env=clean_env(KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{port}"))
+    line = one_line_error(proc)
+    assert line == (f"meterwatch: error: KAFKA_BOOTSTRAP_SERVERS: nothing answers at "
+                    f"127.0.0.1:{port} (the demo runs on the cluster this variable names); "
+                    "unset it to run the demo on its own embedded broker, or start that "
+                    "cluster"), line
+    assert not (tmp_path / "artifacts").exists()  # before training
 
 
 def test_demo(tmp_path: Path) -> None:
