@@ -612,7 +612,8 @@ def _read_long(table: _Table, path: str, acc: _Accumulator, progress: _Progress,
             if kind == ORDINARY:
                 r = acc.row(hh, day)
                 old = r[slot]
-                if old == old and old != value:  # read before (not NaN), another reading
+                # read before (not NaN) with another reading (compared as stored: float32)
+                if old == old and old != np.float32(value):
                     acc.conflict(hh, day, slot, float(old), value)
                 if value == value or old != old:  # a missing reading does not erase one
                     r[slot] = value

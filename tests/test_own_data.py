@@ -277,6 +277,11 @@ def test_two_series_under_one_household_are_refused_and_corrections_said(
                                         r"0.15 then 0.05\): two meters or channels \(import "
                                         r"and export\?\) under one household id"):
         read_readings(path, progress=False)
+    # the same rows twice (an export run twice into one file): nothing to say
+    path.write_text("\n".join([*lines, *lines[1:]]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="meterwatch.model.loaders"):
+        np.testing.assert_array_equal(read_readings(path, progress=False).kwh, want.kwh)
+    assert not caplog.records, caplog.text
     # a correction re-sent, and a missing reading after a real one: said, the last real kept
     path.write_text("\n".join([*lines, "H-1,2013-06-01T10:00:00+01:00,0.999",
                                "H-2,2013-06-01T10:00:00+01:00,"]) + "\n")
