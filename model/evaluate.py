@@ -54,8 +54,8 @@ from meterwatch.model.detector import SIGNAL_NAMES, DayScores, Detector
 from meterwatch.model.features import (
     ContextTables,
     ModelInputs,
-    check_coverage,
     context_features,
+    load_with_context,
 )
 from meterwatch.model.inject import (
     ANOMALY_TYPES,
@@ -68,7 +68,6 @@ from meterwatch.model.loaders import (
     Readings,
     date_to_day,
     day_to_date,
-    load_dataset,
     parse_day,
 )
 from meterwatch.model.network import ModelConfig
@@ -595,20 +594,6 @@ def _machine() -> str:
             f"threads {torch.get_num_threads()}, Python {platform.python_version()}")
 
 
-def _load(data: str | os.PathLike[str], timezone: str, **side_tables: Any
-          ) -> tuple[Readings, dict[str, Path | None], ContextTables]:
-    """The readings, the side tables' paths and the tables, for both protocols; a side
-    table that covers none of the readings is refused and partial cover logged
-    (``features.check_coverage``)."""
-    data_set, sides = load_dataset(data, **side_tables, timezone=timezone)
-    tables = ContextTables.from_files(household_csv=sides["household"],
-                                      weather_csv=sides["weather"],
-                                      holidays_csv=sides["holidays"])
-    for line in check_coverage(tables, data_set.household_ids, data_set.day, sides):
-        log.warning("%s", line)
-    return data_set, sides, tables
-
-
 def run(
     data_path: str | os.PathLike[str],
     out: Path | None,
@@ -629,7 +614,10 @@ def run(
     The periods default to the data's last months (``periods``)."""
     t0 = time.monotonic()
     set_seeds(seed)
-    data, sides, tables = _load(data_path, timezone, **(side_tables or {}))
+    given = side_tables or {}
+    data, sides, tables = load_with_context(
+        data_path, timezone=timezone, household_info=given.get("household_info"),
+        weather=given.get("weather"), holidays=given.get("holidays"))
     calib_start, test_start = _periods(data.day, calib_start, test_start)
     split = make_split(data, tables, calib_start, test_start, rate, seed)
     config = config or TrainConfig(seed=seed, target_far=far)
@@ -794,8 +782,9 @@ def run_protocol_folds(args: argparse.Namespace, command: str) -> dict[str, Any]
     from meterwatch.model.sustained import evaluate_sustained
 
     t0 = time.monotonic()
-    data, sides, tables = _load(args.data, args.timezone, household_info=args.household_info,
-                                weather=args.weather, holidays=args.holidays)
+    data, sides, tables = load_with_context(args.data, timezone=args.timezone,
+                                            household_info=args.household_info,
+                                            weather=args.weather, holidays=args.holidays)
     holdout = tuple(t for t in args.holdout_types.split(",") if t)
     unknown = set(holdout) - set(fp.TYPES)
     if unknown:

@@ -320,6 +320,27 @@ def check_coverage(tables: ContextTables, household_ids: Sequence[str], day: np.
     return warnings
 
 
+def load_with_context(data: str | os.PathLike[str], *, timezone: str = "UTC",
+                      household_info: str | os.PathLike[str] | None = None,
+                      weather: str | os.PathLike[str] | None = None,
+                      holidays: str | os.PathLike[str] | None = None,
+                      end_day: int | None = None) -> tuple[Any, dict[str, Any], ContextTables]:
+    """``train``'s and ``evaluate``'s input: the readings (``loaders.load_dataset``), the
+    side tables' paths (given, or found beside the readings) and the tables read from them,
+    checked against the readings (``check_coverage``: none covered raises ``ValueError``
+    naming the flag; part covered is logged as warnings)."""
+    from meterwatch.model.loaders import load_dataset
+
+    readings, sides = load_dataset(data, household_info=household_info, weather=weather,
+                                   holidays=holidays, end_day=end_day, timezone=timezone)
+    tables = ContextTables.from_files(household_csv=sides["household"],
+                                      weather_csv=sides["weather"],
+                                      holidays_csv=sides["holidays"])
+    for line in check_coverage(tables, readings.household_ids, readings.day, sides):
+        log.warning("%s", line)
+    return readings, sides, tables
+
+
 def encode(tables: ContextTables | None, vocabulary: Vocabulary | None
            ) -> ContextTables | None:
     """``tables`` with its group and tariff values in the encoding names of a model with

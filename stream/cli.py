@@ -506,14 +506,13 @@ def _train(args: argparse.Namespace) -> int:
     if args.max_epochs < 1:
         raise UsageError("--max-epochs: must be at least 1")
     from meterwatch.model import (
-        ContextTables,
         ModelConfig,
         SyntheticConfig,
         TrainConfig,
         generate,
         train_detector,
     )
-    from meterwatch.model.features import check_coverage
+    from meterwatch.model.features import load_with_context
     from meterwatch.model.training import TrainingDataError
 
     model_cfg = ModelConfig.reference() if args.preset == "reference" else ModelConfig.default()
@@ -527,24 +526,17 @@ def _train(args: argparse.Namespace) -> int:
         ids, day, kwh, _ = data.long()
         tables = data.tables
     else:
-        from meterwatch.model.loaders import load_dataset
-
         until = _day(args.until, "--until") if args.until else None
         timezone = _zone(args)
-        readings, sides = load_dataset(args.data, household_info=args.household_info,
-                                       weather=args.weather, holidays=args.holidays,
-                                       end_day=until, timezone=timezone)
+        readings, sides, tables = load_with_context(
+            args.data, household_info=args.household_info, weather=args.weather,
+            holidays=args.holidays, end_day=until, timezone=timezone)
         if len(readings) == 0:
             raise UsageError(f"{args.data}: no readings"
                              + (f" before {args.until}" if args.until else ""))
         found = ", ".join(f"{k} {v}" for k, v in sides.items() if v) or "none"
         log.info("side tables: %s", found)
-        tables = ContextTables.from_files(household_csv=sides["household"],
-                                          weather_csv=sides["weather"],
-                                          holidays_csv=sides["holidays"])
         ids, day, kwh = readings.household_ids, readings.day, readings.kwh
-        for line in check_coverage(tables, ids, day, sides):
-            log.warning("%s", line)
     bar = _EpochBar(cfg.max_epochs)
     trainer_log = logging.getLogger("meterwatch.model.training")
     trainer_log.addHandler(bar)
