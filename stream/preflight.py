@@ -87,8 +87,8 @@ log = logging.getLogger(__name__)
 
 _SASL_FLAG = "--sasl-username/--sasl-password"
 
-#: The context CSVs ``meterwatch run`` reads: flag, setting, what it is, and the Low Carbon
-#: London file whose layout it takes.
+#: The context CSVs ``meterwatch run`` reads: flag, setting, what it is, and the layouts it
+#: takes (a utility's plain one, and the Low Carbon London one).
 CONTEXT_CSVS = (
     ("--household-info", "household_info", "household info CSV",
      "household_id,tariff,group (or Low Carbon London's LCLid,stdorToU,Acorn_grouped)"),
