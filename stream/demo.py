@@ -77,20 +77,19 @@ async def run_demo(opts: DemoOptions) -> int:
     broker = await asyncio.to_thread(Broker.start)
     try:
         if broker.kind == "external":
-            await asyncio.to_thread(_check_reachable, broker.bootstrap_servers)
+            await _check_reachable(broker.bootstrap_servers)
         return await _demo(opts, broker, t_start)
     finally:
         broker.stop()
 
 
-def _check_reachable(servers: str, timeout_s: float = 5.0) -> None:
-    """The cluster ``KAFKA_BOOTSTRAP_SERVERS`` names answers on one of its addresses, or
-    ``ValueError`` naming the variable, before the demo trains: a variable left over from
-    another session (a common name) ended the demo in a traceback after training."""
-    import socket
-
+async def _check_reachable(servers: str, timeout_s: float = 5.0) -> None:
+    """The cluster ``KAFKA_BOOTSTRAP_SERVERS`` names answers on one of its addresses
+    (``preflight._reach``, as the service's start looks), or ``ValueError`` naming the
+    variable, before the demo trains: a variable left over from another session (a common
+    name) ended the demo in a traceback after training."""
     from meterwatch.stream.broker import ENV_BOOTSTRAP
-    from meterwatch.stream.preflight import check_bootstrap
+    from meterwatch.stream.preflight import _reach, check_bootstrap
 
     try:
         addresses = check_bootstrap(servers)
@@ -98,11 +97,8 @@ def _check_reachable(servers: str, timeout_s: float = 5.0) -> None:
         raise ValueError(f"{ENV_BOOTSTRAP}: {exc}; unset it to run the demo on its own "
                          "embedded broker") from None
     for host, port in addresses:
-        try:
-            socket.create_connection((host, port), timeout=timeout_s).close()
+        if await _reach(host, port, {}, timeout_s) is None:
             return
-        except OSError:
-            continue
     raise ValueError(f"{ENV_BOOTSTRAP}: nothing answers at {servers} (the demo runs on the "
                      "cluster this variable names); unset it to run the demo on its own "
                      "embedded broker, or start that cluster")
