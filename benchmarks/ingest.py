@@ -1,5 +1,6 @@
 """Cost of validation in ``parse_records``: valid records with and without the key check, in
-Schema Registry framing, JSON arrays, and the fuzz suite's hostile records, in one run
+Schema Registry framing, as Kafka Connect's JsonConverter writes a JDBC source's rows, JSON
+arrays, and the fuzz suite's hostile records, in one run
 (ratios are what to compare).
 
     .venv/bin/python -m benchmarks.ingest [--reps 60]
@@ -23,6 +24,7 @@ import orjson
 from meterwatch.model import SyntheticConfig, generate
 from meterwatch.stream.parse import parse_records
 from meterwatch.stream.simulate import day_records, ts_text
+from meterwatch.stream.validation import check_ts
 
 BATCH = 5000
 
@@ -75,6 +77,12 @@ def main() -> None:
           [k for k, _, _ in compact], args.reps, base)
     _case("framed, keys framed too (JSON strings)", [head + v for _, v, _ in compact],
           [head + orjson.dumps(k.decode()) for k, _, _ in compact], args.reps, base)
+    from tests.test_connect_json import connect_key, decimal, jdbc_record
+
+    docs = [orjson.loads(v) for _, v, _ in compact]
+    _case("Kafka Connect: JDBC rows in envelopes", [
+        jdbc_record(d["household_id"], check_ts(d["ts"])[0] * 1000, decimal(d["kwh"]))
+        for d in docs], [connect_key(k, schemas=True) for k, _, _ in compact], args.reps, base)
     _case("10% of households as 12-reading arrays", [v for _, v, _ in mixed],
           [k for k, _, _ in mixed], args.reps, base)
     _case("hostile records (fuzz suite, 35 kinds)", [h.value for h in hostile],

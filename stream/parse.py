@@ -42,10 +42,12 @@ from meterwatch.stream.validation import (
     check_ts,
     describe,
     framed_detail,
+    is_envelope,
     is_framed,
     kwh_float,
     loads,
     may_repeat_fields,
+    open_envelope,
     unframe,
 )
 
@@ -380,17 +382,17 @@ def _check_keys(ids: list[str], id_index: np.ndarray, rec: np.ndarray, bad: np.n
                              for n, i in enumerate(used.tolist())), dtype=np.int64,
                             count=len(used))
         reading_number = canon[np.searchsorted(used, id_index[ok])]
-    plain = list(number.items()) if _KEY_HEADERS else []
-    for head in tuple(_KEY_HEADERS):  # framed keys as they were written before: one lookup
+    plain = list(number.items()) if _KEY_WRAPPERS else []
+    for head, tail in tuple(_KEY_WRAPPERS):  # keys written as before: one lookup
         for text, n in plain:
             with contextlib.suppress(UnicodeDecodeError, orjson.JSONEncodeError):
-                number[head + orjson.dumps(text.decode())] = n
+                number[head + orjson.dumps(text.decode()) + tail] = n
     key_number = np.fromiter(map(number.get, keys, repeat(-1)), dtype=np.int64,  # type: ignore[arg-type]
                              count=len(keys))
     wrong = ok[key_number[rec[ok]] != reading_number]
-    if len(wrong):  # keys a Schema Registry serializer wrote: a JSON string, framed
-        framed: dict[bytes, object] = {}
-        wrong = wrong[[_framed_key(keys[int(rec[j])], framed) != ids[int(id_index[j])]
+    if len(wrong):  # keys that hold the id as JSON (a serializer's or a converter's)
+        seen: dict[bytes, object] = {}
+        wrong = wrong[[_key_text(keys[int(rec[j])], seen) != ids[int(id_index[j])]
                        for j in wrong.tolist()]]
     for j in wrong.tolist():
         bad[j] = True
@@ -398,25 +400,44 @@ def _check_keys(ids: list[str], id_index: np.ndarray, rec: np.ndarray, bad: np.n
                       f"the record key is {describe_key(keys[int(rec[j])])}")
 
 
-#: Headers of the framed keys seen (a few: a schema id changes rarely), so that later
-#: batches match such keys as cheaply as plain ones (``_check_keys``); speed only.
-_KEY_HEADERS: set[bytes] = set()
-_MAX_KEY_HEADERS = 4
+#: How the keys seen hold their id as JSON: (bytes before, bytes after) the id's JSON string;
+#: a few (a schema id or a converter changes rarely), so that later batches match such keys
+#: as cheaply as plain ones (``_check_keys``); speed only.
+_KEY_WRAPPERS: set[tuple[bytes, bytes]] = set()
+_MAX_KEY_WRAPPERS = 4
+_MAX_WRAPPER_BYTES = 256
 
 
-def _framed_key(key: bytes | None, seen: dict[bytes, object]) -> object:
-    """What a key in Schema Registry's wire format holds (JSON after the 5-byte header),
-    else None; ``seen`` caches it by key."""
-    if key is None or not is_framed(key):
+def _key_text(key: bytes | None, seen: dict[bytes, object]) -> object:
+    """The id a key holds as JSON, else None (``seen`` caches it by key): the JSON string of a
+    key in Schema Registry's wire format (a JSON Schema key serializer's), a JSON string (Kafka
+    Connect's JsonConverter without schemas), or the string payload of a Connect envelope
+    (with schemas, its default)."""
+    if key is None:
         return None
     if key not in seen:
-        try:
-            seen[key] = orjson.loads(key[REGISTRY_HEADER:])
-        except orjson.JSONDecodeError:
-            seen[key] = None
-        if isinstance(seen[key], str) and len(_KEY_HEADERS) < _MAX_KEY_HEADERS:
-            _KEY_HEADERS.add(key[:REGISTRY_HEADER])
+        body = key[REGISTRY_HEADER:] if is_framed(key) else key
+        text: object = None
+        if body[:1] in (b'"', b"{"):
+            try:
+                text = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                pass
+            if is_envelope(text):
+                text = text["payload"]
+        seen[key] = text if type(text) is str else None
+        if type(text) is str and len(_KEY_WRAPPERS) < _MAX_KEY_WRAPPERS:
+            _remember_wrapper(key, text)
     return seen[key]
+
+
+def _remember_wrapper(key: bytes, text: str) -> None:
+    with contextlib.suppress(orjson.JSONEncodeError):
+        enc = orjson.dumps(text)
+        at = key.rfind(enc)
+        head, tail = key[:at], key[at + len(enc):]
+        if at >= 0 and len(head) + len(tail) <= _MAX_WRAPPER_BYTES:
+            _KEY_WRAPPERS.add((head, tail))
 
 
 def describe_key(key: bytes | None) -> str:
@@ -610,8 +631,13 @@ def _decode_fast(values: Sequence[bytes | None]) -> list[object] | None:
     if set(map(type, docs)) != {dict}:
         return None
     # duplicate fields (orjson keeps the last): the check of one record, over the batch
-    if may_repeat_fields(b"".join(values), docs):  # type: ignore[arg-type]
+    joined = b"".join(values)  # type: ignore[arg-type]
+    if may_repeat_fields(joined, docs):
         return None
+    if b'"payload"' in joined and any(map(is_envelope, docs)):  # Kafka Connect's envelopes
+        docs = [open_envelope(d) if is_envelope(d) else d for d in docs]
+        if set(map(type, docs)) != {dict}:
+            return None
     return docs
 
 

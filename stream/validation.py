@@ -6,7 +6,10 @@ whole columns at once for speed and asks ``check_reading`` for the reason and de
 every reading its fast checks do not pass, so the reasons and details are the same by
 construction; ``tests/test_parse.py`` property-tests that the accepted sets agree too.
 
-Rules, in the order they are checked (the first that fails gives the reason):
+A Kafka Connect envelope (``{"schema": ..., "payload": ...}``, what its ``JsonConverter``
+writes by default) is read as its payload, its ``Timestamp`` and ``Decimal`` reading fields as
+the JSON types below (``open_envelope``). Rules, in the order they are checked (the first
+that fails gives the reason):
 
 1. the reading is a JSON object with at least one member, none of ``household_id``,
    ``ts``, ``kwh`` given twice (``bad_shape``);
@@ -35,10 +38,13 @@ Details (the ``detail`` of a dead letter) are built without recursion and bounde
 
 from __future__ import annotations
 
+import binascii
 import json
 import re
+from datetime import date, timedelta
+from functools import lru_cache
 from itertools import repeat
-from typing import NamedTuple
+from typing import NamedTuple, TypeGuard
 
 import orjson
 
@@ -258,7 +264,8 @@ QUOTED_FIELDS = tuple(f'"{f}"'.encode() for f in FIELDS)
 def may_repeat_fields(value: bytes, doc: object) -> bool:
     """False when ``value`` certainly gives no reading field twice in one object: no escape
     (a key could be spelled with one) and each quoted field name occurs no more often than
-    there are reading objects holding it (orjson keeps the last of duplicate keys)."""
+    there are reading objects holding it (orjson keeps the last of duplicate keys), and, in
+    Kafka Connect envelopes, schema fields naming it (``"field": "ts"``)."""
     if b"\\" in value:
         return True
     if type(doc) is dict:
@@ -267,11 +274,134 @@ def may_repeat_fields(value: bytes, doc: object) -> bool:
         objs = [d for d in doc if type(d) is dict]
     else:
         return False
+    named: list[str] = []
+    if b'"payload"' in value and any(map(is_envelope, objs)):
+        objs, named = _envelope_holders(objs)
     for name, quoted in zip(FIELDS, QUOTED_FIELDS, strict=True):
         n = value.count(quoted)
-        if n and n > sum(map(dict.__contains__, objs, repeat(name))):
+        if n and n > sum(map(dict.__contains__, objs, repeat(name))) + named.count(name):
             return True
     return False
+
+
+# Kafka Connect's JSON envelope -------------------------------------------------------------
+#: Kafka Connect's JsonConverter with ``schemas.enable=true`` (its default) writes each value
+#: as ``{"schema": ..., "payload": ...}``; a struct's logical types are named in the schema.
+CONNECT_TIMESTAMP = "org.apache.kafka.connect.data.Timestamp"  # int64 epoch milliseconds
+CONNECT_DECIMAL = "org.apache.kafka.connect.data.Decimal"  # base64 two's complement, "scale"
+_MAX_DECIMAL_BYTES = 32
+
+
+def is_envelope(doc: object) -> TypeGuard[dict]:
+    """Whether a decoded value is a Kafka Connect envelope: an object of exactly ``schema``
+    (an object) and ``payload``."""
+    return type(doc) is dict and len(doc) == 2 and "payload" in doc \
+        and type(doc.get("schema")) is dict
+
+
+def _struct_fields(schema: object) -> list[dict]:
+    fields = schema.get("fields") if type(schema) is dict else None
+    return [f for f in fields if type(f) is dict] if type(fields) is list else []
+
+
+def _envelope_holders(objs: list[dict]) -> tuple[list[dict], list[str]]:
+    """The reading objects of ``objs`` (envelopes opened, unconverted) and the field names
+    their envelopes' schemas give (``may_repeat_fields``)."""
+    out: list[dict] = []
+    named: list[str] = []
+    for d in objs:
+        if not is_envelope(d):
+            out.append(d)
+            continue
+        payload, schema = d["payload"], d["schema"]
+        items = payload if type(payload) is list else [payload]
+        out.extend(p for p in items if type(p) is dict)
+        if schema.get("type") == "array":
+            schema = schema.get("items")
+        named.extend(str(f.get("field")) for f in _struct_fields(schema))
+    return out, named
+
+
+def open_envelope(doc: dict) -> object:
+    """The payload of a Kafka Connect envelope (``is_envelope``), with the reading fields its
+    schema types as Connect logical types read as the reading's JSON types: a ``Timestamp``
+    ``ts`` (epoch milliseconds) as an ISO 8601 string in UTC, a ``Decimal`` ``kwh`` (base64)
+    as a number. A value that does not convert is left as it is (and fails its rule). A
+    struct, or an array of structs (an ``array`` schema of them).
+
+    >>> open_envelope({"schema": {"type": "struct", "fields": [
+    ...     {"field": "ts", "type": "int64", "name": CONNECT_TIMESTAMP},
+    ...     {"field": "kwh", "type": "bytes", "name": CONNECT_DECIMAL,
+    ...      "parameters": {"scale": "3"}}]},
+    ...     "payload": {"household_id": "H1", "ts": 1357000200000, "kwh": "APo="}})
+    {'household_id': 'H1', 'ts': '2013-01-01T00:30:00.000Z', 'kwh': 0.25}
+    """
+    payload, schema = doc["payload"], doc["schema"]
+    if type(payload) is list:
+        items = schema.get("items") if schema.get("type") == "array" else None
+        return [_logical(p, items) for p in payload]
+    return _logical(payload, schema)
+
+
+def _logical(value: object, schema: object) -> object:
+    if type(value) is not dict:  # not a struct (a DuplicateKeys one is rejected as it is)
+        return value
+    out: dict | None = None
+    for f in _struct_fields(schema):
+        name = f.get("field")
+        if name not in ("ts", "kwh") or name not in value:
+            continue
+        v, logical = value[name], f.get("name")
+        new: object = None
+        if name == "ts" and logical == CONNECT_TIMESTAMP and type(v) is int:
+            new = _iso_from_ms(v)
+        elif name == "kwh" and logical == CONNECT_DECIMAL and type(v) is str:
+            new = _from_decimal(v, f.get("parameters"))
+        if new is not None:
+            out = out if out is not None else dict(value)
+            out[name] = new
+    return value if out is None else out
+
+
+def _iso_from_ms(ms: int) -> str | None:
+    """Epoch milliseconds as ``YYYY-MM-DDTHH:MM:SS.fffZ``, for years 1-9999 (an instant past
+    the supported range then fails the timestamp rule saying so); None past those years."""
+    day, r = divmod(ms, 86_400_000)
+    if not _FIRST_DAY <= day <= _LAST_DAY:
+        return None
+    h, r = divmod(r, 3_600_000)
+    m, r = divmod(r, 60_000)
+    s, f = divmod(r, 1000)
+    return f"{_date_text(day)}T{h:02d}:{m:02d}:{s:02d}.{f:03d}Z"
+
+
+_FIRST_DAY, _LAST_DAY = (d.toordinal() - date(1970, 1, 1).toordinal() for d in (date.min, date.max))
+
+
+@lru_cache(maxsize=1024)
+def _date_text(day: int) -> str:
+    return (date(1970, 1, 1) + timedelta(days=day)).isoformat()
+
+
+def _from_decimal(text: str, parameters: object) -> float | None:
+    """A Connect ``Decimal`` (base64 of the unscaled value, big-endian two's complement;
+    ``parameters["scale"]``) as a float, or None."""
+    scale = parameters.get("scale", "0") if type(parameters) is dict else "0"
+    return _decimal_value(text, scale if type(scale) is str else str(scale))
+
+
+@lru_cache(maxsize=4096)  # a meter's readings take few distinct values
+def _decimal_value(text: str, scale: str) -> float | None:
+    if not (_BASE64.fullmatch(text) and scale.isascii() and scale.isdigit()) \
+            or int(scale) > 18:
+        return None
+    raw = binascii.a2b_base64(text)
+    if not raw or len(raw) > _MAX_DECIMAL_BYTES:
+        return None
+    return int.from_bytes(raw, "big", signed=True) / 10 ** int(scale)
+
+
+_BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 
 
 def strict_loads(value: bytes) -> object:
@@ -321,17 +451,18 @@ def loads(value: bytes, framing: bool = True) -> object:
         doc = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         try:
-            return strict_loads(value)
+            doc = strict_loads(value)
+            return open_envelope(doc) if is_envelope(doc) else doc
         except (ValueError, RecursionError):
             detail = str(exc)[:200]
             raise Invalid("not_json", detail if schema_id is None
                           else framed_detail(schema_id, detail)) from None
     if may_repeat_fields(value, doc):
         try:
-            return strict_loads(value)
+            doc = strict_loads(value)
         except RecursionError:  # deeper than Python's decoder goes: cannot tell
             raise Invalid("bad_shape", "nested too deeply to check for duplicate keys") \
                 from None
         except ValueError:  # numbers orjson read as floats, or surrogate escapes: its result
             pass
-    return doc
+    return open_envelope(doc) if is_envelope(doc) else doc

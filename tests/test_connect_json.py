@@ -1,0 +1,184 @@
+"""Records as Kafka Connect's JsonConverter writes them with ``schemas.enable=true`` (its
+default): each value ``{"schema": ..., "payload": ...}``, a database timestamp column as a
+``Timestamp`` (epoch milliseconds), a numeric column as a ``Decimal`` (base64), and each key
+the household id in an envelope of its own (or, without schemas, as a JSON string). Before,
+every such record was dead-lettered (``missing_field``, then ``key_mismatch``)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meterwatch.model import SyntheticConfig, generate
+from meterwatch.stream.events import Reading
+from meterwatch.stream.parse import _decode_fast, parse_records
+from meterwatch.stream.service import Service
+from meterwatch.stream.validation import CONNECT_DECIMAL, CONNECT_TIMESTAMP
+from tests.conftest import HISTORY_DAYS, read_topic, unique_settings
+from tests.test_parse import NOW, hostile_records, record_keys
+
+#: A struct of the reading's own JSON types (a source that gives strings and doubles).
+PLAIN_SCHEMA = (b'{"type":"struct","fields":[{"type":"string","optional":false,'
+                b'"field":"household_id"},{"type":"string","optional":false,"field":"ts"},'
+                b'{"type":"double","optional":true,"field":"kwh"}],"optional":false,'
+                b'"name":"meter.reading"}')
+#: A JDBC source's: a timestamp column and a NUMERIC(10, 3) column.
+JDBC_SCHEMA = {"type": "struct", "optional": False, "name": "readings", "fields": [
+    {"type": "string", "optional": False, "field": "household_id"},
+    {"type": "int64", "optional": False, "name": CONNECT_TIMESTAMP, "version": 1,
+     "field": "ts"},
+    {"type": "bytes", "optional": True, "name": CONNECT_DECIMAL, "version": 1,
+     "parameters": {"scale": "3", "connect.decimal.precision": "10"}, "field": "kwh"},
+    {"type": "int32", "optional": True, "field": "quality"}]}
+KEY_SCHEMA = b'{"type":"string","optional":false}'
+
+
+def envelope(schema: bytes, payload: bytes) -> bytes:
+    return b'{"schema":' + schema + b',"payload":' + payload + b"}"
+
+
+def connect_key(key: bytes | None, schemas: bool) -> bytes | None:
+    """The key as JsonConverter writes a string key: with schemas, an envelope; without, a
+    JSON string."""
+    if key is None:
+        return None
+    try:
+        text = orjson.dumps(key.decode())
+    except UnicodeDecodeError:
+        return key
+    return envelope(KEY_SCHEMA, text) if schemas else text
+
+
+def decimal(kwh: float, scale: int = 3) -> str:
+    """A Connect ``Decimal`` as JsonConverter writes it (Java's ``BigInteger.toByteArray``:
+    the shortest big-endian two's complement, base64)."""
+    unscaled = round(kwh * 10 ** scale)
+    return base64.b64encode(unscaled.to_bytes(unscaled.bit_length() // 8 + 1, "big",
+                                              signed=True)).decode()
+
+
+def jdbc_record(household: str, ts_ms: int, kwh: object) -> bytes:
+    return orjson.dumps({"schema": JDBC_SCHEMA, "payload": {
+        "household_id": household, "ts": ts_ms, "kwh": kwh, "quality": 0}})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(hostile_records(), record_keys, st.booleans(), st.booleans(),
+                          st.booleans()), min_size=1, max_size=12))
+def test_connect_envelopes_are_read_as_their_payloads(
+        records: list[tuple[bytes, bytes | None, bool, bool, bool]]) -> None:
+    """Any record, wrapped as JsonConverter wraps it (and its key too, with schemas or
+    without): the same readings and reasons as the record itself; duplicate fields inside a
+    payload are still found."""
+    plain = parse_records([v for v, *_ in records], now_s=NOW,
+                          keys=[k for _, k, *_ in records])
+    wrapped_values = [envelope(PLAIN_SCHEMA, v) if wrap and orjson_ok(v) else v
+                      for v, _, wrap, _, _ in records]
+    wrapped = parse_records(wrapped_values, now_s=NOW, keys=[
+        connect_key(k, schemas) if wrap_key else k for _, k, _, wrap_key, schemas in records])
+    assert wrapped.household == plain.household and wrapped.ts.tolist() == plain.ts.tolist()
+    assert wrapped.kwh.tobytes() == plain.kwh.tobytes()
+    assert wrapped.record.tolist() == plain.record.tolist()
+    assert [(r.index, r.reason, r.counts) for r in wrapped.rejections] == \
+        [(r.index, r.reason, r.counts) for r in plain.rejections]
+    for w, p in zip(wrapped.rejections, plain.rejections, strict=True):
+        if "the record key is" not in p.detail:  # (a key_mismatch shows the key as it came)
+            assert w.detail == p.detail
+    for v, w in zip([v for v, *_ in records], wrapped_values, strict=True):
+        if not v.startswith(b"[") and w is not v:  # the documented schema reads them alike
+            assert outcome(w) == outcome(v)
+
+
+def orjson_ok(value: bytes) -> bool:
+    """Whether a record is JSON (wrapping what is not would only change its error's text)."""
+    try:
+        orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+def outcome(value: bytes) -> object:
+    from pydantic import ValidationError
+    try:
+        return Reading.model_validate_json(value)
+    except ValidationError as exc:
+        return exc.errors()[0]["ctx"]["error"].reason
+
+
+def test_connect_logical_types_are_read():
+    """A JDBC source's row: the Timestamp (milliseconds) and the Decimal (scale 3) are the
+    reading's ts and kWh; what does not convert fails its rule with the reason it would have
+    as plain JSON; a nullable column that is null is missing."""
+    t = 1357000200000  # 2013-01-01T00:30:00Z
+    values = [
+        jdbc_record("H1", t, decimal(0.219)),
+        jdbc_record("H2", t + 1_800_000, decimal(12.5)),
+        jdbc_record("H3", t + 60_000, decimal(0.1)),  # 00:31
+        jdbc_record("H4", t, None),  # NULL in the table
+        jdbc_record("H5", t, decimal(-0.05)),  # export netted off
+        jdbc_record("H6", t, "not base64!"),
+        jdbc_record("H7", 253402214400000, decimal(0.1)),  # 9999-12-31: "no end date"
+        jdbc_record("H8", t, 0.3),  # decimal.format=NUMERIC: a JSON number
+    ]
+    keys = [f"H{i}".encode() for i in range(1, 9)]
+    batch = parse_records(values, now_s=NOW, keys=keys)
+    assert list(zip(batch.household, batch.ts.tolist(), batch.kwh.tolist(), strict=True)) == [
+        ("H1", 1357000200, pytest.approx(0.219)), ("H2", 1357002000, 12.5),
+        ("H8", 1357000200, pytest.approx(0.3))]
+    assert [(r.index, r.reason, r.detail) for r in batch.rejections] == [
+        (2, "not_half_hour", "ts '2013-01-01T00:31:00.000Z' is not the start of a half-hour"),
+        (3, "missing_field", "kwh is missing"),
+        (4, "bad_kwh", "kwh -0.05 outside [0, 50.0]"),
+        (5, "bad_kwh", "kwh 'not base64!' is not a number"),
+        (6, "bad_timestamp", "ts '9999-12-31T00:00:00.000Z' is outside the supported range "
+                             "[1900-01-01T00:00:00Z, 2200-01-01T00:00:00Z)")]
+    # the envelopes' schemas name the fields once more, which is not a duplicate field: the
+    # batch is decoded at once by orjson, not record by record by Python's decoder
+    assert _decode_fast(values) is not None
+    # the documented schema reads the same record alike
+    assert Reading.model_validate_json(values[0]).kwh == pytest.approx(0.219)
+    # and an array of structs under an array schema
+    array = orjson.dumps({"schema": {"type": "array", "items": JDBC_SCHEMA}, "payload": [
+        orjson.loads(v)["payload"] for v in values[:2]]})
+    both = parse_records([array], now_s=NOW, keys=[b"H1"])
+    assert both.household == ["H1"] and [r.reason for r in both.rejections] == ["key_mismatch"]
+
+
+@pytest.mark.integration
+async def test_a_jdbc_source_s_records_are_scored(broker, detector):
+    """Through the service on a real broker: a day of four households as a JDBC source
+    connector with JsonConverter's defaults writes them (values and keys in envelopes), and
+    of two more keyed by a JSON string (``key.converter.schemas.enable=false``): every day
+    scored, nothing dead-lettered."""
+    settings_ = unique_settings(broker)
+    data = generate(SyntheticConfig(n_households=6, n_days=HISTORY_DAYS + 1, seed=9,
+                                    anomaly_rate=0.0))
+    day = int(data.days[HISTORY_DAYS])
+    producer = AIOKafkaProducer(bootstrap_servers=settings_.bootstrap_servers, linger_ms=20)
+    async with Service(settings_, detector=detector) as service:
+        await service.wait_ready()
+        await producer.start()
+        try:
+            sends = []
+            for h, hid in enumerate(data.household_ids):
+                key = connect_key(hid.encode(), schemas=h < 4)
+                for s in range(48):
+                    value = jdbc_record(hid, (day * 86400 + s * 1800) * 1000,
+                                        decimal(float(data.kwh[h, HISTORY_DAYS, s])))
+                    sends.append(await producer.send(settings_.input_topic, value, key=key))
+            await asyncio.gather(*sends)
+        finally:
+            await producer.stop()
+        scores = await read_topic(settings_, settings_.scores_topic, min_records=6)
+        dead = await read_topic(settings_, settings_.dead_letter_topic)
+        assert all(not t.done() for t in service._tasks), "a stage died"
+    assert [(d["reason"], d["detail"]) for d in dead] == []
+    assert sorted((s["household_id"], s["status"], s["readings"]) for s in scores) == \
+        sorted((h, "scored", 48) for h in data.household_ids)
