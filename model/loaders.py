@@ -5,7 +5,8 @@ returns numpy arrays; nothing is copied anywhere. Quirks handled: padded values
 (`` 0.219 ``), CRLF line endings (also a ``\\r`` inside a quoted field), ``Null`` readings,
 duplicate rows (the last one wins; a ``Null`` never replaces a reading; half-hours read
 twice with different readings are counted in a warning, and refused when they are more
-than a tenth of the rows: two series under one household id), missing half-hours (NaN).
+than a tenth of those read: two series under one household id; in every layout), missing
+half-hours (NaN).
 Input that cannot be used raises ``LoadError`` naming the file and line.
 
 Readings layouts (all give ``Readings(household_ids, day, kwh)``, one row per
@@ -322,9 +323,11 @@ class _Accumulator:
         # half-hours read twice with different readings (the last kept), and the first
         self.conflicts = 0
         self.first_conflict: tuple[str, int, int, float, float] | None = None
+        self.half_hours_read = 0  # of every row, kept or not (``_check_conflicts``)
 
-    def conflict(self, hh: str, day: int, slot: int, old: float, new: float) -> None:
-        self.conflicts += 1
+    def conflict(self, hh: str, day: int, slot: int, old: float, new: float,
+                 count: int = 1) -> None:
+        self.conflicts += count
         if self.first_conflict is None:
             self.first_conflict = (hh, day, slot, old, new)
 
@@ -548,13 +551,13 @@ def check_units(kwh: np.ndarray, where: str | os.PathLike[str],
     raise LoadError(where, None, f"{said}; the readings look like watt-hours: {fix}")
 
 
-#: Above this share of rows (and a day's half-hours), half-hours read twice with different
+#: Above this share of the half-hours read (and a day's), half-hours read twice with different
 #: readings are no corrections re-sent but two series under one household id
 #: (``_check_conflicts``).
 MAX_CONFLICT_SHARE = 0.1
 
 
-def _check_conflicts(acc: _Accumulator, rows: int, where: str | os.PathLike[str]) -> None:
+def _check_conflicts(acc: _Accumulator, where: str | os.PathLike[str]) -> None:
     """Half-hours read twice with different readings: a few are corrections (the last read
     is kept, and said); many are two meters or channels under one household id, which
     would train on their mixture: refused."""
@@ -564,7 +567,7 @@ def _check_conflicts(acc: _Accumulator, rows: int, where: str | os.PathLike[str]
     said = (f"{acc.conflicts:,} half-hours came twice with different readings (the first: "
             f"{hh!r} on {day_to_date(day)} at {slot // 2:02d}:{30 * (slot % 2):02d}, {old:g} "
             f"then {new:g})")
-    if acc.conflicts > max(N_SLOTS, MAX_CONFLICT_SHARE * rows):
+    if acc.conflicts > max(N_SLOTS, MAX_CONFLICT_SHARE * acc.half_hours_read):
         raise LoadError(where, None, f"{said}: two meters or channels (import and export?) "
                         "under one household id; give one reading per household and "
                         "half-hour")
@@ -622,6 +625,7 @@ def _read_long(table: _Table, path: str, acc: _Accumulator, progress: _Progress,
         rows += 1
         if rows & 0xFFFF == 0:
             progress.update(tell(), acc.n)
+    acc.half_hours_read += rows
     return rows
 
 
@@ -645,10 +649,21 @@ def _read_hhblock(table: _Table, path: str, acc: _Accumulator, progress: _Progre
         except (ValueError, IndexError):
             raise LoadError(path, line_no, f"bad row {line.strip()[:80]!r}") from None
         if acc.wanted(hh, day):
-            acc.row(hh, day)[:] = values
+            seen = acc.n
+            r = acc.row(hh, day)
+            if acc.n > seen:  # a household-day not read before
+                r[:] = values
+            else:  # read again: as in the long layouts, slot by slot
+                new = np.array(values, dtype=np.float32)
+                differ = np.flatnonzero((r == r) & (new == new) & (r != new))
+                if len(differ):
+                    k = int(differ[0])
+                    acc.conflict(hh, day, k, float(r[k]), float(new[k]), len(differ))
+                np.copyto(r, new, where=new == new)  # a missing reading does not erase one
         rows += 1
         if rows & 0x3FFF == 0:
             progress.update(tell(), acc.n)
+    acc.half_hours_read += rows * N_SLOTS
     return rows
 
 
@@ -780,7 +795,7 @@ def read_readings(
     out = acc.result()
     where = paths[0] if len(paths) == 1 else paths[0].parent
     check_units(out.kwh, where)
-    _check_conflicts(acc, rows, where)
+    _check_conflicts(acc, where)
     seconds = time.monotonic() - t0
     log.info("read %s: %d rows -> %d household-days of %d households in %.1fs (%.0f rows/s); "
              "days in %s", label, rows, len(out), len(set(out.household_ids)), seconds,

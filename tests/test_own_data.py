@@ -306,6 +306,55 @@ def test_two_series_under_one_household_are_refused_and_corrections_said(
         read_readings(path, progress=False)
 
 
+def test_household_day_rows_read_twice_are_checked_like_half_hours(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The day-row layout (``household_id,date,hh_0..hh_47``): a household-day written twice
+    used to keep the last row whole, without a word, also a second channel's and a blank
+    after a real reading. Now as in the long layouts: the same rows again say nothing, a
+    correction is said, a missing half-hour never erases one, two series are refused."""
+    header = "household_id,date," + ",".join(f"hh_{k}" for k in range(48))
+    days = [dt.date(2013, 6, 1) + dt.timedelta(days=k) for k in range(10)]
+
+    def row(h: str, d: dt.date, values: list[str]) -> str:
+        return f"{h},{d}," + ",".join(values)
+
+    base = [row(h, d, [f"{0.1 + 0.01 * k:.2f}" for k in range(48)])
+            for h in ("H-1", "H-2") for d in days]
+    path = tmp_path / "days.csv"
+    path.write_text("\n".join([header, *base]) + "\n")
+    want = read_readings(path, progress=False)
+    # the same rows twice: nothing to say
+    path.write_text("\n".join([header, *base, *base]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="meterwatch.model.loaders"):
+        np.testing.assert_array_equal(read_readings(path, progress=False).kwh, want.kwh)
+    assert not caplog.records, caplog.text
+    # a day re-sent with two half-hours corrected and the rest blank: said, nothing erased
+    fixed = [""] * 48
+    fixed[18], fixed[19] = "0.999", "0.5"
+    path.write_text("\n".join([header, *base, row("H-2", days[3], fixed)]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="meterwatch.model.loaders"):
+        got = read_readings(path, progress=False)
+    assert any("days.csv: 2 half-hours came twice with different readings (the first: 'H-2' "
+               "on 2013-06-04 at 09:00, 0.28 then 0.999)" in r.getMessage()
+               for r in caplog.records), caplog.text
+    r = got.household_ids.index("H-2") + 3
+    expect = want.kwh[r].copy()
+    expect[18], expect[19] = 0.999, 0.5
+    np.testing.assert_array_equal(got.kwh[r], expect)
+    # two whole days re-sent corrected (96 half-hours of 1,056 read): said, not refused
+    redo = [row("H-1", d, ["0.333"] * 48) for d in days[:2]]
+    path.write_text("\n".join([header, *base, *redo]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="meterwatch.model.loaders"):
+        assert (read_readings(path, progress=False).kwh[:2] == np.float32(0.333)).all()
+    assert "96 half-hours came twice" in caplog.text
+    # a second channel: every day again with other readings
+    export = [row(h, d, ["0.05"] * 48) for h in ("H-1", "H-2") for d in days]
+    path.write_text("\n".join([header, *base, *export]) + "\n")
+    with pytest.raises(LoadError, match=r"days.csv: 960 half-hours came twice with different "
+                                        r"readings .* two meters or channels"):
+        read_readings(path, progress=False)
+
+
 def test_side_tables_that_miss_the_readings_are_named(tmp_path: Path) -> None:
     """A household file whose ids are written another way, or another year's weather, used
     to train a model without that context and say nothing: now refused with the flag (none
