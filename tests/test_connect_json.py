@@ -21,7 +21,7 @@ from meterwatch.stream.parse import _decode_fast, parse_records
 from meterwatch.stream.service import Service
 from meterwatch.stream.validation import CONNECT_DECIMAL, CONNECT_TIMESTAMP
 from tests.conftest import HISTORY_DAYS, read_topic, unique_settings
-from tests.test_parse import NOW, hostile_records, record_keys
+from tests.test_parse import NOW, assert_same_outcome, hostile_records, record_keys
 
 #: A struct of the reading's own JSON types (a source that gives strings and doubles).
 PLAIN_SCHEMA = (b'{"type":"struct","fields":[{"type":"string","optional":false,'
@@ -82,11 +82,7 @@ def test_connect_envelopes_are_read_as_their_payloads(
                       for v, _, wrap, _, _ in records]
     wrapped = parse_records(wrapped_values, now_s=NOW, keys=[
         connect_key(k, schemas) if wrap_key else k for _, k, _, wrap_key, schemas in records])
-    assert wrapped.household == plain.household and wrapped.ts.tolist() == plain.ts.tolist()
-    assert wrapped.kwh.tobytes() == plain.kwh.tobytes()
-    assert wrapped.record.tolist() == plain.record.tolist()
-    assert [(r.index, r.reason, r.counts) for r in wrapped.rejections] == \
-        [(r.index, r.reason, r.counts) for r in plain.rejections]
+    assert_same_outcome(wrapped, plain)
     for w, p in zip(wrapped.rejections, plain.rejections, strict=True):
         if "the record key is" not in p.detail:  # (a key_mismatch shows the key as it came)
             assert w.detail == p.detail

@@ -266,6 +266,16 @@ def test_all_paths_agree_on_hostile_records(records: list[tuple[bytes, bytes | N
                 assert exc.errors()[0]["ctx"]["error"].reason == reasons[i]
 
 
+def assert_same_outcome(got, want) -> None:  # type: ignore[no-untyped-def]
+    """Two parses of the same records, wrapped one way or another: the same readings of the
+    same records, and the same rejections by index, reason and counts."""
+    assert got.household == want.household and got.ts.tolist() == want.ts.tolist()
+    assert got.kwh.tobytes() == want.kwh.tobytes()
+    assert got.record.tolist() == want.record.tolist()
+    assert [(r.index, r.reason, r.counts) for r in got.rejections] == \
+        [(r.index, r.reason, r.counts) for r in want.rejections]
+
+
 # Confluent Schema Registry's wire format (a zero byte and a 4-byte schema id before the
 # payload): what its JSON Schema serializer writes. The payload is read as if unframed.
 registry_headers = st.binary(min_size=4, max_size=4).map(lambda b: b"\x00" + b)
@@ -293,11 +303,7 @@ def test_schema_registry_framing_is_read_through(
                           keys=[k for _, k, _, _ in records])
     framed = parse_records([v if h is None else h + v for v, _, h, _ in records], now_s=NOW,
                            keys=[_framed_key(k, h) if fk else k for _, k, h, fk in records])
-    assert framed.household == plain.household and framed.ts.tolist() == plain.ts.tolist()
-    assert framed.kwh.tobytes() == plain.kwh.tobytes()
-    assert framed.record.tolist() == plain.record.tolist()
-    assert [(r.index, r.reason, r.counts) for r in framed.rejections] == \
-        [(r.index, r.reason, r.counts) for r in plain.rejections]
+    assert_same_outcome(framed, plain)
     for f, r in zip(framed.rejections, plain.rejections, strict=True):
         header = records[r.index][2]
         if header is None:
