@@ -47,6 +47,7 @@ from meterwatch.stream.validation import (
     kwh_float,
     loads,
     may_repeat_fields,
+    numeric_id,
     open_envelope,
     unframe,
 )
@@ -286,7 +287,7 @@ def _parse_general(values: Sequence[bytes | None], keys: Sequence[bytes | None] 
     rec = np.asarray(flat_record, dtype=np.int32)
 
     # household_id: 1..MAX_HOUSEHOLD_ID_LEN characters, no control/invisible character.
-    strs = [h if type(h) is str else "" for h in hh]
+    strs = [h if type(h) is str else numeric_id(h) or "" for h in hh]
     lens = np.fromiter(map(len, strs), dtype=np.int64, count=n)
     suspect |= (lens == 0) | (lens > MAX_HOUSEHOLD_ID_LEN)  # "" also for a non-string
     joined = "".join(strs)
@@ -412,7 +413,8 @@ def _key_text(key: bytes | None, seen: dict[bytes, object]) -> object:
     """The id a key holds as JSON, else None (``seen`` caches it by key): the JSON string of a
     key in Schema Registry's wire format (a JSON Schema key serializer's), a JSON string (Kafka
     Connect's JsonConverter without schemas), or the string payload of a Connect envelope
-    (with schemas, its default)."""
+    (with schemas, its default); in the last two, a non-negative integer too, as its digits
+    (``validation.numeric_id``; a bare JSON number is its digits already)."""
     if key is None:
         return None
     if key not in seen:
@@ -425,9 +427,12 @@ def _key_text(key: bytes | None, seen: dict[bytes, object]) -> object:
                 pass
             if is_envelope(text):
                 text = text["payload"]
-        seen[key] = text if type(text) is str else None
-        if type(text) is str and len(_KEY_WRAPPERS) < _MAX_KEY_WRAPPERS:
-            _remember_wrapper(key, text)
+        if type(text) is str:
+            seen[key] = text
+            if len(_KEY_WRAPPERS) < _MAX_KEY_WRAPPERS:
+                _remember_wrapper(key, text)
+        else:  # an id written as a number (an int64 key's envelope), or None
+            seen[key] = numeric_id(text)
     return seen[key]
 
 

@@ -14,7 +14,8 @@ that fails gives the reason):
 1. the reading is a JSON object with at least one member, none of ``household_id``,
    ``ts``, ``kwh`` given twice (``bad_shape``);
 2. ``household_id``: a string of 1..64 characters without control, invisible-format or
-   surrogate code points (``missing_field`` / ``bad_household``);
+   surrogate code points, or a non-negative integer, read as its decimal digits (a meter
+   point number from an integer column) (``missing_field`` / ``bad_household``);
 3. ``kwh``: a JSON number (not a boolean, not a string), finite, in [0, 50]
    (``missing_field`` / ``bad_kwh``);
 4. ``ts``: a string of the timestamp grammar below, a real calendar date and time, an
@@ -129,11 +130,26 @@ def describe(v: object) -> str:
     return f"a {t.__name__}"
 
 
+def numeric_id(v: object) -> str | None:
+    """A household id written as a JSON number (a meter point number from a database's
+    integer column): a non-negative integer, as its decimal digits; else None."""
+    if type(v) is int and v >= 0 and v.bit_length() <= _MAX_ID_BITS:
+        return str(v)
+    return None
+
+
+_MAX_ID_BITS = 256  # 78 digits: past MAX_HOUSEHOLD_ID_LEN, so a longer id says so
+
+
 def check_household(v: object) -> str:
     if v is None:
         raise Invalid("missing_field", "household_id is missing")
     if type(v) is not str:
-        raise Invalid("bad_household", f"household_id {describe(v)} is not a string")
+        digits = numeric_id(v)
+        if digits is None:
+            raise Invalid("bad_household", f"household_id {describe(v)} is not a string "
+                          "or a non-negative integer")
+        v = digits
     s: str = v
     if not s:
         raise Invalid("bad_household", "household_id is empty")

@@ -36,6 +36,9 @@ JDBC_SCHEMA = {"type": "struct", "optional": False, "name": "readings", "fields"
     {"type": "bytes", "optional": True, "name": CONNECT_DECIMAL, "version": 1,
      "parameters": {"scale": "3", "connect.decimal.precision": "10"}, "field": "kwh"},
     {"type": "int32", "optional": True, "field": "quality"}]}
+#: The same table with the meter point number in an integer column (BIGINT).
+NUMBERED_SCHEMA = {**JDBC_SCHEMA, "fields": [
+    {"type": "int64", "optional": False, "field": "household_id"}, *JDBC_SCHEMA["fields"][1:]]}
 KEY_SCHEMA = b'{"type":"string","optional":false}'
 
 
@@ -43,11 +46,14 @@ def envelope(schema: bytes, payload: bytes) -> bytes:
     return b'{"schema":' + schema + b',"payload":' + payload + b"}"
 
 
-def connect_key(key: bytes | None, schemas: bool) -> bytes | None:
-    """The key as JsonConverter writes a string key: with schemas, an envelope; without, a
-    JSON string."""
+def connect_key(key: bytes | int | None, schemas: bool) -> bytes | None:
+    """The key as JsonConverter writes a string key (an integer one: ``key`` an int): with
+    schemas, an envelope; without, a JSON string (a JSON number)."""
     if key is None:
         return None
+    if isinstance(key, int):
+        return (b'{"schema":{"type":"int64","optional":false},"payload":%d}' % key
+                if schemas else b"%d" % key)
     try:
         text = orjson.dumps(key.decode())
     except UnicodeDecodeError:
@@ -63,9 +69,10 @@ def decimal(kwh: float, scale: int = 3) -> str:
                                               signed=True)).decode()
 
 
-def jdbc_record(household: str, ts_ms: int, kwh: object) -> bytes:
-    return orjson.dumps({"schema": JDBC_SCHEMA, "payload": {
-        "household_id": household, "ts": ts_ms, "kwh": kwh, "quality": 0}})
+def jdbc_record(household: str | int, ts_ms: int, kwh: object) -> bytes:
+    return orjson.dumps({"schema": NUMBERED_SCHEMA if isinstance(household, int) else
+                         JDBC_SCHEMA, "payload": {"household_id": household, "ts": ts_ms,
+                                                  "kwh": kwh, "quality": 0}})
 
 
 @settings(max_examples=300, deadline=None)
@@ -147,24 +154,51 @@ def test_connect_logical_types_are_read():
     assert both.household == ["H1"] and [r.reason for r in both.rejections] == ["key_mismatch"]
 
 
+def test_household_ids_written_as_numbers_are_their_digits():
+    """A meter point number from a database's integer column comes as a JSON number: read as
+    its decimal digits (the same household as the string of them, under the same key bytes);
+    a negative, fractional or boolean id is still ``bad_household``."""
+    t = "2013-01-01T00:30:00Z"
+    values = [b'{"household_id":%s,"ts":"%s","kwh":0.5}' % (hid.encode(), t.encode())
+              for hid in ("1012345678903", '"1012345678903"', "0", "-5", "1.5", "true",
+                          "1" + "0" * 70)]
+    keys = [b"1012345678903", b"1012345678903", b"0", b"-5", b"1.5", b"true", b"1" * 71]
+    batch = parse_records(values, now_s=NOW, keys=keys)
+    assert batch.household == ["1012345678903", "1012345678903", "0"]
+    assert [(r.index, r.reason, r.detail) for r in batch.rejections] == [
+        (3, "bad_household", "household_id -5 is not a string or a non-negative integer"),
+        (4, "bad_household", "household_id 1.5 is not a string or a non-negative integer"),
+        (5, "bad_household", "household_id true is not a string or a non-negative integer"),
+        # past 64 bits, JSON decoders read an integer as a float (orjson does)
+        (6, "bad_household", "household_id 1e+70 is not a string or a non-negative integer")]
+    assert Reading.model_validate_json(values[0]).household_id == "1012345678903"
+    # from Kafka Connect: an int64 column, keyed by an int64 key, with schemas or without
+    rows = [jdbc_record(1012345678903, 1357000200000, decimal(0.5))] * 2
+    keyed = parse_records(rows, now_s=NOW, keys=[connect_key(1012345678903, schemas)
+                                                 for schemas in (True, False)])
+    assert keyed.household == ["1012345678903"] * 2 and not keyed.rejections
+
+
 @pytest.mark.integration
 async def test_a_jdbc_source_s_records_are_scored(broker, detector):
     """Through the service on a real broker: a day of four households as a JDBC source
-    connector with JsonConverter's defaults writes them (values and keys in envelopes), and
-    of two more keyed by a JSON string (``key.converter.schemas.enable=false``): every day
-    scored, nothing dead-lettered."""
+    connector with JsonConverter's defaults writes them (values and keys in envelopes), of
+    one more keyed by a JSON string (``key.converter.schemas.enable=false``), and of one
+    whose id is a meter point number in an integer column (its key an int64 envelope): every
+    day scored, nothing dead-lettered."""
     settings_ = unique_settings(broker)
     data = generate(SyntheticConfig(n_households=6, n_days=HISTORY_DAYS + 1, seed=9,
                                     anomaly_rate=0.0))
     day = int(data.days[HISTORY_DAYS])
+    ids: list[str | int] = [*data.household_ids[:5], 1012345678903]
     producer = AIOKafkaProducer(bootstrap_servers=settings_.bootstrap_servers, linger_ms=20)
     async with Service(settings_, detector=detector) as service:
         await service.wait_ready()
         await producer.start()
         try:
             sends = []
-            for h, hid in enumerate(data.household_ids):
-                key = connect_key(hid.encode(), schemas=h < 4)
+            for h, hid in enumerate(ids):
+                key = connect_key(hid if isinstance(hid, int) else hid.encode(), h != 4)
                 for s in range(48):
                     value = jdbc_record(hid, (day * 86400 + s * 1800) * 1000,
                                         decimal(float(data.kwh[h, HISTORY_DAYS, s])))
@@ -177,4 +211,4 @@ async def test_a_jdbc_source_s_records_are_scored(broker, detector):
         assert all(not t.done() for t in service._tasks), "a stage died"
     assert [(d["reason"], d["detail"]) for d in dead] == []
     assert sorted((s["household_id"], s["status"], s["readings"]) for s in scores) == \
-        sorted((h, "scored", 48) for h in data.household_ids)
+        sorted((str(h), "scored", 48) for h in ids)

@@ -112,7 +112,7 @@ def hostile_record(rng: random.Random, i: int, hids: list[str],
         return Hostile(any_key, _obj(hid, ts, drop=rng.choice(["household_id", "ts", "kwh"])),
                        "missing_field")
     if kind == 6:
-        return Hostile(any_key, _obj(rng.choice([[hid], {"id": hid}, 17, True, 1.5]), ts),
+        return Hostile(any_key, _obj(rng.choice([[hid], {"id": hid}, -17, True, 1.5]), ts),
                        "bad_household")
     if kind == 7:
         return Hostile(any_key, _obj(None, ts), "missing_field")

@@ -318,7 +318,7 @@ def test_describe_is_short_for_any_json_value(v: object) -> None:
     with pytest.raises(Invalid):
         check_reading({"household_id": "H", "ts": OK_TS, "kwh": v}
                       if not isinstance(v, (int, float)) or isinstance(v, bool)
-                      or not 0 <= v <= 50 else {"household_id": v, "ts": OK_TS, "kwh": 1})
+                      or not 0 <= v <= 50 else {"household_id": "H", "ts": v, "kwh": 1})
 
 
 @settings(max_examples=300, deadline=None)
