@@ -10,7 +10,9 @@
 * **long**: one row per half-hour, columns ``household_id``, ``ts`` (the start of the
   half-hour: timezone-aware datetimes, or naive ones taken as ``timezone``) and ``kwh``;
   days are local days in ``timezone`` (the detector's training zone by default), the hour
-  the clocks go back averaged as the service averages it; or
+  the clocks go back averaged as the service averages it (naive times of that hour: a
+  household's first row of each is the first pass, its second the repeat, as the file
+  loaders read them); or
 * **wide**: one row per household-day, columns ``household_id``, ``date`` (``datetime.date``,
   ``YYYY-MM-DD`` strings or datetime64 at midnight) and the 48 half-hours ``hh_0`` ..
   ``hh_47`` (or ``0`` .. ``47``), NaN where missing.
@@ -84,6 +86,24 @@ def _wide(frame: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray]:
     return [str(h) for h in frame["household_id"]], day, kwh
 
 
+def _localize(ts: pd.Series, households: pd.Series, timezone: str) -> pd.Series:
+    """Wall-clock times in ``timezone`` as instants. A time of the hour the clocks go back
+    is read as the loaders read it: a household's first reading of it (in row order) is the
+    first pass (summer time), its second the repeat; a time the clocks skip is NaT."""
+    pd = _pandas()
+    summer = ts.dt.tz_localize(timezone, ambiguous=True, nonexistent="NaT")
+    winter = ts.dt.tz_localize(timezone, ambiguous=False, nonexistent="NaT")
+    repeated = (summer != winter).to_numpy() & summer.notna().to_numpy()
+    if not repeated.any():
+        return summer
+    nth = pd.DataFrame({"h": households.astype(str).to_numpy(), "t": ts.to_numpy()}) \
+        .groupby(["h", "t"]).cumcount().to_numpy()
+    first = repeated & (nth == 0)
+    out = winter.copy()
+    out[first] = summer[first]
+    return out
+
+
 def _long(frame: pd.DataFrame, timezone: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     pd = _pandas()
     ts = frame["ts"]
@@ -104,11 +124,11 @@ def _long(frame: pd.DataFrame, timezone: str) -> tuple[list[str], np.ndarray, np
     except (ValueError, TypeError) as e:
         raise ValueError(f"column 'ts': not a timestamp ({e})") from None
     if getattr(ts.dt, "tz", None) is None:
-        ts = ts.dt.tz_localize(timezone, ambiguous="NaT", nonexistent="NaT")
+        ts = _localize(ts, frame["household_id"], timezone)
     local = ts.dt.tz_convert(timezone)
     if local.isna().any():
         bad = int(np.flatnonzero(local.isna().to_numpy())[0])
-        raise ValueError(f"column 'ts' row {bad}: missing, or ambiguous/nonexistent in "
+        raise ValueError(f"column 'ts' row {bad}: missing, or a time the clocks skip in "
                          f"{timezone}; give timezone-aware timestamps")
     minutes = local.dt.hour.to_numpy() * 60 + local.dt.minute.to_numpy()
     if (minutes % 30).any() or local.dt.second.to_numpy().any():

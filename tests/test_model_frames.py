@@ -98,3 +98,27 @@ def test_clear_errors(setup) -> None:  # type: ignore[no-untyped-def]
         score_frame(det, long.drop(columns=["household_id"]))
     with pytest.raises(ValueError, match="DataFrame"):
         score_frame(det, [1, 2, 3])  # type: ignore[arg-type]
+
+
+def test_naive_times_of_the_hour_the_clocks_go_back(setup) -> None:  # type: ignore[no-untyped-def]
+    """Wall-clock times without offsets, in time order, across the night the clocks go back
+    (Europe/London, 27 October 2013: 01:00-01:59 twice): scored as the same instants with
+    offsets are. Before, every such frame was refused ("ambiguous/nonexistent")."""
+    det, data = setup
+    rng = np.random.default_rng(0)
+    start = pd.Timestamp("2013-10-26", tz="Europe/London")
+    instants = pd.date_range(start, pd.Timestamp("2013-10-29", tz="Europe/London"),
+                             freq="30min", inclusive="left")
+    assert len(instants) == 3 * 48 + 2  # the repeated hour's two half-hours
+    aware = pd.DataFrame([{"household_id": hid, "ts": t, "kwh": float(rng.gamma(2, 0.1))}
+                          for t in instants for hid in data.household_ids[:2]])
+    naive = aware.assign(ts=aware.ts.dt.tz_localize(None))
+    out_a = score_frame(det, aware, tables=data.tables, timezone="Europe/London")
+    out_n = score_frame(det, naive, tables=data.tables, timezone="Europe/London")
+    assert len(out_a) == 6 and out_a.readings.tolist() == [48] * 6
+    np.testing.assert_array_equal(out_n.score, out_a.score)
+    # a time the clocks skip (spring, 01:30) is still refused, naming the row
+    skipped = naive.head(2).assign(ts=pd.Timestamp("2013-03-31 01:30"))
+    with pytest.raises(ValueError, match=r"row 0: missing, or a time the clocks skip in "
+                                         r"Europe/London"):
+        score_frame(det, skipped, tables=data.tables, timezone="Europe/London")
