@@ -200,6 +200,10 @@ def check_ts(v: object) -> tuple[int, int]:
     if v is None:
         raise Invalid("missing_field", "ts is missing")
     if type(v) is not str:
+        if type(v) is int and 10**11 <= abs(v) < 10**14:  # 1973-5138 in milliseconds
+            raise Invalid("bad_timestamp", f"ts {describe(v)} is not a string (epoch "
+                          "milliseconds? give ISO 8601 with a UTC offset; from Kafka Connect, "
+                          "keep schemas.enable=true or convert it with TimestampConverter)")
         raise Invalid("bad_timestamp", f"ts {describe(v)} is not a string")
     s: str = v
     m = _TS_GRAMMAR.fullmatch(s) if len(s) <= _TS_MAX_LEN else None

@@ -142,6 +142,14 @@ def test_connect_logical_types_are_read():
         (5, "bad_kwh", "kwh 'not base64!' is not a number"),
         (6, "bad_timestamp", "ts '9999-12-31T00:00:00.000Z' is outside the supported range "
                              "[1900-01-01T00:00:00Z, 2200-01-01T00:00:00Z)")]
+    # without schemas (schemas.enable=false) a Timestamp is a bare number: the detail says
+    # what it looks like and the two ways out
+    bare = parse_records([b'{"household_id":"H1","ts":1357000200000,"kwh":0.2}'], now_s=NOW,
+                         keys=[b"H1"])
+    assert [(r.reason, r.detail) for r in bare.rejections] == [(
+        "bad_timestamp", "ts 1357000200000 is not a string (epoch milliseconds? give ISO 8601 "
+        "with a UTC offset; from Kafka Connect, keep schemas.enable=true or convert it with "
+        "TimestampConverter)")]
     # the envelopes' schemas name the fields once more, which is not a duplicate field: the
     # batch is decoded at once by orjson, not record by record by Python's decoder
     assert _decode_fast(values) is not None
