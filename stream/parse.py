@@ -397,9 +397,15 @@ def _check_keys(ids: list[str], id_index: np.ndarray, rec: np.ndarray, bad: np.n
                        for j in wrong.tolist()]]
     for j in wrong.tolist():
         bad[j] = True
+        key = keys[int(rec[j])]
         reasons[j] = ("key_mismatch", f"household_id {describe(ids[int(id_index[j])])} but "
-                      f"the record key is {describe_key(keys[int(rec[j])])}")
+                      f"the record key is {describe_key(key)}"
+                      + (_NULL_KEY_FIX if key is None else ""))
 
+
+#: What to do about a null key (a producer or a connector that does not key its records).
+_NULL_KEY_FIX = (" (key each record by its household id; from Kafka Connect, with the "
+                 "ValueToKey and ExtractField$Key transforms)")
 
 #: How the keys seen hold their id as JSON: (bytes before, bytes after) the id's JSON string;
 #: a few (a schema id or a converter changes rarely), so that later batches match such keys

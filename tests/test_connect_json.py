@@ -142,6 +142,12 @@ def test_connect_logical_types_are_read():
         (5, "bad_kwh", "kwh 'not base64!' is not a number"),
         (6, "bad_timestamp", "ts '9999-12-31T00:00:00.000Z' is outside the supported range "
                              "[1900-01-01T00:00:00Z, 2200-01-01T00:00:00Z)")]
+    # a connector that does not key its records: every reading's dead letter says how to
+    unkeyed = parse_records(values[:1], now_s=NOW, keys=[None])
+    assert [(r.reason, r.detail) for r in unkeyed.rejections] == [(
+        "key_mismatch", "household_id 'H1' but the record key is null (key each record by its "
+        "household id; from Kafka Connect, with the ValueToKey and ExtractField$Key "
+        "transforms)")]
     # without schemas (schemas.enable=false) a Timestamp is a bare number: the detail says
     # what it looks like and the two ways out
     bare = parse_records([b'{"household_id":"H1","ts":1357000200000,"kwh":0.2}'], now_s=NOW,
