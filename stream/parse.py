@@ -424,15 +424,7 @@ def _key_text(key: bytes | None, seen: dict[bytes, object]) -> object:
     if key is None:
         return None
     if key not in seen:
-        body = key[REGISTRY_HEADER:] if is_framed(key) else key
-        text: object = None
-        if body[:1] in (b'"', b"{"):
-            try:
-                text = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                pass
-            if is_envelope(text):
-                text = text["payload"]
+        text = _decode_key(key)
         if type(text) is str:
             seen[key] = text
             if len(_KEY_WRAPPERS) < _MAX_KEY_WRAPPERS:
@@ -442,12 +434,32 @@ def _key_text(key: bytes | None, seen: dict[bytes, object]) -> object:
     return seen[key]
 
 
+def _decode_key(key: bytes) -> object:
+    body = key[REGISTRY_HEADER:] if is_framed(key) else key
+    if body[:1] not in (b'"', b"{"):
+        return None
+    try:
+        text = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return text["payload"] if is_envelope(text) else text
+
+
+_PROBE = "\x00meterwatch-probe"
+
+
 def _remember_wrapper(key: bytes, text: str) -> None:
+    """Remember the bytes around ``text``'s JSON string in ``key`` when any id written in
+    their place is what such a key holds (a probe id is put there and decoded: the string
+    found may be another member's, or the id's own written with escapes)."""
     with contextlib.suppress(orjson.JSONEncodeError):
         enc = orjson.dumps(text)
         at = key.rfind(enc)
+        if at < 0:
+            return
         head, tail = key[:at], key[at + len(enc):]
-        if at >= 0 and len(head) + len(tail) <= _MAX_WRAPPER_BYTES:
+        if len(head) + len(tail) <= _MAX_WRAPPER_BYTES and \
+                _decode_key(head + orjson.dumps(_PROBE) + tail) == _PROBE:
             _KEY_WRAPPERS.add((head, tail))
 
 

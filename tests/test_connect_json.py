@@ -168,6 +168,28 @@ def test_connect_logical_types_are_read():
     assert both.household == ["H1"] and [r.reason for r in both.rejections] == ["key_mismatch"]
 
 
+def test_only_the_place_of_the_id_in_a_key_is_learnt(monkeypatch: pytest.MonkeyPatch):
+    """How a key wraps its id is remembered so that later keys match with one lookup; a key
+    whose id also appears elsewhere (or is written with escapes) must not teach a wrapper
+    that makes another household's key match."""
+    from meterwatch.stream import parse
+    monkeypatch.setattr(parse, "_KEY_WRAPPERS", set())
+
+    def accepted(hid: str, key: bytes) -> bool:
+        value = b'{"household_id":"%s","ts":"2013-01-01T00:30:00Z","kwh":0.5}' % hid.encode()
+        return len(parse_records([value], now_s=NOW, keys=[key])) == 1
+
+    assert accepted("A", b'{"payload":"A","schema":{"type":"string","doc":"A"}}')
+    assert accepted("A", b'{"schema":{"type":"string","doc":"A"},"payload":"\\u0041"}')
+    # keys that hold A, with X where A was written elsewhere: not X's keys
+    assert not accepted("X", b'{"payload":"A","schema":{"type":"string","doc":"X"}}')
+    assert not accepted("X", b'{"schema":{"type":"string","doc":"X"},"payload":"\\u0041"}')
+    # what was learnt is the payload's place, and matches as it should
+    assert accepted("B", b'{"schema":{"type":"string","optional":false},"payload":"B"}')
+    assert (b'{"schema":{"type":"string","optional":false},"payload":', b"}") in \
+        parse._KEY_WRAPPERS
+
+
 def test_household_ids_written_as_numbers_are_their_digits():
     """A meter point number from a database's integer column comes as a JSON number: read as
     its decimal digits (the same household as the string of them, under the same key bytes);
