@@ -39,7 +39,7 @@ MALFORMED = (
     (b'{"household_id": "X1", "ts": "2013-01-01T00:30:00Z", "kwh": -1.5}', "bad_kwh"),
     (b'{"household_id": "X1", "ts": "yesterday at noon", "kwh": 0.4}', "bad_timestamp"),
     (b'{"household_id": "X1", "ts": "2013-01-01T00:10:00Z", "kwh": 0.4}', "not_half_hour"),
-    (b'{"household_id": 17, "ts": "2013-01-01T00:30:00Z", "kwh": 0.4}', "bad_household"),
+    (b'{"household_id": [17], "ts": "2013-01-01T00:30:00Z", "kwh": 0.4}', "bad_household"),
     (b'[1, 2, 3]', "bad_shape"),
 )
 
