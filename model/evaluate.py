@@ -614,10 +614,8 @@ def run(
     The periods default to the data's last months (``periods``)."""
     t0 = time.monotonic()
     set_seeds(seed)
-    given = side_tables or {}
-    data, sides, tables = load_with_context(
-        data_path, timezone=timezone, household_info=given.get("household_info"),
-        weather=given.get("weather"), holidays=given.get("holidays"))
+    data, sides, tables = load_with_context(data_path, timezone=timezone,
+                                            **(side_tables or {}))  # type: ignore[arg-type]
     calib_start, test_start = _periods(data.day, calib_start, test_start)
     split = make_split(data, tables, calib_start, test_start, rate, seed)
     config = config or TrainConfig(seed=seed, target_far=far)

@@ -406,12 +406,7 @@ def _date_text(day: int) -> str:
 def _from_decimal(text: str, parameters: object) -> float | None:
     """A Connect ``Decimal`` (base64 of the unscaled value, big-endian two's complement;
     ``parameters["scale"]``) as a float, or None."""
-    scale = parameters.get("scale", "0") if type(parameters) is dict else "0"
-    return _decimal_value(text, scale if type(scale) is str else str(scale))
-
-
-@lru_cache(maxsize=4096)  # a meter's readings take few distinct values
-def _decimal_value(text: str, scale: str) -> float | None:
+    scale = str(parameters.get("scale", "0")) if type(parameters) is dict else "0"
     if not (_BASE64.fullmatch(text) and scale.isascii() and scale.isdigit()) \
             or int(scale) > 18:
         return None
@@ -472,17 +467,17 @@ def loads(value: bytes, framing: bool = True) -> object:
     except orjson.JSONDecodeError as exc:
         try:
             doc = strict_loads(value)
-            return open_envelope(doc) if is_envelope(doc) else doc
         except (ValueError, RecursionError):
             detail = str(exc)[:200]
             raise Invalid("not_json", detail if schema_id is None
                           else framed_detail(schema_id, detail)) from None
-    if may_repeat_fields(value, doc):
-        try:
-            doc = strict_loads(value)
-        except RecursionError:  # deeper than Python's decoder goes: cannot tell
-            raise Invalid("bad_shape", "nested too deeply to check for duplicate keys") \
-                from None
-        except ValueError:  # numbers orjson read as floats, or surrogate escapes: its result
-            pass
+    else:
+        if may_repeat_fields(value, doc):
+            try:
+                doc = strict_loads(value)
+            except RecursionError:  # deeper than Python's decoder goes: cannot tell
+                raise Invalid("bad_shape", "nested too deeply to check for duplicate keys") \
+                    from None
+            except ValueError:  # numbers orjson read as floats, or surrogate escapes: its
+                pass  # result
     return open_envelope(doc) if is_envelope(doc) else doc
