@@ -317,6 +317,9 @@ class Detector:
         # score/replay as batched torch operations on the device (model.torch_scoring);
         # False: the numpy reference below
         self.torch_scoring = True
+        # on a GPU, each scoring step replays a captured CUDA graph (model.torch_scoring,
+        # StepGraphs); False: every step launches its kernels one by one
+        self.cuda_graphs = True
 
     def __repr__(self) -> str:
         return (f"Detector(version={self.version!r}, threshold={self.threshold:.3f}, "

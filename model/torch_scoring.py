@@ -25,6 +25,7 @@ ordering of days into ranks (one ``lexsort``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import weakref
 from collections.abc import Mapping, Sequence
@@ -52,6 +53,7 @@ from meterwatch.model.state import HouseholdState, StatesByHousehold
 if TYPE_CHECKING:
     from meterwatch.model.detector import DayScores, Detector
 
+log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 STATE_FIELDS = tuple(f.name for f in dataclasses.fields(HouseholdState))
 _STAT_FIELDS = (("err_mean", "err_var"), ("peak_mean", "peak_var"),
@@ -84,10 +86,9 @@ class _Constants:
         self.cold_offset = t(cal.cold_offset)
         self.min_stat_std2 = t(np.asarray(sc.min_stat_std, np.float32) ** 2)
         self.per_household = t(np.asarray(sc.per_household, np.float32))
-
-
-#: 1 << k for each statistic k: DayScores.unusual's bits
-_STAT_BITS = torch.tensor([1 << k for k in range(N_STATS)], dtype=torch.uint8)
+        # 1 << k for each statistic k: DayScores.unusual's bits (on the device: a copy from
+        # the host inside a step would stop the step from being captured as a CUDA graph)
+        self.stat_bits = t([1 << k for k in range(N_STATS)], torch.uint8)
 
 
 def _tail_lo(s: np.ndarray) -> int:
@@ -118,13 +119,17 @@ def constants(det: Detector) -> _Constants:
     settings or device change (the key holds the objects, so identities stay unique)."""
     cal = det.calibration
     key = (cal, *(getattr(cal, f.name) for f in dataclasses.fields(cal)), det.scoring,
-           str(det.device))
+           det.device)
     hit = _CONSTANTS.get(det)
     if hit is None or len(hit[0]) != len(key) or any(
             a is not b for a, b in zip(hit[0], key, strict=True)):
         hit = (key, _Constants(det))
         _CONSTANTS[det] = hit
     return hit[1]
+
+
+#: the side tables of a batch without any (one object, so that its tensors are cached)
+_NO_TABLES = ContextTables.empty()
 
 
 def _table_tensors(tables: ContextTables, device: torch.device) -> dict[str, Tensor]:
@@ -281,7 +286,7 @@ def _static(det: Detector, kwh_np: np.ndarray, day_np: np.ndarray,
     ctx[:, 0] = torch.sin(2 * math.pi * dow / 7).float()
     ctx[:, 1] = torch.cos(2 * math.pi * dow / 7).float()
     ctx[:, 2] = (dow >= 5).float()
-    tables = encode(tables, det.vocabulary) or ContextTables.empty()
+    tables = encode(tables, det.vocabulary) or _NO_TABLES
     tt = _table_tensors(tables, device)
     if len(tt["holidays"]):
         ctx[:, 3] = torch.isin(day, tt["holidays"]).float()
@@ -348,17 +353,33 @@ class PinnedArena:
         host.numpy()[...] = a
         return host.to(device, non_blocking=True)
 
+    def receive(self, t: Tensor) -> Tensor:
+        """A copy of device tensor ``t`` into the buffer, enqueued: valid on the host once
+        the stream has synchronised."""
+        assert self.buf is not None
+        nbytes = t.numel() * t.element_size()
+        view = self.buf[self.used:self.used + nbytes]
+        self.used += -(-nbytes // self.ALIGN) * self.ALIGN
+        host = view.view(t.dtype).reshape(t.shape)
+        host.copy_(t, non_blocking=True)
+        return host
+
 
 _ARENAS: weakref.WeakKeyDictionary[Any, PinnedArena] = weakref.WeakKeyDictionary()
 #: Host bytes one household-day takes in a batch's staged inputs (readings, day, state).
 STAGED_BYTES_PER_DAY = 4 * (N_SLOTS + 2 + 13 + 2 * N_BLOCKS) + 8 * 4
 
 
-def arena(det: Detector) -> PinnedArena:
-    a = _ARENAS.get(det)
+def arena(det: Detector, results: bool = False) -> PinnedArena:
+    """The detector's staging buffer for inputs (or, with ``results``, for results)."""
+    arenas = _RESULT_ARENAS if results else _ARENAS
+    a = arenas.get(det)
     if a is None:
-        a = _ARENAS[det] = PinnedArena()
+        a = arenas[det] = PinnedArena()
     return a
+
+
+_RESULT_ARENAS: weakref.WeakKeyDictionary[Any, PinnedArena] = weakref.WeakKeyDictionary()
 
 
 def _tensor(a: Any, dtype: type, device: torch.device, staging: PinnedArena | None = None
@@ -569,8 +590,178 @@ def _step(det: Detector, k: _Constants, s: _Static, st: dict[str, Tensor]
            "stat_z": z, "stats": stats, "is_alert": is_alert,
            "expected": expected, "slot_error": sq / n_obs[:, None], "signals": signals,
            "unusual": ((stat_scores >= det.threshold) & scorable[:, None]).to(torch.uint8)
-           .mul(_STAT_BITS.to(z.device)).sum(dim=1).to(torch.uint8), "imputed": ~obs}
+           .mul(k.stat_bits).sum(dim=1).to(torch.uint8), "imputed": ~obs}
     return out, new
+
+
+# ------------------------------------------------------------------------ CUDA graphs
+
+#: A step's rows are padded to a power of two of at least this many, so that a few captured
+#: graphs serve every batch size; steps of more rows than GRAPH_MAX_ROWS are replayed in
+#: chunks of that many (a step's rows are independent of one another).
+GRAPH_MIN_ROWS = 256
+GRAPH_MAX_ROWS = 65536
+
+
+def _bucket(m: int) -> int:
+    return max(GRAPH_MIN_ROWS, 1 << max(0, m - 1).bit_length())
+
+
+class _StepGraph:
+    """``_step`` for ``rows`` rows, captured once with static input buffers and replayed.
+
+    A step is ~1,100 small kernels whose launches, not the GPU, set its time (H100, 2026-11-27:
+    17.7 ms a step at any batch up to 65,536 days, of which the device was busy ~3 ms;
+    ``benchmarks/gpu_profile.py``). A replay launches them at once. ``capture=False`` runs
+    ``_step`` on the same padded buffers eagerly: the padding and gathering, without a GPU.
+    """
+
+    def __init__(self, det: Detector, k: _Constants, rows: int, s_like: _Static,
+                 st_like: Mapping[str, Tensor], capture: bool) -> None:
+        dev = det.device
+        self.det, self.k, self.rows = det, k, rows
+
+        def blank(v: Tensor) -> Tensor:
+            return torch.zeros((rows, *v.shape[1:]), dtype=v.dtype, device=dev)
+
+        self.s = _Static(**{f.name: blank(getattr(s_like, f.name))
+                            for f in dataclasses.fields(_Static)})
+        self.st = {f: blank(v) for f, v in st_like.items()}
+        self.graph: Any = None
+        self.outs: dict[str, Tensor] = {}
+        self.new: dict[str, Tensor] = {}
+        if capture:
+            # warm up on a side stream (lazy initialisation, cuBLAS workspaces), then capture;
+            # "thread_local": another thread's CUDA calls do not break the capture
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                _step(det, k, self.s, self.st)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.outs, self.new = _step(det, k, self.s, self.st)
+            self.graph = graph
+
+    def run(self, s: _Static, st: Mapping[str, Tensor], rows: Tensor | slice
+            ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The step for ``rows`` of ``s`` and ``st`` (an index tensor or a slice); the results
+        are views of this graph's output buffers, valid until its next run."""
+        m = len(rows) if isinstance(rows, Tensor) else rows.stop - rows.start
+        for field in dataclasses.fields(_Static):
+            _load(getattr(self.s, field.name), getattr(s, field.name), rows, m)
+        for name, v in st.items():
+            _load(self.st[name], v, rows, m)
+        if self.graph is not None:
+            self.graph.replay()
+            outs, new = self.outs, self.new
+        else:
+            outs, new = _step(self.det, self.k, self.s, self.st)
+        return {n: v[:m] for n, v in outs.items()}, {f: v[:m] for f, v in new.items()}
+
+
+def _load(dst: Tensor, src: Tensor, rows: Tensor | slice, m: int) -> None:
+    if isinstance(rows, Tensor):
+        torch.index_select(src, 0, rows, out=dst[:m])
+    else:
+        dst[:m].copy_(src[rows])
+
+
+class StepGraphs:
+    """A detector's captured steps, one per padded size (``_bucket``), for its current
+    constants, threshold, network and precision (any change captures afresh: a graph holds
+    the numbers it was captured with)."""
+
+    def __init__(self, det: Detector, k: _Constants, capture: bool) -> None:
+        self.key = _graph_key(det, k)
+        self.det, self.k, self.capture = det, k, capture
+        self.graphs: dict[int, _StepGraph] = {}
+
+    def run(self, s: _Static, st: Mapping[str, Tensor], idx: Tensor | None
+            ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``_step`` on the rows ``idx`` of ``s`` and ``st`` (None: all rows)."""
+        m = len(s.day) if idx is None else len(idx)
+        chunks: list[Tensor | slice] = []
+        for lo in range(0, max(m, 1), GRAPH_MAX_ROWS):
+            hi = min(lo + GRAPH_MAX_ROWS, m)
+            chunks.append(slice(lo, hi) if idx is None else idx[lo:hi])
+        if len(chunks) == 1:
+            return self._graph(chunks[0], s, st).run(s, st, chunks[0])
+        outs: dict[str, Tensor] = {}
+        new: dict[str, Tensor] = {}
+        lo = 0
+        for rows in chunks:
+            o, nw = self._graph(rows, s, st).run(s, st, rows)
+            hi = lo + len(o["score"])
+            for part, whole in ((o, outs), (nw, new)):
+                for name, v in part.items():
+                    if name not in whole:
+                        whole[name] = torch.empty((m, *v.shape[1:]), dtype=v.dtype,
+                                                  device=v.device)
+                    whole[name][lo:hi] = v
+            lo = hi
+        return outs, new
+
+    def _graph(self, rows: Tensor | slice, s: _Static, st: Mapping[str, Tensor]
+               ) -> _StepGraph:
+        m = len(rows) if isinstance(rows, Tensor) else rows.stop - rows.start
+        b = _bucket(m)
+        g = self.graphs.get(b)
+        if g is None:
+            try:
+                g = _StepGraph(self.det, self.k, b, s, st, self.capture)
+            except torch.cuda.OutOfMemoryError:
+                raise  # the scorer's to handle (it splits the batch)
+            except Exception as exc:  # any failure to capture: the steps run eagerly
+                raise CaptureFailed(f"{type(exc).__name__}: {exc}") from exc
+            self.graphs[b] = g
+        return g
+
+
+class CaptureFailed(RuntimeError):
+    """A step could not be captured as a CUDA graph."""
+
+
+def _graph_key(det: Detector, k: _Constants) -> tuple[Any, ...]:
+    return (k, det.model, float(det.threshold), det.dtype, det.chunk_size)
+
+
+_GRAPHS: weakref.WeakKeyDictionary[Any, StepGraphs] = weakref.WeakKeyDictionary()
+
+
+def step_graphs(det: Detector, k: _Constants, capture: bool | None = None
+                ) -> StepGraphs | None:
+    """The detector's captured steps (None: steps run eagerly: on the CPU, with
+    ``det.cuda_graphs`` off, or after a capture failed). ``capture=False`` gives the padded
+    eager runner (tests)."""
+    if capture is None:
+        if det.device.type != "cuda" or not det.cuda_graphs:
+            return None
+        capture = True
+    runner = _GRAPHS.get(det)
+    key = _graph_key(det, k)
+    if runner is None or runner.capture != capture or len(runner.key) != len(key) or any(
+            a is not b and a != b for a, b in zip(runner.key, key, strict=True)):
+        runner = _GRAPHS[det] = StepGraphs(det, k, capture)
+    return runner
+
+
+def _run_step(det: Detector, k: _Constants, s: _Static, st: Mapping[str, Tensor],
+              idx: Tensor | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``_step`` on the rows ``idx`` of ``s`` and ``st`` (None: all rows): on a GPU through
+    captured graphs; if a capture fails, eagerly from then on (logged once)."""
+    runner = step_graphs(det, k)
+    if runner is not None and (len(s.day) if idx is None else len(idx)):
+        try:
+            return runner.run(s, st, idx)
+        except CaptureFailed as exc:
+            log.warning("CUDA graph capture failed (%s); scoring steps run without graphs "
+                        "from now on", exc)
+            det.cuda_graphs = False
+            _GRAPHS.pop(det, None)
+    if idx is None:
+        return _step(det, k, s, dict(st))
+    return _step(det, k, _rows(s, idx), {f: v[idx] for f, v in st.items()})
 
 
 # ------------------------------------------------------------------------ entry points
@@ -654,15 +845,14 @@ def score_batch(
                     follow.append((torch.as_tensor(np.flatnonzero(has)).to(dev),
                                    torch.as_tensor(later[has]).to(dev)))
         if waves == [None]:
-            outs, new = _step(det, k, s_all, cur)
+            outs, new = _run_step(det, k, s_all, cur, None)
         else:
             outs_parts: dict[str, Tensor] = {}
             cur = {f: v.clone() for f, v in cur.items()}  # the caller's arrays stay as they were
             new = {f: torch.empty_like(v) for f, v in cur.items()}
             for w, idx in enumerate(waves):
                 assert idx is not None
-                st = {f: v[idx] for f, v in cur.items()}
-                o, nw = _step(det, k, _rows(s_all, idx), st)
+                o, nw = _run_step(det, k, s_all, cur, idx)
                 for name, v in o.items():
                     if name not in outs_parts:
                         outs_parts[name] = torch.empty((n, *v.shape[1:]), dtype=v.dtype,
@@ -673,41 +863,99 @@ def score_batch(
                     new[f][idx] = v
                     cur[f][dst] = v[pos]
             outs = outs_parts
-        return _to_host(outs, new, detail_rows)
+        return _to_host(outs, new, detail_rows,
+                        arena(det, results=True) if dev.type == "cuda" else None)
 
 
 def warm_up(det: Detector, n: int) -> None:
-    """Score ``n`` synthetic days once (on a GPU: CUDA context, cuBLAS handles and kernels
-    load here instead of in the first real batch) and reserve the pinned staging buffer for
-    batches of ``n`` days."""
+    """Score synthetic days (on a GPU: CUDA context, cuBLAS handles and kernels load here
+    instead of in the first real batch, and a step is captured as a CUDA graph for each
+    padded size up to ``n`` days) and reserve the pinned staging buffer for batches of
+    ``n`` days."""
+    sizes = [min(n, 1024)]
     if det.device.type == "cuda":
         arena(det).reserve(n * STAGED_BYTES_PER_DAY + 64 * PinnedArena.ALIGN)
-    m = min(n, 1024)
-    kwh = np.full((m, N_SLOTS), 0.2, np.float32)
-    kwh[:, ::7] = 0.4
-    st = HouseholdState.empty(m)
-    score_batch(det, kwh, np.full(m, 19723), [f"warm-up-{i}" for i in range(m)], None, st)
+        if det.cuda_graphs:
+            top = _bucket(min(n, GRAPH_MAX_ROWS))
+            sizes = [b for b in (GRAPH_MIN_ROWS << i for i in range(32)) if b <= top]
+    for m in sizes:
+        kwh = np.full((m, N_SLOTS), 0.2, np.float32)
+        kwh[:, ::7] = 0.4
+        st = HouseholdState.empty(m)
+        score_batch(det, kwh, np.full(m, 19723), [f"warm-up-{i}" for i in range(m)], None,
+                    st)
     if det.device.type == "cuda":
         torch.cuda.synchronize(det.device)
 
 
-def _to_host(outs: dict[str, Tensor], new: dict[str, Tensor], detail_rows: str
+def _to_host(outs: dict[str, Tensor], new: dict[str, Tensor], detail_rows: str,
+             staging: PinnedArena | None = None
              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    small = {name: v for name, v in outs.items() if name not in ("expected", "slot_error")}
-    host = {name: v.cpu().numpy() for name, v in small.items()}
-    n = len(host["score"])
+    detail = ("expected", "slot_error")
+    wanted = {name: v for name, v in outs.items()
+              if detail_rows == "all" or name not in detail}
+    host = host_arrays({**wanted, **{f"state.{f}": v for f, v in new.items()}},
+                       staging=staging)
+    state = {f: host.pop(f"state.{f}") for f in new}
     if detail_rows == "alerts":
+        n = len(host["score"])
         rows = np.flatnonzero(host["is_alert"])
         rows_t = torch.as_tensor(rows).to(outs["expected"].device)
-        for name in ("expected", "slot_error"):
+        picked = host_arrays({name: outs[name][rows_t] for name in detail}) if len(rows) else {}
+        for name in detail:
             full = np.zeros((n, N_SLOTS), np.float32)
             if len(rows):
-                full[rows] = outs[name][rows_t].cpu().numpy()
+                full[rows] = picked[name]
             host[name] = full
+    return host, state
+
+
+_NUMPY = {torch.float32: np.float32, torch.int32: np.int32, torch.uint8: np.uint8,
+          torch.bool: np.bool_}
+_CARRIER = {4: torch.int32, 1: torch.uint8}
+
+
+def host_arrays(tensors: Mapping[str, Tensor], pack: bool | None = None,
+                staging: PinnedArena | None = None) -> dict[str, np.ndarray]:
+    """The tensors as numpy arrays on the host.
+
+    From a GPU (or with ``pack``), tensors of 4-byte and of 1-byte types travel packed, one
+    transfer per size, instead of one small transfer (and host synchronisation) each; with
+    ``staging``, into its page-locked buffer and then copied out (the arrays never share it).
+    From a GPU, copies into fresh pageable memory ran at ~1 GB/s: 16 MB of results of 65,536
+    days took 12-17 ms (H100, 2026-11-27). On the CPU, unpacked, the arrays share the
+    tensors' memory.
+    """
+    first = next(iter(tensors.values()), None)
+    if pack is None:
+        pack = first is not None and first.device.type != "cpu"
+    if not pack or first is None:
+        return {name: v.cpu().numpy() for name, v in tensors.items()}
+    groups = []
+    for size, carrier in _CARRIER.items():
+        names = [n for n, v in tensors.items() if v.dtype in _NUMPY and v.element_size() == size]
+        if names:
+            groups.append((names, torch.cat([tensors[n].contiguous().view(carrier).reshape(-1)
+                                             for n in names])))
+    if staging is not None:
+        staging.reset(sum(f.numel() * f.element_size() + PinnedArena.ALIGN for _, f in groups))
+        landed = [staging.receive(flat) for _, flat in groups]
+        if first.device.type == "cuda":
+            torch.cuda.current_stream(first.device).synchronize()
+        bufs = [t.numpy().copy() for t in landed]
     else:
-        for name in ("expected", "slot_error"):
-            host[name] = outs[name].cpu().numpy()
-    return host, {f: v.cpu().numpy() for f, v in new.items()}
+        bufs = [flat.cpu().numpy() for _, flat in groups]
+    host: dict[str, np.ndarray] = {}
+    for (names, _), buf in zip(groups, bufs, strict=True):
+        pos = 0
+        for n in names:
+            v = tensors[n]
+            host[n] = buf[pos:pos + v.numel()].view(_NUMPY[v.dtype]).reshape(v.shape)
+            pos += v.numel()
+    for n, v in tensors.items():
+        if n not in host:
+            host[n] = v.cpu().numpy()
+    return host
 
 
 def score(det: Detector, kwh: np.ndarray, day: np.ndarray, household_ids: Sequence[str],

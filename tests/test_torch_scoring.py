@@ -241,3 +241,112 @@ def test_pinned_arena_stages_every_dtype() -> None:
     for a, t in zip(arrays, staged, strict=True):
         np.testing.assert_array_equal(t.numpy(), a)
     assert arena.used % ts.PinnedArena.ALIGN == 0
+
+
+def _run_both_kinds(det: Detector) -> list[tuple[dict, dict]]:
+    """score_batch on a batch of several days per household (a scan of 5 steps of 30 rows)
+    and on a batch of one day per household (one step of 70 rows)."""
+    ids, day, kwh, tables = _days(30, 5, seed=7)
+    keys = np.unique(np.asarray(ids), return_inverse=True)[1]
+    st0 = _state(int(keys.max()) + 1, seed=8)
+    st1 = _state(70, seed=9)
+    return [ts.score_batch(det, kwh, day, ids, keys, st0.take(keys), tables),
+            ts.score_batch(det, kwh[:70], day[:70], [f"h{i}" for i in range(70)], None, st1,
+                           tables, detail_rows="alerts")]
+
+
+def _assert_same_results(a: list[tuple[dict, dict]], b: list[tuple[dict, dict]]) -> None:
+    for (out_a, new_a), (out_b, new_b) in zip(a, b, strict=True):
+        for part_a, part_b in ((out_a, out_b), (new_a, new_b)):
+            assert part_a.keys() == part_b.keys()
+            for name, v in part_a.items():
+                assert v.dtype == part_b[name].dtype, name
+                np.testing.assert_allclose(v, part_b[name], rtol=1e-6, atol=1e-6,
+                                           equal_nan=True, err_msg=name)
+
+
+def test_padded_steps_equal_plain_steps(monkeypatch) -> None:
+    """The CUDA-graph runner's padding to a bucket, gathering of a wave's rows into its
+    buffers, and chunking of large steps (run eagerly here: capture needs a GPU) give the
+    plain steps' results."""
+    det = _detector()
+    plain = _run_both_kinds(det)
+    monkeypatch.setattr(ts, "GRAPH_MIN_ROWS", 8)
+    monkeypatch.setattr(ts, "GRAPH_MAX_ROWS", 16)  # waves of 30 rows: chunks of 16 and 14
+    runners = []
+    real = ts.step_graphs
+
+    def padded(det: Detector, k, capture=None):
+        runners.append(real(det, k, capture=False))
+        return runners[-1]
+
+    monkeypatch.setattr(ts, "step_graphs", padded)
+    _assert_same_results(_run_both_kinds(det), plain)
+    assert len({id(r) for r in runners}) == 1  # one runner, kept between calls
+    assert sorted(runners[-1].graphs) == [8, 16]  # 70 rows: 4 chunks of 16, then 6 -> 8
+
+
+def test_a_failed_capture_falls_back_to_plain_steps(monkeypatch, caplog) -> None:
+    """Where a step cannot be captured (here: no GPU), scoring goes on without graphs, says
+    so once, and gives the same results."""
+    det = _detector()
+    plain = _run_both_kinds(det)
+    real = ts.step_graphs
+    monkeypatch.setattr(ts, "step_graphs", lambda det, k, capture=None:
+                        real(det, k, capture=True) if det.cuda_graphs else None)
+    with caplog.at_level("WARNING", logger=ts.__name__):
+        _assert_same_results(_run_both_kinds(det), plain)
+        _assert_same_results(_run_both_kinds(det), plain)
+    assert det.cuda_graphs is False
+    failed = [r for r in caplog.records if "CUDA graph capture failed" in r.getMessage()]
+    assert len(failed) == 1
+
+
+def test_host_arrays_packed_equal_one_by_one() -> None:
+    """Results packed into one transfer per element size (as from a GPU) come back as the
+    same arrays, dtypes and shapes as copied one by one."""
+    torch.manual_seed(1)
+    tensors = {"f": torch.randn(5, 4), "i": torch.arange(5, dtype=torch.int32) - 2,
+               "b": torch.rand(5, 3) > 0.5, "u": torch.arange(5, dtype=torch.uint8) * 50,
+               "strided": torch.randn(10)[::2], "wide": torch.randn(3, dtype=torch.float64),
+               "nan": torch.tensor([np.nan, 1.0]), "empty": torch.zeros((0, 48))}
+    packed, plain = ts.host_arrays(tensors, pack=True), ts.host_arrays(tensors, pack=False)
+    assert packed.keys() == plain.keys()
+    for name, v in plain.items():
+        assert packed[name].dtype == v.dtype and packed[name].shape == v.shape, name
+        np.testing.assert_array_equal(packed[name], v, err_msg=name)
+
+
+def test_device_constants_are_built_once(monkeypatch) -> None:
+    """A detector's calibration and the side tables go to its device once, not per batch
+    (each is a host-to-device copy on a GPU); a new calibration is taken up."""
+    det = _detector()
+    ids, day, kwh, _ = _days(4, 2, seed=1)
+    st = _state(len(day), seed=2)
+    built, tables = [], []
+    real, real_tables = ts._Constants, ts._table_tensors
+    monkeypatch.setattr(ts, "_Constants", lambda d: built.append(1) or real(d))
+    monkeypatch.setattr(ts, "_table_tensors", lambda t, dev: tables.append(real_tables(t, dev))
+                        or tables[-1])
+    for _ in range(3):
+        det.score(kwh, day, ids, st)  # no side tables
+    assert len(built) == 1 and len(tables) == 3 and len({id(t) for t in tables}) == 1
+    det.calibration = dataclasses.replace(det.calibration)
+    det.score(kwh, day, ids, st)
+    assert len(built) == 2 and tables[-1] is tables[0]
+
+
+def test_results_staged_through_a_reused_buffer_are_copied_out() -> None:
+    """Results that land in the page-locked buffer (as from a GPU) are copied out of it: the
+    next batch's results, landing in the same buffer, leave the first batch's alone."""
+    staging = ts.PinnedArena(pin=False)
+    first = {"f": torch.arange(6, dtype=torch.float32), "b": torch.tensor([True, False]),
+             "i": torch.arange(3, dtype=torch.int32)}
+    got = ts.host_arrays(first, pack=True, staging=staging)
+    kept = {n: v.copy() for n, v in got.items()}
+    second = {n: torch.zeros_like(v) for n, v in first.items()}
+    again = ts.host_arrays(second, pack=True, staging=staging)
+    for n, v in kept.items():
+        np.testing.assert_array_equal(got[n], v, err_msg=n)
+        assert got[n].dtype == first[n].numpy().dtype
+        np.testing.assert_array_equal(again[n], 0)
