@@ -20,7 +20,14 @@ fails or overruns does not stop the others. Everything it writes goes under ``--
   GPU, as a ratio to a bare aiokafka consumer in the same run (embedded broker);
 - ``latency.*``: ``benchmarks.latency`` -- end-to-end latency at 3 % load (scorer process
   on the GPU) and Kafka alone;
+- ``gpu_profile.*``: ``benchmarks.gpu_profile`` -- where a scoring call's time goes (inputs
+  to the device, the step, the network, results back), torch operations per call, and
+  ``torch.profiler``'s top operations;
 - ``summary.md``: what ran, how long it took, the headline numbers.
+
+``--out`` receives two files, ``summary.md`` and ``results.tar.gz`` (everything above,
+``summary.md`` included; rewritten after each step, so a run stopped from outside still
+leaves what had run): the device tool brings back only a few files per run.
 
     python3 benchmarks/gpu.py --out "$OUT"                  # on the GPU machine
     python3 benchmarks/gpu.py --device cpu --quick          # a rehearsal anywhere
@@ -38,6 +45,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zipfile
@@ -184,6 +192,8 @@ def plan(device: str, quick: bool, model: Path | None) -> list[tuple[str, list[s
             ("latency", ["benchmarks.latency", "--device", device, "--households", "100",
                          "--runs", "steady-process,kafka", "--load", "0.03",
                          "--duration-s", "6", "--warmup-s", "1", *m], 240),
+            ("gpu_profile", ["benchmarks.gpu_profile", "--device", device, "--sizes",
+                             "256,2048", "--calls", "3", *threads, *m], 120),
         ]
     return [
         ("scorer", ["benchmarks.scorer", "--device", device, "--dtypes", "float32,bfloat16",
@@ -196,6 +206,8 @@ def plan(device: str, quick: bool, model: Path | None) -> list[tuple[str, list[s
                         "--runs", "bare,meterwatch-process", "--no-profile", *m], 150),
         ("latency", ["benchmarks.latency", "--device", device, "--runs",
                      "steady-process,kafka", "--load", "0.03", "--duration-s", "20", *m], 110),
+        ("gpu_profile", ["benchmarks.gpu_profile", "--device", device, "--sizes",
+                         "256,4096,65536", *m], 90),
     ]
 
 
@@ -206,15 +218,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wheels", default=str(ROOT / ".gpu-wheels"))
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="small sizes: a rehearsal")
-    p.add_argument("--only", help="comma list of steps (scorer,gpu_training,throughput,latency)")
+    p.add_argument("--only", help="comma list of steps (scorer,gpu_training,throughput,"
+                   "latency,gpu_profile)")
     p.add_argument("--budget-s", type=float, default=BUDGET_S,
                    help="every step ends within this many seconds of the start")
     args = p.parse_args(argv)
     t_start = time.monotonic()
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    wheels = Path(args.wheels)
+    dest = Path(args.out).resolve()
+    dest.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix="meterwatch-gpu-results-"))  # bundled into dest
     site = Path(tempfile.mkdtemp(prefix="meterwatch-gpu-site-"))
+    try:
+        return run_all(args, out, dest, site, t_start)
+    finally:
+        shutil.rmtree(site, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def run_all(args: argparse.Namespace, out: Path, dest: Path, site: Path, t_start: float
+            ) -> int:
+    wheels = Path(args.wheels)
     unpacked = prepare_site(wheels, site) if wheels.is_dir() else []
     if not wheels.is_dir():
         print(f"no wheels folder {wheels}: using what this python has", flush=True)
@@ -237,12 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{sys.executable} cannot import torch and numpy with the wheels' site: "
               f"{env['probe_error'][-600:]}\n(make bench-gpu GPU_PY=<the python that has "
               "torch>)", file=sys.stderr)
-        write_summary(out, env, [])
+        write_summary(out, env, [], dest)
         return 2
     if args.device.startswith("cuda") and not env.get("cuda_available"):
         print("CUDA is not available to torch here: nothing to measure on a GPU "
               "(rehearse with --device cpu --quick)", file=sys.stderr)
-        write_summary(out, env, [])
+        write_summary(out, env, [], dest)
         return 2
 
     steps = plan(args.device, args.quick, model if model.exists() else None)
@@ -260,14 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         results.append({"step": name, "status": f"running (limit {limit} s)",
                         "command": f"python -m {' '.join(cmd)}"})
-        write_summary(out, env, results)  # a kill from outside still leaves what ran
+        write_summary(out, env, results, dest)  # a kill from outside still leaves what ran
         status = run_step(cmd, out / f"{name}.log", child_env, limit)
         results[-1].update(status=status, seconds=round(time.monotonic() - t0, 1))
         tail = (out / f"{name}.log").read_text(errors="replace").splitlines()[-12:]
         print(f"   {status} in {time.monotonic() - t0:.0f} s", *tail, sep="\n   ", flush=True)
-        write_summary(out, env, results)
-    write_summary(out, env, results)
-    shutil.rmtree(site, ignore_errors=True)
+        write_summary(out, env, results, dest)
+    write_summary(out, env, results, dest)
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
@@ -291,7 +313,9 @@ def run_step(cmd: list[str], log_path: Path, env: dict[str, str], limit: float) 
     return status
 
 
-def write_summary(out: Path, env: dict[str, Any], results: list[dict[str, Any]]) -> None:
+def write_summary(out: Path, env: dict[str, Any], results: list[dict[str, Any]],
+                  dest: Path) -> None:
+    """``summary.md`` in ``out``, then ``dest`` gets it and ``results.tar.gz`` of ``out``."""
     lines = ["# meterwatch GPU benchmarks", "",
              f"- started {env.get('started_utc')}, written {_utc()}",
              f"- GPU: {env.get('nvidia_smi')}",
@@ -308,6 +332,11 @@ def write_summary(out: Path, env: dict[str, Any], results: list[dict[str, Any]])
             tail = log.read_text(errors="replace").splitlines()[-25:]
             lines += ["", f"## {r['step']}", "", "```", *tail, "```"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
+    shutil.copy(out / "summary.md", dest / "summary.md")
+    tmp = dest / ".results.tar.gz.tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(out, arcname="results")
+    os.replace(tmp, dest / "results.tar.gz")
 
 
 if __name__ == "__main__":

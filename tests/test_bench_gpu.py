@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import sys
+import tarfile
 import textwrap
 import time
 import zipfile
@@ -105,14 +106,30 @@ def test_partial_result_rewrites_one_entry_until_finished(tmp_path, monkeypatch)
 
 @pytest.mark.slow
 def test_quick_training_step_writes_everything_under_out(tmp_path) -> None:
-    """The real script, one quick step on the CPU: env.json, the step's log and JSON, and the
-    summary land under --out; the training JSON has both modes with their ratio."""
-    out = tmp_path / "out"
+    """The real script, quick steps on the CPU: --out gets the summary and one archive (the
+    device tool brings back only a few files) holding env.json, each step's log and JSON and
+    the summary; the training JSON has both modes with their ratio; the profile has each
+    kind of batch; nothing is left in the temporary folder."""
+    dest = tmp_path / "out"
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     r = subprocess.run([sys.executable, str(gpu.ROOT / "benchmarks" / "gpu.py"), "--out",
-                        str(out), "--wheels", str(tmp_path / "no-wheels"), "--device", "cpu",
-                        "--quick", "--only", "gpu_training"],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                        str(dest), "--wheels", str(tmp_path / "no-wheels"), "--device", "cpu",
+                        "--quick", "--only", "gpu_training,gpu_profile"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, "TMPDIR": str(tmp)})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert sorted(p.name for p in dest.iterdir()) == ["results.tar.gz", "summary.md"]
+    assert not [p for p in tmp.iterdir() if p.name.startswith("meterwatch-gpu")]
+    with tarfile.open(dest / "results.tar.gz") as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    out = tmp_path / "unpacked" / "results"
+    assert (out / "summary.md").read_text() == (dest / "summary.md").read_text()
+    profile = json.loads((out / "gpu_profile.json").read_text())[-1]
+    assert {(r["kind"], r["batch"]) for r in profile["rows"]} == {
+        (kind, n) for kind in ("one-day", "14-days") for n in (256, 2048)}
+    assert all(r["ops_per_call"] > 0 and r["max_abs_diff_vs_first_mode"] == 0
+               for r in profile["rows"])
     env = json.loads((out / "env.json").read_text())
     assert env["device"] == "cpu" and env["torch"] and "dev_shm_free_gib" in env
     summary = (out / "summary.md").read_text()
