@@ -619,7 +619,7 @@ class _StepGraph:
     def __init__(self, det: Detector, k: _Constants, rows: int, s_like: _Static,
                  st_like: Mapping[str, Tensor], capture: bool) -> None:
         dev = det.device
-        self.det, self.k, self.rows = det, k, rows
+        self.k, self.rows = k, rows  # not the detector: the cache is keyed weakly by it
 
         def blank(v: Tensor) -> Tensor:
             return torch.zeros((rows, *v.shape[1:]), dtype=v.dtype, device=dev)
@@ -643,7 +643,7 @@ class _StepGraph:
                 self.outs, self.new = _step(det, k, self.s, self.st)
             self.graph = graph
 
-    def run(self, s: _Static, st: Mapping[str, Tensor], rows: Tensor | slice
+    def run(self, det: Detector, s: _Static, st: Mapping[str, Tensor], rows: Tensor | slice
             ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The step for ``rows`` of ``s`` and ``st`` (an index tensor or a slice); the results
         are views of this graph's output buffers, valid until its next run."""
@@ -656,7 +656,7 @@ class _StepGraph:
             self.graph.replay()
             outs, new = self.outs, self.new
         else:
-            outs, new = _step(self.det, self.k, self.s, self.st)
+            outs, new = _step(det, self.k, self.s, self.st)
         return {n: v[:m] for n, v in outs.items()}, {f: v[:m] for f, v in new.items()}
 
 
@@ -674,10 +674,10 @@ class StepGraphs:
 
     def __init__(self, det: Detector, k: _Constants, capture: bool) -> None:
         self.key = _graph_key(det, k)
-        self.det, self.k, self.capture = det, k, capture
+        self.k, self.capture = k, capture
         self.graphs: dict[int, _StepGraph] = {}
 
-    def run(self, s: _Static, st: Mapping[str, Tensor], idx: Tensor | None
+    def run(self, det: Detector, s: _Static, st: Mapping[str, Tensor], idx: Tensor | None
             ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """``_step`` on the rows ``idx`` of ``s`` and ``st`` (None: all rows)."""
         m = len(s.day) if idx is None else len(idx)
@@ -686,12 +686,12 @@ class StepGraphs:
             hi = min(lo + GRAPH_MAX_ROWS, m)
             chunks.append(slice(lo, hi) if idx is None else idx[lo:hi])
         if len(chunks) == 1:
-            return self._graph(chunks[0], s, st).run(s, st, chunks[0])
+            return self._graph(det, chunks[0], s, st).run(det, s, st, chunks[0])
         outs: dict[str, Tensor] = {}
         new: dict[str, Tensor] = {}
         lo = 0
         for rows in chunks:
-            o, nw = self._graph(rows, s, st).run(s, st, rows)
+            o, nw = self._graph(det, rows, s, st).run(det, s, st, rows)
             hi = lo + len(o["score"])
             for part, whole in ((o, outs), (nw, new)):
                 for name, v in part.items():
@@ -702,14 +702,14 @@ class StepGraphs:
             lo = hi
         return outs, new
 
-    def _graph(self, rows: Tensor | slice, s: _Static, st: Mapping[str, Tensor]
-               ) -> _StepGraph:
+    def _graph(self, det: Detector, rows: Tensor | slice, s: _Static,
+               st: Mapping[str, Tensor]) -> _StepGraph:
         m = len(rows) if isinstance(rows, Tensor) else rows.stop - rows.start
         b = _bucket(m)
         g = self.graphs.get(b)
         if g is None:
             try:
-                g = _StepGraph(self.det, self.k, b, s, st, self.capture)
+                g = _StepGraph(det, self.k, b, s, st, self.capture)
             except torch.cuda.OutOfMemoryError:
                 raise  # the scorer's to handle (it splits the batch)
             except Exception as exc:  # any failure to capture: the steps run eagerly
@@ -753,7 +753,7 @@ def _run_step(det: Detector, k: _Constants, s: _Static, st: Mapping[str, Tensor]
     runner = step_graphs(det, k)
     if runner is not None and (len(s.day) if idx is None else len(idx)):
         try:
-            return runner.run(s, st, idx)
+            return runner.run(det, s, st, idx)
         except CaptureFailed as exc:
             log.warning("CUDA graph capture failed (%s); scoring steps run without graphs "
                         "from now on", exc)

@@ -350,3 +350,23 @@ def test_results_staged_through_a_reused_buffer_are_copied_out() -> None:
         np.testing.assert_array_equal(got[n], v, err_msg=n)
         assert got[n].dtype == first[n].numpy().dtype
         np.testing.assert_array_equal(again[n], 0)
+
+
+def test_a_replaced_detector_is_freed_with_its_graphs(monkeypatch) -> None:
+    """The per-detector caches (constants, captured steps, staging buffers) are keyed weakly
+    by the detector and hold nothing that refers back to it: after a model swap the old
+    detector, and the device memory of its graphs, are freed."""
+    import gc
+    import weakref
+
+    real = ts.step_graphs
+    monkeypatch.setattr(ts, "step_graphs", lambda det, k, capture=None:
+                        real(det, k, capture=False))
+    det = _detector()
+    _run_both_kinds(det)
+    ts.arena(det, results=True)
+    assert det in ts._GRAPHS and det in ts._CONSTANTS
+    gone = weakref.ref(det)
+    del det
+    gc.collect()
+    assert gone() is None
