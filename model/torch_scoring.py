@@ -470,9 +470,11 @@ def _network(det: Detector, x: Tensor, context: Tensor) -> Tensor:
     return out
 
 
-def _step(det: Detector, k: _Constants, s: _Static, st: dict[str, Tensor]
-          ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Score one day per household (rows of ``s``) from state ``st``: (outputs, new state)."""
+def _step(det: Detector, k: _Constants, s: _Static, st: dict[str, Tensor],
+          threshold: Tensor | float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Score one day per household (rows of ``s``) from state ``st``: (outputs, new state).
+    ``threshold``: the detector's (a device scalar in a CUDA graph, so that a new threshold
+    needs no new capture)."""
     sc, cal = det.scoring, det.calibration
     obs = s.observed
     level = st["level"]
@@ -571,8 +573,8 @@ def _step(det: Detector, k: _Constants, s: _Static, st: dict[str, Tensor]
     fault = zero_run | s.flat_run
     alerting = (fault & ~routine) | s.impossible
     score = torch.where(scorable, model_score + sc.rule_bonus * alerting.float(), math.nan)
-    is_alert = score >= det.threshold
-    model_fired = (model_score >= det.threshold) & scorable
+    is_alert = score >= threshold
+    model_fired = (model_score >= threshold) & scorable
     signals = (model_fired.to(torch.uint8) | (zero_run.to(torch.uint8) << 1)
                | (s.flat_run.to(torch.uint8) << 2) | (s.impossible.to(torch.uint8) << 3)
                | (s.missing.to(torch.uint8) << 4))
@@ -589,7 +591,7 @@ def _step(det: Detector, k: _Constants, s: _Static, st: dict[str, Tensor]
     out = {"score": score, "raw_error": sq.sum(dim=1) / n_obs, "model_score": model_score,
            "stat_z": z, "stats": stats, "is_alert": is_alert,
            "expected": expected, "slot_error": sq / n_obs[:, None], "signals": signals,
-           "unusual": ((stat_scores >= det.threshold) & scorable[:, None]).to(torch.uint8)
+           "unusual": ((stat_scores >= threshold) & scorable[:, None]).to(torch.uint8)
            .mul(k.stat_bits).sum(dim=1).to(torch.uint8), "imputed": ~obs}
     return out, new
 
@@ -627,6 +629,7 @@ class _StepGraph:
         self.s = _Static(**{f.name: blank(getattr(s_like, f.name))
                             for f in dataclasses.fields(_Static)})
         self.st = {f: blank(v) for f, v in st_like.items()}
+        self.threshold = torch.zeros((), dtype=torch.float32, device=dev)
         self.graph: Any = None
         self.outs: dict[str, Tensor] = {}
         self.new: dict[str, Tensor] = {}
@@ -636,11 +639,11 @@ class _StepGraph:
             side = torch.cuda.Stream(dev)
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
-                _step(det, k, self.s, self.st)
+                _step(det, k, self.s, self.st, self.threshold)
             torch.cuda.current_stream(dev).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.outs, self.new = _step(det, k, self.s, self.st)
+                self.outs, self.new = _step(det, k, self.s, self.st, self.threshold)
             self.graph = graph
 
     def run(self, det: Detector, s: _Static, st: Mapping[str, Tensor], rows: Tensor | slice
@@ -652,11 +655,12 @@ class _StepGraph:
             _load(getattr(self.s, field.name), getattr(s, field.name), rows, m)
         for name, v in st.items():
             _load(self.st[name], v, rows, m)
+        self.threshold.fill_(det.threshold)
         if self.graph is not None:
             self.graph.replay()
             outs, new = self.outs, self.new
         else:
-            outs, new = _step(det, self.k, self.s, self.st)
+            outs, new = _step(det, self.k, self.s, self.st, self.threshold)
         return {n: v[:m] for n, v in outs.items()}, {f: v[:m] for f, v in new.items()}
 
 
@@ -669,8 +673,9 @@ def _load(dst: Tensor, src: Tensor, rows: Tensor | slice, m: int) -> None:
 
 class StepGraphs:
     """A detector's captured steps, one per padded size (``_bucket``), for its current
-    constants, threshold, network and precision (any change captures afresh: a graph holds
-    the numbers it was captured with)."""
+    constants, network and precision (any change captures afresh: a graph holds the numbers
+    it was captured with). The threshold is an input: it moves with ``--target-far`` and the
+    rolling calibration, which would otherwise capture anew every time."""
 
     def __init__(self, det: Detector, k: _Constants, capture: bool) -> None:
         self.key = _graph_key(det, k)
@@ -723,7 +728,7 @@ class CaptureFailed(RuntimeError):
 
 
 def _graph_key(det: Detector, k: _Constants) -> tuple[Any, ...]:
-    return (k, det.model, float(det.threshold), det.dtype, det.chunk_size)
+    return (k, det.model, det.dtype, det.chunk_size)
 
 
 _GRAPHS: weakref.WeakKeyDictionary[Any, StepGraphs] = weakref.WeakKeyDictionary()
@@ -760,8 +765,8 @@ def _run_step(det: Detector, k: _Constants, s: _Static, st: Mapping[str, Tensor]
             det.cuda_graphs = False
             _GRAPHS.pop(det, None)
     if idx is None:
-        return _step(det, k, s, dict(st))
-    return _step(det, k, _rows(s, idx), {f: v[idx] for f, v in st.items()})
+        return _step(det, k, s, dict(st), det.threshold)
+    return _step(det, k, _rows(s, idx), {f: v[idx] for f, v in st.items()}, det.threshold)
 
 
 # ------------------------------------------------------------------------ entry points

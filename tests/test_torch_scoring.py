@@ -271,6 +271,11 @@ def test_padded_steps_equal_plain_steps(monkeypatch) -> None:
     plain steps' results."""
     det = _detector()
     plain = _run_both_kinds(det)
+    high = det.threshold
+    det.threshold = high / 2  # an alert budget moved (--target-far, rolling calibration)
+    plain_low = _run_both_kinds(det)
+    assert plain_low[1][0]["is_alert"].sum() > plain[1][0]["is_alert"].sum()
+    det.threshold = high
     monkeypatch.setattr(ts, "GRAPH_MIN_ROWS", 8)
     monkeypatch.setattr(ts, "GRAPH_MAX_ROWS", 16)  # waves of 30 rows: chunks of 16 and 14
     runners = []
@@ -282,7 +287,11 @@ def test_padded_steps_equal_plain_steps(monkeypatch) -> None:
 
     monkeypatch.setattr(ts, "step_graphs", padded)
     _assert_same_results(_run_both_kinds(det), plain)
-    assert len({id(r) for r in runners}) == 1  # one runner, kept between calls
+    det.threshold = high / 2
+    _assert_same_results(_run_both_kinds(det), plain_low)
+    # one runner, kept between calls and across the threshold's change (an input of the
+    # graphs, not a number captured in them)
+    assert len({id(r) for r in runners}) == 1
     assert sorted(runners[-1].graphs) == [8, 16]  # 70 rows: 4 chunks of 16, then 6 -> 8
 
 
