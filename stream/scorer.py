@@ -485,8 +485,10 @@ class _Worker:
         if n <= self.memory_cap or n <= 1:
             failed = False
             try:
+                # only alert days are explained: the other rows' expected values and
+                # errors stay on the device (25 MB of 65,536 days, for nothing)
                 return torch_scoring.score_batch(self.detector, kwh, day, ids, keys, state,
-                                                 self.tables)
+                                                 self.tables, detail_rows="alerts")
             except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
                 if not is_allocation_error(exc) or n <= 1:
                     raise

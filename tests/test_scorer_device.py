@@ -122,6 +122,8 @@ def test_only_alert_rows_travel_back_from_the_process() -> None:
     np.testing.assert_allclose(a.expected[both], b.expected[both], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(a.slot_error[both], b.slot_error[both], rtol=1e-4, atol=1e-4)
     assert b.expected[b.is_alert].any(axis=1).all() and not b.expected[~b.is_alert].any()
+    # the torch path asks the device for alert rows' explanations only, in a thread too
+    assert a.expected[a.is_alert].any(axis=1).all() and not a.expected[~a.is_alert].any()
     packed = scorer_mod._compact(a)
     assert packed.expected.shape == (a.is_alert.sum(), 49)
     back = scorer_mod._expand(packed)
