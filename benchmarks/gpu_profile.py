@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from benchmarks import common
 from benchmarks.scorer import make_inputs
 
-PARTS = ("_static", "_state_tensors", "_run_step", "_to_host")
+PARTS = ("_static", "_state_tensors", "_run_step", "_to_host", "host_arrays")
 #: inside the step; with CUDA graphs only a capture calls them (and must not synchronise)
 EAGER_PARTS = ("_step", "_network")
 
