@@ -399,13 +399,27 @@ def _check_keys(ids: list[str], id_index: np.ndarray, rec: np.ndarray, bad: np.n
         bad[j] = True
         key = keys[int(rec[j])]
         reasons[j] = ("key_mismatch", f"household_id {describe(ids[int(id_index[j])])} but "
-                      f"the record key is {describe_key(key)}"
-                      + (_NULL_KEY_FIX if key is None else ""))
+                      f"the record key is {describe_key(key)}" + _key_fix(key))
 
 
+#: How to key records from Kafka Connect (a JDBC source, Debezium).
+_CONNECT_KEY = "from Kafka Connect, with the ValueToKey and ExtractField$Key transforms"
 #: What to do about a null key (a producer or a connector that does not key its records).
-_NULL_KEY_FIX = (" (key each record by its household id; from Kafka Connect, with the "
-                 "ValueToKey and ExtractField$Key transforms)")
+_NULL_KEY_FIX = f" (key each record by its household id; {_CONNECT_KEY})"
+
+
+def _key_fix(key: bytes | None) -> str:
+    """The fix a mismatched key's detail ends with, where the key says what went wrong."""
+    if key is None:
+        return _NULL_KEY_FIX
+    doc = _key_json(key)
+    if type(doc) is dict and len(doc) > 1 and "household_id" in doc:  # a table's key of
+        # several columns (Debezium's key is the primary key)
+        members = ", ".join(describe(k) for k in list(doc)[:6])
+        return (f" (a key of more than the household, {members}: one household's readings "
+                "would go to several partitions; key each record by its household id "
+                f"alone; {_CONNECT_KEY})")
+    return ""
 
 #: How the keys seen hold their id as JSON: (bytes before, bytes after) the id's JSON string;
 #: a few (a schema id or a converter changes rarely), so that later batches match such keys
@@ -435,6 +449,18 @@ def _key_text(key: bytes | None, seen: dict[bytes, object]) -> object:
 
 
 def _decode_key(key: bytes) -> object:
+    """What a key holds as JSON (see ``_key_text``); an object of the one member
+    ``household_id`` (a table keyed by the household: Debezium's key, a connector's struct)
+    holds that member."""
+    doc = _key_json(key)
+    if type(doc) is dict and len(doc) == 1 and "household_id" in doc:
+        return doc["household_id"]
+    return doc
+
+
+def _key_json(key: bytes) -> object:
+    """A key decoded as JSON (past a Schema Registry header; a Connect envelope's payload),
+    else None."""
     body = key[REGISTRY_HEADER:] if is_framed(key) else key
     if body[:1] not in (b'"', b"{"):
         return None

@@ -243,13 +243,43 @@ def check_reading(obj: object, *, now_s: float | None = None,
     if not obj:
         raise Invalid("bad_shape", "empty JSON object")
     get = obj.get
-    hid = check_household(get("household_id"))
-    kwh = check_kwh(get("kwh"))
-    text = get("ts")
-    ts, off = check_ts(text)
+    if "household_id" not in obj and "ts" not in obj and "kwh" not in obj:
+        raise Invalid("missing_field", _not_a_reading(obj))
+    try:
+        hid = check_household(get("household_id"))
+        kwh = check_kwh(get("kwh"))
+        text = get("ts")
+        ts, off = check_ts(text)
+    except Invalid as exc:
+        absent = [f for f in FIELDS if f not in obj]
+        if exc.reason != "missing_field" or not absent:
+            raise
+        raise Invalid("missing_field", f"{exc.detail} (the object has {_members(obj)})"
+                      ) from None
     if now_s is not None and ts > now_s + max_future_s:
         raise Invalid("future_timestamp", f"ts {describe(text)} is in the future")
     return ValidReading(hid, ts, kwh, off)
+
+
+def _members(obj: dict) -> str:
+    """The first members' names of an object, for a detail."""
+    names = ", ".join(describe(k) for k in list(obj)[:_SHOWN_MEMBERS])
+    more = len(obj) - _SHOWN_MEMBERS
+    return names + (f" and {more} more" if more > 0 else "")
+
+
+_SHOWN_MEMBERS = 6
+
+
+def _not_a_reading(obj: dict) -> str:
+    """Why an object with none of the reading's fields is not a reading, and the way out
+    where its shape says what it is (a change-data-capture event)."""
+    if "op" in obj and ("after" in obj or "before" in obj):
+        return (f"household_id, ts and kwh are missing: a Debezium change event (op "
+                f"{describe(obj['op'])}); unwrap it to its row with Debezium's transform "
+                "io.debezium.transforms.ExtractNewRecordState")
+    return (f"household_id, ts and kwh are missing (the object has {_members(obj)}); "
+            "a reading is {\"household_id\": ..., \"ts\": ..., \"kwh\": ...}")
 
 
 # JSON decoding ----------------------------------------------------------------------------

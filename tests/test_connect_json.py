@@ -215,6 +215,69 @@ def test_household_ids_written_as_numbers_are_their_digits():
     assert keyed.household == ["1012345678903"] * 2 and not keyed.rejections
 
 
+def test_struct_keys_of_the_household_alone_are_its_id_and_wider_ones_say_why_not(
+        monkeypatch: pytest.MonkeyPatch):
+    """A key that is an object of the one member household_id (a table keyed by the
+    household: Debezium's key, a connector's struct key, with or without schemas) is that
+    household's key. A key of more columns (a readings table's primary key, household and
+    time) would put one household's readings on several partitions: dead-lettered, with the
+    fix; a one-member key of another household is a plain mismatch."""
+    from meterwatch.stream import parse
+    monkeypatch.setattr(parse, "_KEY_WRAPPERS", set())
+    t = b"2013-01-01T00:30:00Z"
+    value = b'{"household_id":"H1","ts":"%s","kwh":0.5}' % t
+    numbered = b'{"household_id":7,"ts":"%s","kwh":0.5}' % t
+    one = b'{"schema":{"type":"struct","fields":[{"type":"string","optional":false,' \
+          b'"field":"household_id"}],"optional":false,"name":"readings.Key"},' \
+          b'"payload":{"household_id":"H1"}}'
+    wide = orjson.dumps({"schema": {"type": "struct", "fields": [
+        {"type": "string", "field": "household_id"}, {"type": "string", "field": "ts"}]},
+        "payload": {"household_id": "H1", "ts": t.decode()}})
+    keys = [one, b'{"household_id":"H1"}', b'{"household_id":7}', wide,
+            b'{"household_id":"H1","ts":"x"}', b'{"household_id":"H2"}']
+    for _ in range(2):  # the second time through the wrappers learnt the first
+        batch = parse_records([value, value, numbered, value, value, value], now_s=NOW,
+                              keys=keys)
+        assert batch.household == ["H1", "H1", "7"]
+        reasons = [(r.index, r.reason) for r in batch.rejections]
+        assert reasons == [(3, "key_mismatch"), (4, "key_mismatch"), (5, "key_mismatch")]
+        wider = "a key of more than the household, 'household_id', 'ts'"
+        assert all(wider in r.detail and "ExtractField$Key" in r.detail
+                   for r in batch.rejections[:2])
+        assert batch.rejections[2].detail == (
+            "household_id 'H1' but the record key is '{\"household_id\":\"H2\"}'")
+    assert parse._KEY_WRAPPERS
+
+
+def test_records_of_another_shape_say_what_they_are():
+    """A record with none of the reading's fields says which it has, and a Debezium change
+    event (bare or in a Connect envelope) says how to unwrap it; a record missing one field
+    says what it has instead (a field written as null is missing as before)."""
+    row = {"household_id": "H1", "ts": "2013-01-01T00:30:00Z", "kwh": 0.5}
+    change = {"before": None, "after": row, "source": {"connector": "postgresql"},
+              "op": "c", "ts_ms": 1700000000000}
+    values = [orjson.dumps(change),
+              orjson.dumps({"schema": {"type": "struct", "fields": []}, "payload": change}),
+              orjson.dumps({"meter": "H1", "timestamp": row["ts"], "value": 0.5}),
+              orjson.dumps({"household_id": "H1", "time": row["ts"], "kwh": 0.5}),
+              orjson.dumps({**row, "household_id": None}),
+              orjson.dumps({f"m{i}": i for i in range(9)})]
+    batch = parse_records(values, now_s=NOW, keys=[b"H1"] * len(values))
+    details = [(r.reason, r.detail) for r in batch.rejections]
+    debezium = ("missing_field", "household_id, ts and kwh are missing: a Debezium change "
+                "event (op 'c'); unwrap it to its row with Debezium's transform "
+                "io.debezium.transforms.ExtractNewRecordState")
+    reading = 'a reading is {"household_id": ..., "ts": ..., "kwh": ...}'
+    assert details == [
+        debezium, debezium,
+        ("missing_field", "household_id, ts and kwh are missing (the object has 'meter', "
+         f"'timestamp', 'value'); {reading}"),
+        ("missing_field", "ts is missing (the object has 'household_id', 'time', 'kwh')"),
+        ("missing_field", "household_id is missing"),
+        ("missing_field", "household_id, ts and kwh are missing (the object has 'm0', 'm1', "
+         f"'m2', 'm3', 'm4', 'm5' and 3 more); {reading}")]
+
+
 @pytest.mark.integration
 async def test_a_jdbc_source_s_records_are_scored(broker, detector):
     """Through the service on a real broker: a day of four households as a JDBC source
