@@ -99,13 +99,20 @@ def _tail_lo(s: np.ndarray) -> int:
 
 #: On the CPU, batches smaller than this go to the numpy reference instead: below it the
 #: fixed cost of ~300 torch operations exceeds numpy's (benchmarks/RESULTS.md, scorer; the
-#: two were level at 1,024 days on the 2-vCPU machine). On a GPU every batch runs here.
+#: two were level at 1,024 days on the 2-vCPU machine).
 CPU_MIN_ROWS = 1024
+#: On a GPU, batches smaller than this go to the numpy reference too (its network still on
+#: the GPU): on an H100 a one-day batch of 256 took 5.4 ms either way (2026-11-27,
+#: benchmarks/RESULTS.md), and a smaller one still replays the 256-row graph
+#: (``GRAPH_MIN_ROWS``) while the reference does less (on the CPU here, 8 days took 41 % of
+#: 256 days' time). A live stream's batches are mostly a few days.
+GPU_MIN_ROWS = 256
 
 
 def enabled(det: Detector, n: int) -> bool:
     """Whether ``Detector.score`` of ``n`` days runs here (else the numpy reference)."""
-    return bool(det.torch_scoring) and (det.device.type != "cpu" or n >= CPU_MIN_ROWS)
+    floor = CPU_MIN_ROWS if det.device.type == "cpu" else GPU_MIN_ROWS
+    return bool(det.torch_scoring) and n >= floor
 
 
 _CONSTANTS: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], _Constants]] = (

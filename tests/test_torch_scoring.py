@@ -379,3 +379,14 @@ def test_a_replaced_detector_is_freed_with_its_graphs(monkeypatch) -> None:
     del det
     gc.collect()
     assert gone() is None
+
+
+def test_small_batches_on_a_gpu_take_the_numpy_reference() -> None:
+    """On a GPU a batch under 256 days takes the numpy reference (it would still replay the
+    256-row graph: no faster than the reference at 256 days on the H100, slower below)."""
+    from types import SimpleNamespace
+
+    gpu = SimpleNamespace(torch_scoring=True, device=torch.device("cuda"))
+    assert not ts.enabled(gpu, 255) and ts.enabled(gpu, 256)  # type: ignore[arg-type]
+    assert not ts.enabled(SimpleNamespace(torch_scoring=False, device=gpu.device), 10**6)  # type: ignore[arg-type]
+    assert ts.GRAPH_MIN_ROWS <= 256  # a graph for the smallest batch that takes the path
