@@ -283,8 +283,9 @@ async def test_a_jdbc_source_s_records_are_scored(broker, detector):
     """Through the service on a real broker: a day of four households as a JDBC source
     connector with JsonConverter's defaults writes them (values and keys in envelopes), of
     one more keyed by a JSON string (``key.converter.schemas.enable=false``), and of one
-    whose id is a meter point number in an integer column (its key an int64 envelope): every
-    day scored, nothing dead-lettered."""
+    whose id is a meter point number in an integer column (its key an int64 envelope), the
+    third household's keyed as Debezium keys a table keyed by the household (a struct of
+    the one member): every day scored, nothing dead-lettered."""
     settings_ = unique_settings(broker)
     data = generate(SyntheticConfig(n_households=6, n_days=HISTORY_DAYS + 1, seed=9,
                                     anomaly_rate=0.0))
@@ -298,6 +299,11 @@ async def test_a_jdbc_source_s_records_are_scored(broker, detector):
             sends = []
             for h, hid in enumerate(ids):
                 key = connect_key(hid if isinstance(hid, int) else hid.encode(), h != 4)
+                if h == 2:
+                    key = orjson.dumps({"schema": {"type": "struct", "fields": [
+                        {"type": "string", "optional": False, "field": "household_id"}],
+                        "optional": False, "name": "meters.public.readings.Key"},
+                        "payload": {"household_id": hid}})
                 for s in range(48):
                     value = jdbc_record(hid, (day * 86400 + s * 1800) * 1000,
                                         decimal(float(data.kwh[h, HISTORY_DAYS, s])))
