@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     det = Detector.load(common.detector_path(args.model), device=args.device, dtype=args.dtype)
     det.torch_scoring = True
     sizes = [int(s) for s in args.sizes.split(",")]
-    kwh_all, day_all, ids_all = make_inputs(max(sizes))
+    # enough households that no household-day repeats (14 days each)
+    kwh_all, day_all, ids_all = make_inputs(max(sizes),
+                                            pool_households=max(2000, -(-max(sizes) // 14)))
     pool = min(len(day_all), 28_000)
     st0 = det.score(kwh_all[:pool], day_all[:pool], ids_all[:pool],
                     HouseholdState.empty(pool)).state
