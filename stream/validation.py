@@ -339,6 +339,13 @@ def may_repeat_fields(value: bytes, doc: object) -> bool:
 #: as ``{"schema": ..., "payload": ...}``; a struct's logical types are named in the schema.
 CONNECT_TIMESTAMP = "org.apache.kafka.connect.data.Timestamp"  # int64 epoch milliseconds
 CONNECT_DECIMAL = "org.apache.kafka.connect.data.Decimal"  # base64 two's complement, "scale"
+#: Debezium's NUMERIC without a declared scale: {"scale": int, "value": base64 as above}
+DEBEZIUM_VARIABLE_DECIMAL = "io.debezium.data.VariableScaleDecimal"
+#: The epoch timestamps a schema may give ``ts``, as their units per second: Connect's, and
+#: Debezium's (its default for a database ``TIMESTAMP`` column is microseconds).
+EPOCH_TIMESTAMPS = {CONNECT_TIMESTAMP: 1_000, "io.debezium.time.Timestamp": 1_000,
+                    "io.debezium.time.MicroTimestamp": 1_000_000,
+                    "io.debezium.time.NanoTimestamp": 1_000_000_000}
 _MAX_DECIMAL_BYTES = 32
 
 
@@ -375,9 +382,11 @@ def _envelope_holders(objs: list[dict]) -> tuple[list[dict], list[str]]:
 def open_envelope(doc: dict) -> object:
     """The payload of a Kafka Connect envelope (``is_envelope``), with the reading fields its
     schema types as Connect logical types read as the reading's JSON types: a ``Timestamp``
-    ``ts`` (epoch milliseconds) as an ISO 8601 string in UTC, a ``Decimal`` ``kwh`` (base64)
-    as a number. A value that does not convert is left as it is (and fails its rule). A
-    struct, or an array of structs (an ``array`` schema of them).
+    ``ts`` (epoch milliseconds; Debezium's milli-, micro- and nanosecond ones too,
+    ``EPOCH_TIMESTAMPS``) as an ISO 8601 string in UTC, a ``Decimal`` ``kwh`` (base64; or
+    Debezium's ``VariableScaleDecimal``) as a number. A value that does not convert is left
+    as it is (and fails its rule). A struct, or an array of structs (an ``array`` schema of
+    them).
 
     >>> open_envelope({"schema": {"type": "struct", "fields": [
     ...     {"field": "ts", "type": "int64", "name": CONNECT_TIMESTAMP},
@@ -403,26 +412,35 @@ def _logical(value: object, schema: object) -> object:
             continue
         v, logical = value[name], f.get("name")
         new: object = None
-        if name == "ts" and logical == CONNECT_TIMESTAMP and type(v) is int:
-            new = _iso_from_ms(v)
+        if name == "ts" and type(v) is int and logical in EPOCH_TIMESTAMPS:
+            new = _iso_from_epoch(v, EPOCH_TIMESTAMPS[logical])
         elif name == "kwh" and logical == CONNECT_DECIMAL and type(v) is str:
             new = _from_decimal(v, f.get("parameters"))
+        elif name == "kwh" and logical == DEBEZIUM_VARIABLE_DECIMAL and type(v) is dict \
+                and type(v.get("scale")) is int and type(v.get("value")) is str:
+            new = _from_decimal(v["value"], {"scale": v["scale"]})
         if new is not None:
             out = out if out is not None else dict(value)
             out[name] = new
     return value if out is None else out
 
 
-def _iso_from_ms(ms: int) -> str | None:
-    """Epoch milliseconds as ``YYYY-MM-DDTHH:MM:SS.fffZ``, for years 1-9999 (an instant past
-    the supported range then fails the timestamp rule saying so); None past those years."""
-    day, r = divmod(ms, 86_400_000)
+def _iso_from_epoch(v: int, per_second: int) -> str | None:
+    """An epoch timestamp in units of 1/``per_second`` s (a power of ten) as
+    ``YYYY-MM-DDTHH:MM:SS.fffZ``, with as many fraction digits as the unit has, for years
+    1-9999 (an instant past the supported range then fails the timestamp rule saying so);
+    None past those years.
+
+    >>> _iso_from_epoch(1357000200000, 1000), _iso_from_epoch(1357000200000001, 10**6)
+    ('2013-01-01T00:30:00.000Z', '2013-01-01T00:30:00.000001Z')
+    """
+    secs, frac = divmod(v, per_second)
+    day, r = divmod(secs, 86_400)
     if not _FIRST_DAY <= day <= _LAST_DAY:
         return None
-    h, r = divmod(r, 3_600_000)
-    m, r = divmod(r, 60_000)
-    s, f = divmod(r, 1000)
-    return f"{_date_text(day)}T{h:02d}:{m:02d}:{s:02d}.{f:03d}Z"
+    h, r = divmod(r, 3_600)
+    m, s = divmod(r, 60)
+    return f"{_date_text(day)}T{h:02d}:{m:02d}:{s:02d}.{frac:0{len(str(per_second)) - 1}d}Z"
 
 
 _FIRST_DAY, _LAST_DAY = (d.toordinal() - date(1970, 1, 1).toordinal() for d in (date.min, date.max))

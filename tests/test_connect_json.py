@@ -215,6 +215,47 @@ def test_household_ids_written_as_numbers_are_their_digits():
     assert keyed.household == ["1012345678903"] * 2 and not keyed.rejections
 
 
+def debezium_row(hid: str, ts: object, ts_type: str, kwh: object, kwh_type: str | None
+                 ) -> bytes:
+    """A row as Debezium writes it after ``ExtractNewRecordState``, with JsonConverter's
+    schemas: a PostgreSQL ``TIMESTAMP`` column in ``ts_type`` and ``kwh`` as given."""
+    kwh_field = {"type": "double", "optional": True, "field": "kwh"} if kwh_type is None else \
+        {"type": "struct" if "Variable" in kwh_type else "bytes", "optional": True,
+         "name": kwh_type, "field": "kwh",
+         **({} if "Variable" in kwh_type else {"parameters": {"scale": "3"}})}
+    schema = {"type": "struct", "optional": False, "name": "meters.public.readings.Value",
+              "fields": [{"type": "string", "optional": False, "field": "household_id"},
+                         {"type": "int64", "optional": False, "name": ts_type, "version": 1,
+                          "field": "ts"}, kwh_field]}
+    return orjson.dumps({"schema": schema, "payload": {"household_id": hid, "ts": ts,
+                                                        "kwh": kwh}})
+
+
+def test_debezium_s_logical_types_are_read():
+    """Debezium's time types (a PostgreSQL TIMESTAMP column is MicroTimestamp by default)
+    and its NUMERIC without a scale (VariableScaleDecimal) are read like Connect's: a
+    microsecond off the half-hour is still off it, not rounded away."""
+    t = 1357000200  # 2013-01-01T00:30:00Z
+    micro, nano = "io.debezium.time.MicroTimestamp", "io.debezium.time.NanoTimestamp"
+    variable = "io.debezium.data.VariableScaleDecimal"
+    values = [
+        debezium_row("H1", t * 10**6, micro, 0.25, None),
+        debezium_row("H2", t * 10**9, nano, decimal(0.219), CONNECT_DECIMAL),
+        debezium_row("H3", t * 1000, "io.debezium.time.Timestamp",
+                     {"scale": 4, "value": base64.b64encode((1250).to_bytes(2, "big")).decode()},
+                     variable),
+        debezium_row("H4", t * 10**6 + 1, micro, 0.25, None),
+        debezium_row("H5", t * 10**6, micro, {"scale": "4", "value": "BOI="}, variable),
+    ]
+    batch = parse_records(values, now_s=NOW, keys=[f"H{i}".encode() for i in range(1, 6)])
+    assert list(zip(batch.household, batch.ts.tolist(), batch.kwh.tolist(), strict=True)) == [
+        ("H1", t, 0.25), ("H2", t, pytest.approx(0.219)), ("H3", t, 0.125)]
+    assert [(r.index, r.reason, r.detail) for r in batch.rejections] == [
+        (3, "not_half_hour", "ts '2013-01-01T00:30:00.000001Z' is not the start of a "
+                             "half-hour"),
+        (4, "bad_kwh", "kwh a JSON object of 2 members is not a number")]
+
+
 def test_struct_keys_of_the_household_alone_are_its_id_and_wider_ones_say_why_not(
         monkeypatch: pytest.MonkeyPatch):
     """A key that is an object of the one member household_id (a table keyed by the
