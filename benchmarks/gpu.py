@@ -49,6 +49,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -284,7 +285,8 @@ def run_all(args: argparse.Namespace, out: Path, dest: Path, site: Path, t_start
         results.append({"step": name, "status": f"running (limit {limit} s)",
                         "command": f"python -m {' '.join(cmd)}"})
         write_summary(out, env, results, dest)  # a kill from outside still leaves what ran
-        status = run_step(cmd, out / f"{name}.log", child_env, limit)
+        status = run_step(cmd, out / f"{name}.log", child_env, limit,
+                          lambda: write_summary(out, env, results, dest))
         results[-1].update(status=status, seconds=round(time.monotonic() - t0, 1))
         tail = (out / f"{name}.log").read_text(errors="replace").splitlines()[-12:]
         print(f"   {status} in {time.monotonic() - t0:.0f} s", *tail, sep="\n   ", flush=True)
@@ -293,17 +295,31 @@ def run_all(args: argparse.Namespace, out: Path, dest: Path, site: Path, t_start
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
-def run_step(cmd: list[str], log_path: Path, env: dict[str, str], limit: float) -> str:
+#: While a step runs, what it has written so far is bundled into ``--out`` this often.
+REFRESH_S = 10.0
+
+
+def run_step(cmd: list[str], log_path: Path, env: dict[str, str], limit: float,
+             refresh: Callable[[], None] | None = None) -> str:
     """``python -m cmd`` in its own process group, output to ``log_path``; at the limit the
-    whole group is killed (a benchmark's broker and scorer processes with it)."""
+    whole group is killed (a benchmark's broker and scorer processes with it). ``refresh``
+    is called every ``REFRESH_S`` while it runs (a kill from outside then still leaves the
+    step's partial results)."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", *cmd], cwd=ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=limit)
-            status = "ok" if rc == 0 else f"exit {rc}"
-        except subprocess.TimeoutExpired:
-            status = f"timed out after {limit:.0f} s"
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                rc = proc.wait(timeout=max(0.0, min(REFRESH_S, deadline - time.monotonic())))
+                status = "ok" if rc == 0 else f"exit {rc}"
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    status = f"timed out after {limit:.0f} s"
+                    break
+                if refresh is not None:
+                    refresh()
         # what the step left running (a broker, a scorer process) goes with it
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGTERM)

@@ -55,7 +55,7 @@ def test_prepare_site_unpacks_links_the_tree_and_keeps_the_machines_numpy(tmp_pa
     assert out == f"42 {site / 'meterwatch' / 'stream' / 'errors.py'}\n"
 
 
-def test_a_step_past_its_limit_is_killed_with_what_it_started(tmp_path) -> None:
+def test_a_step_past_its_limit_is_killed_with_what_it_started(tmp_path, monkeypatch) -> None:
     pidfile = tmp_path / "grandchild.pid"
     mod = tmp_path / "sleeper.py"
     mod.write_text(textwrap.dedent(f"""
@@ -66,11 +66,15 @@ def test_a_step_past_its_limit_is_killed_with_what_it_started(tmp_path) -> None:
         time.sleep(120)
     """))
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    monkeypatch.setattr(gpu, "REFRESH_S", 0.5)
+    seen: list[str] = []  # the log at each refresh while the step runs (what is bundled)
     t0 = time.monotonic()
-    status = gpu.run_step(["sleeper"], tmp_path / "sleeper.log", env, limit=3)
+    status = gpu.run_step(["sleeper"], tmp_path / "sleeper.log", env, limit=3,
+                          refresh=lambda: seen.append((tmp_path / "sleeper.log").read_text()))
     assert status == "timed out after 3 s"
     assert time.monotonic() - t0 < 15
     assert (tmp_path / "sleeper.log").read_text().strip() == "started"
+    assert len(seen) >= 3 and "started" in seen[-1]
     grandchild = int(pidfile.read_text())
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
