@@ -657,7 +657,7 @@ class _StepGraph:
             ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The step for ``rows`` of ``s`` and ``st`` (an index tensor or a slice); the results
         are views of this graph's output buffers, valid until its next run."""
-        m = len(rows) if isinstance(rows, Tensor) else rows.stop - rows.start
+        m = _count(rows)
         for field in dataclasses.fields(_Static):
             _load(getattr(self.s, field.name), getattr(s, field.name), rows, m)
         for name, v in st.items():
@@ -669,6 +669,14 @@ class _StepGraph:
         else:
             outs, new = _step(det, self.k, self.s, self.st, self.threshold)
         return {n: v[:m] for n, v in outs.items()}, {f: v[:m] for f, v in new.items()}
+
+
+def _count(rows: Tensor | slice | None, s: _Static | None = None) -> int:
+    """How many rows an index tensor or a slice selects (None: all of ``s``'s)."""
+    if rows is None:
+        assert s is not None
+        return len(s.day)
+    return len(rows) if isinstance(rows, Tensor) else rows.stop - rows.start
 
 
 def _load(dst: Tensor, src: Tensor, rows: Tensor | slice, m: int) -> None:
@@ -692,7 +700,7 @@ class StepGraphs:
     def run(self, det: Detector, s: _Static, st: Mapping[str, Tensor], idx: Tensor | None
             ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """``_step`` on the rows ``idx`` of ``s`` and ``st`` (None: all rows)."""
-        m = len(s.day) if idx is None else len(idx)
+        m = _count(idx, s)
         chunks: list[Tensor | slice] = []
         for lo in range(0, max(m, 1), GRAPH_MAX_ROWS):
             hi = min(lo + GRAPH_MAX_ROWS, m)
@@ -716,8 +724,7 @@ class StepGraphs:
 
     def _graph(self, det: Detector, rows: Tensor | slice, s: _Static,
                st: Mapping[str, Tensor]) -> _StepGraph:
-        m = len(rows) if isinstance(rows, Tensor) else rows.stop - rows.start
-        b = _bucket(m)
+        b = _bucket(_count(rows))
         g = self.graphs.get(b)
         if g is None:
             try:
@@ -763,7 +770,7 @@ def _run_step(det: Detector, k: _Constants, s: _Static, st: Mapping[str, Tensor]
     """``_step`` on the rows ``idx`` of ``s`` and ``st`` (None: all rows): on a GPU through
     captured graphs; if a capture fails, eagerly from then on (logged once)."""
     runner = step_graphs(det, k)
-    if runner is not None and (len(s.day) if idx is None else len(idx)):
+    if runner is not None and _count(idx, s):
         try:
             return runner.run(det, s, st, idx)
         except CaptureFailed as exc:

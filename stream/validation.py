@@ -415,10 +415,12 @@ def _logical(value: object, schema: object) -> object:
         if name == "ts" and type(v) is int and logical in EPOCH_TIMESTAMPS:
             new = _iso_from_epoch(v, EPOCH_TIMESTAMPS[logical])
         elif name == "kwh" and logical == CONNECT_DECIMAL and type(v) is str:
-            new = _from_decimal(v, f.get("parameters"))
+            parameters = f.get("parameters")
+            new = _from_decimal(v, parameters.get("scale", "0") if type(parameters) is dict
+                                else "0")
         elif name == "kwh" and logical == DEBEZIUM_VARIABLE_DECIMAL and type(v) is dict \
                 and type(v.get("scale")) is int and type(v.get("value")) is str:
-            new = _from_decimal(v["value"], {"scale": v["scale"]})
+            new = _from_decimal(v["value"], v["scale"])
         if new is not None:
             out = out if out is not None else dict(value)
             out[name] = new
@@ -451,10 +453,11 @@ def _date_text(day: int) -> str:
     return (date(1970, 1, 1) + timedelta(days=day)).isoformat()
 
 
-def _from_decimal(text: str, parameters: object) -> float | None:
-    """A Connect ``Decimal`` (base64 of the unscaled value, big-endian two's complement;
-    ``parameters["scale"]``) as a float, or None."""
-    scale = str(parameters.get("scale", "0")) if type(parameters) is dict else "0"
+def _from_decimal(text: str, scale: object) -> float | None:
+    """A Connect ``Decimal`` (base64 of the unscaled value, big-endian two's complement) of
+    ``scale`` decimal places (its schema's parameter, a string; Debezium's, an int) as a
+    float, or None."""
+    scale = str(scale)
     if not (_BASE64.fullmatch(text) and scale.isascii() and scale.isdigit()) \
             or int(scale) > 18:
         return None
