@@ -17,7 +17,8 @@ fails or overruns does not stop the others. Everything it writes goes under ``--
 - ``gpu_training.*``: ``benchmarks.gpu_training`` -- 20 epochs x 1 M days, DataLoader vs
   data resident on the device, AMP off and on;
 - ``throughput.*``: ``benchmarks.throughput`` -- the service with its scorer process on the
-  GPU, as a ratio to a bare aiokafka consumer in the same run (embedded broker);
+  GPU, and on the CPU, each as a ratio to a bare aiokafka consumer of the same repetition
+  (three repetitions; embedded broker);
 - ``latency.*``: ``benchmarks.latency`` -- end-to-end latency at 3 % load (scorer process
   on the GPU) and Kafka alone;
 - ``gpu_profile.*``: ``benchmarks.gpu_profile`` -- where a scoring call's time goes (inputs
@@ -203,8 +204,11 @@ def plan(device: str, quick: bool, model: Path | None) -> list[tuple[str, list[s
                     "--numpy-max", "65536", *m], 150),
         ("gpu_training", ["benchmarks.gpu_training", "--device", device, "--rows", "1000000",
                           "--epochs", "20"], 150),
-        ("throughput", ["benchmarks.throughput", "--device", device,
-                        "--runs", "bare,meterwatch-process", "--no-profile", *m], 150),
+        # three repetitions, and the scorer process on the CPU beside the GPU's in each: one
+        # run of each had given 1.04x, then 0.75x (2026-11-27)
+        ("throughput", ["benchmarks.throughput", "--device", device, "--repeats", "3",
+                        "--runs", "bare,meterwatch-process,meterwatch-process-cpu",
+                        "--no-profile", *m], 200),
         ("latency", ["benchmarks.latency", "--device", device, "--runs",
                      "steady-process,kafka", "--load", "0.03", "--duration-s", "20", *m], 110),
         ("gpu_profile", ["benchmarks.gpu_profile", "--device", device, "--sizes",

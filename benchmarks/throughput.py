@@ -65,6 +65,9 @@ MAX_RECORDS = 5000  # the service's fetch_max_records default
 DEVICE = {"device": "cpu"}  # --device
 RUNS = ("bare", "bare-gc", "bare-async-for", "orjson", "per-record", "meterwatch-process",
         "meterwatch-thread")
+#: Not in the default runs: the scorer process on the CPU whatever ``--device`` says, so that
+#: a GPU machine's run compares its GPU scorer with its CPU one in the same repetition.
+EXTRA_RUNS = ("meterwatch-process-cpu",)
 
 
 def _consumer(bootstrap: str, topic: str, **kw: Any) -> AIOKafkaConsumer:
@@ -327,6 +330,9 @@ async def measure(b: Any, args: argparse.Namespace, topic: str, prod: dict[str, 
             await timed("meterwatch-thread" + suffix,
                         run_service(b, topic, total, days, model_path,
                                     **{**overrides, "scorer": "thread"}))
+            await timed("meterwatch-process-cpu" + suffix,
+                        run_service(b, topic, total, days, model_path,
+                                    **{**overrides, "scorer": "process", "device": "cpu"}))
         profile_rows: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
         prof_seconds = None
         if args.profile:
@@ -376,13 +382,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="detector checkpoint (default: train a small one)")
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--runs", default=",".join(RUNS), type=lambda s: s.split(","),
-                   help=f"which runs (default all: {','.join(RUNS)})")
+                   help=f"which runs (default all: {','.join(RUNS)}; also "
+                   f"{','.join(EXTRA_RUNS)})")
     p.add_argument("--device", default="cpu", help="the detector's device: cpu | cuda")
     p.add_argument("--torch-threads", type=int,
                    help="torch.set_num_threads before the runs (default: torch's own choice)")
     p.add_argument("--fetch-max-records", type=int,
                    help="the service's fetch_max_records (default: its own default)")
     args = p.parse_args(argv)
+    unknown = sorted(set(args.runs) - set(RUNS) - set(EXTRA_RUNS))
+    if unknown:
+        p.error(f"--runs: unknown {', '.join(unknown)}; the runs are "
+                f"{', '.join(RUNS + EXTRA_RUNS)}")
     logging.basicConfig(level=logging.WARNING)
     DEVICE["device"] = args.device
     if args.torch_threads:
