@@ -108,7 +108,8 @@ class Settings(BaseSettings):
         10_000, ge=2000, description="group session timeout (heartbeats every quarter of it)")
     fetch_max_wait_ms: int = Field(
         25, ge=0, description="longest a fetch waits for data (brokers that do not wake a "
-        "waiting fetch, like Tansu, add up to this much latency)")
+        "waiting fetch, like Tansu, add up to this much latency); raised, up to 5 s, while "
+        "fetches come back empty although records wait")
     fetch_max_records: int = Field(5000, ge=1, description="records per fetch")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="how clients talk to the brokers")

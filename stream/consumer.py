@@ -17,6 +17,10 @@ it. That touches three private names, so it is feature-checked: with an aiokafka
 lacks them, or with key/value deserializers set, nothing is changed and ``getmany`` yields
 ``ConsumerRecord`` objects as usual (``tests/test_consumer.py`` checks both ways give the
 same records, and that the installed aiokafka takes the fast path).
+
+``set_fetch_wait(consumer, ms)`` changes how long the consumer's fetch requests may wait, for
+``stream.source``'s starved-fetch rule (the fetcher's ``_fetch_max_wait_ms``, also
+feature-checked).
 """
 
 from __future__ import annotations
@@ -78,4 +82,16 @@ def raw_records(consumer: AIOKafkaConsumer) -> bool:
     for tp, result in results.items():
         raw[tp] = result
     fetcher._records = raw  # type: ignore[union-attr]
+    return True
+
+
+def set_fetch_wait(consumer: AIOKafkaConsumer, wait_ms: int) -> bool:
+    """Make the consumer's next fetch requests wait up to ``wait_ms`` (its
+    ``fetch_max_wait_ms``, which aiokafka reads each time it builds a request); True if it
+    took effect. Feature-checked like ``raw_records``: an aiokafka without the attribute keeps
+    its wait, and False is returned."""
+    fetcher = getattr(consumer, "_fetcher", None)
+    if type(getattr(fetcher, "_fetch_max_wait_ms", None)) is not int:
+        return False
+    fetcher._fetch_max_wait_ms = int(wait_ms)  # type: ignore[union-attr]
     return True
