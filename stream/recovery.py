@@ -44,6 +44,7 @@ from meterwatch.stream.alerts import data_quality_record
 from meterwatch.stream.assembler import DayAssembler
 from meterwatch.stream.checkpoint import PartitionWork
 from meterwatch.stream.config import Settings
+from meterwatch.stream.consumer import StarvedFetches
 from meterwatch.stream.outputs import (
     APP_HEADER,
     OutputPublisher,
@@ -65,23 +66,29 @@ class PartitionTail:
     end: int = 0  # the highwater when reading finished
 
 
+#: The fetch wait of recovery's reader (raised where fetches starve: ``StarvedFetches``).
+_READ_WAIT_MS = 100
+
+
 class RecoveryError(RuntimeError):
     """A partition could not be read to its end in time."""
 
 
 async def read_to_end(settings: Settings, starts: Mapping[tuple[str, int], int], *,
-                      timeout_s: float = 120.0,
-                      missing_ok: bool = False) -> dict[tuple[str, int], PartitionTail]:
+                      timeout_s: float = 120.0, missing_ok: bool = False,
+                      wait_ms: int = _READ_WAIT_MS) -> dict[tuple[str, int], PartitionTail]:
     """Records of each (topic, partition) from its start offset to the highwater. With
-    ``missing_ok``, a partition that the topic's metadata does not have (yet) has none."""
+    ``missing_ok``, a partition that the topic's metadata does not have (yet) has none.
+    ``wait_ms``: the fetches' wait, raised where they starve (``StarvedFetches``)."""
     out = {k: PartitionTail() for k in starts}
     if not starts:
         return out
     consumer = AIOKafkaConsumer(**settings.kafka_options(), group_id=None,
-                                enable_auto_commit=False, fetch_max_wait_ms=100,
+                                enable_auto_commit=False, fetch_max_wait_ms=wait_ms,
                                 max_partition_fetch_bytes=16 << 20,
                                 isolation_level="read_committed")
     await consumer.start()
+    starved = StarvedFetches(consumer, wait_ms, "recovery")
     try:
         tps = {TopicPartition(t, p): (t, p) for t, p in starts}
         consumer.assign(list(tps))
@@ -94,6 +101,7 @@ async def read_to_end(settings: Settings, starts: Mapping[tuple[str, int], int],
                 raise RecoveryError(f"could not read {sorted(map(str, pending))} to the end "
                                     f"within {timeout_s:.0f} s")
             data = await consumer.getmany(*pending, timeout_ms=200, max_records=50_000)
+            await starved.after(data, pending)
             for tp, recs in data.items():
                 out[tps[tp]].records.extend(recs)
             for tp in list(pending):

@@ -11,8 +11,8 @@ What it guarantees to the application (``stream.service``):
   application takes it back (``retake``);
 - a session timeout the broker refuses is a ``ConfigurationError``, not a retry;
 - fetches that keep coming back empty while records wait past the position (the broker did
-  not gather them within ``--fetch-max-wait-ms``) wait longer from then on, doubling up to
-  ``MAX_FETCH_WAIT_MS`` (``Source.fetch``).
+  not gather them within ``--fetch-max-wait-ms``) wait longer from then on
+  (``stream.consumer.StarvedFetches``).
 
 Records are aiokafka's decoded records where ``stream.consumer.raw_records`` takes effect
 (the one seam onto aiokafka's internals), ``ConsumerRecord`` objects otherwise.
@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,20 +30,13 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import InvalidSessionTimeoutError
 
 from meterwatch.stream.config import Settings
-from meterwatch.stream.consumer import raw_records, set_fetch_wait
+from meterwatch.stream.consumer import StarvedFetches, raw_records
 from meterwatch.stream.preflight import session_timeout_error
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[set[int]], Awaitable[None]]
 
-#: The longest wait the starved-fetch rule gives a fetch (far below the consumer's request
-#: timeout, 40 s, which a waiting fetch must stay under), and the first wait it raises to.
-MAX_FETCH_WAIT_MS = 5_000
-RAISED_FETCH_WAIT_MS = 100
-#: How long fetches must have come back empty, with records waiting, before the wait is
-#: raised (at least twice the current wait, so that a raised wait gets two tries).
-STARVED_S = 1.0
 
 
 class Source:
@@ -60,9 +52,7 @@ class Source:
         self.backpressure = False
         self.stopping = False
         self._held: set[int] = set()  # partitions held back until assigned again
-        #: the fetch wait in force: the setting, or raised by ``_starved``
-        self.fetch_wait_ms = settings.fetch_max_wait_ms
-        self._starved_since: float | None = None
+        self._starved: StarvedFetches | None = None
 
     async def __aenter__(self) -> Source:
         await self.start()
@@ -87,6 +77,7 @@ class Source:
         self.consumer = consumer
         await consumer.start()
         raw_records(consumer)
+        self._starved = StarvedFetches(consumer, s.fetch_max_wait_ms, "input")
         consumer.subscribe([s.input_topic], listener=_Listener(self))
 
     async def stop(self, timeout_s: float = 10.0) -> None:
@@ -104,83 +95,25 @@ class Source:
             self.stopping = False
 
     async def fetch(self, timeout_ms: int = 200) -> dict[TopicPartition, list[Any]]:
-        assert self.consumer is not None
-        try:
-            data = await self.consumer.getmany(timeout_ms=timeout_ms,
-                                               max_records=self.settings.fetch_max_records)
-        except InvalidSessionTimeoutError:
-            raise session_timeout_error(self.settings) from None
-        if any(data.values()):
-            self._starved_since = None
-        elif self.fetch_wait_ms < MAX_FETCH_WAIT_MS:
-            await self._starved()
-        return data
-
-    async def _starved(self) -> None:
-        """An empty fetch: when fetches have come back empty for a while although records
-        wait past the position of a partition that is fetched (not paused), the broker did
-        not gather them within the wait. The embedded Tansu answers so once its in-memory
-        log is large (its fetch scans it: in a half-hour soak at 6,000 readings/s, from
-        about 250,000 records a partition no 25 ms fetch brought anything, and the service
-        stood still with its lag growing; with a wait of 0, no fetch ever did). The wait is
-        doubled (from ``RAISED_FETCH_WAIT_MS`` up to ``MAX_FETCH_WAIT_MS``) and stays so:
-        going back would starve again at the next records (Tansu's scan only grows), and
-        the cost of a longer wait is latency on a partition with nothing new, on a broker
-        that does not wake a waiting fetch. On Kafka the same signs come from an open
-        transaction of a producer, which holds ``read_committed`` consumers at the last
-        stable offset until it ends: a longer wait costs nothing there (a waiting fetch
-        returns as soon as records come), and the warning says what is happening. The
-        first raise and the raise to the cap are warnings, the others information."""
         consumer = self.consumer
         assert consumer is not None
-        now = time.monotonic()
-        if self._starved_since is None:
-            self._starved_since = now
-        if now - self._starved_since < max(STARVED_S, 2 * self.fetch_wait_ms / 1000):
-            return
-        waiting: dict[int, int] = {}
-        fetched = sorted(self.assignment() - consumer.paused())
-        ends = {tp: consumer.highwater(tp) for tp in fetched}
-        unknown = [tp for tp, hw in ends.items() if hw is None]
-        if unknown:  # no fetch response has carried one yet (Tansu's, to a wait of 0)
-            with contextlib.suppress(Exception):
-                ends.update(await asyncio.wait_for(consumer.end_offsets(unknown), 5.0))
-        for tp, hw in ends.items():
-            if hw is None:
-                continue
-            try:
-                pos = await asyncio.wait_for(consumer.position(tp), 1.0)
-            except Exception:  # revoked meanwhile, a reset pending, a timeout
-                continue
-            if hw > pos:
-                waiting[tp.partition] = hw - pos
-        if not waiting:
-            self._starved_since = None
-            return
-        old = self.fetch_wait_ms
-        new = min(max(2 * old, RAISED_FETCH_WAIT_MS), MAX_FETCH_WAIT_MS)
-        parts = ", ".join(str(p) for p in list(waiting)[:8]) + (", ..." * (len(waiting) > 8))
-        if not self._set_wait(new):
-            self.fetch_wait_ms = MAX_FETCH_WAIT_MS  # do not try again
-            log.warning("input: fetches bring no records although %s wait on partitions %s, "
-                        "and this aiokafka's fetch wait cannot be raised; raise "
-                        "--fetch-max-wait-ms", f"{sum(waiting.values()):,}", parts)
-            return
-        self._starved_since = now
-        first = old == self.settings.fetch_max_wait_ms
-        (log.warning if first or new == MAX_FETCH_WAIT_MS else log.info)(
-            "input: fetches bring no records although %s wait on partitions %s: the broker "
-            "did not gather them within %d ms; fetches now wait up to %d ms (the embedded "
-            "Tansu's in-memory log slows its fetches as it grows; on Kafka, a producer's "
-            "open transaction holds read_committed consumers back until it ends)",
-            f"{sum(waiting.values()):,}", parts, old, new)
+        try:
+            data = await consumer.getmany(timeout_ms=timeout_ms,
+                                          max_records=self.settings.fetch_max_records)
+        except InvalidSessionTimeoutError:
+            raise session_timeout_error(self.settings) from None
+        now = self.consumer  # None when stopped meanwhile
+        if self._starved is not None and now is not None:
+            await self._starved.after(data, set(now.assignment()) - now.paused())
+        return data
 
-    def _set_wait(self, wait_ms: int) -> bool:
-        assert self.consumer is not None
-        if not set_fetch_wait(self.consumer, wait_ms):
-            return False
-        self.fetch_wait_ms = wait_ms
-        return True
+    @property
+    def fetch_wait_ms(self) -> int:
+        """The fetch wait in force: ``--fetch-max-wait-ms``, or raised by the starved-fetch
+        rule (``stream.consumer.StarvedFetches``)."""
+        if self._starved is None:
+            return self.settings.fetch_max_wait_ms
+        return self._starved.fetch_wait_ms
 
     def rewind(self, tp: TopicPartition, offset: int) -> None:
         """Fetched records that nobody took: fetch them again later (never dropped)."""

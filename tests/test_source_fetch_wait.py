@@ -26,7 +26,9 @@ from aiokafka import AIOKafkaProducer
 
 from meterwatch.model import SyntheticConfig, generate
 from meterwatch.stream.broker import Broker
-from meterwatch.stream.source import RAISED_FETCH_WAIT_MS, Source
+from meterwatch.stream.consumer import RAISED_FETCH_WAIT_MS
+from meterwatch.stream.recovery import read_to_end
+from meterwatch.stream.source import Source
 from meterwatch.stream.testing import ServiceProcess
 from tests.conftest import HISTORY_DAYS, genuine_kafka, read_topic, unique_settings
 from tests.test_compression import produce_day
@@ -69,7 +71,7 @@ async def test_fetches_that_come_back_empty_wait_longer(broker: Broker,
     wait of 0 brings the records at once (no warning); there an open transaction starves
     the fetches instead: named, waited out with a longer wait, and its records taken when
     it commits."""
-    caplog.set_level(logging.INFO, logger="meterwatch.stream.source")
+    caplog.set_level(logging.INFO, logger="meterwatch.stream.consumer")
     s = unique_settings(broker, topic_partitions=1, fetch_max_wait_ms=0)
     producer = await _produce(s.bootstrap_servers, s.input_topic, 20)
     await producer.stop()
@@ -108,6 +110,23 @@ async def _open_transaction_is_waited_out(broker: Broker,
             assert [r.offset for r in got] == list(range(5))
     finally:
         await producer.stop()
+
+
+async def test_recovery_reads_to_the_end_where_fetches_starve(
+        broker: Broker, caplog: pytest.LogCaptureFixture) -> None:
+    """Recovery's reader (state and output topics) has the same rule: with a wait of 0 it
+    reads a partition to its end on either broker (on Tansu it had read nothing until its
+    timeout, and the partition's recovery failed)."""
+    caplog.set_level(logging.INFO, logger="meterwatch.stream.consumer")
+    s = unique_settings(broker, topic_partitions=1)
+    producer = await _produce(s.bootstrap_servers, s.input_topic, 20)
+    await producer.stop()
+    tails = await read_to_end(s, {(s.input_topic, 0): 0}, timeout_s=30, wait_ms=0)
+    tail = tails[(s.input_topic, 0)]
+    assert [r.offset for r in tail.records] == list(range(20)) and tail.end == 20
+    starved = [r for r in caplog.records if STARVED in r.getMessage()]
+    assert len(starved) == (0 if genuine_kafka(broker) else 1), caplog.text
+    assert all(r.getMessage().startswith("recovery: ") for r in starved)
 
 
 def test_the_service_scores_with_fetch_max_wait_0(broker: Broker, detector_path: Path,
