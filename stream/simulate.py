@@ -27,6 +27,7 @@ from meterwatch.model.loaders import Readings, day_to_date
 from meterwatch.stream.outputs import fitting_batch
 from meterwatch.stream.preflight import check_bootstrap, connection_refusal, record_limit
 from meterwatch.stream.timegrid import TimeGrid
+from meterwatch.stream.validation import MAX_KWH
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,11 @@ def day_records(data: SyntheticData | RecordedDays, d: int, rng: np.random.Gener
     they go back the repeated hour's slots are sent twice, one reading for each pass."""
     day = int(data.days[d])
     h_n = len(data.household_ids)
-    block = data.day_kwh(d) if isinstance(data, RecordedDays) else data.kwh[:, d]
+    # a synthetic injected anomaly (a level x5 on a heavy user) can pass the service's
+    # bound, which it would dead-letter: synthetic readings stay within it (recorded ones
+    # are sent as they are, as the field sends them)
+    block = data.day_kwh(d) if isinstance(data, RecordedDays) else \
+        np.minimum(data.kwh[:, d], MAX_KWH)
     kwh: list[list[float]] = block.tolist()
     times = slot_times(day, grid)
     order = rng.permutation(h_n * 48)
