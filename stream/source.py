@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 Handler = Callable[[set[int]], Awaitable[None]]
 
 
-
 class Source:
     """``start``/``stop`` (or ``async with``); ``stop`` is safe twice and after a failed
     ``start``. ``on_revoked``/``on_assigned`` get input partition numbers."""
@@ -102,9 +101,9 @@ class Source:
                                           max_records=self.settings.fetch_max_records)
         except InvalidSessionTimeoutError:
             raise session_timeout_error(self.settings) from None
-        now = self.consumer  # None when stopped meanwhile
-        if self._starved is not None and now is not None:
-            await self._starved.after(data, set(now.assignment()) - now.paused())
+        current = self.consumer  # None when stopped meanwhile
+        if self._starved is not None and current is not None:
+            await self._starved.after(data, set(current.assignment()) - current.paused())
         return data
 
     @property
