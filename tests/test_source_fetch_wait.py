@@ -1,4 +1,4 @@
-"""Fetches that come back empty while records wait (``stream.source``, the starved-fetch rule).
+"""Fetches that come back empty while records wait (``stream.consumer.StarvedFetches``).
 
 Found by a half-hour soak (``benchmarks/soak.py``, default settings, the embedded broker): the
 embedded Tansu scans a partition's batches on every fetch, and once that took longer than the
