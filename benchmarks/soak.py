@@ -29,13 +29,11 @@ import argparse
 import asyncio
 import itertools
 import math
-import os
 import re
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -48,47 +46,6 @@ METERWATCH = Path(sys.executable).parent / "meterwatch"
 PARTITIONS = 8
 LATENCY = "meterwatch_end_to_end_latency_seconds_bucket"
 _LE = re.compile(r'le="([^"]+)"')
-
-
-def service_env(b: Any, tag: str, model: Path, port: int) -> dict[str, str]:
-    """What a deployment names; everything else is the default (idempotence off only on a
-    broker without it, as the docs say)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("METERWATCH_")}
-    env.update({
-        "PYTHONUNBUFFERED": "1",
-        "METERWATCH_BOOTSTRAP_SERVERS": b.bootstrap_servers,
-        "METERWATCH_GROUP_ID": f"mw-soak-{tag}",
-        "METERWATCH_INPUT_TOPIC": f"readings-{tag}",
-        "METERWATCH_ALERTS_TOPIC": f"alerts-{tag}",
-        "METERWATCH_SCORES_TOPIC": f"scores-{tag}",
-        "METERWATCH_DEAD_LETTER_TOPIC": f"dlq-{tag}",
-        "METERWATCH_DATA_QUALITY_TOPIC": f"dq-{tag}",
-        "METERWATCH_STATE_TOPIC": f"state-{tag}",
-        "METERWATCH_MODEL_PATH": str(model),
-        "METERWATCH_METRICS_PORT": str(port),
-    })
-    if not b.supports_idempotence:
-        env["METERWATCH_IDEMPOTENCE"] = "off"
-    return env
-
-
-async def create_topic(bootstrap: str, topic: str) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
-    finally:
-        await admin.close()
-
-
-def ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
 
 
 def buckets(m: dict[str, float]) -> dict[float, float]:
@@ -181,13 +138,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = common.detector_path(args.model)
     logs = common.SCRATCH / "soak"
     logs.mkdir(parents=True, exist_ok=True)
-    from meterwatch.stream.broker import free_port
+    from meterwatch.stream.broker import create_topics, free_port
+    from meterwatch.stream.testing import cli_env, ready
 
     with common.broker() as b:
         tag = common.new_tag()
         port = free_port()
-        env = service_env(b, tag, model, port)
-        asyncio.run(create_topic(b.bootstrap_servers, env["METERWATCH_INPUT_TOPIC"]))
+        # what a deployment names; everything else is the default
+        env = cli_env(b, tag, METERWATCH_MODEL_PATH=str(model),
+                      METERWATCH_METRICS_PORT=str(port))
+        asyncio.run(create_topics(b.bootstrap_servers,
+                                  {env["METERWATCH_INPUT_TOPIC"]: PARTITIONS}))
         service_log = logs / f"service-{tag}.log"
         with open(service_log, "wb") as log:
             service = subprocess.Popen([str(METERWATCH), "run"], env=env, stdout=log,

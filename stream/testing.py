@@ -2,7 +2,9 @@
 
 Settings travel as ``METERWATCH_*`` environment variables, exactly as a deployment passes
 them; the metrics port is picked free. ``kill`` SIGKILLs the service and reports any child
-(the scorer process) that outlived it.
+(the scorer process) that outlived it. ``cli_env`` is the environment of a ``meterwatch run``
+given only what a deployment names (the rest default), for the console script; ``ready``
+probes ``/readyz``.
 """
 
 from __future__ import annotations
@@ -15,11 +17,45 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 from meterwatch.stream.broker import free_port
 from meterwatch.stream.config import Settings
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without METERWATCH_* (the caller sets its own), plus
+    ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERWATCH_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def cli_env(broker: Any, tag: str, **extra: str) -> dict[str, str]:
+    """``clean_env`` with METERWATCH_* variables for a ``meterwatch run`` of its own on
+    ``broker`` (a ``stream.broker.Broker``): topics and group named after ``tag``,
+    everything else default (idempotence off only where the broker has none)."""
+    topics = {"INPUT_TOPIC": f"readings-{tag}", "ALERTS_TOPIC": f"alerts-{tag}",
+              "SCORES_TOPIC": f"scores-{tag}", "DEAD_LETTER_TOPIC": f"dlq-{tag}",
+              "DATA_QUALITY_TOPIC": f"dq-{tag}", "STATE_TOPIC": f"state-{tag}"}
+    env = {f"METERWATCH_{k}": v for k, v in topics.items()}
+    env["METERWATCH_BOOTSTRAP_SERVERS"] = broker.bootstrap_servers
+    env["METERWATCH_GROUP_ID"] = f"mw-cli-{tag}"
+    if not broker.supports_idempotence:
+        env["METERWATCH_IDEMPOTENCE"] = "off"
+    return clean_env(**env, **extra)
+
+
+def ready(port: int) -> bool:
+    """Whether the service on ``port`` answers ``/readyz`` with 200."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
 
 
 def service_env(settings: Settings, model_path: Path, port: int,
@@ -64,11 +100,7 @@ class ServiceProcess:
         return self
 
     def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
+        return ready(self.port)
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s

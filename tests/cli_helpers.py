@@ -7,13 +7,11 @@ import contextlib
 import datetime as dt
 import gzip
 import io
-import os
 import signal
 import subprocess
 import sys
 import tarfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +19,13 @@ from typing import Any
 import numpy as np
 
 from meterwatch.model import SyntheticData
+from meterwatch.stream.testing import clean_env, cli_env, ready
 
 #: The console script ``pip install`` put beside the interpreter running the tests.
 METERWATCH = Path(sys.executable).parent / "meterwatch"
 SECRET = "s3cr3tpw"
+#: a ``meterwatch run`` of a test's own on a broker (``stream.testing.cli_env``)
+service_env = cli_env
 
 #: The start of a script for a fresh interpreter in which a GPU is "present" (so ``--device
 #: auto`` would pick it) and every way into a CUDA context fails loudly and is recorded in
@@ -49,21 +50,6 @@ for name in ("_lazy_init", "init", "mem_get_info", "utilization", "memory_alloca
 """
 
 
-def service_env(broker: Any, tag: str, **extra: str) -> dict[str, str]:
-    """``clean_env`` with METERWATCH_* variables for a service of its own on ``broker``
-    (a ``stream.broker.Broker``): topics and group named after ``tag``, everything else
-    default (idempotence off only where the broker has none)."""
-    topics = {"INPUT_TOPIC": f"readings-{tag}", "ALERTS_TOPIC": f"alerts-{tag}",
-              "SCORES_TOPIC": f"scores-{tag}", "DEAD_LETTER_TOPIC": f"dlq-{tag}",
-              "DATA_QUALITY_TOPIC": f"dq-{tag}", "STATE_TOPIC": f"state-{tag}"}
-    env = {f"METERWATCH_{k}": v for k, v in topics.items()}
-    env["METERWATCH_BOOTSTRAP_SERVERS"] = broker.bootstrap_servers
-    env["METERWATCH_GROUP_ID"] = f"mw-cli-{tag}"
-    if not broker.supports_idempotence:
-        env["METERWATCH_IDEMPOTENCE"] = "off"
-    return clean_env(**env, **extra)
-
-
 @contextlib.contextmanager
 def cli_service(env: dict[str, str], log_path: Path, port: int | None = None,
                 ready_s: float = 180) -> Iterator[subprocess.Popen[bytes]]:
@@ -76,7 +62,7 @@ def cli_service(env: dict[str, str], log_path: Path, port: int | None = None,
                                    stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + ready_s
-        while port is not None and not _ready(port):
+        while port is not None and not ready(port):
             assert service.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.5)
@@ -91,28 +77,12 @@ def cli_service(env: dict[str, str], log_path: Path, port: int | None = None,
     assert code == 0, log_path.read_text()[-3000:]
 
 
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
-
-
 def settings_of(env: dict[str, str]) -> Any:
     """The ``Settings`` a service started with ``env`` holds."""
     from meterwatch.stream.config import Settings
 
     return Settings.load(**{k.removeprefix("METERWATCH_").lower(): v for k, v in env.items()
                             if k.startswith("METERWATCH_")})
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The caller's environment without METERWATCH_* (tests set their own), plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("METERWATCH_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
 
 
 def meterwatch(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
