@@ -30,7 +30,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import aiokafka
@@ -136,9 +136,9 @@ class StarvedFetches:
         self.fetch_wait_ms = setting_ms
         self._since: float | None = None  # fetches empty since
 
-    async def after(self, data: Mapping[TopicPartition, list[Any]],
-                    fetched: Iterable[TopicPartition]) -> None:
-        """``data``: what ``getmany`` returned; ``fetched``: the partitions it fetched."""
+    async def after(self, data: Mapping[TopicPartition, list[Any]]) -> None:
+        """``data``: what ``getmany`` returned. The partitions judged are the assigned ones
+        not paused (a partition read to its end has no records waiting)."""
         if any(data.values()):
             self._since = None
             return
@@ -149,7 +149,8 @@ class StarvedFetches:
             self._since = now
         if now - self._since < max(STARVED_S, 2 * self.fetch_wait_ms / 1000):
             return
-        waiting = await self._waiting(sorted(fetched))
+        consumer = self.consumer
+        waiting = await self._waiting(sorted(set(consumer.assignment()) - consumer.paused()))
         if not waiting:
             self._since = None
             return

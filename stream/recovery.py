@@ -101,7 +101,7 @@ async def read_to_end(settings: Settings, starts: Mapping[tuple[str, int], int],
                 raise RecoveryError(f"could not read {sorted(map(str, pending))} to the end "
                                     f"within {timeout_s:.0f} s")
             data = await consumer.getmany(*pending, timeout_ms=200, max_records=50_000)
-            await starved.after(data, pending)
+            await starved.after(data)
             for tp, recs in data.items():
                 out[tps[tp]].records.extend(recs)
             for tp in list(pending):

@@ -101,9 +101,8 @@ class Source:
                                           max_records=self.settings.fetch_max_records)
         except InvalidSessionTimeoutError:
             raise session_timeout_error(self.settings) from None
-        current = self.consumer  # None when stopped meanwhile
-        if self._starved is not None and current is not None:
-            await self._starved.after(data, set(current.assignment()) - current.paused())
+        if self._starved is not None and self.consumer is consumer:  # not stopped meanwhile
+            await self._starved.after(data)
         return data
 
     @property
